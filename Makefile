@@ -1,0 +1,80 @@
+# The one place where kiln's commands are written. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYO3_PYTHON := $(abspath $(PY))
+CARGO := cargo --manifest-path rust/Cargo.toml
+RUST_SRC := $(wildcard rust/src/*.rs) rust/Cargo.toml
+STATE_DIR ?= .state
+
+.PHONY: help install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 'maturin>=1.7,<2'
+	touch $@
+
+install: $(VENV)/.installed ## virtualenv with maturin (dependencies come with build-dev)
+
+$(VENV)/.built-dev: $(VENV)/.installed $(RUST_SRC) pyproject.toml
+	maturin develop --quiet --extras dev
+	rm -f $(VENV)/.built-prod
+	touch $@
+
+$(VENV)/.built-prod: $(VENV)/.installed $(RUST_SRC) pyproject.toml
+	maturin develop --quiet --release --extras dev
+	rm -f $(VENV)/.built-dev
+	touch $@
+
+build-dev: $(VENV)/.built-dev ## build the extension (debug) into the virtualenv, with dev dependencies
+
+build-prod: $(VENV)/.built-prod ## build the extension (release) into the virtualenv
+
+run: build-prod ## build, then start the daemon on the embedded default (SQLite, schedules/example.yaml)
+	mkdir -p $(STATE_DIR)
+	$(VENV)/bin/kiln run --config schedules/example.yaml --state-dir $(STATE_DIR)
+
+format: $(VENV)/.built-dev ## ruff fix + format, cargo fmt
+	$(PY) -m ruff check --fix python tests benches
+	$(PY) -m ruff format python tests benches
+	$(CARGO) fmt
+
+lint-python: build-prod ## ruff, mypy --strict, stubtest on kiln._core
+	$(PY) -m ruff check python tests benches
+	$(PY) -m ruff format --check python tests benches
+	$(PY) -m mypy python tests benches
+	$(PY) -m mypy.stubtest kiln._core --allowlist .stubtest-allowlist
+
+lint-rust: $(VENV)/.installed ## cargo fmt --check, clippy with warnings denied
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
+
+lint: lint-python lint-rust ## every linter
+
+test-rust: ## cargo test for the core (no interpreter needed)
+	$(CARGO) test
+
+test-python: build-prod ## pytest (tests/ and the correctness half of benches/)
+	$(PY) -m pytest -q
+
+test: test-rust test-python ## cargo test, then pytest: both languages in one command
+
+bench: build-prod ## release build, benchmarks, JSON results in benches/results, ratio report
+	mkdir -p benches/results
+	$(CARGO) bench --bench core -- --json benches/results/rust.json
+	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-enable --benchmark-only \
+		--benchmark-json=benches/results/python.json
+	$(PY) benches/memory.py --json benches/results/memory.json
+	$(PY) benches/compare.py benches/results
+
+all: format lint test ## what CI runs, plus formatting
+
+clean: ## remove build products and the virtualenv
+	rm -rf $(VENV) rust/target .pytest_cache .mypy_cache .ruff_cache .hypothesis benches/results

@@ -1,0 +1,7 @@
+"""`python -m kiln`: the same as the `kiln` command."""
+
+from __future__ import annotations
+
+from kiln.cli import console
+
+console()

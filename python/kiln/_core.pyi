@@ -1,0 +1,161 @@
+"""kiln's Rust engine (hand-written stub of rust/src/bindings.rs; checked by stubtest).
+
+Time is always an argument: integer milliseconds since the epoch (`now_ms`). Being
+throttled is a `Decision`, never an exception; `CoreError` is for bad input only.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final, Literal, final
+
+from typing_extensions import Buffer
+
+__all__ = ["MAX_NOW_MS", "BatchDecisions", "CoreError", "Decision", "Engine", "__version__"]
+
+__version__: Final[str]
+MAX_NOW_MS: Final[int]
+"""Largest `now_ms` the engine accepts (year 2255)."""
+
+Reason = Literal[
+    "granted",
+    "paused",
+    "suspended",
+    "daily_cap",
+    "hourly_cap",
+    "ip_daily_cap",
+    "ip_hourly_cap",
+    "rate",
+]
+Tier = Literal["direct", "warming", "warm", "overflow"]
+
+class CoreError(ValueError):
+    """Bad input to the kiln engine: an argument out of range, an unknown handle or name,
+    or a corrupt snapshot. Being throttled is never an error."""
+
+@final
+class Decision:
+    """A decision: granted (how many, on which IP) or denied (why, and when to ask again)."""
+
+    @property
+    def granted(self) -> int:
+        """Messages granted: the full `n` asked for, or 0 when denied."""
+    @property
+    def reason(self) -> Reason:
+        """"granted", or why not (the first holding limit: paused, suspended, daily_cap,
+        hourly_cap, ip_daily_cap, ip_hourly_cap, rate)."""
+    @property
+    def retry_after_ms(self) -> int | None:
+        """0 when granted; when denied, ms after which asking again succeeds if nothing else
+        is granted meanwhile, or None when no time is known (paused, too large, no calendar)."""
+    @property
+    def key(self) -> int:
+        """The key handle charged (or, for a denial, the one that held it back)."""
+    @property
+    def ip(self) -> str:
+        """The sending IP of that key."""
+    @property
+    def tier(self) -> Tier:
+        """For `pick`: "warming", "warm" or "overflow"; "direct" for `acquire` and denials."""
+    def __bool__(self) -> bool:
+        """True when granted."""
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class BatchDecisions:
+    """The decisions of one `Engine.acquire_batch` call, in request order."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Decision: ...
+    def __iter__(self) -> Iterator[Decision]: ...
+    @property
+    def granted(self) -> int:
+        """Total messages granted across the batch."""
+    @property
+    def denied(self) -> int:
+        """How many requests were denied."""
+    def granted_counts(self) -> list[int]:
+        """Granted count per request, in order."""
+
+@final
+class Engine:
+    """The throttle engine: every limit, counter, pool and queued message of one daemon.
+
+    Keys are (sending IP, provider) pairs interned to integer handles; hot calls take
+    handles. Each key has a GCRA rate, an hourly and a daily cap (calendar windows whose
+    boundaries Python supplies with `set_calendar`), a suspension deadline, a pause flag and
+    a multiplier. IPs may also be capped across providers.
+    """
+
+    def __init__(self) -> None: ...
+    def key(self, ip: str, provider: str) -> int:
+        """The handle of (ip, provider), interned on first use. IP text is normalised."""
+    def key_info(self, key: int) -> tuple[str, str]:
+        """(ip, provider) of a key handle."""
+    def key_count(self) -> int:
+        """How many keys this engine holds."""
+    def provider(self, name: str) -> int:
+        """The handle of a provider name, interned on first use."""
+    def set_limits(
+        self,
+        key: int,
+        *,
+        rate_count: int | None = None,
+        rate_period_ms: int | None = None,
+        max_burst: int = 1,
+        hourly_cap: int | None = None,
+        daily_cap: int | None = None,
+    ) -> None:
+        """Set a key's rate (`rate_count` per `rate_period_ms`, up to `max_burst` at once)
+        and caps; its multiplier, pause, counters and suspension stay."""
+    def set_multiplier(self, key: int, multiplier: float) -> None:
+        """Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it."""
+    def pause(self, key: int) -> None:
+        """Pause a key: every request is denied with reason "paused" until `resume`."""
+    def resume(self, key: int) -> None:
+        """Lift a pause."""
+    def suspend(self, key: int, until_ms: int) -> None:
+        """Deny a key until `until_ms` (replaces any earlier deadline; 0 lifts it)."""
+    def set_ip_caps(
+        self, ip: str, *, hourly_cap: int | None = None, daily_cap: int | None = None
+    ) -> None:
+        """Cap an IP's total across all providers per calendar hour and day."""
+    def set_calendar(self, hour_starts_ms: Sequence[int], day_starts_ms: Sequence[int]) -> None:
+        """The instants (ms) at which coming calendar hours and days begin, strictly
+        increasing. Without a next boundary the current window goes on (never resets early)."""
+    def acquire(self, key: int, n: int, now_ms: int) -> Decision:
+        """May `key` send `n` more at `now_ms`? All or nothing; charged when granted."""
+    def acquire_batch(
+        self, keys: Buffer, now_ms: int, counts: Buffer | None = None
+    ) -> BatchDecisions:
+        """Decide many requests at one `now_ms`: `keys` (and `counts`, default 1 each) are
+        buffers of unsigned 32-bit ints, e.g. `array('I')`. Nothing is decided if any is bad."""
+    def define_pool(
+        self, name: str, members: Sequence[tuple[str, int, bool]], overflow: str | None = None
+    ) -> int:
+        """Define (or redefine) a pool of (ip, weight, warming) members with an optional
+        overflow pool; returns its handle."""
+    def pool(self, name: str) -> int:
+        """The handle of a defined pool."""
+    def pick(self, pool: int, provider: int, n: int, now_ms: int) -> Decision:
+        """Choose and charge the IP of `pool` that carries `n` messages to `provider`:
+        a warming IP with room, else a warm IP by weight, else the overflow pool."""
+    def usage(self, key: int) -> dict[str, Any]:
+        """A key's limits and counters, as plain data."""
+    def enqueue(
+        self, message_id: int, pool: int, provider: int, priority: int = 0, n: int = 1
+    ) -> None:
+        """Hold message `message_id` for (pool, provider); higher priority goes first."""
+    def due(self, now_ms: int, max: int) -> list[tuple[int, Decision]]:
+        """Release up to `max` held messages that may go at `now_ms`: (message_id, Decision)."""
+    def next_due_ms(self, now_ms: int) -> int | None:
+        """When `due` may next release something (>= now_ms), or None."""
+    def queued(self) -> int:
+        """How many messages are held."""
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings)."""
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Replace all state with a snapshot (from `snapshot()`, or the same data read back
+        from JSON). On any error the engine is unchanged."""
+
+def _panic_for_tests() -> None:
+    """Panics on purpose, so tests can show a Rust panic reaches Python as an exception."""

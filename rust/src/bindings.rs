@@ -1,0 +1,816 @@
+//! The only file that knows about Python: `kiln._core`.
+//!
+//! Wrappers are frozen with a `Mutex` inside. Engine work happens under the lock; Python
+//! objects are made after it is released, so no Python code ever runs while it is held.
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyIndexError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::{create_exception, intern};
+
+use crate::decision::{Decision, Reason, Tier};
+use crate::engine::Engine;
+use crate::gcra::PPM;
+use crate::state::{IpState, KeyState, PoolState, QueuedState, Snapshot};
+
+create_exception!(
+    _core,
+    CoreError,
+    PyValueError,
+    "Bad input to the kiln engine: an argument out of range, an unknown handle or name, \
+     or a corrupt snapshot. Being throttled is never an error."
+);
+
+#[allow(clippy::needless_pass_by_value)] // shaped for `map_err(err)`
+fn err(e: crate::error::CoreError) -> PyErr {
+    CoreError::new_err(e.to_string())
+}
+
+fn bad(name: &str, problem: impl std::fmt::Display) -> PyErr {
+    CoreError::new_err(format!("{name}: {problem}"))
+}
+
+/// A non-negative integer argument that fits `T`, or a `CoreError` naming it.
+fn arg<T: TryFrom<i128>>(name: &str, v: i128) -> PyResult<T> {
+    if v < 0 {
+        return Err(bad(name, format_args!("must not be negative, got {v}")));
+    }
+    T::try_from(v).map_err(|_| bad(name, format_args!("is too large, got {v}")))
+}
+
+fn opt_arg<T: TryFrom<i128>>(name: &str, v: Option<i128>) -> PyResult<Option<T>> {
+    v.map(|v| arg(name, v)).transpose()
+}
+
+fn reason_str(py: Python<'_>, r: Reason) -> Bound<'_, PyString> {
+    match r {
+        Reason::Granted => intern!(py, "granted"),
+        Reason::Paused => intern!(py, "paused"),
+        Reason::Suspended => intern!(py, "suspended"),
+        Reason::DailyCap => intern!(py, "daily_cap"),
+        Reason::HourlyCap => intern!(py, "hourly_cap"),
+        Reason::IpDailyCap => intern!(py, "ip_daily_cap"),
+        Reason::IpHourlyCap => intern!(py, "ip_hourly_cap"),
+        Reason::Rate => intern!(py, "rate"),
+    }
+    .clone()
+}
+
+fn tier_str(py: Python<'_>, t: Tier) -> Bound<'_, PyString> {
+    match t {
+        Tier::Direct => intern!(py, "direct"),
+        Tier::Warming => intern!(py, "warming"),
+        Tier::Warm => intern!(py, "warm"),
+        Tier::Overflow => intern!(py, "overflow"),
+    }
+    .clone()
+}
+
+/// A decision: granted (how many, on which IP) or denied (why, and when to ask again).
+#[pyclass(frozen, module = "kiln._core", name = "Decision", skip_from_py_object)]
+pub struct PyDecision {
+    inner: Decision,
+    ip: Py<PyString>,
+}
+
+#[pymethods]
+impl PyDecision {
+    /// Messages granted: the full `n` asked for, or 0 when denied.
+    #[getter]
+    fn granted(&self) -> u32 {
+        self.inner.granted
+    }
+
+    /// "granted", or why not: "paused", "suspended", "daily_cap", "hourly_cap",
+    /// "ip_daily_cap", "ip_hourly_cap", "rate".
+    #[getter]
+    fn reason<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        reason_str(py, self.inner.reason)
+    }
+
+    /// 0 when granted; when denied, ms after which asking again succeeds if nothing else
+    /// is granted meanwhile, or None when no time is known (paused, too large, no calendar).
+    #[getter]
+    fn retry_after_ms(&self) -> Option<u64> {
+        self.inner.retry_after_ms
+    }
+
+    /// The key handle charged (or, for a denial, the one that held it back).
+    #[getter]
+    fn key(&self) -> u32 {
+        self.inner.key
+    }
+
+    /// The sending IP of that key.
+    #[getter]
+    fn ip(&self, py: Python<'_>) -> Py<PyString> {
+        self.ip.clone_ref(py)
+    }
+
+    /// For `pick`: "warming", "warm" or "overflow"; "direct" for `acquire` and denials.
+    #[getter]
+    fn tier<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        tier_str(py, self.inner.tier)
+    }
+
+    fn __bool__(&self) -> bool {
+        self.inner.is_granted()
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<PyDecision>().is_ok_and(|o| {
+            let o = o.get();
+            o.inner == self.inner && o.ip.bind(py).as_any().eq(self.ip.bind(py)).unwrap_or(false)
+        })
+    }
+
+    fn __hash__(&self) -> u64 {
+        let d = &self.inner;
+        (u64::from(d.granted) << 40)
+            ^ (u64::from(d.key) << 8)
+            ^ u64::from(d.reason as u8)
+            ^ d.retry_after_ms.unwrap_or(u64::MAX).rotate_left(17)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let d = &self.inner;
+        let ip = self.ip.bind(py).to_string();
+        if d.is_granted() {
+            format!(
+                "Decision(granted={}, ip={ip:?}, key={}, tier={:?})",
+                d.granted,
+                d.key,
+                d.tier.as_str()
+            )
+        } else {
+            let retry = d
+                .retry_after_ms
+                .map_or_else(|| "None".to_owned(), |r| r.to_string());
+            format!(
+                "Decision(granted=0, reason={:?}, retry_after_ms={retry}, ip={ip:?}, key={})",
+                d.reason.as_str(),
+                d.key
+            )
+        }
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    /// Python strings for IP handles, made once each.
+    ip_strs: Vec<Py<PyString>>,
+}
+
+impl Inner {
+    fn ip_str(&mut self, py: Python<'_>, key: u32) -> Py<PyString> {
+        let ip = self
+            .engine
+            .limiter
+            .key_ip(key)
+            .expect("decisions name own keys") as usize;
+        while self.ip_strs.len() <= ip {
+            let addr = &self.engine.limiter.ips[self.ip_strs.len()].addr;
+            self.ip_strs.push(PyString::new(py, addr).unbind());
+        }
+        self.ip_strs[ip].clone_ref(py)
+    }
+}
+
+/// The throttle engine: every limit, counter, pool and queued message of one daemon.
+#[pyclass(frozen, module = "kiln._core", name = "Engine")]
+pub struct PyEngine {
+    inner: Mutex<Inner>,
+}
+
+impl PyEngine {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while locked is reported to Python as it happens; the state stays usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn u32_buffer<'py>(
+    py: Python<'py>,
+    name: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyBuffer<u32>> {
+    let buf = PyBuffer::<u32>::get(obj).map_err(|e| {
+        bad(
+            name,
+            format_args!("must be a buffer of unsigned 32-bit ints such as array('I'): {e}"),
+        )
+    })?;
+    if buf.as_slice(py).is_none() {
+        return Err(bad(name, "must be a C-contiguous buffer"));
+    }
+    Ok(buf)
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    fn py_new() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                engine: Engine::new(),
+                ip_strs: Vec::new(),
+            }),
+        }
+    }
+
+    /// The handle of (ip, provider), interned on first use. IP text is normalised.
+    fn key(&self, ip: &str, provider: &str) -> PyResult<u32> {
+        self.lock().engine.limiter.key(ip, provider).map_err(err)
+    }
+
+    /// (ip, provider) of a key handle.
+    fn key_info(&self, key: i128) -> PyResult<(String, String)> {
+        let g = self.lock();
+        let (ip, provider) = g.engine.limiter.key_names(arg("key", key)?).map_err(err)?;
+        Ok((ip.to_owned(), provider.to_owned()))
+    }
+
+    /// How many keys this engine holds.
+    fn key_count(&self) -> usize {
+        self.lock().engine.limiter.key_count()
+    }
+
+    /// The handle of a provider name, interned on first use.
+    fn provider(&self, name: &str) -> PyResult<u16> {
+        self.lock().engine.limiter.provider(name).map_err(err)
+    }
+
+    /// Set a key's rate and caps (its multiplier, pause, counters and suspension stay).
+    #[pyo3(signature = (key, *, rate_count=None, rate_period_ms=None, max_burst=1, hourly_cap=None, daily_cap=None))]
+    fn set_limits(
+        &self,
+        key: i128,
+        rate_count: Option<i128>,
+        rate_period_ms: Option<i128>,
+        max_burst: i128,
+        hourly_cap: Option<i128>,
+        daily_cap: Option<i128>,
+    ) -> PyResult<()> {
+        let rate = match (
+            opt_arg::<u64>("rate_count", rate_count)?,
+            opt_arg::<u64>("rate_period_ms", rate_period_ms)?,
+        ) {
+            (None, None) => None,
+            (Some(c), Some(p)) => Some((c, p)),
+            _ => {
+                return Err(bad(
+                    "rate",
+                    "give rate_count and rate_period_ms together, or neither",
+                ))
+            }
+        };
+        self.lock()
+            .engine
+            .set_limits(
+                arg("key", key)?,
+                rate,
+                arg("max_burst", max_burst)?,
+                opt_arg("hourly_cap", hourly_cap)?,
+                opt_arg("daily_cap", daily_cap)?,
+            )
+            .map_err(err)
+    }
+
+    /// Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it.
+    fn set_multiplier(&self, key: i128, multiplier: f64) -> PyResult<()> {
+        self.lock()
+            .engine
+            .set_multiplier(arg("key", key)?, multiplier)
+            .map_err(err)
+    }
+
+    /// Pause a key: every request is denied with reason "paused" until `resume`.
+    fn pause(&self, key: i128) -> PyResult<()> {
+        self.lock()
+            .engine
+            .set_paused(arg("key", key)?, true)
+            .map_err(err)
+    }
+
+    /// Lift a pause.
+    fn resume(&self, key: i128) -> PyResult<()> {
+        self.lock()
+            .engine
+            .set_paused(arg("key", key)?, false)
+            .map_err(err)
+    }
+
+    /// Deny a key until `until_ms` (replaces any earlier deadline; 0 lifts it).
+    fn suspend(&self, key: i128, until_ms: i128) -> PyResult<()> {
+        self.lock()
+            .engine
+            .suspend(arg("key", key)?, arg("until_ms", until_ms)?)
+            .map_err(err)
+    }
+
+    /// Cap an IP's total across all providers per calendar hour and day.
+    #[pyo3(signature = (ip, *, hourly_cap=None, daily_cap=None))]
+    fn set_ip_caps(
+        &self,
+        ip: &str,
+        hourly_cap: Option<i128>,
+        daily_cap: Option<i128>,
+    ) -> PyResult<()> {
+        self.lock()
+            .engine
+            .set_ip_caps(
+                ip,
+                opt_arg("hourly_cap", hourly_cap)?,
+                opt_arg("daily_cap", daily_cap)?,
+            )
+            .map_err(err)
+    }
+
+    /// The instants (ms) at which coming calendar hours and days begin, strictly increasing.
+    fn set_calendar(&self, hour_starts_ms: Vec<i128>, day_starts_ms: Vec<i128>) -> PyResult<()> {
+        let conv = |name: &str, v: Vec<i128>| -> PyResult<Vec<u64>> {
+            v.into_iter().map(|x| arg(name, x)).collect()
+        };
+        let hours = conv("hour_starts_ms", hour_starts_ms)?;
+        let days = conv("day_starts_ms", day_starts_ms)?;
+        self.lock().engine.set_calendar(&hours, &days).map_err(err)
+    }
+
+    /// May `key` send `n` more at `now_ms`? All or nothing; charged when granted.
+    fn acquire(&self, py: Python<'_>, key: i64, n: i64, now_ms: i64) -> PyResult<PyDecision> {
+        let (key, n, now_ms) = (
+            arg("key", i128::from(key))?,
+            arg("n", i128::from(n))?,
+            arg("now_ms", i128::from(now_ms))?,
+        );
+        let (inner, ip) = {
+            let mut g = self.lock();
+            let d = g.engine.acquire(key, n, now_ms).map_err(err)?;
+            let ip = g.ip_str(py, d.key);
+            (d, ip)
+        };
+        Ok(PyDecision { inner, ip })
+    }
+
+    /// Decide many requests at one `now_ms`: `keys` (and `counts`, default 1 each) are
+    /// buffers of unsigned 32-bit ints, e.g. `array('I')`. Nothing is decided if any is bad.
+    #[pyo3(signature = (keys, now_ms, counts=None))]
+    fn acquire_batch(
+        slf: &Bound<'_, Self>,
+        keys: &Bound<'_, PyAny>,
+        now_ms: i64,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyBatch> {
+        let py = slf.py();
+        let now_ms = arg("now_ms", i128::from(now_ms))?;
+        let kb = u32_buffer(py, "keys", keys)?;
+        let ks = kb.as_slice(py).expect("checked contiguous");
+        let mut out = Vec::new();
+        let this = slf.get();
+        match counts {
+            None => this.lock().engine.limiter.acquire_batch(
+                ks.iter().map(|k| (k.get(), 1)),
+                now_ms,
+                &mut out,
+            ),
+            Some(c) => {
+                let cb = u32_buffer(py, "counts", c)?;
+                let cs = cb.as_slice(py).expect("checked contiguous");
+                if cs.len() != ks.len() {
+                    return Err(bad(
+                        "counts",
+                        format_args!(
+                            "must have one count per key ({}), got {}",
+                            ks.len(),
+                            cs.len()
+                        ),
+                    ));
+                }
+                this.lock().engine.limiter.acquire_batch(
+                    ks.iter().zip(cs).map(|(k, c)| (k.get(), c.get())),
+                    now_ms,
+                    &mut out,
+                )
+            }
+        }
+        .map_err(err)?;
+        Ok(PyBatch {
+            engine: slf.clone().unbind(),
+            decisions: out,
+        })
+    }
+
+    /// Define (or redefine) a pool of (ip, weight, warming) members with an optional
+    /// overflow pool; returns its handle.
+    #[pyo3(signature = (name, members, overflow=None))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts arguments by value
+    fn define_pool(
+        &self,
+        name: &str,
+        members: Vec<(String, i128, bool)>,
+        overflow: Option<&str>,
+    ) -> PyResult<u32> {
+        let members = members
+            .iter()
+            .map(|(ip, w, warming)| Ok((ip.as_str(), arg::<u32>("weight", *w)?, *warming)))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.lock()
+            .engine
+            .define_pool(name, &members, overflow)
+            .map_err(err)
+    }
+
+    /// The handle of a defined pool.
+    fn pool(&self, name: &str) -> PyResult<u32> {
+        self.lock().engine.pools.handle(name).map_err(err)
+    }
+
+    /// Choose and charge the IP of `pool` that carries `n` messages to `provider`:
+    /// a warming IP with room, else a warm IP by weight, else the overflow pool.
+    fn pick(
+        &self,
+        py: Python<'_>,
+        pool: i64,
+        provider: i64,
+        n: i64,
+        now_ms: i64,
+    ) -> PyResult<PyDecision> {
+        let (pool, provider, n, now_ms) = (
+            arg("pool", i128::from(pool))?,
+            arg("provider", i128::from(provider))?,
+            arg("n", i128::from(n))?,
+            arg("now_ms", i128::from(now_ms))?,
+        );
+        let (inner, ip) = {
+            let mut g = self.lock();
+            let d = g.engine.pick(pool, provider, n, now_ms).map_err(err)?;
+            let ip = g.ip_str(py, d.key);
+            (d, ip)
+        };
+        Ok(PyDecision { inner, ip })
+    }
+
+    /// A key's limits and counters, as plain data.
+    fn usage<'py>(&self, py: Python<'py>, key: i128) -> PyResult<Bound<'py, PyDict>> {
+        let u = self.lock().engine.usage(arg("key", key)?).map_err(err)?;
+        let d = PyDict::new(py);
+        let l = u.limits;
+        let rate = (l.rate_count != 0).then_some((l.rate_count, l.rate_period_ms));
+        d.set_item("rate_count", rate.map(|r| r.0))?;
+        d.set_item("rate_period_ms", rate.map(|r| r.1))?;
+        d.set_item("max_burst", l.max_burst)?;
+        d.set_item("hourly_cap", crate::caps::cap_to(l.hourly_cap))?;
+        d.set_item("daily_cap", crate::caps::cap_to(l.daily_cap))?;
+        d.set_item("multiplier", f64::from(l.multiplier_ppm) / PPM as f64)?;
+        d.set_item("paused", l.paused)?;
+        d.set_item("hour_used", u.hour_used)?;
+        d.set_item("day_used", u.day_used)?;
+        d.set_item("ip_hour_used", u.ip_hour_used)?;
+        d.set_item("ip_day_used", u.ip_day_used)?;
+        d.set_item("suspended_until_ms", u.suspended_until_ms)?;
+        d.set_item("tat_ns", u.tat_ns)?;
+        Ok(d)
+    }
+
+    /// Hold message `message_id` for (pool, provider); higher priority goes first.
+    #[pyo3(signature = (message_id, pool, provider, priority=0, n=1))]
+    fn enqueue(
+        &self,
+        message_id: i128,
+        pool: i128,
+        provider: i128,
+        priority: i32,
+        n: i128,
+    ) -> PyResult<()> {
+        self.lock()
+            .engine
+            .enqueue(
+                arg("message_id", message_id)?,
+                arg("pool", pool)?,
+                arg("provider", provider)?,
+                priority,
+                arg("n", n)?,
+            )
+            .map_err(err)
+    }
+
+    /// Release up to `max` held messages that may go at `now_ms`: (message_id, Decision).
+    #[pyo3(signature = (now_ms, max))]
+    fn due<'py>(&self, py: Python<'py>, now_ms: i128, max: i128) -> PyResult<Bound<'py, PyList>> {
+        let (now_ms, max) = (arg("now_ms", now_ms)?, arg::<usize>("max", max)?);
+        let released: Vec<(u64, Decision, Py<PyString>)> = {
+            let mut g = self.lock();
+            let mut out = Vec::new();
+            g.engine.due(now_ms, max, &mut out).map_err(err)?;
+            out.into_iter()
+                .map(|(id, d)| {
+                    let ip = g.ip_str(py, d.key);
+                    (id, d, ip)
+                })
+                .collect()
+        };
+        let items = released
+            .into_iter()
+            .map(|(id, inner, ip)| (id, PyDecision { inner, ip }))
+            .collect::<Vec<_>>();
+        PyList::new(py, items)
+    }
+
+    /// When `due` may next release something (>= now_ms), or None.
+    fn next_due_ms(&self, now_ms: i128) -> PyResult<Option<u64>> {
+        let now_ms = arg("now_ms", now_ms)?;
+        Ok(self.lock().engine.next_due_ms(now_ms))
+    }
+
+    /// How many messages are held.
+    fn queued(&self) -> usize {
+        self.lock().engine.queued()
+    }
+
+    /// Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings).
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock().engine.snapshot();
+        snapshot_to_py(py, &s)
+    }
+
+    /// Replace all state with a snapshot (from `snapshot()`, or the same data read back from
+    /// JSON). On any error the engine is unchanged.
+    fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let s = snapshot_from_py(state)?;
+        let engine = Engine::from_snapshot(&s).map_err(err)?;
+        let mut g = self.lock();
+        g.engine = engine;
+        g.ip_strs.clear();
+        Ok(())
+    }
+}
+
+/// The decisions of one `acquire_batch` call, in request order.
+#[pyclass(frozen, module = "kiln._core", name = "BatchDecisions")]
+pub struct PyBatch {
+    engine: Py<PyEngine>,
+    decisions: Vec<Decision>,
+}
+
+impl PyBatch {
+    fn decision(&self, py: Python<'_>, i: usize) -> PyDecision {
+        let inner = self.decisions[i];
+        let ip = self.engine.get().lock().ip_str(py, inner.key);
+        PyDecision { inner, ip }
+    }
+}
+
+#[pymethods]
+impl PyBatch {
+    fn __len__(&self) -> usize {
+        self.decisions.len()
+    }
+
+    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<PyDecision> {
+        let len = self.decisions.len();
+        let i = if index < 0 {
+            len.checked_sub(index.unsigned_abs())
+        } else {
+            Some(index.unsigned_abs())
+        };
+        match i {
+            Some(i) if i < len => Ok(self.decision(py, i)),
+            _ => Err(PyIndexError::new_err("batch index out of range")),
+        }
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let all = (0..self.decisions.len())
+            .map(|i| self.decision(py, i))
+            .collect::<Vec<_>>();
+        PyList::new(py, all)?
+            .as_any()
+            .try_iter()
+            .map(Bound::into_any)
+    }
+
+    /// Total messages granted across the batch.
+    #[getter]
+    fn granted(&self) -> u64 {
+        self.decisions.iter().map(|d| u64::from(d.granted)).sum()
+    }
+
+    /// How many requests were denied.
+    #[getter]
+    fn denied(&self) -> usize {
+        self.decisions.iter().filter(|d| !d.is_granted()).count()
+    }
+
+    /// Granted count per request, in order.
+    fn granted_counts(&self) -> Vec<u32> {
+        self.decisions.iter().map(|d| d.granted).collect()
+    }
+}
+
+// ----- snapshots as plain Python data -----
+
+fn snapshot_to_py<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", s.version)?;
+    d.set_item("hour_start_ms", s.hour_start_ms)?;
+    d.set_item("hour_pending_ms", &s.hour_pending_ms)?;
+    d.set_item("day_start_ms", s.day_start_ms)?;
+    d.set_item("day_pending_ms", &s.day_pending_ms)?;
+    d.set_item("providers", &s.providers)?;
+    let ips = s
+        .ips
+        .iter()
+        .map(|i| {
+            (
+                i.ip.as_str(),
+                i.hourly_cap,
+                i.daily_cap,
+                i.hour_used,
+                i.day_used,
+            )
+        })
+        .collect::<Vec<_>>();
+    d.set_item("ips", ips)?;
+    let keys = s
+        .keys
+        .iter()
+        .map(|k| {
+            PyTuple::new(
+                py,
+                [
+                    k.ip.into_pyobject(py)?.into_any(),
+                    k.provider.into_pyobject(py)?.into_any(),
+                    (
+                        k.rate_count,
+                        k.rate_period_ms,
+                        k.max_burst,
+                        k.hourly_cap,
+                        k.daily_cap,
+                        k.multiplier_ppm,
+                        k.paused,
+                    )
+                        .into_pyobject(py)?
+                        .into_any(),
+                    (k.tat_ns, k.hour_used, k.day_used, k.suspended_until_ms)
+                        .into_pyobject(py)?
+                        .into_any(),
+                ],
+            )
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("keys", keys)?;
+    let pools = s
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.members.clone(), p.overflow))
+        .collect::<Vec<_>>();
+    d.set_item("pools", pools)?;
+    let queue = s
+        .queue
+        .iter()
+        .map(|m| (m.id, m.pool, m.provider, m.priority, m.n))
+        .collect::<Vec<_>>();
+    d.set_item("queue", queue)?;
+    Ok(d)
+}
+
+/// Fields of a tuple or list of exactly `n` items.
+fn fields<'py>(obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let items: Vec<Bound<'py, PyAny>> = obj
+        .try_iter()
+        .map_err(|_| bad(what, "must be a list or tuple"))?
+        .collect::<PyResult<_>>()?;
+    if items.len() != n {
+        return Err(bad(
+            what,
+            format_args!("must have {n} fields, got {}", items.len()),
+        ));
+    }
+    Ok(items)
+}
+
+fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<T> {
+    obj.extract::<T>().map_err(|e| {
+        let e: PyErr = e.into();
+        bad(
+            what,
+            format_args!("has the wrong type: {}", e.value(obj.py())),
+        )
+    })
+}
+
+fn items<'py>(state: &Bound<'py, PyAny>, name: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    state
+        .get_item(name)
+        .map_err(|_| bad(name, "is missing from the snapshot"))?
+        .try_iter()
+        .map_err(|_| bad(name, "must be a list"))?
+        .collect()
+}
+
+fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
+    let field = |name: &str| -> PyResult<Bound<'_, PyAny>> {
+        state
+            .get_item(name)
+            .map_err(|_| bad(name, "is missing from the snapshot"))
+    };
+    let mut ips = Vec::new();
+    for item in items(state, "ips")? {
+        let f = fields(&item, 5, "ips entry")?;
+        ips.push(IpState {
+            ip: get(&f[0], "ips entry ip")?,
+            hourly_cap: get(&f[1], "ips entry hourly_cap")?,
+            daily_cap: get(&f[2], "ips entry daily_cap")?,
+            hour_used: get(&f[3], "ips entry hour_used")?,
+            day_used: get(&f[4], "ips entry day_used")?,
+        });
+    }
+    let mut keys = Vec::new();
+    for item in items(state, "keys")? {
+        let f = fields(&item, 4, "keys entry")?;
+        let l = fields(&f[2], 7, "keys entry limits")?;
+        let c = fields(&f[3], 4, "keys entry counters")?;
+        keys.push(KeyState {
+            ip: get(&f[0], "keys entry ip")?,
+            provider: get(&f[1], "keys entry provider")?,
+            rate_count: get(&l[0], "rate_count")?,
+            rate_period_ms: get(&l[1], "rate_period_ms")?,
+            max_burst: get(&l[2], "max_burst")?,
+            hourly_cap: get(&l[3], "hourly_cap")?,
+            daily_cap: get(&l[4], "daily_cap")?,
+            multiplier_ppm: get(&l[5], "multiplier_ppm")?,
+            paused: get(&l[6], "paused")?,
+            tat_ns: get(&c[0], "tat_ns")?,
+            hour_used: get(&c[1], "hour_used")?,
+            day_used: get(&c[2], "day_used")?,
+            suspended_until_ms: get(&c[3], "suspended_until_ms")?,
+        });
+    }
+    let mut pools = Vec::new();
+    for item in items(state, "pools")? {
+        let f = fields(&item, 3, "pools entry")?;
+        let mut members = Vec::new();
+        for m in f[1].try_iter()? {
+            let m = fields(&m?, 3, "pool member")?;
+            members.push((
+                get(&m[0], "pool member ip")?,
+                get(&m[1], "pool member weight")?,
+                get(&m[2], "pool member warming")?,
+            ));
+        }
+        pools.push(PoolState {
+            name: get(&f[0], "pool name")?,
+            members,
+            overflow: get(&f[2], "pool overflow")?,
+        });
+    }
+    let mut queue = Vec::new();
+    for item in items(state, "queue")? {
+        let f = fields(&item, 5, "queue entry")?;
+        queue.push(QueuedState {
+            id: get(&f[0], "queue entry id")?,
+            pool: get(&f[1], "queue entry pool")?,
+            provider: get(&f[2], "queue entry provider")?,
+            priority: get(&f[3], "queue entry priority")?,
+            n: get(&f[4], "queue entry n")?,
+        });
+    }
+    Ok(Snapshot {
+        version: get(&field("version")?, "version")?,
+        hour_start_ms: get(&field("hour_start_ms")?, "hour_start_ms")?,
+        hour_pending_ms: get(&field("hour_pending_ms")?, "hour_pending_ms")?,
+        day_start_ms: get(&field("day_start_ms")?, "day_start_ms")?,
+        day_pending_ms: get(&field("day_pending_ms")?, "day_pending_ms")?,
+        providers: get(&field("providers")?, "providers")?,
+        ips,
+        keys,
+        pools,
+        queue,
+    })
+}
+
+/// Panics on purpose, so tests can show a Rust panic reaches Python as an exception.
+#[pyfunction]
+fn _panic_for_tests() {
+    panic!("deliberate panic for tests");
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_NOW_MS", crate::limiter::MAX_NOW_MS)?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PyDecision>()?;
+    m.add_class::<PyBatch>()?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    Ok(())
+}

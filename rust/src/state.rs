@@ -1,0 +1,295 @@
+//! Snapshot and restore as plain data, so counts survive restarts.
+//!
+//! A snapshot holds everything an Engine knows: providers, IPs and keys in handle order (so
+//! handles stay valid across a restore), limits, counters, suspensions, the calendar, pools
+//! and the queue. `Engine::from_snapshot` rebuilds through the ordinary, checked setters, so a
+//! corrupt snapshot is an error, never a broken engine.
+
+use crate::caps::{cap_from, cap_to, Calendar};
+use crate::engine::Engine;
+use crate::error::{CoreError, CoreResult};
+use crate::limiter::Limits;
+use crate::pick::Member;
+
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpState {
+    pub ip: String,
+    pub hourly_cap: Option<u64>,
+    pub daily_cap: Option<u64>,
+    pub hour_used: u32,
+    pub day_used: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    pub ip: u32,
+    pub provider: u16,
+    pub rate_count: u64,
+    pub rate_period_ms: u64,
+    pub max_burst: u32,
+    pub hourly_cap: Option<u64>,
+    pub daily_cap: Option<u64>,
+    pub multiplier_ppm: u32,
+    pub paused: bool,
+    pub tat_ns: u64,
+    pub hour_used: u32,
+    pub day_used: u32,
+    pub suspended_until_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolState {
+    pub name: String,
+    /// (ip handle, weight, warming)
+    pub members: Vec<(u32, u32, bool)>,
+    pub overflow: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedState {
+    pub id: u64,
+    pub pool: u32,
+    pub provider: u16,
+    pub priority: i32,
+    pub n: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u32,
+    pub hour_start_ms: u64,
+    pub hour_pending_ms: Vec<u64>,
+    pub day_start_ms: u64,
+    pub day_pending_ms: Vec<u64>,
+    pub providers: Vec<String>,
+    pub ips: Vec<IpState>,
+    pub keys: Vec<KeyState>,
+    pub pools: Vec<PoolState>,
+    pub queue: Vec<QueuedState>,
+}
+
+impl Engine {
+    pub fn snapshot(&self) -> Snapshot {
+        let l = &self.limiter;
+        let ips = (0..l.ips.len() as u32)
+            .map(|ip| {
+                let (hourly, daily) = l.ip_caps(ip).expect("own ip");
+                let (hour_used, day_used) = l.ip_used(ip);
+                IpState {
+                    ip: l.ips[ip as usize].addr.clone(),
+                    hourly_cap: cap_to(hourly),
+                    daily_cap: cap_to(daily),
+                    hour_used,
+                    day_used,
+                }
+            })
+            .collect();
+        let keys = (0..l.key_count() as u32)
+            .map(|k| {
+                let u = l.usage(k).expect("own key");
+                let (ip, provider) = l.key_handles(k);
+                KeyState {
+                    ip,
+                    provider,
+                    rate_count: u.limits.rate_count,
+                    rate_period_ms: u.limits.rate_period_ms,
+                    max_burst: u.limits.max_burst,
+                    hourly_cap: cap_to(u.limits.hourly_cap),
+                    daily_cap: cap_to(u.limits.daily_cap),
+                    multiplier_ppm: u.limits.multiplier_ppm,
+                    paused: u.limits.paused,
+                    tat_ns: u.tat_ns,
+                    hour_used: u.hour_used,
+                    day_used: u.day_used,
+                    suspended_until_ms: u.suspended_until_ms,
+                }
+            })
+            .collect();
+        let pools = self
+            .pools
+            .pools
+            .iter()
+            .map(|p| PoolState {
+                name: p.name.clone(),
+                members: p
+                    .members
+                    .iter()
+                    .map(|m| (m.ip, m.weight, m.warming))
+                    .collect(),
+                overflow: p.overflow,
+            })
+            .collect();
+        let queue = self
+            .scheduler
+            .entries()
+            .into_iter()
+            .map(|(id, pool, provider, priority, n)| QueuedState {
+                id,
+                pool,
+                provider,
+                priority,
+                n,
+            })
+            .collect();
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            hour_start_ms: l.hours.start_ms(),
+            hour_pending_ms: l.hours.pending(),
+            day_start_ms: l.days.start_ms(),
+            day_pending_ms: l.days.pending(),
+            providers: l.providers.clone(),
+            ips,
+            keys,
+            pools,
+            queue,
+        }
+    }
+
+    /// Build an engine from a snapshot; the snapshot is checked as it is replayed.
+    pub fn from_snapshot(s: &Snapshot) -> CoreResult<Self> {
+        if s.version != SNAPSHOT_VERSION {
+            return Err(CoreError::bad(
+                "version",
+                format!(
+                    "this engine reads snapshot version {SNAPSHOT_VERSION}, got {}",
+                    s.version
+                ),
+            ));
+        }
+        let mut e = Engine::new();
+        for name in &s.providers {
+            let before = e.limiter.providers.len();
+            e.limiter.provider(name)?;
+            if e.limiter.providers.len() == before {
+                return Err(CoreError::bad(
+                    "providers",
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+        }
+        for (i, ip) in s.ips.iter().enumerate() {
+            let h = e.limiter.ip(&ip.ip)?;
+            if h as usize != i {
+                return Err(CoreError::bad(
+                    "ips",
+                    format!("{:?} is listed twice", ip.ip),
+                ));
+            }
+            e.limiter.set_ip_caps(h, ip.hourly_cap, ip.daily_cap)?;
+            e.limiter.restore_ip(h, ip.hour_used, ip.day_used);
+        }
+        for (i, k) in s.keys.iter().enumerate() {
+            let h = e.limiter.key_of(k.ip, k.provider)?;
+            if h as usize != i {
+                return Err(CoreError::bad("keys", format!("key {i} repeats key {h}")));
+            }
+            e.limiter.set_key_limits(
+                h,
+                Limits {
+                    rate_count: k.rate_count,
+                    rate_period_ms: k.rate_period_ms,
+                    max_burst: k.max_burst,
+                    hourly_cap: cap_from("hourly_cap", k.hourly_cap)?,
+                    daily_cap: cap_from("daily_cap", k.daily_cap)?,
+                    multiplier_ppm: k.multiplier_ppm,
+                    paused: k.paused,
+                },
+            )?;
+            e.limiter.suspend(h, k.suspended_until_ms)?;
+            e.limiter.restore_key(h, k.tat_ns, k.hour_used, k.day_used);
+        }
+        for p in &s.pools {
+            let members = p
+                .members
+                .iter()
+                .map(|&(ip, weight, warming)| {
+                    e.limiter.ip_caps(ip)?;
+                    Ok(Member {
+                        ip,
+                        weight,
+                        warming,
+                    })
+                })
+                .collect::<CoreResult<Vec<_>>>()?;
+            e.pools.define(&p.name, members, p.overflow)?;
+        }
+        e.limiter.restore_calendar(
+            Calendar::new(s.hour_start_ms, &s.hour_pending_ms)?,
+            Calendar::new(s.day_start_ms, &s.day_pending_ms)?,
+        );
+        for m in &s.queue {
+            e.enqueue(m.id, m.pool, m.provider, m.priority, m.n)?;
+        }
+        Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn busy_engine() -> Engine {
+        let mut e = Engine::new();
+        let k = e.limiter.key("192.0.2.1", "google").unwrap();
+        e.set_limits(k, Some((10, 1000)), 3, Some(100), Some(1000))
+            .unwrap();
+        e.set_multiplier(k, 0.5).unwrap();
+        e.suspend(k, 50).unwrap();
+        e.set_ip_caps("192.0.2.1", Some(500), None).unwrap();
+        e.set_calendar(&[3_600_000], &[86_400_000]).unwrap();
+        e.define_pool(
+            "main",
+            &[("192.0.2.1", 1, true), ("192.0.2.2", 2, false)],
+            None,
+        )
+        .unwrap();
+        let g = e.limiter.provider_handle("google").unwrap();
+        e.acquire(k, 2, 60).unwrap();
+        e.enqueue(7, 0, g, 1, 1).unwrap();
+        e.enqueue(8, 0, g, 0, 2).unwrap();
+        e
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let e = busy_engine();
+        let s = e.snapshot();
+        let r = Engine::from_snapshot(&s).unwrap();
+        assert_eq!(r.snapshot(), s);
+    }
+
+    #[test]
+    fn restored_engine_decides_the_same() {
+        let mut a = busy_engine();
+        let mut b = Engine::from_snapshot(&a.snapshot()).unwrap();
+        for t in (0..5000).step_by(37) {
+            assert_eq!(a.acquire(0, 1, t).unwrap(), b.acquire(0, 1, t).unwrap());
+        }
+        let (mut da, mut db) = (Vec::new(), Vec::new());
+        a.due(10_000, 10, &mut da).unwrap();
+        b.due(10_000, 10, &mut db).unwrap();
+        assert_eq!(da, db);
+    }
+
+    #[test]
+    fn corrupt_snapshots_are_errors() {
+        let s = busy_engine().snapshot();
+        let mut bad = s.clone();
+        bad.version = 99;
+        assert!(Engine::from_snapshot(&bad).is_err());
+        let mut bad = s.clone();
+        bad.keys[0].ip = 42;
+        assert!(Engine::from_snapshot(&bad).is_err());
+        let mut bad = s.clone();
+        bad.keys[0].max_burst = 0;
+        assert!(Engine::from_snapshot(&bad).is_err());
+        let mut bad = s.clone();
+        bad.providers.push("google".into());
+        assert!(Engine::from_snapshot(&bad).is_err());
+        let mut bad = s;
+        bad.queue[0].pool = 5;
+        assert!(Engine::from_snapshot(&bad).is_err());
+    }
+}
