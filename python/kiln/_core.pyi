@@ -40,7 +40,7 @@ class Decision:
         """Messages granted: the full `n` asked for, or 0 when denied."""
     @property
     def reason(self) -> Reason:
-        """"granted", or why not (the first holding limit: paused, suspended, daily_cap,
+        """Why: "granted", or the first holding limit (paused, suspended, daily_cap,
         hourly_cap, ip_daily_cap, ip_hourly_cap, rate)."""
     @property
     def retry_after_ms(self) -> int | None:
@@ -57,7 +57,7 @@ class Decision:
         """For `pick`: "warming", "warm" or "overflow"; "direct" for `acquire` and denials."""
     def __bool__(self) -> bool:
         """True when granted."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -65,7 +65,7 @@ class BatchDecisions:
     """The decisions of one `Engine.acquire_batch` call, in request order."""
 
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> Decision: ...
+    def __getitem__(self, index: int, /) -> Decision: ...
     def __iter__(self) -> Iterator[Decision]: ...
     @property
     def granted(self) -> int:

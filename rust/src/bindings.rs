@@ -84,8 +84,8 @@ impl PyDecision {
         self.inner.granted
     }
 
-    /// "granted", or why not: "paused", "suspended", "daily_cap", "hourly_cap",
-    /// "ip_daily_cap", "ip_hourly_cap", "rate".
+    /// Why: "granted", or the first holding limit (paused, suspended, daily_cap,
+    /// hourly_cap, ip_daily_cap, ip_hourly_cap, rate).
     #[getter]
     fn reason<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
         reason_str(py, self.inner.reason)
@@ -805,12 +805,13 @@ fn _panic_for_tests() {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // `m.add` also lists each name in `__all__`; the test hook stays out of it.
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_NOW_MS", crate::limiter::MAX_NOW_MS)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
     m.add_class::<PyBatch>()?;
-    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

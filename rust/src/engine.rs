@@ -3,7 +3,7 @@
 
 use crate::decision::Decision;
 use crate::error::{CoreError, CoreResult};
-use crate::limiter::{check_n, check_now, Limiter, Usage};
+use crate::limiter::{canonical_ip, check_n, check_now, Limiter, Usage};
 use crate::pick::{Member, Pools};
 use crate::scheduler::Scheduler;
 
@@ -86,6 +86,20 @@ impl Engine {
         overflow: Option<&str>,
     ) -> CoreResult<u32> {
         let overflow = overflow.map(|o| self.pools.handle(o)).transpose()?;
+        // Check everything before interning any IP, so a bad definition changes nothing.
+        let weights: Vec<u32> = members.iter().map(|m| m.1).collect();
+        self.pools.check(name, &weights, overflow)?;
+        let mut seen = Vec::with_capacity(members.len());
+        for (i, &(ip, _, _)) in members.iter().enumerate() {
+            let canonical = canonical_ip(ip)?;
+            if seen.contains(&canonical) {
+                return Err(CoreError::bad(
+                    "members",
+                    format!("pool {name:?} lists an IP twice (member {i})"),
+                ));
+            }
+            seen.push(canonical);
+        }
         let members = members
             .iter()
             .map(|&(ip, weight, warming)| {

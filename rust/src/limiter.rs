@@ -162,6 +162,26 @@ pub fn check_n(n: u32) -> CoreResult<()> {
     Ok(())
 }
 
+/// The normal text form of an IP address, or an error naming what was given.
+pub fn canonical_ip(addr: &str) -> CoreResult<String> {
+    addr.trim()
+        .parse::<IpAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| {
+            CoreError::bad(
+                "ip",
+                format!("must be an IPv4 or IPv6 address, got {addr:?}"),
+            )
+        })
+}
+
+fn check_provider_name(name: &str) -> CoreResult<()> {
+    if name.is_empty() {
+        return Err(CoreError::bad("provider", "must not be empty"));
+    }
+    Ok(())
+}
+
 /// A multiplier in [0, 1] as parts per million (rounded half up).
 pub fn multiplier_ppm(multiplier: f64) -> CoreResult<u32> {
     if !(0.0..=1.0).contains(&multiplier) {
@@ -189,9 +209,7 @@ impl Limiter {
         if let Some(&h) = self.provider_index.get(name) {
             return Ok(h);
         }
-        if name.is_empty() {
-            return Err(CoreError::bad("provider", "must not be empty"));
-        }
+        check_provider_name(name)?;
         let h = u16::try_from(self.providers.len()).map_err(|_| CoreError::Overflow {
             what: "provider count (65536)",
         })?;
@@ -215,13 +233,7 @@ impl Limiter {
         if let Some(&h) = self.ip_index.get(addr) {
             return Ok(h);
         }
-        let parsed: IpAddr = addr.trim().parse().map_err(|_| {
-            CoreError::bad(
-                "ip",
-                format!("must be an IPv4 or IPv6 address, got {addr:?}"),
-            )
-        })?;
-        let canonical = parsed.to_string();
+        let canonical = canonical_ip(addr)?;
         if let Some(&h) = self.ip_index.get(&canonical) {
             self.ip_index.insert(addr.to_owned(), h);
             return Ok(h);
@@ -294,6 +306,11 @@ impl Limiter {
 
     /// The handle of (ip, provider) by name; both are interned on first use.
     pub fn key(&mut self, ip: &str, provider: &str) -> CoreResult<u32> {
+        // Check both names before interning either, so a bad call changes nothing.
+        check_provider_name(provider)?;
+        if !self.ip_index.contains_key(ip) {
+            canonical_ip(ip)?;
+        }
         let ip = self.ip(ip)?;
         let provider = self.provider(provider)?;
         self.key_of(ip, provider)

@@ -53,6 +53,44 @@ impl Pools {
             })
     }
 
+    /// Check a definition without changing anything: a name, at least one member, weights
+    /// of at least 1, and an existing overflow pool whose chain does not lead back here.
+    pub fn check(&self, name: &str, weights: &[u32], overflow: Option<u32>) -> CoreResult<()> {
+        if name.is_empty() {
+            return Err(CoreError::bad("pool", "name must not be empty"));
+        }
+        if weights.is_empty() {
+            return Err(CoreError::bad(
+                "members",
+                format!("pool {name:?} needs at least one IP"),
+            ));
+        }
+        if weights.contains(&0) {
+            return Err(CoreError::bad("weight", "must be at least 1, got 0"));
+        }
+        let Some(o) = overflow else { return Ok(()) };
+        self.get(o)?;
+        let Ok(handle) = self.handle(name) else {
+            return Ok(()); // a new pool is on no chain yet
+        };
+        let mut at = Some(o);
+        let mut steps = 0;
+        while let Some(p) = at {
+            if p == handle {
+                return Err(CoreError::bad(
+                    "overflow",
+                    format!("pool {name:?} would overflow into itself"),
+                ));
+            }
+            steps += 1;
+            if steps > self.pools.len() {
+                break;
+            }
+            at = self.pools[p as usize].overflow;
+        }
+        Ok(())
+    }
+
     /// Define (or redefine) a pool. Its overflow pool must exist and must not lead back to it.
     pub fn define(
         &mut self,
@@ -60,47 +98,18 @@ impl Pools {
         members: Vec<Member>,
         overflow: Option<u32>,
     ) -> CoreResult<u32> {
-        if name.is_empty() {
-            return Err(CoreError::bad("pool", "name must not be empty"));
-        }
-        if members.is_empty() {
+        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+        self.check(name, &weights, overflow)?;
+        if let Some(i) =
+            (1..members.len()).find(|&i| members[..i].iter().any(|o| o.ip == members[i].ip))
+        {
             return Err(CoreError::bad(
                 "members",
-                format!("pool {name:?} needs at least one IP"),
+                format!("pool {name:?} lists an IP twice (member {i})"),
             ));
-        }
-        for (i, m) in members.iter().enumerate() {
-            if m.weight == 0 {
-                return Err(CoreError::bad("weight", "must be at least 1, got 0"));
-            }
-            if members[..i].iter().any(|o| o.ip == m.ip) {
-                return Err(CoreError::bad(
-                    "members",
-                    format!("pool {name:?} lists an IP twice (member {i})"),
-                ));
-            }
         }
         let existing = self.handle(name).ok();
         let handle = existing.unwrap_or(self.pools.len() as u32);
-        if let Some(o) = overflow {
-            self.get(o)?;
-            // Walk the overflow chain: it must end without coming back here.
-            let mut at = Some(o);
-            let mut steps = 0;
-            while let Some(p) = at {
-                if p == handle {
-                    return Err(CoreError::bad(
-                        "overflow",
-                        format!("pool {name:?} would overflow into itself"),
-                    ));
-                }
-                steps += 1;
-                if steps > self.pools.len() {
-                    break;
-                }
-                at = self.pools[p as usize].overflow;
-            }
-        }
         let pool = Pool {
             name: name.to_owned(),
             members,

@@ -1,0 +1,274 @@
+"""The engine's Python API: decisions as values, clear errors for bad input, buffers, panics."""
+
+from __future__ import annotations
+
+import array
+import gc
+import json
+import threading
+
+import pytest
+
+import kiln
+from kiln import CoreError, Engine, _core
+
+T0 = 1_700_000_000_000
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@pytest.fixture
+def engine() -> Engine:
+    """A fresh engine."""
+    return Engine()
+
+
+def test_throttled_is_a_value_not_an_exception(engine: Engine) -> None:
+    """A denial comes back as a falsy Decision with a reason and an honest retry time."""
+    k = engine.key("192.0.2.10", "google")
+    engine.set_limits(k, rate_count=500, rate_period_ms=HOUR_MS)
+    first = engine.acquire(k, 1, T0)
+    second = engine.acquire(k, 1, T0 + 1000)
+    assert first and first.granted == 1 and first.reason == "granted"
+    assert first.retry_after_ms == 0 and first.ip == "192.0.2.10" and first.tier == "direct"
+    assert not second
+    assert (second.granted, second.reason, second.retry_after_ms) == (0, "rate", 6200)
+    assert engine.acquire(k, 1, T0 + 1000 + 6200)
+
+
+def test_calendar_caps_and_retry_at_next_boundary(engine: Engine) -> None:
+    """Hourly caps hold until the next hour boundary Python supplied, then reset."""
+    k = engine.key("192.0.2.10", "google")
+    engine.set_limits(k, hourly_cap=2, daily_cap=3)
+    engine.set_calendar([T0 + HOUR_MS, T0 + 2 * HOUR_MS], [T0 + DAY_MS])
+    assert engine.acquire(k, 2, T0)
+    d = engine.acquire(k, 1, T0 + 10)
+    assert (d.reason, d.retry_after_ms) == ("hourly_cap", HOUR_MS - 10)
+    assert engine.acquire(k, 1, T0 + HOUR_MS)
+    d = engine.acquire(k, 1, T0 + HOUR_MS + 5)
+    # Both the daily cap (3 used) and nothing else: the reason is the daily cap.
+    assert (d.reason, d.retry_after_ms) == ("daily_cap", DAY_MS - HOUR_MS - 5)
+    usage = engine.usage(k)
+    assert (usage["hour_used"], usage["day_used"], usage["daily_cap"]) == (1, 3, 3)
+
+
+def test_pause_suspend_multiplier(engine: Engine) -> None:
+    """Pause and suspension deny with their own reasons; the multiplier scales caps."""
+    k = engine.key("192.0.2.10", "yahoo")
+    engine.set_limits(k, daily_cap=10)
+    engine.pause(k)
+    d = engine.acquire(k, 1, T0)
+    assert (d.reason, d.retry_after_ms) == ("paused", None)
+    engine.resume(k)
+    engine.suspend(k, T0 + 500)
+    d = engine.acquire(k, 1, T0)
+    assert (d.reason, d.retry_after_ms) == ("suspended", 500)
+    assert engine.acquire(k, 1, T0 + 500)
+    engine.set_multiplier(k, 0.5)
+    assert engine.usage(k)["multiplier"] == 0.5
+    assert engine.acquire(k, 4, T0 + 600)
+    assert engine.acquire(k, 1, T0 + 600).reason == "daily_cap"
+    engine.set_multiplier(k, 0.0)
+    assert engine.acquire(k, 1, T0 + 700).reason == "paused"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e, k: e.acquire(k, 0, T0), "n: must be at least 1, got 0"),
+        (lambda e, k: e.acquire(k, -1, T0), "n: must not be negative, got -1"),
+        (lambda e, k: e.acquire(k + 99, 1, T0), "unknown key handle 99"),
+        (lambda e, k: e.acquire(k, 1, -5), "now_ms: must not be negative, got -5"),
+        (lambda e, k: e.acquire(k, 1, kiln.MAX_NOW_MS + 1), "now_ms: must be at most"),
+        (
+            lambda e, k: e.set_limits(k, rate_count=10, rate_period_ms=0),
+            "rate_period_ms: must be at least 1, got 0",
+        ),
+        (
+            lambda e, k: e.set_limits(k, rate_count=-10, rate_period_ms=1000),
+            "rate_count: must not be negative, got -10",
+        ),
+        (lambda e, k: e.set_limits(k, rate_count=10), "rate: give rate_count and rate_period_ms"),
+        (lambda e, k: e.set_limits(k, max_burst=0), "max_burst: must be at least 1, got 0"),
+        (lambda e, k: e.set_limits(k, daily_cap=2**32), "daily_cap: must be below 4294967295"),
+        (lambda e, k: e.set_limits(k, hourly_cap=2**80), "hourly_cap: is too large"),
+        (lambda e, k: e.set_multiplier(k, float("nan")), "multiplier: must be a number in [0, 1]"),
+        (lambda e, k: e.set_multiplier(k, 1.5), "multiplier: must be a number in [0, 1]"),
+        (lambda e, k: e.set_calendar([T0, T0], []), "hour_starts_ms: must be strictly increasing"),
+        (lambda e, k: e.key("300.1.1.1", "google"), "ip: must be an IPv4 or IPv6 address"),
+        (lambda e, k: e.key("192.0.2.1", ""), "provider: must not be empty"),
+        (lambda e, k: e.pool("nope"), 'unknown pool "nope"'),
+        (lambda e, k: e.define_pool("p", []), 'members: pool "p" needs at least one IP'),
+        (lambda e, k: e.define_pool("p", [("192.0.2.1", 0, True)]), "weight: must be at least 1"),
+        (lambda e, k: e.pick(7, 0, 1, T0), "unknown pool handle 7"),
+        (lambda e, k: e.restore({"version": 2}), "is missing from the snapshot"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(engine: Engine, call: object, message: str) -> None:
+    """Invalid input raises CoreError (a ValueError) naming the argument, and changes nothing."""
+    k = engine.key("192.0.2.10", "google")
+    before = engine.snapshot()
+    with pytest.raises(CoreError, match=None) as info:
+        call(engine, k)  # type: ignore[operator]
+    assert isinstance(info.value, ValueError)
+    assert message in str(info.value)
+    assert engine.snapshot() == before
+
+
+def test_core_error_is_reexported() -> None:
+    """kiln.CoreError is the engine's exception class and a ValueError."""
+    assert kiln.CoreError is _core.CoreError
+    assert issubclass(kiln.CoreError, ValueError)
+
+
+def test_rust_panic_is_an_exception_not_a_crash(engine: Engine) -> None:
+    """A Rust panic surfaces as a Python exception; the interpreter and engine carry on."""
+    with pytest.raises(BaseException, match="deliberate panic") as info:
+        _core._panic_for_tests()
+    assert type(info.value).__name__ == "PanicException"
+    k = engine.key("192.0.2.10", "google")
+    assert engine.acquire(k, 1, T0)
+
+
+def test_batch_matches_single_calls(engine: Engine) -> None:
+    """acquire_batch decides in order exactly as single acquires would."""
+    other = Engine()
+    keys = []
+    for e in (engine, other):
+        ks = [e.key(f"192.0.2.{i}", "google") for i in range(4)]
+        for k in ks:
+            e.set_limits(k, rate_count=2, rate_period_ms=1000, max_burst=2, daily_cap=5)
+        keys = ks
+    requests = [keys[i % 4] for i in range(40)]
+    batch = engine.acquire_batch(array.array("I", requests), T0)
+    singles = [other.acquire(k, 1, T0) for k in requests]
+    assert len(batch) == 40
+    assert list(batch) == singles
+    assert batch[-1] == singles[-1]
+    assert batch.granted == sum(d.granted for d in singles) == 8
+    assert batch.denied == 32
+    assert batch.granted_counts() == [d.granted for d in singles]
+    with pytest.raises(IndexError):
+        batch[40]
+
+
+def test_batch_counts_and_bad_buffers(engine: Engine) -> None:
+    """Counts go with keys; bad buffer types, lengths or handles are errors deciding nothing."""
+    k = engine.key("192.0.2.10", "google")
+    engine.set_limits(k, daily_cap=10)
+    batch = engine.acquire_batch(array.array("I", [k, k]), T0, array.array("I", [4, 7]))
+    assert batch.granted_counts() == [4, 0]
+    with pytest.raises(CoreError, match="unsigned 32-bit"):
+        engine.acquire_batch(array.array("q", [k]), T0)
+    with pytest.raises(CoreError, match="one count per key"):
+        engine.acquire_batch(array.array("I", [k]), T0, array.array("I", [1, 1]))
+    with pytest.raises(CoreError, match="unknown key handle 5"):
+        engine.acquire_batch(array.array("I", [k, 5]), T0)
+    with pytest.raises(CoreError, match="asks for 0"):
+        engine.acquire_batch(array.array("I", [k]), T0, array.array("I", [0]))
+    assert engine.usage(k)["day_used"] == 4
+
+
+def test_pick_prefers_warming_then_warm_then_overflow(engine: Engine) -> None:
+    """pick fills warming IPs first, spills to warm IPs, then to the overflow pool."""
+    engine.define_pool("spare", [("198.51.100.1", 1, False)])
+    pool = engine.define_pool(
+        "transactional",
+        [("192.0.2.1", 1, True), ("192.0.2.2", 1, False)],
+        overflow="spare",
+    )
+    g = engine.provider("google")
+    engine.set_limits(engine.key("192.0.2.1", "google"), daily_cap=2)
+    engine.set_limits(engine.key("192.0.2.2", "google"), daily_cap=1)
+    got = [engine.pick(pool, g, 1, T0) for _ in range(5)]
+    assert [(d.ip, d.tier) for d in got] == [
+        ("192.0.2.1", "warming"),
+        ("192.0.2.1", "warming"),
+        ("192.0.2.2", "warm"),
+        ("198.51.100.1", "overflow"),
+        ("198.51.100.1", "overflow"),
+    ]
+    assert engine.pool("transactional") == pool
+
+
+def test_release_queue_orders_and_waits(engine: Engine) -> None:
+    """due releases by priority then FIFO, sets blocked queues aside, and says when to come back."""
+    pool = engine.define_pool("p", [("192.0.2.1", 1, False)])
+    g = engine.provider("google")
+    y = engine.provider("yahoo")
+    engine.set_limits(engine.key("192.0.2.1", "google"), rate_count=1, rate_period_ms=1000)
+    for mid, prov, prio in [(1, g, 0), (2, g, 9), (3, y, 0), (4, g, 0)]:
+        engine.enqueue(mid, pool, prov, priority=prio)
+    assert engine.queued() == 4
+    released = engine.due(T0, 10)
+    assert [(mid, d.ip) for mid, d in released] == [(2, "192.0.2.1"), (3, "192.0.2.1")]
+    assert engine.next_due_ms(T0) == T0 + 1000
+    assert engine.due(T0 + 999, 10) == []
+    assert [mid for mid, _ in engine.due(T0 + 1000, 10)] == [1]
+    assert [mid for mid, _ in engine.due(T0 + 2000, 10)] == [4]
+    assert engine.next_due_ms(T0 + 2000) is None
+    assert engine.queued() == 0
+
+
+def test_snapshot_is_plain_json_data(engine: Engine) -> None:
+    """A snapshot survives a JSON round trip and restores to an engine that decides the same."""
+    pool = engine.define_pool("p", [("192.0.2.1", 2, True), ("2001:db8::1", 1, False)])
+    g = engine.provider("google")
+    k = engine.key("192.0.2.1", "google")
+    engine.set_limits(k, rate_count=10, rate_period_ms=1000, max_burst=3, daily_cap=100)
+    engine.set_ip_caps("2001:db8::1", hourly_cap=50)
+    engine.suspend(k, T0 + 100)
+    engine.set_calendar([T0 + HOUR_MS], [T0 + DAY_MS])
+    engine.enqueue(11, pool, g, priority=1)
+    engine.acquire(k, 2, T0 + 200)
+    state = json.loads(json.dumps(engine.snapshot()))
+    restored = Engine()
+    restored.restore(state)
+    assert json.loads(json.dumps(restored.snapshot())) == state
+    for t in range(T0, T0 + 5000, 97):
+        assert engine.pick(pool, g, 1, t) == restored.pick(pool, g, 1, t)
+    assert engine.due(T0 + 9000, 5) == restored.due(T0 + 9000, 5)
+
+
+def test_corrupt_snapshot_leaves_engine_untouched(engine: Engine) -> None:
+    """A snapshot with a bad field is rejected with its name, and the engine keeps its state."""
+    k = engine.key("192.0.2.1", "google")
+    engine.acquire(k, 3, T0)
+    good = engine.snapshot()
+    bad = dict(good, keys=[(0, 0, (0, 0, 0, None, None, 1_000_000, False), (0, 0, 0, 0))])
+    with pytest.raises(CoreError, match="max_burst"):
+        engine.restore(bad)
+    bad = dict(good, ips=[("192.0.2.1", None, None, "many", 0)])
+    with pytest.raises(CoreError, match="ips entry hour_used: has the wrong type"):
+        engine.restore(bad)
+    assert engine.snapshot() == good
+
+
+def test_engine_is_safe_across_threads(engine: Engine) -> None:
+    """Concurrent callers never exceed a cap: the engine serialises decisions internally."""
+    k = engine.key("192.0.2.1", "google")
+    engine.set_limits(k, daily_cap=1000)
+    granted = []
+
+    def worker() -> None:
+        """Ask 500 times."""
+        granted.append(sum(engine.acquire(k, 1, T0).granted for _ in range(500)))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 1000
+
+
+def test_decisions_do_not_leak(engine: Engine) -> None:
+    """Creating many decisions and batches leaves no live objects behind."""
+    k = engine.key("192.0.2.1", "google")
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(1000):
+        engine.acquire(k, 1, T0)
+        engine.acquire_batch(array.array("I", [k] * 8), T0)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
