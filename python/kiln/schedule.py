@@ -1,0 +1,728 @@
+"""Warm-up plans: YAML -> strict, validated models, with every mistake located.
+
+`load_plan(path)` reads a plan file and returns a `Plan`, or raises `ScheduleError` listing
+every problem at once, each as `file:line:column: key.path: what was found, what is expected`.
+Warnings (caps that fall, unused schedules) ride along on `Plan.warnings`. Turning a plan into
+day-by-day caps and engine limits is `kiln.ramp`'s job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Iterator
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from kiln.errors import Problem, ScheduleError
+from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
+from kiln.rate import RateError, RateSpec
+from kiln.yamlfile import Loc, SourceMap, load_yaml, path_text
+
+__all__ = [
+    "Batch",
+    "Gates",
+    "Geometric",
+    "Hourly",
+    "Linear",
+    "Plan",
+    "Pool",
+    "PoolIp",
+    "ProviderOverride",
+    "ProviderSpec",
+    "Schedule",
+    "Share",
+    "SteadyState",
+    "Step",
+    "load_plan",
+    "parse_plan",
+]
+
+MAX_CAP = 4_294_967_294
+"""Caps are 32-bit counters in the engine; the largest value is reserved."""
+
+
+def _error(kind: str, message: str, **context: Any) -> PydanticCustomError:
+    """A validation error whose message kiln wrote itself."""
+    return PydanticCustomError(kind, message, context)
+
+
+def _rate(value: object) -> RateSpec:
+    """A rate string such as `500/h,max_burst=10`."""
+    if isinstance(value, RateSpec):
+        return value
+    if not isinstance(value, str):
+        raise _error("rate_type", 'expected a rate such as "500/h", got {got}', got=repr(value))
+    try:
+        return RateSpec.parse(value)
+    except RateError as e:
+        raise _error("rate", "{problem}", problem=e.problem) from None
+
+
+def _ip(value: object) -> str:
+    """An IPv4 or IPv6 address, in its normal text form."""
+    if not isinstance(value, str):
+        raise _error("ip_type", "expected an IP address, got {got}", got=repr(value))
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise _error("ip", "expected an IPv4 or IPv6 address, got {got}", got=repr(value)) from None
+
+
+def _date(value: object) -> date:
+    """A calendar date, written 2026-12-01 (quoted or not)."""
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise _error("date", "expected a date written YYYY-MM-DD, got {got}", got=repr(value))
+
+
+Rate = Annotated[RateSpec, BeforeValidator(_rate)]
+IpText = Annotated[str, BeforeValidator(_ip)]
+Day = Annotated[date, BeforeValidator(_date)]
+Cap = Annotated[int, Field(ge=1, le=MAX_CAP)]
+Count = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+
+
+class _Model(BaseModel):
+    """Strict: unknown keys are errors, types are not coerced, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ProviderSpec(_Model):
+    """Recipient domains and MX host suffixes of a mailbox provider."""
+
+    domains: list[str] = []
+    mx_suffixes: list[str] = []
+
+    @field_validator("domains")
+    @classmethod
+    def _lower_domains(cls, v: list[str]) -> list[str]:
+        """Domains compare lower-case, without a trailing dot."""
+        return [d.strip().lower().rstrip(".") for d in v]
+
+    @field_validator("mx_suffixes")
+    @classmethod
+    def _dot_suffixes(cls, v: list[str]) -> list[str]:
+        """Suffixes compare lower-case, with one leading dot and no trailing dot."""
+        return ["." + s.strip().lower().strip(".") for s in v]
+
+
+class PoolIp(_Model):
+    """A warm IP of a pool with its share of traffic."""
+
+    ip: IpText
+    weight: Count = 1
+
+
+class Pool(_Model):
+    """A stream or tenant: its warm IPs (batches add warming ones) and where it overflows."""
+
+    ips: list[IpText | PoolIp] = []
+    overflow: str | None = None
+
+    def members(self) -> list[PoolIp]:
+        """The warm IPs, each with its weight."""
+        return [PoolIp(ip=m) if isinstance(m, str) else m for m in self.ips]
+
+
+class Batch(_Model):
+    """IPs of one pool that share a schedule and a start date."""
+
+    pool: str
+    ips: list[IpText] = Field(min_length=1)
+    schedule: str
+    start_date: Day
+    weight: Count = 1
+
+
+class Step(_Model):
+    """One step of a table: a daily cap and/or an hourly cap."""
+
+    warmup_day: int | None = Field(default=None, ge=0)
+    daily_cap: Cap | None = None
+    hourly_cap: Cap | None = None
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> Step:
+        """A step without any cap would be no step at all."""
+        if self.daily_cap is None and self.hourly_cap is None:
+            raise _error("step_empty", "a step needs daily_cap, hourly_cap or both")
+        return self
+
+
+class Geometric(_Model):
+    """Caps that grow by `factor` per step from `start_daily_cap` up to `target_daily_cap`."""
+
+    start_daily_cap: Cap
+    factor: float = Field(gt=1, le=10)
+    target_daily_cap: Cap
+    round_to: Count = 1
+
+    @field_validator("factor", mode="before")
+    @classmethod
+    def _int_factor(cls, v: object) -> object:
+        """`factor: 2` is as good as `factor: 2.0`."""
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _target_above_start(self) -> Geometric:
+        """The curve must go up."""
+        if self.target_daily_cap <= self.start_daily_cap:
+            raise _error(
+                "target",
+                "target_daily_cap ({target}) must be above start_daily_cap ({start})",
+                target=self.target_daily_cap,
+                start=self.start_daily_cap,
+            )
+        return self
+
+
+class Linear(_Model):
+    """Caps that grow by `increment_daily_cap` per step up to `target_daily_cap`."""
+
+    start_daily_cap: Cap
+    increment_daily_cap: Cap
+    target_daily_cap: Cap
+
+    @model_validator(mode="after")
+    def _target_above_start(self) -> Linear:
+        """The curve must go up."""
+        if self.target_daily_cap <= self.start_daily_cap:
+            raise _error(
+                "target",
+                "target_daily_cap ({target}) must be above start_daily_cap ({start})",
+                target=self.target_daily_cap,
+                start=self.start_daily_cap,
+            )
+        return self
+
+
+class Share(_Model):
+    """A share of a stream's traffic per step, for moving a stream from an old MTA to new IPs."""
+
+    percents: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+    days_per_step: Count = 1
+    stream_daily_volume: Cap | None = None
+
+    @field_validator("percents", mode="before")
+    @classmethod
+    def _int_percents(cls, v: object) -> object:
+        """`5` is as good as `5.0`."""
+        if isinstance(v, list):
+            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+
+class _Curve(_Model):
+    """Exactly one way of giving steps."""
+
+    steps: list[Step] | None = Field(default=None, min_length=1)
+    geometric: Geometric | None = None
+    linear: Linear | None = None
+    share: Share | None = None
+
+    def curve_kinds(self) -> list[str]:
+        """Which of the ways were given."""
+        kinds = ("steps", "geometric", "linear", "share")
+        return [k for k in kinds if getattr(self, k) is not None]
+
+
+class ProviderOverride(_Curve):
+    """A provider's own curve, or the schedule's curve scaled."""
+
+    scale: float | None = Field(default=None, gt=0, le=10)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _int_scale(cls, v: object) -> object:
+        """`scale: 1` is as good as `scale: 1.0`."""
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ProviderOverride:
+        """A provider override is a scale or a curve, not both, not neither."""
+        kinds = self.curve_kinds() + (["scale"] if self.scale is not None else [])
+        if len(kinds) != 1:
+            raise _error(
+                "override",
+                "give exactly one of scale, steps, geometric, linear; got {got}",
+                got=", ".join(kinds) or "none",
+            )
+        return self
+
+
+class Hourly(_Model):
+    """How a day's volume is spread: active hours of the plan's day and the burst size."""
+
+    active_hours: str = "00-24"
+    max_burst: Count = 1
+
+    @field_validator("active_hours")
+    @classmethod
+    def _hours(cls, v: str) -> str:
+        """`HH-HH` with 0 <= start < end <= 24."""
+        m = re.fullmatch(r"\s*(\d{1,2})(?::00)?\s*-\s*(\d{1,2})(?::00)?\s*", v)
+        if not m or not 0 <= int(m[1]) < int(m[2]) <= 24:
+            raise _error(
+                "hours",
+                "expected hours of the day as START-END with 0 <= START < END <= 24, "
+                "such as 08-20, got {got}",
+                got=repr(v),
+            )
+        return f"{int(m[1]):02d}-{int(m[2]):02d}"
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(first active hour, first inactive hour)."""
+        start, end = self.active_hours.split("-")
+        return int(start), int(end)
+
+    @property
+    def hours(self) -> int:
+        """How many hours a day are active."""
+        start, end = self.window
+        return end - start
+
+
+class Gates(_Model):
+    """What a day must show for its ramp to advance one step."""
+
+    delivered_above_percent: float = Field(default=90.0, ge=0, lt=100)
+    sending_days_only: bool = True
+    rewarm_after_idle_days: Count | None = 30
+
+    @field_validator("delivered_above_percent", mode="before")
+    @classmethod
+    def _int_percent(cls, v: object) -> object:
+        """`90` is as good as `90.0`."""
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class SteadyState(_Model):
+    """Limits that stay after the last step."""
+
+    daily_cap: Cap | None = None
+    hourly_cap: Cap | None = None
+    max_message_rate: Rate | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> SteadyState:
+        """Steady state with no limit is `uncapped`."""
+        if self.daily_cap is None and self.hourly_cap is None and self.max_message_rate is None:
+            raise _error(
+                "steady_empty",
+                "give daily_cap, hourly_cap or max_message_rate, "
+                "or write after_last_step: uncapped",
+            )
+        return self
+
+
+class Schedule(_Curve):
+    """A warm-up curve with its per-provider variations, hourly spreading and gates."""
+
+    description: str | None = None
+    providers: dict[str, ProviderOverride] = {}
+    hourly: Hourly = Hourly()
+    max_message_rate: Rate | None = None
+    gates: Gates = Gates()
+    after_last_step: Literal["uncapped"] | SteadyState = "uncapped"
+
+    @model_validator(mode="after")
+    def _one_curve(self) -> Schedule:
+        """A schedule gives its steps exactly one way."""
+        kinds = self.curve_kinds()
+        if len(kinds) != 1:
+            raise _error(
+                "curve",
+                "give exactly one of steps, geometric, linear, share; got {got}",
+                got=", ".join(kinds) or "none",
+            )
+        return self
+
+
+class Plan(_Model):
+    """A whole warm-up plan file."""
+
+    name: Name
+    description: str | None = None
+    timezone: str
+    providers: dict[Name, ProviderSpec] = {}
+    pools: dict[Name, Pool] = Field(min_length=1)
+    batches: dict[Name, Batch] = {}
+    schedules: dict[Name, Schedule] = {}
+
+    _warnings: list[Problem] = PrivateAttr(default_factory=list)
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Located warnings found while loading."""
+        return self._warnings
+
+    @property
+    def source(self) -> str:
+        """The file the plan came from."""
+        return self._source
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The plan's time zone."""
+        return ZoneInfo(self.timezone)
+
+    def provider_table(self) -> dict[str, ProviderSpec]:
+        """Shipped providers, extended and overridden by the plan's."""
+        table = {
+            name: ProviderSpec(domains=list(p.domains), mx_suffixes=list(p.mx_suffixes))
+            for name, p in DEFAULT_PROVIDERS.items()
+        }
+        table.update(self.providers)
+        return table
+
+    def provider_names(self) -> set[str]:
+        """Every provider name a plan may use, `default` included."""
+        return {*self.provider_table(), DEFAULT_PROVIDER}
+
+
+# ----- loading -----
+
+
+def load_plan(path: Path | str) -> Plan:
+    """Read and check a plan file. Raises `ScheduleError` with every problem found."""
+    data, source = load_yaml(Path(path))
+    return parse_plan(data, source)
+
+
+def parse_plan(data: Any, source: SourceMap) -> Plan:
+    """Check already-loaded plan data; `source` locates problems."""
+    if not isinstance(data, dict):
+        raise ScheduleError(
+            [source.problem((), f"a plan is a YAML mapping of keys, got {_kind(data)}")]
+        )
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as e:
+        raise ScheduleError(sorted(_model_problems(e, data, source), key=_order)) from None
+    problems = sorted(_semantic_problems(plan, source), key=_order)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise ScheduleError(problems)
+    plan._warnings = problems
+    plan._source = source.file
+    return plan
+
+
+def _order(p: Problem) -> tuple[int, int, str]:
+    """File order."""
+    return (p.line, p.column, p.path)
+
+
+def _kind(value: object) -> str:
+    """A YAML reader's word for a value's type."""
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "text",
+        bool: "true/false",
+        int: "a whole number",
+        float: "a number",
+        type(None): "nothing (null)",
+    }
+    for t, word in names.items():
+        if type(value) is t:
+            return word
+    if isinstance(value, date):
+        return "a date"
+    return type(value).__name__
+
+
+def _fields_at(loc: Loc) -> list[str]:
+    """The keys allowed at `loc` in the plan, for "did you mean" suggestions."""
+    model: Any = Plan
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            # A dict of named things: the next part is a name, the model is the value type.
+            if model is Plan:
+                return []
+            continue
+        annotation = fields[part].annotation
+        model = _model_of(annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    """The model class inside `dict[str, M]`, `list[M]`, `M | None` and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_problems(e: ValidationError, data: Any, source: SourceMap) -> Iterator[Problem]:
+    """Pydantic's errors in kiln's words, each located, one per place."""
+    seen: set[Loc] = set()
+    for err in e.errors(include_url=False):
+        loc = _clean_loc(err["loc"], data)
+        if loc in seen:
+            continue
+        seen.add(loc)
+        yield source.problem(loc, _message(err, loc))
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> Loc:
+    """Drop pydantic's union-branch labels (`str`, `PoolIp`, `function-before[...]`)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier():
+            out.append(part)  # a missing or unknown key
+            node = None
+    return tuple(out)
+
+
+def _message(err: Any, loc: Loc) -> str:
+    """One sentence: what was found, what is expected."""
+    kind = err["type"]
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        choices = f" (known keys: {', '.join(allowed)})" if allowed and not close else ""
+        return f"unknown key {key!r}{hint}{choices}"
+    if kind in {"int_type", "int_from_float"}:
+        return f"expected a whole number, got {_kind(got)} {got!r}"
+    if kind in {"float_type"}:
+        return f"expected a number, got {_kind(got)} {got!r}"
+    if kind in {"string_type"}:
+        return f"expected text, got {_kind(got)} {got!r}"
+    if kind in {"bool_type"}:
+        return f"expected true or false, got {_kind(got)} {got!r}"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return f"expected a mapping of keys, got {_kind(got)} {got!r}"
+    if kind in {"list_type"}:
+        return f"expected a list, got {_kind(got)} {got!r}"
+    if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
+        bound = {
+            "greater_than_equal": "at least {ge}",
+            "greater_than": "more than {gt}",
+            "less_than_equal": "at most {le}",
+            "less_than": "less than {lt}",
+        }[kind].format(**ctx)
+        return f"must be {bound}, got {got!r}"
+    if kind == "too_short":
+        return f"must not be empty (at least {ctx.get('min_length', 1)} item)"
+    if kind == "string_pattern_mismatch":
+        return (
+            f"names use lower-case letters, digits and - _ . (starting with a letter or digit), "
+            f"got {got!r}"
+        )
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}, got {got!r}"
+    if kind == "union_tag_invalid" or kind.startswith("union"):
+        return f"unexpected value {got!r}"
+    msg = str(err["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+# ----- semantic checks -----
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    """`; did you mean 'x'?` when a known name is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _semantic_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """Mistakes that span keys: unknown names, overlaps, curves that fall, bad time zones."""
+    yield from _timezone_problems(plan, source)
+    yield from _pool_problems(plan, source)
+    yield from _batch_problems(plan, source)
+    yield from _schedule_problems(plan, source)
+
+
+def _timezone_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """The time zone must exist in the tz database."""
+    try:
+        ZoneInfo(plan.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        hint = _suggest(plan.timezone, available_timezones())
+        yield source.problem(
+            ("timezone",),
+            f"unknown time zone {plan.timezone!r}{hint} (use an IANA name such as Europe/Berlin)",
+        )
+
+
+def _pool_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """Overflow pools exist and do not loop; pools do not share IPs; none is empty."""
+    owner: dict[str, tuple[str, Loc]] = {}
+    batch_pools = {b.pool for b in plan.batches.values()}
+    for name, pool in plan.pools.items():
+        if pool.overflow is not None:
+            if pool.overflow not in plan.pools:
+                yield source.problem(
+                    ("pools", name, "overflow"),
+                    f"unknown pool {pool.overflow!r}{_suggest(pool.overflow, plan.pools)}",
+                )
+            elif _overflow_loops(plan, name):
+                yield source.problem(
+                    ("pools", name, "overflow"),
+                    f"overflow from {name!r} leads back to {name!r}",
+                )
+        if not pool.ips and name not in batch_pools:
+            yield source.problem(("pools", name), "a pool needs warm IPs or a batch of new IPs")
+        for i, member in enumerate(pool.members()):
+            loc: Loc = ("pools", name, "ips", i)
+            if member.ip in owner:
+                other, _ = owner[member.ip]
+                what = "twice in this pool" if other == name else f"also in pool {other!r}"
+                yield source.problem(loc, f"IP {member.ip} is {what}; pools must not overlap")
+            else:
+                owner[member.ip] = (name, loc)
+    for bname, batch in plan.batches.items():
+        for i, ip in enumerate(batch.ips):
+            loc = ("batches", bname, "ips", i)
+            if ip not in owner:
+                owner[ip] = (f"batch:{bname}", loc)
+                continue
+            other, _ = owner[ip]
+            if other.startswith("batch:"):
+                other_batch = other.removeprefix("batch:")
+                same_pool = plan.batches[other_batch].pool == batch.pool
+                what = (
+                    f"also in batch {other_batch!r} of the same pool"
+                    if same_pool
+                    else f"also in batch {other_batch!r} of pool {plan.batches[other_batch].pool!r}"
+                )
+                if other_batch == bname:
+                    what = "listed twice in this batch"
+                yield source.problem(loc, f"IP {ip} is {what}")
+            else:
+                yield source.problem(
+                    loc, f"IP {ip} is also a warm IP of pool {other!r}; a new IP is in one batch"
+                )
+
+
+def _overflow_loops(plan: Plan, start: str) -> bool:
+    """Does following `overflow` from `start` come back to it?"""
+    seen: set[str] = set()
+    at = plan.pools[start].overflow
+    while at is not None and at in plan.pools and at not in seen:
+        if at == start:
+            return True
+        seen.add(at)
+        at = plan.pools[at].overflow
+    return False
+
+
+def _batch_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """Batches name existing pools and schedules."""
+    for name, batch in plan.batches.items():
+        if batch.pool not in plan.pools:
+            yield source.problem(
+                ("batches", name, "pool"),
+                f"unknown pool {batch.pool!r}{_suggest(batch.pool, plan.pools)}",
+            )
+        if batch.schedule not in plan.schedules:
+            yield source.problem(
+                ("batches", name, "schedule"),
+                f"unknown schedule {batch.schedule!r}{_suggest(batch.schedule, plan.schedules)}",
+            )
+
+
+def _schedule_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """Provider overrides name known providers; tables count days in order; caps rise."""
+    providers = plan.provider_names()
+    used = {b.schedule for b in plan.batches.values()}
+    for name, schedule in plan.schedules.items():
+        base: Loc = ("schedules", name)
+        if name not in used:
+            yield source.problem(base, "schedule is not used by any batch", "warning")
+        for provider, override in schedule.providers.items():
+            if provider not in providers:
+                yield source.problem(
+                    (*base, "providers", provider),
+                    f"unknown provider {provider!r}{_suggest(provider, providers)}",
+                )
+            if override.steps is not None:
+                yield from _table_problems(override.steps, (*base, "providers", provider), source)
+        if schedule.steps is not None:
+            yield from _table_problems(schedule.steps, base, source)
+
+
+def _table_problems(steps: list[Step], base: Loc, source: SourceMap) -> Iterator[Problem]:
+    """`warmup_day` counts up by one; caps that fall are worth a warning."""
+    days = [s.warmup_day for s in steps]
+    if any(d is not None for d in days):
+        first = days[0] if days[0] is not None else 0
+        for i, d in enumerate(days):
+            if d != first + i:
+                yield source.problem(
+                    (*base, "steps", i, "warmup_day"),
+                    f"expected warmup_day {first + i} (days count up by one), got {d}",
+                )
+                break
+    for key in ("daily_cap", "hourly_cap"):
+        prev: int | None = None
+        for i, step in enumerate(steps):
+            cap = getattr(step, key)
+            if cap is not None and prev is not None and cap < prev:
+                yield source.problem(
+                    (*base, "steps", i, key),
+                    f"falls below the step before ({prev}), got {cap}",
+                    "warning",
+                )
+            prev = cap if cap is not None else prev
+
+
+def problems_text(problems: Iterable[Problem]) -> str:
+    """Problems one per line, as `kiln check` prints them."""
+    return "\n".join(str(p) for p in problems)
+
+
+def locate(source: SourceMap, loc: Loc) -> str:
+    """`file:line:column: path` for a place in a loaded file (for messages elsewhere)."""
+    line, column = source.where(loc)
+    return f"{source.file}:{line}:{column}: {path_text(loc)}"
