@@ -420,10 +420,14 @@ def parse_plan(data: Any, source: SourceMap) -> Plan:
         raise ScheduleError(
             [source.problem((), f"a plan is a YAML mapping of keys, got {_kind(data)}")]
         )
+    unreadable = {p.path for p in source.problems}
     try:
         plan = Plan.model_validate(data)
     except ValidationError as e:
-        raise ScheduleError(sorted(_model_problems(e, data, source), key=_order)) from None
+        found = [p for p in _model_problems(e, data, source) if p.path not in unreadable]
+        raise ScheduleError(sorted(source.problems + found, key=_order)) from None
+    if source.problems:
+        raise ScheduleError(source.problems)
     problems = sorted(_semantic_problems(plan, source), key=_order)
     errors = [p for p in problems if p.severity == "error"]
     if errors:

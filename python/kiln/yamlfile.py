@@ -1,5 +1,8 @@
 """Read a YAML file into plain data plus the line and column of every key and item.
 
+Values YAML cannot construct (an impossible date) are kept as `Unreadable` text and reported in
+`SourceMap.problems`, so the caller can report them together with every other mistake.
+
 Plan errors must name file, line and key, so loading keeps a map from each path (a tuple of
 keys and indexes, as pydantic reports them) to where that path starts in the file. Duplicate
 keys, syntax errors, impossible dates, empty and oversized files become `Problem`s, never
@@ -16,7 +19,7 @@ import yaml
 
 from kiln.errors import Problem, ScheduleError
 
-__all__ = ["MAX_FILE_BYTES", "Loc", "SourceMap", "load_yaml", "path_text"]
+__all__ = ["MAX_FILE_BYTES", "Loc", "SourceMap", "Unreadable", "load_yaml", "path_text"]
 
 #: Plans larger than this are refused: a real plan is a few kilobytes.
 MAX_FILE_BYTES = 2 * 1024 * 1024
@@ -41,6 +44,8 @@ class SourceMap:
 
     file: str
     marks: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    #: Values that could not be read (an impossible date, say): reported with the rest.
+    problems: list[Problem] = field(default_factory=list)
 
     def where(self, loc: Loc) -> tuple[int, int]:
         """The position of `loc`, or of its nearest ancestor that has one."""
@@ -56,6 +61,12 @@ class SourceMap:
         """A located problem at `loc`."""
         line, column = self.where(loc)
         return Problem(self.file, line, column, path_text(loc), message, severity)
+
+
+class Unreadable(str):
+    """A scalar YAML could not construct; already reported, so later checks skip it."""
+
+    __slots__ = ()
 
 
 class _Builder:
@@ -77,10 +88,10 @@ class _Builder:
             return self.loader.construct_object(node, deep=True)
         except (ValueError, yaml.constructor.ConstructorError) as e:
             # e.g. a date that does not exist: 2026-02-30
-            self.problems.append(
+            self.source.problems.append(
                 self.source.problem(loc, f"cannot read {node.value!r}: {_reason(e)}")
             )
-            return node.value
+            return Unreadable(node.value)
 
     def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[Any, Any]:
         """A mapping; a key given twice is a problem at its second place."""
@@ -152,7 +163,7 @@ def load_yaml(path: Path, text: str | None = None) -> tuple[Any, SourceMap]:
     finally:
         loader.dispose()
     if builder.problems:
-        raise ScheduleError(builder.problems)
+        raise ScheduleError(builder.problems + source.problems)
     return data, source
 
 

@@ -1,0 +1,327 @@
+"""Plan files: every mistake caught, located by file, line, column and key, with one message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import ScheduleError
+from kiln.schedule import load_plan
+from kiln.yamlfile import MAX_FILE_BYTES
+
+GOOD = """\
+name: test
+timezone: Europe/Berlin
+pools:
+  tx:
+    ips: [198.51.100.1, {ip: 198.51.100.2, weight: 2}]
+    overflow: spare
+  spare:
+    ips: [203.0.113.1]
+batches:
+  b1:
+    pool: tx
+    ips: [192.0.2.1, 192.0.2.2]
+    schedule: slow
+    start_date: 2026-12-01
+schedules:
+  slow:
+    steps:
+      - {warmup_day: 1, daily_cap: 100}
+      - {warmup_day: 2, daily_cap: 200}
+    providers:
+      google: {scale: 0.5}
+    hourly: {active_hours: 08-20, max_burst: 5}
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    """The errors `kiln check` reports for `text`, as printed (file name: plan.yaml)."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(ScheduleError) as info:
+        load_plan(path)
+    errors = [p for p in info.value.problems if p.severity == "error"]
+    return [str(p).replace(str(tmp_path) + "/", "") for p in errors]
+
+
+def test_good_plan_loads(tmp_path: Path) -> None:
+    """The base plan of these tests is valid and has no warnings."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(GOOD)
+    plan = load_plan(path)
+    assert plan.name == "test"
+    assert plan.warnings == []
+    assert plan.pools["tx"].members()[1].weight == 2
+    assert plan.schedules["slow"].hourly.hours == 12
+
+
+CASES = [
+    # (what is wrong, replace this, with this, the exact message)
+    (
+        "unknown top-level key",
+        "timezone: Europe/Berlin\n",
+        "timezone: Europe/Berlin\ntimezon: UTC\n",
+        "plan.yaml:3:1: timezon: unknown key 'timezon'; did you mean 'timezone'?",
+    ),
+    (
+        "unknown nested key",
+        "    overflow: spare\n",
+        "    overflw: spare\n",
+        "plan.yaml:6:5: pools.tx.overflw: unknown key 'overflw'; did you mean 'overflow'?",
+    ),
+    (
+        "unknown key without a close match",
+        "    hourly: {active_hours: 08-20, max_burst: 5}\n",
+        "    hourly: {active_hours: 08-20, colour: red}\n",
+        "plan.yaml:22:35: schedules.slow.hourly.colour: unknown key 'colour' "
+        "(known keys: active_hours, max_burst)",
+    ),
+    (
+        "missing required key",
+        "    schedule: slow\n",
+        "",
+        "plan.yaml:10:3: batches.b1.schedule: required key is missing",
+    ),
+    (
+        "wrong type",
+        "{warmup_day: 1, daily_cap: 100}",
+        "{warmup_day: 1, daily_cap: lots}",
+        "plan.yaml:18:25: schedules.slow.steps[0].daily_cap: "
+        "expected a whole number, got text 'lots'",
+    ),
+    (
+        "number as text",
+        "{warmup_day: 1, daily_cap: 100}",
+        '{warmup_day: 1, daily_cap: "100"}',
+        "plan.yaml:18:25: schedules.slow.steps[0].daily_cap: "
+        "expected a whole number, got text '100'",
+    ),
+    (
+        "negative cap",
+        "daily_cap: 200}",
+        "daily_cap: -200}",
+        "plan.yaml:19:25: schedules.slow.steps[1].daily_cap: must be at least 1, got -200",
+    ),
+    (
+        "zero cap",
+        "daily_cap: 200}",
+        "daily_cap: 0}",
+        "plan.yaml:19:25: schedules.slow.steps[1].daily_cap: must be at least 1, got 0",
+    ),
+    (
+        "cap too large for the engine",
+        "daily_cap: 200}",
+        "daily_cap: 5_000_000_000}",
+        "plan.yaml:19:25: schedules.slow.steps[1].daily_cap: "
+        "must be at most 4294967294, got 5000000000",
+    ),
+    (
+        "date that does not exist",
+        "start_date: 2026-12-01",
+        "start_date: 2026-02-30",
+        "plan.yaml:14:5: batches.b1.start_date: "
+        "cannot read '2026-02-30': day is out of range for month",
+    ),
+    (
+        "date in an impossible format",
+        "start_date: 2026-12-01",
+        "start_date: 12/01/2026",
+        "plan.yaml:14:5: batches.b1.start_date: "
+        "expected a date written YYYY-MM-DD, got '12/01/2026'",
+    ),
+    (
+        "time zone that does not exist",
+        "timezone: Europe/Berlin",
+        "timezone: Europe/Berln",
+        "plan.yaml:2:1: timezone: unknown time zone 'Europe/Berln'; did you mean "
+        "'Europe/Berlin'? (use an IANA name such as Europe/Berlin)",
+    ),
+    (
+        "duplicate key",
+        "    schedule: slow\n",
+        "    schedule: slow\n    schedule: fast\n",
+        "plan.yaml:14:5: batches.b1.schedule: duplicate key (first given at line 13)",
+    ),
+    (
+        "bad IP address",
+        "ips: [192.0.2.1, 192.0.2.2]",
+        "ips: [192.0.2.1, 192.0.2.256]",
+        "plan.yaml:12:22: batches.b1.ips[1]: expected an IPv4 or IPv6 address, got '192.0.2.256'",
+    ),
+    (
+        "unknown pool",
+        "    pool: tx\n",
+        "    pool: txx\n",
+        "plan.yaml:11:5: batches.b1.pool: unknown pool 'txx'; did you mean 'tx'?",
+    ),
+    (
+        "unknown schedule",
+        "    schedule: slow\n",
+        "    schedule: slwo\n",
+        "plan.yaml:13:5: batches.b1.schedule: unknown schedule 'slwo'; did you mean 'slow'?",
+    ),
+    (
+        "unknown provider in an override",
+        "      google: {scale: 0.5}",
+        "      gogle: {scale: 0.5}",
+        "plan.yaml:21:7: schedules.slow.providers.gogle: unknown provider 'gogle'; "
+        "did you mean 'google'?",
+    ),
+    (
+        "IP in two batches of one pool",
+        "schedules:\n",
+        "  b2:\n    pool: tx\n    ips: [192.0.2.2]\n    schedule: slow\n"
+        "    start_date: 2026-12-08\nschedules:\n",
+        "plan.yaml:17:11: batches.b2.ips[0]: IP 192.0.2.2 is also in batch 'b1' of the same pool",
+    ),
+    (
+        "overlapping pools",
+        "    ips: [203.0.113.1]",
+        "    ips: [203.0.113.1, 198.51.100.1]",
+        "plan.yaml:8:24: pools.spare.ips[1]: IP 198.51.100.1 is also in pool 'tx'; "
+        "pools must not overlap",
+    ),
+    (
+        "overflow pool that does not exist",
+        "    overflow: spare\n",
+        "    overflow: sparee\n",
+        "plan.yaml:6:5: pools.tx.overflow: unknown pool 'sparee'; did you mean 'spare'?",
+    ),
+    (
+        "rate with an unknown unit",
+        "    hourly: {active_hours: 08-20, max_burst: 5}\n",
+        "    hourly: {active_hours: 08-20, max_burst: 5}\n    max_message_rate: 500/week\n",
+        "plan.yaml:23:5: schedules.slow.max_message_rate: unknown period 'week'; "
+        "use one of s, sec, second, m, min, minute, h, hour, hr, d, day",
+    ),
+    (
+        "active hours backwards",
+        "active_hours: 08-20",
+        "active_hours: 20-08",
+        "plan.yaml:22:14: schedules.slow.hourly.active_hours: expected hours of the day as "
+        "START-END with 0 <= START < END <= 24, such as 08-20, got '20-08'",
+    ),
+    (
+        "two curves at once",
+        "    providers:\n",
+        "    linear: {start_daily_cap: 1, increment_daily_cap: 1, target_daily_cap: 9}\n"
+        "    providers:\n",
+        "plan.yaml:16:3: schedules.slow: give exactly one of steps, geometric, linear, share; "
+        "got steps, linear",
+    ),
+    (
+        "warm-up days out of order",
+        "{warmup_day: 2, daily_cap: 200}",
+        "{warmup_day: 3, daily_cap: 200}",
+        "plan.yaml:19:10: schedules.slow.steps[1].warmup_day: "
+        "expected warmup_day 2 (days count up by one), got 3",
+    ),
+    (
+        "step without caps",
+        "{warmup_day: 2, daily_cap: 200}",
+        "{warmup_day: 2}",
+        "plan.yaml:19:9: schedules.slow.steps[1]: a step needs daily_cap, hourly_cap or both",
+    ),
+    (
+        "YAML syntax error",
+        "    ips: [203.0.113.1]\n",
+        "    ips: [203.0.113.1\n",
+        "plan.yaml:9:8: YAML syntax error: expected ',' or ']', but got ':'",
+    ),
+    (
+        "bad name",
+        "name: test",
+        "name: My Plan",
+        "plan.yaml:1:1: name: names use lower-case letters, digits and - _ . "
+        "(starting with a letter or digit), got 'My Plan'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_each_mistake_has_its_exact_message(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    """Each kind of mistake is reported once, located, with the exact message operators see."""
+    assert old in GOOD
+    assert problems(tmp_path, GOOD.replace(old, new, 1)) == [message]
+
+
+def test_overflow_loop_is_reported_on_every_pool_in_it(tmp_path: Path) -> None:
+    """Two pools overflowing into each other: both overflow keys are reported."""
+    text = GOOD.replace("    ips: [203.0.113.1]\n", "    ips: [203.0.113.1]\n    overflow: tx\n")
+    assert problems(tmp_path, text) == [
+        "plan.yaml:6:5: pools.tx.overflow: overflow from 'tx' leads back to 'tx'",
+        "plan.yaml:9:5: pools.spare.overflow: overflow from 'spare' leads back to 'spare'",
+    ]
+
+
+def test_every_error_at_once(tmp_path: Path) -> None:
+    """Several mistakes in one file are all reported, in file order."""
+    text = (
+        GOOD.replace("    overflow: spare\n", "    overflw: spare\n")
+        .replace("daily_cap: 100}", "daily_cap: -1}")
+        .replace("start_date: 2026-12-01", "start_date: 2026-13-01")
+    )
+    got = problems(tmp_path, text)
+    assert [p.split(": ")[1] for p in got] == [
+        "pools.tx.overflw",
+        "batches.b1.start_date",
+        "schedules.slow.steps[0].daily_cap",
+    ]
+
+
+def test_falling_caps_and_unused_schedules_are_warnings(tmp_path: Path) -> None:
+    """A cap below the step before, or a schedule no batch uses, warns but loads."""
+    text = GOOD.replace("daily_cap: 200}", "daily_cap: 50}") + (
+        "  spare-curve:\n    geometric: {start_daily_cap: 10, factor: 2, target_daily_cap: 99}\n"
+    )
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    plan = load_plan(path)
+    assert [str(w).replace(str(tmp_path) + "/", "") for w in plan.warnings] == [
+        "plan.yaml:19:25: warning: schedules.slow.steps[1].daily_cap: "
+        "falls below the step before (100), got 50",
+        "plan.yaml:23:3: warning: schedules.spare-curve: schedule is not used by any batch",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "plan.yaml:1:1: the file is empty; a plan is a YAML mapping"),
+        ("# only a comment\n", "plan.yaml:1:1: the file is empty; a plan is a YAML mapping"),
+        ("- a\n- b\n", "plan.yaml:1:1: a plan is a YAML mapping of keys, got a list"),
+        ("just text\n", "plan.yaml:1:1: a plan is a YAML mapping of keys, got text"),
+    ],
+)
+def test_empty_and_wrong_shaped_files(tmp_path: Path, text: str, message: str) -> None:
+    """Empty files and files that are not a mapping get a clear message, not a traceback."""
+    assert problems(tmp_path, text) == [message]
+
+
+def test_huge_file_is_refused(tmp_path: Path) -> None:
+    """A 10 MB file is refused before parsing, with its size in the message."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("# padding\n" * (MAX_FILE_BYTES // 10) * 5)
+    with pytest.raises(ScheduleError) as info:
+        load_plan(path)
+    (problem,) = info.value.problems
+    assert "plans over 2 MiB are refused" in str(problem)
+    assert str(problem).startswith(f"{path}:1:1: the file is 10.0 MiB")
+
+
+def test_binary_and_missing_files(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes and missing files are ScheduleErrors too."""
+    path = tmp_path / "plan.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ScheduleError, match="not UTF-8 text"):
+        load_plan(path)
+    with pytest.raises(ScheduleError, match="cannot read the file: No such file"):
+        load_plan(tmp_path / "nope.yaml")
