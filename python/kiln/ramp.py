@@ -341,7 +341,8 @@ def calendar(zone: ZoneInfo, now_ms: int, hours: int = 48) -> tuple[list[int], l
         cur = local(ms)
         if cur.date() != prev.date():
             day_starts.append(ms)
-        if (cur.date(), cur.hour) != (prev.date(), prev.hour):
+        # A repeated hour (DST ends) is a new hour: the offset tells them apart.
+        if (cur.date(), cur.hour, cur.utcoffset()) != (prev.date(), prev.hour, prev.utcoffset()):
             hour_starts.append(ms)
         prev = cur
         ms += quarter

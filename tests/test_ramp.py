@@ -1,0 +1,186 @@
+"""From plans to caps: curves, the nominal plan, compiled limits, calendars, the engine."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from kiln import Engine
+from kiln.ramp import (
+    RampPosition,
+    StepCaps,
+    apply,
+    calendar,
+    caps_at,
+    compile_limits,
+    nominal_plan,
+    steps_for,
+)
+from kiln.schedule import Plan, load_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEDULES = ROOT / "schedules"
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "warmup"
+
+
+def ms(text: str) -> int:
+    """An ISO instant with offset as epoch milliseconds."""
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+@pytest.fixture(scope="module")
+def example() -> Plan:
+    """The shipped example plan."""
+    return load_plan(SCHEDULES / "example.yaml")
+
+
+def test_sendgrid_table_is_verbatim() -> None:
+    """sendgrid-like.yaml reproduces SendGrid's published hourly table, day 12 included."""
+    plan = load_plan(SCHEDULES / "sendgrid-like.yaml")
+    with (FIXTURES / "sendgrid_hourly.csv").open() as f:
+        published = [(int(r["day"]), int(r["hourly"])) for r in csv.DictReader(f)]
+    rows, _ = nominal_plan(plan, days=43, provider="default")
+    warming = [(r.day, r.hourly_cap) for r in rows if r.state == "warming"]
+    assert warming == published
+    assert dict(warming)[12] == 1000
+    assert rows[42].state == "done" and rows[42].hourly_cap is None
+
+
+def test_sparkpost_stages_are_verbatim() -> None:
+    """sparkpost-stages.yaml has the 29 published daily caps, stage 28 read as 7,500,000."""
+    plan = load_plan(SCHEDULES / "sparkpost-stages.yaml")
+    with (FIXTURES / "sparkpost_stages.csv").open() as f:
+        published = [int(r["daily"]) for r in csv.DictReader(f)]
+    steps = steps_for(plan.schedules["sparkpost"], "default")
+    assert [s.daily_cap for s in steps] == published
+    assert steps[27].daily_cap == 7_500_000
+    assert plan.schedules["sparkpost"].gates.delivered_above_percent == 90
+
+
+def test_geometric_curve_rounds_and_ends_at_target() -> None:
+    """A geometric curve grows by its factor, rounds, never repeats a cap, ends at target."""
+    plan = load_plan(SCHEDULES / "per-provider.yaml")
+    google = [s.daily_cap or 0 for s in steps_for(plan.schedules["careful"], "google")]
+    assert google[:5] == [200, 300, 450, 700, 1000]
+    assert google[-1] == 250_000
+    assert all(b > a for a, b in itertools.pairwise(google))
+    assert all(c % 50 == 0 for c in google)
+    yahoo = [s.daily_cap for s in steps_for(plan.schedules["careful"], "yahoo")]
+    assert yahoo[:3] == [500, 3000, 5500] and yahoo[-1] == 100_000
+
+
+def test_scale_override() -> None:
+    """A provider scale multiplies every cap of the base curve."""
+    plan = load_plan(SCHEDULES / "per-provider.yaml")
+    base = steps_for(plan.schedules["careful"], "default")
+    half = steps_for(plan.schedules["careful"], "microsoft-365")
+    assert [h.daily_cap for h in half] == [
+        round(b.daily_cap / 2) for b in base if b.daily_cap is not None
+    ]
+
+
+def test_hourly_cap_spreads_daily_cap_over_active_hours(example: Plan) -> None:
+    """Without an hourly cap, the daily cap is spread over the active hours (07-22: 15 h)."""
+    caps, state = caps_at(example, "tx-2026-12", "default", 4)
+    assert (caps, state) == (StepCaps(1000, 67), "warming")
+    caps, state = caps_at(example, "tx-2026-12", "google", 4)
+    assert (caps.daily_cap, caps.hourly_cap) == (500, 34)
+    assert caps_at(example, "tx-2026-12", "default", 13) == (StepCaps(), "done")
+
+
+def test_share_curve_turns_into_daily_caps_per_ip() -> None:
+    """A share of a 2M/day stream over 4 IPs: 5% is 25,000 per IP a day, for 6 days."""
+    plan = load_plan(SCHEDULES / "dual-mta-cutover.yaml")
+    rows, pools = nominal_plan(plan)
+    shares = [r.share_percent for r in rows if r.state == "warming"]
+    assert shares == [p for p in (5.0, 15.0, 25.0, 50.0, 75.0, 90.0, 100.0) for _ in range(6)]
+    assert rows[0].daily_cap == 25_000 and rows[-2].daily_cap == 500_000
+    assert pools[0].new_ip_daily_capacity == 100_000
+
+
+def test_marketplace_batches_start_weeks_apart() -> None:
+    """Three batches: the later ones are not started while the first ramps."""
+    plan = load_plan(SCHEDULES / "marketplace-3x7.yaml")
+    rows, pools = nominal_plan(plan, days=30, provider="default")
+    day0 = {r.batch: r.state for r in rows if r.date == "2027-02-01"}
+    assert day0 == {"a": "warming", "b": "not_started", "c": "not_started"}
+    day20 = {r.batch: r.day for r in rows if r.date == "2027-02-21"}
+    assert day20 == {"a": 20, "b": 6, "c": -8}
+    capacity = {(p.date, p.pool): p.new_ip_daily_capacity for p in pools if p.provider == "default"}
+    assert capacity[("2027-02-01", "transactional")] == 7 * 500
+    assert ("2027-02-01", "messaging") not in capacity
+
+
+def test_compile_limits_rest_outside_active_hours(example: Plan) -> None:
+    """Inside active hours the hourly cap applies; outside it is 0 so warm IPs carry the mail."""
+    positions = {("tx-2026-12", "default"): RampPosition(step=4)}
+    day = compile_limits(example, positions, ms("2026-12-04T12:00:00+01:00"))
+    night = compile_limits(example, positions, ms("2026-12-04T23:30:00+01:00"))
+    by_key = {(lim.ip, lim.provider): lim for lim in day}
+    lim = by_key[("192.0.2.10", "default")]
+    assert (lim.daily_cap, lim.hourly_cap) == (1000, 67)
+    assert lim.rate is not None and str(lim.rate) == "67/h,max_burst=5"
+    assert by_key[("192.0.2.10", "google")].daily_cap == 75  # google still at step 1
+    assert {(n.ip, n.provider): n.hourly_cap for n in night}[("192.0.2.10", "default")] == 0
+
+
+def test_apply_pushes_limits_and_pools_into_the_engine(example: Plan) -> None:
+    """Compiled limits and pools drive real engine decisions: warming first, then warm IPs."""
+    engine = Engine()
+    now = ms("2026-12-01T09:00:00+01:00")
+    apply(engine, example, compile_limits(example, {}, now))
+    hours, days = calendar(example.zone, now)
+    engine.set_calendar(hours, days)
+    pool = engine.pool("transactional")
+    google = engine.provider("google")
+    tiers = [engine.pick(pool, google, 1, now + i * 60_000).tier for i in range(12)]
+    # Google at step 1: 75/day, 5/hour per warming IP, 2 warming IPs -> 10 this hour.
+    assert tiers.count("warming") == 10
+    assert tiers[10:] == ["warm", "warm"]
+
+
+@pytest.mark.parametrize(
+    ("zone", "now", "hour_count", "first_day", "second_day"),
+    [
+        # Berlin, the night DST ends: 25 local hours that day.
+        (
+            "Europe/Berlin",
+            "2026-10-25T00:30:00+02:00",
+            25,
+            "2026-10-25T00:00:00+02:00",
+            "2026-10-26T00:00:00+01:00",
+        ),
+        # Berlin, the night DST starts: 23 local hours.
+        (
+            "Europe/Berlin",
+            "2026-03-29T00:30:00+01:00",
+            23,
+            "2026-03-29T00:00:00+01:00",
+            "2026-03-30T00:00:00+02:00",
+        ),
+        # India: half-hour offset, hours begin at :30 UTC.
+        (
+            "Asia/Kolkata",
+            "2026-06-01T00:10:00+05:30",
+            24,
+            "2026-06-01T00:00:00+05:30",
+            "2026-06-02T00:00:00+05:30",
+        ),
+    ],
+)
+def test_calendar_is_dst_correct(
+    zone: str, now: str, hour_count: int, first_day: str, second_day: str
+) -> None:
+    """Hour and day starts follow local wall time through DST changes and odd offsets."""
+    hours, days = calendar(ZoneInfo(zone), ms(now), hours=30)
+    assert days[:2] == [ms(first_day), ms(second_day)]
+    in_first_day = [h for h in hours if ms(first_day) <= h < ms(second_day)]
+    assert len(in_first_day) == hour_count
+    assert all(b > a for a, b in itertools.pairwise(hours))
+    local = [datetime.fromtimestamp(h / 1000, tz=UTC).astimezone(ZoneInfo(zone)) for h in hours]
+    assert all(t.minute == 0 for t in local)
