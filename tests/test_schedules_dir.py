@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 from kiln import Engine
 from kiln.ramp import RampPosition, apply, compile_limits, nominal_plan, plan_providers
 from kiln.rate import RateSpec
-from kiln.schedule import load_plan
+from kiln.schedule import Plan, load_plan
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 FILES = sorted(SCHEDULES.glob("*.yaml"))
@@ -63,3 +65,16 @@ def test_rate_strings_are_canonical(path: Path) -> None:
     """Rate strings in shipped files are already in the form kiln prints."""
     for rate in re.findall(r"max_message_rate:\s*([^\s#]+)", path.read_text()):
         assert str(RateSpec.parse(rate)) == rate
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.name for f in FILES])
+def test_shipped_plan_validates_against_the_json_schema(path: Path) -> None:
+    """What editors check as you type (`kiln schema`) accepts every shipped plan."""
+    schema = Plan.model_json_schema()
+    data = yaml.safe_load(path.read_text())
+    for batch in data.get("batches", {}).values():
+        batch["start_date"] = str(batch["start_date"])  # YAML reads dates; JSON has strings
+    jsonschema.validate(data, schema)
+    data["schedules"][next(iter(data["schedules"]))]["max_message_rate"] = "lots"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)

@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -96,7 +97,12 @@ def _date(value: object) -> date:
     raise _error("date", "expected a date written YYYY-MM-DD, got {got}", got=repr(value))
 
 
-Rate = Annotated[RateSpec, BeforeValidator(_rate)]
+_RATE_SCHEMA = {
+    "type": "string",
+    "pattern": r"^\s*[0-9][0-9_,]*\s*/\s*[A-Za-z]+\s*(,\s*max_burst\s*=\s*[0-9][0-9_,]*\s*)?$",
+    "examples": ["500/h", "2_000/day,max_burst=10"],
+}
+Rate = Annotated[RateSpec, BeforeValidator(_rate), WithJsonSchema(_RATE_SCHEMA)]
 IpText = Annotated[str, BeforeValidator(_ip)]
 Day = Annotated[date, BeforeValidator(_date)]
 Cap = Annotated[int, Field(ge=1, le=MAX_CAP)]
