@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYO3_PYTHON := $(abspath $(PY))
-CARGO := cargo --manifest-path rust/Cargo.toml
+# cargo takes --manifest-path after the subcommand: $(call cargo,SUBCOMMAND) ARGS...
+cargo = cargo $(1) --manifest-path rust/Cargo.toml
 RUST_SRC := $(wildcard rust/src/*.rs) rust/Cargo.toml
 STATE_DIR ?= .state
 
@@ -44,7 +45,7 @@ run: build-prod ## build, then start the daemon on the embedded default (SQLite,
 format: $(VENV)/.built-dev ## ruff fix + format, cargo fmt
 	$(PY) -m ruff check --fix python tests benches
 	$(PY) -m ruff format python tests benches
-	$(CARGO) fmt
+	$(call cargo,fmt)
 
 lint-python: build-prod ## ruff, mypy --strict, stubtest on kiln._core
 	$(PY) -m ruff check python tests benches
@@ -53,13 +54,13 @@ lint-python: build-prod ## ruff, mypy --strict, stubtest on kiln._core
 	$(PY) -m mypy.stubtest kiln._core --allowlist .stubtest-allowlist
 
 lint-rust: $(VENV)/.installed ## cargo fmt --check, clippy with warnings denied
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
+	$(call cargo,fmt) --check
+	$(call cargo,clippy) --all-targets --all-features -- -D warnings
 
 lint: lint-python lint-rust ## every linter
 
 test-rust: ## cargo test for the core (no interpreter needed)
-	$(CARGO) test
+	$(call cargo,test)
 
 test-python: build-prod ## pytest (tests/ and the correctness half of benches/)
 	$(PY) -m pytest -q
@@ -68,7 +69,7 @@ test: test-rust test-python ## cargo test, then pytest: both languages in one co
 
 bench: build-prod ## release build, benchmarks, JSON results in benches/results, ratio report
 	mkdir -p benches/results
-	$(CARGO) bench --bench core -- --json benches/results/rust.json
+	$(call cargo,bench) --bench core -- --json $(CURDIR)/benches/results/rust.json
 	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-enable --benchmark-only \
 		--benchmark-json=benches/results/python.json
 	$(PY) benches/memory.py --json benches/results/memory.json

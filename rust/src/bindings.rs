@@ -172,8 +172,8 @@ impl Inner {
             .key_ip(key)
             .expect("decisions name own keys") as usize;
         while self.ip_strs.len() <= ip {
-            let addr = &self.engine.limiter.ips[self.ip_strs.len()].addr;
-            self.ip_strs.push(PyString::new(py, addr).unbind());
+            let addr = self.engine.limiter.ips[self.ip_strs.len()].addr.to_string();
+            self.ip_strs.push(PyString::new(py, &addr).unbind());
         }
         self.ip_strs[ip].clone_ref(py)
     }
@@ -232,7 +232,7 @@ impl PyEngine {
     fn key_info(&self, key: i128) -> PyResult<(String, String)> {
         let g = self.lock();
         let (ip, provider) = g.engine.limiter.key_names(arg("key", key)?).map_err(err)?;
-        Ok((ip.to_owned(), provider.to_owned()))
+        Ok((ip, provider.to_owned()))
     }
 
     /// How many keys this engine holds.

@@ -3,7 +3,7 @@
 
 use crate::decision::Decision;
 use crate::error::{CoreError, CoreResult};
-use crate::limiter::{canonical_ip, check_n, check_now, Limiter, Usage};
+use crate::limiter::{check_n, check_now, parse_ip, Limiter, Usage};
 use crate::pick::{Member, Pools};
 use crate::scheduler::Scheduler;
 
@@ -91,7 +91,7 @@ impl Engine {
         self.pools.check(name, &weights, overflow)?;
         let mut seen = Vec::with_capacity(members.len());
         for (i, &(ip, _, _)) in members.iter().enumerate() {
-            let canonical = canonical_ip(ip)?;
+            let canonical = parse_ip(ip)?;
             if seen.contains(&canonical) {
                 return Err(CoreError::bad(
                     "members",

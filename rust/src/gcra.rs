@@ -39,7 +39,7 @@ pub fn interval_ns(count: u64, period_ms: u64, multiplier_ppm: u64) -> CoreResul
 
 /// How a rate answers a request for `n` at `t_ns`: `Ok(new_tat)` or `Err(wait_ns)`
 /// (`None`: never, because `n` exceeds the burst). `interval_ns == 0` means no rate.
-#[inline]
+#[inline(always)]
 pub fn check(
     tat_ns: u64,
     interval_ns: u64,

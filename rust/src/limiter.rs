@@ -86,6 +86,7 @@ const FLAG_SUSPENDED: u16 = 1;
 /// which IP, provider and profile the key belongs to. Suspension deadlines are rare and
 /// live in a side table, flagged here.
 #[derive(Debug, Clone, Copy)]
+#[repr(align(32))] // two slots per cache line, none straddling two
 pub(crate) struct KeySlot {
     tat_ns: u64,
     hour_used: u32,
@@ -96,9 +97,10 @@ pub(crate) struct KeySlot {
     flags: u16,
 }
 
+/// Per-IP state. The address is kept parsed (17 bytes, no heap) and printed on demand.
 #[derive(Debug, Clone)]
 pub(crate) struct IpSlot {
-    pub(crate) addr: String,
+    pub(crate) addr: IpAddr,
     hour_used: u32,
     day_used: u32,
     hourly_cap: u32,
@@ -130,7 +132,7 @@ pub struct Limiter {
     key_index: HashTable<u32>,
     hasher: DefaultHashBuilder,
     pub(crate) ips: Vec<IpSlot>,
-    ip_index: HashMap<String, u32>,
+    ip_index: HashTable<u32>,
     pub(crate) providers: Vec<String>,
     provider_index: HashMap<String, u16>,
     profiles: Vec<Profile>,
@@ -162,17 +164,14 @@ pub fn check_n(n: u32) -> CoreResult<()> {
     Ok(())
 }
 
-/// The normal text form of an IP address, or an error naming what was given.
-pub fn canonical_ip(addr: &str) -> CoreResult<String> {
-    addr.trim()
-        .parse::<IpAddr>()
-        .map(|a| a.to_string())
-        .map_err(|_| {
-            CoreError::bad(
-                "ip",
-                format!("must be an IPv4 or IPv6 address, got {addr:?}"),
-            )
-        })
+/// A parsed IP address, or an error naming what was given.
+pub fn parse_ip(addr: &str) -> CoreResult<IpAddr> {
+    addr.trim().parse::<IpAddr>().map_err(|_| {
+        CoreError::bad(
+            "ip",
+            format!("must be an IPv4 or IPv6 address, got {addr:?}"),
+        )
+    })
 }
 
 fn check_provider_name(name: &str) -> CoreResult<()> {
@@ -230,42 +229,49 @@ impl Limiter {
 
     /// Intern a sending IP; its text is normalised (`2001:DB8::1` and `2001:db8::1` are one IP).
     pub fn ip(&mut self, addr: &str) -> CoreResult<u32> {
-        if let Some(&h) = self.ip_index.get(addr) {
-            return Ok(h);
-        }
-        let canonical = canonical_ip(addr)?;
-        if let Some(&h) = self.ip_index.get(&canonical) {
-            self.ip_index.insert(addr.to_owned(), h);
+        let parsed = parse_ip(addr)?;
+        if let Some(h) = self.find_ip(&parsed) {
             return Ok(h);
         }
         let h =
             u32::try_from(self.ips.len()).map_err(|_| CoreError::Overflow { what: "ip count" })?;
         self.ips.push(IpSlot {
-            addr: canonical.clone(),
+            addr: parsed,
             hour_used: 0,
             day_used: 0,
             hourly_cap: NO_CAP,
             daily_cap: NO_CAP,
         });
-        if canonical != addr {
-            self.ip_index.insert(addr.to_owned(), h);
-        }
-        self.ip_index.insert(canonical, h);
+        let (ips, hasher) = (&self.ips, &self.hasher);
+        self.ip_index
+            .insert_unique(hasher.hash_one(parsed), h, |&i| {
+                hasher.hash_one(ips[i as usize].addr)
+            });
         Ok(h)
     }
 
-    pub fn ip_handle(&self, addr: &str) -> CoreResult<u32> {
-        if let Some(&h) = self.ip_index.get(addr) {
-            return Ok(h);
-        }
-        addr.trim()
-            .parse::<IpAddr>()
-            .ok()
-            .and_then(|a| self.ip_index.get(&a.to_string()).copied())
-            .ok_or_else(|| CoreError::UnknownName {
-                kind: "ip",
-                name: addr.to_owned(),
+    /// The handle of an interned address (the index stores handles and hashes addresses).
+    fn find_ip(&self, addr: &IpAddr) -> Option<u32> {
+        let ips = &self.ips;
+        self.ip_index
+            .find(self.hasher.hash_one(addr), |&i| {
+                ips[i as usize].addr == *addr
             })
+            .copied()
+    }
+
+    pub fn ip_handle(&self, addr: &str) -> CoreResult<u32> {
+        let parsed = parse_ip(addr)?;
+        self.find_ip(&parsed).ok_or_else(|| CoreError::UnknownName {
+            kind: "ip",
+            name: addr.to_owned(),
+        })
+    }
+
+    /// The normal text of an IP handle's address.
+    pub fn ip_text(&self, ip: u32) -> CoreResult<String> {
+        self.check_ip(ip)?;
+        Ok(self.ips[ip as usize].addr.to_string())
     }
 
     /// The handle of (ip, provider), by handles; interned on first use.
@@ -308,18 +314,17 @@ impl Limiter {
     pub fn key(&mut self, ip: &str, provider: &str) -> CoreResult<u32> {
         // Check both names before interning either, so a bad call changes nothing.
         check_provider_name(provider)?;
-        if !self.ip_index.contains_key(ip) {
-            canonical_ip(ip)?;
-        }
+        parse_ip(ip)?;
         let ip = self.ip(ip)?;
         let provider = self.provider(provider)?;
         self.key_of(ip, provider)
     }
 
-    pub fn key_names(&self, key: u32) -> CoreResult<(&str, &str)> {
+    /// (ip, provider) of a key, as text.
+    pub fn key_names(&self, key: u32) -> CoreResult<(String, &str)> {
         let s = self.slot(key)?;
         Ok((
-            &self.ips[s.ip as usize].addr,
+            self.ips[s.ip as usize].addr.to_string(),
             &self.providers[usize::from(s.provider)],
         ))
     }
@@ -555,7 +560,7 @@ impl Limiter {
     /// The reason is the first holding limit in this order: paused, suspended, daily cap,
     /// hourly cap, IP daily cap, IP hourly cap, rate. The wait is the longest of all holding
     /// limits (so that asking again then succeeds), `None` if any has no known end.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn evaluate(&self, key: u32, n: u32, now_ms: u64) -> Verdict {
         let s = &self.keys[key as usize];
         let p = &self.profiles[s.profile as usize];
@@ -565,12 +570,15 @@ impl Limiter {
         let t_ns = now_ms * NS_PER_MS;
         let rate = gcra::check(s.tat_ns, p.interval_ns, p.limits.max_burst, t_ns, n);
         let ip = &self.ips[s.ip as usize];
-        let suspended = s.flags & FLAG_SUSPENDED != 0;
-        let uncapped = p.daily_cap == NO_CAP
-            && p.hourly_cap == NO_CAP
-            && ip.daily_cap == NO_CAP
-            && ip.hourly_cap == NO_CAP;
-        if !suspended && uncapped {
+        // Fast path: not suspended and every cap has room (NO_CAP is u32::MAX, so an
+        // uncapped counter always has room): only the rate can hold.
+        let room = |used: u32, cap: u32| u64::from(used) + u64::from(n) <= u64::from(cap);
+        if s.flags & FLAG_SUSPENDED == 0
+            && room(s.day_used, p.daily_cap)
+            && room(s.hour_used, p.hourly_cap)
+            && room(ip.day_used, ip.daily_cap)
+            && room(ip.hour_used, ip.hourly_cap)
+        {
             return match rate {
                 Ok(tat) => Verdict::Fit(tat),
                 Err(wait) => Verdict::Held(Reason::Rate, wait.map(gcra::ns_to_ms_ceil)),
@@ -579,6 +587,7 @@ impl Limiter {
         self.evaluate_slow(key, n, now_ms, rate)
     }
 
+    #[inline(never)]
     fn evaluate_slow(
         &self,
         key: u32,
@@ -632,7 +641,7 @@ impl Limiter {
     }
 
     /// Charge `n` to `key` (after a `Fit`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn commit(&mut self, key: u32, n: u32, new_tat_ns: u64) {
         let s = &mut self.keys[key as usize];
         s.tat_ns = new_tat_ns;
@@ -644,7 +653,7 @@ impl Limiter {
     }
 
     /// May `key` send `n` more now? All or nothing; charged when granted.
-    #[inline]
+    #[inline(always)]
     pub fn acquire(&mut self, key: u32, n: u32, now_ms: u64) -> CoreResult<Decision> {
         if key as usize >= self.keys.len() {
             return Err(CoreError::UnknownHandle {
@@ -658,7 +667,7 @@ impl Limiter {
         Ok(self.decide(key, n, now_ms, Tier::Direct))
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn decide(&mut self, key: u32, n: u32, now_ms: u64, tier: Tier) -> Decision {
         match self.evaluate(key, n, now_ms) {
             Verdict::Fit(tat) => {
@@ -694,6 +703,9 @@ impl Limiter {
     {
         check_now(now_ms)?;
         let nkeys = self.keys.len();
+        // The checking pass also reads each request's key and IP, so the cache misses of a
+        // large batch overlap here instead of stalling the deciding pass one by one.
+        let mut touched = 0u32;
         for (i, (key, n)) in requests.clone().enumerate() {
             if key as usize >= nkeys {
                 return Err(CoreError::UnknownHandle {
@@ -704,7 +716,10 @@ impl Limiter {
             if n == 0 {
                 return Err(CoreError::bad("counts", format!("request {i} asks for 0")));
             }
+            let slot = &self.keys[key as usize];
+            touched ^= slot.hour_used ^ self.ips[slot.ip as usize].hour_used;
         }
+        std::hint::black_box(touched);
         self.advance(now_ms);
         out.reserve(requests.len());
         for (key, n) in requests {
@@ -770,7 +785,10 @@ mod tests {
         let c = l.key("2001:db8::1", "yahoo").unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(l.key_names(a).unwrap(), ("2001:db8::1", "google"));
+        assert_eq!(
+            l.key_names(a).unwrap(),
+            ("2001:db8::1".to_owned(), "google")
+        );
         assert!(l.key("not-an-ip", "google").is_err());
         assert!(l.key("192.0.2.1", "").is_err());
     }

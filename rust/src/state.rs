@@ -78,7 +78,7 @@ impl Engine {
                 let (hourly, daily) = l.ip_caps(ip).expect("own ip");
                 let (hour_used, day_used) = l.ip_used(ip);
                 IpState {
-                    ip: l.ips[ip as usize].addr.clone(),
+                    ip: l.ips[ip as usize].addr.to_string(),
                     hourly_cap: cap_to(hourly),
                     daily_cap: cap_to(daily),
                     hour_used,
