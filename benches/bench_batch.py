@@ -8,41 +8,14 @@ per-decision cost; compare.py holds it against the in-process Rust batch of the 
 
 from __future__ import annotations
 
-import gc
 from array import array
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Callable
 
 import pytest
 
+from benchkit import GENEROUS, NOW_MS, Benchmark
+from benchkit import frozen_gc as frozen_gc
 from kiln import Engine
-
-_T = TypeVar("_T")
-NOW_MS = 1_750_000_000_000
-GENEROUS = (2**32 - 1, 1_000)
-"""(count, period_ms) that grants every call of a run: 4.29e9 per second, all at once."""
-
-
-class Benchmark(Protocol):
-    """The part of pytest-benchmark's `benchmark` fixture these benches use."""
-
-    group: str | None
-    extra_info: dict[str, object]
-
-    def __call__(self, function_to_benchmark: Callable[..., _T], /, *args: object) -> _T:
-        """Time `function_to_benchmark(*args)` (or call it once when disabled)."""
-        ...
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_gc() -> Iterator[None]:
-    """Collect and freeze what set-up allocated, so collections time only the benchmark's
-    own garbage."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
 
 PROVIDERS = [f"provider-{p}.example" for p in range(16)]
 BATCH_IMPLS = ("kiln-batch", "kiln-batch+counts", "kiln-loop")

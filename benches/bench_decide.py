@@ -12,11 +12,9 @@ in mypy and in `from conftest import ...`. Each bench file is self-contained.)
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Protocol, TypeVar
 
 import limits
 import pyrate_limiter
@@ -24,18 +22,15 @@ import pytest
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
+from benchkit import GENEROUS, NOW_MS, Benchmark
+from benchkit import frozen_gc as frozen_gc
 from kiln import Engine
 
-_T = TypeVar("_T")
-
-NOW_MS = 1_750_000_000_000
 """A fixed `now_ms` (June 2025): kiln never reads a clock, so the benches pass one."""
 IP = "192.0.2.1"
 PROVIDER = "gmail.com"
 HOUR_MS = 3_600_000
 
-GENEROUS = (2**32 - 1, 1_000)
-"""(count, period_ms) that grants every call of a run: 4.29e9 per second, all at once."""
 DENYING = (1, HOUR_MS)
 """(count, period_ms) that denies every call after the first: 1 per hour."""
 
@@ -47,17 +42,6 @@ DECIDE_IMPLS = (
     "pyrate-gcra",
 )
 """kiln, and the pure-Python limiters a user would pick instead (limits, pyrate-limiter 4)."""
-
-
-class Benchmark(Protocol):
-    """The part of pytest-benchmark's `benchmark` fixture these benches use."""
-
-    group: str | None
-    extra_info: dict[str, object]
-
-    def __call__(self, function_to_benchmark: Callable[..., _T], /, *args: object) -> _T:
-        """Time `function_to_benchmark(*args)` (or call it once when disabled)."""
-        ...
 
 
 def _nothing() -> None:
@@ -161,16 +145,6 @@ def make_limiter(impl: str, count: int, period_ms: int) -> Limiter:
     if impl.startswith("pyrate-"):
         return _pyrate(impl.removeprefix("pyrate-"), count, period_ms)
     raise ValueError(f"unknown implementation {impl!r}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_gc() -> Iterator[None]:
-    """Collect and freeze what set-up allocated, so collections time only the benchmark's
-    own garbage (as orjson's benchmarks do)."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.fixture(params=DECIDE_IMPLS)

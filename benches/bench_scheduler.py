@@ -8,39 +8,14 @@ per message (enqueue + release).
 
 from __future__ import annotations
 
-import gc
 import heapq
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Callable
 
 import pytest
 
+from benchkit import NOW_MS, Benchmark
+from benchkit import frozen_gc as frozen_gc
 from kiln import Engine
-
-_T = TypeVar("_T")
-NOW_MS = 1_750_000_000_000
-
-
-class Benchmark(Protocol):
-    """The part of pytest-benchmark's `benchmark` fixture these benches use."""
-
-    group: str | None
-    extra_info: dict[str, object]
-
-    def __call__(self, function_to_benchmark: Callable[..., _T], /, *args: object) -> _T:
-        """Time `function_to_benchmark(*args)` (or call it once when disabled)."""
-        ...
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _frozen_gc() -> Iterator[None]:
-    """Collect and freeze what set-up allocated, so collections time only the benchmark's
-    own garbage."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
 
 MESSAGES = 100_000
 CHUNK = 1_000

@@ -102,6 +102,14 @@ _RATE_SCHEMA = {
     "pattern": r"^\s*[0-9][0-9_,]*\s*/\s*[A-Za-z]+\s*(,\s*max_burst\s*=\s*[0-9][0-9_,]*\s*)?$",
     "examples": ["500/h", "2_000/day,max_burst=10"],
 }
+
+
+def _number(value: object) -> object:
+    """Whole numbers are numbers too: `factor: 2` is as good as `factor: 2.0`."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
 Rate = Annotated[RateSpec, BeforeValidator(_rate), WithJsonSchema(_RATE_SCHEMA)]
 IpText = Annotated[str, BeforeValidator(_ip)]
 Day = Annotated[date, BeforeValidator(_date)]
@@ -178,22 +186,14 @@ class Step(_Model):
         return self
 
 
-class Geometric(_Model):
-    """Caps that grow by `factor` per step from `start_daily_cap` up to `target_daily_cap`."""
+class _Rising(_Model):
+    """A generated curve from `start_daily_cap` up to `target_daily_cap`."""
 
     start_daily_cap: Cap
-    factor: float = Field(gt=1, le=10)
     target_daily_cap: Cap
-    round_to: Count = 1
-
-    @field_validator("factor", mode="before")
-    @classmethod
-    def _int_factor(cls, v: object) -> object:
-        """`factor: 2` is as good as `factor: 2.0`."""
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
-    def _target_above_start(self) -> Geometric:
+    def _target_above_start(self) -> _Rising:
         """The curve must go up."""
         if self.target_daily_cap <= self.start_daily_cap:
             raise _error(
@@ -205,40 +205,29 @@ class Geometric(_Model):
         return self
 
 
-class Linear(_Model):
+class Geometric(_Rising):
+    """Caps that grow by `factor` per step from `start_daily_cap` up to `target_daily_cap`."""
+
+    start_daily_cap: Cap
+    factor: Number = Field(gt=1, le=10)
+    target_daily_cap: Cap
+    round_to: Count = 1
+
+
+class Linear(_Rising):
     """Caps that grow by `increment_daily_cap` per step up to `target_daily_cap`."""
 
     start_daily_cap: Cap
     increment_daily_cap: Cap
     target_daily_cap: Cap
 
-    @model_validator(mode="after")
-    def _target_above_start(self) -> Linear:
-        """The curve must go up."""
-        if self.target_daily_cap <= self.start_daily_cap:
-            raise _error(
-                "target",
-                "target_daily_cap ({target}) must be above start_daily_cap ({start})",
-                target=self.target_daily_cap,
-                start=self.start_daily_cap,
-            )
-        return self
-
 
 class Share(_Model):
     """A share of a stream's traffic per step, for moving a stream from an old MTA to new IPs."""
 
-    percents: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+    percents: list[Annotated[Number, Field(gt=0, le=100)]] = Field(min_length=1)
     days_per_step: Count = 1
     stream_daily_volume: Cap | None = None
-
-    @field_validator("percents", mode="before")
-    @classmethod
-    def _int_percents(cls, v: object) -> object:
-        """`5` is as good as `5.0`."""
-        if isinstance(v, list):
-            return [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
-        return v
 
 
 class _Curve(_Model):
@@ -258,13 +247,7 @@ class _Curve(_Model):
 class ProviderOverride(_Curve):
     """A provider's own curve, or the schedule's curve scaled."""
 
-    scale: float | None = Field(default=None, gt=0, le=10)
-
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _int_scale(cls, v: object) -> object:
-        """`scale: 1` is as good as `scale: 1.0`."""
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    scale: Number | None = Field(default=None, gt=0, le=10)
 
     @model_validator(mode="after")
     def _one_way(self) -> ProviderOverride:
@@ -315,15 +298,9 @@ class Hourly(_Model):
 class Gates(_Model):
     """What a day must show for its ramp to advance one step."""
 
-    delivered_above_percent: float = Field(default=90.0, ge=0, lt=100)
+    delivered_above_percent: Number = Field(default=90.0, ge=0, lt=100)
     sending_days_only: bool = True
     rewarm_after_idle_days: Count | None = 30
-
-    @field_validator("delivered_above_percent", mode="before")
-    @classmethod
-    def _int_percent(cls, v: object) -> object:
-        """`90` is as good as `90.0`."""
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class SteadyState(_Model):
