@@ -129,3 +129,13 @@ def test_schema_describes_the_file_format(capsys: pytest.CaptureFixture[str]) ->
     assert set(schema["required"]) == {"name", "timezone", "pools"}
     assert schema["additionalProperties"] is False
     assert "Schedule" in schema["$defs"]
+
+
+def test_plan_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kiln plan` on an invalid file or with an impossible --days exits 1 with a message."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    assert main(["plan", str(bad)]) == 1
+    assert "timezone: required key is missing" in capsys.readouterr().err
+    assert main(["plan", "schedules/example.yaml", "--days", "0"]) == 1
+    assert "--days must be in 1..3660, got 0" in capsys.readouterr().err

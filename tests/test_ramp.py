@@ -184,3 +184,31 @@ def test_calendar_is_dst_correct(
     assert all(b > a for a, b in itertools.pairwise(hours))
     local = [datetime.fromtimestamp(h / 1000, tz=UTC).astimezone(ZoneInfo(zone)) for h in hours]
     assert all(t.minute == 0 for t in local)
+
+
+def test_steady_state_after_the_last_step() -> None:
+    """Past its last step a ramp is done: per-provider.yaml keeps a steady-state rate."""
+    plan = load_plan(SCHEDULES / "per-provider.yaml")
+    positions = {("wave-1", "default"): RampPosition(step=10_000)}
+    limits = compile_limits(plan, positions, ms("2027-03-01T12:00:00+00:00"))
+    done = next(lim for lim in limits if lim.provider == "default")
+    assert (done.daily_cap, done.hourly_cap, done.warming) == (None, None, False)
+    assert done.rate is not None and str(done.rate) == "20_000/h,max_burst=50"
+    warming = next(lim for lim in limits if lim.provider == "google")
+    assert warming.warming and warming.daily_cap == 200
+
+
+def test_plan_providers_extend_and_override_the_shipped_table(tmp_path: Path) -> None:
+    """A plan adds providers and replaces shipped ones; suffixes are normalised."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: p\ntimezone: UTC\npools: {a: {ips: [192.0.2.1]}}\n"
+        "providers:\n"
+        "  google: {domains: [Gmail.com.], mx_suffixes: [google.com.]}\n"
+        "  example-isp: {mx_suffixes: [.MX.Example-ISP.test]}\n"
+    )
+    table = load_plan(path).provider_table()
+    assert table["google"].domains == ["gmail.com"]
+    assert table["google"].mx_suffixes == [".google.com"]
+    assert table["example-isp"].mx_suffixes == [".mx.example-isp.test"]
+    assert table["yahoo"].mx_suffixes == [".yahoodns.net"]
