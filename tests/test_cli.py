@@ -20,10 +20,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"kiln {kiln.__version__}"
 
 
-def test_run_says_the_daemon_is_not_there_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    """`kiln run` succeeds and says plainly that the daemon is not available yet."""
+def test_run_validates_then_says_the_daemon_is_not_there_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kiln run` checks the plan (exit 1 on mistakes), then says the daemon is not there yet."""
     assert main(["run", "--config", "schedules/example.yaml"]) == 0
-    assert "daemon not yet available" in capsys.readouterr().out
+    assert "plan 'example' is valid; daemon not yet available" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    assert main(["run", "--config", str(bad)]) == 1
+    assert "required key is missing" in capsys.readouterr().err
 
 
 def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -54,9 +54,12 @@ def _out(text: str, stream: TextIO | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """`kiln run` (the daemon arrives with its own issue)."""
+    """`kiln run`: validates the plan first; the daemon itself arrives with its own issue."""
+    plan = _load_one(Path(args.config))
+    if plan is None:
+        return 1
     _out(
-        f"kiln {__version__}: daemon not yet available "
+        f"kiln {__version__}: plan {plan.name!r} is valid; daemon not yet available "
         f"(would run {args.config} with state in {args.state_dir})"
     )
     return 0
