@@ -565,10 +565,12 @@ class ReferenceEngine:
         if queue is None:
             queue = Queue(pool, provider)
             self.queues.append(queue)
-        if not queue.messages:
-            queue.state = "ready"
+        old_head = queue.head() if queue.messages else None
         queue.messages.append(Message(message_id, self.next_seq, priority, n))
         self.next_seq += 1
+        if old_head is None or queue.head() is not old_head:
+            # An empty queue, or a new head that may go where the old one could not.
+            queue.state = "ready"
 
     def _wake_all(self) -> None:
         """Something changed that may free capacity: every set-aside queue is ready again."""

@@ -272,3 +272,42 @@ def test_decisions_do_not_leak(engine: Engine) -> None:
         engine.acquire_batch(array.array("I", [k] * 8), T0)
     gc.collect()
     assert len(gc.get_objects()) - before < 50
+
+
+def test_a_new_head_wakes_a_set_aside_queue(engine: Engine) -> None:
+    """A more urgent message that can go is released even if its queue's old head is stuck,
+    exactly as an engine restored from a snapshot would."""
+    g = engine.provider("google")
+    p = engine.define_pool("p", [("192.0.2.1", 1, False)])
+    engine.set_limits(engine.key("192.0.2.1", "google"), daily_cap=1)
+    engine.enqueue(1, p, g, priority=0, n=2)
+    assert engine.due(T0, 10) == []
+    assert engine.next_due_ms(T0) is None
+    engine.enqueue(2, p, g, priority=1, n=1)
+    twin = Engine()
+    twin.restore(engine.snapshot())
+    assert engine.next_due_ms(T0) == T0
+    assert [m for m, _ in engine.due(T0, 10)] == [m for m, _ in twin.due(T0, 10)] == [2]
+
+
+def test_restore_keeps_later_key_handles(engine: Engine) -> None:
+    """After a restore, redefining a pool hands out the same new key handles as without it."""
+    g = engine.provider("google")
+    p = engine.define_pool("main", [("192.0.2.1", 1, False)])
+    engine.enqueue(1, p, g)
+    engine.due(T0, 10)
+    twin = Engine()
+    twin.restore(engine.snapshot())
+    results = []
+    for e in (engine, twin):
+        e.define_pool("main", [("192.0.2.1", 1, False), ("192.0.2.2", 1, False)])
+        results.append((e.key("198.51.100.9", "google"), e.pick(p, g, 1, T0).key))
+    assert results[0] == results[1]
+
+
+def test_bad_ip_caps_change_nothing(engine: Engine) -> None:
+    """An IP cap too large for the engine is refused without registering the IP."""
+    before = engine.snapshot()
+    with pytest.raises(CoreError, match="hourly_cap: must be below"):
+        engine.set_ip_caps("192.0.2.7", hourly_cap=2**32 - 1)
+    assert engine.snapshot() == before

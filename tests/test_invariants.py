@@ -25,7 +25,7 @@ from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kiln import Decision, Engine
 from reference import PPM, multiplier_ppm, scaled_cap
@@ -125,8 +125,6 @@ class EngineMachine(RuleBasedStateMachine):
         self.held: dict[int, tuple[str, str, int, int]] = {}
         """(pool, provider, priority, n) of each queued message, by message id."""
         self.next_message = 0
-        self.jumped = False
-        """A message went ahead of others in its queue since the last change of limits."""
 
     # ----- helpers -----
 
@@ -142,7 +140,6 @@ class EngineMachine(RuleBasedStateMachine):
         """`both` for a change of limits, pauses, suspensions, IP caps or calendar: every such
         change also wakes the set-aside queues of the release queue."""
         self.both(call)
-        self.jumped = False
 
     def copy(self) -> Engine:
         """A new engine restored from the current state (for what-if questions)."""
@@ -405,15 +402,6 @@ class EngineMachine(RuleBasedStateMachine):
         """Hold a message."""
         mid = self.next_message
         self.next_message += 1
-        queue = [m[2] for m in self.held.values() if m[:2] == (pool, provider)]
-        if queue and priority > max(queue):
-            # EXCLUDED CASE (engine/doc disagreement, see the report): a message that becomes
-            # the head of a queue already set aside does not wake it, while an engine restored
-            # from a snapshot has every queue ready and may release that message sooner. So
-            # the twin retires, and no new one is made until limits change (which wakes every
-            # queue); everything else is still checked.
-            self.twin = None
-            self.jumped = True
         self.held[mid] = (pool, provider, priority, n)
         p, prov = self.engine.pool(pool), self.engine.provider(provider)
         self.both(lambda e: e.enqueue(mid, p, prov, priority, n))
@@ -432,7 +420,6 @@ class EngineMachine(RuleBasedStateMachine):
         wake = self.engine.next_due_ms(now)
         assert wake is None or wake >= now
 
-    @precondition(lambda self: not self.jumped)
     @rule()
     def restore_a_twin(self) -> None:
         """Restore a new engine from a JSON round trip of a snapshot; from now on it must

@@ -62,6 +62,9 @@ impl Engine {
         hourly_cap: Option<u64>,
         daily_cap: Option<u64>,
     ) -> CoreResult<()> {
+        // Check the caps before interning the IP, so a bad call changes nothing.
+        crate::caps::cap_from("hourly_cap", hourly_cap)?;
+        crate::caps::cap_from("daily_cap", daily_cap)?;
         let ip = self.limiter.ip(ip)?;
         self.limiter.set_ip_caps(ip, hourly_cap, daily_cap)?;
         self.scheduler.wake_all();

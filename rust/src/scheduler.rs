@@ -117,10 +117,9 @@ impl Scheduler {
         self.len += 1;
         let new_head = (level, seq);
         let head_changed = old_head.is_none_or(|h| new_head < h);
-        match queue.state {
-            State::Idle => self.make_ready(q),
-            State::Ready if head_changed => self.make_ready(q),
-            _ => {}
+        // A new head may go where the old one could not, so it wakes a set-aside queue too.
+        if queue.state == State::Idle || head_changed {
+            self.make_ready(q);
         }
         Ok(())
     }
@@ -236,9 +235,14 @@ impl Scheduler {
         None
     }
 
-    /// The (pool, provider) of every queue ever used.
+    /// The (pool, provider) of every queue holding messages. (Empty queues are left out, as
+    /// a snapshot leaves them out, so a restored engine interns keys at the same moments.)
     pub fn pairs(&self) -> Vec<(u32, u16)> {
-        self.queues.iter().map(|q| (q.pool, q.provider)).collect()
+        self.queues
+            .iter()
+            .filter(|q| q.len > 0)
+            .map(|q| (q.pool, q.provider))
+            .collect()
     }
 
     /// Every queued message as (id, pool, provider, priority, n), oldest first.
@@ -331,6 +335,24 @@ mod tests {
         assert_eq!(s.next_due_ms(7), Some(7));
         s.due(7, 10, |_, _, _| grant(0), &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_new_head_wakes_a_set_aside_queue() {
+        let mut s = Scheduler::default();
+        s.enqueue(1, 0, 0, 0, 2).unwrap();
+        let mut out = Vec::new();
+        s.due(0, 10, |_, _, _| deny(None), &mut out);
+        assert_eq!(s.next_due_ms(0), None);
+        s.enqueue(2, 0, 0, 1, 1).unwrap();
+        assert_eq!(s.next_due_ms(0), Some(0));
+        s.due(
+            0,
+            10,
+            |_, _, n| if n == 1 { grant(0) } else { deny(None) },
+            &mut out,
+        );
+        assert_eq!(out.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]
