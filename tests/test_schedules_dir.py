@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
@@ -46,9 +47,7 @@ def test_shipped_plan_compiles_into_an_engine(path: Path) -> None:
     rows, _ = nominal_plan(plan)
     assert rows
     start = min(b.start_date for b in plan.batches.values())
-    now_ms = int(
-        __import__("datetime").datetime(start.year, start.month, start.day, 12).timestamp() * 1000
-    )
+    now_ms = int(datetime(start.year, start.month, start.day, 12, tzinfo=UTC).timestamp() * 1000)
     longest = max(r.step or 0 for r in rows)
     for step in (1, longest, longest + 1):
         positions = {

@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 from kiln.errors import Problem, ScheduleError
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.rate import RateError, RateSpec
-from kiln.yamlfile import Loc, SourceMap, load_yaml, path_text
+from kiln.yamlfile import Loc, SourceMap, load_yaml
 
 __all__ = [
     "Batch",
@@ -702,14 +702,3 @@ def _table_problems(steps: list[Step], base: Loc, source: SourceMap) -> Iterator
                     "warning",
                 )
             prev = cap if cap is not None else prev
-
-
-def problems_text(problems: Iterable[Problem]) -> str:
-    """Problems one per line, as `kiln check` prints them."""
-    return "\n".join(str(p) for p in problems)
-
-
-def locate(source: SourceMap, loc: Loc) -> str:
-    """`file:line:column: path` for a place in a loaded file (for messages elsewhere)."""
-    line, column = source.where(loc)
-    return f"{source.file}:{line}:{column}: {path_text(loc)}"

@@ -260,20 +260,6 @@ impl Limiter {
             .copied()
     }
 
-    pub fn ip_handle(&self, addr: &str) -> CoreResult<u32> {
-        let parsed = parse_ip(addr)?;
-        self.find_ip(&parsed).ok_or_else(|| CoreError::UnknownName {
-            kind: "ip",
-            name: addr.to_owned(),
-        })
-    }
-
-    /// The normal text of an IP handle's address.
-    pub fn ip_text(&self, ip: u32) -> CoreResult<String> {
-        self.check_ip(ip)?;
-        Ok(self.ips[ip as usize].addr.to_string())
-    }
-
     /// The handle of (ip, provider), by handles; interned on first use.
     pub fn key_of(&mut self, ip: u32, provider: u16) -> CoreResult<u32> {
         self.check_ip(ip)?;
