@@ -12,7 +12,9 @@ cargo = cargo $(1) --manifest-path rust/Cargo.toml
 RUST_SRC := $(wildcard rust/src/*.rs) rust/Cargo.toml
 STATE_DIR ?= .state
 
-.PHONY: help install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean
+# Debian packages the tests run for real: PostgreSQL (store tests).
+DEB_PACKAGES := postgresql
+.PHONY: help system-deps install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,6 +23,13 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip 'maturin>=1.7,<2'
 	touch $@
+
+system-deps: ## Debian packages the tests need (apt-get, as root), skipped when present
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 install: $(VENV)/.installed ## virtualenv with maturin (dependencies come with build-dev)
 
@@ -62,7 +71,7 @@ lint: lint-python lint-rust ## every linter
 test-rust: ## cargo test for the core (no interpreter needed)
 	$(call cargo,test)
 
-test-python: build-prod ## pytest (tests/ and the correctness half of benches/)
+test-python: build-prod system-deps ## pytest (tests/ and the correctness half of benches/)
 	$(PY) -m pytest -q
 
 test: test-rust test-python ## cargo test, then pytest: both languages in one command
