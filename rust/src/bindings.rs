@@ -8,12 +8,13 @@ use std::sync::{Mutex, MutexGuard};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
 
 use crate::decision::{Decision, Reason, Tier};
 use crate::engine::Engine;
 use crate::gcra::PPM;
+use crate::protocol::{Route, Wire};
 use crate::state::{IpState, KeyState, PoolState, QueuedState, Snapshot};
 
 create_exception!(
@@ -160,6 +161,8 @@ impl PyDecision {
 
 struct Inner {
     engine: Engine,
+    /// The native protocol's routes, tallies and reports.
+    wire: Wire,
     /// Python strings for IP handles, made once each.
     ip_strs: Vec<Py<PyString>>,
 }
@@ -218,6 +221,7 @@ impl PyEngine {
         Self {
             inner: Mutex::new(Inner {
                 engine: Engine::new(),
+                wire: Wire::new(),
                 ip_strs: Vec::new(),
             }),
         }
@@ -543,11 +547,206 @@ impl PyEngine {
     fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let s = snapshot_from_py(state)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
+        self.lock().replace(engine)
+    }
+
+    /// Everything the engine holds, as compact bytes (for frequent flushes to the store).
+    fn snapshot_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let data = self.lock().engine.snapshot().to_bytes();
+        PyBytes::new(py, &data)
+    }
+
+    /// Replace all state with `snapshot_bytes()` output. On any error the engine is unchanged.
+    fn restore_bytes(&self, data: &[u8]) -> PyResult<()> {
+        let s = Snapshot::from_bytes(data).map_err(err)?;
+        let engine = Engine::from_snapshot(&s).map_err(err)?;
+        self.lock().replace(engine)
+    }
+
+    // ----- the native protocol (docs/protocol.md) -----
+
+    /// Answer every complete JSON line of `data` (bytes) at `now_ms`, in one call.
+    fn serve(&self, py: Python<'_>, data: &[u8], now_ms: i128) -> PyResult<PyServed> {
+        let now_ms = arg("now_ms", now_ms)?;
+        let mut out = Vec::with_capacity(data.len() * 2 + 64);
+        let served = {
+            let mut g = self.lock();
+            let g = &mut *g;
+            g.wire
+                .serve(&mut g.engine, data, now_ms, &mut out)
+                .map_err(err)?
+        };
+        Ok(PyServed {
+            reply: PyBytes::new(py, &out).unbind(),
+            consumed: served.consumed,
+            upcall: served
+                .upcall
+                .map(|(a, b)| PyBytes::new(py, &data[a..b]).unbind()),
+            too_long: served.too_long,
+        })
+    }
+
+    /// The provider every domain without a route counts as (interned on first use).
+    fn set_default_provider(&self, name: &str) -> PyResult<()> {
         let mut g = self.lock();
-        g.engine = engine;
-        g.ip_strs.clear();
+        let h = g.engine.limiter.provider(name).map_err(err)?;
+        g.wire.set_default_provider(h);
         Ok(())
     }
+
+    /// The operations Python answers: `serve` hands their lines back as `upcall`.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    fn set_upcall_ops(&self, ops: Vec<String>) -> PyResult<()> {
+        let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+        self.lock().wire.set_upcall_ops(&ops).map_err(err)
+    }
+
+    /// Route a recipient domain to `provider` (None: null MX, accepts no mail) until
+    /// `expires_ms`; after that the route still holds and the domain is queued for lookup.
+    fn set_route(&self, domain: &str, provider: Option<&str>, expires_ms: i128) -> PyResult<()> {
+        let expires_ms = arg("expires_ms", expires_ms)?;
+        let mut g = self.lock();
+        let route = match provider {
+            Some(p) => Route::Provider(g.engine.limiter.provider(p).map_err(err)?),
+            None => Route::NullMx,
+        };
+        g.wire.set_route(domain, route, expires_ms).map_err(err)
+    }
+
+    /// Forget every route.
+    fn clear_routes(&self) {
+        self.lock().wire.clear_routes();
+    }
+
+    /// How many domains have a route.
+    fn route_count(&self) -> usize {
+        self.lock().wire.route_count()
+    }
+
+    /// The provider of `domain` at `now_ms` (None: null MX); unknown domains count as the
+    /// default provider and are queued for lookup.
+    fn route(&self, domain: &str, now_ms: i128) -> PyResult<Option<String>> {
+        let now_ms = arg("now_ms", now_ms)?;
+        let mut g = self.lock();
+        Ok(match g.wire.route(domain, now_ms).map_err(err)? {
+            Route::Provider(p) => Some(g.engine.limiter.providers[usize::from(p)].clone()),
+            Route::NullMx => None,
+        })
+    }
+
+    /// Domains that need an MX lookup, seen since the last call.
+    fn take_unresolved(&self) -> Vec<String> {
+        let v = self.lock().wire.take_unresolved();
+        v.into_iter().map(String::from).collect()
+    }
+
+    /// Per-key counts since the last call:
+    /// (ip, provider, granted, delivered, deferred, bounced, complaints).
+    #[allow(clippy::type_complexity)]
+    fn take_tallies(&self) -> Vec<(String, String, u64, u64, u64, u64, u64)> {
+        let mut g = self.lock();
+        let tallies = g.wire.take_tallies();
+        tallies
+            .into_iter()
+            .map(|(key, t)| {
+                let (ip, provider) = g.engine.limiter.key_names(key).expect("own keys");
+                (
+                    ip,
+                    provider.to_owned(),
+                    t.granted,
+                    t.delivered,
+                    t.deferred,
+                    t.bounced,
+                    t.complaints,
+                )
+            })
+            .collect()
+    }
+
+    /// Reports other than deliveries since the last call, in order:
+    /// (at_ms, ip, provider, result, n, code, enhanced, text).
+    #[allow(clippy::type_complexity)]
+    fn take_reports(
+        &self,
+    ) -> Vec<(
+        u64,
+        String,
+        String,
+        &'static str,
+        u32,
+        Option<u16>,
+        Option<String>,
+        Option<String>,
+    )> {
+        let mut g = self.lock();
+        let reports = g.wire.take_reports();
+        reports
+            .into_iter()
+            .map(|r| {
+                let (ip, provider) = g.engine.limiter.key_names(r.key).expect("own keys");
+                (
+                    r.at_ms,
+                    ip,
+                    provider.to_owned(),
+                    r.result.as_str(),
+                    r.n,
+                    r.code,
+                    r.enhanced,
+                    r.text,
+                )
+            })
+            .collect()
+    }
+
+    /// Protocol counters since the engine was made (for metrics).
+    fn wire_stats(&self) -> std::collections::HashMap<&'static str, u64> {
+        let s = self.lock().wire.stats;
+        [
+            ("requests", s.requests),
+            ("errors", s.errors),
+            ("granted", s.granted),
+            ("denied", s.denied),
+            ("upcalls", s.upcalls),
+            ("reports_dropped", s.reports_dropped),
+        ]
+        .into_iter()
+        .collect()
+    }
+}
+
+impl Inner {
+    /// Swap in a restored engine; routes follow provider names to the new handles.
+    fn replace(&mut self, mut engine: Engine) -> PyResult<()> {
+        let map = self
+            .engine
+            .limiter
+            .providers
+            .iter()
+            .map(|name| engine.limiter.provider(name))
+            .collect::<Result<Vec<u16>, _>>()
+            .map_err(err)?;
+        self.engine = engine;
+        self.wire.remap_providers(&map);
+        self.ip_strs.clear();
+        Ok(())
+    }
+}
+
+/// What one `Engine.serve` call produced.
+#[pyclass(frozen, module = "kiln._core", name = "Served")]
+pub struct PyServed {
+    /// Reply lines for the requests answered, in order (write them before anything else).
+    #[pyo3(get)]
+    reply: Py<PyBytes>,
+    /// Input bytes used; keep the rest and call again when more data arrives.
+    #[pyo3(get)]
+    consumed: usize,
+    /// A request line (without newline) Python must answer next, or None.
+    #[pyo3(get)]
+    upcall: Option<Py<PyBytes>>,
+    /// A line longer than 64 KiB starts at `consumed`: write `reply`, then close.
+    #[pyo3(get)]
+    too_long: bool,
 }
 
 /// The decisions of one `acquire_batch` call, in request order.
@@ -812,6 +1011,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
     m.add_class::<PyBatch>()?;
+    m.add_class::<PyServed>()?;
+    m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
     m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod gcra;
 pub mod limiter;
 pub mod pick;
+pub mod protocol;
 pub mod scheduler;
 pub mod state;
 

@@ -251,7 +251,7 @@ impl Limiter {
     }
 
     /// The handle of an interned address (the index stores handles and hashes addresses).
-    fn find_ip(&self, addr: &IpAddr) -> Option<u32> {
+    pub fn find_ip(&self, addr: &IpAddr) -> Option<u32> {
         let ips = &self.ips;
         self.ip_index
             .find(self.hasher.hash_one(addr), |&i| {

@@ -12,8 +12,10 @@ use crate::limiter::Limits;
 use crate::pick::Member;
 
 pub const SNAPSHOT_VERSION: u32 = 1;
+/// The first bytes of a binary snapshot (`Snapshot::to_bytes`).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KILNSNAP";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IpState {
     pub ip: String,
     pub hourly_cap: Option<u64>,
@@ -22,7 +24,7 @@ pub struct IpState {
     pub day_used: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyState {
     pub ip: u32,
     pub provider: u16,
@@ -39,7 +41,7 @@ pub struct KeyState {
     pub suspended_until_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolState {
     pub name: String,
     /// (ip handle, weight, warming)
@@ -47,7 +49,7 @@ pub struct PoolState {
     pub overflow: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueuedState {
     pub id: u64,
     pub pool: u32,
@@ -56,7 +58,7 @@ pub struct QueuedState {
     pub n: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub version: u32,
     pub hour_start_ms: u64,
@@ -68,6 +70,32 @@ pub struct Snapshot {
     pub keys: Vec<KeyState>,
     pub pools: Vec<PoolState>,
     pub queue: Vec<QueuedState>,
+}
+
+impl Snapshot {
+    /// A compact binary form (magic, then postcard), for the daemon's frequent flushes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let out = SNAPSHOT_MAGIC.to_vec();
+        postcard::to_extend(self, out).expect("a snapshot always encodes")
+    }
+
+    /// Read `to_bytes` output back; anything else is an error, never a panic.
+    pub fn from_bytes(data: &[u8]) -> CoreResult<Self> {
+        let body = data
+            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+            .ok_or_else(|| {
+                CoreError::bad("snapshot", "not a kiln binary snapshot (bad magic bytes)")
+            })?;
+        let (s, rest): (Snapshot, &[u8]) = postcard::take_from_bytes(body)
+            .map_err(|e| CoreError::bad("snapshot", format!("corrupt binary snapshot: {e}")))?;
+        if !rest.is_empty() {
+            return Err(CoreError::bad(
+                "snapshot",
+                format!("corrupt binary snapshot: {} trailing bytes", rest.len()),
+            ));
+        }
+        Ok(s)
+    }
 }
 
 impl Engine {
@@ -250,6 +278,21 @@ mod tests {
         e.enqueue(7, 0, g, 1, 1).unwrap();
         e.enqueue(8, 0, g, 0, 2).unwrap();
         e
+    }
+
+    #[test]
+    fn binary_snapshot_round_trips_and_refuses_junk() {
+        let s = busy_engine().snapshot();
+        let bytes = s.to_bytes();
+        assert_eq!(Snapshot::from_bytes(&bytes).unwrap(), s);
+        assert!(Snapshot::from_bytes(b"junk").is_err());
+        assert!(Snapshot::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Snapshot::from_bytes(&longer).is_err());
+        for cut in 0..bytes.len() {
+            let _ = Snapshot::from_bytes(&bytes[..cut]);
+        }
     }
 
     #[test]

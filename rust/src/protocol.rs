@@ -1,0 +1,1100 @@
+//! The native wire protocol: one JSON object per line in, one per line out, in order.
+//!
+//! `Wire::serve` turns a whole read buffer into a whole reply buffer in one call. It parses
+//! every complete line, decides `acquire`, `pick`, `report`, `route` and `ping` here, and hands
+//! the rare operator operations (`status`, `limits`, `reload`, ...) back to Python as an
+//! *upcall*, stopping right after that line so replies stay in request order.
+//! `docs/protocol.md` is the contract; this file is its implementation.
+//!
+//! The wire also keeps what Python drains about once a second: per-key tallies (granted,
+//! delivered, deferred, bounced, complaints), push-back reports with their SMTP text, and
+//! recipient domains that still need an MX lookup. Nothing here blocks: an unknown domain
+//! counts as the default provider until Python has resolved it.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Write;
+
+use hashbrown::{HashMap, HashSet};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::decision::Decision;
+use crate::engine::Engine;
+use crate::error::{CoreError, CoreResult};
+use crate::limiter::{check_now, parse_ip};
+
+/// Longest request line; a longer one closes the connection (after the earlier replies).
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Most distinct domains waiting for an MX lookup; more are looked up when they come again.
+pub const MAX_UNRESOLVED: usize = 10_000;
+/// Most push-back reports held between two drains; later ones are counted as dropped.
+pub const MAX_REPORTS: usize = 100_000;
+/// Longest SMTP reply text kept with a report (bytes, cut at a character boundary).
+pub const MAX_REPORT_TEXT: usize = 1_000;
+/// Longest recipient domain (RFC 1035).
+const MAX_DOMAIN: usize = 253;
+
+/// The operations the core answers itself.
+const CORE_OPS: [&str; 5] = ["acquire", "pick", "report", "route", "ping"];
+
+/// Where a recipient domain's mail goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Provider(u16),
+    /// RFC 7505 null MX: the domain accepts no mail.
+    NullMx,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RouteEntry {
+    route: Route,
+    /// After this instant the answer still holds, and the domain is queued for a new lookup.
+    expires_ms: u64,
+}
+
+/// What one key saw since the last drain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub granted: u64,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+    pub complaints: u64,
+}
+
+/// A delivery result that was not a plain delivery: the evidence policy reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub at_ms: u64,
+    pub key: u32,
+    pub result: Outcome,
+    pub n: u32,
+    pub code: Option<u16>,
+    pub enhanced: Option<String>,
+    pub text: Option<String>,
+}
+
+/// The result a `report` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Deferred,
+    Bounced,
+    Complaint,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Deferred => "deferred",
+            Outcome::Bounced => "bounced",
+            Outcome::Complaint => "complaint",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "delivered" => Some(Outcome::Delivered),
+            "deferred" => Some(Outcome::Deferred),
+            "bounced" => Some(Outcome::Bounced),
+            "complaint" => Some(Outcome::Complaint),
+            _ => None,
+        }
+    }
+}
+
+/// Counters for metrics, since the engine was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireStats {
+    pub requests: u64,
+    pub errors: u64,
+    pub granted: u64,
+    pub denied: u64,
+    pub upcalls: u64,
+    pub reports_dropped: u64,
+}
+
+/// What one `serve` call did with its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Served {
+    /// Input bytes used; the rest (an incomplete last line) waits for more data.
+    pub consumed: usize,
+    /// A line (range in the input, without its newline) that Python must answer next.
+    pub upcall: Option<(usize, usize)>,
+    /// A line over `MAX_LINE_BYTES` was found at `consumed`: close the connection.
+    pub too_long: bool,
+}
+
+/// The protocol's state beside the engine: domain routes, tallies, reports.
+#[derive(Debug, Clone, Default)]
+pub struct Wire {
+    routes: HashMap<Box<str>, RouteEntry>,
+    default_provider: Option<u16>,
+    unresolved: Vec<Box<str>>,
+    unresolved_set: HashSet<Box<str>>,
+    tallies: HashMap<u32, Tally>,
+    reports: Vec<Report>,
+    upcall_ops: Vec<Box<str>>,
+    pub stats: WireStats,
+}
+
+// ----- requests -----
+
+/// A string that borrows from the line unless it had escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// One request line. Each value is first taken raw, then read as its field's type, so a
+/// wrong type is a clear message naming the field and the `id` can still be echoed.
+#[derive(Default)]
+struct Request<'a> {
+    id: Option<&'a RawValue>,
+    op: Option<Cow<'a, str>>,
+    ip: Option<Cow<'a, str>>,
+    domain: Option<Cow<'a, str>>,
+    provider: Option<Cow<'a, str>>,
+    pool: Option<Cow<'a, str>>,
+    result: Option<Cow<'a, str>>,
+    enhanced: Option<Cow<'a, str>>,
+    text: Option<Cow<'a, str>>,
+    n: Option<u64>,
+    code: Option<u64>,
+    /// Fields this parser does not know, in order (upcall ops may use them).
+    extra: Vec<Cow<'a, str>>,
+    /// The first wrong-typed or repeated field.
+    problem: Option<String>,
+}
+
+fn shown(raw: &RawValue) -> String {
+    let s = raw.get();
+    if s.len() <= 40 {
+        s.to_owned()
+    } else {
+        let mut end = 40;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    }
+}
+
+impl<'a> Request<'a> {
+    fn text(
+        problem: &mut Option<String>,
+        slot: &mut Option<Cow<'a, str>>,
+        name: &str,
+        raw: &'a RawValue,
+    ) {
+        if slot.is_some() {
+            problem.get_or_insert_with(|| format!("{name}: given twice"));
+            return;
+        }
+        match serde_json::from_str::<Text<'a>>(raw.get()) {
+            Ok(t) => *slot = Some(t.0),
+            Err(_) => {
+                problem
+                    .get_or_insert_with(|| format!("{name}: must be a string, got {}", shown(raw)));
+            }
+        }
+    }
+
+    fn number(problem: &mut Option<String>, slot: &mut Option<u64>, name: &str, raw: &RawValue) {
+        if slot.is_some() {
+            problem.get_or_insert_with(|| format!("{name}: given twice"));
+            return;
+        }
+        match serde_json::from_str::<u64>(raw.get()) {
+            Ok(v) => *slot = Some(v),
+            Err(_) => {
+                problem.get_or_insert_with(|| {
+                    format!("{name}: must be a whole number, got {}", shown(raw))
+                });
+            }
+        }
+    }
+}
+
+struct RequestVisitor;
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = Request<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Request<'de>, A::Error> {
+        let mut r = Request::default();
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            let raw: &'de RawValue = map.next_value()?;
+            let p = &mut r.problem;
+            match key.0.as_ref() {
+                "id" => {
+                    if r.id.replace(raw).is_some() {
+                        p.get_or_insert_with(|| "id: given twice".to_owned());
+                    }
+                }
+                "op" => Request::text(p, &mut r.op, "op", raw),
+                "ip" => Request::text(p, &mut r.ip, "ip", raw),
+                "domain" => Request::text(p, &mut r.domain, "domain", raw),
+                "provider" => Request::text(p, &mut r.provider, "provider", raw),
+                "pool" => Request::text(p, &mut r.pool, "pool", raw),
+                "result" => Request::text(p, &mut r.result, "result", raw),
+                "enhanced" => Request::text(p, &mut r.enhanced, "enhanced", raw),
+                "text" => Request::text(p, &mut r.text, "text", raw),
+                "n" => Request::number(p, &mut r.n, "n", raw),
+                "code" => Request::number(p, &mut r.code, "code", raw),
+                _ => r.extra.push(key.0),
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// Why a request line gets an error reply.
+struct Refusal(String);
+
+impl<T: Into<String>> From<T> for Refusal {
+    fn from(s: T) -> Self {
+        Refusal(s.into())
+    }
+}
+
+// ----- replies -----
+
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+fn open(out: &mut Vec<u8>, id: Option<&RawValue>) {
+    out.push(b'{');
+    if let Some(id) = id {
+        out.extend_from_slice(b"\"id\":");
+        out.extend_from_slice(id.get().as_bytes());
+        out.push(b',');
+    }
+}
+
+fn error_reply(out: &mut Vec<u8>, id: Option<&RawValue>, message: &str) {
+    open(out, id);
+    out.extend_from_slice(b"\"ok\":false,\"error\":");
+    json_str(out, message);
+    out.extend_from_slice(b"}\n");
+}
+
+/// Lower-case a recipient domain (or the domain of an address) and drop one trailing dot.
+fn normalise_domain(raw: &str) -> Result<Cow<'_, str>, Refusal> {
+    let mut d = raw.trim();
+    if let Some(at) = d.rfind('@') {
+        d = &d[at + 1..];
+    }
+    let d = d.strip_suffix('.').unwrap_or(d);
+    if d.is_empty() {
+        return Err(format!("domain: must not be empty, got {raw:?}").into());
+    }
+    if d.len() > MAX_DOMAIN {
+        return Err(format!("domain: longer than {MAX_DOMAIN} characters").into());
+    }
+    if d.bytes()
+        .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'\\')
+    {
+        return Err(format!("domain: not a domain name, got {raw:?}").into());
+    }
+    if d.bytes().any(|b| b.is_ascii_uppercase()) {
+        Ok(Cow::Owned(d.to_ascii_lowercase()))
+    } else {
+        Ok(Cow::Borrowed(d))
+    }
+}
+
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+fn valid_enhanced(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..]
+            .iter()
+            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl Wire {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // ----- configuration from Python -----
+
+    /// The provider every domain without a route counts as (normally "default").
+    pub fn set_default_provider(&mut self, provider: u16) {
+        self.default_provider = Some(provider);
+    }
+
+    /// Operations Python answers (the line is handed back as an upcall).
+    pub fn set_upcall_ops(&mut self, ops: &[&str]) -> CoreResult<()> {
+        for op in ops {
+            if CORE_OPS.contains(op) {
+                return Err(CoreError::bad(
+                    "ops",
+                    format!("{op:?} is answered by the core"),
+                ));
+            }
+        }
+        self.upcall_ops = ops.iter().map(|s| Box::from(*s)).collect();
+        Ok(())
+    }
+
+    /// Route `domain` (normalised here) until `expires_ms`; `None` means null MX.
+    pub fn set_route(&mut self, domain: &str, route: Route, expires_ms: u64) -> CoreResult<()> {
+        let d = normalise_domain(domain).map_err(|r| CoreError::bad("domain", r.0))?;
+        self.unresolved_set.remove(d.as_ref());
+        self.routes.insert(
+            d.into_owned().into_boxed_str(),
+            RouteEntry { route, expires_ms },
+        );
+        Ok(())
+    }
+
+    /// Forget every route (a reloaded plan brings its own domain table).
+    pub fn clear_routes(&mut self) {
+        self.routes.clear();
+        self.unresolved.clear();
+        self.unresolved_set.clear();
+    }
+
+    /// After the engine was replaced (a restore), move routes to its provider handles:
+    /// `map[old] = new`. Tallies and reports name keys of the old engine and are dropped.
+    pub fn remap_providers(&mut self, map: &[u16]) {
+        let remap = |r: Route| match r {
+            Route::Provider(p) => Route::Provider(map[usize::from(p)]),
+            Route::NullMx => Route::NullMx,
+        };
+        for e in self.routes.values_mut() {
+            e.route = remap(e.route);
+        }
+        self.default_provider = self.default_provider.map(|p| map[usize::from(p)]);
+        self.tallies.clear();
+        self.reports.clear();
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// The route of `domain` at `now_ms`; an unknown or expired one is queued for lookup.
+    pub fn route(&mut self, domain: &str, now_ms: u64) -> CoreResult<Route> {
+        let d = normalise_domain(domain).map_err(|r| CoreError::bad("domain", r.0))?;
+        self.lookup(&d, now_ms)
+            .map_err(|r| CoreError::bad("domain", r.0))
+    }
+
+    fn lookup(&mut self, domain: &str, now_ms: u64) -> Result<Route, Refusal> {
+        if let Some(e) = self.routes.get(domain) {
+            let route = e.route;
+            if e.expires_ms <= now_ms {
+                self.note_unresolved(domain);
+            }
+            return Ok(route);
+        }
+        self.note_unresolved(domain);
+        self.default_provider
+            .map(Route::Provider)
+            .ok_or_else(|| Refusal::from("no default provider is configured"))
+    }
+
+    fn note_unresolved(&mut self, domain: &str) {
+        if self.unresolved.len() < MAX_UNRESOLVED && !self.unresolved_set.contains(domain) {
+            let d: Box<str> = Box::from(domain);
+            self.unresolved_set.insert(d.clone());
+            self.unresolved.push(d);
+        }
+    }
+
+    // ----- drains -----
+
+    /// Domains seen without a fresh route since the last call, oldest first.
+    pub fn take_unresolved(&mut self) -> Vec<Box<str>> {
+        self.unresolved_set.clear();
+        std::mem::take(&mut self.unresolved)
+    }
+
+    /// Per-key tallies since the last call.
+    pub fn take_tallies(&mut self) -> Vec<(u32, Tally)> {
+        let mut v: Vec<(u32, Tally)> = self.tallies.drain().collect();
+        v.sort_unstable_by_key(|&(k, _)| k);
+        v
+    }
+
+    /// Reports that were not plain deliveries, since the last call, in arrival order.
+    pub fn take_reports(&mut self) -> Vec<Report> {
+        std::mem::take(&mut self.reports)
+    }
+
+    // ----- serving -----
+
+    /// Answer every complete line of `input` into `out`; see `Served`.
+    pub fn serve(
+        &mut self,
+        engine: &mut Engine,
+        input: &[u8],
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> CoreResult<Served> {
+        check_now(now_ms)?;
+        let mut start = 0;
+        while start < input.len() {
+            let Some(len) = input[start..].iter().position(|&b| b == b'\n') else {
+                let rest = input.len() - start;
+                return Ok(Served {
+                    consumed: start,
+                    upcall: None,
+                    too_long: rest > MAX_LINE_BYTES,
+                });
+            };
+            if len > MAX_LINE_BYTES {
+                return Ok(Served {
+                    consumed: start,
+                    upcall: None,
+                    too_long: true,
+                });
+            }
+            let mut end = start + len;
+            let next = end + 1;
+            if end > start && input[end - 1] == b'\r' {
+                end -= 1;
+            }
+            let line_start = start;
+            let line = &input[line_start..end];
+            start = next;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue; // blank lines (a human at a terminal) get no reply
+            }
+            self.stats.requests += 1;
+            if self.line(engine, line, now_ms, out) {
+                self.stats.upcalls += 1;
+                return Ok(Served {
+                    consumed: start,
+                    upcall: Some((line_start, end)),
+                    too_long: false,
+                });
+            }
+        }
+        Ok(Served {
+            consumed: start,
+            upcall: None,
+            too_long: false,
+        })
+    }
+
+    /// Answer one line; true when it is an upcall (nothing written).
+    fn line(&mut self, engine: &mut Engine, line: &[u8], now_ms: u64, out: &mut Vec<u8>) -> bool {
+        let Ok(text) = std::str::from_utf8(line) else {
+            self.stats.errors += 1;
+            error_reply(out, None, "request is not valid UTF-8");
+            return false;
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed = de
+            .deserialize_map(RequestVisitor)
+            .and_then(|r| de.end().map(|()| r));
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.errors += 1;
+                let message = if e.is_data() {
+                    "request must be a JSON object".to_owned()
+                } else {
+                    format!("invalid JSON: {e}")
+                };
+                error_reply(out, None, &message);
+                return false;
+            }
+        };
+        let id = req.id;
+        let Some(op) = req.op.as_deref() else {
+            self.stats.errors += 1;
+            error_reply(out, id, "op: missing (one of acquire, pick, report, ...)");
+            return false;
+        };
+        if self.upcall_ops.iter().any(|o| o.as_ref() == op) {
+            return true;
+        }
+        let mark = out.len();
+        if let Err(Refusal(message)) = self.answer(engine, &req, op, now_ms, out) {
+            out.truncate(mark);
+            self.stats.errors += 1;
+            error_reply(out, id, &message);
+        }
+        false
+    }
+
+    fn answer(
+        &mut self,
+        engine: &mut Engine,
+        req: &Request<'_>,
+        op: &str,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let allowed: &[&str] = match op {
+            "acquire" => &["ip", "domain", "provider", "n"],
+            "pick" => &["pool", "domain", "provider", "n"],
+            "report" => &[
+                "ip", "domain", "provider", "n", "result", "code", "enhanced", "text",
+            ],
+            "route" => &["domain"],
+            "ping" => &[],
+            _ => {
+                let mut known: Vec<&str> = CORE_OPS.to_vec();
+                known.extend(self.upcall_ops.iter().map(AsRef::as_ref));
+                return Err(format!(
+                    "op: unknown operation {}, expected one of {}",
+                    serde_json::to_string(op).unwrap_or_default(),
+                    known.join(", ")
+                )
+                .into());
+            }
+        };
+        if let Some(p) = &req.problem {
+            return Err(p.clone().into());
+        }
+        if let Some(f) = req.extra.first() {
+            return Err(
+                format!("{f}: not a field of {op} (fields: {})", allowed.join(", ")).into(),
+            );
+        }
+        let given = [
+            ("ip", req.ip.is_some()),
+            ("domain", req.domain.is_some()),
+            ("provider", req.provider.is_some()),
+            ("pool", req.pool.is_some()),
+            ("n", req.n.is_some()),
+            ("result", req.result.is_some()),
+            ("code", req.code.is_some()),
+            ("enhanced", req.enhanced.is_some()),
+            ("text", req.text.is_some()),
+        ];
+        if let Some((f, _)) = given.iter().find(|(f, g)| *g && !allowed.contains(f)) {
+            return Err(
+                format!("{f}: not a field of {op} (fields: {})", allowed.join(", ")).into(),
+            );
+        }
+        match op {
+            "acquire" => self.acquire(engine, req, now_ms, out),
+            "pick" => self.pick(engine, req, now_ms, out),
+            "report" => self.report(engine, req, now_ms, out),
+            "route" => self.route_op(engine, req, now_ms, out),
+            _ => {
+                open(out, req.id);
+                out.extend_from_slice(b"\"ok\":true}\n");
+                Ok(())
+            }
+        }
+    }
+
+    fn count(req: &Request<'_>) -> Result<u32, Refusal> {
+        match req.n {
+            None => Ok(1),
+            Some(0) => Err("n: must be at least 1, got 0".into()),
+            Some(n) => u32::try_from(n)
+                .map_err(|_| Refusal::from(format!("n: must be at most {}, got {n}", u32::MAX))),
+        }
+    }
+
+    /// The provider a request names (`provider`) or implies (`domain`).
+    fn provider_of(
+        &mut self,
+        engine: &Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+    ) -> Result<Route, Refusal> {
+        match (&req.provider, &req.domain) {
+            (Some(_), Some(_)) => Err("give domain or provider, not both".into()),
+            (None, None) => Err("domain: missing (or give provider)".into()),
+            (Some(p), None) => engine
+                .limiter
+                .provider_handle(p)
+                .map(Route::Provider)
+                .map_err(|_| {
+                    Refusal::from(format!(
+                        "provider: unknown provider {}, expected one of {}",
+                        serde_json::to_string(p.as_ref()).unwrap_or_default(),
+                        engine.limiter.providers.join(", ")
+                    ))
+                }),
+            (None, Some(d)) => {
+                let d = normalise_domain(d)?;
+                self.lookup(&d, now_ms)
+            }
+        }
+    }
+
+    fn key_of(engine: &mut Engine, req: &Request<'_>, provider: u16) -> Result<u32, Refusal> {
+        let Some(ip_text) = req.ip.as_deref() else {
+            return Err("ip: missing".into());
+        };
+        let addr = parse_ip(ip_text).map_err(|e| Refusal(e.to_string()))?;
+        let ip = engine.limiter.find_ip(&addr).ok_or_else(|| {
+            Refusal::from(format!(
+                "ip: {addr} is not a sending IP of this daemon's plan"
+            ))
+        })?;
+        engine
+            .limiter
+            .key_of(ip, provider)
+            .map_err(|e| Refusal(e.to_string()))
+    }
+
+    fn decision_reply(
+        &mut self,
+        engine: &Engine,
+        id: Option<&RawValue>,
+        d: &Decision,
+        pool: Option<&str>,
+        out: &mut Vec<u8>,
+    ) {
+        let (ip, provider) = engine.limiter.key_handles(d.key);
+        if d.is_granted() {
+            self.stats.granted += 1;
+            self.tallies.entry(d.key).or_default().granted += u64::from(d.granted);
+        } else {
+            self.stats.denied += 1;
+        }
+        open(out, id);
+        let _ = write!(out, "\"ok\":true,\"granted\":{},\"reason\":\"", d.granted);
+        out.extend_from_slice(d.reason.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"retry_after_ms\":");
+        match d.retry_after_ms {
+            Some(ms) => {
+                let _ = write!(out, "{ms}");
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        let _ = write!(
+            out,
+            ",\"ip\":\"{}\",\"provider\":",
+            engine.limiter.ips[ip as usize].addr
+        );
+        json_str(out, &engine.limiter.providers[usize::from(provider)]);
+        if let Some(pool) = pool {
+            out.extend_from_slice(b",\"pool\":");
+            json_str(out, pool);
+            out.extend_from_slice(b",\"tier\":\"");
+            out.extend_from_slice(d.tier.as_str().as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"}\n");
+    }
+
+    fn null_mx_reply(&mut self, id: Option<&RawValue>, out: &mut Vec<u8>) {
+        self.stats.denied += 1;
+        open(out, id);
+        out.extend_from_slice(
+            b"\"ok\":true,\"granted\":0,\"reason\":\"null_mx\",\"retry_after_ms\":null,\"provider\":null}\n",
+        );
+    }
+
+    fn acquire(
+        &mut self,
+        engine: &mut Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let n = Self::count(req)?;
+        let route = self.provider_of(engine, req, now_ms)?;
+        let Route::Provider(provider) = route else {
+            if req.ip.is_none() {
+                return Err("ip: missing".into());
+            }
+            self.null_mx_reply(req.id, out);
+            return Ok(());
+        };
+        let key = Self::key_of(engine, req, provider)?;
+        let d = engine
+            .acquire(key, n, now_ms)
+            .map_err(|e| Refusal(e.to_string()))?;
+        self.decision_reply(engine, req.id, &d, None, out);
+        Ok(())
+    }
+
+    fn pick(
+        &mut self,
+        engine: &mut Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let n = Self::count(req)?;
+        let Some(pool_name) = req.pool.as_deref() else {
+            return Err("pool: missing".into());
+        };
+        let pool = engine.pools.handle(pool_name).map_err(|_| {
+            Refusal::from(format!(
+                "pool: unknown pool {}",
+                serde_json::to_string(pool_name).unwrap_or_default()
+            ))
+        })?;
+        let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
+            self.null_mx_reply(req.id, out);
+            return Ok(());
+        };
+        let d = engine
+            .pick(pool, provider, n, now_ms)
+            .map_err(|e| Refusal(e.to_string()))?;
+        if d.is_granted() {
+            self.decision_reply(engine, req.id, &d, Some(pool_name), out);
+        } else {
+            // A denied pick names no IP: every member and overflow pool was full.
+            self.stats.denied += 1;
+            open(out, req.id);
+            let _ = write!(out, "\"ok\":true,\"granted\":0,\"reason\":\"");
+            out.extend_from_slice(d.reason.as_str().as_bytes());
+            out.extend_from_slice(b"\",\"retry_after_ms\":");
+            match d.retry_after_ms {
+                Some(ms) => {
+                    let _ = write!(out, "{ms}");
+                }
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b",\"pool\":");
+            json_str(out, pool_name);
+            out.extend_from_slice(b",\"provider\":");
+            json_str(out, &engine.limiter.providers[usize::from(provider)]);
+            out.extend_from_slice(b"}\n");
+        }
+        Ok(())
+    }
+
+    fn report(
+        &mut self,
+        engine: &mut Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let n = Self::count(req)?;
+        let Some(result) = req.result.as_deref() else {
+            return Err("result: missing (delivered, deferred, bounced or complaint)".into());
+        };
+        let outcome = Outcome::parse(result).ok_or_else(|| {
+            Refusal::from(format!(
+                "result: must be delivered, deferred, bounced or complaint, got {}",
+                serde_json::to_string(result).unwrap_or_default()
+            ))
+        })?;
+        let code = match req.code {
+            None => None,
+            Some(c @ 200..=599) => Some(c as u16),
+            Some(c) => {
+                return Err(format!("code: must be an SMTP reply code 200-599, got {c}").into())
+            }
+        };
+        if let Some(e) = req.enhanced.as_deref() {
+            if !valid_enhanced(e) {
+                return Err(format!(
+                    "enhanced: must be an enhanced status code like 4.7.28, got {}",
+                    serde_json::to_string(e).unwrap_or_default()
+                )
+                .into());
+            }
+        }
+        let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
+            return Err("domain: publishes a null MX (accepts no mail); nothing recorded".into());
+        };
+        let key = Self::key_of(engine, req, provider)?;
+        let tally = self.tallies.entry(key).or_default();
+        let count = u64::from(n);
+        match outcome {
+            Outcome::Delivered => tally.delivered += count,
+            Outcome::Deferred => tally.deferred += count,
+            Outcome::Bounced => tally.bounced += count,
+            Outcome::Complaint => tally.complaints += count,
+        }
+        if outcome != Outcome::Delivered {
+            if self.reports.len() < MAX_REPORTS {
+                self.reports.push(Report {
+                    at_ms: now_ms,
+                    key,
+                    result: outcome,
+                    n,
+                    code,
+                    enhanced: req.enhanced.as_deref().map(str::to_owned),
+                    text: req.text.as_deref().map(|t| cut(t, MAX_REPORT_TEXT)),
+                });
+            } else {
+                self.stats.reports_dropped += 1;
+            }
+        }
+        open(out, req.id);
+        out.extend_from_slice(b"\"ok\":true,\"provider\":");
+        json_str(out, &engine.limiter.providers[usize::from(provider)]);
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
+    fn route_op(
+        &mut self,
+        engine: &Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let Some(d) = req.domain.as_deref() else {
+            return Err("domain: missing".into());
+        };
+        let d = normalise_domain(d)?;
+        let route = self.lookup(&d, now_ms)?;
+        let known = self
+            .routes
+            .get(d.as_ref())
+            .is_some_and(|e| e.expires_ms > now_ms);
+        open(out, req.id);
+        out.extend_from_slice(b"\"ok\":true,\"domain\":");
+        json_str(out, &d);
+        out.extend_from_slice(b",\"provider\":");
+        match route {
+            Route::Provider(p) => json_str(out, &engine.limiter.providers[usize::from(p)]),
+            Route::NullMx => out.extend_from_slice(b"null"),
+        }
+        let _ = writeln!(out, ",\"resolved\":{known}}}");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn setup() -> (Engine, Wire) {
+        let mut e = Engine::new();
+        let google = e.limiter.provider("google").unwrap();
+        let default = e.limiter.provider("default").unwrap();
+        let k = e.limiter.key("192.0.2.10", "google").unwrap();
+        e.set_limits(k, None, 1, None, Some(2)).unwrap();
+        e.define_pool("tx", &[("192.0.2.10", 1, true)], None)
+            .unwrap();
+        let mut w = Wire::new();
+        w.set_default_provider(default);
+        w.set_route("gmail.com", Route::Provider(google), u64::MAX)
+            .unwrap();
+        w.set_route("example.com", Route::NullMx, u64::MAX).unwrap();
+        w.set_upcall_ops(&["status"]).unwrap();
+        (e, w)
+    }
+
+    fn serve(e: &mut Engine, w: &mut Wire, input: &str) -> (String, Served) {
+        let mut out = Vec::new();
+        let s = w.serve(e, input.as_bytes(), NOW, &mut out).unwrap();
+        (String::from_utf8(out).unwrap(), s)
+    }
+
+    #[test]
+    fn acquire_until_the_cap_then_deny() {
+        let (mut e, mut w) = setup();
+        let req = "{\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"domain\":\"Gmail.COM.\",\"id\":7}\n";
+        let (out, s) = serve(&mut e, &mut w, &req.repeat(3));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(s.consumed, req.len() * 3);
+        assert_eq!(
+            lines[0],
+            "{\"id\":7,\"ok\":true,\"granted\":1,\"reason\":\"granted\",\"retry_after_ms\":0,\"ip\":\"192.0.2.10\",\"provider\":\"google\"}"
+        );
+        assert!(
+            lines[2].contains("\"granted\":0,\"reason\":\"daily_cap\""),
+            "{out}"
+        );
+        let t = w.take_tallies();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].1.granted, 2);
+        assert!(w.take_tallies().is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field_and_echo_the_id() {
+        let (mut e, mut w) = setup();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"acquire\",\"id\":\"a\",\"ip\":\"192.0.2.10\",\"domain\":\"gmail.com\",\"n\":\"5\"}\n\
+             {\"op\":\"acquire\",\"ip\":\"192.0.2.99\",\"domain\":\"gmail.com\"}\n\
+             {\"op\":\"nope\"}\n\
+             not json\n\
+             [1,2]\n\
+             {\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"domain\":\"gmail.com\",\"count\":2}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 6, "{out}");
+        assert_eq!(
+            lines[0],
+            "{\"id\":\"a\",\"ok\":false,\"error\":\"n: must be a whole number, got \\\"5\\\"\"}"
+        );
+        assert!(
+            lines[1].contains("192.0.2.99 is not a sending IP"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("unknown operation \\\"nope\\\""),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[3].contains("invalid JSON"), "{}", lines[3]);
+        assert!(lines[4].contains("must be a JSON object"), "{}", lines[4]);
+        assert!(
+            lines[5].contains("count: not a field of acquire"),
+            "{}",
+            lines[5]
+        );
+        assert_eq!(w.stats.errors, 6);
+    }
+
+    #[test]
+    fn partial_lines_wait_and_upcalls_stop_the_buffer() {
+        let (mut e, mut w) = setup();
+        let input =
+            "{\"op\":\"ping\"}\r\n\n{\"op\":\"status\",\"id\":1}\n{\"op\":\"ping\"}\n{\"op\":";
+        let (out, s) = serve(&mut e, &mut w, input);
+        assert_eq!(out, "{\"ok\":true}\n");
+        let (a, b) = s.upcall.unwrap();
+        assert_eq!(&input[a..b], "{\"op\":\"status\",\"id\":1}");
+        let rest = &input[s.consumed..];
+        let (out, s) = serve(&mut e, &mut w, rest);
+        assert_eq!(out, "{\"ok\":true}\n");
+        assert_eq!(&rest[s.consumed..], "{\"op\":");
+        assert!(!s.too_long);
+    }
+
+    #[test]
+    fn upcall_range_without_carriage_return() {
+        let (mut e, mut w) = setup();
+        let input = "{\"op\":\"status\"}\r\n";
+        let (_, s) = serve(&mut e, &mut w, input);
+        let (a, b) = s.upcall.unwrap();
+        assert_eq!(&input[a..b], "{\"op\":\"status\"}");
+        assert_eq!(s.consumed, input.len());
+    }
+
+    #[test]
+    fn long_lines_close() {
+        let (mut e, mut w) = setup();
+        let long = format!("{{\"op\":\"ping\"}}\n{}\n", "x".repeat(MAX_LINE_BYTES + 1));
+        let (out, s) = serve(&mut e, &mut w, &long);
+        assert_eq!(out, "{\"ok\":true}\n");
+        assert!(s.too_long);
+        assert_eq!(s.consumed, "{\"op\":\"ping\"}\n".len());
+        let partial = "y".repeat(MAX_LINE_BYTES + 1);
+        let (_, s) = serve(&mut e, &mut w, &partial);
+        assert!(s.too_long);
+    }
+
+    #[test]
+    fn unknown_domains_count_as_default_and_queue_for_lookup() {
+        let (mut e, mut w) = setup();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"route\",\"domain\":\"user@Corp.Example\"}\n{\"op\":\"route\",\"domain\":\"corp.example\"}\n",
+        );
+        assert!(out.starts_with("{\"ok\":true,\"domain\":\"corp.example\",\"provider\":\"default\",\"resolved\":false}"), "{out}");
+        assert_eq!(w.take_unresolved(), vec![Box::from("corp.example")]);
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"domain\":\"example.com\"}\n",
+        );
+        assert!(out.contains("\"reason\":\"null_mx\""), "{out}");
+    }
+
+    #[test]
+    fn reports_tally_and_keep_pushback() {
+        let (mut e, mut w) = setup();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"report\",\"ip\":\"192.0.2.10\",\"domain\":\"gmail.com\",\"result\":\"delivered\",\"n\":5}\n\
+             {\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"deferred\",\"code\":421,\"enhanced\":\"4.7.28\",\"text\":\"slow down\"}\n\
+             {\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"deferred\",\"code\":42}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "{\"ok\":true,\"provider\":\"google\"}");
+        assert!(
+            lines[2].contains("code: must be an SMTP reply code"),
+            "{out}"
+        );
+        let t = w.take_tallies();
+        assert_eq!((t[0].1.delivered, t[0].1.deferred), (5, 1));
+        let r = w.take_reports();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].enhanced.as_deref(), Some("4.7.28"));
+        assert_eq!(r[0].code, Some(421));
+    }
+
+    #[test]
+    fn pick_names_the_tier() {
+        let (mut e, mut w) = setup();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"pick\",\"pool\":\"tx\",\"domain\":\"gmail.com\"}\n{\"op\":\"pick\",\"pool\":\"nope\",\"domain\":\"gmail.com\"}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].ends_with("\"provider\":\"google\",\"pool\":\"tx\",\"tier\":\"warming\"}"),
+            "{out}"
+        );
+        assert!(lines[1].contains("unknown pool"), "{out}");
+    }
+
+    #[test]
+    fn invalid_utf8_and_junk_get_errors() {
+        let (mut e, mut w) = setup();
+        let mut out = Vec::new();
+        let s = w
+            .serve(
+                &mut e,
+                b"\xff\xfe\n\x00\x01\x02\n{\"op\":\"ping\"}\n",
+                NOW,
+                &mut out,
+            )
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].contains("not valid UTF-8"));
+        assert!(lines[1].contains("invalid JSON"));
+        assert_eq!(lines[2], "{\"ok\":true}");
+        assert_eq!(s.consumed, 21);
+    }
+}
