@@ -7,11 +7,29 @@ variable is set (as CI services do), else "dev".
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import settings
+
+from pgserver import PostgresUnavailableError, create_database, running_postgres
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=300, deadline=None, print_blob=True)
 settings.load_profile(
     os.environ.get("KILN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of an empty database on a private PostgreSQL server started for this test session.
+
+    The URL names a superuser, so tests may create more databases (`pgserver.create_database`).
+    Without PostgreSQL the tests that need it fail (they never skip).
+    """
+    try:
+        with running_postgres() as server:
+            yield create_database(server.url("postgres"), "kiln_test")
+    except PostgresUnavailableError as exc:
+        pytest.fail(f"PostgreSQL is needed for these tests: {exc}", pytrace=False)

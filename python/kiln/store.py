@@ -1,0 +1,545 @@
+"""The daemon's persistent store: ramp positions, counter snapshots, feedback counts, decision log.
+
+One `Store` wraps one database, SQLite (the default, one file) or PostgreSQL (several daemons
+sharing one server, each under its own `node` name). Every method is one transaction, and every
+database failure comes out as a `StoreError` naming what was being done, never the password.
+Time is always an argument (`now_ms`, `day`); the store never reads a clock.
+
+On SQLite every connection runs in WAL mode with `synchronous=NORMAL`, a 5 s busy timeout and
+foreign keys on, and writing transactions start with `BEGIN IMMEDIATE`, so two writers queue
+on the busy timeout instead of failing on a lock upgrade. The decision log is append-only in
+the database itself: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    LargeBinary,
+    Table,
+    Text,
+    event,
+    inspect,
+)
+from sqlalchemy import text as sql_text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from kiln.errors import KilnError
+
+__all__ = ["SCHEMA_VERSION", "DayCounts", "LogEntry", "Store", "StoreError", "StoredPosition"]
+
+SCHEMA_VERSION: Final = 1
+"""The layout this module writes; a database with a higher number is refused."""
+
+BUSY_TIMEOUT_MS: Final = 5_000
+_BEGIN_IMMEDIATE: Final = "kiln_begin_immediate"  # execution option read by the SQLite begin hook
+_SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
+
+
+class StoreError(KilnError):
+    """The store could not do something: `action` names it, `target` is the masked database URL."""
+
+    def __init__(self, action: str, target: str, problem: str) -> None:
+        self.action = action
+        self.target = target
+        self.problem = problem
+        super().__init__(f"cannot {action} ({target}): {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPosition:
+    """Where one (batch, provider) ramp stands, as saved: `step` is 1-based."""
+
+    step: int = 1
+    paused: bool = False
+    idle_days: int = 0  # consecutive calendar days without traffic
+    last_sending_day: date | None = None
+    days_without_advance: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DayCounts:
+    """Feedback for one (local day, ip, provider): what was granted and what came back."""
+
+    granted: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    complaints: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One row of the append-only decision log; `id` is assigned by the store."""
+
+    at_ms: int
+    kind: str  # "ramp", "reload", "suspend", "start", "stop", ...
+    subject: str  # "tx-2026-12/google", "192.0.2.10/google", "plan", ...
+    action: str  # "advance", "hold", "restart", "reload_failed", ...
+    reason: str  # a human sentence
+    evidence: dict[str, Any]  # JSON-able
+    id: int | None = None
+
+
+_COUNTERS: Final = ("granted", "delivered", "deferred", "bounced", "complaints")
+
+
+class _Meta(SQLModel, table=True):
+    __tablename__ = "kiln_meta"
+
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class _Position(SQLModel, table=True):
+    __tablename__ = "kiln_ramp_positions"
+
+    plan: str = Field(primary_key=True)
+    batch: str = Field(primary_key=True)
+    provider: str = Field(primary_key=True)
+    step: int
+    paused: bool
+    idle_days: int
+    last_sending_day: date | None = None
+    days_without_advance: int
+    updated_at_ms: int = Field(sa_type=BigInteger)
+
+
+class _Snapshot(SQLModel, table=True):
+    __tablename__ = "kiln_counter_snapshots"
+
+    node: str = Field(primary_key=True)
+    saved_at_ms: int = Field(sa_type=BigInteger)
+    data: bytes = Field(sa_type=LargeBinary)
+
+
+class _Counts(SQLModel, table=True):
+    __tablename__ = "kiln_feedback_counts"
+
+    day: date = Field(primary_key=True)
+    ip: str = Field(primary_key=True)
+    provider: str = Field(primary_key=True)
+    granted: int = Field(sa_type=BigInteger)
+    delivered: int = Field(sa_type=BigInteger)
+    deferred: int = Field(sa_type=BigInteger)
+    bounced: int = Field(sa_type=BigInteger)
+    complaints: int = Field(sa_type=BigInteger)
+
+
+class _Decision(SQLModel, table=True):
+    __tablename__ = "kiln_decisions"
+
+    # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    )
+    at_ms: int = Field(sa_type=BigInteger, index=True)
+    kind: str
+    subject: str
+    action: str
+    reason: str
+    evidence: str = Field(sa_type=Text)
+
+
+def _table(model: type[SQLModel]) -> Table:
+    """The SQLAlchemy table behind a table model."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
+
+
+_TABLES: Final = [_table(m) for m in (_Meta, _Position, _Snapshot, _Counts, _Decision)]
+
+_APPEND_ONLY: Final = {
+    "sqlite": [
+        """CREATE TRIGGER kiln_decisions_no_update BEFORE UPDATE ON kiln_decisions
+        BEGIN SELECT RAISE(ABORT, 'kiln_decisions is append-only: UPDATE refused'); END""",
+        """CREATE TRIGGER kiln_decisions_no_delete BEFORE DELETE ON kiln_decisions
+        BEGIN SELECT RAISE(ABORT, 'kiln_decisions is append-only: DELETE refused'); END""",
+    ],
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION kiln_decisions_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'kiln_decisions is append-only: % refused', TG_OP;
+        END $$""",
+        """CREATE TRIGGER kiln_decisions_no_change BEFORE UPDATE OR DELETE ON kiln_decisions
+        FOR EACH ROW EXECUTE FUNCTION kiln_decisions_append_only()""",
+        """CREATE TRIGGER kiln_decisions_no_truncate BEFORE TRUNCATE ON kiln_decisions
+        FOR EACH STATEMENT EXECUTE FUNCTION kiln_decisions_append_only()""",
+    ],
+}
+
+
+def _mask(url: str) -> str:
+    """`url` with any password replaced by ***, for URLs SQLAlchemy cannot even parse."""
+    return re.sub(r"(^|//)([^:/@]*):[^@]*@", r"\1\2:***@", url)
+
+
+def _parse_url(url: str) -> URL:
+    """The URL to hand to SQLAlchemy: SQLite as given, PostgreSQL always through psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError("open the store", _mask(url), f"not a database URL ({exc})") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.get_driver_name() == "pysqlite":
+        return parsed
+    if backend in ("postgresql", "postgres") and parsed.drivername in (
+        "postgres",
+        "postgresql",
+        "postgresql+psycopg",
+    ):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise StoreError(
+        "open the store",
+        parsed.render_as_string(hide_password=True),
+        "unsupported database; use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE",
+    )
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    """Per-connection SQLite settings; SQLAlchemy, not the driver, emits BEGIN."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    """Writers take the write lock up front; readers start a plain (deferred) transaction."""
+    immediate = connection.get_execution_options().get(_BEGIN_IMMEDIATE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _describe(exc: SQLAlchemyError, password: str | None) -> str:
+    """The driver's own words, on one line, without the password."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    message = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    if password:
+        message = message.replace(password, "***")
+    return message or type(cause).__name__
+
+
+class Store:
+    """The daemon's database. Open once, share between threads, `close()` at shutdown."""
+
+    def __init__(self, url: str, *, node: str = "default") -> None:
+        """Open (and if needed create) the store at `url`; `node` names this daemon."""
+        parsed = _parse_url(url)
+        self.node = node
+        self.target = parsed.render_as_string(hide_password=True)
+        self._password = parsed.password if isinstance(parsed.password, str) else None
+        self._dialect = parsed.get_backend_name()
+        if self._dialect == "sqlite":
+            self._engine: Engine = create_engine(parsed)
+            event.listen(self._engine, "connect", _on_sqlite_connect)
+            event.listen(self._engine, "begin", _on_sqlite_begin)
+        else:
+            self._engine = create_engine(
+                parsed,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 5, "application_name": f"kiln {node}"[:63]},
+            )
+        self._writer = self._engine.execution_options(**{_BEGIN_IMMEDIATE: True})
+        try:
+            with self._failing_as("open the store"):
+                self._install()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def sqlite(cls, path: Path, *, node: str = "default") -> Store:
+        """A store in the SQLite file at `path` (created if missing; its directory must exist)."""
+        return cls(URL.create("sqlite", database=str(path.resolve())).render_as_string(), node=node)
+
+    def close(self) -> None:
+        """Close every pooled connection. The store is unusable afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        """The store itself; `close()` on leaving the block."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the store."""
+        self.close()
+
+    def __repr__(self) -> str:
+        """The masked URL and node name."""
+        return f"Store({self.target!r}, node={self.node!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _failing_as(self, action: str) -> Iterator[None]:
+        """Turn database errors raised in the block into a StoreError naming `action`."""
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise StoreError(action, self.target, _describe(exc, self._password)) from exc
+
+    @contextmanager
+    def _transaction(self, action: str, *, write: bool) -> Iterator[Session]:
+        """One Session in one transaction: committed at the end of the block, else rolled back."""
+        with self._failing_as(action), Session(self._writer if write else self._engine) as session:
+            with session.begin():
+                yield session
+
+    def _install(self) -> None:
+        """Check the schema version, then create what is missing (idempotent, race-free)."""
+        with self._writer.begin() as connection:
+            if self._dialect == "postgresql":
+                connection.execute(
+                    sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK}
+                )
+            version: int | None = None
+            if inspect(connection).has_table(_Meta.__tablename__):
+                found = connection.execute(
+                    select(_Meta.value).where(_Meta.key == "schema_version")
+                ).scalar_one_or_none()
+                version = None if found is None else int(found)
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    "open the store",
+                    self.target,
+                    f"database was written by a newer kiln (schema {version}); "
+                    f"this kiln reads schema {SCHEMA_VERSION}",
+                )
+            SQLModel.metadata.create_all(connection, tables=_TABLES)
+            if version is None:
+                for statement in _APPEND_ONLY[self._dialect]:
+                    connection.execute(sql_text(statement))
+                connection.execute(
+                    _table(_Meta).insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+
+    def _insert(self) -> Any:
+        """The dialect's INSERT construct, the one that knows ON CONFLICT."""
+        return postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+
+    # -- ramp positions ------------------------------------------------------------------------
+
+    def load_positions(self, plan: str) -> dict[tuple[str, str], StoredPosition]:
+        """Every saved position of `plan`, keyed by (batch, provider)."""
+        with self._transaction(f"load ramp positions of plan {plan!r}", write=False) as session:
+            rows = session.exec(select(_Position).where(_Position.plan == plan)).all()
+            return {
+                (row.batch, row.provider): StoredPosition(
+                    step=row.step,
+                    paused=row.paused,
+                    idle_days=row.idle_days,
+                    last_sending_day=row.last_sending_day,
+                    days_without_advance=row.days_without_advance,
+                )
+                for row in rows
+            }
+
+    def save_positions(
+        self, plan: str, positions: Mapping[tuple[str, str], StoredPosition], now_ms: int
+    ) -> None:
+        """Insert or overwrite each given position of `plan`, all in one transaction.
+
+        Positions saved earlier and absent from `positions` are left as they are.
+        """
+        if not positions:
+            return
+        rows = [
+            {
+                "plan": plan,
+                "batch": batch,
+                "provider": provider,
+                "step": position.step,
+                "paused": position.paused,
+                "idle_days": position.idle_days,
+                "last_sending_day": position.last_sending_day,
+                "days_without_advance": position.days_without_advance,
+                "updated_at_ms": now_ms,
+            }
+            for (batch, provider), position in sorted(positions.items())
+        ]
+        statement = self._insert()(_Position)
+        statement = statement.on_conflict_do_update(
+            index_elements=["plan", "batch", "provider"],
+            set_={
+                name: statement.excluded[name]
+                for name in rows[0]
+                if name not in ("plan", "batch", "provider")
+            },
+        )
+        with self._transaction(f"save ramp positions of plan {plan!r}", write=True) as session:
+            session.exec(statement, params=rows)
+
+    # -- counter snapshots ---------------------------------------------------------------------
+
+    def save_snapshot(self, data: bytes, now_ms: int) -> None:
+        """Keep `data` as this node's snapshot, replacing the previous one."""
+        with self._transaction("save the counter snapshot", write=True) as session:
+            self._save_snapshot(session, data, now_ms)
+
+    def _save_snapshot(self, session: Session, data: bytes, now_ms: int) -> None:
+        statement = self._insert()(_Snapshot).values(node=self.node, saved_at_ms=now_ms, data=data)
+        statement = statement.on_conflict_do_update(
+            index_elements=["node"],
+            set_={"saved_at_ms": statement.excluded.saved_at_ms, "data": statement.excluded.data},
+        )
+        session.exec(statement)
+
+    def load_snapshot(self) -> tuple[bytes, int] | None:
+        """This node's latest snapshot as (data, saved_at_ms), or None if it never saved one."""
+        with self._transaction("load the counter snapshot", write=False) as session:
+            row = session.get(_Snapshot, self.node)
+            return None if row is None else (bytes(row.data), row.saved_at_ms)
+
+    # -- feedback counts -----------------------------------------------------------------------
+
+    def add_counts(self, day: date, counts: Mapping[tuple[str, str], DayCounts]) -> None:
+        """Add `counts`, keyed by (ip, provider), to what `day` already holds (atomic)."""
+        with self._transaction(f"add feedback counts for {day}", write=True) as session:
+            self._add_counts(session, day, counts)
+
+    def _add_counts(
+        self, session: Session, day: date, counts: Mapping[tuple[str, str], DayCounts]
+    ) -> None:
+        if not counts:
+            return
+        rows = [
+            {"day": day, "ip": ip, "provider": provider}
+            | {name: getattr(add, name) for name in _COUNTERS}
+            for (ip, provider), add in sorted(counts.items())  # one lock order for all writers
+        ]
+        statement = self._insert()(_Counts)
+        statement = statement.on_conflict_do_update(
+            index_elements=["day", "ip", "provider"],
+            set_={name: _table(_Counts).c[name] + statement.excluded[name] for name in _COUNTERS},
+        )
+        session.exec(statement, params=rows)
+
+    def counts(self, day: date) -> dict[tuple[str, str], DayCounts]:
+        """Everything counted on `day`, keyed by (ip, provider)."""
+        with self._transaction(f"read feedback counts for {day}", write=False) as session:
+            rows = session.exec(select(_Counts).where(_Counts.day == day)).all()
+            return {
+                (row.ip, row.provider): DayCounts(
+                    **{name: getattr(row, name) for name in _COUNTERS}
+                )
+                for row in rows
+            }
+
+    # -- decision log --------------------------------------------------------------------------
+
+    def append(self, entries: Iterable[LogEntry]) -> list[int]:
+        """Add `entries` to the decision log, in order; their new ids, in the same order."""
+        with self._transaction("append to the decision log", write=True) as session:
+            return self._append(session, entries)
+
+    def _append(self, session: Session, entries: Iterable[LogEntry]) -> list[int]:
+        rows = [
+            _Decision(
+                at_ms=entry.at_ms,
+                kind=entry.kind,
+                subject=entry.subject,
+                action=entry.action,
+                reason=entry.reason,
+                evidence=self._evidence_json(entry),
+            )
+            for entry in entries
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows if row.id is not None]
+
+    def _evidence_json(self, entry: LogEntry) -> str:
+        """The entry's evidence as JSON text, or a StoreError saying why it cannot be."""
+        try:
+            return json.dumps(entry.evidence, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            what = f"{entry.kind} {entry.subject} {entry.action}"
+            raise StoreError(
+                "append to the decision log", self.target, f"evidence of {what} is not JSON: {exc}"
+            ) from exc
+
+    def decisions(
+        self,
+        *,
+        since_ms: int | None = None,
+        kind: str | None = None,
+        subject: str | None = None,
+        limit: int = 1000,
+    ) -> list[LogEntry]:
+        """Log entries at or after `since_ms`, of `kind`, about `subject`, oldest first.
+
+        At most `limit` entries: the oldest that match, so `since_ms` pages forward.
+        """
+        query = select(_Decision)
+        if since_ms is not None:
+            query = query.where(_Decision.at_ms >= since_ms)
+        if kind is not None:
+            query = query.where(_Decision.kind == kind)
+        if subject is not None:
+            query = query.where(_Decision.subject == subject)
+        query = query.order_by(col(_Decision.at_ms), col(_Decision.id)).limit(limit)
+        with self._transaction("read the decision log", write=False) as session:
+            return [
+                LogEntry(
+                    at_ms=row.at_ms,
+                    kind=row.kind,
+                    subject=row.subject,
+                    action=row.action,
+                    reason=row.reason,
+                    evidence=json.loads(row.evidence),
+                    id=row.id,
+                )
+                for row in session.exec(query)
+            ]
+
+    # -- the daemon's periodic flush -----------------------------------------------------------
+
+    def flush(
+        self,
+        *,
+        snapshot: bytes | None,
+        now_ms: int,
+        day: date | None = None,
+        counts: Mapping[tuple[str, str], DayCounts] | None = None,
+        entries: Iterable[LogEntry] = (),
+    ) -> None:
+        """Save the snapshot, add `counts` to `day` and append `entries`: all or nothing.
+
+        `counts` needs `day`. A failure anywhere (a database error, evidence that is not
+        JSON-able, an exception from the `entries` iterable) leaves the database untouched.
+        """
+        if counts and day is None:
+            raise ValueError("flush: counts given without the day they belong to")
+        with self._transaction("flush state", write=True) as session:
+            if snapshot is not None:
+                self._save_snapshot(session, snapshot, now_ms)
+            if counts and day is not None:
+                self._add_counts(session, day, counts)
+            self._append(session, entries)
