@@ -1,0 +1,406 @@
+"""Recipient domain -> mailbox provider: the static domain table, then the MX rollup.
+
+Reference: shared/reference/warmup.md §3.1. `ProviderTable` is the pure part: it matches a
+domain or a set of MX host names against the providers' domains and MX suffixes, with no I/O.
+`MxResolver` is the daemon's part: it looks a domain up in the table, then in its cache, then
+asks DNS for the MX set (dnspython's asyncio resolver), and never raises for DNS trouble: what
+it cannot resolve is `DEFAULT_PROVIDER`.
+
+Time is an argument: cache expiry is decided against the caller's `now_ms`; only the DNS
+query's own timeout runs on wall time, inside dnspython.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
+
+if TYPE_CHECKING:
+    from kiln.schedule import Plan
+
+__all__ = ["NULL_MX", "MxResolver", "ProviderLike", "ProviderTable", "ascii_domain"]
+
+#: What a domain with a null MX (RFC 7505: a single MX of ".") maps to: it accepts no mail.
+NULL_MX = "none"
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_MAX_NAME_CHARS = 253
+_MAX_LABEL_CHARS = 63
+
+
+class ProviderLike(Protocol):
+    """Anything that names a provider's recipient domains and MX host suffixes.
+
+    `kiln.provider.ProviderDef` and `kiln.schedule.ProviderSpec` both qualify.
+    """
+
+    @property
+    def domains(self) -> Sequence[str]:
+        """Recipient domains that belong to the provider outright."""
+        ...
+
+    @property
+    def mx_suffixes(self) -> Sequence[str]:
+        """MX host suffixes (or exact host names) that identify the provider."""
+        ...
+
+
+def ascii_domain(domain: str) -> str | None:
+    """`domain` as the resolver sees it: lower-case ASCII (IDNA), one trailing dot removed.
+
+    Surrounding white space is ignored. Returns None for what cannot be a host name: empty,
+    an empty or over-long label, characters other than letters, digits, `-`, `_` and `.`, or
+    unicode that the IDNA codec rejects.
+    """
+    name = domain.strip()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    name = name.lower()
+    if not name or len(name) > _MAX_NAME_CHARS or not _HOST_CHARS.issuperset(name):
+        return None
+    if any(not label or len(label) > _MAX_LABEL_CHARS for label in name.split(".")):
+        return None
+    return name
+
+
+def _host(host: str) -> str:
+    """An MX host name as matched: lower-case, one trailing dot removed (§3.1 rule 2)."""
+    name = host.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def _suffix(suffix: str) -> str | None:
+    """A configured suffix as matched: lower-case, no trailing dot, one leading dot."""
+    name = suffix.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name.startswith("."):
+        name = "." + name
+    if not name[1:].isascii():
+        try:
+            name = "." + name[1:].encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return name if len(name) > 1 else None
+
+
+class ProviderTable:
+    """Providers' recipient domains and MX suffixes, compiled for matching. Pure: no I/O.
+
+    When two providers list the same domain or the same suffix, the one later in the mapping
+    wins, so a plan's own providers (added after the shipped ones) take precedence.
+    """
+
+    __slots__ = ("_domains", "_names", "_suffixes")
+
+    def __init__(self, providers: Mapping[str, ProviderLike]) -> None:
+        """Compile `providers` (provider name -> its domains and MX suffixes)."""
+        self._domains: dict[str, str] = {}
+        self._suffixes: dict[str, str] = {}
+        for name, spec in providers.items():
+            for domain in spec.domains:
+                key = ascii_domain(domain)
+                if key is not None:
+                    self._domains[key] = name
+            for suffix in spec.mx_suffixes:
+                key = _suffix(suffix)
+                if key is not None:
+                    self._suffixes[key] = name
+        self._names = frozenset(providers)
+
+    @classmethod
+    def default(cls) -> ProviderTable:
+        """The providers kiln ships (`kiln.provider.DEFAULT_PROVIDERS`)."""
+        return cls(DEFAULT_PROVIDERS)
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> ProviderTable:
+        """The shipped providers, extended and overridden by the plan's `providers` section."""
+        return cls(plan.provider_table())
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every provider name in the table."""
+        return self._names
+
+    def by_domain(self, domain: str) -> str | None:
+        """The provider that lists `domain` itself (§3.1 rule 7), or None.
+
+        Case, one trailing dot and unicode vs. IDNA spelling make no difference.
+        """
+        key = ascii_domain(domain)
+        return None if key is None else self._domains.get(key)
+
+    def by_host(self, host: str) -> str | None:
+        """The provider whose longest matching suffix (or exact name) ends `host`, or None."""
+        name = _host(host)
+        return self._match(name) if name else None
+
+    def by_mx(self, hosts: Sequence[str]) -> str | None:
+        """The provider of a domain whose MX set is `hosts` (§3.1), or None for the default.
+
+        `NULL_MX` for a null MX (exactly one host, `.`). Otherwise every host must map to the
+        same provider (longest suffix wins per host); a mixed set, a host matching nothing,
+        or an empty list gives None.
+        """
+        if isinstance(hosts, str):
+            raise TypeError("by_mx takes a sequence of host names, not one string")
+        names = [_host(h) for h in hosts]
+        if len(names) == 1 and not names[0]:
+            return NULL_MX
+        found: str | None = None
+        for name in names:
+            provider = self._match(name) if name else None
+            if provider is None or (found is not None and provider != found):
+                return None
+            found = provider
+        return found
+
+    def _match(self, name: str) -> str | None:
+        """Longest configured suffix of a normalised, non-empty host name, exact name first."""
+        hit = self._suffixes.get("." + name)
+        if hit is not None:
+            return hit
+        i = name.find(".")
+        while i != -1:
+            hit = self._suffixes.get(name[i:])
+            if hit is not None:
+                return hit
+            i = name.find(".", i + 1)
+        return None
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    """`value` limited to [low, high]."""
+    return max(low, min(high, value))
+
+
+def _negative_ttl_s(response: dns.message.Message | None) -> int | None:
+    """RFC 2308 negative TTL: min(SOA TTL, SOA minimum) from the authority section, if any."""
+    if response is None:
+        return None
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset) > 0:
+            minimum: int = rrset[0].minimum
+            return min(int(rrset.ttl), minimum)
+    return None
+
+
+class MxResolver:
+    """Recipient domain -> provider for the daemon: domain table, cache, then an MX query.
+
+    One instance per daemon, used from one event loop. Concurrent lookups of one domain
+    share one query. Results are cached per domain:
+
+    - an MX answer for its TTL, clamped to [`min_ttl_s`, `max_ttl_s`];
+    - NXDOMAIN and "no MX records" as `DEFAULT_PROVIDER`, for the SOA's negative TTL (or
+      `negative_ttl_s` when the reply has no SOA), clamped the same way;
+    - timeouts, SERVFAIL and other failures as `DEFAULT_PROVIDER` for `error_ttl_s`, so a
+      dead resolver costs one short wait per domain per `error_ttl_s`, not one per message.
+
+    The cache holds at most `max_entries` domains and drops the least recently used first.
+    """
+
+    def __init__(
+        self,
+        table: ProviderTable,
+        nameservers: Sequence[str],
+        *,
+        port: int = 53,
+        timeout_s: float = 1.0,
+        lifetime_s: float = 2.0,
+        min_ttl_s: int = 60,
+        max_ttl_s: int = 86_400,
+        negative_ttl_s: int = 300,
+        error_ttl_s: int = 30,
+        max_entries: int = 100_000,
+    ) -> None:
+        """Ask `nameservers` (IP addresses) on `port`.
+
+        `timeout_s` bounds one attempt at one server, `lifetime_s` the whole lookup.
+        """
+        if not nameservers:
+            raise ValueError("MxResolver needs at least one nameserver")
+        if not 0 <= min_ttl_s <= max_ttl_s:
+            raise ValueError(f"need 0 <= min_ttl_s <= max_ttl_s, got {min_ttl_s}, {max_ttl_s}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = list(nameservers)
+        resolver.port = port
+        resolver.timeout = timeout_s
+        resolver.lifetime = lifetime_s
+        self._resolver = resolver
+        self._table = table
+        self._min_ttl_s = min_ttl_s
+        self._max_ttl_s = max_ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._error_ttl_s = error_ttl_s
+        self._max_entries = max_entries
+        # domain -> (provider, expires_ms); order is recency of use, oldest first.
+        self._cache: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._in_flight: dict[str, asyncio.Task[str]] = {}
+
+    @classmethod
+    def system(
+        cls,
+        table: ProviderTable,
+        *,
+        resolv_conf: str = "/etc/resolv.conf",
+        timeout_s: float = 1.0,
+        lifetime_s: float = 2.0,
+        min_ttl_s: int = 60,
+        max_ttl_s: int = 86_400,
+        negative_ttl_s: int = 300,
+        error_ttl_s: int = 30,
+        max_entries: int = 100_000,
+    ) -> MxResolver:
+        """A resolver asking the nameservers listed in `resolv_conf` (its other options unused).
+
+        Raises `dns.resolver.NoResolverConfiguration` when the file is missing or lists no
+        nameserver: call it before listening, so the daemon fails at start.
+        """
+        config = dns.resolver.Resolver(filename=resolv_conf, configure=True)
+        nameservers = [str(ns) for ns in config.nameservers]
+        return cls(
+            table,
+            nameservers,
+            timeout_s=timeout_s,
+            lifetime_s=lifetime_s,
+            min_ttl_s=min_ttl_s,
+            max_ttl_s=max_ttl_s,
+            negative_ttl_s=negative_ttl_s,
+            error_ttl_s=error_ttl_s,
+            max_entries=max_entries,
+        )
+
+    @property
+    def table(self) -> ProviderTable:
+        """The provider table consulted before DNS."""
+        return self._table
+
+    @property
+    def nameservers(self) -> tuple[str, ...]:
+        """The nameservers asked, in order."""
+        return tuple(str(ns) for ns in self._resolver.nameservers)
+
+    @property
+    def cache_size(self) -> int:
+        """Domains held in the cache (expired ones included until looked up or evicted)."""
+        return len(self._cache)
+
+    def cached(self, domain: str, now_ms: int) -> str | None:
+        """The provider if known without DNS (domain table or unexpired cache entry), else None.
+
+        Never does I/O. An invalid domain is `DEFAULT_PROVIDER`, as `provider()` would say.
+        """
+        key = ascii_domain(domain)
+        if key is None:
+            return DEFAULT_PROVIDER
+        table_hit = self._table.by_domain(key)
+        if table_hit is not None:
+            return table_hit
+        return self._cache_get(key, now_ms)
+
+    async def provider(self, domain: str, now_ms: int) -> str:
+        """The provider of recipient `domain`: a table name, `NULL_MX` or `DEFAULT_PROVIDER`.
+
+        Never raises for DNS problems: NXDOMAIN, no MX, timeouts, SERVFAIL and domains that
+        are not valid host names all give `DEFAULT_PROVIDER`.
+        """
+        key = ascii_domain(domain)
+        if key is None:
+            return DEFAULT_PROVIDER
+        table_hit = self._table.by_domain(key)
+        if table_hit is not None:
+            return table_hit
+        cache_hit = self._cache_get(key, now_ms)
+        if cache_hit is not None:
+            return cache_hit
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._lookup(key, now_ms), name=f"kiln-mx:{key}")
+            self._in_flight[key] = task
+        # A caller that gives up must not cancel the lookup others are waiting for.
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Cancel lookups still in flight and wait for them to finish."""
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._in_flight.clear()
+
+    def _cache_get(self, key: str, now_ms: int) -> str | None:
+        """Unexpired cached provider of a normalised domain, refreshing its recency."""
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        provider, expires_ms = entry
+        if now_ms >= expires_ms:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return provider
+
+    def _cache_put(self, key: str, provider: str, ttl_s: int, now_ms: int) -> None:
+        """Remember a result for `ttl_s` from `now_ms`, evicting the least recently used."""
+        self._cache[key] = (provider, now_ms + ttl_s * 1000)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+
+    async def _lookup(self, key: str, now_ms: int) -> str:
+        """Query the MX set of `key`, cache the outcome and return the provider."""
+        try:
+            provider, ttl_s = await self._query(key)
+            self._cache_put(key, provider, ttl_s, now_ms)
+            return provider
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _query(self, key: str) -> tuple[str, int]:
+        """(provider, seconds to cache it) for one MX query of a normalised domain."""
+        qname = dns.name.from_text(key)
+        try:
+            answer = await self._resolver.resolve(
+                qname, dns.rdatatype.MX, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN as error:
+            # dnspython keeps the NXDOMAIN reply (with its SOA) in the exception's kwargs.
+            responses: Mapping[dns.name.Name, dns.message.Message] = (
+                error.kwargs.get("responses") or {}
+            )
+            return DEFAULT_PROVIDER, self._negative(_negative_ttl_s(responses.get(qname)))
+        except (dns.exception.DNSException, OSError):
+            # Timeout, SERVFAIL/REFUSED from every server, malformed replies, no route.
+            return DEFAULT_PROVIDER, self._error_ttl_s
+        if answer.rrset is None or len(answer.rrset) == 0:
+            # The domain exists but publishes no MX: mail goes to its A record (RFC 5321 5.1).
+            return DEFAULT_PROVIDER, self._negative(_negative_ttl_s(answer.response))
+        hosts = [rdata.exchange.to_text() for rdata in answer.rrset]
+        provider = self._table.by_mx(hosts)
+        ttl_s = _clamp(answer.chaining_result.minimum_ttl, self._min_ttl_s, self._max_ttl_s)
+        return (DEFAULT_PROVIDER if provider is None else provider), ttl_s
+
+    def _negative(self, soa_ttl_s: int | None) -> int:
+        """Seconds to cache a negative answer."""
+        ttl_s = self._negative_ttl_s if soa_ttl_s is None else soa_ttl_s
+        return _clamp(ttl_s, self._min_ttl_s, self._max_ttl_s)
