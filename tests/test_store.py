@@ -278,6 +278,19 @@ def test_bad_evidence_is_a_store_error(store: Store) -> None:
     assert store.decisions() == []
 
 
+def test_meta_values_round_trip_and_survive_reopen(db_url: str) -> None:
+    """get_meta/set_meta keep small named strings; the schema version is not theirs to set."""
+    with Store(db_url) as store:
+        assert store.get_meta("last_rolled_day") is None
+        store.set_meta("last_rolled_day", "2026-11-30")
+        store.set_meta("last_rolled_day", "2026-12-01")
+        assert store.get_meta("schema_version") == "1"
+        with pytest.raises(ValueError, match="'schema_version' belongs to the store"):
+            store.set_meta("schema_version", "7")
+    with Store(db_url) as store:
+        assert store.get_meta("last_rolled_day") == "2026-12-01"
+
+
 # -- flush -------------------------------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ SCHEMA_VERSION: Final = 1
 
 BUSY_TIMEOUT_MS: Final = 5_000
 _BEGIN_IMMEDIATE: Final = "kiln_begin_immediate"  # execution option read by the SQLite begin hook
+_VERSION_KEY: Final = "schema_version"  # in kiln_meta
 _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
 
 
@@ -152,7 +153,7 @@ class _Decision(SQLModel, table=True):
     )
     at_ms: int = Field(sa_type=BigInteger, index=True)
     kind: str
-    subject: str
+    subject: str = Field(index=True)
     action: str
     reason: str
     evidence: str = Field(sa_type=Text)
@@ -218,9 +219,9 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: object) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: the WAL switch may wait
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
@@ -275,7 +276,7 @@ class Store:
         return cls(URL.create("sqlite", database=str(path.resolve())).render_as_string(), node=node)
 
     def close(self) -> None:
-        """Close every pooled connection. The store is unusable afterwards."""
+        """Close every pooled connection; call it once, at shutdown."""
         self._engine.dispose()
 
     def __enter__(self) -> Store:
@@ -322,7 +323,7 @@ class Store:
             version: int | None = None
             if inspect(connection).has_table(_Meta.__tablename__):
                 found = connection.execute(
-                    select(_Meta.value).where(_Meta.key == "schema_version")
+                    select(_Meta.value).where(_Meta.key == _VERSION_KEY)
                 ).scalar_one_or_none()
                 version = None if found is None else int(found)
             if version is not None and version > SCHEMA_VERSION:
@@ -337,12 +338,31 @@ class Store:
                 for statement in _APPEND_ONLY[self._dialect]:
                     connection.execute(sql_text(statement))
                 connection.execute(
-                    _table(_Meta).insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                    _table(_Meta).insert().values(key=_VERSION_KEY, value=str(SCHEMA_VERSION))
                 )
 
     def _insert(self) -> Any:
         """The dialect's INSERT construct, the one that knows ON CONFLICT."""
         return postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+
+    # -- small named values (kiln_meta) --------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under `key` in kiln_meta, or None. Shared by every node."""
+        with self._transaction(f"read meta value {key!r}", write=False) as session:
+            row = session.get(_Meta, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store `value` under `key` in kiln_meta, replacing any previous value."""
+        if key == _VERSION_KEY:
+            raise ValueError(f"set_meta: {_VERSION_KEY!r} belongs to the store")
+        statement = self._insert()(_Meta).values(key=key, value=value)
+        statement = statement.on_conflict_do_update(
+            index_elements=["key"], set_={"value": statement.excluded.value}
+        )
+        with self._transaction(f"write meta value {key!r}", write=True) as session:
+            session.exec(statement)
 
     # -- ramp positions ------------------------------------------------------------------------
 
@@ -404,6 +424,7 @@ class Store:
             self._save_snapshot(session, data, now_ms)
 
     def _save_snapshot(self, session: Session, data: bytes, now_ms: int) -> None:
+        """Upsert this node's snapshot row inside `session`'s transaction."""
         statement = self._insert()(_Snapshot).values(node=self.node, saved_at_ms=now_ms, data=data)
         statement = statement.on_conflict_do_update(
             index_elements=["node"],
@@ -427,12 +448,13 @@ class Store:
     def _add_counts(
         self, session: Session, day: date, counts: Mapping[tuple[str, str], DayCounts]
     ) -> None:
+        """Upsert-add `counts` inside `session`'s transaction, in key order (no deadlocks)."""
         if not counts:
             return
         rows = [
             {"day": day, "ip": ip, "provider": provider}
             | {name: getattr(add, name) for name in _COUNTERS}
-            for (ip, provider), add in sorted(counts.items())  # one lock order for all writers
+            for (ip, provider), add in sorted(counts.items())
         ]
         statement = self._insert()(_Counts)
         statement = statement.on_conflict_do_update(
@@ -460,6 +482,7 @@ class Store:
             return self._append(session, entries)
 
     def _append(self, session: Session, entries: Iterable[LogEntry]) -> list[int]:
+        """Insert `entries` inside `session`'s transaction; the ids the database gave them."""
         rows = [
             _Decision(
                 at_ms=entry.at_ms,
