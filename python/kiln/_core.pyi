@@ -9,11 +9,22 @@ from typing import Any, Final, Literal, final
 
 from typing_extensions import Buffer
 
-__all__ = ["MAX_NOW_MS", "BatchDecisions", "CoreError", "Decision", "Engine", "__version__"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_NOW_MS",
+    "BatchDecisions",
+    "CoreError",
+    "Decision",
+    "Engine",
+    "Served",
+    "__version__",
+]
 
 __version__: Final[str]
 MAX_NOW_MS: Final[int]
 """Largest `now_ms` the engine accepts (year 2255)."""
+MAX_LINE_BYTES: Final[int]
+"""Longest request line of the native protocol (64 KiB); a longer one closes the connection."""
 
 Reason = Literal[
     "granted",
@@ -75,6 +86,29 @@ class BatchDecisions:
         """How many requests were denied."""
     def granted_counts(self) -> list[int]:
         """Granted count per request, in order."""
+
+@final
+class Served:
+    """What one `Engine.serve` call produced."""
+
+    @property
+    def reply(self) -> bytes:
+        """Reply lines for the requests answered, in order (write them before anything else)."""
+    @property
+    def consumed(self) -> int:
+        """Input bytes used; keep the rest and call again when more data arrives."""
+    @property
+    def upcall(self) -> bytes | None:
+        """A request line (without newline) Python must answer next, or None."""
+    @property
+    def too_long(self) -> bool:
+        """A line longer than 64 KiB starts at `consumed`: write `reply`, then close."""
+
+Report = tuple[int, str, str, str, int, int | None, str | None, str | None]
+"""(at_ms, ip, provider, result, n, code, enhanced, text) of one `report` that was not a
+delivery."""
+Tally = tuple[str, str, int, int, int, int, int]
+"""(ip, provider, granted, delivered, deferred, bounced, complaints) of one key."""
 
 @final
 class Engine:
@@ -156,6 +190,35 @@ class Engine:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Replace all state with a snapshot (from `snapshot()`, or the same data read back
         from JSON). On any error the engine is unchanged."""
+    def snapshot_bytes(self) -> bytes:
+        """Everything the engine holds, as compact bytes (for frequent flushes to the store)."""
+    def restore_bytes(self, data: bytes) -> None:
+        """Replace all state with `snapshot_bytes()` output. On any error the engine is
+        unchanged."""
+    def serve(self, data: bytes, now_ms: int) -> Served:
+        """Answer every complete JSON line of `data` at `now_ms`, in one call."""
+    def set_default_provider(self, name: str) -> None:
+        """The provider every domain without a route counts as (interned on first use)."""
+    def set_upcall_ops(self, ops: Sequence[str]) -> None:
+        """The operations Python answers: `serve` hands their lines back as `upcall`."""
+    def set_route(self, domain: str, provider: str | None, expires_ms: int) -> None:
+        """Route a recipient domain to `provider` (None: null MX, accepts no mail) until
+        `expires_ms`; after that the route still holds and the domain is queued for lookup."""
+    def clear_routes(self) -> None:
+        """Forget every route."""
+    def route_count(self) -> int:
+        """How many domains have a route."""
+    def route(self, domain: str, now_ms: int) -> str | None:
+        """The provider of `domain` at `now_ms` (None: null MX); unknown domains count as the
+        default provider and are queued for lookup."""
+    def take_unresolved(self) -> list[str]:
+        """Domains that need an MX lookup, seen since the last call."""
+    def take_tallies(self) -> list[Tally]:
+        """Per-key counts since the last call."""
+    def take_reports(self) -> list[Report]:
+        """Reports other than deliveries since the last call, in order."""
+    def wire_stats(self) -> dict[str, int]:
+        """Protocol counters since the engine was made (for metrics)."""
 
 def _panic_for_tests() -> None:
     """Panics on purpose, so tests can show a Rust panic reaches Python as an exception."""

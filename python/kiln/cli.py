@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kiln import __version__
+from kiln.client import Client, ClientError
 from kiln.errors import ScheduleError
 from kiln.ramp import PlanRow, PoolRow, nominal_plan
 from kiln.schedule import Plan, load_plan
@@ -34,7 +35,56 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     run = verbs.add_parser("run", help="run the daemon beside your MTAs")
     run.add_argument("--config", default="schedules/example.yaml", help="warm-up plan (YAML)")
-    run.add_argument("--state-dir", default=".state", help="database and sockets go here")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".state"),
+        help="database and sockets go here (default .state)",
+    )
+    run.add_argument(
+        "--database-url",
+        help="e.g. postgresql://kiln@db/kiln (default: SQLite in the state folder)",
+    )
+    run.add_argument("--socket", type=Path, help="native socket (default STATE_DIR/kiln.sock)")
+    run.add_argument(
+        "--socket-mode",
+        type=_octal,
+        default=0o660,
+        help="file mode of the socket, octal (default 0660)",
+    )
+    run.add_argument("--socket-group", help="group that owns the socket")
+    run.add_argument(
+        "--snapshot-interval-ms",
+        type=int,
+        default=1000,
+        help="how often counters are saved (default 1000)",
+    )
+    run.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="DNS server for MX lookups (default: /etc/resolv.conf); repeatable",
+    )
+    run.add_argument("--node", help="name of this daemon in a shared database (default: host)")
+    run.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
+        help="auto: console on a terminal, JSON lines otherwise",
+    )
+    for verb, text in (
+        ("status", "every ramp's step, state, caps and usage, from the running daemon"),
+        ("reload", "re-read the plan; the running one stays if the new one has errors"),
+        ("query", "send JSON requests (arguments, or lines on stdin) and print the replies"),
+    ):
+        client = verbs.add_parser(verb, help=text)
+        client.add_argument("--state-dir", type=Path, default=Path(".state"))
+        client.add_argument("--socket", type=Path, help="default STATE_DIR/kiln.sock")
+        if verb == "status":
+            client.add_argument("--json", action="store_true", help="print the raw reply")
+        if verb == "query":
+            client.add_argument("requests", nargs="*", metavar="JSON")
     check = verbs.add_parser("check", help="check plan files; print every mistake")
     check.add_argument("files", nargs="+", metavar="FILE", type=Path)
     plan = verbs.add_parser("plan", help="show what a plan allows, day by day")
@@ -53,16 +103,100 @@ def _out(text: str, stream: TextIO | None = None) -> None:
     (stream or sys.stdout).write(text if text.endswith("\n") else text + "\n")
 
 
+def _octal(text: str) -> int:
+    """A file mode written in octal (0660, 660 or 0o660)."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"file mode out of range: {text!r}")
+    return mode
+
+
 def _run(args: argparse.Namespace) -> int:
-    """`kiln run`: validates the plan first; the daemon itself arrives with its own issue."""
+    """`kiln run`: validate the plan, then run the daemon until SIGTERM/SIGINT."""
     plan = _load_one(Path(args.config))
     if plan is None:
         return 1
-    _out(
-        f"kiln {__version__}: plan {plan.name!r} is valid; daemon not yet available "
-        f"(would run {args.config} with state in {args.state_dir})"
+    from kiln import daemon, log  # the daemon's dependencies load only for `run`
+
+    log.configure(args.log_format)
+    config = daemon.DaemonConfig(
+        plan_path=Path(args.config),
+        state_dir=args.state_dir,
+        database_url=args.database_url,
+        socket_path=args.socket,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        snapshot_interval_ms=args.snapshot_interval_ms,
+        nameservers=tuple(args.nameserver),
+        **({"node": args.node} if args.node else {}),
     )
+    return daemon.run(config)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A connection to the daemon named by --socket or --state-dir."""
+    return Client(args.socket or args.state_dir / "kiln.sock")
+
+
+def _status(args: argparse.Namespace) -> int:
+    """`kiln status`: one line per batch x provider."""
+    with _client(args) as c:
+        reply = c.request("status")
+    if args.json or not reply.get("ok"):
+        _out(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    head = [
+        "batch",
+        "provider",
+        "state",
+        "step",
+        "daily_cap",
+        "hourly_cap",
+        "day_used",
+        "hour_used",
+        "idle_days",
+    ]
+    rows = [head] + [
+        [str(r["batch"]), str(r["provider"]), str(r["state"]), f"{r['step']}/{r['steps']}"]
+        + ["-" if r[c] is None else f"{r[c]:,}" for c in head[4:]]
+        for r in reply["ramps"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    _out(f"plan {reply['plan']} ({reply['timezone']})")
+    for row in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """`kiln reload`: 0 if the new plan is in force, 1 with its problems otherwise."""
+    with _client(args) as c:
+        reply = c.request("reload")
+    if reply.get("ok"):
+        _out(f"plan {reply['plan']!r} is in force")
+        return 0
+    _out(f"kiln reload: {reply.get('error')}", sys.stderr)
+    for p in reply.get("problems", []):
+        _out(f"  {p}", sys.stderr)
+    return 1
+
+
+def _query(args: argparse.Namespace) -> int:
+    """`kiln query`: raw requests in, raw replies out; 1 if any reply is an error."""
+    lines = [r.encode() for r in args.requests] or [
+        line.encode() for line in sys.stdin.read().splitlines() if line.strip()
+    ]
+    failed = False
+    with _client(args) as c:
+        c.send_lines(lines)
+        for _ in lines:
+            reply = c.read_line()
+            failed |= b'"ok":false' in reply
+            _out(reply.decode())
+    return 1 if failed else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -180,9 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the verb; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    verbs = {"run": _run, "check": _check, "plan": _plan, "schema": _schema}
+    verbs = {
+        "run": _run,
+        "check": _check,
+        "plan": _plan,
+        "schema": _schema,
+        "status": _status,
+        "reload": _reload,
+        "query": _query,
+    }
     if args.verb in verbs:
-        return verbs[args.verb](args)
+        try:
+            return verbs[args.verb](args)
+        except ClientError as e:
+            _out(f"kiln {args.verb}: {e}", sys.stderr)
+            return 1
     parser.print_help()
     return 2
 

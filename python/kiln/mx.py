@@ -340,6 +340,21 @@ class MxResolver:
         # A caller that gives up must not cancel the lookup others are waiting for.
         return await asyncio.shield(task)
 
+    async def route(self, domain: str, now_ms: int) -> tuple[str, int]:
+        """`provider(domain)` and the instant (ms) until which that answer holds.
+
+        The daemon pushes both into the engine, which answers from them until they expire.
+        Domain-table answers hold for a day (the table changes only with the plan).
+        """
+        provider = await self.provider(domain, now_ms)
+        key = ascii_domain(domain)
+        entry = self._cache.get(key) if key is not None else None
+        if entry is not None and entry[0] == provider:
+            return provider, entry[1]
+        if key is not None and self._table.by_domain(key) is not None:
+            return provider, now_ms + self._max_ttl_s * 1000
+        return provider, now_ms + self._error_ttl_s * 1000
+
     async def aclose(self) -> None:
         """Cancel lookups still in flight and wait for them to finish."""
         tasks = list(self._in_flight.values())

@@ -1,0 +1,688 @@
+"""`kiln run`: the daemon beside the MTAs.
+
+Python acts, Rust decides. This module owns the process: it loads the plan, restores the
+engine's counters from the store, listens on the native socket, moves bytes between clients
+and `Engine.serve`, and runs the jobs (1 Hz flush, hour and day roll-over). Where each
+decision is made:
+
+| decision | where |
+|---|---|
+| may this request go, which IP carries it | `Engine.serve` (rust/src/protocol.rs) |
+| caps in force this hour | `ramp.compile_limits`, pushed by `Daemon.apply_plan` |
+| does a ramp advance at the day roll | `rampday.roll_day`, run by `Daemon.roll_days` |
+| domain -> provider | plan domain table, then `mx.MxResolver`, pushed as engine routes |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import json
+import os
+import signal
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dns.resolver
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+
+from kiln import _core
+from kiln.clock import Clock, SystemClock
+from kiln.errors import KilnError, ScheduleError
+from kiln.log import get_logger
+from kiln.mx import NULL_MX, MxResolver, ProviderTable
+from kiln.provider import DEFAULT_PROVIDER
+from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
+from kiln.rampday import DayEvidence, RampMove, RampState, day_cap, roll_day
+from kiln.rate import RateSpec
+from kiln.schedule import Plan, load_plan
+from kiln.store import DayCounts, LogEntry, Store, StoredPosition
+
+__all__ = ["Daemon", "DaemonConfig", "NativeProtocol", "run"]
+
+#: Operations Python answers; every other op is decided in the core.
+UPCALL_OPS = ("status", "limits", "reload", "stats")
+#: Push-back reports kept in memory for `status` (the policy issue reads them).
+RECENT_REPORTS = 1_000
+#: Last local day whose ramps were rolled (store meta key, per plan name).
+_ROLLED_KEY = "last_rolled_day:{plan}"
+#: Write no more than this many bytes ahead of a slow reader before pausing its reads.
+_HIGH_WATER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything `kiln run` needs; paths are resolved by `from_args`."""
+
+    plan_path: Path
+    state_dir: Path
+    database_url: str | None = None
+    socket_path: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    snapshot_interval_ms: int = 1_000
+    node: str = field(default_factory=socket.gethostname)
+    #: DNS servers for MX lookups as "host" or "host:port"; empty: /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+
+    @property
+    def socket(self) -> Path:
+        """Where the native socket listens."""
+        return self.socket_path or self.state_dir / "kiln.sock"
+
+    @property
+    def store_url(self) -> str:
+        """The database: `--database-url`, else SQLite in the state folder."""
+        return self.database_url or f"sqlite:///{(self.state_dir / 'kiln.db').resolve()}"
+
+
+def _local_day(plan: Plan, now_ms: int) -> date:
+    """The plan-zone calendar date at `now_ms`."""
+    return datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(plan.zone).date()
+
+
+def _state(p: StoredPosition | RampState) -> RampState:
+    """A store row as the ramp module's state."""
+    return RampState(**{f.name: getattr(p, f.name) for f in dataclasses.fields(RampState)})
+
+
+def _stored(s: RampState) -> StoredPosition:
+    """A ramp state as a store row."""
+    return StoredPosition(
+        **{f.name: getattr(s, f.name) for f in dataclasses.fields(StoredPosition)}
+    )
+
+
+class Daemon:
+    """One `kiln run` process: engine, plan, store, socket and jobs."""
+
+    def __init__(self, config: DaemonConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.log = get_logger(component="daemon")
+        self.engine = _core.Engine()
+        self.plan: Plan = load_plan(config.plan_path)  # ScheduleError: nothing started
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.store_url, node=config.node)
+        self.states: dict[tuple[str, str], RampState] = {}
+        self.recent_reports: deque[_core.Report] = deque(maxlen=RECENT_REPORTS)
+        self._pending_log: list[LogEntry] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._stopping: asyncio.Event | None = None
+        self._next_hour_ms = 0
+        self.started_ms = self.clock.now_ms()
+        self.resolver: MxResolver | None = None
+        self._lookups: dict[str, asyncio.Task[None]] = {}
+
+    # ----- start-up -----
+
+    def start(self) -> None:
+        """Restore counters, load ramp positions, push the plan into the engine."""
+        now_ms = self.clock.now_ms()
+        self.engine.set_default_provider(DEFAULT_PROVIDER)
+        self.engine.set_upcall_ops(list(UPCALL_OPS))
+        saved = self.store.load_snapshot()
+        if saved is not None:
+            data, saved_ms = saved
+            try:
+                self.engine.restore_bytes(data)
+            except _core.CoreError as e:
+                self.record(now_ms, "start", "engine", "snapshot_unreadable", str(e), {})
+            else:
+                self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
+        self.states = {k: _state(p) for k, p in self.store.load_positions(self.plan.name).items()}
+        self._mark_start(now_ms)
+        self.apply_plan(now_ms)
+        self.roll_days(now_ms)
+        self.record(
+            now_ms,
+            "start",
+            "daemon",
+            "start",
+            f"kiln started with plan {self.plan.name!r}",
+            {"plan": str(self.config.plan_path), "restored": saved is not None},
+        )
+        self.flush(now_ms)
+
+    def _mark_start(self, now_ms: int) -> None:
+        """A plan seen for the first time starts counting today: earlier days had no data."""
+        key = _ROLLED_KEY.format(plan=self.plan.name)
+        if self.store.get_meta(key) is None:
+            yesterday = _local_day(self.plan, now_ms) - timedelta(days=1)
+            self.store.set_meta(key, yesterday.isoformat())
+
+    def apply_plan(self, now_ms: int) -> None:
+        """Push this hour's limits, the pools, the calendar and the domain table."""
+        positions = {k: s.position for k, s in self.states.items()}
+        apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
+        hours, days = calendar(self.plan.zone, now_ms)
+        self.engine.set_calendar(hours, days)
+        self._next_hour_ms = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
+        self.engine.clear_routes()
+        own = set(plan_providers(self.plan))
+        forever = _core.MAX_NOW_MS
+        for name, spec in self.plan.provider_table().items():
+            for domain in spec.domains:
+                self.engine.set_route(domain, self.fold(name, own), forever)
+
+    @staticmethod
+    def fold(provider: str, own: set[str]) -> str:
+        """A provider without its own row in the plan counts as `default`."""
+        return provider if provider in own else DEFAULT_PROVIDER
+
+    # ----- jobs (time is an argument; the scheduler only says when) -----
+
+    def tick(self, now_ms: int) -> None:
+        """The 1 Hz job: roll hours and days when due, then flush."""
+        if now_ms >= self._next_hour_ms:
+            self.on_hour(now_ms)
+        self.flush(now_ms)
+
+    def on_hour(self, now_ms: int) -> None:
+        """An hour began: ramps whose day ended roll, then this hour's limits are pushed."""
+        self.flush(now_ms)
+        self.roll_days(now_ms)
+        self.apply_plan(now_ms)
+
+    def flush(self, now_ms: int) -> None:
+        """Snapshot counters and write tallies and log entries, in one transaction."""
+        counts: dict[tuple[str, str], DayCounts] = {}
+        for (
+            ip,
+            provider,
+            granted,
+            delivered,
+            deferred,
+            bounced,
+            complaints,
+        ) in self.engine.take_tallies():
+            counts[(ip, provider)] = DayCounts(granted, delivered, deferred, bounced, complaints)
+        self.recent_reports.extend(self.engine.take_reports())
+        entries, self._pending_log = self._pending_log, []
+        self.store.flush(
+            snapshot=self.engine.snapshot_bytes(),
+            now_ms=now_ms,
+            day=_local_day(self.plan, now_ms),
+            counts=counts,
+            entries=entries,
+        )
+
+    def roll_days(self, now_ms: int) -> list[RampMove]:
+        """Roll every local day that ended since the last roll (idempotent; catches up)."""
+        key = _ROLLED_KEY.format(plan=self.plan.name)
+        last = date.fromisoformat(self.store.get_meta(key) or "1970-01-01")
+        today = _local_day(self.plan, now_ms)
+        moves: list[RampMove] = []
+        day = last + timedelta(days=1)
+        while day < today:
+            moves += self._roll(day, now_ms)
+            self.store.set_meta(key, day.isoformat())
+            day += timedelta(days=1)
+        if moves:
+            self.apply_plan(now_ms)
+        return moves
+
+    def _roll(self, day: date, now_ms: int) -> list[RampMove]:
+        """Decide one finished day for every ramp and record each move."""
+        counts = self.store.counts(day)
+        evidence: dict[tuple[str, str], DayEvidence] = {}
+        for name, batch in self.plan.batches.items():
+            for provider in plan_providers(self.plan):
+                rows = [counts.get((ip, provider), DayCounts()) for ip in batch.ips]
+                evidence[(name, provider)] = DayEvidence(
+                    granted=sum(r.granted for r in rows),
+                    delivered=sum(r.delivered for r in rows),
+                    deferred=sum(r.deferred for r in rows),
+                    bounced=sum(r.bounced for r in rows),
+                    complaints=sum(r.complaints for r in rows),
+                )
+        self.states, moves = roll_day(self.plan, day, self.states, evidence)
+        self.store.save_positions(
+            self.plan.name, {k: _stored(s) for k, s in self.states.items()}, now_ms
+        )
+        for m in moves:
+            self.record(
+                now_ms,
+                "ramp",
+                f"{m.batch}/{m.provider}",
+                m.action,
+                m.reason,
+                {"day": day.isoformat(), "from_step": m.from_step, "to_step": m.to_step}
+                | m.evidence,
+            )
+        return moves
+
+    def record(
+        self,
+        now_ms: int,
+        kind: str,
+        subject: str,
+        action: str,
+        reason: str,
+        evidence: dict[str, Any],
+    ) -> None:
+        """Log a state-changing decision and queue it for the decision log."""
+        self.log.info(reason, kind=kind, subject=subject, action=action, **_loggable(evidence))
+        self._pending_log.append(LogEntry(now_ms, kind, subject, action, reason, evidence))
+
+    # ----- reload -----
+
+    def reload(self, now_ms: int) -> dict[str, Any]:
+        """Re-read the plan; swap it in only if valid. Returns the reply for `kiln reload`."""
+        try:
+            plan = load_plan(self.config.plan_path)
+        except (ScheduleError, OSError) as e:
+            problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
+            self.record(
+                now_ms,
+                "reload",
+                "plan",
+                "reload_failed",
+                "the plan has errors; the running plan stays",
+                {"problems": problems},
+            )
+            self.flush(now_ms)
+            return {
+                "ok": False,
+                "error": "the plan has errors; the running plan stays",
+                "problems": problems,
+            }
+        self.flush(now_ms)
+        old = self.plan.name
+        self.plan = plan
+        if plan.name != old:
+            loaded = self.store.load_positions(plan.name)
+            self.states = {k: _state(p) for k, p in loaded.items()}
+            self._mark_start(now_ms)
+        self.apply_plan(now_ms)
+        self.resolver = self._make_resolver()
+        self.record(
+            now_ms,
+            "reload",
+            "plan",
+            "reloaded",
+            f"plan {plan.name!r} is in force",
+            {"plan": str(self.config.plan_path), "previous": old},
+        )
+        self.flush(now_ms)
+        return {"ok": True, "plan": plan.name}
+
+    # ----- upcalls: operator requests answered in Python -----
+
+    def upcall(self, line: bytes, now_ms: int) -> dict[str, Any]:
+        """Answer a request the core handed back (`status`, `limits`, `reload`, `stats`)."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "invalid JSON"}
+        op = req.get("op")
+        handlers: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+            "status": lambda _r, t: self.status(t),
+            "limits": self.limits,
+            "reload": lambda _r, t: self.reload(t),
+            "stats": lambda _r, t: self.stats(t),
+        }
+        try:
+            reply = handlers[op](req, now_ms)
+        except _RequestError as e:
+            reply = {"ok": False, "error": str(e)}
+        if "id" in req:
+            reply = {"id": req["id"], **reply}
+        return reply
+
+    def status(self, now_ms: int) -> dict[str, Any]:
+        """Every batch x provider: step, state, caps per IP and what was used."""
+        ramps = []
+        for name, batch in self.plan.batches.items():
+            schedule = self.plan.schedules[batch.schedule]
+            for provider in plan_providers(self.plan):
+                s = self.states.get((name, provider), RampState())
+                caps, state = caps_at(self.plan, name, provider, s.step)
+                usage = [self.engine.usage(self.engine.key(ip, provider)) for ip in batch.ips]
+                started = batch.start_date <= _local_day(self.plan, now_ms)
+                ramps.append(
+                    {
+                        "batch": name,
+                        "pool": batch.pool,
+                        "provider": provider,
+                        "state": "paused" if s.paused else (state if started else "not_started"),
+                        "step": s.step,
+                        "steps": len(steps_for(schedule, provider)),
+                        "ips": list(batch.ips),
+                        "daily_cap": caps.daily_cap,
+                        "hourly_cap": usage[0]["hourly_cap"] if usage else None,
+                        "day_cap_total": day_cap(self.plan, name, provider, s.step),
+                        "day_used": sum(u["day_used"] for u in usage),
+                        "hour_used": sum(u["hour_used"] for u in usage),
+                        "idle_days": s.idle_days,
+                        "days_without_advance": s.days_without_advance,
+                    }
+                )
+        return {
+            "ok": True,
+            "plan": self.plan.name,
+            "now_ms": now_ms,
+            "timezone": self.plan.timezone,
+            "ramps": ramps,
+        }
+
+    def limits(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """The caps in force for one (IP, provider or domain), what is used, and its ramp."""
+        ip = req.get("ip")
+        if not isinstance(ip, str):
+            raise _RequestError("ip: missing or not a string")
+        provider = req.get("provider")
+        domain = req.get("domain")
+        if (provider is None) == (domain is None):
+            raise _RequestError("give domain or provider (one of them)")
+        if domain is not None:
+            if not isinstance(domain, str):
+                raise _RequestError("domain: must be a string")
+            try:
+                provider = self.engine.route(domain, now_ms)
+            except _core.CoreError as e:
+                raise _RequestError(str(e)) from None
+            if provider is None:
+                return {"ok": True, "ip": ip, "provider": None, "reason": "null_mx"}
+        if not isinstance(provider, str) or provider not in plan_providers(self.plan):
+            raise _RequestError(
+                f"provider: unknown provider {provider!r}, expected one of "
+                + ", ".join(plan_providers(self.plan))
+            )
+        batch = next((n for n, b in self.plan.batches.items() if ip in b.ips), None)
+        try:
+            u = self.engine.usage(self.engine.key(ip, provider))
+        except _core.CoreError as e:
+            raise _RequestError(str(e)) from None
+        rate = (
+            str(RateSpec(u["rate_count"], u["rate_period_ms"], u["max_burst"]))
+            if u["rate_count"]
+            else None
+        )
+        out: dict[str, Any] = {
+            "ok": True,
+            "ip": ip,
+            "provider": provider,
+            "batch": batch,
+            "hourly_cap": u["hourly_cap"],
+            "daily_cap": u["daily_cap"],
+            "rate": rate,
+            "hour_used": u["hour_used"],
+            "day_used": u["day_used"],
+            "paused": u["paused"],
+            "multiplier": u["multiplier"],
+            "suspended_until_ms": u["suspended_until_ms"] or None,
+        }
+        if batch is not None:
+            s = self.states.get((batch, provider), RampState())
+            _, state = caps_at(self.plan, batch, provider, s.step)
+            if self.plan.batches[batch].start_date > _local_day(self.plan, now_ms):
+                state = "not_started"
+            out |= {"step": s.step, "state": "paused" if s.paused else state}
+        else:
+            out |= {"step": None, "state": "warm"}
+        return out
+
+    def stats(self, now_ms: int) -> dict[str, Any]:
+        """Protocol counters and process facts."""
+        return {
+            "ok": True,
+            "uptime_ms": now_ms - self.started_ms,
+            "keys": self.engine.key_count(),
+            "routes": self.engine.route_count(),
+            **self.engine.wire_stats(),
+        }
+
+    # ----- domains -----
+
+    def _make_resolver(self) -> MxResolver | None:
+        """An MX resolver for the plan's provider table, or None without any nameserver."""
+        table = ProviderTable.from_plan(self.plan)
+        if self.config.nameservers:
+            hosts, ports = [], set()
+            for ns in self.config.nameservers:
+                host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
+                hosts.append(host)
+                ports.add(int(port))
+            if len(ports) != 1:
+                raise KilnError("every --nameserver must use the same port")
+            return MxResolver(table, hosts, port=ports.pop())
+        try:
+            return MxResolver.system(table)
+        except dns.resolver.NoResolverConfiguration:
+            self.log.warning("no nameserver configured: unknown domains count as default")
+            return None
+
+    async def resolve_pending(self) -> None:
+        """Look up MX records of domains the engine saw without a route (never blocks serving)."""
+        if self.resolver is None:
+            return
+        own = set(plan_providers(self.plan))
+        for domain in self.engine.take_unresolved():
+            if domain in self._lookups:
+                continue
+            self._lookups[domain] = asyncio.get_running_loop().create_task(
+                self._resolve(domain, own)
+            )
+
+    async def _resolve(self, domain: str, own: set[str]) -> None:
+        """One lookup; the answer becomes a route until its TTL runs out."""
+        try:
+            now_ms = self.clock.now_ms()
+            assert self.resolver is not None
+            provider, expires_ms = await self.resolver.route(domain, now_ms)
+            route = None if provider == NULL_MX else self.fold(provider, own)
+            self.engine.set_route(domain, route, expires_ms)
+        except (_core.CoreError, KilnError) as e:
+            self.log.warning("domain lookup failed", domain=domain, error=str(e))
+        finally:
+            self._lookups.pop(domain, None)
+
+    # ----- serving -----
+
+    async def serve_forever(self) -> None:
+        """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self.resolver = self._make_resolver()
+        path = self.config.socket
+        _prepare_socket_path(path)
+        self._server = await loop.create_unix_server(lambda: NativeProtocol(self), str(path))
+        _set_socket_access(path, self.config.socket_mode, self.config.socket_group)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(self.clock.now_ms()))
+        self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=self.plan.zone)
+        interval_s = self.config.snapshot_interval_ms / 1000
+        self._scheduler.add_job(
+            lambda: self.tick(self.clock.now_ms()),
+            IntervalTrigger(seconds=interval_s),
+            id="flush",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            lambda: self.on_hour(self.clock.now_ms()),
+            CronTrigger(minute=0, timezone=self.plan.zone),
+            id="hour",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=3600,
+        )
+        self._scheduler.add_job(
+            self.resolve_pending,
+            IntervalTrigger(seconds=0.2),
+            id="mx",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.start()
+        self.log.info(
+            "listening",
+            socket=str(path),
+            database=_masked(self.config.store_url),
+            plan=self.plan.name,
+        )
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop listening, write a final snapshot, remove the socket."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self.resolver is not None:
+            await self.resolver.aclose()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        now_ms = self.clock.now_ms()
+        self.record(now_ms, "stop", "daemon", "stop", "kiln stopped cleanly", {})
+        self.flush(now_ms)
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket.unlink()
+        self.log.info("stopped")
+
+    def stop(self) -> None:
+        """Ask `serve_forever` to return (from the loop's thread)."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+
+class _RequestError(Exception):
+    """A bad operator request: becomes `{"ok": false, "error": ...}`."""
+
+
+class NativeProtocol(asyncio.Protocol):
+    """One client of the native socket. Python moves bytes; `Engine.serve` answers them."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; bound its write buffer."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_HIGH_WATER_BYTES)
+
+    def data_received(self, data: bytes) -> None:
+        """Answer every complete line; keep a partial one for the next read."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        buf = self.buffer + data if self.buffer else data
+        engine = self.daemon.engine
+        clock = self.daemon.clock
+        while True:
+            served = engine.serve(buf, clock.now_ms())
+            if served.reply:
+                transport.write(served.reply)
+            if served.too_long:
+                transport.write(
+                    b'{"ok":false,"error":"request line longer than 65536 bytes; closing"}\n'
+                )
+                transport.close()
+                self.buffer = b""
+                return
+            buf = buf[served.consumed :]
+            if served.upcall is None:
+                break
+            reply = self.daemon.upcall(served.upcall, clock.now_ms())
+            transport.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        self.buffer = buf
+
+    def eof_received(self) -> bool:
+        """A client that closed its side gets the rest of its replies, then we close."""
+        return False
+
+    def pause_writing(self) -> None:
+        """The client reads slower than it asks: stop reading until it catches up."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The write buffer drained: read again."""
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+
+def _loggable(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """Evidence fields that do not collide with the logger's own arguments."""
+    return {k if k not in {"event", "level"} else f"evidence_{k}": v for k, v in evidence.items()}
+
+
+def _masked(url: str) -> str:
+    """A database URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make the folder; remove a stale socket, refuse if another daemon answers on it."""
+    if len(str(path).encode()) > 107:
+        raise KilnError(f"socket path is too long for a Unix socket (max 107 bytes): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: left by a daemon that was killed
+        else:
+            raise KilnError(f"another kiln daemon is listening on {path}")
+        finally:
+            probe.close()
+
+
+def _set_socket_access(path: Path, mode: int, group: str | None) -> None:
+    """Apply the configured mode and group to the socket file."""
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise KilnError(f"socket group {group!r} does not exist") from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+def run(config: DaemonConfig, clock: Clock | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
+    log = get_logger(component="daemon")
+    try:
+        daemon = Daemon(config, clock)
+        daemon.start()
+    except ScheduleError as e:
+        for p in e.problems:
+            log.error("plan error", problem=str(p))
+        return 1
+    except KilnError as e:
+        log.error("cannot start", error=str(e))
+        return 1
+    try:
+        asyncio.run(daemon.serve_forever())
+    except KilnError as e:
+        log.error("cannot serve", error=str(e))
+        daemon.store.close()
+        return 1
+    return 0
