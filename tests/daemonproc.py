@@ -1,0 +1,122 @@
+"""Run `kiln run` as a real subprocess for tests: start, wait until it answers, stop or kill."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kiln.client import Client
+
+__all__ = ["REPO", "DaemonProc", "running_daemon"]
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "schedules" / "example.yaml"
+
+
+class DaemonProc:
+    """A `kiln run` process with its own state folder (short path: Unix sockets max 107 B)."""
+
+    def __init__(
+        self,
+        plan: Path = EXAMPLE,
+        state_dir: Path | None = None,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="kiln-", dir="/tmp"))
+        self.socket = self.state_dir / "kiln.sock"
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.state_dir / "daemon.log"
+
+    def start(self, timeout_s: float = 20.0) -> DaemonProc:
+        """Start the daemon and wait until it answers `ping`."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "kiln",
+            "run",
+            "--config",
+            str(self.plan),
+            "--state-dir",
+            str(self.state_dir),
+            "--log-format",
+            "json",
+            "--nameserver",
+            "127.0.0.1:9",
+            *self.args,
+        ]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
+                cmd, stdout=log, stderr=log, env=self.env, cwd=REPO
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kiln run exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(str(self.socket))
+                    probe.sendall(b'{"op":"ping"}\n')
+                    if probe.recv(100).startswith(b'{"ok":true'):
+                        return self
+                finally:
+                    probe.close()
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"kiln run did not answer within {timeout_s} s:\n{self.log()}")
+
+    def client(self) -> Client:
+        """A new connection."""
+        return Client(self.socket)
+
+    def log(self) -> str:
+        """Everything the daemon wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send a signal."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        """Kill if running and remove the state folder."""
+        self.kill()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_daemon(
+    plan: Path = EXAMPLE, args: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[DaemonProc]:
+    """A started daemon, killed and cleaned up afterwards."""
+    d = DaemonProc(plan, args=args, env=env)
+    try:
+        yield d.start()
+    finally:
+        d.cleanup()
