@@ -225,15 +225,15 @@ class Daemon:
         moves: list[RampMove] = []
         day = last + timedelta(days=1)
         while day < today:
-            moves += self._roll(day, now_ms)
-            self.store.set_meta(key, day.isoformat())
+            moves += self._roll(day, now_ms, {key: day.isoformat()})
             day += timedelta(days=1)
         if moves:
             self.apply_plan(now_ms)
         return moves
 
-    def _roll(self, day: date, now_ms: int) -> list[RampMove]:
-        """Decide one finished day for every ramp and record each move."""
+    def _roll(self, day: date, now_ms: int, meta: dict[str, str]) -> list[RampMove]:
+        """Decide one finished day for every ramp; save positions, `meta` and the moves'
+        log entries in one transaction, so a crash never rolls a day twice."""
         counts = self.store.counts(day)
         evidence: dict[tuple[str, str], DayEvidence] = {}
         for name, batch in self.plan.batches.items():
@@ -246,12 +246,9 @@ class Daemon:
                     bounced=sum(r.bounced for r in rows),
                     complaints=sum(r.complaints for r in rows),
                 )
-        self.states, moves = roll_day(self.plan, day, self.states, evidence)
-        self.store.save_positions(
-            self.plan.name, {k: _stored(s) for k, s in self.states.items()}, now_ms
-        )
-        for m in moves:
-            self.record(
+        states, moves = roll_day(self.plan, day, self.states, evidence)
+        entries = [
+            LogEntry(
                 now_ms,
                 "ramp",
                 f"{m.batch}/{m.provider}",
@@ -259,6 +256,20 @@ class Daemon:
                 m.reason,
                 {"day": day.isoformat(), "from_step": m.from_step, "to_step": m.to_step}
                 | m.evidence,
+            )
+            for m in moves
+        ]
+        self.store.save_positions(
+            self.plan.name,
+            {k: _stored(s) for k, s in states.items()},
+            now_ms,
+            meta=meta,
+            entries=entries,
+        )
+        self.states = states
+        for e in entries:
+            self.log.info(
+                e.reason, kind=e.kind, subject=e.subject, action=e.action, **_loggable(e.evidence)
             )
         return moves
 

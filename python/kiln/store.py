@@ -357,12 +357,18 @@ class Store:
         """Store `value` under `key` in kiln_meta, replacing any previous value."""
         if key == _VERSION_KEY:
             raise ValueError(f"set_meta: {_VERSION_KEY!r} belongs to the store")
+        with self._transaction(f"write meta value {key!r}", write=True) as session:
+            self._set_meta(session, key, value)
+
+    def _set_meta(self, session: Session, key: str, value: str) -> None:
+        """The upsert of `set_meta`, inside the caller's transaction."""
+        if key == _VERSION_KEY:
+            raise ValueError(f"set_meta: {_VERSION_KEY!r} belongs to the store")
         statement = self._insert()(_Meta).values(key=key, value=value)
         statement = statement.on_conflict_do_update(
             index_elements=["key"], set_={"value": statement.excluded.value}
         )
-        with self._transaction(f"write meta value {key!r}", write=True) as session:
-            session.exec(statement)
+        session.exec(statement)
 
     # -- ramp positions ------------------------------------------------------------------------
 
@@ -382,14 +388,34 @@ class Store:
             }
 
     def save_positions(
-        self, plan: str, positions: Mapping[tuple[str, str], StoredPosition], now_ms: int
+        self,
+        plan: str,
+        positions: Mapping[tuple[str, str], StoredPosition],
+        now_ms: int,
+        *,
+        meta: Mapping[str, str] | None = None,
+        entries: Iterable[LogEntry] = (),
     ) -> None:
-        """Insert or overwrite each given position of `plan`, all in one transaction.
+        """Insert or overwrite each given position of `plan`, all in one transaction, with
+        `meta` values and decision-log `entries` (a day roll lands whole or not at all).
 
         Positions saved earlier and absent from `positions` are left as they are.
         """
-        if not positions:
-            return
+        with self._transaction(f"save ramp positions of plan {plan!r}", write=True) as session:
+            if positions:
+                self._save_positions(session, plan, positions, now_ms)
+            for key, value in (meta or {}).items():
+                self._set_meta(session, key, value)
+            self._append(session, entries)
+
+    def _save_positions(
+        self,
+        session: Session,
+        plan: str,
+        positions: Mapping[tuple[str, str], StoredPosition],
+        now_ms: int,
+    ) -> None:
+        """The upsert of `save_positions`, inside the caller's transaction."""
         rows = [
             {
                 "plan": plan,
@@ -413,8 +439,7 @@ class Store:
                 if name not in ("plan", "batch", "provider")
             },
         )
-        with self._transaction(f"save ramp positions of plan {plan!r}", write=True) as session:
-            session.exec(statement, params=rows)
+        session.exec(statement, params=rows)
 
     # -- counter snapshots ---------------------------------------------------------------------
 
