@@ -473,24 +473,26 @@ impl Wire {
         let mut start = 0;
         while start < input.len() {
             let Some(len) = input[start..].iter().position(|&b| b == b'\n') else {
-                let rest = input.len() - start;
+                // A last `\r` may be the start of a `\r\n` terminator: not counted yet.
+                let rest = input.len() - start - usize::from(input.ends_with(b"\r"));
                 return Ok(Served {
                     consumed: start,
                     upcall: None,
                     too_long: rest > MAX_LINE_BYTES,
                 });
             };
-            if len > MAX_LINE_BYTES {
+            let mut end = start + len;
+            let next = end + 1;
+            if end > start && input[end - 1] == b'\r' {
+                end -= 1;
+            }
+            // The limit counts the line without its terminator, `\n` or `\r\n` alike.
+            if end - start > MAX_LINE_BYTES {
                 return Ok(Served {
                     consumed: start,
                     upcall: None,
                     too_long: true,
                 });
-            }
-            let mut end = start + len;
-            let next = end + 1;
-            if end > start && input[end - 1] == b'\r' {
-                end -= 1;
             }
             let line_start = start;
             let line = &input[line_start..end];
@@ -546,6 +548,13 @@ impl Wire {
             return false;
         };
         if self.upcall_ops.iter().any(|o| o.as_ref() == op) {
+            // A repeated or wrong-typed field is refused here too, so Python's own parse of
+            // the line never sees a second `op` or `id` (its last one would win).
+            if let Some(p) = &req.problem {
+                self.stats.errors += 1;
+                error_reply(out, id, p);
+                return false;
+            }
             return true;
         }
         let mark = out.len();
@@ -1004,6 +1013,49 @@ mod tests {
         let (a, b) = s.upcall.unwrap();
         assert_eq!(&input[a..b], "{\"op\":\"status\"}");
         assert_eq!(s.consumed, input.len());
+    }
+
+    #[test]
+    fn upcall_lines_with_a_repeated_field_are_refused() {
+        let (mut e, mut w) = setup();
+        let (out, s) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"status\",\"op\":\"nope\",\"id\":3}\n{\"op\":\"status\",\"n\":\"x\"}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "{\"id\":3,\"ok\":false,\"error\":\"op: given twice\"}",
+                "{\"ok\":false,\"error\":\"n: must be a whole number, got \\\"x\\\"\"}"
+            ]
+        );
+        assert_eq!(s.upcall, None);
+    }
+
+    #[test]
+    fn the_line_limit_does_not_count_the_terminator() {
+        let (mut e, mut w) = setup();
+        let pad = |total: usize| {
+            let head = "{\"op\":\"ping\",\"id\":\"";
+            format!("{head}{}\"}}", "x".repeat(total - head.len() - 2))
+        };
+        for end in ["\n", "\r\n"] {
+            let line = pad(MAX_LINE_BYTES);
+            assert_eq!(line.len(), MAX_LINE_BYTES);
+            let (out, s) = serve(&mut e, &mut w, &format!("{line}{end}"));
+            assert!(out.ends_with(",\"ok\":true}\n"), "{end:?}");
+            assert!(!s.too_long);
+            // Waiting for the rest of a terminator is not yet too long.
+            let (_, s) = serve(&mut e, &mut w, &format!("{line}{}", &end[..end.len() - 1]));
+            assert_eq!((s.consumed, s.too_long), (0, false), "{end:?}");
+            let longer = pad(MAX_LINE_BYTES + 1);
+            let (out, s) = serve(&mut e, &mut w, &format!("{longer}{end}"));
+            assert_eq!((out.as_str(), s.consumed, s.too_long), ("", 0, true));
+            let (_, s) = serve(&mut e, &mut w, &format!("{longer}\r"));
+            assert!(s.too_long);
+        }
     }
 
     #[test]
