@@ -21,6 +21,7 @@ import dataclasses
 import grp
 import json
 import os
+import resource
 import signal
 import socket
 from collections import deque
@@ -615,9 +616,24 @@ class NativeProtocol(asyncio.Protocol):
             buf = buf[served.consumed :]
             if served.upcall is None:
                 break
-            reply = self.daemon.upcall(served.upcall, clock.now_ms())
-            transport.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            transport.write(self.upcall(served.upcall, clock.now_ms()))
         self.buffer = buf
+
+    def upcall(self, line: bytes, now_ms: int) -> bytes:
+        """The reply line to a request the core handed back, its `id` echoed as written.
+
+        `Daemon.upcall` never sees the `id`: Python's JSON would turn `1e999` into
+        `Infinity` and `1E2` into `100.0`, and a deeply nested id would not parse at all.
+        """
+        raw_id, rest = _split_id(line)
+        try:
+            reply = self.daemon.upcall(rest, now_ms)
+        except RecursionError:
+            reply = {"ok": False, "error": "request nested too deeply"}
+        body = json.dumps(reply, separators=(",", ":")).encode()
+        if raw_id is None:
+            return body + b"\n"
+        return b'{"id":' + raw_id + b"," + body[1:] + b"\n"
 
     def eof_received(self) -> bool:
         """A client that closed its side gets the rest of its replies, then we close."""
@@ -632,6 +648,80 @@ class NativeProtocol(asyncio.Protocol):
         """The write buffer drained: read again."""
         if self.transport is not None:
             self.transport.resume_reading()
+
+
+def _string_end(line: bytes, start: int) -> int:
+    """Just past the JSON string whose opening quote is at `start`."""
+    i = start + 1
+    while True:
+        quote = line.index(b'"', i)
+        backslashes = quote
+        while line[backslashes - 1] == 0x5C:  # a quote after an odd run of \\ is escaped
+            backslashes -= 1
+        if (quote - backslashes) % 2 == 0:
+            return quote + 1
+        i = quote + 1
+
+
+def _value_end(line: bytes, start: int) -> int:
+    """Just past the JSON value at `start` (iterative: any depth)."""
+    i, depth = start, 0
+    while True:
+        c = line[i]
+        if c == 0x22:  # "
+            i = _string_end(line, i)
+        elif c in b"[{":
+            depth += 1
+            i += 1
+            continue
+        elif c in b"]}":
+            depth -= 1
+            i += 1
+        elif c in b" \t\r\n,:":  # only met inside a container
+            i += 1
+            continue
+        else:  # a number, true, false or null
+            while i < len(line) and line[i] not in b" \t\r\n,]}":
+                i += 1
+        if depth == 0:
+            return i
+
+
+def _space_end(line: bytes, i: int) -> int:
+    """The first index at or after `i` that is not JSON whitespace."""
+    while i < len(line) and line[i] in b" \t\r\n":
+        i += 1
+    return i
+
+
+def _split_id(line: bytes) -> tuple[bytes | None, bytes]:
+    """(the `id` value as written or None, the line without it) of a request line the core
+    has checked: one JSON object with no repeated field."""
+    members: list[bytes] = []
+    raw_id = None
+    i = _space_end(line, line.index(b"{") + 1)
+    while line[i] != 0x7D:  # }
+        key_end = _string_end(line, i)
+        value_start = _space_end(line, _space_end(line, key_end) + 1)  # past the colon
+        value_end = _value_end(line, value_start)
+        if json.loads(line[i:key_end]) == "id":
+            raw_id = line[value_start:value_end]
+        else:
+            members.append(line[i:value_end])
+        i = _space_end(line, value_end)
+        if line[i] == 0x2C:  # ,
+            i = _space_end(line, i + 1)
+    return raw_id, b"{" + b",".join(members) + b"}"
+
+
+def _raise_open_files_limit(log: Any) -> None:
+    """Raise the soft limit on open files to the hard one (at most 65,536): each client
+    connection holds one, and the usual soft default of 1,024 is soon reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open_files_limit_raised", soft_before=soft, soft=target, hard=hard)
 
 
 def _loggable(evidence: Mapping[str, Any]) -> dict[str, Any]:
@@ -680,6 +770,7 @@ def _set_socket_access(path: Path, mode: int, group: str | None) -> None:
 def run(config: DaemonConfig, clock: Clock | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
     log = get_logger(component="daemon")
+    _raise_open_files_limit(log)
     try:
         daemon = Daemon(config, clock)
         daemon.start()
