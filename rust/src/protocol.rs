@@ -543,8 +543,14 @@ impl Wire {
         };
         let id = req.id;
         let Some(op) = req.op.as_deref() else {
+            // `{"op":5}` says what is wrong with `op`, not that it is missing.
             self.stats.errors += 1;
-            error_reply(out, id, "op: missing (one of acquire, pick, report, ...)");
+            let message = req.problem.as_deref();
+            error_reply(
+                out,
+                id,
+                message.unwrap_or("op: missing (one of acquire, pick, report, ...)"),
+            );
             return false;
         };
         if self.upcall_ops.iter().any(|o| o.as_ref() == op) {
@@ -596,10 +602,15 @@ impl Wire {
         if let Some(p) = &req.problem {
             return Err(p.clone().into());
         }
+        let not_a_field = |f: &str| -> Refusal {
+            if allowed.is_empty() {
+                format!("{f}: not a field of {op} (it takes none)").into()
+            } else {
+                format!("{f}: not a field of {op} (fields: {})", allowed.join(", ")).into()
+            }
+        };
         if let Some(f) = req.extra.first() {
-            return Err(
-                format!("{f}: not a field of {op} (fields: {})", allowed.join(", ")).into(),
-            );
+            return Err(not_a_field(f));
         }
         let given = [
             ("ip", req.ip.is_some()),
@@ -613,9 +624,7 @@ impl Wire {
             ("text", req.text.is_some()),
         ];
         if let Some((f, _)) = given.iter().find(|(f, g)| *g && !allowed.contains(f)) {
-            return Err(
-                format!("{f}: not a field of {op} (fields: {})", allowed.join(", ")).into(),
-            );
+            return Err(not_a_field(f));
         }
         match op {
             "acquire" => self.acquire(engine, req, now_ms, out),
@@ -987,6 +996,16 @@ mod tests {
             lines[5]
         );
         assert_eq!(w.stats.errors, 6);
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":5,\"id\":1}\n{\"op\":\"ping\",\"n\":1}\n",
+        );
+        assert_eq!(
+            out,
+            "{\"id\":1,\"ok\":false,\"error\":\"op: must be a string, got 5\"}\n\
+             {\"ok\":false,\"error\":\"n: not a field of ping (it takes none)\"}\n"
+        );
     }
 
     #[test]
