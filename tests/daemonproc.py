@@ -53,10 +53,10 @@ class DaemonProc:
             str(self.state_dir),
             "--log-format",
             "json",
-            "--nameserver",
-            "127.0.0.1:9",
             *self.args,
         ]
+        if "--nameserver" not in self.args:
+            cmd += ["--nameserver", "127.0.0.1:9"]  # nothing answers: every domain is default
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
                 cmd, stdout=log, stderr=log, env=self.env, cwd=REPO

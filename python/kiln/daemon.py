@@ -190,13 +190,20 @@ class Daemon:
         self.flush(now_ms)
 
     def on_hour(self, now_ms: int) -> None:
-        """An hour began: ramps whose day ended roll, then this hour's limits are pushed."""
+        """An hour began: ramps whose day ended roll, then this hour's limits are pushed.
+        Idempotent: a second call for the same hour does nothing."""
+        if now_ms < self._next_hour_ms:
+            return
         self.flush(now_ms)
         self.roll_days(now_ms)
         self.apply_plan(now_ms)
 
     def flush(self, now_ms: int) -> None:
-        """Snapshot counters and write tallies and log entries, in one transaction."""
+        """Snapshot counters and write tallies and log entries, in one transaction.
+
+        Tallies since the last flush belong to the hour the daemon has not rolled yet, so
+        traffic before midnight counts for the day that ended even if this runs after it.
+        """
         counts: dict[tuple[str, str], DayCounts] = {}
         for (
             ip,
@@ -213,7 +220,7 @@ class Daemon:
         self.store.flush(
             snapshot=self.engine.snapshot_bytes(),
             now_ms=now_ms,
-            day=_local_day(self.plan, now_ms),
+            day=_local_day(self.plan, min(now_ms, self._next_hour_ms - 1)),
             counts=counts,
             entries=entries,
         )
@@ -282,9 +289,12 @@ class Daemon:
         action: str,
         reason: str,
         evidence: dict[str, Any],
+        level: str = "info",
     ) -> None:
         """Log a state-changing decision and queue it for the decision log."""
-        self.log.info(reason, kind=kind, subject=subject, action=action, **_loggable(evidence))
+        getattr(self.log, level)(
+            reason, kind=kind, subject=subject, action=action, **_loggable(evidence)
+        )
         self._pending_log.append(LogEntry(now_ms, kind, subject, action, reason, evidence))
 
     # ----- reload -----
@@ -302,6 +312,7 @@ class Daemon:
                 "reload_failed",
                 "the plan has errors; the running plan stays",
                 {"problems": problems},
+                level="error",
             )
             self.flush(now_ms)
             return {
