@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from daemonproc import EXAMPLE, REPO, DaemonProc, running_daemon
 from kiln import _core
-from kiln.daemon import UPCALL_OPS
+from kiln.daemon import UPCALL_OPS, _split_id
 
 DOC = REPO / "docs" / "protocol.md"
 #: Stands for a value that varies between runs, in a documented reply.
@@ -820,6 +820,36 @@ def test_acquire_grants_exactly_what_a_daily_cap_allows(
     assert [(r["ok"], r.get("granted", 0), r.get("reason")) for r in replies] == expected
 
 
+@given(
+    st.dictionaries(st.text(max_size=4).filter(lambda k: k != "id"), _json_values(), max_size=4),
+    st.none() | _json_values(),
+    st.sampled_from([(",", ":"), (", ", ": "), (" ,\t", " :\r\n ")]),
+    st.booleans(),
+    st.integers(0, 4),
+)
+def test_upcall_id_is_split_off_as_written(
+    fields: dict[str, Any],
+    id_value: Any,
+    separators: tuple[str, str],
+    ascii_only: bool,
+    at: int,
+) -> None:
+    """`NativeProtocol` takes an upcall's `id` text out of the line exactly as written, and
+    the rest of the line is the same object without it."""
+    items = list(fields.items())
+    if id_value is not None:
+        items.insert(min(at, len(items)), ("id", id_value))
+    dump = json.JSONEncoder(separators=separators, ensure_ascii=ascii_only).encode
+    members = [dump(k) + separators[1] + dump(v) for k, v in items]
+    line = (" { " + separators[0].join(members) + " } ").encode()
+    raw_id, rest = _split_id(line)
+    if id_value is None:
+        assert raw_id is None
+    else:
+        assert raw_id == dump(id_value).encode()
+    assert json.loads(rest) == fields
+
+
 # ----- d. a real daemon on a real socket -----
 
 
@@ -828,6 +858,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
     """One daemon for this module's socket tests (the example plan, active all day)."""
     with running_daemon(anytime_plan(tmp_path_factory.mktemp("plan"))) as proc:
         yield proc
+        log = proc.log()
+        assert "Traceback" not in log, log  # no request ever broke a connection's handler
 
 
 def test_bad_lines_get_errors_and_the_connection_keeps_working(daemon: DaemonProc) -> None:
