@@ -20,16 +20,26 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"kiln {kiln.__version__}"
 
 
-def test_run_validates_then_says_the_daemon_is_not_there_yet(
+def test_run_refuses_a_bad_plan_before_starting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`kiln run` checks the plan (exit 1 on mistakes), then says the daemon is not there yet."""
-    assert main(["run", "--config", "schedules/example.yaml"]) == 0
-    assert "plan 'example' is valid; daemon not yet available" in capsys.readouterr().out
+    """`kiln run` checks the plan first: exit 1 with located errors, nothing created."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\n")
-    assert main(["run", "--config", str(bad)]) == 1
+    state = tmp_path / "state"
+    assert main(["run", "--config", str(bad), "--state-dir", str(state)]) == 1
     assert "required key is missing" in capsys.readouterr().err
+    assert not state.exists()
+
+
+def test_client_verbs_say_when_no_daemon_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kiln status/reload/query` without a daemon: exit 1 and a sentence, no traceback."""
+    for verb in (["status"], ["reload"], ["query", '{"op":"ping"}']):
+        assert main([verb[0], "--state-dir", str(tmp_path), *verb[1:]]) == 1
+        err = capsys.readouterr().err
+        assert f"kiln {verb[0]}: cannot reach the kiln daemon at {tmp_path}/kiln.sock" in err
 
 
 def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,3 +155,18 @@ def test_plan_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "timezone: required key is missing" in capsys.readouterr().err
     assert main(["plan", "schedules/example.yaml", "--days", "0"]) == 1
     assert "--days must be in 1..3660, got 0" in capsys.readouterr().err
+
+
+def test_the_sample_systemd_unit_runs_kiln_with_flags_it_knows() -> None:
+    import configparser
+    import shlex
+
+    from kiln.cli import build_parser
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(Path(__file__).parents[1] / "contrib" / "systemd" / "kiln.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0].endswith("/kiln")
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag
+    assert (args.verb, args.socket_mode, args.log_format) == ("run", 0o660, "json")
+    assert unit["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
