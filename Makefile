@@ -10,6 +10,8 @@ export PYO3_PYTHON := $(abspath $(PY))
 # cargo takes --manifest-path after the subcommand: $(call cargo,SUBCOMMAND) ARGS...
 cargo = cargo $(1) --manifest-path rust/Cargo.toml
 RUST_SRC := $(wildcard rust/src/*.rs) rust/Cargo.toml
+# Rebuild when the extension is missing even if the stamp says it was built.
+EXT_MISSING := $(if $(wildcard python/kiln/_core*.so),,FORCE)
 STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests).
@@ -33,12 +35,14 @@ system-deps: ## Debian packages the tests need (apt-get, as root), skipped when 
 
 install: $(VENV)/.installed ## virtualenv with maturin (dependencies come with build-dev)
 
-$(VENV)/.built-dev: $(VENV)/.installed $(RUST_SRC) pyproject.toml
+FORCE:
+
+$(VENV)/.built-dev: $(VENV)/.installed $(RUST_SRC) pyproject.toml $(EXT_MISSING)
 	maturin develop --quiet --extras dev
 	rm -f $(VENV)/.built-prod
 	touch $@
 
-$(VENV)/.built-prod: $(VENV)/.installed $(RUST_SRC) pyproject.toml
+$(VENV)/.built-prod: $(VENV)/.installed $(RUST_SRC) pyproject.toml $(EXT_MISSING)
 	maturin develop --quiet --release --extras dev
 	rm -f $(VENV)/.built-dev
 	touch $@
@@ -82,6 +86,7 @@ bench: build-prod ## release build, benchmarks, JSON results in benches/results,
 	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-enable --benchmark-only \
 		--benchmark-json=benches/results/python.json
 	$(PY) benches/memory.py --json benches/results/memory.json
+	$(PY) benches/daemon_bench.py --json benches/results/daemon.json
 	$(PY) benches/compare.py benches/results
 
 all: format lint test ## what CI runs, plus formatting
