@@ -3,9 +3,10 @@
     python benches/compare.py benches/results [--strict]
 
 Reads `rust.json` (rust/benches/core.rs), `python.json` (pytest-benchmark) and `memory.json`
-(benches/memory.py) from the directory, prints the ratios per group (each implementation
-against kiln in the same run) and every target with its measured figure, PASS or MISS, and
-writes `report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
+(benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py) if it is
+there; prints the ratios per group (each implementation against kiln in the same run), the
+daemon's modes, and every target with its measured figure, PASS or MISS, and writes
+`report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
 Missing inputs show as n/a, never as a pass.
 """
 
@@ -194,6 +195,28 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:,.{digits}f}"
 
 
+def daemon_section(data: Any) -> list[Target]:
+    """Print the daemon's modes from daemon.json, kiln beside the echo server; its targets."""
+    print("\nDaemon on its socket (medians over rounds; k/e = kiln / echo server, same run)")
+    print(
+        f"  {'mode':<12} {'kiln/s':>11} {'k/e':>5} {'p50 us':>8} {'k/e':>5} {'p99 us':>8} "
+        f"{'cpu us/decision':>15} {'errors':>6}"
+    )
+    for mode, k in data.get("kiln", {}).items():
+        r = data.get("ratios", {}).get(mode, {})
+        bad = sum(int(k.get(f, 0)) for f in ("errors", "out_of_order", "lost"))
+        print(
+            f"  {mode:<12} {_fmt(k.get('decisions_per_s'), 0):>11} "
+            f"{_fmt(r.get('decisions_per_s_kiln_over_echo')):>5} {_fmt(k.get('p50_us'), 1):>8} "
+            f"{_fmt(r.get('p50_kiln_over_echo')):>5} {_fmt(k.get('p99_us'), 1):>8} "
+            f"{_fmt(k.get('daemon_cpu_us_per_decision')):>15} {bad:>6}"
+        )
+    return [
+        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
+        for t in data.get("targets", [])
+    ]
+
+
 def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
     """Read the three inputs, print the tables, and return the targets and the report."""
     rust = _load(results / "rust.json")
@@ -211,6 +234,10 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
             print(f"    {impl:<24} {_fmt(ns):>12} ns   {_fmt(ratio):>8}x")
 
     found = targets(rust, py, mem)
+    daemon = None
+    if (results / "daemon.json").exists():
+        daemon = _load(results / "daemon.json")
+        found += daemon_section(daemon)
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")
     for t in found:
         measured = f"{_fmt(t.measured)} {t.unit}".rstrip()
@@ -228,6 +255,7 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
         "targets": [{**asdict(t), "status": t.status} for t in found],
         "ratios": ratios,
         "info": extra,
+        "daemon": daemon.get("ratios") if isinstance(daemon, dict) else None,
     }
     return found, doc
 
