@@ -311,3 +311,18 @@ def test_bad_ip_caps_change_nothing(engine: Engine) -> None:
     with pytest.raises(CoreError, match="hourly_cap: must be below"):
         engine.set_ip_caps("192.0.2.7", hourly_cap=2**32 - 1)
     assert engine.snapshot() == before
+
+
+def test_restore_keeps_routes_of_known_providers_and_adds_none() -> None:
+    """A restore moves routes to the restored engine's handles and never adds providers."""
+    empty = Engine()
+    empty.key("192.0.2.1", "google")
+    snap = empty.snapshot()
+    e = Engine()
+    e.set_default_provider("default")
+    e.set_route("gmail.com", "google", 2**40)
+    e.set_route("yahoo.com", "yahoo", 2**40)
+    e.restore(snap)
+    assert e.snapshot() == snap  # no provider was added by the restore
+    assert e.route("gmail.com", 0) == "google"
+    assert e.route_count() == 1  # yahoo is unknown to the restored engine: its route is gone

@@ -130,8 +130,6 @@ class Daemon:
     def start(self) -> None:
         """Restore counters, load ramp positions, push the plan into the engine."""
         now_ms = self.clock.now_ms()
-        self.engine.set_default_provider(DEFAULT_PROVIDER)
-        self.engine.set_upcall_ops(list(UPCALL_OPS))
         saved = self.store.load_snapshot()
         if saved is not None:
             data, saved_ms = saved
@@ -141,6 +139,8 @@ class Daemon:
                 self.record(now_ms, "start", "engine", "snapshot_unreadable", str(e), {})
             else:
                 self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
+        self.engine.set_default_provider(DEFAULT_PROVIDER)
+        self.engine.set_upcall_ops(list(UPCALL_OPS))
         self.states = {k: _state(p) for k, p in self.store.load_positions(self.plan.name).items()}
         self._mark_start(now_ms)
         self.apply_plan(now_ms)

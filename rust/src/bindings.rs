@@ -547,7 +547,8 @@ impl PyEngine {
     fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let s = snapshot_from_py(state)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
-        self.lock().replace(engine)
+        self.lock().replace(engine);
+        Ok(())
     }
 
     /// Everything the engine holds, as compact bytes (for frequent flushes to the store).
@@ -560,7 +561,8 @@ impl PyEngine {
     fn restore_bytes(&self, data: &[u8]) -> PyResult<()> {
         let s = Snapshot::from_bytes(data).map_err(err)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
-        self.lock().replace(engine)
+        self.lock().replace(engine);
+        Ok(())
     }
 
     // ----- the native protocol (docs/protocol.md) -----
@@ -715,20 +717,19 @@ impl PyEngine {
 }
 
 impl Inner {
-    /// Swap in a restored engine; routes follow provider names to the new handles.
-    fn replace(&mut self, mut engine: Engine) -> PyResult<()> {
-        let map = self
+    /// Swap in a restored engine; routes follow provider names to the new handles. The
+    /// restored engine is not changed (no provider is added to it).
+    fn replace(&mut self, engine: Engine) {
+        let map: Vec<Option<u16>> = self
             .engine
             .limiter
             .providers
             .iter()
-            .map(|name| engine.limiter.provider(name))
-            .collect::<Result<Vec<u16>, _>>()
-            .map_err(err)?;
+            .map(|name| engine.limiter.provider_handle(name).ok())
+            .collect();
         self.engine = engine;
         self.wire.remap_providers(&map);
         self.ip_strs.clear();
-        Ok(())
     }
 }
 

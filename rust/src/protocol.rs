@@ -392,16 +392,22 @@ impl Wire {
     }
 
     /// After the engine was replaced (a restore), move routes to its provider handles:
-    /// `map[old] = new`. Tallies and reports name keys of the old engine and are dropped.
-    pub fn remap_providers(&mut self, map: &[u16]) {
+    /// `map[old]` is the new handle, or None when the restored engine lacks that provider
+    /// (its routes are dropped; the restore must not add providers). Tallies and reports
+    /// name keys of the old engine and are dropped.
+    pub fn remap_providers(&mut self, map: &[Option<u16>]) {
         let remap = |r: Route| match r {
-            Route::Provider(p) => Route::Provider(map[usize::from(p)]),
-            Route::NullMx => Route::NullMx,
+            Route::Provider(p) => map[usize::from(p)].map(Route::Provider),
+            Route::NullMx => Some(Route::NullMx),
         };
-        for e in self.routes.values_mut() {
-            e.route = remap(e.route);
-        }
-        self.default_provider = self.default_provider.map(|p| map[usize::from(p)]);
+        self.routes.retain(|_, e| match remap(e.route) {
+            Some(route) => {
+                e.route = route;
+                true
+            }
+            None => false,
+        });
+        self.default_provider = self.default_provider.and_then(|p| map[usize::from(p)]);
         self.tallies.clear();
         self.reports.clear();
     }
