@@ -480,8 +480,11 @@ class ReferenceEngine:
             self.pools.append(pool)
         else:
             self.pools[handle] = pool
+        # Keys are interned for queues that hold messages (an emptied queue is forgotten by a
+        # snapshot, so interning for it would make handles differ after a restore).
         for q in self.queues:
-            self._chain_keys(q.pool, q.provider)
+            if q.messages:
+                self._chain_keys(q.pool, q.provider)
         self._wake_all()
         return handle
 
