@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dnsserver import DnsServer
-from kiln.mx import NULL_MX, MxResolver, ProviderTable, ascii_domain
+from kiln.mx import NULL_MX, MxResolver, ProviderTable, ascii_domain, system_nameservers
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.schedule import load_plan
 
@@ -630,10 +630,10 @@ def test_expired_entries_leave_the_cache_when_looked_at(server: DnsServer) -> No
 
 
 def test_system_reads_nameservers_from_resolv_conf(tmp_path: Path) -> None:
-    """system() takes the nameservers of a resolv.conf file, in order."""
+    """system_nameservers() takes the nameservers of a resolv.conf file, in order."""
     conf = tmp_path / "resolv.conf"
     conf.write_text("search corp.example\nnameserver 192.0.2.53\nnameserver 2001:db8::53\n")
-    resolver = MxResolver.system(DEFAULT, resolv_conf=str(conf))
+    resolver = MxResolver(DEFAULT, system_nameservers(str(conf)))
     assert resolver.nameservers == ("192.0.2.53", "2001:db8::53")
     assert resolver.table is DEFAULT
 
@@ -643,7 +643,7 @@ def test_system_without_nameservers_fails_at_start(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("search corp.example\n")
     with pytest.raises(dns.resolver.NoResolverConfiguration):
-        MxResolver.system(DEFAULT, resolv_conf=str(conf))
+        system_nameservers(str(conf))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import resource
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -40,7 +40,7 @@ from kiln import _core
 from kiln.clock import Clock, SystemClock
 from kiln.errors import KilnError, ScheduleError
 from kiln.log import get_logger
-from kiln.mx import NULL_MX, MxResolver, ProviderTable
+from kiln.mx import NULL_MX, MxResolver, ProviderTable, system_nameservers
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
 from kiln.rampday import DayEvidence, RampMove, RampState, day_cap, roll_day
@@ -143,8 +143,8 @@ class Daemon:
         self.engine.set_upcall_ops(list(UPCALL_OPS))
         self.states = {k: _state(p) for k, p in self.store.load_positions(self.plan.name).items()}
         self._mark_start(now_ms)
-        self.apply_plan(now_ms)
         self.roll_days(now_ms)
+        self.apply_plan(now_ms)
         self.record(
             now_ms,
             "start",
@@ -226,7 +226,8 @@ class Daemon:
         )
 
     def roll_days(self, now_ms: int) -> list[RampMove]:
-        """Roll every local day that ended since the last roll (idempotent; catches up)."""
+        """Roll every local day that ended since the last roll (idempotent; catches up).
+        The caller pushes the new positions' limits with `apply_plan`."""
         key = _ROLLED_KEY.format(plan=self.plan.name)
         last = date.fromisoformat(self.store.get_meta(key) or "1970-01-01")
         today = _local_day(self.plan, now_ms)
@@ -235,8 +236,6 @@ class Daemon:
         while day < today:
             moves += self._roll(day, now_ms, {key: day.isoformat()})
             day += timedelta(days=1)
-        if moves:
-            self.apply_plan(now_ms)
         return moves
 
     def _roll(self, day: date, now_ms: int, meta: dict[str, str]) -> list[RampMove]:
@@ -276,9 +275,7 @@ class Daemon:
         )
         self.states = states
         for e in entries:
-            self.log.info(
-                e.reason, kind=e.kind, subject=e.subject, action=e.action, **_loggable(e.evidence)
-            )
+            self._log_entry(e)
         return moves
 
     def record(
@@ -292,10 +289,18 @@ class Daemon:
         level: str = "info",
     ) -> None:
         """Log a state-changing decision and queue it for the decision log."""
+        entry = LogEntry(now_ms, kind, subject, action, reason, evidence)
+        self._log_entry(entry, level)
+        self._pending_log.append(entry)
+
+    def _log_entry(self, e: LogEntry, level: str = "info") -> None:
+        """Write a decision-log entry to the process log too, with its evidence."""
+        fields = {
+            k if k not in {"event", "level"} else f"evidence_{k}": v for k, v in e.evidence.items()
+        }
         getattr(self.log, level)(
-            reason, kind=kind, subject=subject, action=action, **_loggable(evidence)
+            e.reason, kind=e.kind, subject=e.subject, action=e.action, **fields
         )
-        self._pending_log.append(LogEntry(now_ms, kind, subject, action, reason, evidence))
 
     # ----- reload -----
 
@@ -366,13 +371,14 @@ class Daemon:
     def status(self, now_ms: int) -> dict[str, Any]:
         """Every batch x provider: step, state, caps per IP and what was used."""
         ramps = []
+        today = _local_day(self.plan, now_ms)
         for name, batch in self.plan.batches.items():
             schedule = self.plan.schedules[batch.schedule]
             for provider in plan_providers(self.plan):
                 s = self.states.get((name, provider), RampState())
                 caps, state = caps_at(self.plan, name, provider, s.step)
                 usage = [self.engine.usage(self.engine.key(ip, provider)) for ip in batch.ips]
-                started = batch.start_date <= _local_day(self.plan, now_ms)
+                started = batch.start_date <= today
                 ramps.append(
                     {
                         "batch": name,
@@ -481,7 +487,7 @@ class Daemon:
                 raise KilnError("every --nameserver must use the same port")
             return MxResolver(table, hosts, port=ports.pop())
         try:
-            return MxResolver.system(table)
+            return MxResolver(table, system_nameservers())
         except dns.resolver.NoResolverConfiguration:
             self.log.warning("no nameserver configured: unknown domains count as default")
             return None
@@ -553,7 +559,7 @@ class Daemon:
         self.log.info(
             "listening",
             socket=str(path),
-            database=_masked(self.config.store_url),
+            database=self.store.target,
             plan=self.plan.name,
         )
         try:
@@ -733,21 +739,6 @@ def _raise_open_files_limit(log: Any) -> None:
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         log.info("open_files_limit_raised", soft_before=soft, soft=target, hard=hard)
-
-
-def _loggable(evidence: Mapping[str, Any]) -> dict[str, Any]:
-    """Evidence fields that do not collide with the logger's own arguments."""
-    return {k if k not in {"event", "level"} else f"evidence_{k}": v for k, v in evidence.items()}
-
-
-def _masked(url: str) -> str:
-    """A database URL without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -29,7 +29,14 @@ from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 if TYPE_CHECKING:
     from kiln.schedule import Plan
 
-__all__ = ["NULL_MX", "MxResolver", "ProviderLike", "ProviderTable", "ascii_domain"]
+__all__ = [
+    "NULL_MX",
+    "MxResolver",
+    "ProviderLike",
+    "ProviderTable",
+    "ascii_domain",
+    "system_nameservers",
+]
 
 #: What a domain with a null MX (RFC 7505: a single MX of ".") maps to: it accepts no mail.
 NULL_MX = "none"
@@ -255,40 +262,7 @@ class MxResolver:
         self._max_entries = max_entries
         # domain -> (provider, expires_ms); order is recency of use, oldest first.
         self._cache: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self._in_flight: dict[str, asyncio.Task[str]] = {}
-
-    @classmethod
-    def system(
-        cls,
-        table: ProviderTable,
-        *,
-        resolv_conf: str = "/etc/resolv.conf",
-        timeout_s: float = 1.0,
-        lifetime_s: float = 2.0,
-        min_ttl_s: int = 60,
-        max_ttl_s: int = 86_400,
-        negative_ttl_s: int = 300,
-        error_ttl_s: int = 30,
-        max_entries: int = 100_000,
-    ) -> MxResolver:
-        """A resolver asking the nameservers listed in `resolv_conf` (its other options unused).
-
-        Raises `dns.resolver.NoResolverConfiguration` when the file is missing or lists no
-        nameserver: call it before listening, so the daemon fails at start.
-        """
-        config = dns.resolver.Resolver(filename=resolv_conf, configure=True)
-        nameservers = [str(ns) for ns in config.nameservers]
-        return cls(
-            table,
-            nameservers,
-            timeout_s=timeout_s,
-            lifetime_s=lifetime_s,
-            min_ttl_s=min_ttl_s,
-            max_ttl_s=max_ttl_s,
-            negative_ttl_s=negative_ttl_s,
-            error_ttl_s=error_ttl_s,
-            max_entries=max_entries,
-        )
+        self._in_flight: dict[str, asyncio.Task[tuple[str, int]]] = {}
 
     @property
     def table(self) -> ProviderTable:
@@ -310,13 +284,8 @@ class MxResolver:
 
         Never does I/O. An invalid domain is `DEFAULT_PROVIDER`, as `provider()` would say.
         """
-        key = ascii_domain(domain)
-        if key is None:
-            return DEFAULT_PROVIDER
-        table_hit = self._table.by_domain(key)
-        if table_hit is not None:
-            return table_hit
-        return self._cache_get(key, now_ms)
+        known = self._known(ascii_domain(domain), now_ms)
+        return None if known is None else known[0]
 
     async def provider(self, domain: str, now_ms: int) -> str:
         """The provider of recipient `domain`: a table name, `NULL_MX` or `DEFAULT_PROVIDER`.
@@ -324,15 +293,19 @@ class MxResolver:
         Never raises for DNS problems: NXDOMAIN, no MX, timeouts, SERVFAIL and domains that
         are not valid host names all give `DEFAULT_PROVIDER`.
         """
+        return (await self.route(domain, now_ms))[0]
+
+    async def route(self, domain: str, now_ms: int) -> tuple[str, int]:
+        """`provider(domain)` and the instant (ms) until which that answer holds.
+
+        The daemon pushes both into the engine, which answers from them until they expire.
+        Domain-table answers hold for `max_ttl_s` (the table changes only with the plan).
+        """
         key = ascii_domain(domain)
-        if key is None:
-            return DEFAULT_PROVIDER
-        table_hit = self._table.by_domain(key)
-        if table_hit is not None:
-            return table_hit
-        cache_hit = self._cache_get(key, now_ms)
-        if cache_hit is not None:
-            return cache_hit
+        known = self._known(key, now_ms)
+        if known is not None:
+            return known
+        assert key is not None  # an invalid domain is known: DEFAULT_PROVIDER
         task = self._in_flight.get(key)
         if task is None:
             task = asyncio.create_task(self._lookup(key, now_ms), name=f"kiln-mx:{key}")
@@ -340,20 +313,14 @@ class MxResolver:
         # A caller that gives up must not cancel the lookup others are waiting for.
         return await asyncio.shield(task)
 
-    async def route(self, domain: str, now_ms: int) -> tuple[str, int]:
-        """`provider(domain)` and the instant (ms) until which that answer holds.
-
-        The daemon pushes both into the engine, which answers from them until they expire.
-        Domain-table answers hold for a day (the table changes only with the plan).
-        """
-        provider = await self.provider(domain, now_ms)
-        key = ascii_domain(domain)
-        entry = self._cache.get(key) if key is not None else None
-        if entry is not None and entry[0] == provider:
-            return provider, entry[1]
-        if key is not None and self._table.by_domain(key) is not None:
-            return provider, now_ms + self._max_ttl_s * 1000
-        return provider, now_ms + self._error_ttl_s * 1000
+    def _known(self, key: str | None, now_ms: int) -> tuple[str, int] | None:
+        """(provider, expires_ms) without DNS: an invalid domain, the table, or the cache."""
+        if key is None:
+            return DEFAULT_PROVIDER, now_ms + self._error_ttl_s * 1000
+        table_hit = self._table.by_domain(key)
+        if table_hit is not None:
+            return table_hit, now_ms + self._max_ttl_s * 1000
+        return self._cache_get(key, now_ms)
 
     async def aclose(self) -> None:
         """Cancel lookups still in flight and wait for them to finish."""
@@ -363,17 +330,17 @@ class MxResolver:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._in_flight.clear()
 
-    def _cache_get(self, key: str, now_ms: int) -> str | None:
-        """Unexpired cached provider of a normalised domain, refreshing its recency."""
+    def _cache_get(self, key: str, now_ms: int) -> tuple[str, int] | None:
+        """Unexpired cached (provider, expires_ms) of a normalised domain, refreshing its
+        recency."""
         entry = self._cache.get(key)
         if entry is None:
             return None
-        provider, expires_ms = entry
-        if now_ms >= expires_ms:
+        if now_ms >= entry[1]:
             del self._cache[key]
             return None
         self._cache.move_to_end(key)
-        return provider
+        return entry
 
     def _cache_put(self, key: str, provider: str, ttl_s: int, now_ms: int) -> None:
         """Remember a result for `ttl_s` from `now_ms`, evicting the least recently used."""
@@ -382,12 +349,12 @@ class MxResolver:
         while len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, key: str, now_ms: int) -> str:
-        """Query the MX set of `key`, cache the outcome and return the provider."""
+    async def _lookup(self, key: str, now_ms: int) -> tuple[str, int]:
+        """Query the MX set of `key`, cache the outcome and return (provider, expires_ms)."""
         try:
             provider, ttl_s = await self._query(key)
             self._cache_put(key, provider, ttl_s, now_ms)
-            return provider
+            return provider, now_ms + ttl_s * 1000
         finally:
             self._in_flight.pop(key, None)
 
@@ -419,3 +386,13 @@ class MxResolver:
         """Seconds to cache a negative answer."""
         ttl_s = self._negative_ttl_s if soa_ttl_s is None else soa_ttl_s
         return _clamp(ttl_s, self._min_ttl_s, self._max_ttl_s)
+
+
+def system_nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """The nameservers listed in `resolv_conf` (its other options are not used).
+
+    Raises `dns.resolver.NoResolverConfiguration` when the file is missing or lists no
+    nameserver: call it before listening, so the daemon fails at start.
+    """
+    config = dns.resolver.Resolver(filename=resolv_conf, configure=True)
+    return [str(ns) for ns in config.nameservers]

@@ -187,15 +187,17 @@ struct Request<'a> {
 
 fn shown(raw: &RawValue) -> String {
     let s = raw.get();
-    if s.len() <= 40 {
-        s.to_owned()
+    let short = cut(s, 40);
+    if short.len() < s.len() {
+        format!("{short}...")
     } else {
-        let mut end = 40;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}...", &s[..end])
+        short
     }
+}
+
+/// `s` as a JSON string, for messages that quote what the client sent.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always encodes")
 }
 
 impl<'a> Request<'a> {
@@ -300,6 +302,20 @@ fn error_reply(out: &mut Vec<u8>, id: Option<&RawValue>, message: &str) {
     out.extend_from_slice(b"\"ok\":false,\"error\":");
     json_str(out, message);
     out.extend_from_slice(b"}\n");
+}
+
+/// `{"id":..,"ok":true,"granted":N,"reason":"..","retry_after_ms":T` of a decision reply.
+fn decision_head(out: &mut Vec<u8>, id: Option<&RawValue>, d: &Decision) {
+    open(out, id);
+    let _ = write!(out, "\"ok\":true,\"granted\":{},\"reason\":\"", d.granted);
+    out.extend_from_slice(d.reason.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"retry_after_ms\":");
+    match d.retry_after_ms {
+        Some(ms) => {
+            let _ = write!(out, "{ms}");
+        }
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// Lower-case a recipient domain (or the domain of an address) and drop one trailing dot.
@@ -599,7 +615,7 @@ impl Wire {
                 known.extend(self.upcall_ops.iter().map(AsRef::as_ref));
                 return Err(format!(
                     "op: unknown operation {}, expected one of {}",
-                    serde_json::to_string(op).unwrap_or_default(),
+                    quoted(op),
                     known.join(", ")
                 )
                 .into());
@@ -671,7 +687,7 @@ impl Wire {
                 .map_err(|_| {
                     Refusal::from(format!(
                         "provider: unknown provider {}, expected one of {}",
-                        serde_json::to_string(p.as_ref()).unwrap_or_default(),
+                        quoted(p.as_ref()),
                         engine.limiter.providers.join(", ")
                     ))
                 }),
@@ -713,16 +729,7 @@ impl Wire {
         } else {
             self.stats.denied += 1;
         }
-        open(out, id);
-        let _ = write!(out, "\"ok\":true,\"granted\":{},\"reason\":\"", d.granted);
-        out.extend_from_slice(d.reason.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"retry_after_ms\":");
-        match d.retry_after_ms {
-            Some(ms) => {
-                let _ = write!(out, "{ms}");
-            }
-            None => out.extend_from_slice(b"null"),
-        }
+        decision_head(out, id, d);
         let _ = write!(
             out,
             ",\"ip\":\"{}\",\"provider\":",
@@ -782,12 +789,10 @@ impl Wire {
         let Some(pool_name) = req.pool.as_deref() else {
             return Err("pool: missing".into());
         };
-        let pool = engine.pools.handle(pool_name).map_err(|_| {
-            Refusal::from(format!(
-                "pool: unknown pool {}",
-                serde_json::to_string(pool_name).unwrap_or_default()
-            ))
-        })?;
+        let pool = engine
+            .pools
+            .handle(pool_name)
+            .map_err(|_| Refusal::from(format!("pool: unknown pool {}", quoted(pool_name))))?;
         let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
             self.null_mx_reply(req.id, out);
             return Ok(());
@@ -800,16 +805,7 @@ impl Wire {
         } else {
             // A denied pick names no IP: every member and overflow pool was full.
             self.stats.denied += 1;
-            open(out, req.id);
-            let _ = write!(out, "\"ok\":true,\"granted\":0,\"reason\":\"");
-            out.extend_from_slice(d.reason.as_str().as_bytes());
-            out.extend_from_slice(b"\",\"retry_after_ms\":");
-            match d.retry_after_ms {
-                Some(ms) => {
-                    let _ = write!(out, "{ms}");
-                }
-                None => out.extend_from_slice(b"null"),
-            }
+            decision_head(out, req.id, &d);
             out.extend_from_slice(b",\"pool\":");
             json_str(out, pool_name);
             out.extend_from_slice(b",\"provider\":");
@@ -833,7 +829,7 @@ impl Wire {
         let outcome = Outcome::parse(result).ok_or_else(|| {
             Refusal::from(format!(
                 "result: must be delivered, deferred, bounced or complaint, got {}",
-                serde_json::to_string(result).unwrap_or_default()
+                quoted(result)
             ))
         })?;
         let code = match req.code {
@@ -847,7 +843,7 @@ impl Wire {
             if !valid_enhanced(e) {
                 return Err(format!(
                     "enhanced: must be an enhanced status code like 4.7.28, got {}",
-                    serde_json::to_string(e).unwrap_or_default()
+                    quoted(e)
                 )
                 .into());
             }
