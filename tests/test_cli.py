@@ -59,7 +59,7 @@ def test_check_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err == [f"{bad}:4:1: foo: unknown key 'foo' (known keys: {KNOWN})"]
 
 
-KNOWN = "name, description, timezone, providers, pools, batches, schedules"
+KNOWN = "name, description, timezone, providers, pools, batches, schedules, policy, signals"
 
 
 def test_check_never_tracebacks_on_junk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

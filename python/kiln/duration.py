@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = ["Duration", "DurationError", "format_ms", "parse_ms"]
 
@@ -66,4 +66,15 @@ def _validate(value: object) -> int:
 
 
 #: A pydantic field type: written `30m` in YAML, held as whole milliseconds.
-Duration = Annotated[int, BeforeValidator(_validate), PlainSerializer(format_ms, return_type=str)]
+Duration = Annotated[
+    int,
+    BeforeValidator(_validate),
+    PlainSerializer(format_ms, return_type=str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(\s*[0-9]+\s*(min|d|h|m|s|D|H|M|S)\s*)+$",
+            "examples": ["30m", "2h", "1h30m"],
+        }
+    ),
+]

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kiln.errors import Problem, ScheduleError
+from kiln.policyspec import Policy, Signals
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.rate import RateError, RateSpec
 from kiln.yamlfile import Loc, SourceMap, load_yaml
@@ -355,6 +356,8 @@ class Plan(_Model):
     pools: dict[Name, Pool] = Field(min_length=1)
     batches: dict[Name, Batch] = {}
     schedules: dict[Name, Schedule] = {}
+    policy: Policy = Policy()
+    signals: Signals = Signals()
 
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
     _source: str = PrivateAttr(default="")
@@ -568,6 +571,7 @@ def _semantic_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
     yield from _pool_problems(plan, source)
     yield from _batch_problems(plan, source)
     yield from _schedule_problems(plan, source)
+    yield from _signal_problems(plan, source)
 
 
 def _timezone_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
@@ -702,3 +706,50 @@ def _table_problems(steps: list[Step], base: Loc, source: SourceMap) -> Iterator
                     "warning",
                 )
             prev = cap if cap is not None else prev
+
+
+def _signal_problems(plan: Plan, source: SourceMap) -> Iterator[Problem]:
+    """Signal sources name known providers and batches, and IPs the plan has."""
+    providers = plan.provider_names()
+    s = plan.signals
+    for name, spec in (("postmaster", s.postmaster), ("snds", s.snds)):
+        if spec is None:
+            continue
+        for i, provider in enumerate(spec.providers):
+            if provider not in providers:
+                yield source.problem(
+                    ("signals", name, "providers", i),
+                    f"unknown provider {provider!r}{_suggest(provider, providers)}",
+                )
+    if s.postmaster is not None and s.postmaster.batches is not None:
+        for i, batch in enumerate(s.postmaster.batches):
+            if batch not in plan.batches:
+                yield source.problem(
+                    ("signals", "postmaster", "batches", i),
+                    f"unknown batch {batch!r}{_suggest(batch, plan.batches)}",
+                )
+    feedback = s.feedback
+    if feedback is None:
+        return
+    ips = {ip for b in plan.batches.values() for ip in b.ips}
+    ips |= {m.ip for p in plan.pools.values() for m in p.members()}
+    maps: list[tuple[Loc, dict[str, str]]] = []
+    if feedback.postfix is not None:
+        maps.append(
+            (("signals", "feedback", "postfix", "syslog_names"), feedback.postfix.syslog_names)
+        )
+    if feedback.kumomta is not None:
+        maps.append(
+            (("signals", "feedback", "kumomta", "egress_sources"), feedback.kumomta.egress_sources)
+        )
+    for loc, table in maps:
+        for name, ip in table.items():
+            try:
+                text = str(ipaddress.ip_address(ip.strip()))
+            except ValueError:
+                yield source.problem((*loc, name), f"expected an IPv4 or IPv6 address, got {ip!r}")
+                continue
+            if text not in ips:
+                yield source.problem(
+                    (*loc, name), f"IP {ip} is in no pool or batch of the plan", "warning"
+                )
