@@ -86,6 +86,7 @@ class DnsServer:
     - `delay_s[name]`: hold answers for that name back this long.
     - `drop`: names whose queries are never answered; `drop_all` for every name.
     - `servfail`: names answered SERVFAIL; `servfail_all` for every name.
+    - `refused`: names answered REFUSED.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class DnsServer:
         self.drop_all = False
         self.servfail: set[str] = set()
         self.servfail_all = False
+        self.refused: set[str] = set()
         self._queries: Counter[tuple[str, str]] = Counter()
         for (name, rdtype), values in (records or {}).items():
             self.set(name, rdtype, values)
@@ -360,6 +362,7 @@ class DnsServer:
                 return None
             delay_s = self.delay_s.get(name, 0.0)
             servfail = self.servfail_all or name in self.servfail
+            refused = name in self.refused
             values = list(self.records.get((name, rdtype), ()))
             ttl_s = self.ttls.get((name, rdtype), self.ttl_s)
             known = any(key[0] == name for key in self.records)
@@ -367,6 +370,8 @@ class DnsServer:
         response.flags |= dns.flags.AA
         if servfail:
             response.set_rcode(dns.rcode.SERVFAIL)
+        elif refused:
+            response.set_rcode(dns.rcode.REFUSED)
         elif values:
             response.answer.append(
                 dns.rrset.from_text_list(question.name, ttl_s, dns.rdataclass.IN, rdtype, values)
