@@ -18,6 +18,8 @@ __all__ = [
     "Engine",
     "Served",
     "__version__",
+    "check_pattern",
+    "normalise_reply",
 ]
 
 __version__: Final[str]
@@ -37,6 +39,35 @@ Reason = Literal[
     "rate",
 ]
 Tier = Literal["direct", "warming", "warm", "overflow"]
+ReplyClass = Literal[
+    "blocklist",
+    "block_rep",
+    "rate_limit_rep",
+    "auth",
+    "conn_limit",
+    "busy",
+    "content",
+    "rcpt_rate",
+    "hard_bounce",
+]
+"""Push-back classes, most severe first (warmup.md §4.1)."""
+ReplyScope = Literal["ip", "netblock", "domain", "url", "recipient", "message"]
+RuleTuple = tuple[
+    str,
+    Sequence[str] | None,
+    Sequence[int | str] | None,
+    Sequence[str] | None,
+    str,
+    ReplyClass,
+    ReplyScope,
+]
+"""(id, providers, codes, enhanced, text, class, scope) of one reply rule for `set_rules`."""
+Classified = (
+    tuple[ReplyClass, ReplyScope, str, tuple[str, ...]]
+    | tuple[Literal["internal"], None, None, tuple[()]]
+)
+"""(class, scope, rule_id, matched_ids), or ("internal", None, None, ()) for a reply the
+MTA made up itself."""
 
 class CoreError(ValueError):
     """Bad input to the kiln engine: an argument out of range, an unknown handle or name,
@@ -219,6 +250,30 @@ class Engine:
         """Reports other than deliveries since the last call, in order."""
     def wire_stats(self) -> dict[str, int]:
         """Protocol counters since the engine was made (for metrics)."""
+    def set_rules(self, rules: Sequence[RuleTuple]) -> None:
+        """Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
+        scope). `providers` (names, groups already expanded), `codes` (ints such as 421, or
+        "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
+        matched case-insensitively against the normalised reply. On error (naming the rule id)
+        the rules in force stay."""
+    def rule_count(self) -> int:
+        """How many reply rules are in force."""
+    def classify(
+        self, provider: str | None, code: int | None, enhanced: str | None, text: str
+    ) -> Classified | None:
+        """Classify an SMTP reply: (class, scope, rule_id, matched_ids) of the most severe
+        matching rule, ("internal", None, None, ()) for a reply the MTA made up itself, or
+        None when no rule matches. `provider` None lets every rule apply; a name, only rules
+        without providers and those listing it. `code`/`enhanced` missing are read from the
+        start of `text` (a raw reply such as "421-4.7.28 ...")."""
+
+def normalise_reply(code: int | None, enhanced: str | None, text: str) -> str:
+    """The single-line form `CODE ENH text` of an SMTP reply, as rules see it: lines joined,
+    repeated continuation prefixes (`421-4.7.28`) dropped, whitespace collapsed. `code` and
+    `enhanced` missing are read from the start of `text`."""
+
+def check_pattern(pattern: str) -> str | None:
+    """Why `pattern` is not a valid rule regex (as `Engine.set_rules` compiles it), or None."""
 
 def _panic_for_tests() -> None:
     """Panics on purpose, so tests can show a Rust panic reaches Python as an exception."""

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
 
+use crate::classify::{self, Class, CodeSpec, Provider, RuleDef, Scope, Verdict};
 use crate::decision::{Decision, Reason, Tier};
 use crate::engine::Engine;
 use crate::gcra::PPM;
@@ -165,6 +166,8 @@ struct Inner {
     wire: Wire,
     /// Python strings for IP handles, made once each.
     ip_strs: Vec<Py<PyString>>,
+    /// Python strings for the ids of the reply rules in force, in rule order.
+    rule_ids: Vec<Py<PyString>>,
 }
 
 impl Inner {
@@ -223,6 +226,7 @@ impl PyEngine {
                 engine: Engine::new(),
                 wire: Wire::new(),
                 ip_strs: Vec::new(),
+                rule_ids: Vec::new(),
             }),
         }
     }
@@ -700,6 +704,84 @@ impl PyEngine {
             .collect()
     }
 
+    // ----- SMTP reply rules (classify.rs) -----
+
+    /// Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
+    /// scope). `providers` (names, groups already expanded), `codes` (ints such as 421, or
+    /// "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
+    /// matched case-insensitively against the normalised reply. On error (naming the rule id)
+    /// the rules in force stay.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    fn set_rules(&self, py: Python<'_>, rules: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let defs = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rule_from_py(i, r))
+            .collect::<PyResult<Vec<_>>>()?;
+        let ids: Vec<Py<PyString>> = defs
+            .iter()
+            .map(|d| PyString::new(py, &d.id).unbind())
+            .collect();
+        let mut g = self.lock();
+        g.wire.set_rules(defs).map_err(err)?;
+        g.rule_ids = ids;
+        Ok(())
+    }
+
+    /// How many reply rules are in force.
+    fn rule_count(&self) -> usize {
+        self.lock().wire.classifier().len()
+    }
+
+    /// Classify an SMTP reply: (class, scope, rule_id, matched_ids) of the most severe
+    /// matching rule, ("internal", None, None, ()) for a reply the MTA made up itself, or
+    /// None when no rule matches. `provider` None lets every rule apply; a name, only rules
+    /// without providers and those listing it. `code`/`enhanced` missing are read from the
+    /// start of `text` (a raw reply such as "421-4.7.28 ...").
+    #[pyo3(signature = (provider, code, enhanced, text))]
+    fn classify<'py>(
+        &self,
+        py: Python<'py>,
+        provider: Option<&str>,
+        code: Option<i128>,
+        enhanced: Option<&str>,
+        text: &str,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let code = reply_code(code)?;
+        reply_enhanced(enhanced)?;
+        let provider = provider.map_or(Provider::Any, Provider::Named);
+        let g = self.lock();
+        let (_, verdict) = g.wire.classifier().classify(provider, code, enhanced, text);
+        match verdict {
+            Verdict::Unclassified => Ok(None),
+            Verdict::Internal => {
+                let none = py.None().into_bound(py);
+                Ok(Some(PyTuple::new(
+                    py,
+                    [
+                        intern!(py, "internal").clone().into_any(),
+                        none.clone(),
+                        none,
+                        PyTuple::empty(py).into_any(),
+                    ],
+                )?))
+            }
+            Verdict::Classified { rule, matched } => {
+                let r = g.wire.classifier().rule(rule);
+                let ids = PyTuple::new(py, matched.iter().map(|&m| g.rule_ids[m].bind(py)))?;
+                Ok(Some(PyTuple::new(
+                    py,
+                    [
+                        class_str(py, r.class).into_any(),
+                        scope_str(py, r.scope).into_any(),
+                        g.rule_ids[rule].bind(py).clone().into_any(),
+                        ids.into_any(),
+                    ],
+                )?))
+            }
+        }
+    }
+
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self) -> std::collections::HashMap<&'static str, u64> {
         let s = self.lock().wire.stats;
@@ -997,6 +1079,167 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
     })
 }
 
+fn class_str(py: Python<'_>, c: Class) -> Bound<'_, PyString> {
+    match c {
+        Class::Blocklist => intern!(py, "blocklist"),
+        Class::BlockRep => intern!(py, "block_rep"),
+        Class::RateLimitRep => intern!(py, "rate_limit_rep"),
+        Class::Auth => intern!(py, "auth"),
+        Class::ConnLimit => intern!(py, "conn_limit"),
+        Class::Busy => intern!(py, "busy"),
+        Class::Content => intern!(py, "content"),
+        Class::RcptRate => intern!(py, "rcpt_rate"),
+        Class::HardBounce => intern!(py, "hard_bounce"),
+    }
+    .clone()
+}
+
+fn scope_str(py: Python<'_>, s: Scope) -> Bound<'_, PyString> {
+    match s {
+        Scope::Ip => intern!(py, "ip"),
+        Scope::Netblock => intern!(py, "netblock"),
+        Scope::Domain => intern!(py, "domain"),
+        Scope::Url => intern!(py, "url"),
+        Scope::Recipient => intern!(py, "recipient"),
+        Scope::Message => intern!(py, "message"),
+    }
+    .clone()
+}
+
+fn reply_code(code: Option<i128>) -> PyResult<Option<u16>> {
+    match code {
+        None => Ok(None),
+        Some(c @ 200..=599) => Ok(Some(c as u16)),
+        Some(c) => Err(bad(
+            "code",
+            format_args!("must be an SMTP reply code 200-599, got {c}"),
+        )),
+    }
+}
+
+fn reply_enhanced(enhanced: Option<&str>) -> PyResult<()> {
+    match enhanced {
+        Some(e) if !classify::valid_enhanced(e) => Err(bad(
+            "enhanced",
+            format_args!("must be an enhanced status code like 4.7.28, got {e:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `None` or a list of `T`, for one field of rule `id`.
+fn opt_list<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
+    obj: &Bound<'py, PyAny>,
+    id: &str,
+    field: &str,
+    what: &str,
+) -> PyResult<Option<Vec<T>>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    if obj.is_instance_of::<PyString>() {
+        return Err(rule_bad(
+            id,
+            field,
+            format_args!("must be a list of {what} or None"),
+        ));
+    }
+    let items = obj
+        .try_iter()
+        .map_err(|_| rule_bad(id, field, format_args!("must be a list of {what} or None")))?;
+    items
+        .map(|item| {
+            item?
+                .extract::<T>()
+                .map_err(|_| rule_bad(id, field, format_args!("must be a list of {what}")))
+        })
+        .collect::<PyResult<Vec<T>>>()
+        .map(Some)
+}
+
+fn rule_bad(id: &str, field: &str, problem: impl std::fmt::Display) -> PyErr {
+    CoreError::new_err(format!("rules: rule {id:?}: {field}: {problem}"))
+}
+
+/// One rule tuple: (id, providers, codes, enhanced, text, class, scope).
+fn rule_from_py(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<RuleDef> {
+    let f = fields(obj, 7, &format!("rules[{i}]"))?;
+    let id: String = get(&f[0], &format!("rules[{i}] id"))?;
+    let providers = opt_list::<String>(&f[1], &id, "providers", "names")?;
+    let codes = if f[2].is_none() {
+        None
+    } else {
+        let mut v = Vec::new();
+        let items = f[2]
+            .try_iter()
+            .map_err(|_| rule_bad(&id, "code", "must be a list of codes or None"))?;
+        for item in items {
+            let item = item?;
+            let spec = if let Ok(n) = item.extract::<i64>() {
+                u16::try_from(n).ok().and_then(CodeSpec::exact)
+            } else if let Ok(s) = item.extract::<String>() {
+                CodeSpec::parse(&s)
+            } else {
+                None
+            };
+            v.push(spec.ok_or_else(|| {
+                rule_bad(
+                    &id,
+                    "code",
+                    format_args!("must be codes 200-599 or 2xx/4xx/5xx, got {item}"),
+                )
+            })?);
+        }
+        Some(v)
+    };
+    let enhanced = opt_list::<String>(&f[3], &id, "enhanced", "enhanced codes")?;
+    let text: String = get(&f[4], &format!("rule {id:?} text"))?;
+    let class: String = get(&f[5], &format!("rule {id:?} class"))?;
+    let scope: String = get(&f[6], &format!("rule {id:?} scope"))?;
+    let class = Class::parse(&class).ok_or_else(|| {
+        let all: Vec<&str> = Class::ALL.iter().map(|c| c.as_str()).collect();
+        rule_bad(
+            &id,
+            "class",
+            format_args!("must be one of {}, got {class:?}", all.join(", ")),
+        )
+    })?;
+    let scope = Scope::parse(&scope).ok_or_else(|| {
+        let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+        rule_bad(
+            &id,
+            "scope",
+            format_args!("must be one of {}, got {scope:?}", all.join(", ")),
+        )
+    })?;
+    Ok(RuleDef {
+        id,
+        providers,
+        codes,
+        enhanced,
+        text,
+        class,
+        scope,
+    })
+}
+
+/// The single-line form `CODE ENH text` of an SMTP reply, as rules see it: lines joined,
+/// repeated continuation prefixes (`421-4.7.28`) dropped, whitespace collapsed. `code` and
+/// `enhanced` missing are read from the start of `text`.
+#[pyfunction]
+#[pyo3(signature = (code, enhanced, text))]
+fn normalise_reply(code: Option<i128>, enhanced: Option<&str>, text: &str) -> PyResult<String> {
+    let code = reply_code(code)?;
+    reply_enhanced(enhanced)?;
+    Ok(classify::normalise(code, enhanced, text).line)
+}
+
+/// Why `pattern` is not a valid rule regex (as `Engine.set_rules` compiles it), or None.
+#[pyfunction]
+fn check_pattern(pattern: &str) -> Option<String> {
+    classify::check_pattern(pattern).err()
+}
+
 /// Panics on purpose, so tests can show a Rust panic reaches Python as an exception.
 #[pyfunction]
 fn _panic_for_tests() {
@@ -1014,6 +1257,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBatch>()?;
     m.add_class::<PyServed>()?;
     m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
+    m.add_function(wrap_pyfunction!(normalise_reply, m)?)?;
+    m.add_function(wrap_pyfunction!(check_pattern, m)?)?;
     m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

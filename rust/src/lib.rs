@@ -1,6 +1,7 @@
 //! kiln's throttle engine. Rust decides, Python acts: no clocks, I/O or logging in here.
 
 pub mod caps;
+pub mod classify;
 pub mod decision;
 pub mod engine;
 pub mod error;

@@ -1,7 +1,8 @@
 //! The native wire protocol: one JSON object per line in, one per line out, in order.
 //!
 //! `Wire::serve` turns a whole read buffer into a whole reply buffer in one call. It parses
-//! every complete line, decides `acquire`, `pick`, `report`, `route` and `ping` here, and hands
+//! every complete line, decides `acquire`, `pick`, `report`, `route`, `ping` and `classify`
+//! (SMTP reply -> push-back class, `classify.rs`) here, and hands
 //! the rare operator operations (`status`, `limits`, `reload`, ...) back to Python as an
 //! *upcall*, stopping right after that line so replies stay in request order.
 //! `docs/protocol.md` is the contract; this file is its implementation.
@@ -19,6 +20,7 @@ use hashbrown::{HashMap, HashSet};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::classify::{valid_enhanced, Classifier, Provider, RuleDef, Verdict};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::error::{CoreError, CoreResult};
@@ -36,7 +38,7 @@ pub const MAX_REPORT_TEXT: usize = 1_000;
 const MAX_DOMAIN: usize = 253;
 
 /// The operations the core answers itself.
-const CORE_OPS: [&str; 5] = ["acquire", "pick", "report", "route", "ping"];
+const CORE_OPS: [&str; 6] = ["acquire", "pick", "report", "route", "ping", "classify"];
 
 /// Where a recipient domain's mail goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +139,8 @@ pub struct Wire {
     tallies: HashMap<u32, Tally>,
     reports: Vec<Report>,
     upcall_ops: Vec<Box<str>>,
+    /// Reply rules for `classify`; empty until Python sets them.
+    classifier: Classifier,
     pub stats: WireStats,
 }
 
@@ -354,13 +358,25 @@ fn cut(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-fn valid_enhanced(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..]
-            .iter()
-            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+/// The optional `code` of a request: an SMTP reply code.
+fn reply_code(req: &Request<'_>) -> Result<Option<u16>, Refusal> {
+    match req.code {
+        None => Ok(None),
+        Some(c @ 200..=599) => Ok(Some(c as u16)),
+        Some(c) => Err(format!("code: must be an SMTP reply code 200-599, got {c}").into()),
+    }
+}
+
+/// The optional `enhanced` of a request: an enhanced status code.
+fn reply_enhanced<'r>(req: &'r Request<'_>) -> Result<Option<&'r str>, Refusal> {
+    match req.enhanced.as_deref() {
+        Some(e) if !valid_enhanced(e) => Err(format!(
+            "enhanced: must be an enhanced status code like 4.7.28, got {}",
+            quoted(e)
+        )
+        .into()),
+        e => Ok(e),
+    }
 }
 
 impl Wire {
@@ -398,6 +414,17 @@ impl Wire {
             RouteEntry { route, expires_ms },
         );
         Ok(())
+    }
+
+    /// Replace the reply rules `classify` uses (on error the old ones stay).
+    pub fn set_rules(&mut self, rules: Vec<RuleDef>) -> CoreResult<()> {
+        self.classifier = Classifier::new(rules)?;
+        Ok(())
+    }
+
+    /// The reply rules in force.
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
     }
 
     /// Forget every route (a reloaded plan brings its own domain table).
@@ -610,6 +637,7 @@ impl Wire {
             ],
             "route" => &["domain"],
             "ping" => &[],
+            "classify" => &["text", "code", "enhanced", "domain", "provider"],
             _ => {
                 let mut known: Vec<&str> = CORE_OPS.to_vec();
                 known.extend(self.upcall_ops.iter().map(AsRef::as_ref));
@@ -653,6 +681,7 @@ impl Wire {
             "pick" => self.pick(engine, req, now_ms, out),
             "report" => self.report(engine, req, now_ms, out),
             "route" => self.route_op(engine, req, now_ms, out),
+            "classify" => self.classify_op(engine, req, now_ms, out),
             _ => {
                 open(out, req.id);
                 out.extend_from_slice(b"\"ok\":true}\n");
@@ -832,22 +861,8 @@ impl Wire {
                 quoted(result)
             ))
         })?;
-        let code = match req.code {
-            None => None,
-            Some(c @ 200..=599) => Some(c as u16),
-            Some(c) => {
-                return Err(format!("code: must be an SMTP reply code 200-599, got {c}").into())
-            }
-        };
-        if let Some(e) = req.enhanced.as_deref() {
-            if !valid_enhanced(e) {
-                return Err(format!(
-                    "enhanced: must be an enhanced status code like 4.7.28, got {}",
-                    quoted(e)
-                )
-                .into());
-            }
-        }
+        let code = reply_code(req)?;
+        reply_enhanced(req)?;
         let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
             return Err("domain: publishes a null MX (accepts no mail); nothing recorded".into());
         };
@@ -878,6 +893,82 @@ impl Wire {
         open(out, req.id);
         out.extend_from_slice(b"\"ok\":true,\"provider\":");
         json_str(out, &engine.limiter.providers[usize::from(provider)]);
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
+    fn classify_op(
+        &mut self,
+        engine: &Engine,
+        req: &Request<'_>,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let Some(text) = req.text.as_deref() else {
+            return Err("text: missing (the SMTP reply)".into());
+        };
+        let code = reply_code(req)?;
+        let enhanced = reply_enhanced(req)?;
+        // Provider::Any when neither is given; a null-MX domain has no provider's rules.
+        let named: Option<&str> = match (&req.provider, &req.domain) {
+            (Some(_), Some(_)) => return Err("give domain or provider, not both".into()),
+            (None, None) => None,
+            (Some(p), None) => {
+                if engine.limiter.provider_handle(p).is_err()
+                    && !self.classifier.mentions_provider(p)
+                {
+                    return Err(format!(
+                        "provider: unknown provider {}, expected one of {} or a provider of the rules",
+                        quoted(p.as_ref()),
+                        engine.limiter.providers.join(", ")
+                    )
+                    .into());
+                }
+                Some(p.as_ref())
+            }
+            (None, Some(d)) => {
+                let d = normalise_domain(d)?;
+                match self.lookup(&d, now_ms)? {
+                    Route::Provider(h) => Some(engine.limiter.providers[usize::from(h)].as_str()),
+                    Route::NullMx => Some(""),
+                }
+            }
+        };
+        let provider = named.map_or(Provider::Any, Provider::Named);
+        let (n, verdict) = self.classifier.classify(provider, code, enhanced, text);
+        open(out, req.id);
+        out.extend_from_slice(b"\"ok\":true,\"class\":");
+        match &verdict {
+            Verdict::Internal => {
+                out.extend_from_slice(b"\"internal\",\"scope\":null,\"rule\":null,\"matched\":[]");
+            }
+            Verdict::Unclassified => out
+                .extend_from_slice(b"\"unclassified\",\"scope\":null,\"rule\":null,\"matched\":[]"),
+            Verdict::Classified { rule, matched } => {
+                let r = self.classifier.rule(*rule);
+                out.push(b'"');
+                out.extend_from_slice(r.class.as_str().as_bytes());
+                out.extend_from_slice(b"\",\"scope\":\"");
+                out.extend_from_slice(r.scope.as_str().as_bytes());
+                out.extend_from_slice(b"\",\"rule\":");
+                json_str(out, &r.id);
+                out.extend_from_slice(b",\"matched\":[");
+                for (k, &m) in matched.iter().enumerate() {
+                    if k > 0 {
+                        out.push(b',');
+                    }
+                    json_str(out, &self.classifier.rule(m).id);
+                }
+                out.push(b']');
+            }
+        }
+        out.extend_from_slice(b",\"normalised\":");
+        json_str(out, &n.line);
+        out.extend_from_slice(b",\"provider\":");
+        match named {
+            Some(p) if !p.is_empty() => json_str(out, p),
+            _ => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b"}\n");
         Ok(())
     }
@@ -1148,6 +1239,172 @@ mod tests {
             "{out}"
         );
         assert!(lines[1].contains("unknown pool"), "{out}");
+    }
+
+    fn rules() -> Vec<RuleDef> {
+        use crate::classify::{Class, CodeSpec, Scope};
+        let rule = |id: &str, providers: Option<&[&str]>, text: &str, class, scope| RuleDef {
+            id: id.to_owned(),
+            providers: providers.map(|p| p.iter().map(|s| (*s).to_owned()).collect()),
+            codes: Some(vec![CodeSpec::Family(4), CodeSpec::Family(5)]),
+            enhanced: None,
+            text: text.to_owned(),
+            class,
+            scope,
+        };
+        vec![
+            rule(
+                "google-4.7.28-ip",
+                Some(&["google"]),
+                r"^421 4\.7\.28 .*unusual rate .*your IP address",
+                Class::RateLimitRep,
+                Scope::Ip,
+            ),
+            rule(
+                "ms-650",
+                Some(&["microsoft-consumer", "microsoft-365"]),
+                "rate limited due to IP reputation",
+                Class::RateLimitRep,
+                Scope::Ip,
+            ),
+            rule(
+                "generic-rate",
+                None,
+                "unusual rate|rate limited",
+                Class::RateLimitRep,
+                Scope::Ip,
+            ),
+        ]
+    }
+
+    #[test]
+    fn classify_names_class_scope_rule_and_every_match() {
+        let (mut e, mut w) = setup();
+        w.set_rules(rules()).unwrap();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"classify\",\"id\":1,\"text\":\"Gmail has detected an unusual rate of mail from your IP address 2001:db8::25.\",\"code\":421,\"enhanced\":\"4.7.28\",\"domain\":\"gmail.com\"}\n\
+             {\"op\":\"classify\",\"text\":\"421-4.7.28 Gmail has detected an unusual rate of 421-4.7.28 mail from your IP address\"}\n\
+             {\"op\":\"classify\",\"text\":\"451 4.7.650 The mail server has been temporarily rate limited due to IP reputation.\",\"provider\":\"microsoft-365\"}\n\
+             {\"op\":\"classify\",\"text\":\"250 2.0.0 OK\",\"provider\":\"google\"}\n\
+             {\"op\":\"classify\",\"text\":\"connect to mx[192.0.2.1]:25: Connection timed out\",\"code\":421}\n\
+             {\"op\":\"classify\",\"text\":\"421 unusual rate\",\"domain\":\"example.com\"}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "{\"id\":1,\"ok\":true,\"class\":\"rate_limit_rep\",\"scope\":\"ip\",\"rule\":\"google-4.7.28-ip\",\"matched\":[\"google-4.7.28-ip\",\"generic-rate\"],\"normalised\":\"421 4.7.28 Gmail has detected an unusual rate of mail from your IP address 2001:db8::25.\",\"provider\":\"google\"}"
+        );
+        assert!(
+            lines[1].contains("\"rule\":\"google-4.7.28-ip\"")
+                && lines[1].contains("\"normalised\":\"421 4.7.28 Gmail has detected an unusual rate of mail from your IP address\"")
+                && lines[1].ends_with("\"provider\":null}"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("\"matched\":[\"ms-650\",\"generic-rate\"]"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].starts_with("{\"ok\":true,\"class\":\"unclassified\",\"scope\":null,\"rule\":null,\"matched\":[]"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[4].contains("\"class\":\"internal\""), "{}", lines[4]);
+        // A null-MX domain has no provider: only rules without a provider list apply.
+        assert!(
+            lines[5].contains("\"rule\":\"generic-rate\"")
+                && lines[5].ends_with("\"provider\":null}"),
+            "{}",
+            lines[5]
+        );
+    }
+
+    #[test]
+    fn classify_errors_name_the_field() {
+        let (mut e, mut w) = setup();
+        w.set_rules(rules()).unwrap();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"classify\",\"id\":2}\n\
+             {\"op\":\"classify\",\"text\":5}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"code\":\"421\"}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"code\":99}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"enhanced\":\"4.7\"}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"provider\":\"gmail\"}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"provider\":\"google\",\"domain\":\"gmail.com\"}\n\
+             {\"op\":\"classify\",\"text\":\"x\",\"ip\":\"192.0.2.10\"}\n\
+             {\"op\":\"nope\"}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 9, "{out}");
+        assert_eq!(
+            lines[0],
+            "{\"id\":2,\"ok\":false,\"error\":\"text: missing (the SMTP reply)\"}"
+        );
+        assert!(
+            lines[1].contains("text: must be a string, got 5"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("code: must be a whole number"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].contains("code: must be an SMTP reply code 200-599, got 99"),
+            "{}",
+            lines[3]
+        );
+        assert!(
+            lines[4].contains("enhanced: must be an enhanced status code"),
+            "{}",
+            lines[4]
+        );
+        assert!(
+            lines[5].contains("provider: unknown provider \\\"gmail\\\""),
+            "{}",
+            lines[5]
+        );
+        assert!(
+            lines[6].contains("give domain or provider, not both"),
+            "{}",
+            lines[6]
+        );
+        assert!(
+            lines[7].contains(
+                "ip: not a field of classify (fields: text, code, enhanced, domain, provider)"
+            ),
+            "{}",
+            lines[7]
+        );
+        assert!(
+            lines[8].contains("acquire, pick, report, route, ping, classify, status"),
+            "{}",
+            lines[8]
+        );
+    }
+
+    #[test]
+    fn classify_without_rules_is_unclassified_and_bad_rules_keep_the_old() {
+        let (mut e, mut w) = setup();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"classify\",\"text\":\"421 unusual rate\"}\n",
+        );
+        assert!(out.contains("\"class\":\"unclassified\""), "{out}");
+        w.set_rules(rules()).unwrap();
+        let mut bad = rules();
+        bad[1].text = "(".to_owned();
+        let err = w.set_rules(bad).unwrap_err().to_string();
+        assert!(err.contains("rule \"ms-650\": text:"), "{err}");
+        assert_eq!(w.classifier().len(), 3);
     }
 
     #[test]
