@@ -64,7 +64,9 @@ __all__ = [
 FLAG_AFTER_DAYS = 10
 """Held days without an advance, above step 1, after which a ramp is flagged for an operator."""
 
-Action = Literal["advance", "hold", "restart", "done", "not_started", "paused", "flag"]
+Action = Literal[
+    "advance", "hold", "restart", "done", "not_started", "paused", "flag", "pause", "step_down"
+]
 RampKey = tuple[str, str]
 """(batch, provider)."""
 
@@ -169,6 +171,8 @@ def roll_day(
     states: Mapping[RampKey, RampState],
     evidence: Mapping[RampKey, DayEvidence],
     holds: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
+    step_downs: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
+    pauses: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
 ) -> tuple[dict[RampKey, RampState], list[RampMove]]:
     """Every ramp's state after `day` (the local date that just ended) and the moves made.
 
@@ -176,6 +180,10 @@ def roll_day(
     flagged), batches in plan order and providers in `plan_providers` order. A missing state
     is `RampState()`, missing evidence is `DayEvidence()` (no traffic), missing holds are none.
     Keys of `states` that are not ramps of the plan are left out of the result.
+
+    `step_downs` and `pauses` are policy's verdicts (`kiln.policy`), with their reasons: a
+    pause wins over a step-down, which wins over a hold. A paused ramp neither advances nor
+    ages; a step-down goes back `plan.policy.day.step_down_steps` steps (never below 1).
     """
     new_states: dict[RampKey, RampState] = {}
     moves: list[RampMove] = []
@@ -191,6 +199,8 @@ def roll_day(
                 states.get(key, RampState()),
                 evidence.get(key, DayEvidence()),
                 _hold_list(holds.get(key, ())),
+                _hold_list(step_downs.get(key, ())),
+                _hold_list(pauses.get(key, ())),
             )
             new_states[key] = state
             moves.extend(day_moves)
@@ -280,6 +290,8 @@ def _roll_one(
     state: RampState,
     seen: DayEvidence,
     holds: list[str],
+    step_downs: list[str] | None = None,
+    pauses: list[str] | None = None,
 ) -> tuple[RampState, list[RampMove]]:
     """One ramp's new state and moves; see the module docstring for the rules."""
     b = plan.batches[batch]
@@ -298,6 +310,19 @@ def _roll_one(
         return state, [d.move("done", step, reason, state)]
 
     sending = seen.granted > 0
+    sent = replace(state, idle_days=0, last_sending_day=day) if sending else state
+    if pauses:
+        reason = f"paused by policy at step {step}: {'; '.join(pauses)}"
+        return sent, [d.move("pause", step, reason, sent)]
+    if step_downs:
+        to = max(1, step - plan.policy.day.step_down_steps)
+        after = replace(sent, step=to, days_without_advance=0)
+        if to == step:
+            after = replace(sent, days_without_advance=state.days_without_advance + 1)
+            reason = f"held at step 1 (a step-down cannot go lower): {'; '.join(step_downs)}"
+            return after, _held(d, after, reason)
+        reason = f"stepped down from step {step} to {to}: {'; '.join(step_downs)}"
+        return after, [d.move("step_down", to, reason, after)]
     if state.paused:
         after = replace(state, idle_days=0, last_sending_day=day) if sending else state
         reason = f"paused at step {step}: no advance and no ageing until resumed"
@@ -325,7 +350,6 @@ def _roll_one(
         reason = f"no traffic (0 granted): {d.numbers()}; {idle} idle day{_s(idle)}{also}"
         return after, _held(d, after, reason)
 
-    sent = replace(state, idle_days=0, last_sending_day=day)
     if holds:
         after = replace(sent, days_without_advance=state.days_without_advance + 1)
         reason = f"held by: {'; '.join(holds)} ({d.numbers()})"

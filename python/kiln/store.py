@@ -159,12 +159,40 @@ class _Decision(SQLModel, table=True):
     evidence: str = Field(sa_type=Text)
 
 
+class _Automation(SQLModel, table=True):
+    __tablename__ = "kiln_automations"
+
+    plan: str = Field(primary_key=True)
+    id: str = Field(primary_key=True)
+    state: str
+    data: str = Field(sa_type=Text)
+    updated_at_ms: int = Field(sa_type=BigInteger)
+
+
+class _Pushback(SQLModel, table=True):
+    __tablename__ = "kiln_pushback"
+
+    day: date = Field(primary_key=True)
+    ip: str = Field(primary_key=True)
+    provider: str = Field(primary_key=True)
+    cls: str = Field(primary_key=True)
+    hour: int = Field(primary_key=True)
+    rule: str = Field(primary_key=True)
+    count: int = Field(sa_type=BigInteger)
+
+
+#: (ip, provider, class, local hour, rule) -> replies.
+PushbackKey = tuple[str, str, str, int, str]
+
+
 def _table(model: type[SQLModel]) -> Table:
     """The SQLAlchemy table behind a table model."""
     return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
-_TABLES: Final = [_table(m) for m in (_Meta, _Position, _Snapshot, _Counts, _Decision)]
+_TABLES: Final = [
+    _table(m) for m in (_Meta, _Position, _Snapshot, _Counts, _Decision, _Automation, _Pushback)
+]
 
 _APPEND_ONLY: Final = {
     "sqlite": [
@@ -499,6 +527,74 @@ class Store:
                 for row in rows
             }
 
+    # -- automations ---------------------------------------------------------------------------
+
+    def save_automations(
+        self, plan: str, automations: Iterable[Mapping[str, Any]], now_ms: int
+    ) -> None:
+        """Insert or replace automations (plain data with `id` and `state`)."""
+        with self._transaction("save automations", write=True) as session:
+            self._save_automations(session, plan, automations, now_ms)
+
+    def _save_automations(
+        self,
+        session: Session,
+        plan: str,
+        automations: Iterable[Mapping[str, Any]],
+        now_ms: int,
+    ) -> None:
+        rows = [
+            {
+                "plan": plan,
+                "id": a["id"],
+                "state": a["state"],
+                "data": json.dumps(a, sort_keys=True),
+                "updated_at_ms": now_ms,
+            }
+            for a in sorted(automations, key=lambda a: str(a["id"]))
+        ]
+        if not rows:
+            return
+        statement = self._insert()(_Automation)
+        statement = statement.on_conflict_do_update(
+            index_elements=["plan", "id"],
+            set_={k: statement.excluded[k] for k in ("state", "data", "updated_at_ms")},
+        )
+        session.exec(statement, params=rows)
+
+    def load_automations(self, plan: str, *, since_ms: int | None = None) -> list[dict[str, Any]]:
+        """A plan's automations: every active one, and the others updated since `since_ms`."""
+        with self._transaction("read automations", write=False) as session:
+            query = select(_Automation).where(_Automation.plan == plan)
+            rows = session.exec(query).all()
+            return [
+                json.loads(r.data)
+                for r in rows
+                if r.state == "active" or since_ms is None or r.updated_at_ms >= since_ms
+            ]
+
+    # -- push-back replies per day ---------------------------------------------------------------
+
+    def _add_pushback(self, session: Session, day: date, rows: Mapping[PushbackKey, int]) -> None:
+        if not rows:
+            return
+        params = [
+            {"day": day, "ip": ip, "provider": p, "cls": c, "hour": h, "rule": r, "count": n}
+            for (ip, p, c, h, r), n in sorted(rows.items())
+        ]
+        statement = self._insert()(_Pushback)
+        statement = statement.on_conflict_do_update(
+            index_elements=["day", "ip", "provider", "cls", "hour", "rule"],
+            set_={"count": _table(_Pushback).c["count"] + statement.excluded["count"]},
+        )
+        session.exec(statement, params=params)
+
+    def pushback(self, day: date) -> dict[PushbackKey, int]:
+        """Classified push-back replies counted on `day`."""
+        with self._transaction(f"read push-back for {day}", write=False) as session:
+            rows = session.exec(select(_Pushback).where(_Pushback.day == day)).all()
+            return {(r.ip, r.provider, r.cls, r.hour, r.rule): r.count for r in rows}
+
     # -- decision log --------------------------------------------------------------------------
 
     def append(self, entries: Iterable[LogEntry]) -> list[int]:
@@ -577,8 +673,15 @@ class Store:
         day: date | None = None,
         counts: Mapping[tuple[str, str], DayCounts] | None = None,
         entries: Iterable[LogEntry] = (),
+        pushback: Mapping[date, Mapping[PushbackKey, int]] | None = None,
+        plan: str | None = None,
+        automations: Iterable[Mapping[str, Any]] = (),
+        meta: Mapping[str, str] | None = None,
     ) -> None:
         """Save the snapshot, add `counts` to `day` and append `entries`: all or nothing.
+
+        Also adds `pushback` replies per day, saves the `plan`'s changed `automations` and
+        sets `meta` values, in the same transaction.
 
         `counts` needs `day`. A failure anywhere (a database error, evidence that is not
         JSON-able, an exception from the `entries` iterable) leaves the database untouched.
@@ -590,4 +693,10 @@ class Store:
                 self._save_snapshot(session, snapshot, now_ms)
             if counts and day is not None:
                 self._add_counts(session, day, counts)
+            for pday, rows in sorted((pushback or {}).items()):
+                self._add_pushback(session, pday, rows)
+            if plan is not None:
+                self._save_automations(session, plan, automations, now_ms)
+            for key, value in (meta or {}).items():
+                self._set_meta(session, key, value)
             self._append(session, entries)

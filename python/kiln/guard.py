@@ -1,0 +1,309 @@
+"""The guard: runs policy's automations against the engine, and answers for them.
+
+The daemon hands the guard what happened (push-back reports, signal polls, day rolls); the
+guard asks `kiln.policy` what to do, keeps the resulting automations (`AutomationBook`),
+pushes their effects into the engine (suspensions, slow-downs, pauses) and returns the
+decision-log entries to write. It also answers the operator: `automations`, `cancel`,
+`explain`. Time is always an argument.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+from kiln import _core
+from kiln.automation import Automation, AutomationBook, KeyEffect
+from kiln.policy import DayPushback, Policy, Pushback, RuleInfo, SignalBook, Verdict
+from kiln.ramp import caps_at, plan_providers, steps_for
+from kiln.rampday import RampMove, RampState, day_cap
+from kiln.schedule import Plan
+from kiln.store import LogEntry, PushbackKey
+
+__all__ = ["Guard", "Report"]
+
+#: (at_ms, ip, provider, result, n, code, enhanced, text), as `Engine.take_reports` gives them.
+Report = tuple[int, str, str, str, int, int | None, str | None, str | None]
+#: Classifier: (provider, code, enhanced, text) -> (class, scope, rule) or None.
+Classify = Any
+
+
+def _when(ms: int | None) -> str | None:
+    """Epoch ms as ISO 8601 UTC (None stays None)."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Guard:
+    """Automations of one plan, and their effects on one engine."""
+
+    plan: Plan
+    rules: Mapping[str, RuleInfo] = field(default_factory=dict)
+    book: AutomationBook = field(default_factory=AutomationBook)
+    signals: SignalBook = field(default_factory=SignalBook)
+    #: Replies not yet saved: local day -> (ip, provider, class, hour, rule) -> count.
+    pending_pushback: dict[date, dict[PushbackKey, int]] = field(default_factory=dict)
+    _enforced: set[tuple[str, str]] = field(default_factory=set)
+    policy: Policy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = Policy(self.plan, self.rules)
+
+    def replan(self, plan: Plan, rules: Mapping[str, RuleInfo]) -> None:
+        """A reloaded plan (automations and signals are kept)."""
+        self.plan = plan
+        self.rules = rules
+        self.policy = Policy(plan, rules)
+
+    # ----- what happened -----
+
+    def on_reports(
+        self, reports: Iterable[Report], classify: Classify, now_ms: int
+    ) -> list[LogEntry]:
+        """Classify push-back reports, count them for the day roll and act on them."""
+        entries: list[LogEntry] = []
+        for at_ms, ip, provider, result, n, code, enhanced, text in reports:
+            if result not in ("deferred", "bounced") or code is None:
+                continue
+            found = classify(provider, code, enhanced, text or "")
+            if found is None:
+                continue
+            cls, scope, rule = found
+            local = datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(self.plan.zone)
+            day_rows = self.pending_pushback.setdefault(local.date(), {})
+            key = (ip, provider, cls, local.hour, rule)
+            day_rows[key] = day_rows.get(key, 0) + n
+            reply = " ".join(str(x) for x in (code, enhanced, text) if x)
+            p = Pushback(at_ms, ip, provider, cls, scope, rule, reply)
+            for a, created in self.policy.on_pushback(p, self.book):
+                if created:
+                    entries.append(self._entry(now_ms, a, "start", a.reason))
+        return entries
+
+    def on_signals(self, now_ms: int) -> list[LogEntry]:
+        """After a signal poll: pause or resume IPs."""
+        return [
+            self._entry(now_ms, a, "start" if a.state == "active" else a.state, a.reason)
+            for a in self.policy.on_signals(self.signals, self.book, now_ms)
+        ]
+
+    def expire(self, now_ms: int) -> list[LogEntry]:
+        """Automations whose time ran out."""
+        return [
+            self._entry(now_ms, a, "expired", f"{a.kind} ended: {a.ends_when}")
+            for a in self.book.expire(now_ms)
+        ]
+
+    def verdicts(
+        self,
+        day: date,
+        evidence: Mapping[tuple[str, str], Any],
+        pushback: Mapping[PushbackKey, int],
+        now_ms: int,
+    ) -> dict[tuple[str, str], Verdict]:
+        """Policy's verdict on every ramp for a finished day (see `Policy.day_verdicts`)."""
+        days: dict[tuple[str, str], DayPushback] = {}
+        rows = dict(pushback)
+        for key, count in self.pending_pushback.get(day, {}).items():
+            rows[key] = rows.get(key, 0) + count
+        for (ip, provider, cls, hour, rule), count in rows.items():
+            days.setdefault((ip, provider), DayPushback()).add(cls, hour, rule, count)
+        return self.policy.day_verdicts(day, evidence, days, self.signals, self.book, now_ms)
+
+    def after_roll(
+        self, verdicts: Mapping[tuple[str, str], Verdict], moves: Sequence[RampMove], now_ms: int
+    ) -> list[LogEntry]:
+        """Step-downs and pauses of a day roll become automations."""
+        return [
+            self._entry(now_ms, a, "start" if a.state == "active" else a.state, a.reason)
+            for a in self.policy.record_moves(verdicts, moves, self.book, now_ms)
+        ]
+
+    # ----- the engine -----
+
+    def enforce(
+        self, engine: _core.Engine, states: Mapping[tuple[str, str], RampState], now_ms: int
+    ) -> None:
+        """Push every live automation's effect into the engine; lift effects that ended."""
+        effects = self.book.effects(now_ms, self.policy.batch_ips(), plan_providers(self.plan))
+        known = set(plan_providers(self.plan))
+        for ip, provider in set(effects) | self._enforced:
+            if provider not in known:
+                continue
+            key = engine.key(ip, provider)
+            e = effects.get((ip, provider), KeyEffect())
+            engine.suspend(key, e.suspended_until_ms if e.suspended_until_ms > now_ms else 0)
+            engine.set_multiplier(key, e.multiplier)
+            batch = self.policy.batch_of(ip)
+            base = batch is not None and states.get((batch, provider), RampState()).paused
+            if e.paused or base:
+                engine.pause(key)
+            else:
+                engine.resume(key)
+        self._enforced = set(effects)
+
+    # ----- the operator -----
+
+    def cancel(self, automation_id: str, now_ms: int, who: str) -> tuple[Automation, LogEntry]:
+        """End an automation early. Raises KeyError (unknown) or ValueError (not active)."""
+        a = self.book.get(automation_id)
+        if a is None:
+            raise KeyError(f"no automation {automation_id!r}")
+        if a.state == "applied" and a.kind == "step_down":
+            return self._undo_step_down(a, now_ms, who)
+        ended = self.book.end(a.id, now_ms, who, "cancelled")
+        if ended is None:
+            raise ValueError(f"automation {a.id} is {a.state}, not active")
+        return ended, self._entry(now_ms, ended, "cancelled", f"cancelled by {who}")
+
+    def _undo_step_down(self, a: Automation, now_ms: int, who: str) -> tuple[Automation, LogEntry]:
+        """A cancelled step-down gives its steps back (the daemon moves the ramp)."""
+        ended = replace(a, state="cancelled", ended_ms=now_ms, ended_by=who)
+        self.book.items[a.id] = ended
+        self.book.dirty.add(a.id)
+        text = f"cancelled by {who}: back to step {a.from_step}"
+        return ended, self._entry(now_ms, ended, "cancelled", text)
+
+    def listing(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
+        """Automations for `kiln automations`: live ones, or all kept ones."""
+        return [
+            a.to_json()
+            | {
+                "live": a.live(now_ms),
+                "start": _when(a.start_ms),
+                "expires": _when(a.expires_ms),
+                "remaining_ms": None if a.expires_ms is None else max(0, a.expires_ms - now_ms),
+            }
+            for a in self.book
+            if everything or a.live(now_ms)
+        ]
+
+    def explain(
+        self,
+        engine: _core.Engine,
+        states: Mapping[tuple[str, str], RampState],
+        ip: str,
+        provider: str,
+        now_ms: int,
+        today: date,
+        last_moves: Sequence[LogEntry],
+    ) -> dict[str, Any]:
+        """Why (ip, provider) has the limit it has right now, as data and as sentences."""
+        plan = self.plan
+        batch = self.policy.batch_of(ip)
+        u = engine.usage(engine.key(ip, provider))
+        why: list[str] = []
+        out: dict[str, Any] = {"ok": True, "ip": ip, "provider": provider, "batch": batch}
+        if batch is None:
+            pool = next(
+                (n for n, p in plan.pools.items() if ip in {m.ip for m in p.members()}), None
+            )
+            out["pool"] = pool
+            why.append(
+                f"{ip} is a warm IP of pool {pool!r}: no warm-up caps"
+                if pool
+                else f"{ip} is in no pool or batch of plan {plan.name!r}"
+            )
+        else:
+            b = plan.batches[batch]
+            s = states.get((batch, provider), RampState())
+            caps, state = caps_at(plan, batch, provider, s.step)
+            steps = len(steps_for(plan.schedules[b.schedule], provider))
+            if b.start_date > today:
+                state = "not_started"
+            out |= {
+                "pool": b.pool,
+                "step": s.step,
+                "steps": steps,
+                "state": state,
+                "days_without_advance": s.days_without_advance,
+                "day_cap_batch": day_cap(plan, batch, provider, s.step),
+            }
+            if state == "not_started":
+                why.append(f"batch {batch!r} starts on {b.start_date}: nothing may be sent yet")
+            elif state == "done":
+                why.append(f"batch {batch!r} finished its {steps} steps for {provider}")
+            else:
+                why.append(
+                    f"batch {batch!r} is at step {s.step} of {steps} for {provider} "
+                    f"(schedule {b.schedule!r}): {caps.daily_cap or 'no'} a day, "
+                    f"{u['hourly_cap'] if u['hourly_cap'] is not None else 'no'} this hour per IP"
+                )
+        out |= {
+            "hourly_cap": u["hourly_cap"],
+            "daily_cap": u["daily_cap"],
+            "hour_used": u["hour_used"],
+            "day_used": u["day_used"],
+            "paused": u["paused"],
+            "multiplier": u["multiplier"],
+            "suspended_until": _when(u["suspended_until_ms"] or None)
+            if u["suspended_until_ms"] > now_ms
+            else None,
+        }
+        if u["daily_cap"] is not None and u["day_used"] >= u["daily_cap"]:
+            why.append(f"today's cap is used up ({u['day_used']} of {u['daily_cap']})")
+        elif u["hourly_cap"] is not None and u["hour_used"] >= u["hourly_cap"]:
+            why.append(f"this hour's cap is used up ({u['hour_used']} of {u['hourly_cap']})")
+        live = self.book.for_key(ip, provider, batch, now_ms)
+        out["automations"] = [a.to_json() | {"expires": _when(a.expires_ms)} for a in live]
+        for a in live:
+            until = f"until {_when(a.expires_ms)}" if a.expires_ms else f"until {a.ends_when}"
+            why.append(
+                f"{a.id} {a.kind} ({a.rule}) {until}: {a.reason}; cancel: kiln cancel {a.id}"
+            )
+        if not live:
+            why.append("no automation touches this key")
+        stale = self.policy.stale_sources(self.signals, now_ms)
+        for source, ramps in stale.items():
+            if batch is not None and (batch, provider) in ramps:
+                why.append(f"{source} is stale: the next day roll holds this ramp")
+        out["signals"] = self._signals_for(ip)
+        if last_moves:
+            m = last_moves[-1]
+            out["last_move"] = {"at": _when(m.at_ms), "action": m.action, "reason": m.reason}
+            why.append(f"last day roll ({_when(m.at_ms)}): {m.action}: {m.reason}")
+        out["why"] = why
+        return out
+
+    def _signals_for(self, ip: str) -> dict[str, Any]:
+        """What the sources last said about one IP, and their health."""
+        s = self.signals
+        snds = s.snds.get(ip, {})
+        rep = s.ip_reputation.get(ip, {})
+        return {
+            "snds": {d: snds[d] for d in sorted(snds)[-3:]},
+            "snds_blocked": s.snds_blocked.get(ip),
+            "dnsbl": s.dnsbl.get(ip, {}),
+            "ip_reputation": {d: rep[d] for d in sorted(rep)[-3:]},
+            "health": {k: v.to_json() for k, v in s.health.items()},
+        }
+
+    # ----- the decision log -----
+
+    def _entry(self, now_ms: int, a: Automation, action: str, reason: str) -> LogEntry:
+        """A decision-log entry about an automation."""
+        evidence = {
+            "id": a.id,
+            "kind": a.kind,
+            "rule": a.rule,
+            "scope": a.scope,
+            "expires_ms": a.expires_ms,
+            "ends_when": a.ends_when,
+            "cancel_by": a.cancel_by,
+            "matches": a.matches,
+        } | {f"evidence_{k}": v for k, v in a.evidence.items()}
+        json.dumps(evidence)  # fail here, not in the store, if something is not JSON-able
+        return LogEntry(now_ms, "automation", a.scope, f"{a.kind}:{action}", reason, evidence)
+
+    def dirty(self) -> list[dict[str, Any]]:
+        """Changed automations as plain data, for the store (and forget they changed)."""
+        out = [
+            self.book.items[i].to_json() for i in sorted(self.book.dirty) if i in self.book.items
+        ]
+        self.book.dirty.clear()
+        return out
