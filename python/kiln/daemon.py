@@ -11,6 +11,8 @@ decision is made:
 | caps in force this hour | `ramp.compile_limits`, pushed by `Daemon.apply_plan` |
 | does a ramp advance at the day roll | `rampday.roll_day`, run by `Daemon.roll_days` |
 | domain -> provider | plan domain table, then `mx.MxResolver`, pushed as engine routes |
+| what a push-back reply is | `Engine.classify` against the reply rules (rust/src/classify.rs) |
+| what evidence does (suspend, slow, hold, step down, pause) | `kiln.policy`, run by `kiln.guard` |
 """
 
 from __future__ import annotations
@@ -37,25 +39,31 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
 from kiln import _core
+from kiln.automation import Automation
 from kiln.clock import Clock, SystemClock
 from kiln.errors import KilnError, ScheduleError
+from kiln.guard import Guard
 from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxResolver, ProviderTable, system_nameservers
+from kiln.policy import RuleInfo, SignalBook
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
 from kiln.rampday import DayEvidence, RampMove, RampState, day_cap, roll_day
 from kiln.rate import RateSpec
+from kiln.rules import known_providers, load_rules
 from kiln.schedule import Plan, load_plan
 from kiln.store import DayCounts, LogEntry, Store, StoredPosition
 
 __all__ = ["Daemon", "DaemonConfig", "NativeProtocol", "run"]
 
 #: Operations Python answers; every other op is decided in the core.
-UPCALL_OPS = ("status", "limits", "reload", "stats")
+UPCALL_OPS = ("status", "limits", "reload", "stats", "automations", "cancel", "explain")
 #: Push-back reports kept in memory for `status` (the policy issue reads them).
 RECENT_REPORTS = 1_000
 #: Last local day whose ramps were rolled (store meta key, per plan name).
 _ROLLED_KEY = "last_rolled_day:{plan}"
+#: What the signal sources last said, and their health (store meta key, per plan name).
+_SIGNALS_KEY = "signals:{plan}"
 #: Write no more than this many bytes ahead of a slow reader before pausing its reads.
 _HIGH_WATER_BYTES = 1 << 20
 
@@ -124,6 +132,8 @@ class Daemon:
         self.started_ms = self.clock.now_ms()
         self.resolver: MxResolver | None = None
         self._lookups: dict[str, asyncio.Task[None]] = {}
+        rules = self._load_rules(self.plan)  # ScheduleError: nothing started
+        self.guard = Guard(self.plan, rules)
 
     # ----- start-up -----
 
@@ -142,6 +152,7 @@ class Daemon:
         self.engine.set_default_provider(DEFAULT_PROVIDER)
         self.engine.set_upcall_ops(list(UPCALL_OPS))
         self.states = {k: _state(p) for k, p in self.store.load_positions(self.plan.name).items()}
+        self._load_guard(now_ms)
         self._mark_start(now_ms)
         self.roll_days(now_ms)
         self.apply_plan(now_ms)
@@ -155,6 +166,28 @@ class Daemon:
         )
         self.flush(now_ms)
 
+    def _load_rules(self, plan: Plan) -> dict[str, RuleInfo]:
+        """Compile the shipped and the plan's reply rules into the engine (ScheduleError:
+        the rules in force stay), and what policy needs of each rule."""
+        base = Path(plan.source).parent
+        rules = load_rules([base / f for f in plan.policy.rules], known_providers(plan))
+        rules.compile_into(self.engine)
+        return {
+            r.id: RuleInfo(
+                threshold_count=r.threshold.count,
+                threshold_period_ms=r.threshold.period_ms or HOUR_MS,
+                action="default" if r.action is None else r.action,
+            )
+            for r in rules.rules
+        }
+
+    def _load_guard(self, now_ms: int) -> None:
+        """Automations and signal readings of this plan, back from the store."""
+        kept = self.store.load_automations(self.plan.name, since_ms=now_ms - 3 * 86_400_000)
+        self.guard.book.load(Automation.from_json(a) for a in kept)
+        saved = self.store.get_meta(_SIGNALS_KEY.format(plan=self.plan.name))
+        self.guard.signals = SignalBook.from_json(json.loads(saved)) if saved else SignalBook()
+
     def _mark_start(self, now_ms: int) -> None:
         """A plan seen for the first time starts counting today: earlier days had no data."""
         key = _ROLLED_KEY.format(plan=self.plan.name)
@@ -166,6 +199,7 @@ class Daemon:
         """Push this hour's limits, the pools, the calendar and the domain table."""
         positions = {k: s.position for k, s in self.states.items()}
         apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
+        self.guard.enforce(self.engine, self.states, now_ms)
         hours, days = calendar(self.plan.zone, now_ms)
         self.engine.set_calendar(hours, days)
         self._next_hour_ms = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
@@ -215,15 +249,38 @@ class Daemon:
             complaints,
         ) in self.engine.take_tallies():
             counts[(ip, provider)] = DayCounts(granted, delivered, deferred, bounced, complaints)
-        self.recent_reports.extend(self.engine.take_reports())
-        entries, self._pending_log = self._pending_log, []
+        reports = self.engine.take_reports()
+        self.recent_reports.extend(reports)
+        acted = self.guard.on_reports(reports, self._classify, now_ms)
+        acted += self.guard.expire(now_ms)
+        for e in acted:
+            self._log_entry(e, "warning")
+        if acted:
+            self.guard.enforce(self.engine, self.states, now_ms)
+        entries, self._pending_log = self._pending_log + acted, []
+        pushback, self.guard.pending_pushback = self.guard.pending_pushback, {}
         self.store.flush(
             snapshot=self.engine.snapshot_bytes(),
             now_ms=now_ms,
             day=_local_day(self.plan, min(now_ms, self._next_hour_ms - 1)),
             counts=counts,
             entries=entries,
+            pushback=pushback,
+            plan=self.plan.name,
+            automations=self.guard.dirty(),
+            meta={
+                _SIGNALS_KEY.format(plan=self.plan.name): json.dumps(self.guard.signals.to_json())
+            },
         )
+
+    def _classify(
+        self, provider: str, code: int | None, enhanced: str | None, text: str
+    ) -> tuple[str, str, str] | None:
+        """(class, scope, rule) of a remote reply; None for unclassified and MTA-internal ones."""
+        found = self.engine.classify(provider, code, enhanced, text)
+        if found is None or found[0] == "internal" or found[1] is None or found[2] is None:
+            return None
+        return found[0], found[1], found[2]
 
     def roll_days(self, now_ms: int) -> list[RampMove]:
         """Roll every local day that ended since the last roll (idempotent; catches up).
@@ -253,7 +310,17 @@ class Daemon:
                     bounced=sum(r.bounced for r in rows),
                     complaints=sum(r.complaints for r in rows),
                 )
-        states, moves = roll_day(self.plan, day, self.states, evidence)
+        verdicts = self.guard.verdicts(day, evidence, self.store.pushback(day), now_ms)
+        states, moves = roll_day(
+            self.plan,
+            day,
+            self.states,
+            evidence,
+            holds={k: v.hold for k, v in verdicts.items()},
+            step_downs={k: v.step_down for k, v in verdicts.items()},
+            pauses={k: v.pause for k, v in verdicts.items()},
+        )
+        acted = self.guard.after_roll(verdicts, moves, now_ms)
         entries = [
             LogEntry(
                 now_ms,
@@ -265,17 +332,23 @@ class Daemon:
                 | m.evidence,
             )
             for m in moves
-        ]
+        ] + acted
         self.store.save_positions(
             self.plan.name,
             {k: _stored(s) for k, s in states.items()},
             now_ms,
             meta=meta,
             entries=entries,
+            automations=self.guard.dirty(),
         )
         self.states = states
         for e in entries:
-            self._log_entry(e)
+            level = (
+                "warning"
+                if e.action in ("step_down", "pause") or e.kind == "automation"
+                else "info"
+            )
+            self._log_entry(e, level)
         return moves
 
     def record(
@@ -308,6 +381,7 @@ class Daemon:
         """Re-read the plan; swap it in only if valid. Returns the reply for `kiln reload`."""
         try:
             plan = load_plan(self.config.plan_path)
+            rules = self._load_rules(plan)
         except (ScheduleError, OSError) as e:
             problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
             self.record(
@@ -328,9 +402,12 @@ class Daemon:
         self.flush(now_ms)
         old = self.plan.name
         self.plan = plan
+        self.guard.replan(plan, rules)
         if plan.name != old:
             loaded = self.store.load_positions(plan.name)
             self.states = {k: _state(p) for k, p in loaded.items()}
+            self.guard = Guard(plan, rules)
+            self._load_guard(now_ms)
             self._mark_start(now_ms)
         self.apply_plan(now_ms)
         self.resolver = self._make_resolver()
@@ -359,6 +436,9 @@ class Daemon:
             "limits": self.limits,
             "reload": lambda _r, t: self.reload(t),
             "stats": lambda _r, t: self.stats(t),
+            "automations": self.automations,
+            "cancel": self.cancel,
+            "explain": self.explain,
         }
         try:
             reply = handlers[op](req, now_ms)
@@ -461,6 +541,65 @@ class Daemon:
         else:
             out |= {"step": None, "state": "warm"}
         return out
+
+    def automations(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """Live automations (`"all": true`: also those ended in the last three days)."""
+        everything = req.get("all", False)
+        if not isinstance(everything, bool):
+            raise _RequestError("all: must be true or false")
+        return {"ok": True, "automations": self.guard.listing(now_ms, everything)}
+
+    def cancel(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """End an automation early; a cancelled step-down gives its steps back."""
+        automation_id = req.get("automation")
+        if not isinstance(automation_id, str):
+            raise _RequestError("automation: missing or not a string (an id such as A12)")
+        who = req.get("by", "an operator")
+        if not isinstance(who, str) or len(who) > 200:
+            raise _RequestError("by: must be a short string")
+        try:
+            a, entry = self.guard.cancel(automation_id, now_ms, who)
+        except (KeyError, ValueError) as e:
+            raise _RequestError(str(e.args[0])) from None
+        entries = [entry]
+        if a.kind == "step_down" and a.batch is not None and a.provider is not None:
+            key = (a.batch, a.provider)
+            s = self.states.get(key, RampState())
+            if a.from_step is not None and s.step == a.to_step:
+                self.states[key] = dataclasses.replace(s, step=a.from_step)
+                self.store.save_positions(self.plan.name, {key: _stored(self.states[key])}, now_ms)
+        self._pending_log += entries
+        self._log_entry(entry, "warning")
+        self.apply_plan(now_ms)
+        self.flush(now_ms)
+        return {"ok": True, "automation": a.to_json()}
+
+    def explain(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """Why one (IP, provider) key has the limit it has right now."""
+        ip = req.get("ip")
+        provider = req.get("provider")
+        if not isinstance(ip, str):
+            raise _RequestError("ip: missing or not a string")
+        if not isinstance(provider, str) or provider not in plan_providers(self.plan):
+            raise _RequestError(
+                f"provider: unknown provider {provider!r}, expected one of "
+                + ", ".join(plan_providers(self.plan))
+            )
+        try:
+            self.engine.key(ip, provider)
+        except _core.CoreError as e:
+            raise _RequestError(str(e)) from None
+        batch = self.guard.policy.batch_of(ip)
+        moves = (
+            self.store.decisions(
+                kind="ramp", subject=f"{batch}/{provider}", since_ms=now_ms - 3 * 86_400_000
+            )
+            if batch is not None
+            else []
+        )
+        return self.guard.explain(
+            self.engine, self.states, ip, provider, now_ms, _local_day(self.plan, now_ms), moves
+        )
 
     def stats(self, now_ms: int) -> dict[str, Any]:
         """Protocol counters and process facts."""

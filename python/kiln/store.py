@@ -423,9 +423,11 @@ class Store:
         *,
         meta: Mapping[str, str] | None = None,
         entries: Iterable[LogEntry] = (),
+        automations: Iterable[Mapping[str, Any]] = (),
     ) -> None:
         """Insert or overwrite each given position of `plan`, all in one transaction, with
-        `meta` values and decision-log `entries` (a day roll lands whole or not at all).
+        `meta` values, decision-log `entries` and changed `automations` (a day roll lands
+        whole or not at all).
 
         Positions saved earlier and absent from `positions` are left as they are.
         """
@@ -434,6 +436,7 @@ class Store:
                 self._save_positions(session, plan, positions, now_ms)
             for key, value in (meta or {}).items():
                 self._set_meta(session, key, value)
+            self._save_automations(session, plan, automations, now_ms)
             self._append(session, entries)
 
     def _save_positions(
