@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("--json", action="store_true", help="print the raw reply")
         if verb == "query":
             client.add_argument("requests", nargs="*", metavar="JSON")
+    for verb, text in (
+        ("automations", "what policy is doing now: suspensions, slow-downs, holds, pauses"),
+        ("cancel", "end an automation early (a cancelled step-down gives its steps back)"),
+        ("explain", "why an IP has the limit it has right now, for one provider"),
+    ):
+        client = verbs.add_parser(verb, help=text)
+        client.add_argument("--state-dir", type=Path, default=Path(".state"))
+        client.add_argument("--socket", type=Path, help="default STATE_DIR/kiln.sock")
+        client.add_argument("--json", action="store_true", help="print the raw reply")
+        if verb == "automations":
+            client.add_argument(
+                "--all", action="store_true", help="also those ended in the last three days"
+            )
+        if verb == "cancel":
+            client.add_argument("id", metavar="ID", help="automation id, such as A12")
+        if verb == "explain":
+            client.add_argument("ip", metavar="IP")
+            client.add_argument("provider", metavar="PROVIDER")
     check = verbs.add_parser("check", help="check plan files; print every mistake")
     check.add_argument("files", nargs="+", metavar="FILE", type=Path)
     plan = verbs.add_parser("plan", help="show what a plan allows, day by day")
@@ -182,6 +201,94 @@ def _reload(args: argparse.Namespace) -> int:
     for p in reply.get("problems", []):
         _out(f"  {p}", sys.stderr)
     return 1
+
+
+def _automations(args: argparse.Namespace) -> int:
+    """`kiln automations`: one line each, newest last."""
+    with _client(args) as c:
+        reply = c.request("automations", all=args.all)
+    if args.json or not reply.get("ok"):
+        _out(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    items = reply["automations"]
+    if not items:
+        _out("no automation is in force" + ("" if args.all else " (--all shows ended ones)"))
+        return 0
+    head = ["id", "kind", "state", "scope", "rule", "until"]
+    rows = [head]
+    for a in items:
+        if a["state"] == "active" and a["expires"]:
+            until = a["expires"]
+        elif a["state"] == "active":
+            until = a["ends_when"]
+        else:
+            until = f"{a['state']} ({a.get('ended_by') or a['ends_when']})"
+        rows.append([a["id"], a["kind"], a["state"], a["scope"], a["rule"], until])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for row in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    for a in items:
+        _out(f"{a['id']}: {a['reason']}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    """`kiln cancel ID`: 0 when ended, 1 with the reason otherwise."""
+    who = f"{os.environ.get('USER') or 'an operator'} (kiln cancel)"
+    with _client(args) as c:
+        reply = c.request("cancel", automation=args.id, by=who)
+    if args.json:
+        _out(json.dumps(reply, indent=2))
+    elif reply.get("ok"):
+        a = reply["automation"]
+        _out(f"{a['id']} ({a['kind']} of {a['scope']}) cancelled")
+    else:
+        _out(f"kiln cancel: {reply.get('error')}", sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """`kiln explain IP PROVIDER`: one screen of reasons."""
+    with _client(args) as c:
+        reply = c.request("explain", ip=args.ip, provider=args.provider)
+    if args.json or not reply.get("ok"):
+        if not reply.get("ok") and not args.json:
+            _out(f"kiln explain: {reply.get('error')}", sys.stderr)
+            return 1
+        _out(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    cap = "no" if reply["hourly_cap"] is None else f"{reply['hourly_cap']:,}"
+    day = "no" if reply["daily_cap"] is None else f"{reply['daily_cap']:,}"
+    _out(f"{reply['ip']} -> {reply['provider']}  (batch {reply['batch'] or '-'})")
+    used_h, used_d = reply["hour_used"], reply["day_used"]
+    _out(f"  now: {cap} an hour ({used_h:,} used), {day} a day ({used_d:,} used)")
+    state = []
+    if reply["paused"]:
+        state.append("PAUSED")
+    if reply["suspended_until"]:
+        state.append(f"SUSPENDED until {reply['suspended_until']}")
+    if reply["multiplier"] != 1.0:
+        state.append(f"slowed to {reply['multiplier']:g}x")
+    if state:
+        _out("  " + ", ".join(state))
+    _out("why:")
+    for line in reply["why"]:
+        _out(f"  - {line}")
+    sig = reply.get("signals", {})
+    facts = []
+    if sig.get("snds"):
+        facts.append("SNDS " + ", ".join(f"{d} {c}" for d, c in sig["snds"].items()))
+    if sig.get("snds_blocked"):
+        facts.append(f"SNDS blocked: {sig['snds_blocked']}")
+    if sig.get("dnsbl"):
+        facts.append("DNSBL " + ", ".join(f"{z} {o}" for z, o in sig["dnsbl"].items()))
+    if sig.get("ip_reputation"):
+        facts.append("Postmaster " + ", ".join(f"{d} {r}" for d, r in sig["ip_reputation"].items()))
+    if facts:
+        _out("signals:")
+        for f in facts:
+            _out(f"  - {f}")
+    return 0
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -322,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "reload": _reload,
         "query": _query,
+        "automations": _automations,
+        "cancel": _cancel,
+        "explain": _explain,
     }
     if args.verb in verbs:
         try:
