@@ -921,7 +921,7 @@ class PostmasterSource:
         failed = {r.domain: r for r in results if isinstance(r, DomainFailure)}
         if self.domains and not domains:
             first = next(iter(failed.values()))
-            summary = "; ".join(f"{f.domain}: {f.kind}" for f in failed.values())
+            summary = "; ".join(f"{f.domain}: {f.message}" for f in failed.values())
             raise SourceError(SOURCE, first.kind, f"no domain could be read ({summary})")
         return PostmasterReading(
             day=day, domains=MappingProxyType(domains), failed=MappingProxyType(failed)
