@@ -60,8 +60,10 @@ RuleTuple = tuple[
     str,
     ReplyClass,
     ReplyScope,
+    bool,
 ]
-"""(id, providers, codes, enhanced, text, class, scope) of one reply rule for `set_rules`."""
+"""(id, providers, codes, enhanced, text, class, scope, fallback) of one reply rule for
+`set_rules`."""
 Classified = (
     tuple[ReplyClass, ReplyScope, str, tuple[str, ...]]
     | tuple[Literal["internal"], None, None, tuple[()]]
@@ -252,10 +254,10 @@ class Engine:
         """Protocol counters since the engine was made (for metrics)."""
     def set_rules(self, rules: Sequence[RuleTuple]) -> None:
         """Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
-        scope). `providers` (names, groups already expanded), `codes` (ints such as 421, or
+        scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as 421, or
         "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
-        matched case-insensitively against the normalised reply. On error (naming the rule id)
-        the rules in force stay."""
+        matched case-insensitively against the normalised reply; a `fallback` rule wins only
+        when no other rule matched. On error (naming the rule id) the rules in force stay."""
     def rule_count(self) -> int:
         """How many reply rules are in force."""
     def classify(

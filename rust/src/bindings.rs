@@ -707,10 +707,10 @@ impl PyEngine {
     // ----- SMTP reply rules (classify.rs) -----
 
     /// Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
-    /// scope). `providers` (names, groups already expanded), `codes` (ints such as 421, or
+    /// scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as 421, or
     /// "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
-    /// matched case-insensitively against the normalised reply. On error (naming the rule id)
-    /// the rules in force stay.
+    /// matched case-insensitively against the normalised reply; a `fallback` rule wins only
+    /// when no other rule matched. On error (naming the rule id) the rules in force stay.
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
     fn set_rules(&self, py: Python<'_>, rules: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let defs = rules
@@ -1161,9 +1161,9 @@ fn rule_bad(id: &str, field: &str, problem: impl std::fmt::Display) -> PyErr {
     CoreError::new_err(format!("rules: rule {id:?}: {field}: {problem}"))
 }
 
-/// One rule tuple: (id, providers, codes, enhanced, text, class, scope).
+/// One rule tuple: (id, providers, codes, enhanced, text, class, scope, fallback).
 fn rule_from_py(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<RuleDef> {
-    let f = fields(obj, 7, &format!("rules[{i}]"))?;
+    let f = fields(obj, 8, &format!("rules[{i}]"))?;
     let id: String = get(&f[0], &format!("rules[{i}] id"))?;
     let providers = opt_list::<String>(&f[1], &id, "providers", "names")?;
     let codes = if f[2].is_none() {
@@ -1196,6 +1196,7 @@ fn rule_from_py(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<RuleDef> {
     let text: String = get(&f[4], &format!("rule {id:?} text"))?;
     let class: String = get(&f[5], &format!("rule {id:?} class"))?;
     let scope: String = get(&f[6], &format!("rule {id:?} scope"))?;
+    let fallback: bool = get(&f[7], &format!("rule {id:?} fallback"))?;
     let class = Class::parse(&class).ok_or_else(|| {
         let all: Vec<&str> = Class::ALL.iter().map(|c| c.as_str()).collect();
         rule_bad(
@@ -1220,6 +1221,7 @@ fn rule_from_py(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<RuleDef> {
         text,
         class,
         scope,
+        fallback,
     })
 }
 

@@ -4,7 +4,8 @@
 //! (shared/reference/warmup.md §4.4): lines joined, continuation prefixes such as `421-4.7.28`
 //! removed wherever they repeat, whitespace collapsed. `Classifier` holds the rules: one
 //! `RegexSet` scans a reply once for every pattern, then each matching rule's provider, code
-//! and enhanced-code filters are checked; the most severe match wins and every match is named.
+//! and enhanced-code filters are checked; the most severe match wins (a rule marked
+//! `fallback` only when nothing else matched) and every match is named.
 //!
 //! Replies the MTA made up itself (no SMTP code, a Postfix connection failure, KumoMTA's
 //! `KumoMTA internal:`, kiln's own `kiln:` texts) are `Verdict::Internal` and never reach a
@@ -161,6 +162,8 @@ pub struct RuleDef {
     pub text: String,
     pub class: Class,
     pub scope: Scope,
+    /// A last resort: wins only when no other rule matched (generic "try again later").
+    pub fallback: bool,
 }
 
 /// A compiled rule: its filters; the pattern lives in the classifier's set.
@@ -172,6 +175,14 @@ pub struct Rule {
     pub enhanced: Option<Box<[Box<str>]>>,
     pub class: Class,
     pub scope: Scope,
+    pub fallback: bool,
+}
+
+impl Rule {
+    /// Lower wins: non-fallback rules first, then the more severe class.
+    fn order(&self) -> (bool, u8) {
+        (self.fallback, self.class.rank())
+    }
 }
 
 /// Which provider's rules apply to a reply.
@@ -517,6 +528,7 @@ impl Classifier {
                     .map(|v| v.into_iter().map(String::into_boxed_str).collect()),
                 class: d.class,
                 scope: d.scope,
+                fallback: d.fallback,
             });
         }
         let set = RegexSetBuilder::new(&patterns)
@@ -594,7 +606,7 @@ impl Classifier {
                 }
             }
             matched.push(i);
-            if best.is_none_or(|b| r.class.rank() < self.rules[b].class.rank()) {
+            if best.is_none_or(|b| r.order() < self.rules[b].order()) {
                 best = Some(i);
             }
         }
@@ -742,6 +754,7 @@ mod tests {
             text: text.to_owned(),
             class,
             scope,
+            fallback: false,
         }
     }
 
@@ -858,6 +871,52 @@ mod tests {
             Verdict::Classified {
                 rule: 2,
                 matched: vec![2]
+            }
+        );
+    }
+
+    #[test]
+    fn fallbacks_win_only_alone() {
+        let mut busy = def(
+            "try-later",
+            None,
+            None,
+            "try again later",
+            Class::Busy,
+            Scope::Ip,
+        );
+        busy.fallback = true;
+        let c = Classifier::new(vec![
+            busy,
+            def(
+                "volume",
+                None,
+                None,
+                "excessive volume",
+                Class::RcptRate,
+                Scope::Recipient,
+            ),
+        ])
+        .unwrap();
+        let (_, v) = c.classify(
+            Provider::Any,
+            Some(421),
+            None,
+            "excessive volume. Try again later",
+        );
+        assert_eq!(
+            v,
+            Verdict::Classified {
+                rule: 1,
+                matched: vec![0, 1]
+            }
+        );
+        let (_, v) = c.classify(Provider::Any, Some(421), None, "Try again later");
+        assert_eq!(
+            v,
+            Verdict::Classified {
+                rule: 0,
+                matched: vec![0]
             }
         );
     }

@@ -1251,6 +1251,7 @@ mod tests {
             text: text.to_owned(),
             class,
             scope,
+            fallback: false,
         };
         vec![
             rule(
