@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, tzinfo
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from kiln.feedback.arf import ArfError, parse_arf
 from kiln.feedback.events import FeedbackEvent, MessageIndex
@@ -69,7 +69,27 @@ class FeedbackSource(Protocol):
         ...
 
 
-class PostfixLogReader:
+class _Closing:
+    """`with reader:` closes the reader at the end of the block."""
+
+    def close(self) -> None:
+        """Release open files (nothing by default)."""
+
+    def __enter__(self) -> Self:
+        """The reader itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the reader."""
+        self.close()
+
+
+class PostfixLogReader(_Closing):
     """Follows a Postfix mail log (`/var/log/mail.log`).
 
     `syslog_names` maps each warm-up transport's `syslog_name` to its IP; `tz` is the zone
@@ -116,7 +136,7 @@ class PostfixLogReader:
         self._tail.close()
 
 
-class PowerMtaLogReader:
+class PowerMtaLogReader(_Closing):
     """Follows a PowerMTA accounting file (`/var/log/pmta/acct.csv`).
 
     Every file gets its own parser, so a header is always read from the file it belongs to
@@ -179,7 +199,7 @@ class PowerMtaLogReader:
         self._tail.close()
 
 
-class KumoLogReader:
+class KumoLogReader(_Closing):
     """Reads a KumoMTA log directory (one `log_dir` of segment files, zstd or plain).
 
     `egress_sources` maps `egress_source` names to IPs, for records without a
@@ -226,7 +246,7 @@ class KumoLogReader:
         """Nothing stays open between polls."""
 
 
-class ArfMaildirReader:
+class ArfMaildirReader(_Closing):
     """Reads complaint reports (ARF) delivered to a maildir.
 
     Each message in `new/` is parsed once and moved to `cur/` (flag `S`); one that is not a

@@ -212,9 +212,10 @@ class FileTail:
             if batch is not None:
                 old.idle_since_ms = None
                 batches.append(batch)
-            elif old.idle_since_ms is None:
+                continue
+            if old.idle_since_ms is None:
                 old.idle_since_ms = now_ms
-            elif now_ms - old.idle_since_ms >= self._drain_ms:
+            if now_ms - old.idle_since_ms >= self._drain_ms:
                 last = self._read(old, final=True)
                 if last is not None:
                     batches.append(last)
