@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=["table", "json", "csv"], default="table")
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw the ramp curves")
     verbs.add_parser("schema", help="print the JSON Schema of plan files")
+    from kiln.rules import add_classify_arguments  # the verb lives in rules.py
+
+    add_classify_arguments(
+        verbs.add_parser("classify", help="classify an SMTP reply with the reply rules")
+    )
     return parser
 
 
@@ -417,6 +422,14 @@ def _schema(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace) -> int:
+    """`kiln classify REPLY`: see `kiln.rules.classify_main` (exit 0 classified, 1 not, 2 bad
+    rules)."""
+    from kiln.rules import classify_main
+
+    return classify_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the verb; returns the exit code."""
     parser = build_parser()
@@ -432,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "automations": _automations,
         "cancel": _cancel,
         "explain": _explain,
+        "classify": _classify,
     }
     if args.verb in verbs:
         try:
