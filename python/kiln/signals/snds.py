@@ -376,10 +376,7 @@ def parse_ip_status_csv(text: str) -> IpStatusTable:
         a, b = ipaddress.ip_address(first), ipaddress.ip_address(last)
         if a.version != b.version or int(a) > int(b):
             raise _bad(f"{where}: {first} - {last} is not a range")
-        blocked_text = fields[2].strip()
-        blocked = _YES.get(blocked_text.lower())
-        if blocked is None and blocked_text:
-            blocked = None  # an unknown word: keep the row, status unknown
+        blocked = _YES.get(fields[2].strip().lower())  # an unknown word: status unknown
         reason = ",".join(fields[3:]).strip() if len(fields) > 3 else ""
         ranges.append(IpStatusRange(first, last, blocked, reason or None))
     return IpStatusTable(tuple(ranges))
