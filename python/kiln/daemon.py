@@ -42,6 +42,7 @@ from kiln import _core
 from kiln.automation import Automation
 from kiln.clock import Clock, SystemClock
 from kiln.errors import KilnError, ScheduleError
+from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
 from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxResolver, ProviderTable, system_nameservers
@@ -52,6 +53,7 @@ from kiln.rampday import DayEvidence, RampMove, RampState, day_cap, roll_day
 from kiln.rate import RateSpec
 from kiln.rules import known_providers, load_rules
 from kiln.schedule import Plan, load_plan
+from kiln.signals.poller import Poller, feedback_reader, report_line
 from kiln.store import DayCounts, LogEntry, Store, StoredPosition
 
 __all__ = ["Daemon", "DaemonConfig", "NativeProtocol", "run"]
@@ -64,6 +66,8 @@ RECENT_REPORTS = 1_000
 _ROLLED_KEY = "last_rolled_day:{plan}"
 #: What the signal sources last said, and their health (store meta key, per plan name).
 _SIGNALS_KEY = "signals:{plan}"
+#: Where each MTA log reader got to (store meta key, per plan and node).
+_FEEDBACK_KEY = "feedback:{plan}:{node}"
 #: Write no more than this many bytes ahead of a slow reader before pausing its reads.
 _HIGH_WATER_BYTES = 1 << 20
 
@@ -92,6 +96,15 @@ class DaemonConfig:
     def store_url(self) -> str:
         """The database: `--database-url`, else SQLite in the state folder."""
         return self.database_url or f"sqlite:///{(self.state_dir / 'kiln.db').resolve()}"
+
+
+def _running() -> bool:
+    """Is an event loop running in this thread?"""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _local_day(plan: Plan, now_ms: int) -> date:
@@ -134,6 +147,10 @@ class Daemon:
         self._lookups: dict[str, asyncio.Task[None]] = {}
         rules = self._load_rules(self.plan)  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
+        self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
+        self.feedback: FeedbackReader | None = None
+        self._feedback_saved = ""
+        self._closing: asyncio.Future[None] | None = None
 
     # ----- start-up -----
 
@@ -187,6 +204,18 @@ class Daemon:
         self.guard.book.load(Automation.from_json(a) for a in kept)
         saved = self.store.get_meta(_SIGNALS_KEY.format(plan=self.plan.name))
         self.guard.signals = SignalBook.from_json(json.loads(saved)) if saved else SignalBook()
+        self._load_feedback()
+
+    def _load_feedback(self) -> None:
+        """(Re)open the MTA-log readers where they got to."""
+        if self.feedback is not None:
+            self.flush(self.clock.now_ms())
+            self.feedback.close()
+        key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
+        self._feedback_saved = self.store.get_meta(key) or ""
+        self.feedback = feedback_reader(
+            self.plan, json.loads(self._feedback_saved) if self._feedback_saved else None
+        )
 
     def _mark_start(self, now_ms: int) -> None:
         """A plan seen for the first time starts counting today: earlier days had no data."""
@@ -218,10 +247,24 @@ class Daemon:
     # ----- jobs (time is an argument; the scheduler only says when) -----
 
     def tick(self, now_ms: int) -> None:
-        """The 1 Hz job: roll hours and days when due, then flush."""
+        """The 1 Hz job: roll hours and days when due, read the MTA logs, then flush."""
         if now_ms >= self._next_hour_ms:
             self.on_hour(now_ms)
+        self.ingest(now_ms)
         self.flush(now_ms)
+
+    def ingest(self, now_ms: int) -> int:
+        """Feed new MTA-log and complaint events to the engine as `report`s; how many went."""
+        if self.feedback is None:
+            return 0
+        lines = [line for e in self.feedback.poll(now_ms) if (line := report_line(e))]
+        data = b"".join(lines)
+        while data:
+            served = self.engine.serve(data, now_ms)
+            data = data[served.consumed :]
+            if served.consumed == 0:
+                break
+        return len(lines)
 
     def on_hour(self, now_ms: int) -> None:
         """An hour began: ramps whose day ended roll, then this hour's limits are pushed.
@@ -259,6 +302,15 @@ class Daemon:
             self.guard.enforce(self.engine, self.states, now_ms)
         entries, self._pending_log = self._pending_log + acted, []
         pushback, self.guard.pending_pushback = self.guard.pending_pushback, {}
+        meta = {_SIGNALS_KEY.format(plan=self.plan.name): json.dumps(self.guard.signals.to_json())}
+        if self.feedback is not None:
+            marks = json.dumps(
+                {k: v.to_dict() for k, v in self.feedback.checkpoints().items() if v is not None},
+                sort_keys=True,
+            )
+            if marks != self._feedback_saved:
+                meta[_FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)] = marks
+                self._feedback_saved = marks
         self.store.flush(
             snapshot=self.engine.snapshot_bytes(),
             now_ms=now_ms,
@@ -272,6 +324,18 @@ class Daemon:
                 _SIGNALS_KEY.format(plan=self.plan.name): json.dumps(self.guard.signals.to_json())
             },
         )
+
+    async def poll_source(self, name: str) -> bool:
+        """Poll one signal source; pause or resume IPs on what it says. True: a good reading."""
+        good = await self.poller.poll(name, self.guard.signals, self.clock.now_ms())
+        now_ms = self.clock.now_ms()
+        acted = self.guard.on_signals(now_ms)
+        for e in acted:
+            self._log_entry(e, "warning")
+        self._pending_log += acted
+        if acted:
+            self.guard.enforce(self.engine, self.states, now_ms)
+        return good
 
     def _classify(
         self, provider: str, code: int | None, enhanced: str | None, text: str
@@ -403,14 +467,19 @@ class Daemon:
         old = self.plan.name
         self.plan = plan
         self.guard.replan(plan, rules)
+        old_poller, self.poller = self.poller, Poller(plan, now_ms=self.clock.now_ms)
+        self._closing = asyncio.ensure_future(old_poller.aclose()) if _running() else None
         if plan.name != old:
             loaded = self.store.load_positions(plan.name)
             self.states = {k: _state(p) for k, p in loaded.items()}
             self.guard = Guard(plan, rules)
             self._load_guard(now_ms)
             self._mark_start(now_ms)
+        else:
+            self._load_feedback()
         self.apply_plan(now_ms)
         self.resolver = self._make_resolver()
+        self._schedule_signals()
         self.record(
             now_ms,
             "reload",
@@ -694,6 +763,7 @@ class Daemon:
             max_instances=1,
             coalesce=True,
         )
+        self._schedule_signals()
         self._scheduler.start()
         self.log.info(
             "listening",
@@ -706,11 +776,34 @@ class Daemon:
         finally:
             await self.shutdown()
 
+    def _schedule_signals(self) -> None:
+        """One polling job per configured signal source (replacing earlier ones), run now."""
+        if self._scheduler is None:
+            return
+        for job in self._scheduler.get_jobs():
+            if job.id.startswith("signal:"):
+                job.remove()
+        for name in self.poller.configured():
+            self._scheduler.add_job(
+                self.poll_source,
+                IntervalTrigger(seconds=self.poller.interval_ms(name) / 1000),
+                args=[name],
+                id=f"signal:{name}",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(tz=UTC),
+            )
+
     async def shutdown(self) -> None:
         """Stop listening, write a final snapshot, remove the socket."""
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        await self.poller.aclose()
+        if self.feedback is not None:
+            self.flush(self.clock.now_ms())  # keep where the log readers got to
+            self.feedback.close()
+            self.feedback = None
         if self.resolver is not None:
             await self.resolver.aclose()
         if self._server is not None:

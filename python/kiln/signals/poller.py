@@ -1,0 +1,325 @@
+"""The daemon's side of the signal sources: build them from the plan, poll them, keep the facts.
+
+`Poller` turns the plan's `signals` section into source objects (Postmaster Tools, SNDS,
+blocklists), polls one on request and writes what it said into a `policy.SignalBook`: the
+facts policy reads (spam rate, reputation, SNDS colour and block status, listings) and each
+source's health (last good reading, failures, last error). A source that fails is recorded as
+failed and never changes a fact, so a failing source can only ever make ramps hold (through
+`stale_after`), never advance. Secrets (the SNDS key, OAuth tokens) stay inside the sources;
+error texts reaching the book and the log are the sources' own, redacted ones.
+
+`feedback_reader` builds the MTA-log and complaint readers; the daemon feeds their events to
+the engine as `report` lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kiln.errors import KilnError
+from kiln.feedback import (
+    ArfMaildirReader,
+    FeedbackEvent,
+    FeedbackReader,
+    FeedbackSource,
+    KumoLogReader,
+    PostfixLogReader,
+    PowerMtaLogReader,
+    SegmentCheckpoint,
+    TailCheckpoint,
+)
+from kiln.log import get_logger
+from kiln.mx import system_nameservers
+from kiln.policy import SignalBook
+from kiln.schedule import Plan
+from kiln.signals import SourceError
+from kiln.signals.dnsbl import DnsblSource, Zone
+from kiln.signals.oauth import load_authorized_user
+from kiln.signals.postmaster import PostmasterSource
+from kiln.signals.snds import SndsSource
+
+__all__ = ["SOURCES", "Poller", "feedback_reader", "report_line"]
+
+#: Sources in the order they are polled at start.
+SOURCES = ("postmaster", "snds", "dnsbl")
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Poller:
+    """Polls the plan's signal sources into a SignalBook; see the module docstring."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        now_ms: Callable[[], int],
+        sleep: Sleep = asyncio.sleep,
+        timeout_s: float = 20.0,
+    ) -> None:
+        self.plan = plan
+        self.base = Path(plan.source).parent if plan.source else Path()
+        self.now_ms = now_ms
+        self.sleep = sleep
+        self.log = get_logger(component="signals")
+        self._client: httpx.AsyncClient | None = None
+        self._timeout_s = timeout_s
+        self._sources: dict[str, Any] = {}
+
+    def configured(self) -> list[str]:
+        """Names of the sources the plan configures."""
+        s = self.plan.signals
+        return [n for n in SOURCES if getattr(s, n) is not None]
+
+    def interval_ms(self, name: str) -> int:
+        """How often `name` is polled."""
+        spec = getattr(self.plan.signals, name)
+        return int(spec.poll_every)
+
+    def _path(self, text: str) -> Path:
+        """A path from the plan, relative to the plan's folder."""
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        return self._client
+
+    def _source(self, name: str) -> Any:
+        """The source object, built on first use (config errors surface as poll failures)."""
+        if name in self._sources:
+            return self._sources[name]
+        s = self.plan.signals
+        ips = _plan_ips(self.plan)
+        src: Any
+        if name == "postmaster":
+            pm = s.postmaster
+            assert pm is not None
+            src = PostmasterSource(
+                self._http(),
+                load_authorized_user(self._path(pm.credentials)),
+                pm.domains,
+                now_ms=self.now_ms,
+                base_url=pm.base_url,
+                token_url=pm.token_url,
+                versions=pm.api,
+                sleep=self.sleep,
+            )
+        elif name == "snds":
+            snds = s.snds
+            assert snds is not None
+            key_path = self._path(snds.key_file)
+            try:
+                key = key_path.read_text().strip()
+            except OSError as e:
+                raise KilnError(f"cannot read the SNDS key file {key_path}: {e.strerror}") from None
+            if not key:
+                raise KilnError(f"the SNDS key file {key_path} is empty")
+            src = SndsSource.legacy(
+                self._http(),
+                key,
+                ips=ips,
+                base_url=snds.base_url,
+                now_ms=self.now_ms,
+                sleep=self.sleep,
+            )
+        elif name == "dnsbl":
+            spec = s.dnsbl
+            assert spec is not None
+            hosts, port = _nameservers(list(spec.nameservers))
+            src = DnsblSource([Zone.named(z) for z in spec.zones], hosts, port=port)
+        else:
+            raise KeyError(name)
+        self._sources[name] = src
+        return src
+
+    async def poll(self, name: str, book: SignalBook, now_ms: int) -> bool:
+        """Poll one source into `book`; True when the reading was good."""
+        try:
+            src = self._source(name)
+            if name == "postmaster":
+                await self._postmaster(src, book, now_ms)
+            elif name == "snds":
+                await self._snds(src, book, now_ms)
+            else:
+                await self._dnsbl(src, book)
+        except (SourceError, KilnError, httpx.HTTPError, OSError) as e:
+            book.failed(name, now_ms, str(e))
+            h = book.health[name]
+            self.log.error(
+                "signal source failed; ramps it covers hold once it is stale",
+                source=name,
+                error=str(e),
+                failures=h.failures,
+                last_good_ms=h.last_good_ms,
+            )
+            return False
+        book.good(name, now_ms)
+        self.log.info("signal source read", source=name)
+        return True
+
+    def _days(self, now_ms: int, back: int) -> list[date]:
+        """The `back` local days before today, oldest first."""
+        today = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
+        return [today - timedelta(days=i) for i in range(back, 0, -1)]
+
+    async def _postmaster(self, src: PostmasterSource, book: SignalBook, now_ms: int) -> None:
+        pm = self.plan.signals.postmaster
+        assert pm is not None
+        failures: list[str] = []
+        for day in self._days(now_ms, pm.days_back):
+            reading = await src.poll(day)  # SourceError: no domain could be read
+            for domain, d in reading.domains.items():
+                if not d.has_data:
+                    continue
+                rate = d.spam_rate_for_threshold
+                if rate is not None:
+                    SignalBook.put(book.spam_rate, domain, day, rate)
+                if d.domain_reputation is not None:
+                    SignalBook.put(book.domain_reputation, domain, day, d.domain_reputation)
+                for ip, category in d.ip_reputation.items():
+                    SignalBook.put(book.ip_reputation, ip, day, category)
+            failures += [f"{f.domain}: {f.kind}: {f.message}" for f in reading.failed.values()]
+        if failures:
+            # Some domain could not be read: the source is not good (fail safe).
+            raise SourceError("postmaster", "unavailable", "; ".join(sorted(set(failures))))
+
+    async def _snds(self, src: SndsSource, book: SignalBook, now_ms: int) -> None:
+        snds = self.plan.signals.snds
+        assert snds is not None
+        blocked: dict[str, str] = {}
+        for day in self._days(now_ms, snds.days_back):
+            reading = await src.poll(day)
+            for ip, row in (reading.ips or {}).items():
+                if row.filter_result is not None:
+                    SignalBook.put(book.snds, ip, day, row.filter_result)
+            for ip, status in reading.block_status.items():
+                if status.blocked:
+                    blocked[ip] = status.reason or "blocked"
+        book.snds_blocked = blocked
+
+    async def _dnsbl(self, src: DnsblSource, book: SignalBook) -> None:
+        reading = await src.poll(_plan_ips(self.plan))
+        for r in reading.results:
+            if r.outcome in ("listed", "policy"):
+                codes = ", ".join(f"{c.code} ({c.meaning})" for c in r.codes)
+                text = f"{r.outcome} {codes}".strip()
+            else:
+                text = r.outcome
+            book.dnsbl.setdefault(r.ip, {})[r.zone] = text
+        if reading.resolver_error:
+            self.log.error(
+                "a blocklist answered with an error code: its answers count as unknown, "
+                "check the resolver (public resolvers are refused by Spamhaus)"
+            )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and the sources that hold resources."""
+        for src in self._sources.values():
+            close = getattr(src, "aclose", None)
+            if close is not None:
+                await close()
+        self._sources.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _plan_ips(plan: Plan) -> list[str]:
+    """Every batch IP, then every warm pool IP."""
+    ips = [ip for b in plan.batches.values() for ip in b.ips]
+    return ips + [m.ip for p in plan.pools.values() for m in p.members() if m.ip not in ips]
+
+
+def _nameservers(given: list[str]) -> tuple[list[str], int]:
+    """`host` or `host:port` entries (one port for all), else /etc/resolv.conf."""
+    if not given:
+        return system_nameservers(), 53
+    hosts, ports = [], set()
+    for ns in given:
+        host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
+        hosts.append(host)
+        ports.add(int(port))
+    if len(ports) != 1:
+        raise KilnError("every DNSBL nameserver must use the same port")
+    return hosts, ports.pop()
+
+
+# ----- delivery feedback from files -----
+
+
+def feedback_reader(
+    plan: Plan, checkpoints: Mapping[str, dict[str, Any]] | None = None
+) -> FeedbackReader | None:
+    """Readers for the plan's `signals.feedback`, resumed from saved checkpoints."""
+    spec = plan.signals.feedback
+    if spec is None:
+        return None
+    saved = checkpoints or {}
+    base = Path(plan.source).parent if plan.source else Path()
+
+    def path(text: str) -> Path:
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def tail(name: str) -> TailCheckpoint | None:
+        data = saved.get(name)
+        return TailCheckpoint.from_dict(data) if data else None
+
+    sources: list[FeedbackSource] = []
+    if spec.postfix is not None:
+        sources.append(
+            PostfixLogReader(
+                path(spec.postfix.path),
+                spec.postfix.syslog_names,
+                tz=plan.zone,
+                checkpoint=tail("postfix"),
+            )
+        )
+    if spec.powermta is not None:
+        sources.append(
+            PowerMtaLogReader(path(spec.powermta.path), tz=plan.zone, checkpoint=tail("powermta"))
+        )
+    if spec.kumomta is not None:
+        data = saved.get("kumomta")
+        sources.append(
+            KumoLogReader(
+                path(spec.kumomta.log_dir),
+                egress_sources=spec.kumomta.egress_sources,
+                checkpoint=SegmentCheckpoint.from_dict(data) if data else None,
+            )
+        )
+    if spec.arf_maildir is not None:
+        sources.append(ArfMaildirReader(path(spec.arf_maildir)))
+    return FeedbackReader(sources)
+
+
+def report_line(e: FeedbackEvent) -> bytes | None:
+    """The native `report` request for one event (None: nothing to report).
+
+    Events without an IP or a recipient domain cannot be charged to a key; `expired` says
+    nothing about the receiver. An MTA-internal failure counts as a deferral without its
+    reply, so it can never fire a reply rule.
+    """
+    if e.ip is None or e.recipient_domain is None or e.result == "expired":
+        return None
+    req: dict[str, Any] = {
+        "op": "report",
+        "ip": e.ip,
+        "domain": e.recipient_domain,
+        "result": e.result,
+    }
+    if not e.local and e.code is not None:
+        req["code"] = e.code
+        if e.enhanced:
+            req["enhanced"] = e.enhanced
+        if e.text:
+            req["text"] = e.text[:1000]
+    return json.dumps(req, separators=(",", ":")).encode() + b"\n"
