@@ -281,7 +281,7 @@ def test_unknown_op_lists_the_known_ones() -> None:
         "id": "x",
         "ok": False,
         "error": 'op: unknown operation "send", expected one of acquire, pick, report, route, '
-        "ping, status, limits, reload, stats",
+        "ping, classify, " + ", ".join(UPCALL_OPS),
     }
 
 

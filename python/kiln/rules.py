@@ -389,11 +389,14 @@ def _suggest(name: str, known: Iterable[str]) -> str:
 
 
 def _model_problems(e: ValidationError, data: Any, source: SourceMap) -> Iterator[Problem]:
-    """Pydantic's errors, located, one per place."""
+    """Pydantic's errors, located, one per place (the deepest: a union's list branch says
+    which item is wrong, its scalar branch only that the value is not a scalar)."""
+    errors = [(_clean_loc(err["loc"], data), err) for err in e.errors(include_url=False)]
+    locs = {loc for loc, _ in errors}
     seen: set[Loc] = set()
-    for err in e.errors(include_url=False):
-        loc = _clean_loc(err["loc"], data)
-        if loc in seen:
+    for loc, err in errors:
+        deeper = any(len(o) > len(loc) and o[: len(loc)] == loc for o in locs)
+        if loc in seen or deeper:
             continue
         seen.add(loc)
         yield source.problem(loc, _message(err, loc))
