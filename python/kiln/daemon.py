@@ -433,7 +433,8 @@ class Daemon:
     def _log_entry(self, e: LogEntry, level: str = "info") -> None:
         """Write a decision-log entry to the process log too, with its evidence."""
         fields = {
-            k if k not in {"event", "level"} else f"evidence_{k}": v for k, v in e.evidence.items()
+            k if k not in {"event", "level", "kind", "subject", "action"} else f"evidence_{k}": v
+            for k, v in e.evidence.items()
         }
         getattr(self.log, level)(
             e.reason, kind=e.kind, subject=e.subject, action=e.action, **fields

@@ -110,6 +110,7 @@ class Poller:
                 base_url=pm.base_url,
                 token_url=pm.token_url,
                 versions=pm.api,
+                with_compliance=False,  # policy does not read it (yet)
                 sleep=self.sleep,
             )
         elif name == "snds":
