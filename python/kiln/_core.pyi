@@ -254,8 +254,8 @@ class Engine:
         """Protocol counters since the engine was made (for metrics)."""
     def set_rules(self, rules: Sequence[RuleTuple]) -> None:
         """Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
-        scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as 421, or
-        "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
+        scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as
+        421, or "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
         matched case-insensitively against the normalised reply; a `fallback` rule wins only
         when no other rule matched. On error (naming the rule id) the rules in force stay."""
     def rule_count(self) -> int:

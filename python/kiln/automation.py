@@ -9,13 +9,13 @@ the daemon persists `dirty` automations in the store and pushes `effects` into t
 
 Kinds and what they do:
 
-| kind | scope | effect |
-|---|---|---|
-| `suspend` | (IP, provider) | the key is denied until `expires_ms` |
-| `slow` | (IP, provider) | the key runs at `factor` of its rate and caps until `expires_ms` |
-| `pause` | (IP, provider), (IP, every provider) or (batch, provider) | keys denied, the ramp does not advance |
-| `hold` | (batch, provider) | the day roll of every day it was active on holds the ramp |
-| `step_down` | (batch, provider) | taken at a day roll (`applied`); cancelling it gives the steps back |
+- `suspend` (IP x provider): the key is denied until `expires_ms`.
+- `slow` (IP x provider): the key runs at `factor` of its rate and caps until `expires_ms`.
+- `pause` (IP x provider, IP x every provider, or batch x provider): keys denied, and the
+  ramp does not advance.
+- `hold` (batch x provider): the day roll of every day it was active on holds the ramp.
+- `step_down` (batch x provider): taken at a day roll (`applied`); cancelling it gives the
+  steps back.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class AutomationBook:
         return next((a for a in self.items.values() if a.dedupe == dedupe and a.live(now_ms)), None)
 
     def expire(self, now_ms: int) -> list[Automation]:
-        """Mark automations past their expiry `expired`, drop long-ended ones; returns the expired."""
+        """Mark automations past their expiry `expired` (returned); forget long-ended ones."""
         done = []
         for a in list(self.items.values()):
             if a.state == "active" and a.expires_ms is not None and now_ms >= a.expires_ms:
