@@ -456,3 +456,136 @@ def test_dnsbl_listing_pauses_every_provider_until_clean(tmp_path: Path) -> None
                 d.store.close()
 
     run(scenario)
+
+
+# ----- MTA logs -----
+
+MAILLOG = Path(__file__).parents[2] / "shared" / "fixtures" / "signals" / "postfix_maillog.txt"
+
+
+def test_postfix_log_lines_count_as_reports_and_push_back_suspends(tmp_path: Path) -> None:
+    """The daemon follows a Postfix log: `status=sent` counts as delivered, the Gmail 421
+    4.7.28 deferral is classified in the core and suspends (192.0.2.10, google), the remote
+    550 5.1.1 counts as a bounce, and the local timeout fires no rule."""
+    log_file = tmp_path / "mail.log"
+    log_file.write_text("")
+    clock = Clock(datetime(2026, 3, 10, 13, tzinfo=UTC))
+    d = make(
+        tmp_path,
+        clock,
+        """signals:
+  feedback:
+    postfix:
+      path: mail.log
+      syslog_names: {postfix-ip10: 192.0.2.10, postfix-ip11: 192.0.2.12}
+""",
+    )
+    try:
+        d.tick(clock.now_ms())
+        with log_file.open("a") as f:
+            f.write(MAILLOG.read_text())
+        clock.at(date(2026, 3, 10), 14, 10)
+        d.tick(clock.now_ms())
+        counts = d.store.counts(date(2026, 3, 10))
+        gmail = counts[(IPS[0], "google")]
+        assert gmail.delivered >= 1 and gmail.deferred >= 1
+        assert sum(c.bounced for c in counts.values()) >= 1
+        sus = [a for a in automations(d) if a["kind"] == "suspend"]
+        assert [(a["ip"], a["provider"]) for a in sus] == [(IPS[0], "google")]
+        (r,) = send(d, {"op": "acquire", "ip": IPS[0], "provider": "google"})
+        assert r["reason"] == "suspended"
+        pushback = d.store.pushback(date(2026, 3, 10))
+        assert {k[2] for k in pushback} == {"rate_limit_rep", "hard_bounce"}
+        # A restart resumes the log where it was: nothing is counted twice.
+        d.store.close()
+        d = make(tmp_path, clock)
+        d2_counts = d.store.counts(date(2026, 3, 10))
+        d.tick(clock.now_ms())
+        assert d.store.counts(date(2026, 3, 10)) == d2_counts
+    finally:
+        d.store.close()
+
+
+# ----- secrets -----
+
+
+def test_the_snds_key_never_reaches_logs_the_store_or_the_api(tmp_path: Path, capsys: Any) -> None:
+    async def scenario() -> None:
+        with FakeSnds(fixtures=False) as snds:
+            (tmp_path / "snds.key").write_text("not-the-key-5d1f0c\n")
+            clock = Clock(datetime(2026, 3, 2, 6, tzinfo=UTC))
+            d = make(
+                tmp_path,
+                clock,
+                f"""signals:
+  snds: {{key_file: snds.key, base_url: "{snds.base_url}", days_back: 1}}
+""",
+            )
+            try:
+                snds.wrong_key = "html"
+                assert not await d.poll_source("snds")
+                snds.wrong_key = "404"
+                assert not await d.poll_source("snds")
+                d.flush(clock.now_ms())
+                health = d.guard.signals.health["snds"]
+                assert health.failures == 2 and health.last_error
+                api = json.dumps(upcall(d, op="explain", ip=IPS[0], provider="default"))
+                stored = json.dumps([e.evidence for e in d.store.decisions(limit=10_000)])
+                meta = d.store.get_meta("signals:scenario") or ""
+                out = capsys.readouterr()
+                for text in (api, stored, meta, out.out, out.err, health.last_error):
+                    assert "not-the-key-5d1f0c" not in text
+                assert "snds" in api
+            finally:
+                await d.poller.aclose()
+                d.store.close()
+
+    run(scenario)
+
+
+# ----- a live daemon and the CLI -----
+
+
+def test_cli_lists_explains_and_cancels_automations_of_a_live_daemon(
+    capsys: Any,
+) -> None:
+    from daemonproc import running_daemon
+    from kiln.cli import main
+    from kiln.client import Client
+
+    with running_daemon() as proc:
+        sock = str(proc.socket)
+        with Client(proc.socket) as c:
+            classified = c.request("classify", text=GMAIL_428, domain="gmail.com")
+            assert classified["class"] == "rate_limit_rep" and classified["scope"] == "ip"
+            c.request(
+                "report",
+                ip=IPS[0],
+                domain="gmail.com",
+                result="deferred",
+                code=421,
+                enhanced="4.7.28",
+                text=GMAIL_428,
+            )
+        deadline = datetime.now(tz=UTC) + timedelta(seconds=10)
+        listed: list[Any] = []
+        while not listed and datetime.now(tz=UTC) < deadline:  # the 1 Hz flush acts on it
+            with Client(proc.socket) as c:
+                listed = [
+                    a for a in c.request("automations")["automations"] if a["kind"] == "suspend"
+                ]
+        (sus,) = listed
+        capsys.readouterr()
+        assert main(["automations", "--socket", sock]) == 0
+        out = capsys.readouterr().out
+        assert sus["id"] in out and "suspend" in out and classified["rule"] in out
+        assert main(["explain", IPS[0], "google", "--socket", sock]) == 0
+        out = capsys.readouterr().out
+        assert "SUSPENDED until" in out and f"kiln cancel {sus['id']}" in out
+        assert main(["cancel", sus["id"], "--socket", sock]) == 0
+        assert "cancelled" in capsys.readouterr().out
+        assert main(["cancel", sus["id"], "--socket", sock]) == 1
+        assert "not active" in capsys.readouterr().err
+        with Client(proc.socket) as c:
+            limits = c.request("limits", ip=IPS[0], provider="google")
+        assert limits["suspended_until_ms"] is None
