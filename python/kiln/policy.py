@@ -612,7 +612,8 @@ class Policy:
                 found += _reputation(
                     f"{ip} IP reputation", rep, sp, f"postmaster.ip_reputation|{ip}"
                 )
-        used = {m for a in book if a.state != "cancelled" for m in a.evidence.get("marks", [])}
+        # A reading steps a ramp down once; a cancelled step-down is an operator's "no".
+        used = {m for a in book for m in a.evidence.get("marks", [])}
         for severity, rule, d, text in found:
             name = _rule_of(rule.replace("|", ":", 1))
             if severity == "hold":
