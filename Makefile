@@ -87,6 +87,7 @@ bench: build-prod ## release build, benchmarks, JSON results in benches/results,
 		--benchmark-json=benches/results/python.json
 	$(PY) benches/memory.py --json benches/results/memory.json
 	$(PY) benches/daemon_bench.py --json benches/results/daemon.json
+	$(PY) benches/bench_classify.py --json benches/results/classify.json
 	$(PY) benches/compare.py benches/results
 
 all: format lint test ## what CI runs, plus formatting
