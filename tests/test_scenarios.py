@@ -271,6 +271,30 @@ def test_two_gmail_421_4_7_28_in_an_hour_suspend_the_key_and_hold_the_day(
         d.store.close()
 
 
+def test_replies_from_providers_without_a_plan_row_still_meet_their_rules(
+    tmp_path: Path,
+) -> None:
+    """Yahoo has no row in this plan, so its mail counts as `default`; Yahoo's own rules
+    still classify its replies and suspend the (IP, default) key."""
+    clock = Clock(datetime(2026, 3, 2, 10, tzinfo=UTC))
+    d = make(tmp_path, clock)
+    try:
+        (route,) = send(d, {"op": "route", "domain": "yahoo.com"})
+        assert route["provider"] == "default"
+        text = (
+            "[TSS04] Messages from 192.0.2.12 temporarily deferred due to unexpected volume or "
+            "user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes"
+        )
+        report = {"op": "report", "ip": IPS[1], "domain": "yahoo.com", "result": "deferred"}
+        send(d, report | {"code": 421, "enhanced": "4.7.0", "text": text})
+        d.tick(clock.now_ms())
+        (sus,) = [a for a in automations(d) if a["kind"] == "suspend"]
+        assert (sus["ip"], sus["provider"]) == (IPS[1], "default")
+        assert d.guard.rules[sus["rule"]] is not None and "yahoo" in sus["rule"].lower()
+    finally:
+        d.store.close()
+
+
 def test_cancel_lifts_a_suspension_and_is_logged(tmp_path: Path) -> None:
     clock = Clock(datetime(2026, 3, 2, 10, tzinfo=UTC))
     d = make(tmp_path, clock)

@@ -341,7 +341,10 @@ class Daemon:
         self, provider: str, code: int | None, enhanced: str | None, text: str
     ) -> tuple[str, str, str] | None:
         """(class, scope, rule) of a remote reply; None for unclassified and MTA-internal ones."""
-        found = self.engine.classify(provider, code, enhanced, text)
+        # `default` stands for every provider without its own plan row (Yahoo, Apple, ...):
+        # every rule may apply, or their provider rules would never fire.
+        who = None if provider == DEFAULT_PROVIDER else provider
+        found = self.engine.classify(who, code, enhanced, text)
         if found is None or found[0] == "internal" or found[1] is None or found[2] is None:
             return None
         return found[0], found[1], found[2]
