@@ -28,12 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from benchkit import NOW_MS, Benchmark
 from benchkit import frozen_gc as frozen_gc
 from kiln import _core
+from kiln.policyspec import PushbackClass
 from kiln.rules import PROVIDER_GROUPS, Rule, RuleSet, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,17 +85,7 @@ class NaiveRule:
     providers: frozenset[str] | None
 
 
-_SEVERITY = [
-    "blocklist",
-    "block_rep",
-    "rate_limit_rep",
-    "auth",
-    "conn_limit",
-    "busy",
-    "content",
-    "rcpt_rate",
-    "hard_bounce",
-]
+_SEVERITY: list[str] = list(get_args(PushbackClass))
 
 
 class NaiveClassifier:

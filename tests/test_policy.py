@@ -406,3 +406,21 @@ def test_automations_survive_a_json_round_trip(tmp_path: Path, plan: Plan) -> No
         again.load(Automation.from_json(a) for a in store.load_automations(plan.name))
     assert [a.to_json() for a in again] == [a.to_json() for a in book]
     assert again.next_id == book.next_id
+
+
+def test_a_netblock_reply_suspends_each_ip_and_re_arms_them_all(plan: Plan) -> None:
+    """Threshold 2: the second netblock reply suspends both IPs of the /24; a third, after the
+    window, is below the threshold again but still re-arms both live suspensions."""
+    p = Policy(plan, {"r1": RuleInfo(2, 10 * 60_000)})
+    book = AutomationBook()
+    text = "from your IP Netblock 192.0.2.0/24. To protect"
+    p.on_pushback(reply(T0, scope="netblock", text=text), book)
+    p.on_pushback(reply(T0 + 60_000, scope="netblock", text=text), book)
+    first = sorted((a.ip, a.expires_ms) for a in book if a.kind == "suspend")
+    assert first == [("192.0.2.10", T0 + 60_000 + HOUR), ("192.0.2.11", T0 + 60_000 + HOUR)]
+    p.on_pushback(reply(T0 + 30 * 60_000, scope="netblock", text=text), book)
+    again = sorted((a.ip, a.expires_ms, a.matches) for a in book if a.kind == "suspend")
+    assert again == [
+        ("192.0.2.10", T0 + 30 * 60_000 + HOUR, 2),
+        ("192.0.2.11", T0 + 30 * 60_000 + HOUR, 2),
+    ]

@@ -172,9 +172,14 @@ class AutomationBook:
     def end(
         self, automation_id: str, now_ms: int, by: str, state: State = "ended"
     ) -> Automation | None:
-        """End one automation early (`cancelled` by an operator, `ended` by a condition)."""
+        """End one automation early (`cancelled` by an operator, `ended` by a condition).
+
+        Active ones end; an `applied` step-down can only be cancelled (its steps go back).
+        """
         a = self.get(automation_id)
-        if a is None or a.state != "active":
+        if a is None or not (
+            a.state == "active" or (a.state == "applied" and state == "cancelled")
+        ):
             return None
         return self._put(replace(a, state=state, ended_ms=now_ms, ended_by=by))
 

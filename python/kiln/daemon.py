@@ -45,7 +45,7 @@ from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
 from kiln.log import get_logger
-from kiln.mx import NULL_MX, MxResolver, ProviderTable, system_nameservers
+from kiln.mx import NULL_MX, MxResolver, ProviderTable, parse_nameservers
 from kiln.policy import RuleInfo, SignalBook
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
@@ -98,15 +98,6 @@ class DaemonConfig:
         return self.database_url or f"sqlite:///{(self.state_dir / 'kiln.db').resolve()}"
 
 
-def _running() -> bool:
-    """Is an event loop running in this thread?"""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _local_day(plan: Plan, now_ms: int) -> date:
     """The plan-zone calendar date at `now_ms`."""
     return datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(plan.zone).date()
@@ -150,7 +141,7 @@ class Daemon:
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
         self.feedback: FeedbackReader | None = None
         self._feedback_saved = ""
-        self._closing: asyncio.Future[None] | None = None
+        self._signals_saved = ""
 
     # ----- start-up -----
 
@@ -204,6 +195,7 @@ class Daemon:
         self.guard.book.load(Automation.from_json(a) for a in kept)
         saved = self.store.get_meta(_SIGNALS_KEY.format(plan=self.plan.name))
         self.guard.signals = SignalBook.from_json(json.loads(saved)) if saved else SignalBook()
+        self._signals_saved = saved or ""
         self._load_feedback()
 
     def _load_feedback(self) -> None:
@@ -302,15 +294,18 @@ class Daemon:
             self.guard.enforce(self.engine, self.states, now_ms)
         entries, self._pending_log = self._pending_log + acted, []
         pushback, self.guard.pending_pushback = self.guard.pending_pushback, {}
-        meta = {_SIGNALS_KEY.format(plan=self.plan.name): json.dumps(self.guard.signals.to_json())}
+        meta = {}
+        signals = json.dumps(self.guard.signals.to_json(), sort_keys=True)
+        if signals != self._signals_saved:
+            meta[_SIGNALS_KEY.format(plan=self.plan.name)] = self._signals_saved = signals
         if self.feedback is not None:
             marks = json.dumps(
                 {k: v.to_dict() for k, v in self.feedback.checkpoints().items() if v is not None},
                 sort_keys=True,
             )
             if marks != self._feedback_saved:
-                meta[_FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)] = marks
-                self._feedback_saved = marks
+                key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
+                meta[key] = self._feedback_saved = marks
         self.store.flush(
             snapshot=self.engine.snapshot_bytes(),
             now_ms=now_ms,
@@ -320,9 +315,7 @@ class Daemon:
             pushback=pushback,
             plan=self.plan.name,
             automations=self.guard.dirty(),
-            meta={
-                _SIGNALS_KEY.format(plan=self.plan.name): json.dumps(self.guard.signals.to_json())
-            },
+            meta=meta,
         )
 
     async def poll_source(self, name: str) -> bool:
@@ -471,8 +464,7 @@ class Daemon:
         old = self.plan.name
         self.plan = plan
         self.guard.replan(plan, rules)
-        old_poller, self.poller = self.poller, Poller(plan, now_ms=self.clock.now_ms)
-        self._closing = asyncio.ensure_future(old_poller.aclose()) if _running() else None
+        self.poller.replan(plan)
         if plan.name != old:
             loaded = self.store.load_positions(plan.name)
             self.states = {k: _state(p) for k, p in loaded.items()}
@@ -689,20 +681,12 @@ class Daemon:
     def _make_resolver(self) -> MxResolver | None:
         """An MX resolver for the plan's provider table, or None without any nameserver."""
         table = ProviderTable.from_plan(self.plan)
-        if self.config.nameservers:
-            hosts, ports = [], set()
-            for ns in self.config.nameservers:
-                host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
-                hosts.append(host)
-                ports.add(int(port))
-            if len(ports) != 1:
-                raise KilnError("every --nameserver must use the same port")
-            return MxResolver(table, hosts, port=ports.pop())
         try:
-            return MxResolver(table, system_nameservers())
+            hosts, port = parse_nameservers(self.config.nameservers)
         except dns.resolver.NoResolverConfiguration:
             self.log.warning("no nameserver configured: unknown domains count as default")
             return None
+        return MxResolver(table, hosts, port=port)
 
     async def resolve_pending(self) -> None:
         """Look up MX records of domains the engine saw without a route (never blocks serving)."""

@@ -10,8 +10,8 @@ decision-log entries to write. It also answers the operator: `automations`, `can
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -28,7 +28,7 @@ __all__ = ["Guard", "Report"]
 #: (at_ms, ip, provider, result, n, code, enhanced, text), as `Engine.take_reports` gives them.
 Report = tuple[int, str, str, str, int, int | None, str | None, str | None]
 #: Classifier: (provider, code, enhanced, text) -> (class, scope, rule) or None.
-Classify = Any
+Classify = Callable[[str, int | None, str | None, str], tuple[str, str, str] | None]
 
 
 def _when(ms: int | None) -> str | None:
@@ -150,24 +150,16 @@ class Guard:
     # ----- the operator -----
 
     def cancel(self, automation_id: str, now_ms: int, who: str) -> tuple[Automation, LogEntry]:
-        """End an automation early. Raises KeyError (unknown) or ValueError (not active)."""
+        """End an automation early. Raises KeyError (unknown) or ValueError (already over).
+        A cancelled step-down gives its steps back: the daemon moves the ramp."""
         a = self.book.get(automation_id)
         if a is None:
             raise KeyError(f"no automation {automation_id!r}")
-        if a.state == "applied" and a.kind == "step_down":
-            return self._undo_step_down(a, now_ms, who)
         ended = self.book.end(a.id, now_ms, who, "cancelled")
         if ended is None:
             raise ValueError(f"automation {a.id} is {a.state}, not active")
-        return ended, self._entry(now_ms, ended, "cancelled", f"cancelled by {who}")
-
-    def _undo_step_down(self, a: Automation, now_ms: int, who: str) -> tuple[Automation, LogEntry]:
-        """A cancelled step-down gives its steps back (the daemon moves the ramp)."""
-        ended = replace(a, state="cancelled", ended_ms=now_ms, ended_by=who)
-        self.book.items[a.id] = ended
-        self.book.dirty.add(a.id)
-        text = f"cancelled by {who}: back to step {a.from_step}"
-        return ended, self._entry(now_ms, ended, "cancelled", text)
+        back = f": back to step {a.from_step}" if a.kind == "step_down" else ""
+        return ended, self._entry(now_ms, ended, "cancelled", f"cancelled by {who}{back}")
 
     def listing(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
         """Automations for `kiln automations`: live ones, or all kept ones."""

@@ -24,6 +24,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from kiln.errors import KilnError
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "ProviderLike",
     "ProviderTable",
     "ascii_domain",
+    "parse_nameservers",
     "system_nameservers",
 ]
 
@@ -386,6 +388,21 @@ class MxResolver:
         """Seconds to cache a negative answer."""
         ttl_s = self._negative_ttl_s if soa_ttl_s is None else soa_ttl_s
         return _clamp(ttl_s, self._min_ttl_s, self._max_ttl_s)
+
+
+def parse_nameservers(given: Sequence[str]) -> tuple[list[str], int]:
+    """`host` or `host:port` entries (one port for all) as (hosts, port); none given: the
+    system's (/etc/resolv.conf) on port 53. Raises KilnError for mixed ports."""
+    if not given:
+        return system_nameservers(), 53
+    hosts, ports = [], set()
+    for ns in given:
+        host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
+        hosts.append(host)
+        ports.add(int(port))
+    if len(ports) != 1:
+        raise KilnError(f"every nameserver must use the same port, got {', '.join(given)}")
+    return hosts, ports.pop()
 
 
 def system_nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from kiln.automation import Automation, AutomationBook
 from kiln.duration import format_ms
-from kiln.policyspec import PUSHBACK_CLASSES, RealtimeAction
+from kiln.policyspec import RealtimeAction
 from kiln.ramp import plan_providers
 from kiln.schedule import Plan
 
@@ -47,6 +47,7 @@ __all__ = [
     "SourceHealth",
     "Verdict",
     "local_day_bounds_ms",
+    "plan_ips",
 ]
 
 RampKey = tuple[str, str]
@@ -207,6 +208,12 @@ class Verdict:
     """Readings that step the ramp down (each may do so once)."""
 
 
+def plan_ips(plan: Plan) -> list[str]:
+    """Every IP of a plan: batch IPs first, then warm pool members."""
+    ips = [ip for b in plan.batches.values() for ip in b.ips]
+    return ips + [m.ip for p in plan.pools.values() for m in p.members() if m.ip not in ips]
+
+
 def local_day_bounds_ms(plan: Plan, day: date) -> tuple[int, int]:
     """[start, end) of a local calendar day in the plan's zone, in epoch ms."""
     start = datetime(day.year, day.month, day.day, tzinfo=plan.zone)
@@ -239,9 +246,7 @@ class Policy:
 
     def all_ips(self) -> list[str]:
         """Every IP of the plan: batches first, then warm pool members."""
-        ips = [ip for b in self.plan.batches.values() for ip in b.ips]
-        ips += [m.ip for p in self.plan.pools.values() for m in p.members() if m.ip not in ips]
-        return ips
+        return plan_ips(self.plan)
 
     def implicated(self, p: Pushback) -> list[str]:
         """The IPs a reply's scope names (warmup.md §4.2)."""
@@ -268,11 +273,13 @@ class Policy:
         )
         ips = self.implicated(p)
         out: list[tuple[Automation, bool]] = []
-        if action != "none" and action is not None and ips:
-            dedupe = f"reply|{p.rule}|{p.scope}|{','.join(ips)}|{p.provider}"
+        if action != "none" and action is not None:
+            # One automation per implicated IP; a live one re-arms on every new match.
             reached = len(window) >= info.threshold_count
-            if reached or book.live_with(dedupe, p.at_ms) is not None:
-                out.append(self._act(p, action, ips, dedupe, len(window), info, book))
+            for ip in ips:
+                dedupe = f"reply|{p.rule}|{p.provider}|{ip}"
+                if reached or book.live_with(dedupe, p.at_ms) is not None:
+                    out.append(self._act(p, action, ip, dedupe, len(window), info, book))
         out += self._pushback_holds(p, ips, book)
         return out
 
@@ -280,13 +287,13 @@ class Policy:
         self,
         p: Pushback,
         action: RealtimeAction,
-        ips: list[str],
+        ip: str,
         dedupe: str,
         seen: int,
         info: RuleInfo,
         book: AutomationBook,
     ) -> tuple[Automation, bool]:
-        """One suspend or slow covering `ips` (one automation per reply scope)."""
+        """Start or re-arm the suspend or slow of (ip, provider) for one reply."""
         duration = format_ms(action.duration_ms)
         what = (
             f"suspended for {duration}"
@@ -299,30 +306,20 @@ class Policy:
             if info.threshold_count > 1
             else ""
         )
-        fields: dict[str, Any] = {
-            "kind": "suspend" if action.suspend is not None else "slow",
-            "rule": p.rule,
-            "reason": f"{p.cls} reply ({p.scope} scope){threshold}: {what} after the latest one",
-            "evidence": {"class": p.cls, "scope": p.scope, "reply": p.text[:300], "ips": ips},
-            "provider": p.provider,
-            "ip": ips[0] if len(ips) == 1 else None,
-            "batch": None,
-            "ends_when": f"{duration} after the latest matching reply",
-            "factor": action.slow,
-        }
-        if len(ips) > 1:
-            # One automation per IP keeps `effects` simple; they share the rule and dedupe prefix.
-            made = [
-                book.arm(
-                    p.at_ms,
-                    f"{dedupe}|{ip}",
-                    p.at_ms + action.duration_ms,
-                    **(fields | {"ip": ip}),
-                )
-                for ip in ips
-            ]
-            return made[0]
-        return book.arm(p.at_ms, dedupe, p.at_ms + action.duration_ms, **fields)
+        return book.arm(
+            p.at_ms,
+            dedupe,
+            p.at_ms + action.duration_ms,
+            kind="suspend" if action.suspend is not None else "slow",
+            rule=p.rule,
+            reason=f"{p.cls} reply ({p.scope} scope){threshold}: {what} after the latest one",
+            evidence={"class": p.cls, "scope": p.scope, "reply": p.text[:300], "from_ip": p.ip},
+            provider=p.provider,
+            ip=ip,
+            batch=None,
+            ends_when=f"{duration} after the latest matching reply",
+            factor=action.slow,
+        )
 
     def _pushback_holds(
         self, p: Pushback, ips: list[str], book: AutomationBook
@@ -745,6 +742,3 @@ def _netblock(text: str, ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
             pass
     addr = ipaddress.ip_address(ip)
     return ipaddress.ip_network(f"{ip}/{24 if addr.version == 4 else 64}", strict=False)
-
-
-assert set(PUSHBACK_CLASSES) >= {"rate_limit_rep", "block_rep", "blocklist"}

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kiln.duration import Duration
 
 __all__ = [
-    "PUSHBACK_CLASSES",
     "DayPolicy",
     "DnsblSpec",
     "FeedbackSpec",
@@ -24,24 +23,15 @@ __all__ = [
     "Policy",
     "PostfixSpec",
     "PostmasterSpec",
+    "PushbackClass",
     "RealtimeAction",
     "SignalPolicy",
     "Signals",
     "SndsSpec",
 ]
 
-#: Push-back classes of warmup.md §4.1, in the order of their severity (most severe first).
-PUSHBACK_CLASSES = (
-    "blocklist",
-    "block_rep",
-    "rate_limit_rep",
-    "auth",
-    "conn_limit",
-    "busy",
-    "content",
-    "rcpt_rate",
-    "hard_bounce",
-)
+#: Push-back classes of warmup.md §4.1, most severe first: when several reply rules match,
+#: the earliest class wins (rust/src/classify.rs keeps the same order).
 PushbackClass = Literal[
     "blocklist",
     "block_rep",

@@ -28,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from kiln._core import Engine, check_pattern
 from kiln.duration import DurationError, format_ms, parse_ms
 from kiln.errors import Problem, ScheduleError
-from kiln.policyspec import RealtimeAction
+from kiln.policyspec import PushbackClass, RealtimeAction
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.yamlfile import Loc, SourceMap, load_yaml
 
@@ -61,17 +61,7 @@ PROVIDER_GROUPS: dict[str, tuple[str, ...]] = {
     "microsoft": ("microsoft-consumer", "microsoft-365"),
 }
 
-ReplyClass = Literal[
-    "blocklist",
-    "block_rep",
-    "rate_limit_rep",
-    "auth",
-    "conn_limit",
-    "busy",
-    "content",
-    "rcpt_rate",
-    "hard_bounce",
-]
+ReplyClass = PushbackClass
 """Push-back classes, most severe first: when several rules match, the earliest class wins."""
 Scope = Literal["ip", "netblock", "domain", "url", "recipient", "message"]
 """What a reply implicates (warmup.md §4.2)."""

@@ -38,7 +38,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, or_, select
 
 from kiln.errors import KilnError
 
@@ -567,14 +567,13 @@ class Store:
 
     def load_automations(self, plan: str, *, since_ms: int | None = None) -> list[dict[str, Any]]:
         """A plan's automations: every active one, and the others updated since `since_ms`."""
+        query = select(_Automation).where(_Automation.plan == plan)
+        if since_ms is not None:
+            query = query.where(
+                or_(_Automation.state == "active", col(_Automation.updated_at_ms) >= since_ms)
+            )
         with self._transaction("read automations", write=False) as session:
-            query = select(_Automation).where(_Automation.plan == plan)
-            rows = session.exec(query).all()
-            return [
-                json.loads(r.data)
-                for r in rows
-                if r.state == "active" or since_ms is None or r.updated_at_ms >= since_ms
-            ]
+            return [json.loads(r.data) for r in session.exec(query).all()]
 
     # -- push-back replies per day ---------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dns.exception
 import httpx
 
 from kiln.errors import KilnError
@@ -36,8 +37,8 @@ from kiln.feedback import (
     TailCheckpoint,
 )
 from kiln.log import get_logger
-from kiln.mx import system_nameservers
-from kiln.policy import SignalBook
+from kiln.mx import parse_nameservers
+from kiln.policy import SignalBook, plan_ips
 from kiln.schedule import Plan
 from kiln.signals import SourceError
 from kiln.signals.dnsbl import DnsblSource, Zone
@@ -72,6 +73,13 @@ class Poller:
         self._timeout_s = timeout_s
         self._sources: dict[str, Any] = {}
 
+    def replan(self, plan: Plan) -> None:
+        """A reloaded plan: sources are rebuilt from it on their next poll (the HTTP client
+        is kept; the sources only borrow it)."""
+        self.plan = plan
+        self.base = Path(plan.source).parent if plan.source else Path()
+        self._sources.clear()
+
     def configured(self) -> list[str]:
         """Names of the sources the plan configures."""
         s = self.plan.signals
@@ -97,7 +105,7 @@ class Poller:
         if name in self._sources:
             return self._sources[name]
         s = self.plan.signals
-        ips = _plan_ips(self.plan)
+        ips = plan_ips(self.plan)
         src: Any
         if name == "postmaster":
             pm = s.postmaster
@@ -134,7 +142,7 @@ class Poller:
         elif name == "dnsbl":
             spec = s.dnsbl
             assert spec is not None
-            hosts, port = _nameservers(list(spec.nameservers))
+            hosts, port = parse_nameservers(spec.nameservers)
             src = DnsblSource([Zone.named(z) for z in spec.zones], hosts, port=port)
         else:
             raise KeyError(name)
@@ -151,7 +159,7 @@ class Poller:
                 await self._snds(src, book, now_ms)
             else:
                 await self._dnsbl(src, book)
-        except (SourceError, KilnError, httpx.HTTPError, OSError) as e:
+        except (SourceError, KilnError, httpx.HTTPError, OSError, dns.exception.DNSException) as e:
             book.failed(name, now_ms, str(e))
             h = book.health[name]
             self.log.error(
@@ -207,7 +215,7 @@ class Poller:
         book.snds_blocked = blocked
 
     async def _dnsbl(self, src: DnsblSource, book: SignalBook) -> None:
-        reading = await src.poll(_plan_ips(self.plan))
+        reading = await src.poll(plan_ips(self.plan))
         for r in reading.results:
             if r.outcome in ("listed", "policy"):
                 codes = ", ".join(f"{c.code} ({c.meaning})" for c in r.codes)
@@ -222,35 +230,11 @@ class Poller:
             )
 
     async def aclose(self) -> None:
-        """Close the HTTP client and the sources that hold resources."""
-        for src in self._sources.values():
-            close = getattr(src, "aclose", None)
-            if close is not None:
-                await close()
+        """Close the HTTP client the sources share."""
         self._sources.clear()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-
-def _plan_ips(plan: Plan) -> list[str]:
-    """Every batch IP, then every warm pool IP."""
-    ips = [ip for b in plan.batches.values() for ip in b.ips]
-    return ips + [m.ip for p in plan.pools.values() for m in p.members() if m.ip not in ips]
-
-
-def _nameservers(given: list[str]) -> tuple[list[str], int]:
-    """`host` or `host:port` entries (one port for all), else /etc/resolv.conf."""
-    if not given:
-        return system_nameservers(), 53
-    hosts, ports = [], set()
-    for ns in given:
-        host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
-        hosts.append(host)
-        ports.add(int(port))
-    if len(ports) != 1:
-        raise KilnError("every DNSBL nameserver must use the same port")
-    return hosts, ports.pop()
 
 
 # ----- delivery feedback from files -----
