@@ -89,7 +89,21 @@ class _Closing:
         self.close()
 
 
-class PostfixLogReader(_Closing):
+class _Tailing(_Closing):
+    """A reader of one followed file (`self._tail`)."""
+
+    _tail: FileTail
+
+    def checkpoint(self) -> TailCheckpoint:
+        """The tail's position."""
+        return self._tail.checkpoint()
+
+    def close(self) -> None:
+        """Close the followed files."""
+        self._tail.close()
+
+
+class PostfixLogReader(_Tailing):
     """Follows a Postfix mail log (`/var/log/mail.log`).
 
     `syslog_names` maps each warm-up transport's `syslog_name` to its IP; `tz` is the zone
@@ -127,16 +141,8 @@ class PostfixLogReader(_Closing):
                     events.append(event)
         return events
 
-    def checkpoint(self) -> TailCheckpoint:
-        """The tail's position."""
-        return self._tail.checkpoint()
 
-    def close(self) -> None:
-        """Close the followed files."""
-        self._tail.close()
-
-
-class PowerMtaLogReader(_Closing):
+class PowerMtaLogReader(_Tailing):
     """Follows a PowerMTA accounting file (`/var/log/pmta/acct.csv`).
 
     Every file gets its own parser, so a header is always read from the file it belongs to
@@ -189,14 +195,6 @@ class PowerMtaLogReader(_Closing):
                 if event is not None:
                     events.append(event)
         return events
-
-    def checkpoint(self) -> TailCheckpoint:
-        """The tail's position."""
-        return self._tail.checkpoint()
-
-    def close(self) -> None:
-        """Close the followed files."""
-        self._tail.close()
 
 
 class KumoLogReader(_Closing):
