@@ -213,14 +213,14 @@ def test_rate_limit_in_two_hours_steps_down_and_blocks_step_down(plan: Plan) -> 
     day = date(2026, 11, 10)
     now = local_day_bounds_ms(plan, day)[1]
     one = DayPushback()
-    one.add("rate_limit_rep", 9, "r1")
+    one.add("rate_limit_rep", 9)
     v = Policy(plan).day_verdicts(
         day, {}, {("192.0.2.10", "google"): one}, _fresh(now), AutomationBook(), now
     )
     assert v[("b1", "google")].hold and not v[("b1", "google")].step_down
-    one.add("rate_limit_rep", 14, "r1")
+    one.add("rate_limit_rep", 14)
     other = DayPushback()
-    other.add("block_rep", 3, "r2")
+    other.add("block_rep", 3)
     v = Policy(plan).day_verdicts(
         day,
         {},

@@ -111,8 +111,8 @@ class Guard:
         rows = dict(pushback)
         for key, count in self.pending_pushback.get(day, {}).items():
             rows[key] = rows.get(key, 0) + count
-        for (ip, provider, cls, hour, rule), count in rows.items():
-            days.setdefault((ip, provider), DayPushback()).add(cls, hour, rule, count)
+        for (ip, provider, cls, hour, _rule), count in rows.items():
+            days.setdefault((ip, provider), DayPushback()).add(cls, hour, count)
         return self.policy.day_verdicts(day, evidence, days, self.signals, self.book, now_ms)
 
     def after_roll(

@@ -88,13 +88,11 @@ class DayPushback:
 
     hours: dict[str, set[int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    rules: set[str] = field(default_factory=set)
 
-    def add(self, cls: str, hour: int, rule: str, n: int = 1) -> None:
+    def add(self, cls: str, hour: int, n: int = 1) -> None:
         """Count `n` replies of `cls` in local `hour`."""
         self.hours.setdefault(cls, set()).add(hour)
         self.counts[cls] = self.counts.get(cls, 0) + n
-        self.rules.add(rule)
 
 
 @dataclass
