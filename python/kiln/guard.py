@@ -23,10 +23,8 @@ from kiln.rampday import RampMove, RampState, day_cap
 from kiln.schedule import Plan
 from kiln.store import LogEntry, PushbackKey
 
-__all__ = ["Guard", "Report"]
+__all__ = ["Classify", "Guard"]
 
-#: (at_ms, ip, provider, result, n, code, enhanced, text), as `Engine.take_reports` gives them.
-Report = tuple[int, str, str, str, int, int | None, str | None, str | None]
 #: Classifier: (provider, code, enhanced, text) -> (class, scope, rule) or None.
 Classify = Callable[[str, int | None, str | None, str], tuple[str, str, str] | None]
 
@@ -63,7 +61,7 @@ class Guard:
     # ----- what happened -----
 
     def on_reports(
-        self, reports: Iterable[Report], classify: Classify, now_ms: int
+        self, reports: Iterable[_core.Report], classify: Classify, now_ms: int
     ) -> list[LogEntry]:
         """Classify push-back reports, count them for the day roll and act on them."""
         entries: list[LogEntry] = []
