@@ -151,9 +151,17 @@ class Engine:
     handles. Each key has a GCRA rate, an hourly and a daily cap (calendar windows whose
     boundaries Python supplies with `set_calendar`), a suspension deadline, a pause flag and
     a multiplier. IPs may also be capped across providers.
+
+    Thread safety: engine work holds an internal lock and touches no Python object while it
+    does; a caller that finds the lock taken waits with the GIL released. Any thread may call
+    (no deadlock with the GIL), but the daemon calls only from its event loop (`pin_thread`).
     """
 
     def __init__(self) -> None: ...
+    def pin_thread(self) -> None:
+        """Refuse every later call from a thread other than the caller's (`CoreError`): the
+        daemon pins its engine to the event loop's thread, so a job that strays onto a worker
+        thread fails loudly instead of contending for the lock."""
     def key(self, ip: str, provider: str) -> int:
         """The handle of (ip, provider), interned on first use. IP text is normalised."""
     def key_info(self, key: int) -> tuple[str, str]:

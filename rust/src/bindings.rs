@@ -1,9 +1,14 @@
 //! The only file that knows about Python: `kiln._core`.
 //!
-//! Wrappers are frozen with a `Mutex` inside. Engine work happens under the lock; Python
-//! objects are made after it is released, so no Python code ever runs while it is held.
+//! Wrappers are frozen with a `Mutex` inside. Engine work happens under the lock and touches
+//! only Rust data; Python objects are made after it is released, so no Python code runs and
+//! the GIL is never let go while it is held. A caller that finds the lock taken waits for it
+//! with the GIL released. Together these rule out the lock-versus-GIL deadlock (one thread
+//! holding the lock and waiting for the GIL, another holding the GIL and waiting for the lock).
 
-use std::sync::{Mutex, MutexGuard};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -160,28 +165,25 @@ impl PyDecision {
     }
 }
 
+/// An IP address and its Python string.
+type IpName = (IpAddr, Py<PyString>);
+
+/// What the engine's lock guards: plain Rust data only, never a Python object.
 struct Inner {
     engine: Engine,
     /// The native protocol's routes, tallies and reports.
     wire: Wire,
-    /// Python strings for IP handles, made once each.
-    ip_strs: Vec<Py<PyString>>,
-    /// Python strings for the ids of the reply rules in force, in rule order.
-    rule_ids: Vec<Py<PyString>>,
 }
 
 impl Inner {
-    fn ip_str(&mut self, py: Python<'_>, key: u32) -> Py<PyString> {
+    /// A decision with the IP handle and address of its key, for `PyEngine::decision_py`.
+    fn named(&self, d: Decision) -> (Decision, u32, IpAddr) {
         let ip = self
             .engine
             .limiter
-            .key_ip(key)
-            .expect("decisions name own keys") as usize;
-        while self.ip_strs.len() <= ip {
-            let addr = self.engine.limiter.ips[self.ip_strs.len()].addr.to_string();
-            self.ip_strs.push(PyString::new(py, &addr).unbind());
-        }
-        self.ip_strs[ip].clone_ref(py)
+            .key_ip(d.key)
+            .expect("decisions name own keys");
+        (d, ip, self.engine.limiter.ips[ip as usize].addr)
     }
 }
 
@@ -189,14 +191,90 @@ impl Inner {
 #[pyclass(frozen, module = "kiln._core", name = "Engine")]
 pub struct PyEngine {
     inner: Mutex<Inner>,
+    /// Python strings of IP addresses by IP handle, checked against the address (handles
+    /// change on restore). Only locked with the GIL held and the engine lock free.
+    ip_cache: Mutex<Vec<Option<IpName>>>,
+    /// `THREAD_NO` of the only thread allowed in (`pin_thread`), or 0: any thread.
+    owner: AtomicU64,
+}
+
+thread_local! {
+    /// A number for the calling thread, unique for the life of the process (0: none yet).
+    static THREAD_NO: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
 }
 
 impl PyEngine {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while locked is reported to Python as it happens; the state stays usable.
-        self.inner
+    /// The engine's lock, for work that touches no Python object.
+    ///
+    /// Two rules keep the lock and the GIL from ever waiting on each other (a thread that
+    /// holds the lock never needs the GIL, and a thread that waits for the lock lets the GIL
+    /// go): nothing between `lock` and the guard's drop makes or touches a Python object, and
+    /// a contended lock is waited for with the GIL released (`Python::detach`). A pinned
+    /// engine (`pin_thread`) also refuses callers from any thread but its own.
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Inner>> {
+        let owner = self.owner.load(Ordering::Relaxed);
+        if owner != 0 {
+            let me = THREAD_NO.with(|n| *n);
+            if me != owner {
+                return Err(CoreError::new_err(
+                    "the engine is pinned to the event loop's thread and was entered from \
+                     another thread; call it only from the loop",
+                ));
+            }
+        }
+        loop {
+            match self.inner.try_lock() {
+                Ok(g) => return Ok(g),
+                // A panic while locked is reported to Python as it happens; the state stays usable.
+                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {
+                    // Wait without the GIL, then try again holding it.
+                    py.detach(|| {
+                        drop(
+                            self.inner
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner),
+                        );
+                    });
+                }
+            }
+        }
+    }
+
+    /// The Python string of `addr` (IP handle `ip`), made once and kept. Called with the GIL
+    /// held and the engine lock released; nothing here runs Python code.
+    fn ip_py(&self, py: Python<'_>, ip: u32, addr: IpAddr) -> Py<PyString> {
+        let mut cache = self
+            .ip_cache
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = ip as usize;
+        if cache.len() <= i {
+            cache.resize_with(i + 1, || None);
+        }
+        match &cache[i] {
+            Some((a, s)) if *a == addr => s.clone_ref(py),
+            _ => {
+                let s = PyString::new(py, &addr.to_string()).unbind();
+                cache[i] = Some((addr, s.clone_ref(py)));
+                s
+            }
+        }
+    }
+
+    /// A decision as Python sees it: the IP of its key named.
+    fn decision_py(
+        &self,
+        py: Python<'_>,
+        (inner, ip, addr): (Decision, u32, IpAddr),
+    ) -> PyDecision {
+        PyDecision {
+            inner,
+            ip: self.ip_py(py, ip, addr),
+        }
     }
 }
 
@@ -225,38 +303,47 @@ impl PyEngine {
             inner: Mutex::new(Inner {
                 engine: Engine::new(),
                 wire: Wire::new(),
-                ip_strs: Vec::new(),
-                rule_ids: Vec::new(),
             }),
+            ip_cache: Mutex::new(Vec::new()),
+            owner: AtomicU64::new(0),
         }
     }
 
+    /// Refuse every later call from a thread other than the caller's (`CoreError`): the
+    /// daemon pins its engine to the event loop's thread, so a job that strays onto a worker
+    /// thread fails loudly instead of contending for the lock.
+    fn pin_thread(&self) {
+        self.owner.store(THREAD_NO.with(|n| *n), Ordering::Relaxed);
+    }
+
     /// The handle of (ip, provider), interned on first use. IP text is normalised.
-    fn key(&self, ip: &str, provider: &str) -> PyResult<u32> {
-        self.lock().engine.limiter.key(ip, provider).map_err(err)
+    fn key(&self, py: Python<'_>, ip: &str, provider: &str) -> PyResult<u32> {
+        self.lock(py)?.engine.limiter.key(ip, provider).map_err(err)
     }
 
     /// (ip, provider) of a key handle.
-    fn key_info(&self, key: i128) -> PyResult<(String, String)> {
-        let g = self.lock();
+    fn key_info(&self, py: Python<'_>, key: i128) -> PyResult<(String, String)> {
+        let g = self.lock(py)?;
         let (ip, provider) = g.engine.limiter.key_names(arg("key", key)?).map_err(err)?;
         Ok((ip, provider.to_owned()))
     }
 
     /// How many keys this engine holds.
-    fn key_count(&self) -> usize {
-        self.lock().engine.limiter.key_count()
+    fn key_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.engine.limiter.key_count())
     }
 
     /// The handle of a provider name, interned on first use.
-    fn provider(&self, name: &str) -> PyResult<u16> {
-        self.lock().engine.limiter.provider(name).map_err(err)
+    fn provider(&self, py: Python<'_>, name: &str) -> PyResult<u16> {
+        self.lock(py)?.engine.limiter.provider(name).map_err(err)
     }
 
     /// Set a key's rate and caps (its multiplier, pause, counters and suspension stay).
     #[pyo3(signature = (key, *, rate_count=None, rate_period_ms=None, max_burst=1, hourly_cap=None, daily_cap=None))]
+    #[allow(clippy::too_many_arguments)] // the GIL token plus the limits' fields
     fn set_limits(
         &self,
+        py: Python<'_>,
         key: i128,
         rate_count: Option<i128>,
         rate_period_ms: Option<i128>,
@@ -277,7 +364,7 @@ impl PyEngine {
                 ))
             }
         };
-        self.lock()
+        self.lock(py)?
             .engine
             .set_limits(
                 arg("key", key)?,
@@ -290,32 +377,32 @@ impl PyEngine {
     }
 
     /// Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it.
-    fn set_multiplier(&self, key: i128, multiplier: f64) -> PyResult<()> {
-        self.lock()
+    fn set_multiplier(&self, py: Python<'_>, key: i128, multiplier: f64) -> PyResult<()> {
+        self.lock(py)?
             .engine
             .set_multiplier(arg("key", key)?, multiplier)
             .map_err(err)
     }
 
     /// Pause a key: every request is denied with reason "paused" until `resume`.
-    fn pause(&self, key: i128) -> PyResult<()> {
-        self.lock()
+    fn pause(&self, py: Python<'_>, key: i128) -> PyResult<()> {
+        self.lock(py)?
             .engine
             .set_paused(arg("key", key)?, true)
             .map_err(err)
     }
 
     /// Lift a pause.
-    fn resume(&self, key: i128) -> PyResult<()> {
-        self.lock()
+    fn resume(&self, py: Python<'_>, key: i128) -> PyResult<()> {
+        self.lock(py)?
             .engine
             .set_paused(arg("key", key)?, false)
             .map_err(err)
     }
 
     /// Deny a key until `until_ms` (replaces any earlier deadline; 0 lifts it).
-    fn suspend(&self, key: i128, until_ms: i128) -> PyResult<()> {
-        self.lock()
+    fn suspend(&self, py: Python<'_>, key: i128, until_ms: i128) -> PyResult<()> {
+        self.lock(py)?
             .engine
             .suspend(arg("key", key)?, arg("until_ms", until_ms)?)
             .map_err(err)
@@ -325,11 +412,12 @@ impl PyEngine {
     #[pyo3(signature = (ip, *, hourly_cap=None, daily_cap=None))]
     fn set_ip_caps(
         &self,
+        py: Python<'_>,
         ip: &str,
         hourly_cap: Option<i128>,
         daily_cap: Option<i128>,
     ) -> PyResult<()> {
-        self.lock()
+        self.lock(py)?
             .engine
             .set_ip_caps(
                 ip,
@@ -340,13 +428,21 @@ impl PyEngine {
     }
 
     /// The instants (ms) at which coming calendar hours and days begin, strictly increasing.
-    fn set_calendar(&self, hour_starts_ms: Vec<i128>, day_starts_ms: Vec<i128>) -> PyResult<()> {
+    fn set_calendar(
+        &self,
+        py: Python<'_>,
+        hour_starts_ms: Vec<i128>,
+        day_starts_ms: Vec<i128>,
+    ) -> PyResult<()> {
         let conv = |name: &str, v: Vec<i128>| -> PyResult<Vec<u64>> {
             v.into_iter().map(|x| arg(name, x)).collect()
         };
         let hours = conv("hour_starts_ms", hour_starts_ms)?;
         let days = conv("day_starts_ms", day_starts_ms)?;
-        self.lock().engine.set_calendar(&hours, &days).map_err(err)
+        self.lock(py)?
+            .engine
+            .set_calendar(&hours, &days)
+            .map_err(err)
     }
 
     /// May `key` send `n` more at `now_ms`? All or nothing; charged when granted.
@@ -356,13 +452,12 @@ impl PyEngine {
             arg("n", i128::from(n))?,
             arg("now_ms", i128::from(now_ms))?,
         );
-        let (inner, ip) = {
-            let mut g = self.lock();
+        let named = {
+            let mut g = self.lock(py)?;
             let d = g.engine.acquire(key, n, now_ms).map_err(err)?;
-            let ip = g.ip_str(py, d.key);
-            (d, ip)
+            g.named(d)
         };
-        Ok(PyDecision { inner, ip })
+        Ok(self.decision_py(py, named))
     }
 
     /// Decide many requests at one `now_ms`: `keys` (and `counts`, default 1 each) are
@@ -380,36 +475,48 @@ impl PyEngine {
         let ks = kb.as_slice(py).expect("checked contiguous");
         let mut out = Vec::new();
         let this = slf.get();
-        match counts {
-            None => this.lock().engine.limiter.acquire_batch(
-                ks.iter().map(|k| (k.get(), 1)),
-                now_ms,
-                &mut out,
-            ),
-            Some(c) => {
-                let cb = u32_buffer(py, "counts", c)?;
-                let cs = cb.as_slice(py).expect("checked contiguous");
-                if cs.len() != ks.len() {
-                    return Err(bad(
-                        "counts",
-                        format_args!(
-                            "must have one count per key ({}), got {}",
-                            ks.len(),
-                            cs.len()
-                        ),
-                    ));
-                }
-                this.lock().engine.limiter.acquire_batch(
+        let cb = counts.map(|c| u32_buffer(py, "counts", c)).transpose()?;
+        let cs = cb
+            .as_ref()
+            .map(|b| b.as_slice(py).expect("checked contiguous"));
+        if let Some(cs) = cs {
+            if cs.len() != ks.len() {
+                return Err(bad(
+                    "counts",
+                    format_args!(
+                        "must have one count per key ({}), got {}",
+                        ks.len(),
+                        cs.len()
+                    ),
+                ));
+            }
+        }
+        let names = {
+            let mut g = this.lock(py)?;
+            match cs {
+                None => g.engine.limiter.acquire_batch(
+                    ks.iter().map(|k| (k.get(), 1)),
+                    now_ms,
+                    &mut out,
+                ),
+                Some(cs) => g.engine.limiter.acquire_batch(
                     ks.iter().zip(cs).map(|(k, c)| (k.get(), c.get())),
                     now_ms,
                     &mut out,
-                )
+                ),
             }
-        }
-        .map_err(err)?;
+            .map_err(err)?;
+            out.iter()
+                .map(|&d| {
+                    let (_, ip, addr) = g.named(d);
+                    (ip, addr)
+                })
+                .collect()
+        };
         Ok(PyBatch {
             engine: slf.clone().unbind(),
             decisions: out,
+            names,
         })
     }
 
@@ -419,6 +526,7 @@ impl PyEngine {
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts arguments by value
     fn define_pool(
         &self,
+        py: Python<'_>,
         name: &str,
         members: Vec<(String, i128, bool)>,
         overflow: Option<&str>,
@@ -427,15 +535,15 @@ impl PyEngine {
             .iter()
             .map(|(ip, w, warming)| Ok((ip.as_str(), arg::<u32>("weight", *w)?, *warming)))
             .collect::<PyResult<Vec<_>>>()?;
-        self.lock()
+        self.lock(py)?
             .engine
             .define_pool(name, &members, overflow)
             .map_err(err)
     }
 
     /// The handle of a defined pool.
-    fn pool(&self, name: &str) -> PyResult<u32> {
-        self.lock().engine.pools.handle(name).map_err(err)
+    fn pool(&self, py: Python<'_>, name: &str) -> PyResult<u32> {
+        self.lock(py)?.engine.pools.handle(name).map_err(err)
     }
 
     /// Choose and charge the IP of `pool` that carries `n` messages to `provider`:
@@ -454,18 +562,17 @@ impl PyEngine {
             arg("n", i128::from(n))?,
             arg("now_ms", i128::from(now_ms))?,
         );
-        let (inner, ip) = {
-            let mut g = self.lock();
+        let named = {
+            let mut g = self.lock(py)?;
             let d = g.engine.pick(pool, provider, n, now_ms).map_err(err)?;
-            let ip = g.ip_str(py, d.key);
-            (d, ip)
+            g.named(d)
         };
-        Ok(PyDecision { inner, ip })
+        Ok(self.decision_py(py, named))
     }
 
     /// A key's limits and counters, as plain data.
     fn usage<'py>(&self, py: Python<'py>, key: i128) -> PyResult<Bound<'py, PyDict>> {
-        let u = self.lock().engine.usage(arg("key", key)?).map_err(err)?;
+        let u = self.lock(py)?.engine.usage(arg("key", key)?).map_err(err)?;
         let d = PyDict::new(py);
         let l = u.limits;
         let rate = (l.rate_count != 0).then_some((l.rate_count, l.rate_period_ms));
@@ -489,13 +596,14 @@ impl PyEngine {
     #[pyo3(signature = (message_id, pool, provider, priority=0, n=1))]
     fn enqueue(
         &self,
+        py: Python<'_>,
         message_id: i128,
         pool: i128,
         provider: i128,
         priority: i32,
         n: i128,
     ) -> PyResult<()> {
-        self.lock()
+        self.lock(py)?
             .engine
             .enqueue(
                 arg("message_id", message_id)?,
@@ -511,61 +619,56 @@ impl PyEngine {
     #[pyo3(signature = (now_ms, max))]
     fn due<'py>(&self, py: Python<'py>, now_ms: i128, max: i128) -> PyResult<Bound<'py, PyList>> {
         let (now_ms, max) = (arg("now_ms", now_ms)?, arg::<usize>("max", max)?);
-        let released: Vec<(u64, Decision, Py<PyString>)> = {
-            let mut g = self.lock();
+        let released: Vec<(u64, (Decision, u32, IpAddr))> = {
+            let mut g = self.lock(py)?;
             let mut out = Vec::new();
             g.engine.due(now_ms, max, &mut out).map_err(err)?;
-            out.into_iter()
-                .map(|(id, d)| {
-                    let ip = g.ip_str(py, d.key);
-                    (id, d, ip)
-                })
-                .collect()
+            out.into_iter().map(|(id, d)| (id, g.named(d))).collect()
         };
         let items = released
             .into_iter()
-            .map(|(id, inner, ip)| (id, PyDecision { inner, ip }))
+            .map(|(id, named)| (id, self.decision_py(py, named)))
             .collect::<Vec<_>>();
         PyList::new(py, items)
     }
 
     /// When `due` may next release something (>= now_ms), or None.
-    fn next_due_ms(&self, now_ms: i128) -> PyResult<Option<u64>> {
+    fn next_due_ms(&self, py: Python<'_>, now_ms: i128) -> PyResult<Option<u64>> {
         let now_ms = arg("now_ms", now_ms)?;
-        Ok(self.lock().engine.next_due_ms(now_ms))
+        Ok(self.lock(py)?.engine.next_due_ms(now_ms))
     }
 
     /// How many messages are held.
-    fn queued(&self) -> usize {
-        self.lock().engine.queued()
+    fn queued(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.engine.queued())
     }
 
     /// Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings).
     fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.lock().engine.snapshot();
+        let s = self.lock(py)?.engine.snapshot();
         snapshot_to_py(py, &s)
     }
 
     /// Replace all state with a snapshot (from `snapshot()`, or the same data read back from
     /// JSON). On any error the engine is unchanged.
-    fn restore(&self, state: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn restore(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let s = snapshot_from_py(state)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
-        self.lock().replace(engine);
+        self.lock(py)?.replace(engine);
         Ok(())
     }
 
     /// Everything the engine holds, as compact bytes (for frequent flushes to the store).
-    fn snapshot_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let data = self.lock().engine.snapshot().to_bytes();
-        PyBytes::new(py, &data)
+    fn snapshot_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.lock(py)?.engine.snapshot().to_bytes();
+        Ok(PyBytes::new(py, &data))
     }
 
     /// Replace all state with `snapshot_bytes()` output. On any error the engine is unchanged.
-    fn restore_bytes(&self, data: &[u8]) -> PyResult<()> {
+    fn restore_bytes(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         let s = Snapshot::from_bytes(data).map_err(err)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
-        self.lock().replace(engine);
+        self.lock(py)?.replace(engine);
         Ok(())
     }
 
@@ -576,7 +679,7 @@ impl PyEngine {
         let now_ms = arg("now_ms", now_ms)?;
         let mut out = Vec::with_capacity(data.len() * 2 + 64);
         let served = {
-            let mut g = self.lock();
+            let mut g = self.lock(py)?;
             let g = &mut *g;
             g.wire
                 .serve(&mut g.engine, data, now_ms, &mut out)
@@ -593,8 +696,8 @@ impl PyEngine {
     }
 
     /// The provider every domain without a route counts as (interned on first use).
-    fn set_default_provider(&self, name: &str) -> PyResult<()> {
-        let mut g = self.lock();
+    fn set_default_provider(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        let mut g = self.lock(py)?;
         let h = g.engine.limiter.provider(name).map_err(err)?;
         g.wire.set_default_provider(h);
         Ok(())
@@ -602,16 +705,22 @@ impl PyEngine {
 
     /// The operations Python answers: `serve` hands their lines back as `upcall`.
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
-    fn set_upcall_ops(&self, ops: Vec<String>) -> PyResult<()> {
+    fn set_upcall_ops(&self, py: Python<'_>, ops: Vec<String>) -> PyResult<()> {
         let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
-        self.lock().wire.set_upcall_ops(&ops).map_err(err)
+        self.lock(py)?.wire.set_upcall_ops(&ops).map_err(err)
     }
 
     /// Route a recipient domain to `provider` (None: null MX, accepts no mail) until
     /// `expires_ms`; after that the route still holds and the domain is queued for lookup.
-    fn set_route(&self, domain: &str, provider: Option<&str>, expires_ms: i128) -> PyResult<()> {
+    fn set_route(
+        &self,
+        py: Python<'_>,
+        domain: &str,
+        provider: Option<&str>,
+        expires_ms: i128,
+    ) -> PyResult<()> {
         let expires_ms = arg("expires_ms", expires_ms)?;
-        let mut g = self.lock();
+        let mut g = self.lock(py)?;
         let route = match provider {
             Some(p) => Route::Provider(g.engine.limiter.provider(p).map_err(err)?),
             None => Route::NullMx,
@@ -620,20 +729,21 @@ impl PyEngine {
     }
 
     /// Forget every route.
-    fn clear_routes(&self) {
-        self.lock().wire.clear_routes();
+    fn clear_routes(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock(py)?.wire.clear_routes();
+        Ok(())
     }
 
     /// How many domains have a route.
-    fn route_count(&self) -> usize {
-        self.lock().wire.route_count()
+    fn route_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.wire.route_count())
     }
 
     /// The provider of `domain` at `now_ms` (None: null MX); unknown domains count as the
     /// default provider and are queued for lookup.
-    fn route(&self, domain: &str, now_ms: i128) -> PyResult<Option<String>> {
+    fn route(&self, py: Python<'_>, domain: &str, now_ms: i128) -> PyResult<Option<String>> {
         let now_ms = arg("now_ms", now_ms)?;
-        let mut g = self.lock();
+        let mut g = self.lock(py)?;
         Ok(match g.wire.route(domain, now_ms).map_err(err)? {
             Route::Provider(p) => Some(g.engine.limiter.providers[usize::from(p)].clone()),
             Route::NullMx => None,
@@ -641,18 +751,21 @@ impl PyEngine {
     }
 
     /// Domains that need an MX lookup, seen since the last call.
-    fn take_unresolved(&self) -> Vec<String> {
-        let v = self.lock().wire.take_unresolved();
-        v.into_iter().map(String::from).collect()
+    fn take_unresolved(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let v = self.lock(py)?.wire.take_unresolved();
+        Ok(v.into_iter().map(String::from).collect())
     }
 
     /// Per-key counts since the last call:
     /// (ip, provider, granted, delivered, deferred, bounced, complaints).
     #[allow(clippy::type_complexity)]
-    fn take_tallies(&self) -> Vec<(String, String, u64, u64, u64, u64, u64)> {
-        let mut g = self.lock();
+    fn take_tallies(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(String, String, u64, u64, u64, u64, u64)>> {
+        let mut g = self.lock(py)?;
         let tallies = g.wire.take_tallies();
-        tallies
+        Ok(tallies
             .into_iter()
             .map(|(key, t)| {
                 let (ip, provider) = g.engine.limiter.key_names(key).expect("own keys");
@@ -666,7 +779,7 @@ impl PyEngine {
                     t.complaints,
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// Reports other than deliveries since the last call, in order:
@@ -674,19 +787,22 @@ impl PyEngine {
     #[allow(clippy::type_complexity)]
     fn take_reports(
         &self,
-    ) -> Vec<(
-        u64,
-        String,
-        String,
-        &'static str,
-        u32,
-        Option<u16>,
-        Option<String>,
-        Option<String>,
-    )> {
-        let mut g = self.lock();
+        py: Python<'_>,
+    ) -> PyResult<
+        Vec<(
+            u64,
+            String,
+            String,
+            &'static str,
+            u32,
+            Option<u16>,
+            Option<String>,
+            Option<String>,
+        )>,
+    > {
+        let mut g = self.lock(py)?;
         let reports = g.wire.take_reports();
-        reports
+        Ok(reports
             .into_iter()
             .map(|r| {
                 let (ip, provider) = g.engine.limiter.key_names(r.key).expect("own keys");
@@ -701,7 +817,7 @@ impl PyEngine {
                     r.text,
                 )
             })
-            .collect()
+            .collect())
     }
 
     // ----- SMTP reply rules (classify.rs) -----
@@ -718,19 +834,12 @@ impl PyEngine {
             .enumerate()
             .map(|(i, r)| rule_from_py(i, r))
             .collect::<PyResult<Vec<_>>>()?;
-        let ids: Vec<Py<PyString>> = defs
-            .iter()
-            .map(|d| PyString::new(py, &d.id).unbind())
-            .collect();
-        let mut g = self.lock();
-        g.wire.set_rules(defs).map_err(err)?;
-        g.rule_ids = ids;
-        Ok(())
+        self.lock(py)?.wire.set_rules(defs).map_err(err)
     }
 
     /// How many reply rules are in force.
-    fn rule_count(&self) -> usize {
-        self.lock().wire.classifier().len()
+    fn rule_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.lock(py)?.wire.classifier().len())
     }
 
     /// Classify an SMTP reply: (class, scope, rule_id, matched_ids) of the most severe
@@ -750,11 +859,24 @@ impl PyEngine {
         let code = reply_code(code)?;
         reply_enhanced(enhanced)?;
         let provider = provider.map_or(Provider::Any, Provider::Named);
-        let g = self.lock();
-        let (_, verdict) = g.wire.classifier().classify(provider, code, enhanced, text);
-        match verdict {
-            Verdict::Unclassified => Ok(None),
-            Verdict::Internal => {
+        // Plain data under the lock; Python objects after it is released.
+        let found = {
+            let g = self.lock(py)?;
+            let c = g.wire.classifier();
+            match c.classify(provider, code, enhanced, text).1 {
+                Verdict::Unclassified => None,
+                Verdict::Internal => Some(None),
+                Verdict::Classified { rule, matched } => {
+                    let r = c.rule(rule);
+                    let ids: Vec<Box<str>> =
+                        matched.iter().map(|&m| c.rule(m).id.clone()).collect();
+                    Some(Some((r.class, r.scope, r.id.clone(), ids)))
+                }
+            }
+        };
+        match found {
+            None => Ok(None),
+            Some(None) => {
                 let none = py.None().into_bound(py);
                 Ok(Some(PyTuple::new(
                     py,
@@ -766,15 +888,14 @@ impl PyEngine {
                     ],
                 )?))
             }
-            Verdict::Classified { rule, matched } => {
-                let r = g.wire.classifier().rule(rule);
-                let ids = PyTuple::new(py, matched.iter().map(|&m| g.rule_ids[m].bind(py)))?;
+            Some(Some((class, scope, id, matched))) => {
+                let ids = PyTuple::new(py, matched.iter().map(|m| PyString::new(py, m)))?;
                 Ok(Some(PyTuple::new(
                     py,
                     [
-                        class_str(py, r.class).into_any(),
-                        scope_str(py, r.scope).into_any(),
-                        g.rule_ids[rule].bind(py).clone().into_any(),
+                        class_str(py, class).into_any(),
+                        scope_str(py, scope).into_any(),
+                        PyString::new(py, &id).into_any(),
                         ids.into_any(),
                     ],
                 )?))
@@ -783,9 +904,9 @@ impl PyEngine {
     }
 
     /// Protocol counters since the engine was made (for metrics).
-    fn wire_stats(&self) -> std::collections::HashMap<&'static str, u64> {
-        let s = self.lock().wire.stats;
-        [
+    fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+        let s = self.lock(py)?.wire.stats;
+        Ok([
             ("requests", s.requests),
             ("errors", s.errors),
             ("granted", s.granted),
@@ -794,7 +915,7 @@ impl PyEngine {
             ("reports_dropped", s.reports_dropped),
         ]
         .into_iter()
-        .collect()
+        .collect())
     }
 }
 
@@ -811,7 +932,6 @@ impl Inner {
             .collect();
         self.engine = engine;
         self.wire.remap_providers(&map);
-        self.ip_strs.clear();
     }
 }
 
@@ -837,13 +957,16 @@ pub struct PyServed {
 pub struct PyBatch {
     engine: Py<PyEngine>,
     decisions: Vec<Decision>,
+    /// (IP handle, address) of each decision's key, read when the batch was decided.
+    names: Vec<(u32, IpAddr)>,
 }
 
 impl PyBatch {
     fn decision(&self, py: Python<'_>, i: usize) -> PyDecision {
-        let inner = self.decisions[i];
-        let ip = self.engine.get().lock().ip_str(py, inner.key);
-        PyDecision { inner, ip }
+        let (ip, addr) = self.names[i];
+        self.engine
+            .get()
+            .decision_py(py, (self.decisions[i], ip, addr))
     }
 }
 
