@@ -24,12 +24,15 @@ use crate::classify::{valid_enhanced, Classifier, Provider, RuleDef, Verdict};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::error::{CoreError, CoreResult};
-use crate::limiter::{check_now, parse_ip};
+use crate::limiter::{check_now, parse_ip, MAX_NOW_MS};
 
 /// Longest request line; a longer one closes the connection (after the earlier replies).
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
-/// Most distinct domains waiting for an MX lookup; more are looked up when they come again.
+/// Most distinct domains waiting for an MX lookup between two drains; more are counted in
+/// `WireStats::unresolved_dropped` and queued when they come again.
 pub const MAX_UNRESOLVED: usize = 10_000;
+/// Default bound on learned (expiring) routes; the plan's static routes come on top.
+pub const MAX_ROUTES: usize = 200_000;
 /// Most push-back reports held between two drains; later ones are counted as dropped.
 pub const MAX_REPORTS: usize = 100_000;
 /// Longest SMTP reply text kept with a report (bytes, cut at a character boundary).
@@ -51,8 +54,170 @@ pub enum Route {
 #[derive(Debug, Clone, Copy)]
 struct RouteEntry {
     route: Route,
+    /// The table's epoch when the route was last set or used (eviction order).
+    used: u32,
     /// After this instant the answer still holds, and the domain is queued for a new lookup.
     expires_ms: u64,
+}
+
+impl RouteEntry {
+    /// A static route (the plan's domain table): never evicted, not counted in the bound.
+    const fn pinned(&self) -> bool {
+        self.expires_ms >= MAX_NOW_MS
+    }
+}
+
+/// Domain -> route, holding at most `max` learned routes beside the pinned (static) ones.
+///
+/// When an insert takes the learned routes over `max`, one sweep brings them down to
+/// `max - max / 8` (at least one below `max`): first every expired route goes (expired as
+/// of the latest `now_ms` the wire was given), then, if that is not enough, the routes least
+/// recently set or used (by epoch, one epoch per sweep), soonest expiry first among equals.
+/// The sweep is O(routes) and runs at most once per `max / 8` new domains.
+#[derive(Debug, Clone)]
+struct RouteTable {
+    map: HashMap<Box<str>, RouteEntry>,
+    /// Entries that are pinned.
+    pinned: usize,
+    /// Most learned routes.
+    max: usize,
+    /// Bumped by each sweep; entries are stamped with it when set or used.
+    epoch: u32,
+    /// The latest `now_ms` seen: what "expired" means in a sweep.
+    now_ms: u64,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            pinned: 0,
+            max: MAX_ROUTES,
+            epoch: 0,
+            now_ms: 0,
+        }
+    }
+}
+
+impl RouteTable {
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn learned(&self) -> usize {
+        self.map.len() - self.pinned
+    }
+
+    fn get(&self, domain: &str) -> Option<&RouteEntry> {
+        self.map.get(domain)
+    }
+
+    /// The entry of `domain`, stamped as used now (it is kept over unused ones).
+    fn touch(&mut self, domain: &str) -> Option<RouteEntry> {
+        let epoch = self.epoch;
+        self.map.get_mut(domain).map(|e| {
+            e.used = epoch;
+            *e
+        })
+    }
+
+    /// Set a route; returns how many routes a sweep removed to stay in bounds. A new learned
+    /// route sweeps before it goes in, so it is never the one evicted.
+    fn insert(&mut self, domain: Cow<'_, str>, route: Route, expires_ms: u64) -> u64 {
+        let mut removed = 0;
+        let old = if let Some(e) = self.map.get_mut(domain.as_ref()) {
+            let old = *e;
+            *e = RouteEntry {
+                route,
+                used: self.epoch,
+                expires_ms,
+            };
+            Some(old)
+        } else {
+            if expires_ms < MAX_NOW_MS && self.learned() >= self.max {
+                removed = self.sweep();
+            }
+            let entry = RouteEntry {
+                route,
+                used: self.epoch,
+                expires_ms,
+            };
+            self.map.insert(domain.into_owned().into_boxed_str(), entry);
+            None
+        };
+        if old.is_some_and(|o| o.pinned()) {
+            self.pinned -= 1;
+        }
+        if expires_ms >= MAX_NOW_MS {
+            self.pinned += 1;
+        }
+        // Only a static route turned learned can get here over the bound.
+        if self.learned() > self.max {
+            removed += self.sweep();
+        }
+        removed
+    }
+
+    /// Change the bound; a smaller one takes effect at once. Returns the routes removed.
+    fn set_max(&mut self, max: usize) -> u64 {
+        self.max = max;
+        if self.learned() > max {
+            self.sweep()
+        } else {
+            0
+        }
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Box<str>, &mut RouteEntry) -> bool) {
+        self.map.retain(keep);
+        self.pinned = self.map.values().filter(|e| e.pinned()).count();
+    }
+
+    /// Forget every route and give the memory back.
+    fn clear(&mut self) {
+        self.map = HashMap::new();
+        self.pinned = 0;
+    }
+
+    /// Bring the learned routes down to `max - max / 8`: expired ones first, then the least
+    /// recently set or used. Pinned routes stay. Returns how many routes went.
+    fn sweep(&mut self) -> u64 {
+        let target = self.max - (self.max / 8).max(1).min(self.max);
+        let before = self.map.len();
+        let now_ms = self.now_ms;
+        self.map.retain(|_, e| e.pinned() || e.expires_ms > now_ms);
+        let learned = self.learned();
+        if learned > target {
+            let excess = learned - target;
+            let mut ages: Vec<(u32, u64)> = self
+                .map
+                .values()
+                .filter(|e| !e.pinned())
+                .map(|e| (e.used, e.expires_ms))
+                .collect();
+            let cut = *ages.select_nth_unstable(excess - 1).1;
+            let below = ages.iter().filter(|&&a| a < cut).count();
+            drop(ages);
+            // Entries equal to the cut: exactly as many as are still needed go.
+            let mut ties = excess - below;
+            self.map.retain(|_, e| {
+                if e.pinned() {
+                    return true;
+                }
+                let age = (e.used, e.expires_ms);
+                if age < cut {
+                    false
+                } else if age == cut && ties > 0 {
+                    ties -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.epoch = self.epoch.saturating_add(1);
+        (before - self.map.len()) as u64
+    }
 }
 
 /// What one key saw since the last drain.
@@ -116,6 +281,12 @@ pub struct WireStats {
     pub denied: u64,
     pub upcalls: u64,
     pub reports_dropped: u64,
+    /// Sightings of a domain without a fresh route that found the lookup queue full
+    /// (`MAX_UNRESOLVED`); the domain is queued when it is seen again after a drain.
+    pub unresolved_dropped: u64,
+    /// Learned routes removed to keep the route table within its bound (expired or old);
+    /// such a domain counts as the default provider again and is queued when seen.
+    pub routes_evicted: u64,
 }
 
 /// What one `serve` call did with its input.
@@ -132,7 +303,7 @@ pub struct Served {
 /// The protocol's state beside the engine: domain routes, tallies, reports.
 #[derive(Debug, Clone, Default)]
 pub struct Wire {
-    routes: HashMap<Box<str>, RouteEntry>,
+    routes: RouteTable,
     default_provider: Option<u16>,
     unresolved: Vec<Box<str>>,
     unresolved_set: HashSet<Box<str>>,
@@ -406,14 +577,30 @@ impl Wire {
     }
 
     /// Route `domain` (normalised here) until `expires_ms`; `None` means null MX.
+    ///
+    /// `expires_ms >= MAX_NOW_MS` makes a static route: never evicted, not counted in the
+    /// bound (`set_max_routes`). A new learned route that would take the table over its bound
+    /// first sweeps it (see `RouteTable`), counted in `stats.routes_evicted`.
     pub fn set_route(&mut self, domain: &str, route: Route, expires_ms: u64) -> CoreResult<()> {
         let d = normalise_domain(domain).map_err(|r| CoreError::bad("domain", r.0))?;
         self.unresolved_set.remove(d.as_ref());
-        self.routes.insert(
-            d.into_owned().into_boxed_str(),
-            RouteEntry { route, expires_ms },
-        );
+        self.stats.routes_evicted += self.routes.insert(d, route, expires_ms);
         Ok(())
+    }
+
+    /// Hold at most `max` learned routes (default `MAX_ROUTES`); static routes come on top.
+    /// A smaller bound than the routes held sweeps at once.
+    pub fn set_max_routes(&mut self, max: usize) -> CoreResult<()> {
+        if max == 0 {
+            return Err(CoreError::bad("max_routes", "must be at least 1, got 0"));
+        }
+        self.stats.routes_evicted += self.routes.set_max(max);
+        Ok(())
+    }
+
+    /// The bound on learned routes.
+    pub fn max_routes(&self) -> usize {
+        self.routes.max
     }
 
     /// Replace the reply rules `classify` uses (on error the old ones stay).
@@ -455,6 +642,7 @@ impl Wire {
         self.reports.clear();
     }
 
+    /// Routes held, static ones included.
     pub fn route_count(&self) -> usize {
         self.routes.len()
     }
@@ -467,12 +655,12 @@ impl Wire {
     }
 
     fn lookup(&mut self, domain: &str, now_ms: u64) -> Result<Route, Refusal> {
-        if let Some(e) = self.routes.get(domain) {
-            let route = e.route;
+        self.routes.now_ms = self.routes.now_ms.max(now_ms);
+        if let Some(e) = self.routes.touch(domain) {
             if e.expires_ms <= now_ms {
                 self.note_unresolved(domain);
             }
-            return Ok(route);
+            return Ok(e.route);
         }
         self.note_unresolved(domain);
         self.default_provider
@@ -480,12 +668,18 @@ impl Wire {
             .ok_or_else(|| Refusal::from("no default provider is configured"))
     }
 
+    /// Queue `domain` for a lookup, once per drain; a full queue counts it as dropped.
     fn note_unresolved(&mut self, domain: &str) {
-        if self.unresolved.len() < MAX_UNRESOLVED && !self.unresolved_set.contains(domain) {
-            let d: Box<str> = Box::from(domain);
-            self.unresolved_set.insert(d.clone());
-            self.unresolved.push(d);
+        if self.unresolved_set.contains(domain) {
+            return;
         }
+        if self.unresolved.len() >= MAX_UNRESOLVED {
+            self.stats.unresolved_dropped += 1;
+            return;
+        }
+        let d: Box<str> = Box::from(domain);
+        self.unresolved_set.insert(d.clone());
+        self.unresolved.push(d);
     }
 
     // ----- drains -----
@@ -1199,6 +1393,147 @@ mod tests {
             "{\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"domain\":\"example.com\"}\n",
         );
         assert!(out.contains("\"reason\":\"null_mx\""), "{out}");
+    }
+
+    /// The provider handle `route` gives for `domain` (panics on a null MX).
+    fn provider_of(w: &mut Wire, domain: &str, now_ms: u64) -> u16 {
+        match w.route(domain, now_ms).unwrap() {
+            Route::Provider(p) => p,
+            Route::NullMx => panic!("{domain} has a null MX"),
+        }
+    }
+
+    #[test]
+    fn the_route_table_is_bounded_and_static_routes_stay() {
+        let (e, mut w) = setup();
+        let google = e.limiter.provider_handle("google").unwrap();
+        let default = e.limiter.provider_handle("default").unwrap();
+        assert_eq!(w.max_routes(), MAX_ROUTES);
+        w.set_max_routes(100).unwrap();
+        w.set_route("static.example", Route::Provider(google), MAX_NOW_MS)
+            .unwrap();
+        let statics = 3; // gmail.com and example.com from setup, and static.example
+        for i in 0..1_000 {
+            w.set_route(
+                &format!("d{i}.example"),
+                Route::Provider(google),
+                NOW + 60_000,
+            )
+            .unwrap();
+            assert!(w.route_count() <= 100 + statics, "{i}: {}", w.route_count());
+        }
+        assert!(w.route_count() > statics + 100 - 100 / 8 - 1);
+        assert_eq!(
+            w.stats.routes_evicted,
+            (1_000 + statics - w.route_count()) as u64
+        );
+        // The static routes are all there; the newest learned one is too.
+        for d in ["gmail.com", "static.example", "d999.example"] {
+            assert_eq!(provider_of(&mut w, d, NOW), google, "{d}");
+        }
+        assert_eq!(w.route("example.com", NOW).unwrap(), Route::NullMx);
+        assert!(w.take_unresolved().is_empty());
+        // An evicted domain is default again and queued for a new lookup.
+        assert_eq!(provider_of(&mut w, "d0.example", NOW), default);
+        assert_eq!(w.take_unresolved(), vec![Box::from("d0.example")]);
+        // Static routes alone may exceed the bound: they are the plan's own table.
+        w.set_max_routes(1).unwrap();
+        for i in 0..10 {
+            w.set_route(&format!("s{i}.example"), Route::NullMx, u64::MAX)
+                .unwrap();
+        }
+        assert_eq!(w.route_count(), statics + 10);
+        assert_eq!(
+            w.set_max_routes(0).unwrap_err().to_string(),
+            "max_routes: must be at least 1, got 0"
+        );
+    }
+
+    #[test]
+    fn a_full_table_drops_expired_routes_first() {
+        let (e, mut w) = setup();
+        let google = e.limiter.provider_handle("google").unwrap();
+        w.set_max_routes(10).unwrap();
+        for i in 0..5 {
+            w.set_route(&format!("soon{i}.example"), Route::NullMx, NOW + 10)
+                .unwrap();
+            w.set_route(
+                &format!("late{i}.example"),
+                Route::Provider(google),
+                NOW + 1_000_000,
+            )
+            .unwrap();
+        }
+        // The wire learns the time from what it serves.
+        provider_of(&mut w, "gmail.com", NOW + 10);
+        w.set_route("new.example", Route::Provider(google), NOW + 1_000_000)
+            .unwrap();
+        assert_eq!(w.stats.routes_evicted, 5);
+        for i in 0..5 {
+            assert_eq!(
+                provider_of(&mut w, &format!("late{i}.example"), NOW),
+                google
+            );
+        }
+        assert_eq!(provider_of(&mut w, "new.example", NOW), google);
+        assert_eq!(w.route_count(), 2 + 6);
+    }
+
+    #[test]
+    fn a_full_table_keeps_recently_used_routes_over_unused_ones() {
+        let (e, mut w) = setup();
+        let google = e.limiter.provider_handle("google").unwrap();
+        w.set_max_routes(8).unwrap();
+        let far = NOW + 1_000_000;
+        for i in 0..8 {
+            w.set_route(&format!("a{i}.example"), Route::Provider(google), far + i)
+                .unwrap();
+        }
+        // Full: a sweep makes room before b0 goes in, evicting the soonest expiry.
+        w.set_route("b0.example", Route::Provider(google), far)
+            .unwrap();
+        assert_eq!(w.stats.routes_evicted, 1);
+        assert!(w.routes.get("a0.example").is_none());
+        // a1 is used now, so the next sweep takes a2 (unused since) although a1 expires first.
+        provider_of(&mut w, "a1.example", NOW);
+        w.set_route("b1.example", Route::Provider(google), far)
+            .unwrap();
+        assert_eq!(w.stats.routes_evicted, 2);
+        assert!(w.routes.get("a1.example").is_some());
+        assert!(w.routes.get("a2.example").is_none());
+        for d in ["b0.example", "b1.example", "a7.example"] {
+            assert!(w.routes.get(d).is_some(), "{d}");
+        }
+        // A smaller bound sweeps at once; replacing a route never evicts.
+        w.set_max_routes(4).unwrap();
+        assert_eq!(w.route_count(), 2 + 3);
+        w.set_route("b1.example", Route::NullMx, far).unwrap();
+        assert_eq!(w.route_count(), 2 + 3);
+        assert_eq!(w.stats.routes_evicted, 2 + 8 - 3);
+        // A reload gives the memory back.
+        w.clear_routes();
+        assert_eq!((w.route_count(), w.routes.pinned), (0, 0));
+    }
+
+    #[test]
+    fn the_lookup_queue_is_bounded_and_overflow_is_counted() {
+        let (_, mut w) = setup();
+        for i in 0..MAX_UNRESOLVED {
+            w.route(&format!("q{i}.example"), NOW).unwrap();
+        }
+        // Seeing a queued domain again is no overflow; a new one is.
+        w.route("q0.example", NOW).unwrap();
+        assert_eq!(w.stats.unresolved_dropped, 0);
+        w.route("late.example", NOW).unwrap();
+        w.route("late.example", NOW).unwrap();
+        assert_eq!(w.stats.unresolved_dropped, 2);
+        let taken = w.take_unresolved();
+        assert_eq!(taken.len(), MAX_UNRESOLVED);
+        assert_eq!(taken[0].as_ref(), "q0.example");
+        // After a drain the dropped domain is queued when seen again.
+        w.route("late.example", NOW).unwrap();
+        assert_eq!(w.take_unresolved(), vec![Box::from("late.example")]);
+        assert_eq!(w.stats.unresolved_dropped, 2);
     }
 
     #[test]
