@@ -913,6 +913,8 @@ impl PyEngine {
             ("denied", s.denied),
             ("upcalls", s.upcalls),
             ("reports_dropped", s.reports_dropped),
+            ("unresolved_dropped", s.unresolved_dropped),
+            ("routes_evicted", s.routes_evicted),
         ]
         .into_iter()
         .collect())
