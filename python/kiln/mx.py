@@ -4,7 +4,8 @@ Reference: shared/reference/warmup.md §3.1. `ProviderTable` is the pure part: i
 domain or a set of MX host names against the providers' domains and MX suffixes, with no I/O.
 `MxResolver` is the daemon's part: it looks a domain up in the table, then in its cache, then
 asks DNS for the MX set (dnspython's asyncio resolver), and never raises for DNS trouble: what
-it cannot resolve is `DEFAULT_PROVIDER`.
+it cannot resolve is `DEFAULT_PROVIDER`. `MxLookups` runs the daemon's background lookups
+through one resolver: a bounded queue, a bounded number in flight, results to a callback.
 
 Time is an argument: cache expiry is decided against the caller's `now_ms`; only the DNS
 query's own timeout runs on wall time, inside dnspython.
@@ -13,9 +14,9 @@ query's own timeout runs on wall time, inside dnspython.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -25,6 +26,7 @@ import dns.rdatatype
 import dns.resolver
 
 from kiln.errors import KilnError
+from kiln.log import get_logger
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 
 if TYPE_CHECKING:
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NULL_MX",
+    "MxLookups",
     "MxResolver",
+    "OnRoute",
     "ProviderLike",
     "ProviderTable",
     "ascii_domain",
@@ -324,6 +328,11 @@ class MxResolver:
             return table_hit, now_ms + self._max_ttl_s * 1000
         return self._cache_get(key, now_ms)
 
+    def cancel(self) -> None:
+        """Cancel lookups still in flight (their callers see CancelledError); no waiting."""
+        for task in self._in_flight.values():
+            task.cancel()
+
     async def aclose(self) -> None:
         """Cancel lookups still in flight and wait for them to finish."""
         tasks = list(self._in_flight.values())
@@ -388,6 +397,225 @@ class MxResolver:
         """Seconds to cache a negative answer."""
         ttl_s = self._negative_ttl_s if soa_ttl_s is None else soa_ttl_s
         return _clamp(ttl_s, self._min_ttl_s, self._max_ttl_s)
+
+
+#: `on_route(domain, provider, expires_ms)`: `provider` is a table name or `DEFAULT_PROVIDER`,
+#: None for a null MX; the answer holds until `expires_ms`.
+OnRoute = Callable[[str, "str | None", int], None]
+
+
+class _FailureLog:
+    """Failed lookups as log lines: once per domain, at most `per_minute` lines a minute.
+
+    The domains already logged are remembered (the last `remember` of them); a line that the
+    rate limit holds back is counted, and the count goes with the next line that is written.
+    """
+
+    __slots__ = ("_count", "_log", "_per_minute", "_remember", "_seen", "_suppressed", "_window")
+
+    def __init__(self, log: Any, per_minute: int, remember: int = 1024) -> None:
+        """Write through `log` (a structlog logger)."""
+        self._log = log
+        self._per_minute = per_minute
+        self._remember = remember
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._window = -60_000
+        self._count = 0
+        self._suppressed = 0
+
+    def note(self, domain: str, error: BaseException, now_ms: int) -> bool:
+        """Log the failure of `domain` if it is the first and the rate allows; True if logged."""
+        if domain in self._seen:
+            self._seen.move_to_end(domain)
+            self._suppressed += 1
+            return False
+        self._seen[domain] = None
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        if now_ms - self._window >= 60_000:
+            self._window, self._count = now_ms, 0
+        if self._count >= self._per_minute:
+            self._suppressed += 1
+            return False
+        self._count += 1
+        self._log.warning(
+            "mx lookup failed",
+            domain=domain,
+            error=f"{type(error).__name__}: {error}",
+            suppressed=self._suppressed,
+        )
+        self._suppressed = 0
+        return True
+
+
+class MxLookups:
+    """The daemon's background MX lookups: bounded in flight, bounded waiting, no task per domain.
+
+    `feed()` takes the domains the engine saw without a route (`Engine.take_unresolved()`);
+    at most `max_in_flight` are looked up at once (through `resolver.route`, so the domain
+    table and the resolver's cache answer first) and at most `max_waiting` wait. Beyond that a
+    new domain is dropped and counted: it keeps counting as `default` and is fed again when
+    the engine sees it again. A domain already waiting or in flight is ignored.
+
+    Each answer goes to `on_route(domain, provider, expires_ms)` on the event loop, with None
+    as the provider of a null MX. An exception from the lookup or the callback is counted in
+    `failed` and logged once per domain, at most `failure_logs_per_minute` lines a minute.
+
+    At most `max_in_flight` worker tasks exist, only while there is work: they end when the
+    queue is empty, and the queue's memory goes with them. The lookups own `resolver`:
+    `close()` / `aclose()` stop everything, including the resolver's queries in flight.
+    Used from one event loop.
+    """
+
+    def __init__(
+        self,
+        resolver: MxResolver,
+        on_route: OnRoute,
+        now_ms: Callable[[], int],
+        *,
+        max_in_flight: int = 32,
+        max_waiting: int = 10_000,
+        failure_logs_per_minute: int = 10,
+    ) -> None:
+        """Look up through `resolver`; `now_ms()` is the time each lookup starts at."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must not be negative, got {max_waiting}")
+        self._resolver = resolver
+        self._on_route = on_route
+        self._now_ms = now_ms
+        self._max_in_flight = max_in_flight
+        self._max_waiting = max_waiting
+        self._waiting: deque[str] = deque()
+        # Every domain waiting or in flight (for the duplicate check).
+        self._queued: set[str] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._failures = _FailureLog(get_logger(component="mx"), failure_logs_per_minute)
+        self._closed = False
+        # Counters (read them, do not set them): lookups running now; since the start,
+        # domains dropped because `max_waiting` were waiting, answers given to `on_route`,
+        # lookups that raised; the most ever in flight and waiting at once.
+        self.in_flight = 0
+        self.dropped = 0
+        self.done = 0
+        self.failed = 0
+        self.peak_in_flight = 0
+        self.peak_waiting = 0
+
+    @property
+    def resolver(self) -> MxResolver:
+        """The resolver the lookups go through."""
+        return self._resolver
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most lookups running at once."""
+        return self._max_in_flight
+
+    @property
+    def max_waiting(self) -> int:
+        """The most domains waiting for a free lookup slot."""
+        return self._max_waiting
+
+    @property
+    def waiting(self) -> int:
+        """Domains queued and not yet started."""
+        return len(self._waiting)
+
+    @property
+    def workers(self) -> int:
+        """Worker tasks alive (0 when idle)."""
+        return len(self._workers)
+
+    @property
+    def closed(self) -> bool:
+        """True after `close()`: nothing more is looked up or reported."""
+        return self._closed
+
+    def stats(self) -> dict[str, int]:
+        """The counters, named for the daemon's `stats` reply."""
+        return {
+            "mx_in_flight": self.in_flight,
+            "mx_waiting": self.waiting,
+            "mx_dropped": self.dropped,
+            "mx_done": self.done,
+            "mx_failed": self.failed,
+            "mx_peak_in_flight": self.peak_in_flight,
+            "mx_peak_waiting": self.peak_waiting,
+        }
+
+    def feed(self, domains: Iterable[str]) -> int:
+        """Queue `domains` for lookup; returns how many were queued (new and with room).
+
+        Call on the event loop. Returns at once: the lookups run in the background.
+        """
+        if self._closed:
+            return 0
+        queued = 0
+        waiting, seen, room = self._waiting, self._queued, self._max_waiting
+        for domain in domains:
+            if domain in seen:
+                continue
+            if len(waiting) >= room:
+                self.dropped += 1
+                continue
+            seen.add(domain)
+            waiting.append(domain)
+            queued += 1
+        self.peak_waiting = max(self.peak_waiting, len(waiting))
+        self._spawn()
+        return queued
+
+    def _spawn(self) -> None:
+        """Start workers until every waiting domain has one, up to `max_in_flight`."""
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        while len(self._workers) < self._max_in_flight:
+            idle = len(self._workers) - self.in_flight
+            if idle >= len(self._waiting):
+                return
+            task = loop.create_task(self._work(), name="kiln-mx-lookups")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _work(self) -> None:
+        """Take waiting domains one at a time until none is left (then the task ends)."""
+        while self._waiting and not self._closed:
+            domain = self._waiting.popleft()
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                provider, expires_ms = await self._resolver.route(domain, self._now_ms())
+                self._on_route(domain, None if provider == NULL_MX else provider, expires_ms)
+                self.done += 1
+            except Exception as error:  # noqa: BLE001 - one bad domain must not stop the worker
+                self.failed += 1
+                self._failures.note(domain, error, self._now_ms())
+            finally:
+                self.in_flight -= 1
+                self._queued.discard(domain)
+                if not self._queued:
+                    self._queued = set()  # a burst's hash table is not kept
+            # An answer from the cache never suspends: let the loop serve between domains.
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        """Stop at once: forget the waiting domains, cancel the workers and the resolver's
+        queries. No `on_route` call happens after this. Safe to call twice; needs the loop."""
+        self._closed = True
+        self._waiting.clear()
+        self._queued = set()
+        for task in self._workers:
+            task.cancel()
+        self._resolver.cancel()
+
+    async def aclose(self) -> None:
+        """`close()`, then wait until every worker and query has ended."""
+        self.close()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._resolver.aclose()
 
 
 def parse_nameservers(given: Sequence[str]) -> tuple[list[str], int]:
