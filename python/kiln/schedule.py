@@ -395,9 +395,19 @@ class Plan(_Model):
 
 
 def load_plan(path: Path | str) -> Plan:
-    """Read and check a plan file. Raises `ScheduleError` with every problem found."""
+    """Read and check a plan file. Raises `ScheduleError` with every problem found.
+
+    Reading is bounded (`kiln.yamlfile`: regular files only, size, nesting depth, node budget)
+    and keeps no shared state, so a reload may run it in a worker thread; nothing it raises is
+    anything but a `ScheduleError`.
+    """
     data, source = load_yaml(Path(path))
-    return parse_plan(data, source)
+    try:
+        return parse_plan(data, source)
+    except (RecursionError, MemoryError, ValidationError) as e:
+        # The YAML limits should make these impossible; a plan mistake is never a traceback.
+        message = f"cannot check the plan ({type(e).__name__}); please report this file"
+        raise ScheduleError([source.problem((), message)]) from None
 
 
 def parse_plan(data: Any, source: SourceMap) -> Plan:
