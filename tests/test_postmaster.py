@@ -659,7 +659,7 @@ def test_429_retry_after_and_garbage_and_timeout_via_poll() -> None:
                 with_compliance=False,
                 policy=RetryPolicy(max_attempts=2, timeout_s=0.2),
             )
-        assert info.value.kind == "unavailable"
+        assert info.value.kind == "timeout"
 
 
 # ----- OAuth -----------------------------------------------------------------------------------

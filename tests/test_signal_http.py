@@ -208,15 +208,15 @@ def test_500_then_success() -> None:
     assert len(sleeps.calls) == 1
 
 
-def test_timeout_is_retried_then_unavailable() -> None:
-    """A server slower than the per-request timeout: retried, then unavailable."""
+def test_timeout_is_retried_then_timeout() -> None:
+    """A server slower than the per-request timeout: retried, then kind `timeout`."""
     sleeps = Sleeps()
     policy = RetryPolicy(max_attempts=2, timeout_s=0.2)
     with FakeSnds() as snds:
         snds.fail_path("ipStatus", Failure.slow(5.0))
         error = failing(snds, sleeps, policy)
         assert snds.count() == 2
-    assert error.kind == "unavailable" and error.status_code is None
+    assert error.kind == "timeout" and error.status_code is None
     assert "no answer within 0.2 s" in str(error)
 
 

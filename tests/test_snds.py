@@ -442,12 +442,13 @@ def test_500_retried_then_unavailable_and_429_retry_after() -> None:
     assert reading.ips is not None and sleeps.calls == [42.0]
 
 
-def test_timeout_is_unavailable() -> None:
-    """A server slower than the timeout: unavailable."""
+def test_timeout_is_timeout() -> None:
+    """A server slower than the timeout: retried, then kind `timeout` (never a reading)."""
     with FakeSnds() as snds:
         snds.fail_path("data.aspx", Failure.slow(5.0))
         error = poll_error(snds, policy=RetryPolicy(max_attempts=2, timeout_s=0.2))
-    assert error.kind == "unavailable"
+        assert snds.count("data.aspx") == 2
+    assert error.kind == "timeout"
 
 
 def test_key_never_in_errors_reprs_or_logs(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,6 +19,12 @@ to start over a mode bit would take the ramp's signals away on a restart. Fix it
 Errors: a missing, unreadable or malformed file is a `CredentialsError` (a `ConfigError`)
 naming the file and the missing key, never a value. An `invalid_grant` (refresh token revoked
 or expired) or `invalid_client` answer is a `SourceError` of kind `auth`.
+
+Limits: the token request goes through the source's `HttpFetcher`, so it has the source's
+deadline, and its answer is bounded like every other one, at `TOKEN_MAX_BODY_BYTES` (a token
+answer is well under a kilobyte) or the source's own limit if that is smaller; it is parsed
+off the event loop. The client secret and refresh token travel in the form body, so the
+fetcher refuses a plain http:// token endpoint that is not loopback (kind `client`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "SCOPE_DOMAIN",
     "SCOPE_V1_READONLY",
     "SCOPE_V2_TRAFFIC_READONLY",
+    "TOKEN_MAX_BODY_BYTES",
     "AuthorizedUser",
     "CredentialsError",
     "TokenSource",
@@ -54,6 +61,8 @@ SCOPE_V2_TRAFFIC_READONLY = "https://www.googleapis.com/auth/postmaster.traffic.
 #: v2: domains.get and domains.list (only needed to list domains).
 SCOPE_DOMAIN = "https://www.googleapis.com/auth/postmaster.domain"
 
+#: The largest token endpoint answer read (a real one is a few hundred bytes).
+TOKEN_MAX_BODY_BYTES = 64 * 1024
 #: Used when the token endpoint gives no `expires_in`.
 _DEFAULT_LIFETIME_MS = 300_000
 _AUTH_OAUTH_ERRORS = frozenset(
@@ -182,8 +191,11 @@ class TokenSource:
             "refresh_token": self.credentials.refresh_token.reveal(),
         }
         shown = fetcher.describe("POST", self.token_url)
+        limit = min(fetcher.limits.max_body_bytes, TOKEN_MAX_BODY_BYTES)
         try:
-            response = await fetcher.request("POST", self.token_url, data=form)
+            response = await fetcher.request(
+                "POST", self.token_url, data=form, max_body_bytes=limit
+            )
         except HttpError as exc:
             if exc.oauth_error in _AUTH_OAUTH_ERRORS or exc.status_code in (400, 401):
                 what = exc.oauth_error or f"HTTP {exc.status_code}"
@@ -195,7 +207,7 @@ class TokenSource:
                     oauth_error=exc.oauth_error,
                 ) from None
             raise
-        body = fetcher.json_body(response, shown)
+        body = await fetcher.parse_json(response, shown)
         token = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise fetcher.error("bad_data", f"{shown}: no access_token in the answer")

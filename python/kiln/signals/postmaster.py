@@ -13,6 +13,10 @@ dates; v2 `domainStats:query` with nested, inclusive date ranges; `complianceSta
 401. `PostmasterSource.poll(day)` reads everything the ramp policy needs for one day and every
 configured domain into a `PostmasterReading`; one domain's failure (e.g. 403) never hides the
 others, and `SourceError` is raised only when no domain could be read at all.
+
+Every answer (the token endpoint's too) is bounded by the source's `FetchLimits` (size and
+deadline, see `kiln.signals.http`), and its JSON is decoded and parsed off the event loop: the
+`parse_*` functions are pure functions of the decoded JSON and run in a parser thread.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from urllib.parse import quote
 import httpx
 
 from kiln.signals import ErrorKind, SourceError
-from kiln.signals.http import HttpError, HttpFetcher, RetryPolicy
+from kiln.signals.http import FetchLimits, HttpError, HttpFetcher, RetryPolicy
 from kiln.signals.oauth import AuthorizedUser, TokenSource
 
 __all__ = [
@@ -601,11 +605,15 @@ class PostmasterClient:
         self,
         method: str,
         url: str,
+        parse: Callable[[Any], _T],
         *,
         params: Mapping[str, str | int] | None = None,
         json: Any = None,
-    ) -> Any:
-        """One API call with the bearer token; after a 401 drop the token and retry once."""
+    ) -> _T:
+        """One API call with the bearer token; after a 401 drop the token and retry once.
+
+        The answer's JSON is decoded and handed to `parse` off the event loop.
+        """
         for attempt in range(2):
             token = await self.tokens.token()
             try:
@@ -618,7 +626,9 @@ class PostmasterClient:
                     self.tokens.invalidate(token)
                     continue
                 raise
-            return self.fetcher.json_body(response, self.fetcher.describe(method, url))
+            shown = self.fetcher.describe(method, url)
+            parsed: _T = await self.fetcher.parse_json(response, shown, parse)
+            return parsed
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pages(
@@ -659,7 +669,7 @@ class PostmasterClient:
 
         async def fetch(token: str | None) -> tuple[list[TrafficStats], str | None]:
             query = dict(params, pageToken=token) if token else params
-            return parse_traffic_stats_page(await self._call("GET", url, params=query))
+            return await self._call("GET", url, parse_traffic_stats_page, params=query)
 
         def merge(page: list[TrafficStats]) -> None:
             for stats in page:
@@ -671,18 +681,21 @@ class PostmasterClient:
     async def traffic_stats_day(self, domain: str, day: date) -> TrafficStats | None:
         """v1 `trafficStats.get` for one day; None when there is no data (404 or name only)."""
         url = self._url("v1", domain, f"/trafficStats/{day:%Y%m%d}")
+
+        def parse(body: Any) -> TrafficStats | None:
+            if isinstance(body, dict) and not (set(body) - {"name"}):
+                return None
+            stats = parse_traffic_stats(body)
+            if stats.day != day:
+                raise _bad(f"asked for {day:%Y%m%d}, got {stats.name}")
+            return stats if stats.has_data else None
+
         try:
-            body = await self._call("GET", url)
+            return await self._call("GET", url, parse)
         except HttpError as exc:
             if exc.kind == "not_found":
                 return None
             raise
-        if isinstance(body, dict) and not (set(body) - {"name"}):
-            return None
-        stats = parse_traffic_stats(body)
-        if stats.day != day:
-            raise _bad(f"asked for {day:%Y%m%d}, got {stats.name}")
-        return stats if stats.has_data else None
 
     def _query_body(
         self,
@@ -720,7 +733,7 @@ class PostmasterClient:
 
         async def fetch(token: str | None) -> tuple[DomainStats, str | None]:
             payload = dict(body, pageToken=token) if token else body
-            return parse_domain_stats_page(await self._call("POST", url, json=payload))
+            return await self._call("POST", url, parse_domain_stats_page, json=payload)
 
         await self._pages(fetch, lambda page: _merge(out, page))
         return out
@@ -745,26 +758,36 @@ class PostmasterClient:
             for d in domains
         ]
         url = f"{self.base_url}/v2/domainStats:batchQuery"
-        body = _object(await self._call("POST", url, json={"requests": requests}), "batchQuery")
-        results = _list(body.get("results"), "results") or []
-        if len(results) != len(domains):
-            raise _bad(f"batchQuery: {len(domains)} requests but {len(results)} results")
+
+        def parse(obj: Any) -> list[tuple[str, DomainStats | SourceError, bool]]:
+            """(domain, stats or error, more pages) per item."""
+            body = _object(obj, "batchQuery")
+            results = _list(body.get("results"), "results") or []
+            if len(results) != len(domains):
+                raise _bad(f"batchQuery: {len(domains)} requests but {len(results)} results")
+            items: list[tuple[str, DomainStats | SourceError, bool]] = []
+            for domain, raw in zip(domains, results, strict=True):
+                item = _object(raw, "results[]")
+                if item.get("error") is not None:
+                    items.append((domain, _rpc_error(domain, item["error"]), False))
+                    continue
+                stats, token = parse_domain_stats_page(item.get("response") or {})
+                items.append((domain, stats, token is not None))
+            return items
+
         out: dict[str, DomainStats | SourceError] = {}
-        for domain, raw in zip(domains, results, strict=True):
-            item = _object(raw, "results[]")
-            if item.get("error") is not None:
-                out[domain] = _rpc_error(domain, item["error"])
-                continue
-            stats, token = parse_domain_stats_page(item.get("response") or {})
-            if token is not None:
-                stats = await self.domain_stats(domain, first_day, last_day, metrics)
-            out[domain] = stats
+        for domain, result, more in await self._call(
+            "POST", url, parse, json={"requests": requests}
+        ):
+            if more:
+                result = await self.domain_stats(domain, first_day, last_day, metrics)
+            out[domain] = result
         return out
 
     async def compliance(self, domain: str) -> Compliance:
         """v2 `domains.getComplianceStatus`."""
         url = self._url("v2", domain, "/complianceStatus")
-        return parse_compliance(await self._call("GET", url))
+        return await self._call("GET", url, parse_compliance)
 
 
 _RPC_KIND: dict[int, ErrorKind] = {
@@ -875,7 +898,8 @@ class PostmasterSource:
 
     `client` is owned by the caller. `versions` picks the APIs (`"v1"` for reputation and
     spam ratio, `"v2"` for spam and delivery error rates); `with_compliance` adds the v2
-    compliance status. `now_ms`, `sleep` and `rand` are the injected clock, sleep and jitter.
+    compliance status. `policy` and `limits` bound every request (the token endpoint's too).
+    `now_ms`, `sleep` and `rand` are the injected clock, sleep and jitter.
     """
 
     def __init__(
@@ -892,6 +916,7 @@ class PostmasterSource:
         with_compliance: bool = True,
         page_size: int | None = None,
         policy: RetryPolicy | None = None,
+        limits: FetchLimits | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -900,7 +925,7 @@ class PostmasterSource:
         self.metrics = tuple(metrics)
         self.with_compliance = with_compliance
         self.fetcher = HttpFetcher(
-            client, SOURCE, policy=policy, sleep=sleep, rand=rand, now_ms=now_ms
+            client, SOURCE, policy=policy, limits=limits, sleep=sleep, rand=rand, now_ms=now_ms
         )
         self.tokens = TokenSource(credentials, self.fetcher, now_ms=now_ms, token_url=token_url)
         self.api = PostmasterClient(

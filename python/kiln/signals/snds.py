@@ -16,6 +16,9 @@ matches IPs numerically against the inclusive ranges.
 HTTP: an HTML body (Content-Type `text/html` or a first non-blank `<`), even with status 200,
 is `SourceError(kind="auth")`, never zero rows; a 404 is `not_found` ("the automated link may
 have expired": Microsoft's links expire after 30 days, or there is no data for the day).
+Every answer is bounded by the source's `FetchLimits` (size, deadline: see
+`kiln.signals.http`), and decoding and parsing run off the event loop (`off_loop`): a large
+data.aspx never holds up the daemon's decisions. The parsers are pure functions of the text.
 
 `SndsFeed` is the interface (legacy CSV now, the 2026 REST API later); `SndsSource.poll(day)`
 returns an `SndsReading`.
@@ -39,7 +42,7 @@ from typing import Protocol, TypeVar
 import httpx
 
 from kiln.signals import SourceError
-from kiln.signals.http import HttpError, HttpFetcher, RetryPolicy, Secret
+from kiln.signals.http import FetchLimits, HttpError, HttpFetcher, RetryPolicy, Secret, off_loop
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -213,15 +216,22 @@ _LEGACY_ORDER = (
 
 
 def _rows(text: str, what: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) for every non-blank CSV record."""
+    """(line number, fields) for every non-blank CSV record.
+
+    Records are taken one at a time in a Python loop (not `list(reader)`, one long C call):
+    run in a worker thread, the parse then lets the event loop's thread take the GIL back
+    between records.
+    """
+    out = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    number = 0
     try:
-        records = list(csv.reader(io.StringIO(text, newline="")))
+        for fields in reader:
+            number += 1
+            if any(f.strip() for f in fields):
+                out.append((number, fields))
     except csv.Error as exc:
         raise _bad(f"{what}: not CSV ({exc})") from None
-    out = []
-    for number, fields in enumerate(records, start=1):
-        if any(f.strip() for f in fields):
-            out.append((number, fields))
     return out
 
 
@@ -397,10 +407,13 @@ class SndsFeed(Protocol):
         ...
 
 
+_HTML_START = re.compile(r"\s*<")
+
+
 def _reject_html(response: httpx.Response, text: str, shown: str, fetcher: HttpFetcher) -> None:
     """An HTML page (login or portal) instead of CSV is an auth/endpoint failure."""
     content_type = response.headers.get("content-type", "").lower()
-    if "html" in content_type or text.lstrip().startswith("<"):
+    if "html" in content_type or _HTML_START.match(text):
         raise fetcher.error(
             "auth",
             f"{shown}: got an HTML page instead of CSV (HTTP {response.status_code}); the "
@@ -425,8 +438,8 @@ class LegacySndsFeed:
         """Base URL only; the key is a credential."""
         return f"LegacySndsFeed(base_url={self.base_url!r})"
 
-    async def _text(self, page: str, params: dict[str, str]) -> str:
-        """GET a page, refuse HTML, decode the body."""
+    async def _fetch(self, page: str, params: dict[str, str], parse: Callable[[str], _R]) -> _R:
+        """GET a page, then decode, refuse HTML and parse it off the event loop."""
         url = f"{self.base_url}/{page}"
         query = {"key": self._key.reveal(), **params}
         shown = self.fetcher.describe("GET", str(httpx.URL(url, params=query)))
@@ -438,6 +451,16 @@ class LegacySndsFeed:
                     "not_found", f"{shown}: HTTP 404: {_EXPIRED_HINT}", status_code=404
                 ) from None
             raise
+        return await off_loop(self._read, response, shown, parse, page)
+
+    def _read(
+        self, response: httpx.Response, shown: str, parse: Callable[[str], _R], page: str
+    ) -> _R:
+        """Decode, refuse HTML, parse (runs in a parser thread; touches nothing shared)."""
+        return self._parse(parse, self._decode(response, shown), page)
+
+    def _decode(self, response: httpx.Response, shown: str) -> str:
+        """The body as text (its charset, else UTF-8); an HTML page is `auth`."""
         try:
             text = response.content.decode(response.encoding or "utf-8")
         except (UnicodeDecodeError, LookupError):
@@ -457,13 +480,11 @@ class LegacySndsFeed:
 
     async def ip_data(self, day: date) -> list[SndsIpData]:
         """`data.aspx` for `day` (sent as `date=MMDDYY`)."""
-        text = await self._text("data.aspx", {"date": f"{day:%m%d%y}"})
-        return self._parse(parse_data_csv, text, "data.aspx")
+        return await self._fetch("data.aspx", {"date": f"{day:%m%d%y}"}, parse_data_csv)
 
     async def ip_status(self) -> IpStatusTable:
         """`ipStatus.aspx`."""
-        text = await self._text("ipStatus.aspx", {})
-        return self._parse(parse_ip_status_csv, text, "ipStatus.aspx")
+        return await self._fetch("ipStatus.aspx", {}, parse_ip_status_csv)
 
 
 @dataclass(frozen=True)
@@ -510,11 +531,14 @@ class SndsSource:
         base_url: str = DEFAULT_BASE_URL,
         now_ms: Callable[[], int] | None = None,
         policy: RetryPolicy | None = None,
+        limits: FetchLimits | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> SndsSource:
         """A source on the legacy CSV links; `client` is owned by the caller."""
-        fetcher = HttpFetcher(client, SOURCE, policy=policy, sleep=sleep, rand=rand, now_ms=now_ms)
+        fetcher = HttpFetcher(
+            client, SOURCE, policy=policy, limits=limits, sleep=sleep, rand=rand, now_ms=now_ms
+        )
         return cls(LegacySndsFeed(fetcher, key, base_url=base_url), ips=ips)
 
     def __repr__(self) -> str:
