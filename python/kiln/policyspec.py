@@ -8,13 +8,26 @@ and checks the settings. Documented key by key in `schedules/README.md` ("Policy
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from kiln.duration import Duration
+from kiln.duration import Duration, format_ms
+from kiln.signals.urls import credential_url_problem
 
 __all__ = [
+    "ByteSize",
     "DayPolicy",
     "DnsblSpec",
     "FeedbackSpec",
@@ -190,6 +203,89 @@ class Policy(_Model):
 
 # ----- signals: where the evidence comes from -----
 
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_BYTES = re.compile(r"^\s*([0-9][0-9_]*)\s*([A-Za-z]*)\s*$")
+_MIN_BODY_BYTES = 1024
+_MAX_BODY_BYTES = 64 * 1024**2
+_MAX_DEADLINE_MS = 600_000
+
+
+def _byte_size(value: object) -> object:
+    """`4MiB`, `512 KiB`, `4MB` (decimal) or a whole number of bytes -> bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PydanticCustomError(
+            "byte_size",
+            "expected a size such as 4MiB, 512KiB or 4194304, got {got}",
+            {"got": repr(value)},
+        )
+    if isinstance(value, int):
+        return value
+    match = _BYTES.match(value)
+    unit = match[2].lower() if match else ""
+    if match is None or unit not in _BYTE_UNITS:
+        raise PydanticCustomError(
+            "byte_size",
+            "expected a size such as 4MiB, 512KiB or 4194304 (units B, KB, MB, GB, KiB, MiB, "
+            "GiB), got {got}",
+            {"got": repr(value)},
+        )
+    return int(match[1].replace("_", "")) * _BYTE_UNITS[unit]
+
+
+def _body_bound(value: int) -> int:
+    """Between 1 KiB and 64 MiB."""
+    if not _MIN_BODY_BYTES <= value <= _MAX_BODY_BYTES:
+        raise PydanticCustomError(
+            "byte_size_range",
+            "must be between 1KiB and 64MiB (1024 to 67108864 bytes), got {got}",
+            {"got": value},
+        )
+    return value
+
+
+def _deadline_bound(value: int) -> int:
+    """At most 10 minutes."""
+    if value > _MAX_DEADLINE_MS:
+        raise PydanticCustomError(
+            "deadline_range", "must be at most 10m, got {got}", {"got": format_ms(value)}
+        )
+    return value
+
+
+#: A size in bytes, written `4MiB`, `512KiB`, `4MB` (decimal) or `4194304`.
+ByteSize = Annotated[
+    int,
+    BeforeValidator(_byte_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*[0-9][0-9_]*\s*([KMG]i?B|B|[kmg]i?b|b)?\s*$"},
+            ],
+            "examples": ["4MiB", "512KiB"],
+        }
+    ),
+]
+BodyLimit = Annotated[ByteSize, AfterValidator(_body_bound)]
+Deadline = Annotated[Duration, AfterValidator(_deadline_bound)]
+
+
+def _credential_url(url: str, what: str) -> str:
+    """`url` if it may carry `what`: https://, or plain http:// to a loopback host only."""
+    problem = credential_url_problem(url, what)
+    if problem is not None:
+        raise PydanticCustomError("credential_url", "{problem}", {"problem": problem})
+    return url
+
 
 class _Source(_Model):
     """Polling settings every source has."""
@@ -199,7 +295,16 @@ class _Source(_Model):
     stale_after: Duration = 86_400_000
 
 
-class PostmasterSpec(_Source):
+class _HttpSource(_Source):
+    """Limits every HTTP source has (see kiln.signals.http)."""
+
+    #: A larger answer is dropped unread as `oversize` (the source counts as failed).
+    max_body_bytes: BodyLimit = 4 * 1024**2
+    #: One attempt, connect to the last body byte; past it: `timeout` (retried).
+    deadline: Deadline = 30_000
+
+
+class PostmasterSpec(_HttpSource):
     """Google Postmaster Tools (v1 for reputation, v2 for spam and error rates)."""
 
     #: Google `authorized_user` JSON (client_id, client_secret, refresh_token); keep it 0600.
@@ -215,8 +320,20 @@ class PostmasterSpec(_Source):
     #: Ask for this many days back on each poll (Google's data lags one to two days).
     days_back: Annotated[int, Field(ge=1, le=30)] = 3
 
+    @field_validator("base_url")
+    @classmethod
+    def _api_https(cls, url: str) -> str:
+        """The bearer token goes to the API: https://, or http:// to loopback only."""
+        return _credential_url(url, "the OAuth access token")
 
-class SndsSpec(_Source):
+    @field_validator("token_url")
+    @classmethod
+    def _token_https(cls, url: str) -> str:
+        """The client secret and refresh token go to the token endpoint."""
+        return _credential_url(url, "the OAuth client secret and refresh token")
+
+
+class SndsSpec(_HttpSource):
     """Microsoft SNDS automated data and IP status (legacy CSV feeds)."""
 
     #: File holding the automated-access key; the key is a secret and is never logged.
@@ -225,6 +342,12 @@ class SndsSpec(_Source):
     providers: list[ProviderName] = ["microsoft-consumer"]
     stale_after: Duration = 2 * 86_400_000
     days_back: Annotated[int, Field(ge=1, le=30)] = 2
+
+    @field_validator("base_url")
+    @classmethod
+    def _https(cls, url: str) -> str:
+        """The key is part of every URL: https://, or http:// to loopback only."""
+        return _credential_url(url, "the SNDS key (part of every request's URL)")
 
 
 class DnsblSpec(_Source):

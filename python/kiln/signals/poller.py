@@ -8,6 +8,11 @@ failed and never changes a fact, so a failing source can only ever make ramps ho
 `stale_after`), never advance. Secrets (the SNDS key, OAuth tokens) stay inside the sources;
 error texts reaching the book and the log are the sources' own, redacted ones.
 
+Each HTTP source gets the plan's `max_body_bytes` and `deadline` as its `FetchLimits`: an
+answer too large or too slow is a failed poll (`oversize`, `timeout`), and parsing runs off
+the event loop, so a poll never holds up the daemon's decisions; cancelling a poll (shutdown)
+stops it at its next await.
+
 `feedback_reader` builds the MTA-log and complaint readers; the daemon feeds their events to
 the engine as `report` lines.
 """
@@ -42,6 +47,7 @@ from kiln.policy import SignalBook, plan_ips
 from kiln.schedule import Plan
 from kiln.signals import SourceError
 from kiln.signals.dnsbl import DnsblSource, Zone
+from kiln.signals.http import FetchLimits
 from kiln.signals.oauth import load_authorized_user
 from kiln.signals.postmaster import PostmasterSource
 from kiln.signals.snds import SndsSource
@@ -119,6 +125,7 @@ class Poller:
                 token_url=pm.token_url,
                 versions=pm.api,
                 with_compliance=False,  # policy does not read it (yet)
+                limits=FetchLimits(max_body_bytes=pm.max_body_bytes, deadline_s=pm.deadline / 1000),
                 sleep=self.sleep,
             )
         elif name == "snds":
@@ -137,6 +144,9 @@ class Poller:
                 ips=ips,
                 base_url=snds.base_url,
                 now_ms=self.now_ms,
+                limits=FetchLimits(
+                    max_body_bytes=snds.max_body_bytes, deadline_s=snds.deadline / 1000
+                ),
                 sleep=self.sleep,
             )
         elif name == "dnsbl":
