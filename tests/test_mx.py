@@ -561,6 +561,24 @@ def test_aclose_cancels_lookups_in_flight(server: DnsServer) -> None:
     assert resolver.cache_size == 0
 
 
+def test_cancel_stops_lookups_in_flight_without_waiting(server: DnsServer) -> None:
+    """cancel() (the synchronous half of aclose) ends pending lookups; nothing is cached."""
+    server.drop_all = True
+    resolver = resolver_for(server, timeout_s=5.0, lifetime_s=5.0)
+
+    async def scenario() -> None:
+        waiter = asyncio.create_task(resolver.provider("hang.example", T0_MS))
+        assert await asyncio.to_thread(server.wait_for_query, "hang.example")
+        resolver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    started = time.perf_counter()
+    asyncio.run(scenario())
+    assert time.perf_counter() - started < 2.0
+    assert resolver.cache_size == 0
+
+
 def test_unicode_domain_is_queried_in_idna(server: DnsServer) -> None:
     """`Bücher.example` is asked for as `xn--bcher-kva.example` and cached under that name."""
     server.mx("xn--bcher-kva.example", ["mx00.gmx.net", "mx01.gmx.net"])

@@ -407,8 +407,9 @@ OnRoute = Callable[[str, "str | None", int], None]
 class _FailureLog:
     """Failed lookups as log lines: once per domain, at most `per_minute` lines a minute.
 
-    The domains already logged are remembered (the last `remember` of them); a line that the
-    rate limit holds back is counted, and the count goes with the next line that is written.
+    The domains already logged are remembered (the last `remember` of them). A failure not
+    logged (domain already logged, or over the rate) is counted, and the count goes with the
+    next line that is written as `suppressed`.
     """
 
     __slots__ = ("_count", "_log", "_per_minute", "_remember", "_seen", "_suppressed", "_window")
@@ -429,15 +430,15 @@ class _FailureLog:
             self._seen.move_to_end(domain)
             self._suppressed += 1
             return False
-        self._seen[domain] = None
-        if len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
         if now_ms - self._window >= 60_000:
             self._window, self._count = now_ms, 0
         if self._count >= self._per_minute:
-            self._suppressed += 1
+            self._suppressed += 1  # not remembered: its next failure may still be logged
             return False
         self._count += 1
+        self._seen[domain] = None
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
         self._log.warning(
             "mx lookup failed",
             domain=domain,
