@@ -6,7 +6,7 @@ import socket
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -46,8 +46,16 @@ def store(db_url: str) -> Iterator[Store]:
 
 
 @contextmanager
-def raw(url: str) -> Iterator[Connection]:
-    """A plain SQLAlchemy connection to `url` in one transaction, bypassing the store."""
+def raw(url: str, store: Store | None = None) -> Iterator[Connection]:
+    """A plain SQLAlchemy connection to `url` in one transaction, bypassing the store's API.
+
+    An open SQLite store holds its file's lock, so with `store` given and SQLite, the
+    connection is the store's own one (taken under its lock).
+    """
+    if store is not None and url.startswith("sqlite"):
+        with store._one_at_a_time("test"), store._engine.begin() as connection:
+            yield connection
+        return
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
         with engine.begin() as connection:
@@ -83,7 +91,7 @@ def test_positions_round_trip_per_plan(store: Store, db_url: str) -> None:
     store.save_positions("other", {("tx", "google"): StoredPosition(step=9)}, NOW_MS)
     assert store.load_positions("main") == positions
     assert store.load_positions("other") == {("tx", "google"): StoredPosition(step=9)}
-    with raw(db_url) as connection:
+    with raw(db_url, store) as connection:
         saved = connection.execute(text("SELECT DISTINCT updated_at_ms FROM kiln_ramp_positions"))
         assert saved.scalars().all() == [NOW_MS]
 
@@ -115,12 +123,16 @@ def test_snapshot_latest_wins(store: Store) -> None:
 
 
 def test_snapshots_are_per_node(db_url: str) -> None:
-    """Two daemons sharing a database each get back their own snapshot."""
-    with Store(db_url, node="mx1") as mx1, Store(db_url, node="mx2") as mx2:
+    """Two daemons sharing a database each get back their own snapshot (one after the other:
+    an open SQLite store holds its file's lock)."""
+    with Store(db_url, node="mx1") as mx1:
         mx1.save_snapshot(b"one", NOW_MS)
+    with Store(db_url, node="mx2") as mx2:
         assert mx2.load_snapshot() is None
         mx2.save_snapshot(b"two", NOW_MS + 5)
+    with Store(db_url, node="mx1") as mx1:
         assert mx1.load_snapshot() == (b"one", NOW_MS)
+    with Store(db_url, node="mx2") as mx2:
         assert mx2.load_snapshot() == (b"two", NOW_MS + 5)
 
 
@@ -144,9 +156,14 @@ def test_add_counts_adds_up_per_day_and_key(store: Store) -> None:
 
 
 def test_add_counts_is_exact_under_concurrent_writers(db_url: str) -> None:
-    """Two stores on one database, four threads adding 1 at a time: no increment is lost."""
+    """Four threads adding 1 at a time, through two stores on one PostgreSQL database or one
+    SQLite store (its one connection is locked by the store): no increment is lost."""
     adds_per_thread = 25
-    with Store(db_url, node="a") as first, Store(db_url, node="b") as second:
+    with ExitStack() as stores:
+        first = stores.enter_context(Store(db_url, node="a"))
+        second = (
+            first if db_url.startswith("sqlite") else stores.enter_context(Store(db_url, node="b"))
+        )
 
         def add_ones(writer: Store, thread_ip: str) -> None:
             for _ in range(adds_per_thread):
@@ -266,7 +283,7 @@ def test_decision_log_is_append_only_in_the_database(
 ) -> None:
     """Raw SQL that would change or remove a logged decision is refused by the database."""
     store.append([entry(NOW_MS)])
-    with pytest.raises(DBAPIError, match="append-only"), raw(db_url) as connection:
+    with pytest.raises(DBAPIError, match="append-only"), raw(db_url, store) as connection:
         connection.execute(text(statement))
     assert [e.reason for e in store.decisions()] == ["all gates passed"]
 
@@ -364,7 +381,7 @@ def test_reopening_keeps_everything(db_url: str) -> None:
         assert after.counts(DAY) == {(IP, "google"): DayCounts(delivered=2)}
         assert [(e.kind, e.subject) for e in after.decisions()] == [("stop", "daemon")]
         assert after.append([entry(NOW_MS + 1)]) == [2]
-        with pytest.raises(DBAPIError, match="append-only"), raw(db_url) as connection:
+        with pytest.raises(DBAPIError, match="append-only"), raw(db_url, after) as connection:
             connection.execute(text("DELETE FROM kiln_decisions"))
 
 
@@ -379,7 +396,8 @@ def test_a_newer_schema_is_refused(db_url: str) -> None:
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
-    """The SQLite file is in WAL mode; each connection waits on locks and checks foreign keys."""
+    """The SQLite file is in WAL mode without shared memory (exclusive locking, no -shm file,
+    no mmap); each connection waits on locks and checks foreign keys."""
     path = tmp_path / "kiln.db"
     with Store.sqlite(path) as store:
         store.add_counts(DAY, {(IP, "google"): DayCounts(granted=1)})
@@ -389,6 +407,10 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
             assert pragma("PRAGMA busy_timeout").scalar() == 5_000
             assert pragma("PRAGMA synchronous").scalar() == 1  # NORMAL
             assert pragma("PRAGMA foreign_keys").scalar() == 1
+            assert pragma("PRAGMA locking_mode").scalar() == "exclusive"
+            assert pragma("PRAGMA mmap_size").scalar() == 0
+        assert path.with_name("kiln.db-wal").exists()
+        assert not path.with_name("kiln.db-shm").exists()  # the WAL index is in heap memory
     with sqlite3.connect(path) as plain:
         assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     plain.close()

@@ -2,19 +2,66 @@
 
 One `Store` wraps one database, SQLite (the default, one file) or PostgreSQL (several daemons
 sharing one server, each under its own `node` name). Every method is one transaction, and every
-database failure comes out as a `StoreError` naming what was being done, never the password.
-Time is always an argument (`now_ms`, `day`); the store never reads a clock.
+database failure comes out as a `StoreError` naming what was being done, never the password:
+a read-only file system ("attempt to write a readonly database", "disk I/O error"), a full disk
+("database or disk is full"), a file that is not a database. Time is always an argument
+(`now_ms`, `day`); the store never reads a clock.
 
-On SQLite every connection runs in WAL mode with `synchronous=NORMAL`, a 5 s busy timeout and
-foreign keys on, and writing transactions start with `BEGIN IMMEDIATE`, so two writers queue
-on the busy timeout instead of failing on a lock upgrade. The decision log is append-only in
-the database itself: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL).
+SQLite without shared memory
+----------------------------
+In WAL mode SQLite normally keeps the WAL index in a memory-mapped `-shm` file. A fault on that
+mapping (the file system went read-only or away under the process, the file was truncated)
+is a SIGBUS: the process dies inside SQLite, without a Python exception or a log line. kiln
+therefore never maps a database file:
+
+* `PRAGMA locking_mode=EXCLUSIVE` is set on each connection *before* WAL is first used, so
+  SQLite keeps the WAL index in heap memory and never creates a `-shm` file; `mmap_size=0`
+  keeps SQLite from mapping the database itself. I/O failures are then plain return codes,
+  which come out as `StoreError`s.
+* An exclusive connection keeps its file lock until it closes, so a SQLite store has exactly
+  one connection (a pool of one), used by one thread at a time under a lock (the daemon calls
+  the store from its worker threads and from the event loop's thread). Waits for the lock are
+  bounded (`LOCK_TIMEOUT_S`); a call stuck longer becomes a StoreError, not a hang.
+* The file is locked for the life of the `Store`: a second process (another daemon, the
+  `sqlite3` shell, a backup tool) gets "database is locked" after the busy timeout. That
+  also guarantees that two daemons never write one SQLite file. Copy the file while kiln is
+  stopped, or use PostgreSQL for live access.
+
+The alternatives weighed: WAL with shared memory (the SIGBUS above; a handler cannot make the
+interrupted SQLite call safe), and a rollback journal (`journal_mode=TRUNCATE`: no mapping
+either, and other processes could read, but a reader blocks the commit of the once-a-second
+flush, and it is only corruption-safe with `synchronous=FULL`). WAL in exclusive mode keeps
+kiln's `synchronous=NORMAL` crash-safety and costs nothing kiln uses.
+
+Every SQLite connection also has a 5 s busy timeout and foreign keys on, and writing
+transactions start with `BEGIN IMMEDIATE`. The decision log is append-only in the database
+itself: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL).
+
+Files the store creates (the SQLite database, and so its `-wal` and `-journal`, which SQLite
+creates with the database's mode; the state marker) are mode 0600 whatever the umask.
+
+The state marker
+----------------
+Each database carries a random identity (`store_id` in kiln_meta), made when it is created.
+`Store.open_state` (what the daemon uses) also keeps `STATE_DIR/kiln.state`, a small JSON file
+(mode 0600, replaced atomically) recording that id and the masked database URL. A state
+folder whose marker names a database that is missing, empty (0 bytes), without kiln's tables,
+or a different kiln database (another id) is refused with a `StateLostError` naming the
+database and the marker: starting on a fresh database would put every ramp back to step 1
+and grant the day's budget again. `reinitialise=True` (`kiln run --reinitialise`) accepts what
+is at the database URL now (creating kiln's tables if they are missing; it never deletes
+anything) and rewrites the marker. A folder without a marker just starts, and writes one;
+a database found there without a marker (an older kiln, or a second node sharing a
+PostgreSQL database) is adopted. See docs/state.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,18 +85,40 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import QueuePool
 from sqlmodel import Field, Session, SQLModel, col, create_engine, or_, select
 
 from kiln.errors import KilnError
+from kiln.log import get_logger
 
-__all__ = ["SCHEMA_VERSION", "DayCounts", "LogEntry", "Store", "StoreError", "StoredPosition"]
+__all__ = [
+    "FILE_MODE",
+    "SCHEMA_VERSION",
+    "STATE_MARKER",
+    "DayCounts",
+    "LogEntry",
+    "StateLostError",
+    "Store",
+    "StoreError",
+    "StoredPosition",
+]
 
 SCHEMA_VERSION: Final = 1
 """The layout this module writes; a database with a higher number is refused."""
 
 BUSY_TIMEOUT_MS: Final = 5_000
+LOCK_TIMEOUT_S: Final = 30.0
+"""How long a call waits for a SQLite store's one connection before it is a StoreError."""
+FILE_MODE: Final = 0o600
+"""Mode of the files the store creates: the SQLite database (so its WAL) and the marker."""
+STATE_MARKER: Final = "kiln.state"
+"""The marker's name in the state folder (see `Store.open_state`)."""
+MARKER_FORMAT: Final = 1
 _BEGIN_IMMEDIATE: Final = "kiln_begin_immediate"  # execution option read by the SQLite begin hook
 _VERSION_KEY: Final = "schema_version"  # in kiln_meta
+_ID_KEY: Final = "store_id"  # in kiln_meta: the database's identity, recorded in the marker
+_STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY)  # kiln_meta keys set_meta may not write
+_ID_PATTERN: Final = re.compile(r"[0-9a-f]{32}")
 _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
 
 
@@ -61,6 +130,18 @@ class StoreError(KilnError):
         self.target = target
         self.problem = problem
         super().__init__(f"cannot {action} ({target}): {problem}")
+
+
+class StateLostError(StoreError):
+    """The state folder had a database and it is gone, empty or replaced: kiln refuses to
+    start on it (`kiln run --reinitialise` starts afresh). `found_id` is the store id the
+    database holds, if any."""
+
+    def __init__(
+        self, action: str, target: str, problem: str, *, found_id: str | None = None
+    ) -> None:
+        self.found_id = found_id
+        super().__init__(action, target, problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,12 +323,34 @@ def _parse_url(url: str) -> URL:
     )
 
 
+def _sqlite_file(parsed: URL) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database or a `file:` URI."""
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty with FILE_MODE if it does not exist; SQLite reports any failure."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except OSError:
+        pass  # exists already, or cannot be made: SQLite says why when it opens the file
+
+
 def _on_sqlite_connect(dbapi_connection: Any, _record: object) -> None:
     """Per-connection SQLite settings; SQLAlchemy, not the driver, emits BEGIN."""
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: the WAL switch may wait
+        # Before WAL is first used: the WAL index lives in heap memory, no -shm mapping
+        # (see the module docstring). Nothing maps the database file either.
+        cursor.execute("PRAGMA locking_mode=EXCLUSIVE")
+        cursor.execute("PRAGMA mmap_size=0")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -270,18 +373,124 @@ def _describe(exc: SQLAlchemyError, password: str | None) -> str:
     return message or type(cause).__name__
 
 
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    """What `STATE_DIR/kiln.state` says: the database's id and its masked URL."""
+
+    store_id: str
+    database: str
+
+
+def _read_marker(path: Path, target: str) -> _Marker | None:
+    """The marker at `path`, None if there is none; a StoreError if it cannot be used."""
+    try:
+        body = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError("read the state marker", target, f"{path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("kiln_state") != MARKER_FORMAT:
+            raise ValueError(f"unknown format {data.get('kiln_state')!r}")
+        store_id, database = data.get("store_id"), data.get("database")
+        if not isinstance(store_id, str) or not _ID_PATTERN.fullmatch(store_id):
+            raise ValueError("no store_id")
+        if not isinstance(database, str):
+            raise ValueError("no database")
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
+        raise StateLostError(
+            "read the state marker",
+            target,
+            f"{path} is damaged ({exc}); it should say which database this state folder "
+            "belongs to. Put it back from a backup, or start afresh with "
+            "`kiln run --reinitialise`",
+        ) from exc
+    return _Marker(store_id, database)
+
+
+def _write_marker(path: Path, marker: _Marker) -> None:
+    """Replace the marker at `path` atomically (temporary file, fsync, rename, fsync folder)."""
+    body = json.dumps(
+        {
+            "kiln_state": MARKER_FORMAT,
+            "store_id": marker.store_id,
+            "database": marker.database,
+            "about": "kiln notes here which database this state folder belongs to, and "
+            "refuses to start if that database is lost or replaced (docs/state.md)",
+        },
+        indent=2,
+    )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(body + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _tighten(path: Path, log: Any) -> None:
+    """Take group and other permissions off an existing state file (kiln before 0600)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & ~FILE_MODE:
+            os.chmod(path, FILE_MODE)
+            log.warning("state_file_mode_tightened", file=str(path), was=f"{mode:04o}", now="0600")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("state_file_mode_unchanged", file=str(path), error=exc.strerror)
+
+
 class Store:
     """The daemon's database. Open once, share between threads, `close()` at shutdown."""
 
-    def __init__(self, url: str, *, node: str = "default") -> None:
-        """Open (and if needed create) the store at `url`; `node` names this daemon."""
+    def __init__(self, url: str, *, node: str = "default", expect_id: str | None = None) -> None:
+        """Open (and if needed create) the store at `url`; `node` names this daemon.
+
+        With `expect_id`, the database must already be kiln's, with that store id: a missing
+        or empty SQLite file, a database without kiln's tables or with another id is a
+        `StateLostError`, and nothing is created.
+        """
         parsed = _parse_url(url)
         self.node = node
         self.target = parsed.render_as_string(hide_password=True)
         self._password = parsed.password if isinstance(parsed.password, str) else None
         self._dialect = parsed.get_backend_name()
+        #: The database's identity (kiln_meta `store_id`), made when it was created.
+        self.store_id = ""
+        #: Whether this open created kiln's tables (a new, empty store).
+        self.created = False
+        #: SQLite: the one connection's lock (see the module docstring); PostgreSQL: None.
+        self._lock: threading.Lock | None = None
         if self._dialect == "sqlite":
-            self._engine: Engine = create_engine(parsed)
+            path = _sqlite_file(parsed)
+            if path is not None and expect_id is not None:
+                self._check_file(path)
+            elif path is not None:
+                _create_private(path)
+            self._engine: Engine = create_engine(
+                parsed,
+                poolclass=QueuePool,
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=LOCK_TIMEOUT_S,
+                connect_args={"check_same_thread": False},  # one thread at a time: self._lock
+            )
+            self._lock = threading.Lock()
             event.listen(self._engine, "connect", _on_sqlite_connect)
             event.listen(self._engine, "begin", _on_sqlite_begin)
         else:
@@ -292,8 +501,18 @@ class Store:
             )
         self._writer = self._engine.execution_options(**{_BEGIN_IMMEDIATE: True})
         try:
-            with self._failing_as("open the store"):
-                self._install()
+            with self._failing_as("open the store"), self._one_at_a_time("open the store"):
+                self._install(expect_id)
+        except StoreError as exc:
+            self._engine.dispose()
+            if self._dialect == "sqlite" and "database is locked" in exc.problem:
+                raise StoreError(
+                    "open the store",
+                    self.target,
+                    f"{exc.problem}: another process has the file open (a running kiln keeps "
+                    "its SQLite database locked; is another daemon using this state folder?)",
+                ) from exc
+            raise
         except BaseException:
             self._engine.dispose()
             raise
@@ -303,9 +522,92 @@ class Store:
         """A store in the SQLite file at `path` (created if missing; its directory must exist)."""
         return cls(URL.create("sqlite", database=str(path.resolve())).render_as_string(), node=node)
 
+    @classmethod
+    def open_state(
+        cls,
+        url: str,
+        state_dir: Path,
+        *,
+        node: str = "default",
+        reinitialise: bool = False,
+    ) -> Store:
+        """The store at `url` for the state folder `state_dir`, checked against its marker.
+
+        A folder with a marker (`STATE_DIR/kiln.state`) only opens the database the marker
+        names by id: a missing or empty SQLite file, a database without kiln's tables or
+        with another store id is a `StateLostError` naming the database and the marker.
+        Without a marker, the database is opened (created if needed) and the marker written.
+        `reinitialise` skips the check: what is at `url` now becomes the folder's store (a
+        new one if there is none; nothing is deleted) and the marker is rewritten.
+        """
+        log = get_logger(component="store")
+        target = _parse_url(url).render_as_string(hide_password=True)
+        marker_path = state_dir / STATE_MARKER
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                "open the state folder", target, f"{state_dir}: {exc.strerror}"
+            ) from exc
+        try:
+            marker = _read_marker(marker_path, target)
+        except StoreError:
+            if not reinitialise:
+                raise
+            marker = None
+        if marker is not None and not reinitialise:
+            try:
+                store = cls(url, node=node, expect_id=marker.store_id)
+            except StateLostError as exc:
+                raise StateLostError(
+                    "open the store",
+                    target,
+                    f"the state marker {marker_path} says this folder's database is "
+                    f"{marker.database} (store id {marker.store_id}), but {exc.problem}. "
+                    "Starting on a fresh database would put every ramp back to step 1 and "
+                    "grant the day's budget again. Put the database back (from a backup), or "
+                    "start afresh on purpose with `kiln run --reinitialise`",
+                    found_id=exc.found_id,
+                ) from exc
+        else:
+            store = cls(url, node=node)
+        try:
+            path = _sqlite_file(_parse_url(url))
+            if path is not None:
+                for name in ("", "-wal", "-journal"):
+                    _tighten(path.with_name(path.name + name), log)
+            if marker != _Marker(store.store_id, store.target):
+                _write_marker(marker_path, _Marker(store.store_id, store.target))
+        except OSError as exc:
+            store.close()
+            raise StoreError(
+                "write the state marker", target, f"{marker_path}: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            store.close()
+            raise
+        facts = {"database": store.target, "store_id": store.store_id, "marker": str(marker_path)}
+        if reinitialise:
+            log.warning(
+                "state_reinitialised",
+                **facts,
+                previous_store_id=marker.store_id if marker is not None else None,
+                new_database=store.created,
+            )
+        elif marker is None:
+            log.info("state_marker_written", **facts, new_database=store.created)
+        elif marker.database != store.target:
+            log.warning("state_database_moved", **facts, was=marker.database)
+        return store
+
     def close(self) -> None:
         """Close every pooled connection; call it once, at shutdown."""
-        self._engine.dispose()
+        locked = self._lock is not None and self._lock.acquire(timeout=LOCK_TIMEOUT_S)
+        try:
+            self._engine.dispose()
+        finally:
+            if locked and self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> Store:
         """The store itself; `close()` on leaving the block."""
@@ -335,25 +637,60 @@ class Store:
             raise StoreError(action, self.target, _describe(exc, self._password)) from exc
 
     @contextmanager
+    def _one_at_a_time(self, action: str) -> Iterator[None]:
+        """SQLite: hold the lock of the store's one connection for the block."""
+        if self._lock is None:
+            yield
+            return
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise StoreError(
+                action,
+                self.target,
+                f"the store stayed busy for {LOCK_TIMEOUT_S:g} s (another call is stuck in it)",
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def _transaction(self, action: str, *, write: bool) -> Iterator[Session]:
         """One Session in one transaction: committed at the end of the block, else rolled back."""
-        with self._failing_as(action), Session(self._writer if write else self._engine) as session:
-            with session.begin():
-                yield session
+        with (
+            self._failing_as(action),
+            self._one_at_a_time(action),
+            Session(self._writer if write else self._engine) as session,
+            session.begin(),
+        ):
+            yield session
 
-    def _install(self) -> None:
-        """Check the schema version, then create what is missing (idempotent, race-free)."""
+    def _check_file(self, path: Path) -> None:
+        """The SQLite file a marker expects must exist and hold something."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StateLostError("open the store", self.target, f"{path} is missing") from None
+        except OSError as exc:
+            raise StoreError("open the store", self.target, f"{path}: {exc.strerror}") from exc
+        if size == 0:
+            raise StateLostError("open the store", self.target, f"{path} is empty (0 bytes)")
+
+    def _install(self, expect_id: str | None = None) -> None:
+        """Check the schema version and identity, then create what is missing (idempotent,
+        race-free); with `expect_id`, refuse a database that is not that kiln store."""
         with self._writer.begin() as connection:
             if self._dialect == "postgresql":
                 connection.execute(
                     sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK}
                 )
-            version: int | None = None
+            found: dict[str, str] = {}
             if inspect(connection).has_table(_Meta.__tablename__):
-                found = connection.execute(
-                    select(_Meta.value).where(_Meta.key == _VERSION_KEY)
-                ).scalar_one_or_none()
-                version = None if found is None else int(found)
+                rows = connection.execute(
+                    select(_Meta.key, _Meta.value).where(col(_Meta.key).in_(_STORE_KEYS))
+                )
+                found = {str(key): str(value) for key, value in rows}
+            version = int(found[_VERSION_KEY]) if _VERSION_KEY in found else None
+            store_id = found.get(_ID_KEY)
             if version is not None and version > SCHEMA_VERSION:
                 raise StoreError(
                     "open the store",
@@ -361,6 +698,15 @@ class Store:
                     f"database was written by a newer kiln (schema {version}); "
                     f"this kiln reads schema {SCHEMA_VERSION}",
                 )
+            if expect_id is not None and (version is None or store_id != expect_id):
+                problem = (
+                    f"{self.target} holds no kiln tables"
+                    if version is None
+                    else f"{self.target} is another kiln database (store id {store_id})"
+                    if store_id
+                    else f"{self.target} is another kiln database (one without a store id)"
+                )
+                raise StateLostError("open the store", self.target, problem, found_id=store_id)
             SQLModel.metadata.create_all(connection, tables=_TABLES)
             if version is None:
                 for statement in _APPEND_ONLY[self._dialect]:
@@ -368,6 +714,11 @@ class Store:
                 connection.execute(
                     _table(_Meta).insert().values(key=_VERSION_KEY, value=str(SCHEMA_VERSION))
                 )
+                self.created = True
+            if store_id is None:  # a new database, or one written before kiln had store ids
+                store_id = secrets.token_hex(16)
+                connection.execute(_table(_Meta).insert().values(key=_ID_KEY, value=store_id))
+            self.store_id = store_id
 
     def _insert(self) -> Any:
         """The dialect's INSERT construct, the one that knows ON CONFLICT."""
@@ -383,15 +734,15 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         """Store `value` under `key` in kiln_meta, replacing any previous value."""
-        if key == _VERSION_KEY:
-            raise ValueError(f"set_meta: {_VERSION_KEY!r} belongs to the store")
+        if key in _STORE_KEYS:
+            raise ValueError(f"set_meta: {key!r} belongs to the store")
         with self._transaction(f"write meta value {key!r}", write=True) as session:
             self._set_meta(session, key, value)
 
     def _set_meta(self, session: Session, key: str, value: str) -> None:
         """The upsert of `set_meta`, inside the caller's transaction."""
-        if key == _VERSION_KEY:
-            raise ValueError(f"set_meta: {_VERSION_KEY!r} belongs to the store")
+        if key in _STORE_KEYS:
+            raise ValueError(f"set_meta: {key!r} belongs to the store")
         statement = self._insert()(_Meta).values(key=key, value=value)
         statement = statement.on_conflict_do_update(
             index_elements=["key"], set_={"value": statement.excluded.value}
