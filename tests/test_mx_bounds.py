@@ -169,6 +169,8 @@ def test_300k_unique_domains_keep_every_bound_and_never_stall_the_loop(server: D
     assert results["d50.example"] is None  # null MX
     assert results["d60.example"] == DEFAULT_PROVIDER  # NXDOMAIN
     assert lookups.stats()["mx_dropped"] == lookups.dropped
+    assert lookups.stats().keys() == MxLookups.idle_stats().keys()
+    assert not any(MxLookups.idle_stats().values())
 
 
 def test_a_burst_drains_to_nothing_and_dropped_domains_are_asked_again(

@@ -546,6 +546,20 @@ class MxLookups:
             "mx_peak_waiting": self.peak_waiting,
         }
 
+    @staticmethod
+    def idle_stats() -> dict[str, int]:
+        """`stats()` with every counter 0: what a daemon without lookups (no nameserver)
+        reports, so the reply has the same keys either way."""
+        return {
+            "mx_in_flight": 0,
+            "mx_waiting": 0,
+            "mx_dropped": 0,
+            "mx_done": 0,
+            "mx_failed": 0,
+            "mx_peak_in_flight": 0,
+            "mx_peak_waiting": 0,
+        }
+
     def feed(self, domains: Iterable[str]) -> int:
         """Queue `domains` for lookup; returns how many were queued (new and with room).
 
