@@ -34,7 +34,8 @@ class DaemonProc:
     ) -> None:
         self.plan = plan
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="kiln-", dir="/tmp"))
-        self.socket = self.state_dir / "kiln.sock"
+        self.socket = self.state_dir / "kiln.sock"  # the MTA socket: decisions only
+        self.operator_socket = self.state_dir / "operator.sock"
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,7 +80,11 @@ class DaemonProc:
         raise RuntimeError(f"kiln run did not answer within {timeout_s} s:\n{self.log()}")
 
     def client(self) -> Client:
-        """A new connection."""
+        """A new connection to the operator socket (answers every operation)."""
+        return Client(self.operator_socket)
+
+    def mta_client(self) -> Client:
+        """A new connection to the MTA socket (decision operations only)."""
         return Client(self.socket)
 
     def log(self) -> str:

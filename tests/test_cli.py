@@ -39,7 +39,7 @@ def test_client_verbs_say_when_no_daemon_runs(
     for verb in (["status"], ["reload"], ["query", '{"op":"ping"}']):
         assert main([verb[0], "--state-dir", str(tmp_path), *verb[1:]]) == 1
         err = capsys.readouterr().err
-        assert f"kiln {verb[0]}: cannot reach the kiln daemon at {tmp_path}/kiln.sock" in err
+        assert f"kiln {verb[0]}: cannot reach the kiln daemon at {tmp_path}/operator.sock" in err
 
 
 def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -213,7 +213,7 @@ def test_doc_examples_are_what_the_daemon_answers(tmp_path: Path) -> None:
     assert ops >= {"acquire", "pick", "report", "route", "ping", *UPCALL_OPS}
     with running_daemon(anytime_plan(tmp_path)) as daemon:
         data = b"".join(req.encode() + b"\n" for req, _ in exchanges)
-        replies = exchange(daemon.socket, data, len(exchanges))
+        replies = exchange(daemon.operator_socket, data, len(exchanges))
         for (req, expected), raw in zip(exchanges, replies, strict=True):
             actual = json.loads(raw)
             assert matches(expected, actual), f"{req}\n  documented: {expected}\n  got: {actual}"

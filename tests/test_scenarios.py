@@ -592,7 +592,7 @@ def test_cli_lists_explains_and_cancels_automations_of_a_live_daemon(
     from kiln.client import Client
 
     with running_daemon() as proc:
-        sock = str(proc.socket)
+        sock = str(proc.operator_socket)
         with Client(proc.socket) as c:
             classified = c.request("classify", text=GMAIL_428, domain="gmail.com")
             assert classified["class"] == "rate_limit_rep" and classified["scope"] == "ip"
@@ -608,7 +608,7 @@ def test_cli_lists_explains_and_cancels_automations_of_a_live_daemon(
         deadline = datetime.now(tz=UTC) + timedelta(seconds=10)
         listed: list[Any] = []
         while not listed and datetime.now(tz=UTC) < deadline:  # the 1 Hz flush acts on it
-            with Client(proc.socket) as c:
+            with Client(proc.operator_socket) as c:
                 listed = [
                     a for a in c.request("automations")["automations"] if a["kind"] == "suspend"
                 ]

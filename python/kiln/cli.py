@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import faulthandler
 import io
 import json
 import os
@@ -55,6 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--socket-group", help="group that owns the socket")
     run.add_argument(
+        "--operator-socket",
+        type=Path,
+        help="operator socket: reload, cancel, explain, status (default STATE_DIR/operator.sock)",
+    )
+    run.add_argument(
+        "--operator-socket-mode",
+        type=_octal,
+        default=0o600,
+        help="file mode of the operator socket, octal (default 0600)",
+    )
+    run.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="open client connections at most (default: the open-files limit less 256)",
+    )
+    run.add_argument(
         "--snapshot-interval-ms",
         type=int,
         default=1000,
@@ -69,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--node", help="name of this daemon in a shared database (default: host)")
     run.add_argument(
+        "--reinitialise",
+        action="store_true",
+        help="start afresh when the state folder's database is lost, empty or replaced "
+        "(ramps back to step 1, today's budget granted again; see docs/state.md)",
+    )
+    run.add_argument(
         "--log-format",
         choices=["auto", "json", "console"],
         default="auto",
@@ -81,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         client = verbs.add_parser(verb, help=text)
         client.add_argument("--state-dir", type=Path, default=Path(".state"))
-        client.add_argument("--socket", type=Path, help="default STATE_DIR/kiln.sock")
+        client.add_argument("--socket", type=Path, help="default STATE_DIR/operator.sock")
         if verb == "status":
             client.add_argument("--json", action="store_true", help="print the raw reply")
         if verb == "query":
@@ -93,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         client = verbs.add_parser(verb, help=text)
         client.add_argument("--state-dir", type=Path, default=Path(".state"))
-        client.add_argument("--socket", type=Path, help="default STATE_DIR/kiln.sock")
+        client.add_argument("--socket", type=Path, help="default STATE_DIR/operator.sock")
         client.add_argument("--json", action="store_true", help="print the raw reply")
         if verb == "automations":
             client.add_argument(
@@ -140,6 +164,7 @@ def _octal(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """`kiln run`: validate the plan, then run the daemon until SIGTERM/SIGINT."""
+    _enable_faulthandler()
     plan = _load_one(Path(args.config))
     if plan is None:
         return 1
@@ -153,16 +178,31 @@ def _run(args: argparse.Namespace) -> int:
         socket_path=args.socket,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
+        operator_socket_path=args.operator_socket,
+        operator_socket_mode=args.operator_socket_mode,
+        max_connections=args.max_connections,
         snapshot_interval_ms=args.snapshot_interval_ms,
         nameservers=tuple(args.nameserver),
         **({"node": args.node} if args.node else {}),
+        **({"reinitialise": args.reinitialise} if args.reinitialise else {}),
     )
     return daemon.run(config)
 
 
+def _enable_faulthandler() -> None:
+    """A fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) prints every thread's Python
+    traceback on stderr, where the service manager's log collects it, before the process dies."""
+    stream = sys.__stderr__
+    if stream is not None:
+        try:
+            faulthandler.enable(file=stream, all_threads=True)
+        except (OSError, ValueError):  # a stderr without a file descriptor: nothing to write to
+            pass
+
+
 def _client(args: argparse.Namespace) -> Client:
-    """A connection to the daemon named by --socket or --state-dir."""
-    return Client(args.socket or args.state_dir / "kiln.sock")
+    """A connection to the daemon's operator socket, named by --socket or --state-dir."""
+    return Client(args.socket or args.state_dir / "operator.sock")
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import grp
 import json
 import os
@@ -27,7 +28,8 @@ import resource
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -35,7 +37,6 @@ from typing import Any
 
 import dns.resolver
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
 from kiln import _core
@@ -51,15 +52,19 @@ from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
 from kiln.rampday import DayEvidence, RampMove, RampState, day_cap, roll_day
 from kiln.rate import RateSpec
-from kiln.rules import known_providers, load_rules
+from kiln.rules import RuleSet, known_providers, load_rules
 from kiln.schedule import Plan, load_plan
 from kiln.signals.poller import Poller, feedback_reader, report_line
-from kiln.store import DayCounts, LogEntry, Store, StoredPosition
+from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoredPosition, StoreError
+from kiln.watchdog import LoopMonitor, Notifier
 
 __all__ = ["Daemon", "DaemonConfig", "NativeProtocol", "run"]
 
 #: Operations Python answers; every other op is decided in the core.
 UPCALL_OPS = ("status", "limits", "reload", "stats", "automations", "cancel", "explain")
+#: The upcalls the MTA socket answers too (read-only, about one key or the process); the
+#: rest steer kiln and are answered on the operator socket only.
+MTA_UPCALL_OPS = frozenset({"limits", "stats"})
 #: Push-back reports kept in memory for `status` (the policy issue reads them).
 RECENT_REPORTS = 1_000
 #: Last local day whose ramps were rolled (store meta key, per plan name).
@@ -70,6 +75,11 @@ _SIGNALS_KEY = "signals:{plan}"
 _FEEDBACK_KEY = "feedback:{plan}:{node}"
 #: Write no more than this many bytes ahead of a slow reader before pausing its reads.
 _HIGH_WATER_BYTES = 1 << 20
+#: Open files kept free for the store, logs, signal sources and MTA-log readers when the
+#: connection limit is derived from the open-files limit.
+_RESERVED_FDS = 256
+#: Repeated warnings (connection limit, accept failures, store failures) at most this often.
+_WARN_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +96,24 @@ class DaemonConfig:
     node: str = field(default_factory=socket.gethostname)
     #: DNS servers for MX lookups as "host" or "host:port"; empty: /etc/resolv.conf.
     nameservers: tuple[str, ...] = ()
+    #: The operator socket (reload, cancel, explain, status, ...): owner only by default.
+    operator_socket_path: Path | None = None
+    operator_socket_mode: int = 0o600
+    #: Open client connections at most, over both sockets; 0: the open-files limit less
+    #: what the daemon needs for itself.
+    max_connections: int = 0
+    #: Start afresh when the state folder lost its database (see docs/state.md).
+    reinitialise: bool = False
 
     @property
     def socket(self) -> Path:
-        """Where the native socket listens."""
+        """Where the native (MTA) socket listens."""
         return self.socket_path or self.state_dir / "kiln.sock"
+
+    @property
+    def operator_socket(self) -> Path:
+        """Where the operator socket listens."""
+        return self.operator_socket_path or self.state_dir / "operator.sock"
 
     @property
     def store_url(self) -> str:
@@ -115,8 +138,82 @@ def _stored(s: RampState) -> StoredPosition:
     )
 
 
+@dataclass(slots=True)
+class _Unsaved:
+    """What one flush took from the engine and the guard, kept until the store has it.
+
+    The engine hands tallies and reports over once; if the write fails they stay here and go
+    with the next write, so a full disk or a read-only database loses nothing while kiln runs.
+    Only the newest snapshot matters: merging drops older ones.
+    """
+
+    now_ms: int
+    day: date
+    plan: str
+    snapshot: bytes | None
+    counts: dict[tuple[str, str], DayCounts]
+    entries: list[LogEntry]
+    pushback: dict[date, dict[PushbackKey, int]]
+    automations: list[dict[str, Any]]
+    meta: dict[str, str]
+
+    def absorb(self, later: _Unsaved) -> None:
+        """Take in a later batch of the same day and plan."""
+        for key, c in later.counts.items():
+            was = self.counts.get(key)
+            self.counts[key] = c if was is None else _added(was, c)
+        for pday, rows in later.pushback.items():
+            mine = self.pushback.setdefault(pday, {})
+            for reply, n in rows.items():
+                mine[reply] = mine.get(reply, 0) + n
+        self.entries += later.entries
+        self.automations += later.automations
+        self.meta |= later.meta
+        self.snapshot = later.snapshot if later.snapshot is not None else self.snapshot
+        self.now_ms = later.now_ms
+
+    def write(self, store: Store) -> None:
+        """One transaction (StoreError: nothing written)."""
+        store.flush(
+            snapshot=self.snapshot,
+            now_ms=self.now_ms,
+            day=self.day,
+            counts=self.counts,
+            entries=self.entries,
+            pushback=self.pushback,
+            plan=self.plan,
+            automations=self.automations,
+            meta=self.meta,
+        )
+
+
+def _added(a: DayCounts, b: DayCounts) -> DayCounts:
+    """Two days' worth of counts of one key, added field by field."""
+    return DayCounts(
+        *(x + y for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True))
+    )
+
+
+def _merged(batches: list[_Unsaved]) -> list[_Unsaved]:
+    """Consecutive batches of one day and plan as one; only the last snapshot kept."""
+    out: list[_Unsaved] = []
+    for b in batches:
+        if out and out[-1].day == b.day and out[-1].plan == b.plan:
+            out[-1].absorb(b)
+        else:
+            if out:
+                out[-1].snapshot = None
+            out.append(b)
+    return out
+
+
 class Daemon:
-    """One `kiln run` process: engine, plan, store, socket and jobs."""
+    """One `kiln run` process: engine, plan, store, sockets and jobs.
+
+    Threads: every engine call happens on the thread that ran `start` (the engine is pinned
+    to it), which is the event loop's thread once serving. Store writes of the 1 Hz flush and
+    store reads of operator requests run on one store thread that never touches the engine.
+    """
 
     def __init__(self, config: DaemonConfig, clock: Clock | None = None) -> None:
         self.config = config
@@ -125,18 +222,33 @@ class Daemon:
         self.engine = _core.Engine()
         self.plan: Plan = load_plan(config.plan_path)  # ScheduleError: nothing started
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        for path in (config.socket, config.operator_socket):
+            _refuse_if_answered(path)  # before the store: a second daemon says why it stops
         self.store = Store(config.store_url, node=config.node)
         self.states: dict[tuple[str, str], RampState] = {}
         self.recent_reports: deque[_core.Report] = deque(maxlen=RECENT_REPORTS)
         self._pending_log: list[LogEntry] = []
         self._server: asyncio.AbstractServer | None = None
+        self._operator_server: asyncio.AbstractServer | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._stopping: asyncio.Event | None = None
         self._next_hour_ms = 0
         self.started_ms = self.clock.now_ms()
         self.resolver: MxResolver | None = None
         self._lookups: dict[str, asyncio.Task[None]] = {}
-        rules = self._load_rules(self.plan)  # ScheduleError: nothing started
+        # Flushed but not yet written, oldest first (see _Unsaved).
+        self._unsaved: list[_Unsaved] = []
+        self._store_error: str | None = None
+        self._store_thread: ThreadPoolExecutor | None = None
+        # Jobs that change state (flush, hour roll, reload, cancel) run one at a time.
+        self._job_lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.monitor = LoopMonitor()
+        self.notifier = Notifier()
+        self.connections = 0
+        self.max_connections = config.max_connections or _connection_limit()
+        self._warned: dict[str, tuple[float, int]] = {}
+        rules = self._compile_rules(self._read_rules(self.plan))  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
         self.feedback: FeedbackReader | None = None
@@ -146,7 +258,10 @@ class Daemon:
     # ----- start-up -----
 
     def start(self) -> None:
-        """Restore counters, load ramp positions, push the plan into the engine."""
+        """Restore counters, load ramp positions, push the plan into the engine.
+
+        Pins the engine to the calling thread, which must be the one that runs the loop."""
+        self.engine.pin_thread()
         now_ms = self.clock.now_ms()
         saved = self.store.load_snapshot()
         if saved is not None:
@@ -154,7 +269,15 @@ class Daemon:
             try:
                 self.engine.restore_bytes(data)
             except _core.CoreError as e:
-                self.record(now_ms, "start", "engine", "snapshot_unreadable", str(e), {})
+                self.record(
+                    now_ms,
+                    "start",
+                    "engine",
+                    "snapshot_unreadable",
+                    f"the saved counters cannot be read; counting starts from zero: {e}",
+                    {"saved_ms": saved_ms},
+                    level="warning",
+                )
             else:
                 self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
         self.engine.set_default_provider(DEFAULT_PROVIDER)
@@ -174,11 +297,16 @@ class Daemon:
         )
         self.flush(now_ms)
 
-    def _load_rules(self, plan: Plan) -> dict[str, RuleInfo]:
-        """Compile the shipped and the plan's reply rules into the engine (ScheduleError:
-        the rules in force stay), and what policy needs of each rule."""
+    @staticmethod
+    def _read_rules(plan: Plan) -> RuleSet:
+        """The shipped and the plan's reply rules, read and checked (ScheduleError); touches
+        no engine, so it may run off the loop."""
         base = Path(plan.source).parent
-        rules = load_rules([base / f for f in plan.policy.rules], known_providers(plan))
+        return load_rules([base / f for f in plan.policy.rules], known_providers(plan))
+
+    def _compile_rules(self, rules: RuleSet) -> dict[str, RuleInfo]:
+        """Compile reply rules into the engine (ScheduleError: the rules in force stay), and
+        what policy needs of each rule."""
         rules.compile_into(self.engine)
         return {
             r.id: RuleInfo(
@@ -201,7 +329,7 @@ class Daemon:
     def _load_feedback(self) -> None:
         """(Re)open the MTA-log readers where they got to."""
         if self.feedback is not None:
-            self.flush(self.clock.now_ms())
+            self._collect(self.clock.now_ms())  # their checkpoints go with the next write
             self.feedback.close()
         key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
         self._feedback_saved = self.store.get_meta(key) or ""
@@ -239,11 +367,34 @@ class Daemon:
     # ----- jobs (time is an argument; the scheduler only says when) -----
 
     def tick(self, now_ms: int) -> None:
-        """The 1 Hz job: roll hours and days when due, read the MTA logs, then flush."""
+        """The 1 Hz job, run in the calling thread (tests): roll hours and days when due, read
+        the MTA logs, then flush."""
         if now_ms >= self._next_hour_ms:
             self.on_hour(now_ms)
         self.ingest(now_ms)
         self.flush(now_ms)
+
+    async def tick_job(self) -> None:
+        """The 1 Hz job as the daemon runs it, on the loop: what `tick` does, with the store
+        written on the store thread. Never raises: a failure is logged and the next run
+        tries again (an hour roll that could not read or write the store included)."""
+        assert self._job_lock is not None
+        async with self._job_lock:
+            try:
+                now_ms = self.clock.now_ms()
+                if now_ms >= self._next_hour_ms:
+                    # The ended hour's tallies must be in the store before the roll reads them.
+                    self._collect(now_ms)
+                    await self.flush_async()
+                    if not self._unsaved:
+                        self.on_hour(now_ms)
+                self.ingest(now_ms)
+                self._collect(now_ms)
+                await self.flush_async()
+            except StoreError as e:
+                self.warn_repeated("job_store_failed", job="tick", error=str(e))
+            except Exception:
+                self.log.exception("job_failed", job="tick")
 
     def ingest(self, now_ms: int) -> int:
         """Feed new MTA-log and complaint events to the engine as `report`s; how many went."""
@@ -268,7 +419,58 @@ class Daemon:
         self.apply_plan(now_ms)
 
     def flush(self, now_ms: int) -> None:
-        """Snapshot counters and write tallies and log entries, in one transaction.
+        """Take what the engine and the guard hold and write it, in the calling thread
+        (start-up, shutdown, tests). StoreError: nothing is lost; it stays for the next write."""
+        self._collect(now_ms)
+        self._unsaved = _merged(self._unsaved)
+        written, error = self._write(list(self._unsaved))
+        self._settled(written, error)
+        if error is not None:
+            raise error
+
+    async def flush_async(self) -> None:
+        """Write what earlier flushes took, on the store thread (the loop goes on serving).
+        A failure is logged and the batches wait for the next try."""
+        if not self._unsaved:
+            return
+        self._unsaved = _merged(self._unsaved)
+        batches = list(self._unsaved)
+        loop = asyncio.get_running_loop()
+        if self._store_thread is None:
+            written, error = self._write(batches)
+        else:
+            written, error = await loop.run_in_executor(self._store_thread, self._write, batches)
+        self._settled(written, error)
+
+    def _write(self, batches: list[_Unsaved]) -> tuple[int, StoreError | None]:
+        """Write `batches` in order (any thread: touches only the store); how many went, and
+        the error that stopped the rest."""
+        for i, b in enumerate(batches):
+            try:
+                b.write(self.store)
+            except StoreError as e:
+                return i, e
+        return len(batches), None
+
+    def _settled(self, written: int, error: StoreError | None) -> None:
+        """Forget what was written; warn (at most every few seconds) about what was not."""
+        del self._unsaved[:written]
+        if error is None:
+            if self._store_error is not None:
+                self.log.warning("store_recovered", previous_error=self._store_error)
+                self._store_error = None
+            return
+        self._store_error = str(error)
+        self.warn_repeated(
+            "store_write_failed",
+            error=str(error),
+            unsaved_batches=len(self._unsaved),
+            hint="tallies, reports and decisions are kept in memory until a write succeeds",
+        )
+
+    def _collect(self, now_ms: int) -> None:
+        """Take tallies, reports and decisions from the engine and the guard, and queue them
+        with a counter snapshot for the store (on the engine's thread).
 
         Tallies since the last flush belong to the hour the daemon has not rolled yet, so
         traffic before midnight counts for the day that ended even if this runs after it.
@@ -306,17 +508,29 @@ class Daemon:
             if marks != self._feedback_saved:
                 key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
                 meta[key] = self._feedback_saved = marks
-        self.store.flush(
-            snapshot=self.engine.snapshot_bytes(),
-            now_ms=now_ms,
-            day=_local_day(self.plan, min(now_ms, self._next_hour_ms - 1)),
-            counts=counts,
-            entries=entries,
-            pushback=pushback,
-            plan=self.plan.name,
-            automations=self.guard.dirty(),
-            meta=meta,
+        self._unsaved.append(
+            _Unsaved(
+                now_ms=now_ms,
+                day=_local_day(self.plan, min(now_ms, self._next_hour_ms - 1)),
+                plan=self.plan.name,
+                snapshot=self.engine.snapshot_bytes(),
+                counts=counts,
+                entries=entries,
+                pushback=pushback,
+                automations=self.guard.dirty(),
+                meta=meta,
+            )
         )
+
+    def warn_repeated(self, event: str, **fields: Any) -> None:
+        """Log `event` at most once every few seconds, with how often it happened since."""
+        now = self.clock.now_ms() / 1000
+        last, count = self._warned.get(event, (-_WARN_EVERY_S, 0))
+        if now - last >= _WARN_EVERY_S:
+            self.log.warning(event, times=count + 1, **fields)
+            self._warned[event] = (now, 0)
+        else:
+            self._warned[event] = (last, count + 1)
 
     async def poll_source(self, name: str) -> bool:
         """Poll one signal source; pause or resume IPs on what it says. True: a good reading."""
@@ -438,30 +652,64 @@ class Daemon:
 
     # ----- reload -----
 
+    def _read_plan(self) -> tuple[Plan, RuleSet]:
+        """The plan file and its rule files, read and checked; touches no engine, so it runs
+        off the loop (ScheduleError, OSError)."""
+        plan = load_plan(self.config.plan_path)
+        return plan, self._read_rules(plan)
+
     def reload(self, now_ms: int) -> dict[str, Any]:
-        """Re-read the plan; swap it in only if valid. Returns the reply for `kiln reload`."""
+        """Re-read the plan in the calling thread and swap it in only if valid (tests)."""
         try:
-            plan = load_plan(self.config.plan_path)
-            rules = self._load_rules(plan)
-        except (ScheduleError, OSError) as e:
-            problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
-            self.record(
-                now_ms,
-                "reload",
-                "plan",
-                "reload_failed",
-                "the plan has errors; the running plan stays",
-                {"problems": problems},
-                level="error",
-            )
-            self.flush(now_ms)
-            return {
-                "ok": False,
-                "error": "the plan has errors; the running plan stays",
-                "problems": problems,
-            }
-        self.flush(now_ms)
+            plan, rules = self._read_plan()
+        except _PLAN_ERRORS as e:
+            return self._reload_failed(e, now_ms)
+        return self._swap(plan, rules, now_ms)
+
+    async def reload_async(self) -> dict[str, Any]:
+        """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
+        the result on the store thread. Returns the reply for `kiln reload`."""
+        assert self._job_lock is not None
+        async with self._job_lock:
+            try:
+                plan, rules = await asyncio.to_thread(self._read_plan)
+            except _PLAN_ERRORS as e:
+                reply = self._reload_failed(e, self.clock.now_ms())
+            else:
+                reply = self._swap(plan, rules, self.clock.now_ms())
+            await self.flush_async()
+            return reply
+
+    def _reload_failed(self, e: BaseException, now_ms: int) -> dict[str, Any]:
+        """Keep the running plan; log and answer the problems."""
+        problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
+        if isinstance(e, RecursionError):
+            problems = [f"{self.config.plan_path}: nested too deeply to read"]
+        self.record(
+            now_ms,
+            "reload",
+            "plan",
+            "reload_failed",
+            "the plan has errors; the running plan stays",
+            {"problems": problems},
+            level="error",
+        )
+        self._collect(now_ms)
+        return {
+            "ok": False,
+            "error": "the plan has errors; the running plan stays",
+            "problems": problems,
+        }
+
+    def _swap(self, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, Any]:
+        """Put a read and checked plan in force (on the engine's thread)."""
+        try:
+            rules = self._compile_rules(rules_read)
+        except ScheduleError as e:
+            return self._reload_failed(e, now_ms)
+        self._collect(now_ms)  # what was counted under the old plan goes under its name
         old = self.plan.name
+        old_sources = {n: self.poller.interval_ms(n) for n in self.poller.configured()}
         self.plan = plan
         self.guard.replan(plan, rules)
         self.poller.replan(plan)
@@ -475,7 +723,7 @@ class Daemon:
             self._load_feedback()
         self.apply_plan(now_ms)
         self.resolver = self._make_resolver()
-        self._schedule_signals()
+        self._schedule_signals(keep=old_sources)
         self.record(
             now_ms,
             "reload",
@@ -484,7 +732,7 @@ class Daemon:
             f"plan {plan.name!r} is in force",
             {"plan": str(self.config.plan_path), "previous": old},
         )
-        self.flush(now_ms)
+        self._collect(now_ms)
         return {"ok": True, "plan": plan.name}
 
     # ----- upcalls: operator requests answered in Python -----
@@ -512,6 +760,30 @@ class Daemon:
         if "id" in req:
             reply = {"id": req["id"], **reply}
         return reply
+
+    async def upcall_async(self, line: bytes) -> dict[str, Any]:
+        """Answer an upcall as the serving daemon does: store reads on the store thread, the
+        plan read on a worker thread, state changes one job at a time; the loop goes on
+        answering every other client meanwhile."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "invalid JSON"}
+        op = req.get("op")
+        try:
+            if op == "reload":
+                return await self.reload_async()
+            if op == "cancel":
+                assert self._job_lock is not None
+                async with self._job_lock:
+                    reply = self.cancel(req, self.clock.now_ms())
+                    await self.flush_async()
+                    return reply
+            if op == "explain":
+                return await self.explain_async(req)
+        except _RequestError as e:
+            return {"ok": False, "error": str(e)}
+        return self.upcall(line, self.clock.now_ms())
 
     def status(self, now_ms: int) -> dict[str, Any]:
         """Every batch x provider: step, state, caps per IP and what was used."""
@@ -548,6 +820,22 @@ class Daemon:
             "now_ms": now_ms,
             "timezone": self.plan.timezone,
             "ramps": ramps,
+            "daemon": self.health(),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """The process's own state: loop stalls, connections, unsaved store batches."""
+        try:
+            loop_time = asyncio.get_running_loop().time()
+        except RuntimeError:
+            loop_time = 0.0
+        return {
+            "loop": self.monitor.figures(loop_time).to_json(),
+            "connections": self.connections,
+            "max_connections": self.max_connections,
+            "unsaved_batches": len(self._unsaved),
+            "store_error": self._store_error,
+            "watchdog": self.notifier.watchdog_s is not None,
         }
 
     def limits(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -632,15 +920,21 @@ class Daemon:
             s = self.states.get(key, RampState())
             if a.from_step is not None and s.step == a.to_step:
                 self.states[key] = dataclasses.replace(s, step=a.from_step)
-                self.store.save_positions(self.plan.name, {key: _stored(self.states[key])}, now_ms)
+                try:
+                    self.store.save_positions(
+                        self.plan.name, {key: _stored(self.states[key])}, now_ms
+                    )
+                except StoreError as e:
+                    # The cancel holds in memory; the position is saved at the next roll.
+                    self.warn_repeated("store_write_failed", error=str(e), during="cancel")
         self._pending_log += entries
         self._log_entry(entry, "warning")
         self.apply_plan(now_ms)
-        self.flush(now_ms)
+        self._collect(now_ms)
         return {"ok": True, "automation": a.to_json()}
 
-    def explain(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
-        """Why one (IP, provider) key has the limit it has right now."""
+    def _explain_key(self, req: dict[str, Any]) -> tuple[str, str, str | None]:
+        """(ip, provider, batch) of an `explain` request, checked."""
         ip = req.get("ip")
         provider = req.get("provider")
         if not isinstance(ip, str):
@@ -654,14 +948,33 @@ class Daemon:
             self.engine.key(ip, provider)
         except _core.CoreError as e:
             raise _RequestError(str(e)) from None
-        batch = self.guard.policy.batch_of(ip)
-        moves = (
-            self.store.decisions(
-                kind="ramp", subject=f"{batch}/{provider}", since_ms=now_ms - 3 * 86_400_000
-            )
-            if batch is not None
-            else []
+        return ip, provider, self.guard.policy.batch_of(ip)
+
+    def _ramp_moves(self, batch: str | None, provider: str, now_ms: int) -> list[Any]:
+        """The ramp's moves of the last three days, from the store (any thread)."""
+        if batch is None:
+            return []
+        return self.store.decisions(
+            kind="ramp", subject=f"{batch}/{provider}", since_ms=now_ms - 3 * 86_400_000
         )
+
+    def explain(self, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+        """Why one (IP, provider) key has the limit it has right now."""
+        ip, provider, batch = self._explain_key(req)
+        moves = self._ramp_moves(batch, provider, now_ms)
+        return self.guard.explain(
+            self.engine, self.states, ip, provider, now_ms, _local_day(self.plan, now_ms), moves
+        )
+
+    async def explain_async(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`explain` with the store read on the store thread."""
+        now_ms = self.clock.now_ms()
+        ip, provider, batch = self._explain_key(req)
+        loop = asyncio.get_running_loop()
+        moves = await loop.run_in_executor(
+            self._store_thread, self._ramp_moves, batch, provider, now_ms
+        )
+        now_ms = self.clock.now_ms()
         return self.guard.explain(
             self.engine, self.states, ip, provider, now_ms, _local_day(self.plan, now_ms), moves
         )
@@ -719,30 +1032,29 @@ class Daemon:
         """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._job_lock = asyncio.Lock()
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-store")
+        loop.set_exception_handler(self._loop_exception)
         self.resolver = self._make_resolver()
-        path = self.config.socket
-        _prepare_socket_path(path)
-        self._server = await loop.create_unix_server(lambda: NativeProtocol(self), str(path))
-        _set_socket_access(path, self.config.socket_mode, self.config.socket_group)
+        backlog = _listen_backlog()
+        self._server = await self._listen(self.config.socket, operator=False, backlog=backlog)
+        _set_socket_access(self.config.socket, self.config.socket_mode, self.config.socket_group)
+        self._operator_server = await self._listen(
+            self.config.operator_socket, operator=True, backlog=backlog
+        )
+        _set_socket_access(self.config.operator_socket, self.config.operator_socket_mode, None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(self.clock.now_ms()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        # Every job is a coroutine: apscheduler runs those on the loop, never on a worker
+        # thread (the engine is pinned to the loop's thread and would refuse one).
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=self.plan.zone)
-        interval_s = self.config.snapshot_interval_ms / 1000
         self._scheduler.add_job(
-            lambda: self.tick(self.clock.now_ms()),
-            IntervalTrigger(seconds=interval_s),
+            self.tick_job,
+            IntervalTrigger(seconds=self.config.snapshot_interval_ms / 1000),
             id="flush",
             max_instances=1,
             coalesce=True,
-        )
-        self._scheduler.add_job(
-            lambda: self.on_hour(self.clock.now_ms()),
-            CronTrigger(minute=0, timezone=self.plan.zone),
-            id="hour",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=3600,
         )
         self._scheduler.add_job(
             self.resolve_pending,
@@ -753,58 +1065,140 @@ class Daemon:
         )
         self._schedule_signals()
         self._scheduler.start()
+        _ = self.spawn(self.monitor.run())
+        _ = self.spawn(self.notifier.feed(self._engine_answers))
         self.log.info(
             "listening",
-            socket=str(path),
+            socket=str(self.config.socket),
+            operator_socket=str(self.config.operator_socket),
             database=self.store.target,
             plan=self.plan.name,
+            backlog=backlog,
+            max_connections=self.max_connections,
+            watchdog_s=self.notifier.watchdog_s,
         )
+        self.notifier.notify("READY=1")
         try:
             await self._stopping.wait()
         finally:
             await self.shutdown()
 
-    def _schedule_signals(self) -> None:
-        """One polling job per configured signal source (replacing earlier ones), run now."""
+    async def _listen(self, path: Path, *, operator: bool, backlog: int) -> asyncio.AbstractServer:
+        """A Unix socket server at `path` (a stale socket file is replaced)."""
+        _prepare_socket_path(path)
+        return await asyncio.get_running_loop().create_unix_server(
+            lambda: NativeProtocol(self, operator=operator), str(path), backlog=backlog
+        )
+
+    def _reload_on_signal(self) -> None:
+        """SIGHUP: reload as a task (the reply goes to the log and the decision log)."""
+        _ = self.spawn(self.reload_async())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` as a task on the loop, kept until it ends; a failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished task; log how it failed, if it did."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            self.log.error("task_failed", task=task.get_name(), error=repr(e))
+
+    def _engine_answers(self) -> bool:
+        """A real engine call on the loop (a `ping` through the wire protocol): the watchdog
+        is fed only when it answers."""
+        try:
+            served = self.engine.serve(b'{"op":"ping"}\n', self.clock.now_ms())
+        except _core.CoreError:
+            return False
+        return served.reply == b'{"ok":true}\n'
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Errors the loop reports (accept failures at the open-files limit among them) go to
+        kiln's log, repeated ones at most every few seconds."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            self.warn_repeated(
+                "accept_failed",
+                error=str(exc),
+                hint="out of file descriptors or memory; open connections are still served",
+            )
+            return
+        self.log.error(
+            "loop_error", message=str(context.get("message")), error=repr(exc) if exc else None
+        )
+
+    def _schedule_signals(self, keep: dict[str, int] | None = None) -> None:
+        """One polling job per configured signal source. A reload keeps the schedule of every
+        source whose interval did not change (`keep`: name -> interval before); new or changed
+        sources poll now."""
         if self._scheduler is None:
             return
+        wanted = {f"signal:{n}": n for n in self.poller.configured()}
+        kept = set()
         for job in self._scheduler.get_jobs():
-            if job.id.startswith("signal:"):
+            if not job.id.startswith("signal:"):
+                continue
+            name = wanted.get(job.id)
+            if (
+                keep is not None
+                and name is not None
+                and keep.get(name) == self.poller.interval_ms(name)
+            ):
+                kept.add(job.id)
+            else:
                 job.remove()
-        for name in self.poller.configured():
+        for job_id, name in wanted.items():
+            if job_id in kept:
+                continue
             self._scheduler.add_job(
                 self.poll_source,
                 IntervalTrigger(seconds=self.poller.interval_ms(name) / 1000),
                 args=[name],
-                id=f"signal:{name}",
+                id=job_id,
                 max_instances=1,
                 coalesce=True,
                 next_run_time=datetime.now(tz=UTC),
             )
 
     async def shutdown(self) -> None:
-        """Stop listening, write a final snapshot, remove the socket."""
+        """Stop listening, write a final snapshot, remove the sockets."""
+        self.notifier.notify("STOPPING=1")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        for task in list(self._tasks):
+            task.cancel()
         await self.poller.aclose()
-        if self.feedback is not None:
-            self.flush(self.clock.now_ms())  # keep where the log readers got to
-            self.feedback.close()
-            self.feedback = None
+        for server in (self._server, self._operator_server):
+            if server is not None:
+                server.close()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), 2)
+        self._server = self._operator_server = None
         if self.resolver is not None:
             await self.resolver.aclose()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
         now_ms = self.clock.now_ms()
+        if self.feedback is not None:
+            self._collect(now_ms)  # keep where the log readers got to
+            self.feedback.close()
+            self.feedback = None
         self.record(now_ms, "stop", "daemon", "stop", "kiln stopped cleanly", {})
-        self.flush(now_ms)
+        try:
+            self.flush(now_ms)
+        except StoreError as e:
+            self.log.error("final_flush_failed", error=str(e), unsaved_batches=len(self._unsaved))
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=True)
+            self._store_thread = None
         self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.socket.unlink()
+        self.notifier.close()
+        for path in (self.config.socket, self.config.operator_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         self.log.info("stopped")
 
     def stop(self) -> None:
@@ -813,30 +1207,78 @@ class Daemon:
             self._stopping.set()
 
 
+#: What reading a plan may raise; every one keeps the running plan.
+_PLAN_ERRORS = (ScheduleError, OSError, RecursionError, UnicodeError, ValueError, MemoryError)
+
+
 class _RequestError(Exception):
     """A bad operator request: becomes `{"ok": false, "error": ...}`."""
 
 
 class NativeProtocol(asyncio.Protocol):
-    """One client of the native socket. Python moves bytes; `Engine.serve` answers them."""
+    """One client of a native socket. Python moves bytes; `Engine.serve` answers them.
 
-    def __init__(self, daemon: Daemon) -> None:
+    Input is scanned once: a read without a newline is only appended, so a client dripping
+    a long line costs O(n), not a rescan per read. An operator request (an upcall) is answered
+    as a task: this connection's later requests wait for it (replies stay in order), every
+    other connection goes on being served. On the MTA socket (`operator=False`) operator
+    requests are refused with an error reply.
+    """
+
+    def __init__(self, daemon: Daemon, *, operator: bool = True) -> None:
         self.daemon = daemon
-        self.buffer = b""
+        self.operator = operator
+        self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.busy = False  # an upcall is being answered; input waits in `buffer`
+        self.write_paused = False
+        self.eof = False
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport; bound its write buffer."""
+        """Keep the transport and bound its write buffer; refuse past the connection limit."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        d = self.daemon
+        if d.connections >= d.max_connections:
+            d.warn_repeated(
+                "connection_refused",
+                limit=d.max_connections,
+                hint="at the connection limit (--max-connections); open ones are still served",
+            )
+            transport.write(b'{"ok":false,"error":"too many connections; try again"}\n')
+            transport.close()
+            return
+        d.connections += 1
+        self.counted = True
         transport.set_write_buffer_limits(high=_HIGH_WATER_BYTES)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Count the connection out."""
+        if self.counted:
+            self.daemon.connections -= 1
+            self.counted = False
 
     def data_received(self, data: bytes) -> None:
         """Answer every complete line; keep a partial one for the next read."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        buf = self.buffer + data if self.buffer else data
+        if self.busy or (self.buffer and b"\n" not in data):
+            self.buffer += data
+            if not self.busy and len(self.buffer) > _core.MAX_LINE_BYTES:
+                self._too_long(transport)
+            return
+        if self.buffer:
+            self.buffer += data
+            data = bytes(self.buffer)
+            self.buffer = bytearray()
+        self._serve(data)
+
+    def _serve(self, buf: bytes) -> None:
+        """Answer what `buf` holds, up to the first upcall (answered as a task)."""
+        transport = self.transport
+        assert transport is not None
         engine = self.daemon.engine
         clock = self.daemon.clock
         while True:
@@ -844,20 +1286,65 @@ class NativeProtocol(asyncio.Protocol):
             if served.reply:
                 transport.write(served.reply)
             if served.too_long:
-                transport.write(
-                    b'{"ok":false,"error":"request line longer than 65536 bytes; closing"}\n'
-                )
-                transport.close()
-                self.buffer = b""
+                self._too_long(transport)
                 return
             buf = buf[served.consumed :]
             if served.upcall is None:
                 break
-            transport.write(self.upcall(served.upcall, clock.now_ms()))
-        self.buffer = buf
+            if not self.operator and _op_of(served.upcall) not in MTA_UPCALL_OPS:
+                transport.write(_refusal(served.upcall))
+                continue
+            self.busy = True
+            self.buffer = bytearray(buf)
+            transport.pause_reading()
+            _ = self.daemon.spawn(self._answer(served.upcall))
+            return
+        if len(buf) > _core.MAX_LINE_BYTES:
+            self._too_long(transport)
+            return
+        self.buffer = bytearray(buf)
+
+    def _too_long(self, transport: asyncio.Transport) -> None:
+        """A line past the limit: say so and close."""
+        transport.write(b'{"ok":false,"error":"request line longer than 65536 bytes; closing"}\n')
+        transport.close()
+        self.buffer = bytearray()
+
+    async def _answer(self, line: bytes) -> None:
+        """Answer one upcall, then go on with what this client sent meanwhile."""
+        try:
+            out = await self.upcall_async(line)
+        except Exception:
+            self.daemon.log.exception("upcall_failed")
+            out = b'{"ok":false,"error":"internal error; see the daemon log"}\n'
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        self.busy = False
+        rest = bytes(self.buffer)
+        self.buffer = bytearray()
+        if rest:
+            self._serve(rest)
+        if self.busy or transport.is_closing():
+            return
+        if self.eof:
+            transport.close()
+        elif not self.write_paused:
+            transport.resume_reading()
+
+    async def upcall_async(self, line: bytes) -> bytes:
+        """The reply line to an upcall as the serving daemon answers it, `id` echoed."""
+        raw_id, rest = _split_id(line)
+        try:
+            reply = await self.daemon.upcall_async(rest)
+        except RecursionError:
+            reply = {"ok": False, "error": "request nested too deeply"}
+        return _with_id(raw_id, reply)
 
     def upcall(self, line: bytes, now_ms: int) -> bytes:
-        """The reply line to a request the core handed back, its `id` echoed as written.
+        """The reply line to a request the core handed back, its `id` echoed as written,
+        answered in the calling thread (tests).
 
         `Daemon.upcall` never sees the `id`: Python's JSON would turn `1e999` into
         `Infinity` and `1E2` into `100.0`, and a deeply nested id would not parse at all.
@@ -867,24 +1354,57 @@ class NativeProtocol(asyncio.Protocol):
             reply = self.daemon.upcall(rest, now_ms)
         except RecursionError:
             reply = {"ok": False, "error": "request nested too deeply"}
-        body = json.dumps(reply, separators=(",", ":")).encode()
-        if raw_id is None:
-            return body + b"\n"
-        return b'{"id":' + raw_id + b"," + body[1:] + b"\n"
+        return _with_id(raw_id, reply)
 
     def eof_received(self) -> bool:
         """A client that closed its side gets the rest of its replies, then we close."""
+        if self.busy:
+            self.eof = True
+            return True  # `_answer` closes once the pending reply is written
         return False
 
     def pause_writing(self) -> None:
         """The client reads slower than it asks: stop reading until it catches up."""
+        self.write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """The write buffer drained: read again."""
-        if self.transport is not None:
+        """The write buffer drained: read again (unless an upcall is still pending)."""
+        self.write_paused = False
+        if self.transport is not None and not self.busy:
             self.transport.resume_reading()
+
+
+def _with_id(raw_id: bytes | None, reply: dict[str, Any]) -> bytes:
+    """A reply line with the request's `id` as the client wrote it, first."""
+    body = json.dumps(reply, separators=(",", ":")).encode()
+    if raw_id is None:
+        return body + b"\n"
+    return b'{"id":' + raw_id + b"," + body[1:] + b"\n"
+
+
+def _op_of(line: bytes) -> str | None:
+    """The `op` of a request line the core checked and handed back."""
+    try:
+        op = json.loads(_split_id(line)[1]).get("op")
+    except (ValueError, RecursionError):
+        return None
+    return op if isinstance(op, str) else None
+
+
+def _refusal(line: bytes) -> bytes:
+    """The MTA socket's reply to an operator request."""
+    raw_id, _ = _split_id(line)
+    op = _op_of(line)
+    return _with_id(
+        raw_id,
+        {
+            "ok": False,
+            "error": f"op {op}: an operator operation, answered on the operator socket only "
+            "(STATE_DIR/operator.sock)",
+        },
+    )
 
 
 def _string_end(line: bytes, start: int) -> int:
@@ -961,21 +1481,50 @@ def _raise_open_files_limit(log: Any) -> None:
         log.info("open_files_limit_raised", soft_before=soft, soft=target, hard=hard)
 
 
-def _prepare_socket_path(path: Path) -> None:
-    """Make the folder; remove a stale socket, refuse if another daemon answers on it."""
+#: accept() failures that mean "out of descriptors or memory", not a bad client.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _listen_backlog(path: Path = Path("/proc/sys/net/core/somaxconn")) -> int:
+    """The kernel's listen backlog limit (asyncio's default of 100 makes a burst of clients
+    see EAGAIN); 4,096 where it cannot be read."""
+    try:
+        return max(128, int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return 4_096
+
+
+def _connection_limit() -> int:
+    """Connections at most: the open-files limit less what the daemon needs itself."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65_536
+    return max(16, soft - _RESERVED_FDS)
+
+
+def _refuse_if_answered(path: Path) -> bool:
+    """KilnError if a daemon answers on the socket at `path`; True if a stale socket file is
+    there (left by a daemon that was killed)."""
     if len(str(path).encode()) > 107:
         raise KilnError(f"socket path is too long for a Unix socket (max 107 bytes): {path}")
+    if not (path.exists() or path.is_symlink()):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return True
+    else:
+        raise KilnError(f"another kiln daemon is listening on {path}")
+    finally:
+        probe.close()
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make the folder; remove a stale socket, refuse if another daemon answers on it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: left by a daemon that was killed
-        else:
-            raise KilnError(f"another kiln daemon is listening on {path}")
-        finally:
-            probe.close()
+    if _refuse_if_answered(path):
+        path.unlink()
 
 
 def _set_socket_access(path: Path, mode: int, group: str | None) -> None:
@@ -992,6 +1541,8 @@ def _set_socket_access(path: Path, mode: int, group: str | None) -> None:
 def run(config: DaemonConfig, clock: Clock | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
     log = get_logger(component="daemon")
+    # State files: owner read-write, group read at most (sockets get their mode explicitly).
+    os.umask(0o027)
     _raise_open_files_limit(log)
     try:
         daemon = Daemon(config, clock)
