@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         snapshot_interval_ms=args.snapshot_interval_ms,
         nameservers=tuple(args.nameserver),
         **({"node": args.node} if args.node else {}),
-        **({"reinitialise": args.reinitialise} if args.reinitialise else {}),
+        reinitialise=args.reinitialise,
     )
     return daemon.run(config)
 
