@@ -1417,7 +1417,7 @@ mod tests {
             w.set_route(
                 &format!("d{i}.example"),
                 Route::Provider(google),
-                NOW + 60_000,
+                NOW + 60_000 + i, // soonest expiry first among equally old routes
             )
             .unwrap();
             assert!(w.route_count() <= 100 + statics, "{i}: {}", w.route_count());
