@@ -1264,7 +1264,7 @@ class NativeProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.busy or (self.buffer and b"\n" not in data):
+        if self.busy or b"\n" not in data:
             self.buffer += data
             if not self.busy and len(self.buffer) > _core.MAX_LINE_BYTES:
                 self._too_long(transport)
