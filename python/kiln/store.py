@@ -119,6 +119,7 @@ _VERSION_KEY: Final = "schema_version"  # in kiln_meta
 _ID_KEY: Final = "store_id"  # in kiln_meta: the database's identity, recorded in the marker
 _STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY)  # kiln_meta keys set_meta may not write
 _ID_PATTERN: Final = re.compile(r"[0-9a-f]{32}")
+_IO_ERRORS: Final = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")  # worth a write probe
 _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
 
 
@@ -370,7 +371,34 @@ def _describe(exc: SQLAlchemyError, password: str | None) -> str:
     message = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
     if password:
         message = message.replace(password, "***")
+    name = getattr(cause, "sqlite_errorname", None)  # SQLite's extended code, e.g. SQLITE_FULL
+    if isinstance(name, str) and name not in message:
+        message = f"{message} ({name})"
     return message or type(cause).__name__
+
+
+def _file_system_hint(path: Path, *, probe: bool) -> str:
+    """What the file system holding `path` says after a failure: read-only, full, or (with
+    `probe`) why a small file cannot be written beside it; "" when it looks fine."""
+    try:
+        info = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    if info.f_flag & os.ST_RDONLY:
+        return f"; the file system holding {path.parent} is read-only"
+    if info.f_bavail == 0:
+        return f"; the file system holding {path.parent} is full"
+    if not probe:
+        return ""
+    # A file system made read-only by an error (ext4 errors=remount-ro) may not say so in its
+    # flags: try a write, as SQLite did.
+    probe_path = path.parent / f".kiln-write-probe.{os.getpid()}"
+    try:
+        os.close(os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        probe_path.unlink()
+    except OSError as exc:
+        return f"; writing a file in {path.parent} fails: {exc.strerror}"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,8 +504,9 @@ class Store:
         self.created = False
         #: SQLite: the one connection's lock (see the module docstring); PostgreSQL: None.
         self._lock: threading.Lock | None = None
+        self._file: Path | None = None  # SQLite: the database file, for failure hints
         if self._dialect == "sqlite":
-            path = _sqlite_file(parsed)
+            path = self._file = _sqlite_file(parsed)
             if path is not None and expect_id is not None:
                 self._check_file(path)
             elif path is not None:
@@ -634,7 +663,12 @@ class Store:
         try:
             yield
         except SQLAlchemyError as exc:
-            raise StoreError(action, self.target, _describe(exc, self._password)) from exc
+            problem = _describe(exc, self._password)
+            if self._file is not None:
+                name = getattr(getattr(exc, "orig", None), "sqlite_errorname", "")
+                io_error = isinstance(name, str) and name.startswith(_IO_ERRORS)
+                problem += _file_system_hint(self._file, probe=io_error)
+            raise StoreError(action, self.target, problem) from exc
 
     @contextmanager
     def _one_at_a_time(self, action: str) -> Iterator[None]:
