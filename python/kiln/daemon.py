@@ -46,7 +46,7 @@ from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
 from kiln.log import get_logger
-from kiln.mx import NULL_MX, MxResolver, ProviderTable, parse_nameservers
+from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
 from kiln.policy import RuleInfo, SignalBook
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, caps_at, compile_limits, plan_providers, steps_for
@@ -234,8 +234,8 @@ class Daemon:
         self._stopping: asyncio.Event | None = None
         self._next_hour_ms = 0
         self.started_ms = self.clock.now_ms()
-        self.resolver: MxResolver | None = None
-        self._lookups: dict[str, asyncio.Task[None]] = {}
+        # Background MX lookups (bounded; None without a nameserver), made when serving.
+        self.lookups: MxLookups | None = None
         # Flushed but not yet written, oldest first (see _Unsaved).
         self._unsaved: list[_Unsaved] = []
         self._store_error: str | None = None
@@ -722,7 +722,9 @@ class Daemon:
         else:
             self._load_feedback()
         self.apply_plan(now_ms)
-        self.resolver = self._make_resolver()
+        if self.lookups is not None:  # the provider table may have changed
+            self.lookups.close()
+            self.lookups = self._make_lookups()
         self._schedule_signals(keep=old_sources)
         self.record(
             now_ms,
@@ -987,6 +989,7 @@ class Daemon:
             "keys": self.engine.key_count(),
             "routes": self.engine.route_count(),
             **self.engine.wire_stats(),
+            **(self.lookups.stats() if self.lookups is not None else MxLookups.idle_stats()),
         }
 
     # ----- domains -----
@@ -1001,30 +1004,28 @@ class Daemon:
             return None
         return MxResolver(table, hosts, port=port)
 
-    async def resolve_pending(self) -> None:
-        """Look up MX records of domains the engine saw without a route (never blocks serving)."""
-        if self.resolver is None:
-            return
+    def _make_lookups(self) -> MxLookups | None:
+        """Bounded background lookups through a fresh resolver, or None without one."""
+        resolver = self._make_resolver()
+        if resolver is None:
+            return None
         own = set(plan_providers(self.plan))
-        for domain in self.engine.take_unresolved():
-            if domain in self._lookups:
-                continue
-            self._lookups[domain] = asyncio.get_running_loop().create_task(
-                self._resolve(domain, own)
-            )
 
-    async def _resolve(self, domain: str, own: set[str]) -> None:
-        """One lookup; the answer becomes a route until its TTL runs out."""
-        try:
-            now_ms = self.clock.now_ms()
-            assert self.resolver is not None
-            provider, expires_ms = await self.resolver.route(domain, now_ms)
-            route = None if provider == NULL_MX else self.fold(provider, own)
-            self.engine.set_route(domain, route, expires_ms)
-        except (_core.CoreError, KilnError) as e:
-            self.log.warning("domain lookup failed", domain=domain, error=str(e))
-        finally:
-            self._lookups.pop(domain, None)
+        def on_route(domain: str, provider: str | None, expires_ms: int) -> None:
+            """An answer becomes a route until its TTL runs out (on the loop)."""
+            route = None if provider is None or provider == NULL_MX else self.fold(provider, own)
+            try:
+                self.engine.set_route(domain, route, expires_ms)
+            except _core.CoreError as e:
+                self.log.warning("domain_route_refused", domain=domain, error=str(e))
+
+        return MxLookups(resolver, on_route, self.clock.now_ms)
+
+    async def resolve_pending(self) -> None:
+        """Queue MX lookups of domains the engine saw without a route (never blocks serving;
+        at most a bounded number wait or run, see `MxLookups`)."""
+        if self.lookups is not None:
+            self.lookups.feed(self.engine.take_unresolved())
 
     # ----- serving -----
 
@@ -1035,7 +1036,7 @@ class Daemon:
         self._job_lock = asyncio.Lock()
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-store")
         loop.set_exception_handler(self._loop_exception)
-        self.resolver = self._make_resolver()
+        self.lookups = self._make_lookups()
         backlog = _listen_backlog()
         self._server = await self._listen(self.config.socket, operator=False, backlog=backlog)
         _set_socket_access(self.config.socket, self.config.socket_mode, self.config.socket_group)
@@ -1179,8 +1180,9 @@ class Daemon:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 2)
         self._server = self._operator_server = None
-        if self.resolver is not None:
-            await self.resolver.aclose()
+        if self.lookups is not None:
+            await self.lookups.aclose()
+            self.lookups = None
         now_ms = self.clock.now_ms()
         if self.feedback is not None:
             self._collect(now_ms)  # keep where the log readers got to
