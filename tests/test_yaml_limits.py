@@ -17,11 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from kiln import yamlfile
 from kiln.cli import main
 from kiln.errors import ScheduleError
 from kiln.rules import load_rules
 from kiln.schedule import load_plan
-from kiln.yamlfile import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load_yaml, read_bounded
+from kiln.yamlfile import (
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    MAX_NODES,
+    MAX_NUMBER_CHARS,
+    load_yaml,
+    read_bounded,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,6 +105,18 @@ def test_merge_key_bomb_is_refused(tmp_path: Path) -> None:
     assert f"more than {MAX_NODES:,} values" in message
 
 
+def test_merge_list_naming_one_mapping_many_times_is_cheap(tmp_path: Path) -> None:
+    """`<<: [*m, *m, ...]` with 10,000 aliases of a 5,000-key mapping merges `m` once and is
+    refused once the copies pass the budget (merging it again per alias took many seconds)."""
+    keys = ", ".join(f"k{i}: 1" for i in range(5000))
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"m: &m {{{keys}}}\nn: {{<<: [{', '.join(['*m'] * 10_000)}]}}\n")
+    started = time.perf_counter()
+    message = only_problem(refused(path))
+    assert time.perf_counter() - started < 4
+    assert message.startswith(f"{path}:2:4: more than {MAX_NODES:,} values")
+
+
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     """An alias to the list that contains it (a cycle) is one located problem, not a hang or
     a RecursionError."""
@@ -107,14 +127,15 @@ def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_many_plain_values_hit_the_budget(tmp_path: Path) -> None:
+def test_many_plain_values_hit_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without any alias, a list of more values than the budget is refused at the first value
-    past it (the composer counts too, so a big flat file never builds in full)."""
+    past it: the composer counts too, so a big flat file is never composed in full (the budget
+    is lowered to 1,000 here to keep the test fast; the limit is read at each load)."""
+    monkeypatch.setattr(yamlfile, "MAX_NODES", 1000)
     path = tmp_path / "plan.yaml"
-    path.write_text("[" + ",".join(["0"] * (MAX_NODES + 10)) + "]\n")
+    path.write_text("[" + ",".join(["0"] * 1010) + "]\n")
     message = only_problem(refused(path))
-    assert message.startswith(f"{path}:1:")
-    assert f"[{MAX_NODES - 1}]: more than {MAX_NODES:,} values" in message
+    assert message.startswith(f"{path}:1:2000: [999]: more than 1,000 values")
 
 
 def test_merge_keys_still_work(tmp_path: Path) -> None:
@@ -275,6 +296,31 @@ def test_control_characters_are_located(tmp_path: Path) -> None:
         f"{path}:2:12: the character U+0000 is not allowed in YAML "
         "(special characters are not allowed)"
     )
+
+
+def test_very_long_numbers_are_refused_quickly(tmp_path: Path) -> None:
+    """A number of 300,000 characters (a YAML 1.1 base-60 integer, whose value costs time
+    quadratic in its length) is refused unread, and the problem quotes only its start."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("name: test\nx: 1" + ":59" * 100_000 + "\n")
+    started = time.perf_counter()
+    error = refused(path)
+    assert time.perf_counter() - started < 1
+    (message,) = [str(p) for p in error.problems if p.path == "x"]
+    assert message.startswith(f"{path}:2:1: x: cannot read '1:59:59")
+    assert message.endswith(f"characters): a number over {MAX_NUMBER_CHARS} characters")
+    assert len(message) - len(str(path)) < 160
+
+
+def test_long_values_are_quoted_short(tmp_path: Path) -> None:
+    """A problem about a huge value quotes its start and its length, not all of it."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("name: test\ntimezone: UTC\npools: [" + "1, " * 5000 + "1]\n")
+    messages = [str(p) for p in refused(path).problems if p.path == "pools"]
+    assert messages == [
+        f"{path}:3:1: pools: expected a mapping of keys, got a list "
+        "[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,... (15,003 characters)"
+    ]
 
 
 def test_rule_files_share_the_limits(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from kiln.errors import Problem, ScheduleError
 from kiln.policyspec import Policy, Signals
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.rate import RateError, RateSpec
-from kiln.yamlfile import Loc, SourceMap, load_yaml
+from kiln.yamlfile import Loc, SourceMap, load_yaml, short_repr
 
 __all__ = [
     "Batch",
@@ -530,17 +530,17 @@ def _message(err: Any, loc: Loc) -> str:
         choices = f" (known keys: {', '.join(allowed)})" if allowed and not close else ""
         return f"unknown key {key!r}{hint}{choices}"
     if kind in {"int_type", "int_from_float"}:
-        return f"expected a whole number, got {_kind(got)} {got!r}"
+        return f"expected a whole number, got {_kind(got)} {short_repr(got)}"
     if kind in {"float_type"}:
-        return f"expected a number, got {_kind(got)} {got!r}"
+        return f"expected a number, got {_kind(got)} {short_repr(got)}"
     if kind in {"string_type"}:
-        return f"expected text, got {_kind(got)} {got!r}"
+        return f"expected text, got {_kind(got)} {short_repr(got)}"
     if kind in {"bool_type"}:
-        return f"expected true or false, got {_kind(got)} {got!r}"
+        return f"expected true or false, got {_kind(got)} {short_repr(got)}"
     if kind in {"dict_type", "model_type", "model_attributes_type"}:
-        return f"expected a mapping of keys, got {_kind(got)} {got!r}"
+        return f"expected a mapping of keys, got {_kind(got)} {short_repr(got)}"
     if kind in {"list_type"}:
-        return f"expected a list, got {_kind(got)} {got!r}"
+        return f"expected a list, got {_kind(got)} {short_repr(got)}"
     if kind in {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}:
         bound = {
             "greater_than_equal": "at least {ge}",
@@ -548,20 +548,20 @@ def _message(err: Any, loc: Loc) -> str:
             "less_than_equal": "at most {le}",
             "less_than": "less than {lt}",
         }[kind].format(**ctx)
-        return f"must be {bound}, got {got!r}"
+        return f"must be {bound}, got {short_repr(got)}"
     if kind == "too_short":
         return f"must not be empty (at least {ctx.get('min_length', 1)} item)"
     if kind == "string_pattern_mismatch":
         return (
             f"names use lower-case letters, digits and - _ . (starting with a letter or digit), "
-            f"got {got!r}"
+            f"got {short_repr(got)}"
         )
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
     if kind == "literal_error":
-        return f"expected {ctx.get('expected')}, got {got!r}"
+        return f"expected {ctx.get('expected')}, got {short_repr(got)}"
     if kind == "union_tag_invalid" or kind.startswith("union"):
-        return f"unexpected value {got!r}"
+        return f"unexpected value {short_repr(got)}"
     msg = str(err["msg"])
     return msg[0].lower() + msg[1:] if msg else kind
 

@@ -36,12 +36,14 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_NODES",
+    "MAX_NUMBER_CHARS",
     "Loc",
     "SourceMap",
     "Unreadable",
     "load_yaml",
     "path_text",
     "read_bounded",
+    "short_repr",
 ]
 
 #: Files larger than this are refused: a real plan or rule file is a few kilobytes.
@@ -54,7 +56,16 @@ MAX_NODES = 100_000
 #: Lists and mappings inside each other around any value. Real plans use at most 6.
 MAX_DEPTH = 64
 
+#: Characters of a number YAML is asked to read: a cap has at most 10 digits, and YAML 1.1's
+#: base-60 integers (`1:30:00`) cost time quadratic in their length.
+MAX_NUMBER_CHARS = 100
+
+#: Characters of a value quoted back in a problem.
+_QUOTED_CHARS = 80
+
 Loc = tuple[str | int, ...]
+
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _VALUE_TAG = "tag:yaml.org,2002:value"
@@ -62,6 +73,14 @@ _STR_TAG = "tag:yaml.org,2002:str"
 
 #: Path parts shown in a problem about nesting (the full path of a 64-deep value is unreadable).
 _SHOWN_PARTS = 4
+
+
+def short_repr(value: object) -> str:
+    """`repr(value)`, cut to a readable length for a problem message."""
+    text = repr(value)
+    if len(text) <= _QUOTED_CHARS:
+        return text
+    return f"{text[: _QUOTED_CHARS - 20]}... ({len(text):,} characters)"
 
 
 def path_text(loc: Loc) -> str:
@@ -206,6 +225,8 @@ class _Loader(yaml.SafeLoader):
         self.composed = 0
         #: Where the composer is (keys and indexes), for messages; its length is the depth.
         self.where: list[str | int] = []
+        #: ids of the mappings whose merge keys are merged (each is merged once).
+        self.flattened: set[int] = set()
 
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         """`[` or `{`, refused past the depth limit: the scanner looks ahead over every open
@@ -246,7 +267,9 @@ class _Loader(yaml.SafeLoader):
         self._flatten(node, 0)
 
     def _flatten(self, node: yaml.MappingNode, depth: int) -> None:
-        """Merge `node`'s `<<` keys in place (idempotent, like PyYAML's `flatten_mapping`)."""
+        """Merge `node`'s `<<` keys in place, once; the copies are counted before they are made."""
+        if id(node) in self.flattened:  # done: no `<<` left (a list may name it many times)
+            return
         if depth > self.max_depth:
             message = f"merge keys (<<) chained more than {self.max_depth} deep"
             raise _Refused(node.start_mark, (), message)
@@ -266,16 +289,19 @@ class _Loader(yaml.SafeLoader):
                 sources = list(value_node.value)
             else:
                 raise _merge_error(node, value_node)
+            pairs = len(merge) + len(node.value)
             for source in sources:
                 if not isinstance(source, yaml.MappingNode):
                     raise _merge_error(node, source)
                 self._flatten(source, depth + 1)
-            for source in reversed(sources):  # later mappings lose to earlier ones, as in PyYAML
-                if 2 * (len(merge) + len(source.value) + len(node.value)) > self.max_nodes:
+                pairs += len(source.value)
+                if 2 * pairs > self.max_nodes:  # a pair is two values
                     raise _Refused(node.start_mark, (), _too_many(self.max_nodes))
+            for source in reversed(sources):  # later mappings lose to earlier ones, as in PyYAML
                 merge.extend(source.value)
         if merge:
             node.value = merge + node.value
+        self.flattened.add(id(node))
 
 
 def _part(index: int | yaml.Node | None) -> str | int:
@@ -381,6 +407,10 @@ class _Builder:
             return self._mapping(node, loc)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        if node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+            message = f"cannot read {short_repr(node.value)}: a number over {MAX_NUMBER_CHARS} "
+            self.source.problems.append(self.source.problem(loc, message + "characters"))
+            return Unreadable(node.value)
         try:
             return self.loader.construct_object(node, deep=True)
         except (
@@ -392,7 +422,7 @@ class _Builder:
         ) as e:
             # e.g. a date that does not exist (2026-02-30), or `!!timestamp nonsense`
             self.source.problems.append(
-                self.source.problem(loc, f"cannot read {node.value!r}: {_reason(e)}")
+                self.source.problem(loc, f"cannot read {short_repr(node.value)}: {_reason(e)}")
             )
             return Unreadable(node.value)
 
