@@ -484,3 +484,29 @@ def test_systemd_watchdog_is_fed_while_the_loop_lives(tmp_path: Path) -> None:
             d.cleanup()
             addr.unlink(missing_ok=True)
             sock_dir.rmdir()
+
+
+# ----- F4b: a state folder that lost its database -----
+
+
+def test_a_lost_database_stops_kiln_run_unless_reinitialised(tmp_path: Path) -> None:
+    """After the database file is deleted, `kiln run` on the same state folder exits 1 naming
+    the file (before: a fresh database, ramps back to step 1 and the day re-granted); with
+    --reinitialise it starts afresh."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    d = DaemonProc(plan)
+    try:
+        d.start()
+        assert d.stop() == 0
+        (d.state_dir / "kiln.db").unlink()
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            d.start()
+        assert "kiln.db" in d.log()
+        d.args.append("--reinitialise")
+        d.start()
+        with d.client() as c:
+            assert c.request("status")["ok"] is True
+        assert d.stop() == 0
+    finally:
+        d.cleanup()

@@ -224,7 +224,11 @@ class Daemon:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         for path in (config.socket, config.operator_socket):
             _refuse_if_answered(path)  # before the store: a second daemon says why it stops
-        self.store = Store(config.store_url, node=config.node)
+        # A folder that lost its database refuses to start (StateLostError) unless told to
+        # reinitialise: a fresh database would re-grant the day and restart every ramp.
+        self.store = Store.open_state(
+            config.store_url, config.state_dir, node=config.node, reinitialise=config.reinitialise
+        )
         self.states: dict[tuple[str, str], RampState] = {}
         self.recent_reports: deque[_core.Report] = deque(maxlen=RECENT_REPORTS)
         self._pending_log: list[LogEntry] = []
