@@ -53,6 +53,13 @@ Failures (both fakes), each a `Failure`:
   `.not_found()`, `.rate_limited(retry_after="2")`, `.server_error()`, `.html()` (a login
   page with status 200), `.slow(delay_s)` (answers normally after the delay: use a delay
   beyond the client timeout), `.garbage()` (200 with a body that does not parse).
+- Answers that misbehave on the wire, streamed by the handler thread and never held in
+  memory: `Failure.flood(size, status=200, declare_length=False)` (`size` bytes of generated
+  CSV-looking body, chunked, or with a `Content-Length` of `size`; it stops as soon as the
+  client hangs up), `Failure.drip(every_s=0.1, in_headers=False)` (complete headers of a
+  chunked answer, then a one-byte chunk every `every_s` forever; with `in_headers`, the
+  header block itself never ends, one byte at a time). `fake.streamed_bytes` counts the
+  body bytes a flood got onto the socket.
 
 Assertions: `fake.requests` (a list of `RecordedRequest`: method, path, query as
 `{name: [values]}`, headers, body; `.json()` for JSON bodies), `fake.count(path=None)`,
@@ -88,16 +95,25 @@ _HTML = (
 )
 
 Response = tuple[int, dict[str, str], bytes]
+#: One generated CSV row, repeated to make a flood's body.
+_FLOOD_ROW = (
+    b"192.0.2.10,3/9/2026 12:00 AM,3/10/2026 12:00 AM,1200,1180,1500,GREEN,< 0.1%,,,,"
+    b"mail.example.com,bounce@example.com,\r\n"
+)
+_FLOOD_BLOCK = (_FLOOD_ROW * (65_536 // len(_FLOOD_ROW) + 1))[:65_536]
 
 
 @dataclass(frozen=True)
 class Failure:
     """A scripted bad answer: a status (with an error body), HTML, a delay, or garbage."""
 
-    kind: Literal["status", "html", "slow", "garbage"]
+    kind: Literal["status", "html", "slow", "garbage", "flood", "drip"]
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 0.0
+    size: int = 0
+    declare_length: bool = False
+    in_headers: bool = False
 
     @classmethod
     def status_code(cls, code: int, retry_after: str | None = None) -> Failure:
@@ -143,6 +159,24 @@ class Failure:
     def garbage(cls) -> Failure:
         """200 with a body that is neither valid JSON nor valid CSV rows."""
         return cls("garbage", 200)
+
+    @classmethod
+    def flood(cls, size: int, *, status: int = 200, declare_length: bool = False) -> Failure:
+        """A generated body of `size` bytes (chunked, or with its Content-Length)."""
+        return cls("flood", status, size=size, declare_length=declare_length)
+
+    @classmethod
+    def drip(cls, every_s: float = 0.1, *, in_headers: bool = False) -> Failure:
+        """One byte every `every_s` seconds, forever (of the body, or of the headers)."""
+        return cls("drip", 200, delay_s=every_s, in_headers=in_headers)
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    """An answer the handler streams itself (a flood or a drip)."""
+
+    failure: Failure
+    content_type: str
 
 
 @dataclass(frozen=True)
@@ -209,10 +243,18 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
         )
-        status, headers, payload = self.server.fake._dispatch(request)
+        answer = self.server.fake._dispatch(request)
         if self.server.fake._stopping.is_set():
             self.close_connection = True
             return
+        if isinstance(answer, _Streamed):
+            self.close_connection = True
+            try:
+                self._stream(answer)
+            except OSError:
+                pass  # the client hung up: what these answers wait for
+            return
+        status, headers, payload = answer
         try:
             self.send_response(status)
             for name, value in headers.items():
@@ -222,6 +264,41 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except OSError:
             self.close_connection = True
+
+    def _stream(self, answer: _Streamed) -> None:
+        """Write a flood or a drip until it is done, the client leaves or the fake stops."""
+        fake = self.server.fake
+        failure = answer.failure
+        if failure.kind == "drip" and failure.in_headers:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+            while not fake._stopping.wait(failure.delay_s):
+                self.wfile.write(b"a")
+            return
+        self.send_response(failure.status)
+        self.send_header("Content-Type", answer.content_type)
+        if failure.kind == "drip":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while not fake._stopping.wait(failure.delay_s):
+                self.wfile.write(b"1\r\n1\r\n")  # a chunk of one byte
+            return
+        chunked = not failure.declare_length
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(failure.size))
+        self.end_headers()
+        sent = 0
+        while sent < failure.size and not fake._stopping.is_set():
+            piece = _FLOOD_BLOCK[: min(len(_FLOOD_BLOCK), failure.size - sent)]
+            if chunked:
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            else:
+                self.wfile.write(piece)
+            sent += len(piece)
+            fake._count_streamed(len(piece))
+        if chunked and sent >= failure.size:
+            self.wfile.write(b"0\r\n\r\n")
 
     do_GET = _serve
     do_POST = _serve
@@ -245,6 +322,8 @@ class _FakeServer:
 
     #: Request paths that `path=None` failures do not touch.
     _exempt: ClassVar[tuple[str, ...]] = ()
+    #: The Content-Type of a flood or a drip.
+    _stream_type: ClassVar[str] = "text/plain; charset=utf-8"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -254,6 +333,7 @@ class _FakeServer:
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._streamed = 0
 
     # ----- lifecycle -----
 
@@ -362,6 +442,16 @@ class _FakeServer:
         with self._lock:
             return sum(1 for r in self._requests if path is None or path in r.path)
 
+    @property
+    def streamed_bytes(self) -> int:
+        """Body bytes floods have written to sockets so far."""
+        with self._lock:
+            return self._streamed
+
+    def _count_streamed(self, n: int) -> None:
+        with self._lock:
+            self._streamed += n
+
     def reset_log(self) -> None:
         """Forget the requests seen so far."""
         with self._lock:
@@ -369,13 +459,15 @@ class _FakeServer:
 
     # ----- dispatch -----
 
-    def _dispatch(self, request: RecordedRequest) -> Response:
+    def _dispatch(self, request: RecordedRequest) -> Response | _Streamed:
         """Log, apply a scripted failure, else route."""
         with self._lock:
             self._requests.append(request)
         failure = self._take_failure(request.path)
         if failure is None:
             return self._route(request)
+        if failure.kind in ("flood", "drip"):
+            return _Streamed(failure, self._stream_type)
         if failure.kind == "slow":
             self._stopping.wait(failure.delay_s)
             return self._route(request)
@@ -531,6 +623,7 @@ class FakeGoogle(_FakeServer):
     """Google's token endpoint and Postmaster Tools v1/v2 on loopback (see the module doc)."""
 
     _exempt = ("/token",)
+    _stream_type = "application/json; charset=UTF-8"
     CLIENT_ID = "123456789-kilntest.apps.googleusercontent.com"
     CLIENT_SECRET = "GOCSPX-fake-client-secret-c0ffee"  # noqa: S105  (a test value)
     REFRESH_TOKEN = "1//0fake-refresh-token-d00dfeed"  # noqa: S105  (a test value)

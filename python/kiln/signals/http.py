@@ -27,8 +27,8 @@ to `ERROR_BODY_BYTES` only (their error code is all kiln uses). Requests ask for
 `Accept-Encoding: identity`, so the limit counts what the server sends; a compressed answer is
 still decoded and counted after decoding.
 
-Parsing runs off the event loop: `off_loop(fn, ...)` runs a parser in a small thread pool of
-its own, and the sources decode and parse every body there (`HttpFetcher.parse_json`). Parsers
+Parsing runs off the event loop: `off_loop(fn, ...)` runs a parser in a daemon thread of its
+own, and the sources decode and parse every body there (`HttpFetcher.parse_json`). Parsers
 are pure functions of the body: they never touch the engine or the daemon's state.
 
 Google's error envelope `{"error": {"code", "status", "message"}}` is read by `code` and
@@ -51,16 +51,15 @@ Sleeping, randomness and the clock are injected, so tests never wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import email.utils
-import functools
 import json as jsonlib
 import logging
 import random
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -232,34 +231,45 @@ def format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: ThreadPoolExecutor | None = None
-#: Parser threads: two are plenty (a poll parses a few bodies, each bounded by its limit).
-_POOL_WORKERS = 2
-
-
-def _parse_pool() -> ThreadPoolExecutor:
-    """The parser thread pool, made on first use (shared by every event loop)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(
-                max_workers=_POOL_WORKERS, thread_name_prefix="kiln-signal-parse"
-            )
-        return _POOL
-
-
 async def off_loop(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-    """`fn(*args, **kwargs)` in the parser thread pool, so the event loop keeps running.
+    """`fn(*args, **kwargs)` in a worker thread of its own, so the event loop keeps running.
 
-    For CPU work on a body (decoding, CSV and JSON parsing). `fn` must not touch the engine
-    or any state the event loop owns. If the awaiting task is cancelled, `fn` still runs to
-    its end in its thread (bounded by the body limit) and its result is dropped.
+    For CPU work on a body (decoding, CSV and JSON parsing, lookups over a parsed body): `fn`
+    must be pure, touching neither the engine nor anything the event loop owns. The thread is
+    a daemon thread: if the awaiting task is cancelled (a reload, a shutdown), `fn` runs to
+    its end (bounded by the body limit) and its result is dropped, and it never holds up the
+    process's exit. Its exception, if any, is raised in the awaiting task.
     """
     loop = asyncio.get_running_loop()
+    future: asyncio.Future[_R] = loop.create_future()
     context = contextvars.copy_context()
-    call = functools.partial(context.run, fn, *args, **kwargs)
-    return await loop.run_in_executor(_parse_pool(), call)
+
+    def deliver(result: _R | None, error: Exception | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: _R | None = None
+        error: Exception | None = RuntimeError("the parser thread ended without a result")
+        try:
+            result, error = context.run(fn, *args, **kwargs), None
+        except Exception as exc:  # noqa: BLE001  (forwarded: raised in the awaiting task)
+            error = exc
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=work, name=f"kiln-parse-{_thread_name(fn)}", daemon=True).start()
+    return await future
+
+
+def _thread_name(fn: Callable[..., Any]) -> str:
+    """A short name for a parser thread."""
+    return str(getattr(fn, "__name__", type(fn).__name__))[:40]
 
 
 class HttpError(SourceError):
@@ -486,6 +496,7 @@ class HttpFetcher:
             self._log.error("signal_fetch_refused", request=shown, reason=refused.detail)
             raise refused
         limit = self.limits.max_body_bytes if max_body_bytes is None else max_body_bytes
+        setting = f"signals.{self.source}.max_body_bytes" if max_body_bytes is None else None
         sent = {"Accept-Encoding": "identity", **(headers or {})}
         policy = self.policy
         attempts = max(1, policy.max_attempts)
@@ -505,7 +516,15 @@ class HttpFetcher:
                 )
                 await self._sleep(delay_s)
             outcome = await self._attempt(
-                method, url, shown, limit, params=params, json=json, data=data, headers=sent
+                method,
+                url,
+                shown,
+                limit,
+                setting,
+                params=params,
+                json=json,
+                data=data,
+                headers=sent,
             )
             if isinstance(outcome, HttpError):
                 last = outcome
@@ -528,6 +547,7 @@ class HttpFetcher:
         url: str,
         shown: str,
         limit: int,
+        setting: str | None,
         *,
         params: Mapping[str, str | int] | None,
         json: Any,
@@ -536,6 +556,7 @@ class HttpFetcher:
     ) -> httpx.Response | HttpError:
         """One exchange within the deadline: the buffered response, or why there is none.
 
+        `setting` names the plan key that sets `limit` (for the message), if one does.
         Raises `HttpError` only for failures no retry can mend.
         """
         deadline_s = self.limits.deadline_s
@@ -558,11 +579,11 @@ class HttpFetcher:
                         body = await _read_body(response, cap, truncate=not ok)
                     except _Oversize as exc:
                         declared = f" (it declares {exc.declared} bytes)" if exc.declared else ""
+                        where = f" ({setting})" if setting else ""
                         return self.error(
                             "oversize",
                             f"{shown}: the answer is larger than the {format_bytes(limit)} "
-                            f"limit{declared}; dropped unread (signals.{self.source}."
-                            "max_body_bytes)",
+                            f"limit{declared}; dropped unread{where}",
                             status_code=response.status_code,
                         )
                     return _buffered(response, body)

@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 
 from kiln.signals import ErrorKind, SourceError
-from kiln.signals.http import FetchLimits, HttpError, HttpFetcher, RetryPolicy
+from kiln.signals.http import FetchLimits, HttpError, HttpFetcher, RetryPolicy, off_loop
 from kiln.signals.oauth import AuthorizedUser, TokenSource
 
 __all__ = [
@@ -975,6 +975,7 @@ class PostmasterSource:
             message = "; ".join(f"{e.part}: {e.kind}: {e.message}" for e in errors)
             return DomainFailure(domain, errors[0].kind, message, tuple(errors))
         stats: TrafficStats | None = values.get("v1")
+        ip_map = await off_loop(stats.ip_reputation_map) if stats is not None else {}
         v2: DomainStats = values.get("v2") or {}
         metrics = {name: by_day[day] for name, by_day in v2.items() if day in by_day}
         spam_rate = stats.spam_ratio if stats is not None else None
@@ -986,7 +987,7 @@ class PostmasterSource:
             spam_rate=spam_rate,
             spam_rate_upper=stats.spam_ratio_upper if stats is not None else None,
             domain_reputation=stats.domain_reputation if stats is not None else None,
-            ip_reputation=MappingProxyType(stats.ip_reputation_map() if stats else {}),
+            ip_reputation=MappingProxyType(ip_map),
             delivery_errors=stats.delivery_errors if stats is not None else None,
             delivery_error_rate=_fraction(metrics.get("delivery_error_rate")),
             reject_rate=_fraction(metrics.get("reject_rate")),

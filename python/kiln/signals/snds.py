@@ -27,7 +27,10 @@ returns an `SndsReading`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import csv
+import functools
+import heapq
 import io
 import ipaddress
 import random
@@ -345,21 +348,67 @@ class IpBlockStatus:
 
 @dataclass(frozen=True)
 class IpStatusTable:
-    """The `ipStatus.aspx` ranges, with lookups by IP."""
+    """The `ipStatus.aspx` ranges, with lookups by IP.
+
+    Lookups go through an index built once per table (elementary segments between range
+    ends, each with its answer, found by bisection): a status for every IP of a large
+    account costs O(log ranges) per IP, not a scan of every range with three address parses.
+    """
 
     ranges: tuple[IpStatusRange, ...]
 
+    @functools.cached_property
+    def _index(self) -> dict[int, tuple[list[int], list[IpStatusRange | None]]]:
+        """Per IP version: segment starts and the answer for each segment."""
+        spans: dict[int, list[tuple[int, int, int]]] = {}
+        for position, r in enumerate(self.ranges):
+            try:
+                first, last = ipaddress.ip_address(r.first_ip), ipaddress.ip_address(r.last_ip)
+            except ValueError:
+                continue
+            if first.version == last.version and int(first) <= int(last):
+                spans.setdefault(first.version, []).append((int(first), int(last), position))
+        return {version: self._segments(found) for version, found in spans.items()}
+
+    def _segments(
+        self, spans: list[tuple[int, int, int]]
+    ) -> tuple[list[int], list[IpStatusRange | None]]:
+        """Sweep the (first, last, position) spans of one version into answered segments."""
+        bounds = sorted({v for first, last, _ in spans for v in (first, last + 1)})
+        by_first = sorted(spans)
+        blocked: list[tuple[int, int]] = []  # (position, last): heaps, lazily pruned
+        every: list[tuple[int, int]] = []
+        answers: list[IpStatusRange | None] = []
+        i = 0
+        for start in bounds:
+            while i < len(by_first) and by_first[i][0] <= start:
+                _, last, position = by_first[i]
+                heapq.heappush(every, (position, last))
+                if self.ranges[position].blocked is True:
+                    heapq.heappush(blocked, (position, last))
+                i += 1
+            for heap in (blocked, every):
+                while heap and heap[0][1] < start:
+                    heapq.heappop(heap)
+            top = blocked[0] if blocked else every[0] if every else None
+            answers.append(self.ranges[top[0]] if top is not None else None)
+        return bounds, answers
+
     def lookup(self, ip: str) -> IpStatusRange | None:
-        """The range holding `ip` (a blocked one first), or None."""
-        matches = [r for r in self.ranges if ip in r]
-        matches.sort(key=lambda r: r.blocked is not True)
-        return matches[0] if matches else None
+        """The range holding `ip` (the first blocked one, else the first one), or None."""
+        try:
+            value = ipaddress.ip_address(ip.strip())
+        except ValueError:
+            return None
+        bounds, answers = self._index.get(value.version, ([], []))
+        at = bisect.bisect_right(bounds, int(value)) - 1
+        return answers[at] if at >= 0 else None
 
     def status(self, ip: str) -> IpBlockStatus:
         """`ip`'s status; unlisted IPs are `IpBlockStatus(False, False, None)`."""
         found = self.lookup(ip)
         if found is None:
-            return IpBlockStatus(listed=False, blocked=False, reason=None)
+            return _UNLISTED
         return IpBlockStatus(listed=True, blocked=found.blocked, reason=found.reason)
 
     def blocked_reason(self, ip: str) -> str | None:
@@ -370,6 +419,7 @@ class IpStatusTable:
         return found.reason or ""
 
 
+_UNLISTED = IpBlockStatus(listed=False, blocked=False, reason=None)
 _YES = {"yes": True, "true": True, "no": False, "false": False}
 
 
@@ -546,25 +596,37 @@ class SndsSource:
         return f"SndsSource(feed={self.feed!r}, ips={self.ips!r})"
 
     async def poll(self, day: date) -> SndsReading:
-        """Data for `day` and the current block status."""
+        """Data for `day` and the current block status (assembled off the event loop: one
+        range lookup per IP adds up for a large account)."""
         data_result, status_result = await asyncio.gather(
             self.feed.ip_data(day), self.feed.ip_status(), return_exceptions=True
         )
         if isinstance(status_result, BaseException):
             raise status_result
         data_error = None
-        ips: dict[str, SndsIpData] | None
+        rows: list[SndsIpData] | None
         if isinstance(data_result, SourceError) and data_result.kind == "not_found":
-            ips, data_error = None, data_result.detail
+            rows, data_error = None, data_result.detail
         elif isinstance(data_result, BaseException):
             raise data_result
         else:
-            ips = {row.ip: row for row in data_result}
+            rows = data_result
+        return await off_loop(self._reading, day, rows, status_result, data_error)
+
+    def _reading(
+        self,
+        day: date,
+        rows: list[SndsIpData] | None,
+        table: IpStatusTable,
+        data_error: str | None,
+    ) -> SndsReading:
+        """The reading from the parsed feeds (pure; runs in a parser thread)."""
+        ips = {row.ip: row for row in rows} if rows is not None else None
         wanted = list(self.ips) + [ip for ip in (ips or {}) if ip not in self.ips]
         return SndsReading(
             day=day,
             ips=MappingProxyType(ips) if ips is not None else None,
-            block_status=MappingProxyType({ip: status_result.status(ip) for ip in wanted}),
-            ranges=status_result.ranges,
+            block_status=MappingProxyType({ip: table.status(ip) for ip in wanted}),
+            ranges=table.ranges,
             data_error=data_error,
         )
