@@ -11,11 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from kiln import __version__
 from kiln.client import Client, ClientError
+from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.errors import ScheduleError
 from kiln.ramp import PlanRow, PoolRow, nominal_plan
 from kiln.schedule import Plan, load_plan
@@ -93,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(ramps back to step 1, today's budget granted again; see docs/state.md)",
     )
     run.add_argument(
+        "--clock-start",
+        type=_instant,
+        metavar="ISO8601",
+        help="for drills and tests: the daemon's clock starts at this instant (with its "
+        "offset, e.g. 2026-03-09T21:00:00+01:00) instead of now",
+    )
+    run.add_argument(
+        "--clock-speed",
+        type=_speed,
+        metavar="N",
+        help="for drills and tests: the daemon's clock runs N times faster than real time "
+        "from --clock-start (or now); 360 makes an hour last 10 s",
+    )
+    run.add_argument(
         "--log-format",
         choices=["auto", "json", "console"],
         default="auto",
@@ -162,8 +178,40 @@ def _octal(text: str) -> int:
     return mode
 
 
+def _instant(text: str) -> int:
+    """An ISO 8601 instant with its UTC offset (or Z), as ms since the epoch."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 instant such as 2026-03-09T21:00:00+01:00: {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"give the instant's offset (2026-03-09T21:00:00+01:00 or ...Z): {text!r}"
+        )
+    ms = int(moment.timestamp() * 1000)
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"an instant before 1970: {text!r}")
+    return ms
+
+
+def _speed(text: str) -> float:
+    """A clock speed factor (see kiln.clock.ScaledClock)."""
+    try:
+        speed = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not MIN_SPEED <= speed <= MAX_SPEED:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"clock speed must be between {MIN_SPEED:g} and {MAX_SPEED:g}, got {text!r}"
+        )
+    return speed
+
+
 def _run(args: argparse.Namespace) -> int:
     """`kiln run`: validate the plan, then run the daemon until SIGTERM/SIGINT."""
+    clock = _drill_clock(args)  # first: the drill clock reads --clock-start at process start
     _enable_faulthandler()
     plan = _load_one(Path(args.config))
     if plan is None:
@@ -186,7 +234,15 @@ def _run(args: argparse.Namespace) -> int:
         **({"node": args.node} if args.node else {}),
         reinitialise=args.reinitialise,
     )
-    return daemon.run(config)
+    return daemon.run(config, clock)
+
+
+def _drill_clock(args: argparse.Namespace) -> ScaledClock | None:
+    """The clock --clock-start/--clock-speed ask for; None: the real clock."""
+    if args.clock_start is None and args.clock_speed is None:
+        return None
+    start = SystemClock().now_ms() if args.clock_start is None else args.clock_start
+    return ScaledClock(start, 1.0 if args.clock_speed is None else args.clock_speed)
 
 
 def _enable_faulthandler() -> None:
