@@ -295,3 +295,26 @@ def test_json_body_garbage_is_bad_data() -> None:
         with pytest.raises(SourceError) as info:
             fetch_with(FAST, body, sleeps)
     assert info.value.kind == "bad_data"
+
+
+def test_answers_are_buffered_whole_and_uncompressed_is_asked_for() -> None:
+    """A 2xx comes back fully read (content, charset, status) after streaming; requests ask
+    for `Accept-Encoding: identity` unless the caller says otherwise."""
+    sleeps = Sleeps()
+    with FakeSnds() as snds:
+        response = snds_get(snds, sleeps)
+
+        async def body(fetcher: HttpFetcher) -> httpx.Response:
+            return await fetcher.request(
+                "GET",
+                f"{snds.base_url}/ipStatus.aspx",
+                params={"key": snds.key},
+                headers={"accept-encoding": "gzip"},
+            )
+
+        fetch_with(FAST, body, sleeps)
+        first, second = snds.requests
+    assert response.status_code == 200 and response.encoding == "utf-8"
+    assert response.content.decode().startswith("192.0.2.12,192.0.2.12,Yes")
+    assert first.headers["accept-encoding"] == "identity"
+    assert second.headers["accept-encoding"] == "gzip"

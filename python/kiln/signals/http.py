@@ -497,7 +497,9 @@ class HttpFetcher:
             raise refused
         limit = self.limits.max_body_bytes if max_body_bytes is None else max_body_bytes
         setting = f"signals.{self.source}.max_body_bytes" if max_body_bytes is None else None
-        sent = {"Accept-Encoding": "identity", **(headers or {})}
+        sent = dict(headers or {})
+        if not any(name.lower() == "accept-encoding" for name in sent):
+            sent["Accept-Encoding"] = "identity"  # the limit counts what the server sends
         policy = self.policy
         attempts = max(1, policy.max_attempts)
         last: HttpError | None = None
