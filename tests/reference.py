@@ -636,6 +636,10 @@ class ReferenceEngine:
             "ip_day_used": ip.day_used,
             "suspended_until_ms": k.suspended_until_ms,
             "tat_ns": k.tat_ns,
+            # Reservations (reservation_snapshot) and retired IPs (retain_ips) are not
+            # modelled: an engine that uses neither has no reservation and no retired key.
+            "reservation_left": None,
+            "retired": False,
         }
 
 

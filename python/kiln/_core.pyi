@@ -37,6 +37,8 @@ Reason = Literal[
     "ip_daily_cap",
     "ip_hourly_cap",
     "rate",
+    "reservation",
+    "retired",
 ]
 Tier = Literal["direct", "warming", "warm", "overflow"]
 ReplyClass = Literal[
@@ -84,8 +86,8 @@ class Decision:
         """Messages granted: the full `n` asked for, or 0 when denied."""
     @property
     def reason(self) -> Reason:
-        """Why: "granted", or the first holding limit (paused, suspended, daily_cap,
-        hourly_cap, ip_daily_cap, ip_hourly_cap, rate)."""
+        """Why: "granted", or the first holding limit (paused, retired, suspended, daily_cap,
+        hourly_cap, ip_daily_cap, ip_hourly_cap, rate, reservation)."""
     @property
     def retry_after_ms(self) -> int | None:
         """0 when granted; when denied, ms after which asking again succeeds if nothing else
@@ -230,12 +232,38 @@ class Engine:
         """Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings)."""
     def restore(self, state: Mapping[str, Any]) -> None:
         """Replace all state with a snapshot (from `snapshot()`, or the same data read back
-        from JSON). On any error the engine is unchanged."""
+        from JSON; version 1 data still restores). On any error the engine is unchanged."""
     def snapshot_bytes(self) -> bytes:
-        """Everything the engine holds, as compact bytes (for frequent flushes to the store)."""
-    def restore_bytes(self, data: bytes) -> None:
-        """Replace all state with `snapshot_bytes()` output. On any error the engine is
+        """Everything the engine holds, as compact bytes (for frequent flushes to the store).
+        Reserves nothing: restoring it charges nothing extra."""
+    def reservation_snapshot(
+        self, now_ms: int, ahead_ms: int, *, floor: int = 10
+    ) -> tuple[bytes, int]:
+        """`snapshot_bytes()` that also reserves, and its token: every capped key gets a block
+        (what it may be granted until a little after the next snapshot: `ahead_ms` of its
+        rate and burst plus `floor`, at least twice what it was granted since the previous
+        reservation snapshot, at most what its caps still allow by then), and is held to it
+        from now on. Write the bytes durably, then call `commit_reservation(token, ...)`.
+        Rolls the calendar to `now_ms` first."""
+    def commit_reservation(self, token: int, retry_ms: int) -> bool:
+        """The reservation snapshot of `token` is durable: from now on each key may be granted
+        at most its block more than it had been granted when that snapshot was taken; a
+        request past that is denied, reason "reservation", `retry_after_ms = retry_ms` (the
+        time to the next commit, roughly). True if it took effect; false if `token` is not the
+        latest reservation snapshot's (an older or unknown token is ignored, which is always
+        safe)."""
+    def restore_bytes(self, data: bytes, now_ms: int | None = None) -> None:
+        """Replace all state with `snapshot_bytes()` or `reservation_snapshot()` output. With
+        `now_ms`: roll the calendar to `now_ms` and, for a reservation snapshot, charge every
+        key's block to the windows current then (what it may have been granted between the
+        snapshot and a crash). After a reservation snapshot is restored, capped keys are
+        granted nothing until the next `commit_reservation`. On any error the engine is
         unchanged."""
+    def retain_ips(self, ips: Sequence[str]) -> list[str]:
+        """Keep only `ips` as sending IPs (the plan's): every other IP is retired, so the native
+        protocol answers it as an IP this daemon never had, and its keys never grant
+        (reason "retired"); a listed IP that was retired comes back. Counters and limits are
+        kept. Returns the IPs this call retired. A bad address changes nothing."""
     def serve(self, data: bytes, now_ms: int) -> Served:
         """Answer every complete JSON line of `data` at `now_ms`, in one call."""
     def set_default_provider(self, name: str) -> None:

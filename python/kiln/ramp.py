@@ -351,10 +351,13 @@ def calendar(zone: ZoneInfo, now_ms: int, hours: int = 48) -> tuple[list[int], l
 
 
 def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
-    """Push `limits` into `engine` and define the plan's pools.
+    """Push `limits` into `engine`, define the plan's pools, and retire every other IP.
 
     A batch IP is a warming member of its pool while any of its provider ramps is warming,
-    and a warm member after that. Pool IPs outside batches are warm and get no limits.
+    and a warm member after that. Pool IPs outside batches are warm and get no limits. An IP
+    the engine knows that the plan no longer lists (a reload dropped it) is retired: the
+    engine answers it as an IP it never heard of and never grants it, as a fresh daemon on
+    this plan would; a later plan that lists it again brings it back with the limits it pushes.
     """
     limits = list(limits)
     warming = {limit.ip for limit in limits if limit.warming}
@@ -394,3 +397,6 @@ def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
 
     for name in plan.pools:
         define(name)
+    plan_ips = [ip for b in plan.batches.values() for ip in b.ips]
+    plan_ips += [m.ip for pool in plan.pools.values() for m in pool.members()]
+    engine.retain_ips(plan_ips)

@@ -62,6 +62,8 @@ fn reason_str(py: Python<'_>, r: Reason) -> Bound<'_, PyString> {
         Reason::IpDailyCap => intern!(py, "ip_daily_cap"),
         Reason::IpHourlyCap => intern!(py, "ip_hourly_cap"),
         Reason::Rate => intern!(py, "rate"),
+        Reason::Reservation => intern!(py, "reservation"),
+        Reason::Retired => intern!(py, "retired"),
     }
     .clone()
 }
@@ -91,8 +93,8 @@ impl PyDecision {
         self.inner.granted
     }
 
-    /// Why: "granted", or the first holding limit (paused, suspended, daily_cap,
-    /// hourly_cap, ip_daily_cap, ip_hourly_cap, rate).
+    /// Why: "granted", or the first holding limit (paused, retired, suspended, daily_cap,
+    /// hourly_cap, ip_daily_cap, ip_hourly_cap, rate, reservation).
     #[getter]
     fn reason<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
         reason_str(py, self.inner.reason)
@@ -589,6 +591,8 @@ impl PyEngine {
         d.set_item("ip_day_used", u.ip_day_used)?;
         d.set_item("suspended_until_ms", u.suspended_until_ms)?;
         d.set_item("tat_ns", u.tat_ns)?;
+        d.set_item("reservation_left", u.reserve_left)?;
+        d.set_item("retired", u.retired)?;
         Ok(d)
     }
 
@@ -650,7 +654,7 @@ impl PyEngine {
     }
 
     /// Replace all state with a snapshot (from `snapshot()`, or the same data read back from
-    /// JSON). On any error the engine is unchanged.
+    /// JSON; version 1 data still restores). On any error the engine is unchanged.
     fn restore(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
         let s = snapshot_from_py(state)?;
         let engine = Engine::from_snapshot(&s).map_err(err)?;
@@ -659,17 +663,86 @@ impl PyEngine {
     }
 
     /// Everything the engine holds, as compact bytes (for frequent flushes to the store).
+    /// Reserves nothing: restoring it charges nothing extra.
     fn snapshot_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.lock(py)?.engine.snapshot().to_bytes();
+        let s = self.lock(py)?.engine.snapshot();
+        let data = py.detach(|| s.to_bytes());
         Ok(PyBytes::new(py, &data))
     }
 
-    /// Replace all state with `snapshot_bytes()` output. On any error the engine is unchanged.
-    fn restore_bytes(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let s = Snapshot::from_bytes(data).map_err(err)?;
-        let engine = Engine::from_snapshot(&s).map_err(err)?;
-        self.lock(py)?.replace(engine);
+    /// `snapshot_bytes()` that also reserves, and its token: every capped key gets a block
+    /// (what it may be granted until a little after the next snapshot: `ahead_ms` of its
+    /// rate and burst plus `floor`, at least twice what it was granted since the previous
+    /// reservation snapshot, at most what its caps still allow by then), and is held to it
+    /// from now on. Write the bytes durably, then call `commit_reservation(token, ...)`.
+    /// Rolls the calendar to `now_ms` first.
+    #[pyo3(signature = (now_ms, ahead_ms, *, floor=10))]
+    fn reservation_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        now_ms: i128,
+        ahead_ms: i128,
+        floor: i128,
+    ) -> PyResult<(Bound<'py, PyBytes>, u64)> {
+        let (now_ms, ahead_ms, floor) = (
+            arg("now_ms", now_ms)?,
+            arg("ahead_ms", ahead_ms)?,
+            arg::<u32>("floor", floor)?,
+        );
+        let (s, token) = self
+            .lock(py)?
+            .engine
+            .reservation_snapshot(now_ms, ahead_ms, floor)
+            .map_err(err)?;
+        let data = py.detach(|| s.to_bytes());
+        Ok((PyBytes::new(py, &data), token))
+    }
+
+    /// The reservation snapshot of `token` is durable: from now on each key may be granted at
+    /// most its block more than it had been granted when that snapshot was taken; a request
+    /// past that is denied, reason "reservation", `retry_after_ms = retry_ms` (the time to
+    /// the next commit, roughly). True if it took effect; false if `token` is not the latest
+    /// reservation snapshot's (an older or unknown token is ignored, which is always safe).
+    fn commit_reservation(&self, py: Python<'_>, token: i128, retry_ms: i128) -> PyResult<bool> {
+        let (token, retry_ms) = (
+            arg::<u64>("token", token)?,
+            arg::<u64>("retry_ms", retry_ms)?,
+        );
+        crate::limiter::check_now(retry_ms)
+            .map_err(|_| bad("retry_ms", format_args!("is too large, got {retry_ms}")))?;
+        Ok(self.lock(py)?.engine.commit_reservation(token, retry_ms))
+    }
+
+    /// Replace all state with `snapshot_bytes()` or `reservation_snapshot()` output. With
+    /// `now_ms`: roll the calendar to `now_ms` and, for a reservation snapshot, charge every
+    /// key's block to the windows current then (what it may have been granted between the
+    /// snapshot and a crash). After a reservation snapshot is restored, capped keys are
+    /// granted nothing until the next `commit_reservation`. On any error the engine is
+    /// unchanged.
+    #[pyo3(signature = (data, now_ms=None))]
+    fn restore_bytes(&self, py: Python<'_>, data: &[u8], now_ms: Option<i128>) -> PyResult<()> {
+        let now_ms = opt_arg::<u64>("now_ms", now_ms)?;
+        let engine = py.detach(|| {
+            let s = Snapshot::from_bytes(data)?;
+            Engine::restore_at(&s, now_ms)
+        });
+        self.lock(py)?.replace(engine.map_err(err)?);
         Ok(())
+    }
+
+    /// Keep only `ips` as sending IPs (the plan's): every other IP is retired, so the native
+    /// protocol answers it as an IP this daemon never had, and its keys never grant
+    /// (reason "retired"); a listed IP that was retired comes back. Counters and limits are
+    /// kept. Returns the IPs this call retired. A bad address changes nothing.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    fn retain_ips(&self, py: Python<'_>, ips: Vec<String>) -> PyResult<Vec<String>> {
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        let mut g = self.lock(py)?;
+        let retired = g.engine.retain_ips(&ips).map_err(err)?;
+        Ok(retired
+            .into_iter()
+            .map(|h| g.engine.limiter.ips[h as usize].addr.to_string())
+            .collect())
     }
 
     // ----- the native protocol (docs/protocol.md) -----
@@ -924,7 +997,10 @@ impl PyEngine {
 impl Inner {
     /// Swap in a restored engine; routes follow provider names to the new handles. The
     /// restored engine is not changed (no provider is added to it).
-    fn replace(&mut self, engine: Engine) {
+    fn replace(&mut self, mut engine: Engine) {
+        // Tokens of reservation snapshots taken before the restore stay unknown after it.
+        let next = &mut engine.limiter.reserve.next_token;
+        *next = (*next).max(self.engine.limiter.reserve.next_token);
         let map: Vec<Option<u16>> = self
             .engine
             .limiter
@@ -1083,6 +1159,7 @@ fn snapshot_to_py<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyD
         .map(|m| (m.id, m.pool, m.provider, m.priority, m.n))
         .collect::<Vec<_>>();
     d.set_item("queue", queue)?;
+    d.set_item("retired_ips", &s.retired_ips)?;
     Ok(d)
 }
 
@@ -1190,6 +1267,11 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
             n: get(&f[4], "queue entry n")?,
         });
     }
+    // Version 2 data lists retired IPs; version 1 has none.
+    let retired_ips = match state.get_item("retired_ips") {
+        Ok(v) => get(&v, "retired_ips")?,
+        Err(_) => Vec::new(),
+    };
     Ok(Snapshot {
         version: get(&field("version")?, "version")?,
         hour_start_ms: get(&field("hour_start_ms")?, "hour_start_ms")?,
@@ -1201,6 +1283,8 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
         keys,
         pools,
         queue,
+        retired_ips,
+        reservation: None,
     })
 }
 

@@ -67,6 +67,11 @@ impl Calendar {
         self.pending.front().copied()
     }
 
+    /// How many pending boundaries come at or before `until_ms`.
+    pub fn pending_until(&self, until_ms: u64) -> usize {
+        self.pending.iter().take_while(|&&b| b <= until_ms).count()
+    }
+
     pub fn start_ms(&self) -> u64 {
         self.start_ms
     }

@@ -20,10 +20,15 @@ pub enum Reason {
     IpHourlyCap = 6,
     /// The GCRA rate: too soon after the previous sends.
     Rate = 7,
+    /// The key used up what the last durable snapshot reserved for it (see
+    /// `Engine::reservation_snapshot`); the next commit gives it more.
+    Reservation = 8,
+    /// The key's IP is no longer a sending IP of the plan (`Limiter::retain_ips`).
+    Retired = 9,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Granted,
         Reason::Paused,
         Reason::Suspended,
@@ -32,6 +37,8 @@ impl Reason {
         Reason::IpDailyCap,
         Reason::IpHourlyCap,
         Reason::Rate,
+        Reason::Reservation,
+        Reason::Retired,
     ];
 
     /// The snake_case name used on the wire, in logs and in Python.
@@ -45,6 +52,8 @@ impl Reason {
             Reason::IpDailyCap => "ip_daily_cap",
             Reason::IpHourlyCap => "ip_hourly_cap",
             Reason::Rate => "rate",
+            Reason::Reservation => "reservation",
+            Reason::Retired => "retired",
         }
     }
 
@@ -110,7 +119,8 @@ mod tests {
         for r in Reason::ALL {
             assert_eq!(Reason::from_code(r as u8), Some(r));
         }
-        assert_eq!(Reason::from_code(8), None);
+        assert_eq!(Reason::from_code(10), None);
+        assert_eq!(Reason::Reservation.as_str(), "reservation");
         assert_eq!(Reason::DailyCap.as_str(), "daily_cap");
     }
 }

@@ -122,6 +122,25 @@ impl Engine {
         Ok(h)
     }
 
+    /// Keep only `ips` as sending IPs (see `Limiter::retain_ips`); returns the handles this
+    /// call retired. A listed IP that comes back may free capacity, so the queue wakes.
+    pub fn retain_ips(&mut self, ips: &[&str]) -> CoreResult<Vec<u32>> {
+        let retired = self.limiter.retain_ips(ips)?;
+        self.scheduler.wake_all();
+        Ok(retired)
+    }
+
+    /// The reservation snapshot of `token` is durable (see `reserve.rs`); true if that token
+    /// was the latest reservation snapshot's and now holds, false if it was ignored. A
+    /// reservation denial says `retry_ms` from now on. Frees capacity: the queue wakes.
+    pub fn commit_reservation(&mut self, token: u64, retry_ms: u64) -> bool {
+        let done = self.limiter.commit_reservation(token, retry_ms);
+        if done {
+            self.scheduler.wake_all();
+        }
+        done
+    }
+
     // ----- decisions -----
 
     #[inline]

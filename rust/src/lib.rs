@@ -9,6 +9,7 @@ pub mod gcra;
 pub mod limiter;
 pub mod pick;
 pub mod protocol;
+pub mod reserve;
 pub mod scheduler;
 pub mod state;
 

@@ -10,6 +10,7 @@ use crate::caps::{cap_from, cap_wait, Calendar, NO_CAP};
 use crate::decision::{Decision, Reason, Tier};
 use crate::error::{CoreError, CoreResult};
 use crate::gcra::{self, NS_PER_MS, PPM};
+use crate::reserve::{Reserve, NO_RESERVE};
 
 /// Largest `now_ms` accepted (year 2255): keeps `now_ms * 1e6` inside u64.
 pub const MAX_NOW_MS: u64 = 9_000_000_000_000;
@@ -46,12 +47,12 @@ impl Default for Limits {
 /// Limits with everything derived that the hot path needs. Keys share profiles: a batch of
 /// IPs on one schedule step has one profile per provider, so per-key state stays small.
 #[derive(Debug, Clone, Copy)]
-struct Profile {
-    limits: Limits,
-    interval_ns: u64,
-    hourly_cap: u32,
-    daily_cap: u32,
-    paused: bool,
+pub(crate) struct Profile {
+    pub(crate) limits: Limits,
+    pub(crate) interval_ns: u64,
+    pub(crate) hourly_cap: u32,
+    pub(crate) daily_cap: u32,
+    pub(crate) paused: bool,
 }
 
 impl Profile {
@@ -81,19 +82,24 @@ impl Profile {
 }
 
 const FLAG_SUSPENDED: u16 = 1;
+/// The key's IP is no longer a sending IP (`retain_ips`): it never grants.
+const FLAG_RETIRED: u16 = 2;
 
 /// All per-key state: 32 bytes. Counters and the GCRA time are 16 of them; the rest says
-/// which IP, provider and profile the key belongs to. Suspension deadlines are rare and
-/// live in a side table, flagged here.
+/// which IP, provider and profile the key belongs to, and how much the key may still be
+/// granted under the last durable reservation (`reserve.rs`). Suspension deadlines are rare
+/// and live in a side table, flagged here.
 #[derive(Debug, Clone, Copy)]
 #[repr(align(32))] // two slots per cache line, none straddling two
 pub(crate) struct KeySlot {
-    tat_ns: u64,
-    hour_used: u32,
-    day_used: u32,
-    profile: u32,
-    ip: u32,
-    provider: u16,
+    pub(crate) tat_ns: u64,
+    pub(crate) hour_used: u32,
+    pub(crate) day_used: u32,
+    pub(crate) profile: u32,
+    pub(crate) ip: u32,
+    /// Grants left under the reservation in force; `NO_RESERVE`: no reservation limits it.
+    pub(crate) reserve_left: u32,
+    pub(crate) provider: u16,
     flags: u16,
 }
 
@@ -101,10 +107,12 @@ pub(crate) struct KeySlot {
 #[derive(Debug, Clone)]
 pub(crate) struct IpSlot {
     pub(crate) addr: IpAddr,
-    hour_used: u32,
-    day_used: u32,
-    hourly_cap: u32,
-    daily_cap: u32,
+    pub(crate) hour_used: u32,
+    pub(crate) day_used: u32,
+    pub(crate) hourly_cap: u32,
+    pub(crate) daily_cap: u32,
+    /// No longer a sending IP of the plan (`retain_ips`).
+    pub(crate) retired: bool,
 }
 
 /// A key's counters and limits, for `limits`/`status` answers and tests.
@@ -117,6 +125,10 @@ pub struct Usage {
     pub suspended_until_ms: u64,
     pub ip_hour_used: u32,
     pub ip_day_used: u32,
+    /// Grants left under the reservation in force, `None` when none limits the key.
+    pub reserve_left: Option<u32>,
+    /// The key's IP was retired by `retain_ips`.
+    pub retired: bool,
 }
 
 /// Outcome of evaluating one key: it fits (and the GCRA time it would set), or it is held.
@@ -135,12 +147,14 @@ pub struct Limiter {
     ip_index: HashTable<u32>,
     pub(crate) providers: Vec<String>,
     provider_index: HashMap<String, u16>,
-    profiles: Vec<Profile>,
+    pub(crate) profiles: Vec<Profile>,
     profile_index: HashMap<Limits, u32>,
     suspended: HashMap<u32, u64>,
     pub(crate) hours: Calendar,
     pub(crate) days: Calendar,
     next_roll_ms: u64,
+    /// Reservations against overshoot after a crash (`reserve.rs`); off until first used.
+    pub(crate) reserve: Reserve,
 }
 
 fn pack(ip: u32, provider: u16) -> u64 {
@@ -227,10 +241,11 @@ impl Limiter {
             })
     }
 
-    /// Intern a sending IP; its text is normalised (`2001:DB8::1` and `2001:db8::1` are one IP).
+    /// Intern an IP; its text is normalised (`2001:DB8::1` and `2001:db8::1` are one IP).
+    /// A retired IP keeps its handle and stays retired (`retain_ips` brings it back).
     pub fn ip(&mut self, addr: &str) -> CoreResult<u32> {
         let parsed = parse_ip(addr)?;
-        if let Some(h) = self.find_ip(&parsed) {
+        if let Some(h) = self.lookup_ip(&parsed) {
             return Ok(h);
         }
         let h =
@@ -241,6 +256,7 @@ impl Limiter {
             day_used: 0,
             hourly_cap: NO_CAP,
             daily_cap: NO_CAP,
+            retired: false,
         });
         let (ips, hasher) = (&self.ips, &self.hasher);
         self.ip_index
@@ -250,8 +266,16 @@ impl Limiter {
         Ok(h)
     }
 
-    /// The handle of an interned address (the index stores handles and hashes addresses).
+    /// The handle of a sending IP: interned and not retired by `retain_ips`. This is how the
+    /// wire protocol tells a sending IP from one the plan never had (or dropped).
     pub fn find_ip(&self, addr: &IpAddr) -> Option<u32> {
+        self.lookup_ip(addr)
+            .filter(|&h| !self.ips[h as usize].retired)
+    }
+
+    /// The handle of an interned address, retired or not (the index stores handles and
+    /// hashes addresses).
+    pub(crate) fn lookup_ip(&self, addr: &IpAddr) -> Option<u32> {
         let ips = &self.ips;
         self.ip_index
             .find(self.hasher.hash_one(addr), |&i| {
@@ -279,14 +303,24 @@ impl Limiter {
         }
         let k = u32::try_from(self.keys.len())
             .map_err(|_| CoreError::Overflow { what: "key count" })?;
+        let ip_slot = &self.ips[ip as usize];
+        let flags = if ip_slot.retired { FLAG_RETIRED } else { 0 };
+        // A new key has the default profile (uncapped): only its IP's caps can limit it.
+        let ip_capped = ip_slot.hourly_cap != NO_CAP || ip_slot.daily_cap != NO_CAP;
+        let reserve_left = if self.reserve.on && ip_capped {
+            0
+        } else {
+            NO_RESERVE
+        };
         self.keys.push(KeySlot {
             tat_ns: 0,
             hour_used: 0,
             day_used: 0,
             profile: 0,
             ip,
+            reserve_left,
             provider,
-            flags: 0,
+            flags,
         });
         let (keys, hasher) = (&self.keys, &self.hasher);
         self.key_index.insert_unique(hash, k, |&k| {
@@ -387,6 +421,7 @@ impl Limiter {
             }
         };
         self.keys[key as usize].profile = profile;
+        self.reserve_new_caps(key);
         Ok(())
     }
 
@@ -472,6 +507,13 @@ impl Limiter {
         let slot = &mut self.ips[ip as usize];
         slot.hourly_cap = hourly;
         slot.daily_cap = daily;
+        if self.reserve.on && (hourly != NO_CAP || daily != NO_CAP) {
+            for k in 0..self.keys.len() as u32 {
+                if self.keys[k as usize].ip == ip {
+                    self.reserve_new_caps(k);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -513,6 +555,8 @@ impl Limiter {
             suspended_until_ms: self.suspended_until_ms(key),
             ip_hour_used: ip.hour_used,
             ip_day_used: ip.day_used,
+            reserve_left: (s.reserve_left != NO_RESERVE).then_some(s.reserve_left),
+            retired: s.flags & FLAG_RETIRED != 0,
         })
     }
 
@@ -543,9 +587,10 @@ impl Limiter {
 
     /// Would `key` take `n` now? Reads only. Callers have advanced the calendar.
     ///
-    /// The reason is the first holding limit in this order: paused, suspended, daily cap,
-    /// hourly cap, IP daily cap, IP hourly cap, rate. The wait is the longest of all holding
-    /// limits (so that asking again then succeeds), `None` if any has no known end.
+    /// The reason is the first holding limit in this order: paused, retired, suspended, daily
+    /// cap, hourly cap, IP daily cap, IP hourly cap, rate, reservation. The wait is the
+    /// longest of all holding limits (so that asking again then succeeds), `None` if any has
+    /// no known end. (A reservation's wait is the time to the next commit the caller named.)
     #[inline(always)]
     pub(crate) fn evaluate(&self, key: u32, n: u32, now_ms: u64) -> Verdict {
         let s = &self.keys[key as usize];
@@ -556,14 +601,16 @@ impl Limiter {
         let t_ns = now_ms * NS_PER_MS;
         let rate = gcra::check(s.tat_ns, p.interval_ns, p.limits.max_burst, t_ns, n);
         let ip = &self.ips[s.ip as usize];
-        // Fast path: not suspended and every cap has room (NO_CAP is u32::MAX, so an
-        // uncapped counter always has room): only the rate can hold.
+        // Fast path: neither suspended nor retired, every cap has room (NO_CAP is u32::MAX,
+        // so an uncapped counter always has room) and so has the reservation (NO_RESERVE
+        // likewise): only the rate can hold.
         let room = |used: u32, cap: u32| u64::from(used) + u64::from(n) <= u64::from(cap);
-        if s.flags & FLAG_SUSPENDED == 0
+        if s.flags == 0
             && room(s.day_used, p.daily_cap)
             && room(s.hour_used, p.hourly_cap)
             && room(ip.day_used, ip.daily_cap)
             && room(ip.hour_used, ip.hourly_cap)
+            && n <= s.reserve_left
         {
             return match rate {
                 Ok(tat) => Verdict::Fit(tat),
@@ -582,6 +629,9 @@ impl Limiter {
         rate: Result<u64, Option<u64>>,
     ) -> Verdict {
         let s = &self.keys[key as usize];
+        if s.flags & FLAG_RETIRED != 0 {
+            return Verdict::Held(Reason::Retired, None);
+        }
         let p = &self.profiles[s.profile as usize];
         let ip = &self.ips[s.ip as usize];
         let mut held: Option<(Reason, Option<u64>)> = None;
@@ -613,16 +663,20 @@ impl Limiter {
                 hold(reason, wait);
             }
         }
-        match rate {
-            Ok(tat) => match held {
-                None => Verdict::Fit(tat),
-                Some((r, w)) => Verdict::Held(r, w),
-            },
+        let fit = match rate {
+            Ok(tat) => Some(tat),
             Err(wait) => {
                 hold(Reason::Rate, wait.map(gcra::ns_to_ms_ceil));
-                let (r, w) = held.expect("rate held");
-                Verdict::Held(r, w)
+                None
             }
+        };
+        if n > s.reserve_left {
+            hold(Reason::Reservation, Some(self.reserve.retry_ms));
+        }
+        match (held, fit) {
+            (Some((r, w)), _) => Verdict::Held(r, w),
+            (None, Some(tat)) => Verdict::Fit(tat),
+            (None, None) => unreachable!("a rate that holds is recorded"),
         }
     }
 
@@ -633,6 +687,9 @@ impl Limiter {
         s.tat_ns = new_tat_ns;
         s.hour_used = s.hour_used.saturating_add(n);
         s.day_used = s.day_used.saturating_add(n);
+        if s.reserve_left != NO_RESERVE {
+            s.reserve_left = s.reserve_left.saturating_sub(n);
+        }
         let ip = &mut self.ips[s.ip as usize];
         ip.hour_used = ip.hour_used.saturating_add(n);
         ip.day_used = ip.day_used.saturating_add(n);
@@ -721,6 +778,64 @@ impl Limiter {
         s.tat_ns = tat_ns;
         s.hour_used = hour_used;
         s.day_used = day_used;
+    }
+
+    /// Make every key's retired flag say what its IP's says (one pass over the keys).
+    pub(crate) fn sync_retired(&mut self) {
+        let ips = &self.ips;
+        for s in &mut self.keys {
+            if ips[s.ip as usize].retired {
+                s.flags |= FLAG_RETIRED;
+            } else {
+                s.flags &= !FLAG_RETIRED;
+            }
+        }
+    }
+
+    /// Keep only `ips` as sending IPs: every other IP is retired (its keys never grant, and
+    /// `find_ip` no longer knows it), every listed IP that was retired comes back. IPs the
+    /// limiter never interned are ignored. All are parsed before anything changes, so a bad
+    /// address changes nothing. Returns the handles this call retired.
+    pub fn retain_ips(&mut self, ips: &[&str]) -> CoreResult<Vec<u32>> {
+        let keep = ips
+            .iter()
+            .map(|a| parse_ip(a).map(|addr| self.lookup_ip(&addr)))
+            .collect::<CoreResult<Vec<_>>>()?;
+        let mut kept = vec![false; self.ips.len()];
+        for h in keep.into_iter().flatten() {
+            kept[h as usize] = true;
+        }
+        let mut newly = Vec::new();
+        let mut changed = false;
+        for (h, (slot, &keep)) in self.ips.iter_mut().zip(&kept).enumerate() {
+            if slot.retired == keep {
+                changed = true;
+                slot.retired = !keep;
+                if !keep {
+                    newly.push(h as u32);
+                }
+            }
+        }
+        if changed {
+            self.sync_retired();
+        }
+        Ok(newly)
+    }
+
+    /// Retire exactly the IPs listed (restoring a snapshot); handles are checked.
+    pub(crate) fn restore_retired(&mut self, retired: &[u32]) -> CoreResult<()> {
+        for &h in retired {
+            self.check_ip(h)?;
+            self.ips[h as usize].retired = true;
+        }
+        self.sync_retired();
+        Ok(())
+    }
+
+    pub(crate) fn retired_ips(&self) -> Vec<u32> {
+        (0..self.ips.len() as u32)
+            .filter(|&h| self.ips[h as usize].retired)
+            .collect()
     }
 
     pub(crate) fn restore_ip(&mut self, ip: u32, hour_used: u32, day_used: u32) {

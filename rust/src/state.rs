@@ -1,17 +1,21 @@
 //! Snapshot and restore as plain data, so counts survive restarts.
 //!
 //! A snapshot holds everything an Engine knows: providers, IPs and keys in handle order (so
-//! handles stay valid across a restore), limits, counters, suspensions, the calendar, pools
-//! and the queue. `Engine::from_snapshot` rebuilds through the ordinary, checked setters, so a
-//! corrupt snapshot is an error, never a broken engine.
+//! handles stay valid across a restore), limits, counters, suspensions, the calendar, pools,
+//! the queue, retired IPs, and (from `Engine::reservation_snapshot`) each key's reservation.
+//! `Engine::from_snapshot` rebuilds through the ordinary, checked setters, so a corrupt
+//! snapshot is an error, never a broken engine.
+//!
+//! Versions: 2 adds `retired_ips` and `reservation`; version 1 (binary or plain data) still
+//! restores, with neither.
 
 use crate::caps::{cap_from, cap_to, Calendar};
 use crate::engine::Engine;
 use crate::error::{CoreError, CoreResult};
-use crate::limiter::Limits;
+use crate::limiter::{check_now, Limits};
 use crate::pick::Member;
 
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// The first bytes of a binary snapshot (`Snapshot::to_bytes`).
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KILNSNAP";
 
@@ -58,6 +62,15 @@ pub struct QueuedState {
     pub n: u32,
 }
 
+/// What a reservation snapshot reserved: each key's block, in key handle order
+/// (`reserve::NO_RESERVE` for a key no cap limits).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reservation {
+    /// `now_ms` of the reservation snapshot.
+    pub taken_ms: u64,
+    pub blocks: Vec<u32>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub version: u32,
@@ -70,6 +83,48 @@ pub struct Snapshot {
     pub keys: Vec<KeyState>,
     pub pools: Vec<PoolState>,
     pub queue: Vec<QueuedState>,
+    /// IP handles retired by `retain_ips` (version 2).
+    pub retired_ips: Vec<u32>,
+    /// Set by `reservation_snapshot` only (version 2).
+    pub reservation: Option<Reservation>,
+}
+
+/// The binary layout of version 1 (before `retired_ips` and `reservation`).
+#[derive(serde::Deserialize)]
+struct SnapshotV1 {
+    version: u32,
+    hour_start_ms: u64,
+    hour_pending_ms: Vec<u64>,
+    day_start_ms: u64,
+    day_pending_ms: Vec<u64>,
+    providers: Vec<String>,
+    ips: Vec<IpState>,
+    keys: Vec<KeyState>,
+    pools: Vec<PoolState>,
+    queue: Vec<QueuedState>,
+}
+
+impl From<SnapshotV1> for Snapshot {
+    fn from(s: SnapshotV1) -> Self {
+        Self {
+            version: s.version,
+            hour_start_ms: s.hour_start_ms,
+            hour_pending_ms: s.hour_pending_ms,
+            day_start_ms: s.day_start_ms,
+            day_pending_ms: s.day_pending_ms,
+            providers: s.providers,
+            ips: s.ips,
+            keys: s.keys,
+            pools: s.pools,
+            queue: s.queue,
+            retired_ips: Vec::new(),
+            reservation: None,
+        }
+    }
+}
+
+fn corrupt(e: &postcard::Error) -> CoreError {
+    CoreError::bad("snapshot", format!("corrupt binary snapshot: {e}"))
 }
 
 impl Snapshot {
@@ -79,15 +134,31 @@ impl Snapshot {
         postcard::to_extend(self, out).expect("a snapshot always encodes")
     }
 
-    /// Read `to_bytes` output back; anything else is an error, never a panic.
+    /// Read `to_bytes` output back (this version's or version 1's); anything else is an
+    /// error, never a panic.
     pub fn from_bytes(data: &[u8]) -> CoreResult<Self> {
         let body = data
             .strip_prefix(SNAPSHOT_MAGIC.as_slice())
             .ok_or_else(|| {
                 CoreError::bad("snapshot", "not a kiln binary snapshot (bad magic bytes)")
             })?;
-        let (s, rest): (Snapshot, &[u8]) = postcard::take_from_bytes(body)
-            .map_err(|e| CoreError::bad("snapshot", format!("corrupt binary snapshot: {e}")))?;
+        // Every version starts with its number.
+        let (version, _): (u32, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| corrupt(&e))?;
+        let (s, rest): (Snapshot, &[u8]) = match version {
+            1 => postcard::take_from_bytes::<SnapshotV1>(body)
+                .map(|(s, rest)| (s.into(), rest))
+                .map_err(|e| corrupt(&e))?,
+            SNAPSHOT_VERSION => postcard::take_from_bytes(body).map_err(|e| corrupt(&e))?,
+            v => {
+                return Err(CoreError::bad(
+                    "version",
+                    format!(
+                        "this engine reads snapshot versions 1 and {SNAPSHOT_VERSION}, got {v}"
+                    ),
+                ))
+            }
+        };
         if !rest.is_empty() {
             return Err(CoreError::bad(
                 "snapshot",
@@ -172,18 +243,57 @@ impl Engine {
             keys,
             pools,
             queue,
+            retired_ips: l.retired_ips(),
+            reservation: None,
         }
+    }
+
+    /// A snapshot that also reserves (`Limiter::reserve`): each capped key's block, and the
+    /// token to give `commit_reservation` once the snapshot is durable.
+    pub fn reservation_snapshot(
+        &mut self,
+        now_ms: u64,
+        ahead_ms: u64,
+        floor: u32,
+    ) -> CoreResult<(Snapshot, u64)> {
+        let (token, blocks) = self.limiter.reserve(now_ms, ahead_ms, floor)?;
+        let mut s = self.snapshot();
+        s.reservation = Some(Reservation {
+            taken_ms: now_ms,
+            blocks,
+        });
+        Ok((s, token))
+    }
+
+    /// `from_snapshot`, then, with `now_ms`: roll the calendar to `now_ms` and charge each
+    /// key's reserved block (if the snapshot reserved) to the windows current then.
+    pub fn restore_at(s: &Snapshot, now_ms: Option<u64>) -> CoreResult<Self> {
+        let mut e = Self::from_snapshot(s)?;
+        if let Some(now_ms) = now_ms {
+            check_now(now_ms)?;
+            match &s.reservation {
+                Some(r) => e.limiter.charge_blocks(&r.blocks, now_ms)?,
+                None => e.limiter.advance(now_ms),
+            }
+        }
+        Ok(e)
     }
 
     /// Build an engine from a snapshot; the snapshot is checked as it is replayed.
     pub fn from_snapshot(s: &Snapshot) -> CoreResult<Self> {
-        if s.version != SNAPSHOT_VERSION {
+        if !(1..=SNAPSHOT_VERSION).contains(&s.version) {
             return Err(CoreError::bad(
                 "version",
                 format!(
-                    "this engine reads snapshot version {SNAPSHOT_VERSION}, got {}",
+                    "this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {}",
                     s.version
                 ),
+            ));
+        }
+        if s.version == 1 && (!s.retired_ips.is_empty() || s.reservation.is_some()) {
+            return Err(CoreError::bad(
+                "version",
+                "a version 1 snapshot has no retired_ips or reservation",
             ));
         }
         let mut e = Engine::new();
@@ -250,6 +360,16 @@ impl Engine {
         for m in &s.queue {
             e.enqueue(m.id, m.pool, m.provider, m.priority, m.n)?;
         }
+        e.limiter.restore_retired(&s.retired_ips)?;
+        if let Some(r) = &s.reservation {
+            if r.blocks.len() != s.keys.len() {
+                return Err(CoreError::bad(
+                    "reservation",
+                    format!("has {} blocks for {} keys", r.blocks.len(), s.keys.len()),
+                ));
+            }
+        }
+        e.limiter.restore_reservations(s.reservation.is_some());
         Ok(e)
     }
 }
