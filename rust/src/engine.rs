@@ -206,3 +206,109 @@ impl Engine {
         self.scheduler.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::Reason;
+    use crate::protocol::{Route, Wire};
+
+    /// Reply lines of the native protocol for `input` at time 0.
+    fn serve(e: &mut Engine, w: &mut Wire, input: &str) -> String {
+        let mut out = Vec::new();
+        w.serve(e, input.as_bytes(), 0, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// An engine with a plan of two IPs in pool "main", daily caps of 5, and its wire.
+    fn planned() -> (Engine, Wire) {
+        let mut e = Engine::new();
+        let mut w = Wire::new();
+        let google = e.limiter.provider("google").unwrap();
+        w.set_route("gmail.com", Route::Provider(google), u64::MAX)
+            .unwrap();
+        e.define_pool(
+            "main",
+            &[("192.0.2.1", 1, true), ("192.0.2.2", 1, false)],
+            None,
+        )
+        .unwrap();
+        for ip in ["192.0.2.1", "192.0.2.2"] {
+            let k = e.limiter.key(ip, "google").unwrap();
+            e.set_limits(k, None, 1, None, Some(5)).unwrap();
+        }
+        e.retain_ips(&["192.0.2.1", "192.0.2.2"]).unwrap();
+        (e, w)
+    }
+
+    #[test]
+    fn a_retired_ip_is_answered_like_one_never_heard_of() {
+        let acquire = |ip: &str| {
+            format!("{{\"op\":\"acquire\",\"ip\":\"{ip}\",\"domain\":\"gmail.com\",\"id\":1}}\n")
+        };
+        let (mut fresh, mut fresh_wire) = planned();
+        fresh
+            .define_pool("main", &[("192.0.2.1", 1, true)], None)
+            .unwrap();
+        fresh.retain_ips(&["192.0.2.1"]).unwrap();
+        let never = serve(&mut fresh, &mut fresh_wire, &acquire("192.0.2.9"));
+        assert!(never.contains("192.0.2.9 is not a sending IP"), "{never}");
+
+        let (mut e, mut w) = planned();
+        assert!(serve(&mut e, &mut w, &acquire("192.0.2.2")).contains("\"granted\":1"));
+        // The plan drops 192.0.2.2.
+        e.define_pool("main", &[("192.0.2.1", 1, true)], None)
+            .unwrap();
+        let retired = e.retain_ips(&["192.0.2.1"]).unwrap();
+        assert_eq!(retired, vec![1]);
+        let dropped = serve(&mut e, &mut w, &acquire("192.0.2.2"));
+        assert_eq!(dropped, never.replace("192.0.2.9", "192.0.2.2"));
+        let k = e.limiter.key("192.0.2.2", "google").unwrap();
+        let d = e.acquire(k, 1, 0).unwrap();
+        assert_eq!(
+            (d.granted, d.reason, d.retry_after_ms),
+            (0, Reason::Retired, None)
+        );
+        assert!(e.usage(k).unwrap().retired);
+        // New keys of a retired IP are retired too.
+        let y = e.limiter.key("192.0.2.2", "yahoo").unwrap();
+        assert_eq!(e.acquire(y, 1, 0).unwrap().reason, Reason::Retired);
+        // It survives a snapshot, and a later plan listing it brings it back with its limits.
+        let mut r = Engine::from_snapshot(&e.snapshot()).unwrap();
+        assert_eq!(r.snapshot(), e.snapshot());
+        let dropped = serve(&mut r, &mut w, &acquire("192.0.2.2"));
+        assert!(
+            dropped.contains("192.0.2.2 is not a sending IP"),
+            "{dropped}"
+        );
+        assert!(r
+            .retain_ips(&["192.0.2.1", "192.0.2.2"])
+            .unwrap()
+            .is_empty());
+        assert!(r.acquire(k, 4, 0).unwrap().is_granted());
+        assert_eq!(r.acquire(k, 1, 0).unwrap().reason, Reason::DailyCap);
+        // A bad address changes nothing.
+        assert!(r.retain_ips(&["192.0.2.1", "nope"]).is_err());
+        assert!(!r.usage(k).unwrap().retired);
+    }
+
+    #[test]
+    fn pick_never_chooses_a_retired_ip() {
+        let (mut e, _) = planned();
+        let google = e.limiter.provider_handle("google").unwrap();
+        e.retain_ips(&["192.0.2.2"]).unwrap();
+        // The warming IP is retired: the warm one carries everything, then denial by cap.
+        for _ in 0..5 {
+            let d = e.pick(0, google, 1, 0).unwrap();
+            assert_eq!(e.limiter.key_names(d.key).unwrap().0, "192.0.2.2");
+        }
+        let d = e.pick(0, google, 1, 0).unwrap();
+        assert_eq!((d.granted, d.reason), (0, Reason::DailyCap));
+        e.retain_ips(&[]).unwrap();
+        let d = e.pick(0, google, 1, 0).unwrap();
+        assert_eq!(
+            (d.granted, d.reason, d.retry_after_ms),
+            (0, Reason::Retired, None)
+        );
+    }
+}

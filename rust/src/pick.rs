@@ -4,7 +4,8 @@
 //! weight, then the pool named as overflow (and its overflow, and so on). Within a tier the
 //! IP that has carried the least for that provider today, per unit of weight, goes first
 //! (ties: the order the pool lists them). An IP that cannot take the message now is never
-//! chosen while another can. Mail is never dropped: a denial says when to try again.
+//! chosen while another can. Mail is never dropped: a denial says when to try again. A
+//! retired IP (`retain_ips`) is never chosen, and named by a denial only if all are retired.
 
 use crate::decision::{Decision, Reason, Tier};
 use crate::error::{CoreError, CoreResult};
@@ -209,10 +210,16 @@ impl Pools {
                             }
                         }
                         Verdict::Held(reason, wait) => {
-                            let sooner = match (soonest, wait) {
-                                (None, _) | (Some((None, _, _)), Some(_)) => true,
-                                (Some((Some(s), _, _)), Some(w)) => w < s,
-                                (Some(_), None) => false,
+                            // A retired IP is named only when every member is retired.
+                            let retired = |r: Reason| r == Reason::Retired;
+                            let sooner = match soonest {
+                                None => true,
+                                Some((_, r, _)) if retired(r) != retired(reason) => retired(r),
+                                Some((s, _, _)) => match (s, wait) {
+                                    (None, Some(_)) => true,
+                                    (Some(s), Some(w)) => w < s,
+                                    (_, None) => false,
+                                },
                             };
                             if sooner {
                                 soonest = Some((wait, reason, keys[i]));

@@ -268,3 +268,264 @@ impl Limiter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::Reason;
+    use crate::engine::Engine;
+    use crate::state::Snapshot;
+
+    const H: u64 = 3_600_000;
+    const D: u64 = 24 * H;
+    const T0: u64 = 1_000 * D;
+
+    /// One key: 10/s with a burst of 3, daily cap 1000, calendar hours and days ahead.
+    fn engine() -> (Engine, u32) {
+        let mut e = Engine::new();
+        let k = e.limiter.key("192.0.2.1", "google").unwrap();
+        e.set_limits(k, Some((10, 1000)), 3, None, Some(1000))
+            .unwrap();
+        let hours: Vec<u64> = (1..48).map(|i| T0 + i * H).collect();
+        e.set_calendar(&hours, &[T0 + D, T0 + 2 * D]).unwrap();
+        (e, k)
+    }
+
+    /// Grant `count` one at a time 100 ms apart from `at`; how many were granted.
+    fn send(e: &mut Engine, k: u32, count: u64, at: u64) -> u64 {
+        (0..count)
+            .filter(|i| e.acquire(k, 1, at + i * 100).unwrap().is_granted())
+            .count() as u64
+    }
+
+    #[test]
+    fn off_until_used_and_uncapped_keys_never_limited() {
+        let (mut e, k) = engine();
+        assert_eq!(e.usage(k).unwrap().reserve_left, None);
+        let free = e.limiter.key("192.0.2.1", "yahoo").unwrap();
+        let (snap, token) = e.reservation_snapshot(T0, 2000, 10).unwrap();
+        let blocks = &snap.reservation.as_ref().unwrap().blocks;
+        // 2 s of 10/s, the burst of 3 and the floor of 10.
+        assert_eq!(blocks[k as usize], 20 + 3 + 10);
+        assert_eq!(blocks[free as usize], NO_RESERVE);
+        assert!(e.commit_reservation(token, 700));
+        assert_eq!(e.usage(free).unwrap().reserve_left, None);
+        assert!(e.acquire(free, 1_000_000, T0).unwrap().is_granted());
+    }
+
+    #[test]
+    fn a_committed_block_bounds_grants_since_its_snapshot() {
+        let (mut e, k) = engine();
+        e.set_limits(k, None, 1, None, Some(1000)).unwrap(); // no rate: floor and history
+        let (_, token) = e.reservation_snapshot(T0, 2000, 5).unwrap();
+        // Held to the block from the snapshot on, even before the commit.
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(5));
+        assert!(e.acquire(k, 2, T0).unwrap().is_granted());
+        assert!(e.commit_reservation(token, 700));
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(3));
+        assert!(e.acquire(k, 3, T0).unwrap().is_granted());
+        let d = e.acquire(k, 1, T0 + 1).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::Reservation, Some(700))
+        );
+        // The next block is at least twice what was granted since the previous snapshot.
+        let (snap, token) = e.reservation_snapshot(T0 + 1000, 2000, 5).unwrap();
+        assert_eq!(snap.reservation.unwrap().blocks[k as usize], 10);
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(0));
+        assert!(!e.commit_reservation(token + 1, 700), "unknown token");
+        assert!(e.commit_reservation(token, 700));
+        assert!(!e.commit_reservation(token, 700), "already committed");
+        assert_eq!(send(&mut e, k, 20, T0 + 1000), 10);
+    }
+
+    #[test]
+    fn before_its_commit_both_reservations_hold() {
+        let (mut e, k) = engine();
+        e.set_limits(k, None, 1, None, Some(1000)).unwrap();
+        let (_, t1) = e.reservation_snapshot(T0, 2000, 100).unwrap();
+        assert!(e.commit_reservation(t1, 1000));
+        assert!(e.acquire(k, 10, T0).unwrap().is_granted());
+        // A smaller block: held to it at once, though the durable one allows 90 more.
+        let (_, t2) = e.reservation_snapshot(T0 + 1000, 2000, 30).unwrap();
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(30));
+        let (_, t3) = e.reservation_snapshot(T0 + 1500, 2000, 50).unwrap();
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(30));
+        assert!(e.acquire(k, 30, T0 + 1600).unwrap().is_granted());
+        assert_eq!(
+            e.acquire(k, 1, T0 + 1600).unwrap().reason,
+            Reason::Reservation
+        );
+        // Only the latest snapshot commits; then exactly its block minus grants since.
+        assert!(!e.commit_reservation(t2, 1000));
+        assert!(e.commit_reservation(t3, 1000));
+        assert_eq!(e.usage(k).unwrap().reserve_left, Some(50 - 30));
+    }
+
+    #[test]
+    fn blocks_stop_at_what_the_caps_allow_by_the_horizon() {
+        let (mut e, k) = engine();
+        e.set_limits(k, Some((10, 1000)), 3, Some(5), Some(1000))
+            .unwrap();
+        e.acquire(k, 3, T0 + H - 5000).unwrap();
+        let (s, _) = e.reservation_snapshot(T0 + H - 5000, 2000, 10).unwrap();
+        assert_eq!(s.reservation.unwrap().blocks[k as usize], 2);
+        // A new hour begins within the horizon: a whole hourly cap more.
+        let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
+        assert_eq!(s.reservation.unwrap().blocks[k as usize], 2 + 5);
+        let ip = e.limiter.key_ip(k).unwrap();
+        e.limiter.set_ip_caps(ip, None, Some(4)).unwrap();
+        let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
+        assert_eq!(s.reservation.unwrap().blocks[k as usize], 1);
+        e.set_paused(k, true).unwrap();
+        let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
+        assert_eq!(s.reservation.unwrap().blocks[k as usize], 0);
+    }
+
+    #[test]
+    fn a_key_capped_after_the_snapshot_waits_for_a_commit() {
+        let (mut e, k) = engine();
+        let other = e.limiter.key("192.0.2.1", "yahoo").unwrap();
+        let (_, token) = e.reservation_snapshot(T0, 2000, 10).unwrap();
+        assert!(e.acquire(other, 50, T0).unwrap().is_granted());
+        e.set_limits(other, None, 1, Some(100), None).unwrap();
+        assert_eq!(e.acquire(other, 1, T0).unwrap().reason, Reason::Reservation);
+        // The committed snapshot reserved nothing for it: it still waits.
+        assert!(e.commit_reservation(token, 1000));
+        assert_eq!(e.usage(other).unwrap().reserve_left, Some(0));
+        let (_, token) = e.reservation_snapshot(T0 + 1000, 2000, 10).unwrap();
+        assert!(e.commit_reservation(token, 1000));
+        assert!(e.acquire(other, 1, T0 + 1000).unwrap().is_granted());
+        // Keys of an IP that gets caps, and new keys of a capped IP, wait the same way.
+        let ip = e.limiter.key_ip(k).unwrap();
+        let third = e.limiter.key("192.0.2.1", "aol").unwrap();
+        e.limiter.set_ip_caps(ip, Some(1000), None).unwrap();
+        assert_eq!(e.usage(third).unwrap().reserve_left, Some(0));
+        let fourth = e.limiter.key("192.0.2.1", "gmx").unwrap();
+        assert_eq!(e.usage(fourth).unwrap().reserve_left, Some(0));
+    }
+
+    #[test]
+    fn restore_charges_blocks_to_the_windows_of_the_restart() {
+        let (mut e, k) = engine();
+        e.set_limits(k, None, 1, Some(500), Some(1000)).unwrap();
+        assert!(e.acquire(k, 100, T0 + 10).unwrap().is_granted());
+        let (snap, token) = e.reservation_snapshot(T0 + 1000, 2000, 40).unwrap();
+        assert!(e.commit_reservation(token, 1000));
+        let bytes = snap.to_bytes();
+        let snap = Snapshot::from_bytes(&bytes).unwrap();
+        // Same hour: 100 before the snapshot, 40 reserved after it.
+        let r = Engine::restore_at(&snap, Some(T0 + 5000)).unwrap();
+        let u = r.usage(k).unwrap();
+        assert_eq!((u.hour_used, u.day_used, u.ip_day_used), (140, 140, 140));
+        // Zero allowance until the next commit.
+        assert_eq!(u.reserve_left, Some(0));
+        // A later hour of the same day: the hour starts from the block alone.
+        let r = Engine::restore_at(&snap, Some(T0 + H + 1)).unwrap();
+        let u = r.usage(k).unwrap();
+        assert_eq!((u.hour_used, u.day_used), (40, 140));
+        // The next day: both.
+        let r = Engine::restore_at(&snap, Some(T0 + D + 1)).unwrap();
+        let u = r.usage(k).unwrap();
+        assert_eq!((u.hour_used, u.day_used), (40, 40));
+        // Without now_ms nothing is charged, but reservations still wait for a commit.
+        let mut r = Engine::restore_at(&snap, None).unwrap();
+        assert_eq!(r.usage(k).unwrap().day_used, 100);
+        assert_eq!(
+            r.acquire(k, 1, T0 + 2000).unwrap().reason,
+            Reason::Reservation
+        );
+        let (_, token) = r.reservation_snapshot(T0 + 2000, 2000, 40).unwrap();
+        assert!(r.commit_reservation(token, 1000));
+        assert!(r.acquire(k, 1, T0 + 2000).unwrap().is_granted());
+        // A plain snapshot charges nothing and leaves reservations off.
+        let mut r = Engine::restore_at(&e.snapshot(), Some(T0 + 5000)).unwrap();
+        assert_eq!(r.usage(k).unwrap().reserve_left, None);
+        assert_eq!(r.usage(k).unwrap().day_used, 100);
+        assert!(r.acquire(k, 400, T0 + 5000).unwrap().is_granted());
+    }
+
+    #[test]
+    fn a_crash_never_overshoots_the_cap() {
+        // Crash at every point of an interval: restored counters plus what is granted after
+        // the restart never exceed the daily cap, counting what was granted before the crash.
+        for crash_after in 0..12u64 {
+            let (mut e, k) = engine();
+            e.set_limits(k, Some((10, 1000)), 3, None, Some(60))
+                .unwrap();
+            let (mut durable, token) = e.reservation_snapshot(T0 - 1000, 2000, 10).unwrap();
+            assert!(e.commit_reservation(token, 1000));
+            let mut granted = 0;
+            let mut t = T0;
+            for second in 0..6u64 {
+                let (s, token) = e.reservation_snapshot(t, 2000, 10).unwrap();
+                if second == crash_after / 2 && crash_after % 2 == 1 {
+                    // Written but not committed: a crash finds the previous snapshot.
+                    granted += send(&mut e, k, 10, t);
+                    t += 1000;
+                    break;
+                }
+                durable = s;
+                assert!(e.commit_reservation(token, 1000));
+                granted += send(&mut e, k, 10, t);
+                t += 1000;
+                if second == crash_after / 2 {
+                    break;
+                }
+            }
+            let mut r = Engine::restore_at(&durable, Some(t + 500)).unwrap();
+            let (_, token) = r.reservation_snapshot(t + 500, 2000, 10).unwrap();
+            assert!(r.commit_reservation(token, 1000));
+            for i in 0..100 {
+                let at = t + 500 + i * 100;
+                if r.acquire(k, 1, at).unwrap().is_granted() {
+                    granted += 1;
+                }
+                if i % 10 == 9 {
+                    let (_, token) = r.reservation_snapshot(at, 2000, 10).unwrap();
+                    assert!(r.commit_reservation(token, 1000));
+                }
+            }
+            assert!(granted <= 60, "crash {crash_after}: granted {granted}");
+            // What the crash cost is at most one block (2 s of rate, burst and floor).
+            assert!(
+                granted >= 60 - (20 + 3 + 10),
+                "crash {crash_after}: granted {granted}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_bytes_still_restore() {
+        // `snapshot_bytes()` of an engine before version 2 (one key granted 2, an IP cap,
+        // a pool, a queued message).
+        let hex = "4b494c4e534e415001000180dddb01000180b899290106676f6f676c6502093139322e302e322e3101f403000202093139322e302e322e32000000000200000ae80703016401e807c0843d008092fd7b02020001000000010000c0843d000000000001046d61696e0200010101020000010700000201";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let s = Snapshot::from_bytes(&bytes).unwrap();
+        assert_eq!((s.version, s.reservation.is_none()), (1, true));
+        let e = Engine::from_snapshot(&s).unwrap();
+        let u = e.usage(0).unwrap();
+        assert_eq!(
+            (u.day_used, u.limits.daily_cap, u.reserve_left),
+            (2, 1000, None)
+        );
+        assert_eq!(e.queued(), 1);
+        // Corrupt or unknown versions are errors.
+        let mut bad = bytes.clone();
+        bad[8] = 3;
+        assert!(Snapshot::from_bytes(&bad).is_err());
+        let mut s2 = e.snapshot();
+        assert_eq!(s2.version, 2);
+        s2.reservation = Some(crate::state::Reservation {
+            taken_ms: 0,
+            blocks: vec![1],
+        });
+        assert!(
+            Engine::from_snapshot(&s2).is_err(),
+            "one block for two keys"
+        );
+    }
+}
