@@ -10,10 +10,14 @@ domains waiting to be drained (`rust/src/protocol.rs`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -37,11 +41,12 @@ MX_ONLY = ProviderTable(
 class CountingResolver(MxResolver):
     """An MxResolver that records how many `route` calls run at once, and the most ever."""
 
-    def __init__(self, server: DnsServer, **settings: Any) -> None:
-        """Ask `server`, with short timeouts unless told otherwise."""
+    def __init__(self, server: DnsServer | int, **settings: Any) -> None:
+        """Ask `server` (or a server on that port), with short timeouts unless told otherwise."""
         settings.setdefault("timeout_s", 0.5)
         settings.setdefault("lifetime_s", 1.0)
-        super().__init__(MX_ONLY, ["127.0.0.1"], port=server.port, **settings)
+        port = server if isinstance(server, int) else server.port
+        super().__init__(MX_ONLY, ["127.0.0.1"], port=port, **settings)
         self.running = 0
         self.peak = 0
 
@@ -56,11 +61,19 @@ class CountingResolver(MxResolver):
 
 
 class Ticker:
-    """A coroutine sharing the loop: sleeps 10 ms at a time and records the worst lateness."""
+    """A coroutine sharing the loop: sleeps 10 ms at a time and records the worst lateness.
+
+    `worst_s` is wall-clock lateness; `worst_cpu_s` is the most CPU time the loop's thread
+    spent within one tick, that is, the longest the loop's own work (every coroutine on it,
+    garbage collection included) kept the ticker waiting. The first is what a client would
+    see, but on a loaded machine it also counts time the process waited for a CPU; the second
+    counts only the loop's own work.
+    """
 
     def __init__(self, check: Any = None) -> None:
         """`check()`, if given, runs at every tick (to sample other state)."""
         self.worst_s = 0.0
+        self.worst_cpu_s = 0.0
         self.ticks = 0
         self._check = check
         self._stop = False
@@ -79,9 +92,10 @@ class Ticker:
     async def _run(self) -> None:
         """Tick until stopped."""
         while not self._stop:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             await asyncio.sleep(0.01)
             self.worst_s = max(self.worst_s, time.perf_counter() - started - 0.01)
+            self.worst_cpu_s = max(self.worst_cpu_s, time.thread_time() - cpu)
             self.ticks += 1
             if self._check is not None:
                 self._check()
@@ -92,6 +106,39 @@ def server() -> Iterator[DnsServer]:
     """A running loopback DNS server with no records (every name is NXDOMAIN)."""
     with DnsServer() as running:
         yield running
+
+
+def _serve_dns(conn: Connection, mx: dict[str, list[str]]) -> None:
+    """In a child process: serve `mx` (domain -> MX hosts), send the port, stop when told."""
+    with DnsServer() as running:
+        for domain, hosts in mx.items():
+            running.mx(domain, hosts)
+        conn.send(running.port)
+        conn.recv()
+
+
+@contextmanager
+def dns_in_child(mx: dict[str, list[str]]) -> Iterator[int]:
+    """The port of a DnsServer in a child process: it shares no GIL with the loop under test,
+    so the loop's stalls are the code's own."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_serve_dns, args=(theirs, mx), name="test-dns", daemon=True)
+    proc.start()
+    try:
+        assert ours.poll(60), "the DNS server process did not start"
+        port = ours.recv()
+        assert isinstance(port, int)
+        yield port
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send("stop")
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        ours.close()
+        theirs.close()
 
 
 async def idle(lookups: MxLookups, timeout_s: float = 20.0) -> None:
@@ -111,20 +158,20 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 # ----- the lookups -----
 
 
-def test_300k_unique_domains_keep_every_bound_and_never_stall_the_loop(server: DnsServer) -> None:
+def test_300k_unique_domains_keep_every_bound_and_never_stall_the_loop() -> None:
     """300,000 unique domains fed as the daemon feeds them (batches of up to 10,000): at most
     32 lookups in flight and 10,000 waiting at any time, the rest dropped and counted, every
-    domain accounted for, answers right, a concurrent coroutine never late by 100 ms, and
-    nothing left running after aclose()."""
-    for i in range(50):
-        server.mx(f"d{i}.example", ["mx1.qq.com", "mx2.qq.com"])
-    server.mx("d50.example", ["."])
-    resolver = CountingResolver(server)
+    domain accounted for, answers right, nothing left running after aclose(), and a
+    concurrent coroutine on the loop never held up 100 ms by the loop's work (wall clock:
+    10-40 ms on an idle 2-core VM; the wall-clock bound here is 1 s, because other processes
+    competing for the CPUs add their share to it)."""
+    mx = {f"d{i}.example": ["mx1.qq.com", "mx2.qq.com"] for i in range(50)}
+    mx["d50.example"] = ["."]
     results: dict[str, str | None] = {}
     total = 300_000
     n, m = 32, 10_000
 
-    async def scenario() -> tuple[MxLookups, Ticker, int]:
+    async def scenario(resolver: CountingResolver) -> tuple[MxLookups, Ticker, int]:
         lookups = MxLookups(
             resolver,
             lambda domain, provider, _expires_ms: results.__setitem__(domain, provider),
@@ -155,9 +202,12 @@ def test_300k_unique_domains_keep_every_bound_and_never_stall_the_loop(server: D
         assert seen["in_flight"] <= n and seen["waiting"] <= m, seen
         return lookups, ticker, abandoned
 
-    lookups, ticker, abandoned = asyncio.run(scenario())
+    with dns_in_child(mx) as port:
+        resolver = CountingResolver(port)
+        lookups, ticker, abandoned = asyncio.run(scenario(resolver))
     assert ticker.ticks > 100
-    assert ticker.worst_s < 0.1, f"the loop stalled {ticker.worst_s * 1000:.0f} ms"
+    assert ticker.worst_cpu_s < 0.1, f"the loop worked {ticker.worst_cpu_s * 1000:.0f} ms at once"
+    assert ticker.worst_s < 1.0, f"the loop stalled {ticker.worst_s * 1000:.0f} ms"
     assert resolver.peak == n and lookups.peak_in_flight == n  # the bound was reached...
     assert lookups.peak_waiting == m  # ...and so was this one
     assert lookups.dropped > 250_000
