@@ -326,3 +326,130 @@ def test_restore_keeps_routes_of_known_providers_and_adds_none() -> None:
     assert e.snapshot() == snap  # no provider was added by the restore
     assert e.route("gmail.com", 0) == "google"
     assert e.route_count() == 1  # yahoo is unknown to the restored engine: its route is gone
+
+
+VERSION_1_BYTES = bytes.fromhex(
+    "4b494c4e534e415001000180dddb01000180b899290106676f6f676c6502093139322e302e322e3101f40300"
+    "0202093139322e302e322e32000000000200000ae80703016401e807c0843d008092fd7b0202000100000001"
+    "0000c0843d000000000001046d61696e0200010101020000010700000201"
+)
+"""`snapshot_bytes()` of an engine before snapshot version 2: key 0 (192.0.2.1, google) with
+a daily cap of 1000 and 2 used, a pool and one queued message."""
+
+
+def test_reservations_hold_keys_to_their_block_after_a_commit(engine: Engine) -> None:
+    """A reservation snapshot gives each capped key a block; after its commit a key is denied
+    past it with reason "reservation" and the commit's retry time; stale tokens are ignored."""
+    k = engine.key("192.0.2.1", "google")
+    free = engine.key("192.0.2.1", "yahoo")
+    engine.set_limits(k, daily_cap=1000)
+    engine.set_calendar([T0 + HOUR_MS], [T0 + DAY_MS])
+    assert engine.usage(k)["reservation_left"] is None
+    data, token = engine.reservation_snapshot(T0, 2000, floor=4)
+    assert isinstance(data, bytes) and isinstance(token, int)
+    assert engine.commit_reservation(token, 700)
+    assert not engine.commit_reservation(token, 700)
+    assert not engine.commit_reservation(token - 1, 700)
+    assert engine.usage(k)["reservation_left"] == 4
+    assert engine.usage(free)["reservation_left"] is None
+    assert engine.acquire(k, 4, T0)
+    d = engine.acquire(k, 1, T0)
+    assert (d.granted, d.reason, d.retry_after_ms) == (0, "reservation", 700)
+    assert engine.acquire(free, 10**6, T0)
+    # The next block is at least twice what was granted since the last snapshot.
+    _, token = engine.reservation_snapshot(T0 + 1000, 2000, floor=4)
+    assert engine.commit_reservation(token, 700)
+    assert engine.usage(k)["reservation_left"] == 8
+    with pytest.raises(CoreError, match="now_ms: must not be negative"):
+        engine.reservation_snapshot(-1, 2000)
+    with pytest.raises(CoreError, match="floor: is too large"):
+        engine.reservation_snapshot(T0, 2000, floor=2**32)
+
+
+def test_restore_bytes_charges_the_reservation_at_now_ms(engine: Engine) -> None:
+    """restore_bytes(data, now_ms) rolls the calendar and charges each key's block; without
+    now_ms nothing is charged; a plain snapshot charges nothing and reserves nothing."""
+    k = engine.key("192.0.2.1", "google")
+    engine.set_limits(k, hourly_cap=500, daily_cap=1000)
+    engine.set_calendar([T0 + HOUR_MS, T0 + 2 * HOUR_MS], [T0 + DAY_MS])
+    assert engine.acquire(k, 100, T0)
+    data, token = engine.reservation_snapshot(T0 + 10, 2000, floor=30)
+    assert engine.commit_reservation(token, 1000)
+    plain = engine.snapshot_bytes()
+    restored = Engine()
+    restored.restore_bytes(data, T0 + HOUR_MS + 5)
+    u = restored.usage(k)
+    assert (u["hour_used"], u["day_used"], u["ip_day_used"]) == (30, 130, 130)
+    assert u["reservation_left"] == 0
+    assert restored.acquire(k, 1, T0 + HOUR_MS + 5).reason == "reservation"
+    _, token = restored.reservation_snapshot(T0 + HOUR_MS + 5, 2000, floor=30)
+    assert restored.commit_reservation(token, 1000)
+    assert restored.acquire(k, 1, T0 + HOUR_MS + 5)
+    restored.restore_bytes(data)
+    assert restored.usage(k)["day_used"] == 100
+    restored.restore_bytes(plain, T0 + 5)
+    assert restored.usage(k)["day_used"] == 100
+    assert restored.usage(k)["reservation_left"] is None
+    assert restored.acquire(k, 400, T0 + 5)
+
+
+def test_tokens_from_before_a_restore_are_ignored(engine: Engine) -> None:
+    """A reservation snapshot taken before a restore cannot be committed after it."""
+    k = engine.key("192.0.2.1", "google")
+    engine.set_limits(k, daily_cap=10)
+    data, old = engine.reservation_snapshot(T0, 1000)
+    engine.restore_bytes(data, T0)
+    assert not engine.commit_reservation(old, 1000)
+    _, new = engine.reservation_snapshot(T0, 1000)
+    assert new > old
+    assert engine.commit_reservation(new, 1000)
+
+
+def test_old_and_corrupt_snapshot_bytes() -> None:
+    """Version 1 bytes still restore (with and without now_ms); corrupt bytes are a CoreError
+    that leaves the engine unchanged."""
+    e = Engine()
+    e.restore_bytes(VERSION_1_BYTES)
+    assert e.snapshot()["version"] == 2
+    assert e.usage(0)["day_used"] == 2 and e.usage(0)["daily_cap"] == 1000
+    assert e.queued() == 1
+    e.restore_bytes(VERSION_1_BYTES, 5)
+    assert e.usage(0)["day_used"] == 2
+    before = e.snapshot()
+    for bad in (VERSION_1_BYTES[:-3], VERSION_1_BYTES[:8] + b"\x07" + VERSION_1_BYTES[9:], b"x"):
+        with pytest.raises(CoreError, match=r"snapshot|version"):
+            e.restore_bytes(bad, 5)
+    assert e.snapshot() == before
+
+
+def test_retain_ips_retires_the_rest(engine: Engine) -> None:
+    """IPs not listed never grant (reason "retired"), in acquire, batches and pick; a bad
+    address changes nothing; a later call listing them brings them back; snapshots keep it,
+    and a version 1 snapshot (no retired_ips) still restores."""
+    a = engine.key("192.0.2.1", "google")
+    b = engine.key("192.0.2.2", "google")
+    pool = engine.define_pool("p", [("192.0.2.2", 1, True), ("192.0.2.1", 1, False)])
+    g = engine.provider("google")
+    engine.set_limits(b, daily_cap=3)
+    assert engine.retain_ips(["192.0.2.1"]) == ["192.0.2.2"]
+    assert engine.retain_ips(["192.0.2.1", "192.0.2.77"]) == []
+    d = engine.acquire(b, 1, T0)
+    assert (d.granted, d.reason, d.retry_after_ms) == (0, "retired", None)
+    assert engine.usage(b)["retired"] and not engine.usage(a)["retired"]
+    assert engine.acquire_batch(array.array("I", [b, a]), T0).granted_counts() == [0, 1]
+    assert all(engine.pick(pool, g, 1, T0).ip == "192.0.2.1" for _ in range(5))
+    before = engine.snapshot()
+    assert before["retired_ips"] == [1]
+    with pytest.raises(CoreError, match="ip: must be an IPv4 or IPv6 address"):
+        engine.retain_ips(["192.0.2.2", "nope"])
+    assert engine.snapshot() == before
+    twin = Engine()
+    twin.restore(json.loads(json.dumps(before)))
+    assert twin.snapshot() == before
+    twin.restore_bytes(engine.snapshot_bytes())
+    assert twin.snapshot() == before
+    assert engine.retain_ips(["192.0.2.1", "192.0.2.2"]) == []
+    assert engine.acquire(b, 3, T0) and engine.acquire(b, 1, T0).reason == "daily_cap"
+    old = {k: v for k, v in before.items() if k != "retired_ips"}
+    twin.restore(dict(old, version=1))
+    assert twin.snapshot()["retired_ips"] == []

@@ -212,3 +212,45 @@ def test_plan_providers_extend_and_override_the_shipped_table(tmp_path: Path) ->
     assert table["google"].mx_suffixes == [".google.com"]
     assert table["example-isp"].mx_suffixes == [".mx.example-isp.test"]
     assert table["yahoo"].mx_suffixes == [".yahoodns.net"]
+
+
+def test_a_reload_that_drops_ips_answers_them_like_a_fresh_daemon(tmp_path: Path) -> None:
+    """After apply() of a plan without a batch IP and a warm pool IP, the native protocol
+    refuses both exactly as an engine that only ever had the new plan, Python-side decisions
+    never grant them, and a plan listing them again brings them back with its limits."""
+    text = (SCHEDULES / "example.yaml").read_text()
+    old_text = text.replace("start_date: 2026-12-01", "start_date: 2026-11-01")
+    new_text = old_text.replace("ips: [192.0.2.10, 192.0.2.11]", "ips: [192.0.2.10]")
+    new_text = new_text.replace("ips: [198.51.100.20]", "ips: [198.51.100.21]")
+    assert new_text.count("192.0.2.11") == 0 and new_text.count("198.51.100.20") == 0
+    (tmp_path / "old.yaml").write_text(old_text)
+    (tmp_path / "new.yaml").write_text(new_text)
+    old, new = load_plan(tmp_path / "old.yaml"), load_plan(tmp_path / "new.yaml")
+    now = ms("2026-12-01T09:00:00+01:00")
+    reloaded, fresh = Engine(), Engine()
+    apply(reloaded, old, compile_limits(old, {}, now))
+    requests = b"".join(
+        b'{"op":"%s","ip":"%s","provider":"google","id":%d%s}\n' % (op, ip.encode(), i, extra)
+        for i, ip in enumerate(["192.0.2.11", "198.51.100.20", "192.0.2.10", "203.0.113.5"])
+        for op, extra in [(b"acquire", b""), (b"report", b',"result":"deferred"')]
+    )
+    before = reloaded.serve(requests, now).reply
+    assert before.count(b'"granted":1') == 3  # both old IPs sent; 203.0.113.5 is unknown
+    apply(reloaded, new, compile_limits(new, {}, now))
+    apply(fresh, new, compile_limits(new, {}, now))
+    for e in (reloaded, fresh):
+        e.set_calendar(*calendar(new.zone, now))
+    after = reloaded.serve(requests, now).reply
+    assert after == fresh.serve(requests, now).reply
+    assert after.count(b"is not a sending IP of this daemon's plan") == 6
+    for ip in ("192.0.2.11", "198.51.100.20"):
+        d = reloaded.acquire(reloaded.key(ip, "google"), 1, now)
+        assert (d.granted, d.reason) == (0, "retired")
+    pool = reloaded.pool("transactional")
+    google = reloaded.provider("google")
+    assert all(reloaded.pick(pool, google, 1, now).ip != "192.0.2.11" for _ in range(20))
+    # The old plan again: 192.0.2.11 is back, warming, with the plan's limits.
+    apply(reloaded, old, compile_limits(old, {}, now))
+    back = reloaded.key("192.0.2.11", "google")
+    assert reloaded.usage(back)["daily_cap"] == 75 and not reloaded.usage(back)["retired"]
+    assert reloaded.acquire(back, 1, now)
