@@ -233,6 +233,8 @@ def test_doc_lists_every_reason() -> None:
         "ip_daily_cap",
         "ip_hourly_cap",
         "rate",
+        "reservation",
+        "retired",
         "null_mx",
     }
 
