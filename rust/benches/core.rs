@@ -320,6 +320,31 @@ fn bench_hot_key(c: &Config) -> Vec<Row> {
         .allocations(info),
     );
 
+    // The same with reservations on: a committed block larger than every run together.
+    let (mut e, k) = hot_engine(GENEROUS.0, GENEROUS.1, Some(caps));
+    e.set_calendar(&[T0_MS + HOUR_MS], &[T0_MS + DAY_MS])
+        .unwrap();
+    let (_, token) = e.reservation_snapshot(T0_MS, HOUR_MS, 0).unwrap();
+    assert!(e.commit_reservation(token, 1_000));
+    let left = e.usage(k).unwrap().reserve_left.expect("reserved");
+    assert!(u64::from(left) > 1 + ops * (c.runs as u64 + 1));
+    assert_granted(&e.acquire(k, 1, T0_MS).unwrap());
+    let (t, info) = timed(c.runs, ops, |_| hot_loop(&mut e, k, T0_MS, ops));
+    assert_eq!(
+        e.usage(k).unwrap().reserve_left,
+        Some(left - 1 - (ops * (c.runs as u64 + 1)) as u32),
+        "every decision granted and counted down"
+    );
+    rows.push(
+        Row::timing(
+            "hot_key_acquire_reserved",
+            "hot key, granted (rate+caps, reservation committed)",
+            ops,
+            t,
+        )
+        .allocations(info),
+    );
+
     // Denied: 1 per hour, asked again and again at the same instant.
     let (mut e, k) = hot_engine(Some((1, HOUR_MS)), 1, None);
     assert_granted(&e.acquire(k, 1, T0_MS).unwrap());
