@@ -79,6 +79,9 @@ _HIGH_WATER_BYTES = 1 << 20
 #: Open files kept free for the store, logs, signal sources and MTA-log readers when the
 #: connection limit is derived from the open-files limit.
 _RESERVED_FDS = 256
+#: A reservation covers this many snapshot intervals of each key's rate: the next snapshot
+#: and its write have that long before the key is held back (reason `reservation`).
+_RESERVE_INTERVALS = 2
 #: Repeated warnings (connection limit, accept failures, store failures) at most this often.
 _WARN_EVERY_S = 10.0
 
@@ -152,6 +155,8 @@ class _Unsaved:
     day: date
     plan: str
     snapshot: bytes | None
+    #: The engine's reservation token of `snapshot`: committed once the write succeeded.
+    token: int | None
     counts: dict[tuple[str, str], DayCounts]
     entries: list[LogEntry]
     pushback: dict[date, dict[PushbackKey, int]]
@@ -170,7 +175,8 @@ class _Unsaved:
         self.entries += later.entries
         self.automations += later.automations
         self.meta |= later.meta
-        self.snapshot = later.snapshot if later.snapshot is not None else self.snapshot
+        if later.snapshot is not None:
+            self.snapshot, self.token = later.snapshot, later.token
         self.now_ms = later.now_ms
 
     def write(self, store: Store) -> None:
@@ -203,7 +209,7 @@ def _merged(batches: list[_Unsaved]) -> list[_Unsaved]:
             out[-1].absorb(b)
         else:
             if out:
-                out[-1].snapshot = None
+                out[-1].snapshot = out[-1].token = None
             out.append(b)
     return out
 
@@ -269,17 +275,20 @@ class Daemon:
         self.engine.pin_thread()
         now_ms = self.clock.now_ms()
         saved = self.store.load_snapshot()
+        lost_snapshot = False
         if saved is not None:
             data, saved_ms = saved
             try:
-                self.engine.restore_bytes(data)
+                self.engine.restore_bytes(data, now_ms)
             except _core.CoreError as e:
+                lost_snapshot = True
                 self.record(
                     now_ms,
                     "start",
                     "engine",
                     "snapshot_unreadable",
-                    f"the saved counters cannot be read; counting starts from zero: {e}",
+                    "the saved counters cannot be read; today's use is taken from the stored "
+                    f"tallies instead: {e}",
                     {"saved_ms": saved_ms},
                     level="warning",
                 )
@@ -292,6 +301,8 @@ class Daemon:
         self._mark_start(now_ms)
         self.roll_days(now_ms)
         self.apply_plan(now_ms)
+        if lost_snapshot:
+            self._charge_stored_tallies(now_ms)
         self.record(
             now_ms,
             "start",
@@ -301,6 +312,35 @@ class Daemon:
             {"plan": str(self.config.plan_path), "restored": saved is not None},
         )
         self.flush(now_ms)
+
+    def _charge_stored_tallies(self, now_ms: int) -> None:
+        """Without readable counters, count today's grants from the stored tallies (at most one
+        flush behind), charged to the current hour as well as the day: conservative, it may
+        under-send this hour rather than grant twice."""
+        today = self.store.counts(_local_day(self.plan, now_ms))
+        snap = self.engine.snapshot()
+        ips = [ip[0] for ip in snap["ips"]]
+        providers = snap["providers"]
+        keys = []
+        ip_used: dict[int, int] = {}
+        for ip, provider, limits, counters in snap["keys"]:
+            granted = today.get((ips[ip], providers[provider]), DayCounts()).granted
+            tat, hour_used, day_used, *rest = counters
+            if granted:
+                ip_used[ip] = ip_used.get(ip, 0) + granted
+                counters = (tat, max(hour_used, granted), max(day_used, granted), *rest)
+            keys.append((ip, provider, limits, counters))
+        snap["keys"] = keys
+        snap["ips"] = [
+            (addr, hcap, dcap, max(hu, ip_used.get(i, 0)), max(du, ip_used.get(i, 0)))
+            for i, (addr, hcap, dcap, hu, du) in enumerate(snap["ips"])
+        ]
+        self.engine.restore(snap)
+        self.log.warning(
+            "counters_from_tallies",
+            keys=sum(1 for k in today.values() if k.granted),
+            granted=sum(k.granted for k in today.values()),
+        )
 
     @staticmethod
     def _read_rules(plan: Plan) -> RuleSet:
@@ -423,15 +463,24 @@ class Daemon:
         self.roll_days(now_ms)
         self.apply_plan(now_ms)
 
-    def flush(self, now_ms: int) -> None:
+    def flush(self, now_ms: int, *, final: bool = False) -> None:
         """Take what the engine and the guard hold and write it, in the calling thread
-        (start-up, shutdown, tests). StoreError: nothing is lost; it stays for the next write."""
-        self._collect(now_ms)
+        (start-up, shutdown, tests). StoreError: nothing is lost; it stays for the next write.
+
+        `final`: nothing will be granted after this (the sockets are closed), so the snapshot
+        holds the exact counters, with no reservation for a restart to charge."""
+        self._collect(now_ms, final=final)
+        error = self._write_now()
+        if error is not None:
+            raise error
+
+    def _write_now(self) -> StoreError | None:
+        """Write what is unsaved in the calling thread; the error that stopped it, if any
+        (logged; the batches wait for the next write)."""
         self._unsaved = _merged(self._unsaved)
         written, error = self._write(list(self._unsaved))
         self._settled(written, error)
-        if error is not None:
-            raise error
+        return error
 
     async def flush_async(self) -> None:
         """Write what earlier flushes took, on the store thread (the loop goes on serving).
@@ -459,6 +508,10 @@ class Daemon:
 
     def _settled(self, written: int, error: StoreError | None) -> None:
         """Forget what was written; warn (at most every few seconds) about what was not."""
+        token = next((b.token for b in reversed(self._unsaved[:written]) if b.token), None)
+        if token is not None:
+            # The snapshot is durable: the engine may grant up to its reservations.
+            self.engine.commit_reservation(token, self.config.snapshot_interval_ms)
         del self._unsaved[:written]
         if error is None:
             if self._store_error is not None:
@@ -473,7 +526,7 @@ class Daemon:
             hint="tallies, reports and decisions are kept in memory until a write succeeds",
         )
 
-    def _collect(self, now_ms: int) -> None:
+    def _collect(self, now_ms: int, *, final: bool = False) -> None:
         """Take tallies, reports and decisions from the engine and the guard, and queue them
         with a counter snapshot for the store (on the engine's thread).
 
@@ -513,12 +566,22 @@ class Daemon:
             if marks != self._feedback_saved:
                 key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
                 meta[key] = self._feedback_saved = marks
+        # Reserve ahead: until this snapshot is durable and the next one too, no key may be
+        # granted past what the store will say it used (docs/core.md, "Reservations").
+        token: int | None = None
+        if final:
+            snapshot = self.engine.snapshot_bytes()
+        else:
+            snapshot, token = self.engine.reservation_snapshot(
+                now_ms, _RESERVE_INTERVALS * self.config.snapshot_interval_ms
+            )
         self._unsaved.append(
             _Unsaved(
                 now_ms=now_ms,
                 day=_local_day(self.plan, min(now_ms, self._next_hour_ms - 1)),
                 plan=self.plan.name,
-                snapshot=self.engine.snapshot_bytes(),
+                snapshot=snapshot,
+                token=token,
                 counts=counts,
                 entries=entries,
                 pushback=pushback,
@@ -664,12 +727,16 @@ class Daemon:
         return plan, self._read_rules(plan)
 
     def reload(self, now_ms: int) -> dict[str, Any]:
-        """Re-read the plan in the calling thread and swap it in only if valid (tests)."""
+        """Re-read the plan in the calling thread, swap it in only if valid, and write the
+        result (tests; the serving daemon uses `reload_async`)."""
         try:
             plan, rules = self._read_plan()
         except _PLAN_ERRORS as e:
-            return self._reload_failed(e, now_ms)
-        return self._swap(plan, rules, now_ms)
+            reply = self._reload_failed(e, now_ms)
+        else:
+            reply = self._swap(plan, rules, now_ms)
+        self._write_now()
+        return reply
 
     async def reload_async(self) -> dict[str, Any]:
         """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
@@ -1200,7 +1267,7 @@ class Daemon:
             self.feedback = None
         self.record(now_ms, "stop", "daemon", "stop", "kiln stopped cleanly", {})
         try:
-            self.flush(now_ms)
+            self.flush(now_ms, final=True)
         except StoreError as e:
             self.log.error("final_flush_failed", error=str(e), unsaved_batches=len(self._unsaved))
         if self._store_thread is not None:
