@@ -307,14 +307,14 @@ def test_empty_and_wrong_shaped_files(tmp_path: Path, text: str, message: str) -
 
 
 def test_huge_file_is_refused(tmp_path: Path) -> None:
-    """A 10 MB file is refused before parsing, with its size in the message."""
+    """A 5 MiB file is refused before parsing, with its size in the message."""
     path = tmp_path / "plan.yaml"
     path.write_text("# padding\n" * (MAX_FILE_BYTES // 10) * 5)
     with pytest.raises(ScheduleError) as info:
         load_plan(path)
     (problem,) = info.value.problems
-    assert "plans over 2 MiB are refused" in str(problem)
-    assert str(problem).startswith(f"{path}:1:1: the file is 10.0 MiB")
+    assert "files over 1 MiB (1,048,576 bytes) are refused" in str(problem)
+    assert str(problem).startswith(f"{path}:1:1: the file is 5.0 MiB")
 
 
 def test_binary_and_missing_files(tmp_path: Path) -> None:
