@@ -22,7 +22,7 @@
 
 use crate::caps::{Calendar, NO_CAP};
 use crate::error::{CoreError, CoreResult};
-use crate::gcra::NS_PER_MS;
+use crate::gcra::{self, NS_PER_MS};
 use crate::limiter::{check_now, Limiter, MAX_NOW_MS};
 
 /// `reserve_left` of a key no reservation limits (it has no cap, or reservations are off).
@@ -115,21 +115,26 @@ impl Limiter {
         }
         let s = &self.keys[key as usize];
         let p = &self.profiles[s.profile as usize];
-        if p.paused || self.ips[s.ip as usize].retired {
-            return 0; // nothing can be granted before the next snapshot changes it
-        }
         let recent = match self.reserve.base.get(key as usize) {
             Some(&b) if b != NO_RESERVE && s.reserve_left != NO_RESERVE => {
                 u64::from(b.saturating_sub(s.reserve_left))
             }
             _ => 0,
         };
-        // GCRA admits at most max_burst + d / T in any interval of length d.
-        let by_rate = if p.interval_ns == 0 {
+        // GCRA admits at most max_burst + d / T in any interval of length d. A paused key is
+        // reserved for as if it were not, so that a resume between snapshots is not held back.
+        let l = &p.limits;
+        let interval_ns = if p.interval_ns != 0 || !p.paused || l.rate_count == 0 {
+            p.interval_ns
+        } else {
+            gcra::interval_ns(l.rate_count, l.rate_period_ms, u64::from(l.multiplier_ppm))
+                .unwrap_or(0)
+        };
+        let by_rate = if interval_ns == 0 {
             0
         } else {
             let d_ns = u128::from(ahead_ms) * u128::from(NS_PER_MS);
-            let per = d_ns.div_ceil(u128::from(p.interval_ns));
+            let per = d_ns.div_ceil(u128::from(interval_ns));
             u64::try_from(per)
                 .unwrap_or(u64::MAX)
                 .saturating_add(u64::from(p.limits.max_burst))
@@ -377,9 +382,19 @@ mod tests {
         e.limiter.set_ip_caps(ip, None, Some(4)).unwrap();
         let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
         assert_eq!(s.reservation.unwrap().blocks[k as usize], 1);
+        // A paused key is reserved for as if it were not (a resume is not held back).
+        e.limiter.set_ip_caps(ip, None, None).unwrap();
         e.set_paused(k, true).unwrap();
         let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
-        assert_eq!(s.reservation.unwrap().blocks[k as usize], 0);
+        assert_eq!(s.reservation.unwrap().blocks[k as usize], 2 + 5);
+        e.set_paused(k, false).unwrap();
+        e.set_multiplier(k, 0.0).unwrap();
+        let (s, _) = e.reservation_snapshot(T0 + H - 1000, 2000, 10).unwrap();
+        assert_eq!(
+            s.reservation.unwrap().blocks[k as usize],
+            0,
+            "caps scaled to 0"
+        );
     }
 
     #[test]
