@@ -79,6 +79,30 @@ class DaemonProc:
         self.kill()
         raise RuntimeError(f"kiln run did not answer within {timeout_s} s:\n{self.log()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running process's id (None before start or after it ended)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        return self.proc.pid
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS, VmHWM (peak RSS) and VmSize of the running process, in KiB, from
+        /proc/PID/status; empty when it is not running."""
+        pid = self.pid
+        if pid is None:
+            return {}
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "VmSize") and value.strip().endswith("kB"):
+                out[name] = int(value.split()[0])
+        return out
+
     def client(self) -> Client:
         """A new connection to the operator socket (answers every operation)."""
         return Client(self.operator_socket)
