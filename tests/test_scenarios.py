@@ -88,7 +88,12 @@ def step(d: Daemon, provider: str) -> int:
 
 
 def full_day(d: Daemon, providers: tuple[str, ...]) -> dict[tuple[str, str], int]:
-    """Every IP asks for its whole day's cap at each provider; what was granted is delivered."""
+    """Every IP asks for its whole day's cap at each provider; what was granted is delivered.
+
+    The daemon's 1 Hz flush runs first, as it would have in the hours before: it commits the
+    engine's reservations for the limits now in force (a key resumed by a signal poll has no
+    reservation until then)."""
+    d.tick(d.clock.now_ms())
     granted: dict[tuple[str, str], int] = {}
     for provider in providers:
         for ip in IPS:

@@ -1074,7 +1074,8 @@ class Daemon:
         except dns.resolver.NoResolverConfiguration:
             self.log.warning("no nameserver configured: unknown domains count as default")
             return None
-        return MxResolver(table, hosts, port=port)
+        # The engine's route table caches answers; the resolver's cache only saves repeat queries.
+        return MxResolver(table, hosts, port=port, max_entries=20_000)
 
     def _make_lookups(self) -> MxLookups | None:
         """Bounded background lookups through a fresh resolver, or None without one."""
@@ -1084,20 +1085,19 @@ class Daemon:
         own = set(plan_providers(self.plan))
 
         def on_route(domain: str, provider: str | None, expires_ms: int) -> None:
-            """An answer becomes a route until its TTL runs out (on the loop)."""
+            """An answer becomes a route until its TTL runs out (on the loop). A CoreError
+            goes to MxLookups, which counts it and logs it once per domain, rate-limited."""
             route = None if provider is None or provider == NULL_MX else self.fold(provider, own)
-            try:
-                self.engine.set_route(domain, route, expires_ms)
-            except _core.CoreError as e:
-                self.log.warning("domain_route_refused", domain=domain, error=str(e))
+            self.engine.set_route(domain, route, expires_ms)
 
         return MxLookups(resolver, on_route, self.clock.now_ms)
 
     async def resolve_pending(self) -> None:
         """Queue MX lookups of domains the engine saw without a route (never blocks serving;
         at most a bounded number wait or run, see `MxLookups`)."""
+        domains = self.engine.take_unresolved()  # drained even without a nameserver
         if self.lookups is not None:
-            self.lookups.feed(self.engine.take_unresolved())
+            self.lookups.feed(domains)
 
     # ----- serving -----
 
