@@ -610,6 +610,10 @@ class Daemon:
         self._pending_log += acted
         if acted:
             self.guard.enforce(self.engine, self.states, now_ms)
+            if self._job_lock is not None:  # serving: save the pause or resume at once
+                async with self._job_lock:
+                    self._collect(self.clock.now_ms())
+                    await self.flush_async()
         return good
 
     def _classify(
