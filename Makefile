@@ -16,7 +16,7 @@ STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests).
 DEB_PACKAGES := postgresql
-.PHONY: help system-deps install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean
+.PHONY: help system-deps install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -89,6 +89,10 @@ bench: build-prod ## release build, benchmarks, JSON results in benches/results,
 	$(PY) benches/daemon_bench.py --json benches/results/daemon.json
 	$(PY) benches/bench_classify.py --json benches/results/classify.json
 	$(PY) benches/compare.py benches/results
+
+soak: build-prod ## 10 minute soak of the daemon under everything at once; report in benches/results/soak.json
+	mkdir -p benches/results
+	$(PY) tests/soak.py --duration 600 --json benches/results/soak.json
 
 all: format lint test ## what CI runs, plus formatting
 
