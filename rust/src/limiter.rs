@@ -687,9 +687,9 @@ impl Limiter {
         s.tat_ns = new_tat_ns;
         s.hour_used = s.hour_used.saturating_add(n);
         s.day_used = s.day_used.saturating_add(n);
-        if s.reserve_left != NO_RESERVE {
-            s.reserve_left = s.reserve_left.saturating_sub(n);
-        }
+        // Branch-free: a key without a reservation (NO_RESERVE) keeps it.
+        let spent = if s.reserve_left == NO_RESERVE { 0 } else { n };
+        s.reserve_left = s.reserve_left.saturating_sub(spent);
         let ip = &mut self.ips[s.ip as usize];
         ip.hour_used = ip.hour_used.saturating_add(n);
         ip.day_used = ip.day_used.saturating_add(n);
