@@ -510,3 +510,38 @@ def test_a_lost_database_stops_kiln_run_unless_reinitialised(tmp_path: Path) -> 
         assert d.stop() == 0
     finally:
         d.cleanup()
+
+
+# ----- F4c: library errors are kiln's JSON lines -----
+
+
+def test_library_log_records_become_kiln_json_lines() -> None:
+    """An apscheduler job traceback (the standard `logging`) comes out as one JSON line with
+    the traceback as a field, not a plain multi-line traceback; secrets in it are redacted."""
+    import io
+    import logging
+
+    from kiln import log
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    log.configure("json", stream=buf)
+    try:
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            logging.getLogger("apscheduler.executors.default").exception(
+                "Job %s raised calling https://snds.example/data?key=%s", "tick", "s3cret"
+            )
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.reset_defaults()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["level"] == "error"
+    assert record["component"] == "apscheduler.executors.default"
+    assert "ZeroDivisionError: boom" in record["exception"]
+    assert "s3cret" not in lines[0]

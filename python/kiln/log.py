@@ -59,6 +59,34 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(level)
+
+
+class _ToStructlog(logging.Handler):
+    """Records of libraries that use the standard `logging` (apscheduler, asyncio, httpx) as
+    kiln's own lines: JSON under a service manager, redacted, tracebacks as a field."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Re-log the record through structlog at its level."""
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        fields: dict[str, Any] = {"component": record.name}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        structlog.get_logger().log(record.levelno, message, **fields)
+
+
+def _route_stdlib_logging(level: int) -> None:
+    """Send the standard library's log records through structlog (once)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _ToStructlog) for h in root.handlers):
+        root.addHandler(_ToStructlog())
+    root.setLevel(max(level, logging.INFO))
+    # Per-request and per-job INFO lines (every second, every HTTP call) are noise.
+    for name in ("apscheduler", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(**context: Any) -> Any:
