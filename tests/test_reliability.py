@@ -545,3 +545,28 @@ def test_library_log_records_become_kiln_json_lines() -> None:
     assert record["component"] == "apscheduler.executors.default"
     assert "ZeroDivisionError: boom" in record["exception"]
     assert "s3cret" not in lines[0]
+
+
+# ----- F5a: a reload forgets what the plan dropped -----
+
+
+def test_a_reload_that_drops_an_ip_answers_like_a_fresh_daemon(tmp_path: Path) -> None:
+    """A reload that removes the warm pool IP makes `acquire` for it answer exactly as a fresh
+    daemon on the new plan does (before: the old, here unlimited, limits went on granting)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "a", node="t"), clock)
+    d.start()
+    warm = {"op": "acquire", "ip": "198.51.100.10", "domain": "gmail.com"}
+    assert send(d, warm)[0]["granted"] == 1
+    plan.write_text(PLAN.replace("ips: [198.51.100.10]", "ips: [198.51.100.20]"))
+    assert d.reload(clock.t)["ok"] is True
+    dropped = send(d, warm)
+    fresh = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "b", node="t"), clock)
+    fresh.start()
+    assert dropped == send(fresh, warm)
+    assert dropped[0]["ok"] is False and "not a sending IP" in str(dropped[0]["error"])
+    assert send(d, {**warm, "ip": "198.51.100.20"})[0]["granted"] == 1
+    d.store.close()
+    fresh.store.close()
