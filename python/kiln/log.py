@@ -66,8 +66,13 @@ class _ToStructlog(logging.Handler):
     """Records of libraries that use the standard `logging` (apscheduler, asyncio, httpx) as
     kiln's own lines: JSON under a service manager, redacted, tracebacks as a field."""
 
+    #: Libraries whose INFO lines are per-request or per-job noise (every second, every call).
+    QUIET = ("apscheduler", "httpx", "httpcore")
+
     def emit(self, record: logging.LogRecord) -> None:
         """Re-log the record through structlog at its level."""
+        if record.levelno < logging.WARNING and record.name.startswith(self.QUIET):
+            return
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
@@ -84,9 +89,6 @@ def _route_stdlib_logging(level: int) -> None:
     if not any(isinstance(h, _ToStructlog) for h in root.handlers):
         root.addHandler(_ToStructlog())
     root.setLevel(max(level, logging.INFO))
-    # Per-request and per-job INFO lines (every second, every HTTP call) are noise.
-    for name in ("apscheduler", "httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(**context: Any) -> Any:
