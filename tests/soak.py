@@ -4,48 +4,58 @@
     run_soak(60)                                                            # tests/test_soak.py
 
 A daemon subprocess runs a four-batch plan on a drill clock (`--clock-speed 360`: a plan hour
-lasts 10 s, a day 4 min), started at 20:30 plan time so the first local midnight comes about
-35 s in. Everything below runs at once, on loopback and Unix sockets only:
+lasts 10 s, a day 4 min), started at 20:30 plan time: 10 s of idle pings, then load, and the
+first local midnight about 35 s in. Everything below runs at once, on loopback and Unix
+sockets only:
 
 - **Load** (`--worker load`, its own process): `connections` MTA connections keep up to
   `depth` requests in flight each, paced to `rate_per_s` in total: `acquire` on every
-  warming and warm key, `pick` in both pools, `route`, `ping`, and a `report delivered` for
-  each grant of the ramps meant to advance. Every request has an `id`; every reply is
-  checked to be the next one owed on its connection, with that id and `"ok":true`.
-- **The MTA log**: for each grant of b1 at Microsoft the load worker appends a Postfix
-  `status=sent` line (and now and then a local timeout) to the followed `mail.log`.
-- **Push-back**: one reply of every class (`rate_limit_rep`, `block_rep`, `blocklist`,
-  `conn_limit`, `busy` every second; `auth`, `content`, `rcpt_rate`, `hard_bounce` in turn
-  every 5 s) as `report` on the MTA socket, each on its own key.
+  warming and warm key (and on two domains known by their MX only), `pick` in both pools,
+  `route`, `ping`, and a `report delivered` for each grant of the ramps meant to advance.
+  Every request has an `id`; every reply is checked to be the next one owed on its
+  connection, with that id and `"ok":true`.
+- **The MTA log**: for each grant of b1 at Microsoft the load worker appends Postfix lines
+  (`status=sent`, and now and then a local timeout) to the followed `mail.log`.
+- **Push-back**: one reply of every class (`rate_limit_rep`, `conn_limit`, `busy` every
+  second; `block_rep` and `blocklist` every second from the first day roll on; `auth`,
+  `content`, `rcpt_rate`, `hard_bounce` in turn every 5 s) as `report` on the MTA socket,
+  each on its own key (`PUSHBACK`).
 - **Signal sources**: fake Postmaster Tools and SNDS (tests/fakeapis.py) answer in turn well,
-  slowly within the deadline, dripping past it, with a 500, with garbage, and with 1 MiB
-  bodies (chunked and declared) over the 64 KiB `max_body_bytes`; a DNSBL on tests/dnsserver.py
-  lists 192.0.2.16 until half an hour after the first midnight. The same DNS server answers
-  MX lookups for two domains outside the plan's tables.
-- **Operator** (operator socket): `status` four times a second, `automations`, `explain` and
-  `limits` of every key every second, `reload` every 4 s, one reload of a broken plan (refused,
-  the running plan stays), and `cancel` of the live rate-limit suspension every 3 s.
+  slowly within the 1 s deadline, dripping past it, with a 500, with garbage, and with 1 MiB
+  bodies (chunked and declared) over the 64 KiB `max_body_bytes`; a DNSBL on
+  tests/dnsserver.py lists 192.0.2.16 until half an hour after the first midnight. The same
+  DNS server answers MX lookups.
+- **Operator** (operator socket): `status` four times a second, `automations` (all),
+  `explain` and `limits` of every key each second, `reload` every 4 s, one reload of a
+  broken plan (refused; the running plan stays), `cancel` of the live rate-limit suspension
+  every 3 s and of b3's first step-down (its step must come back at once).
 - **Depth-1 prober** (`--worker probe`, its own process): a `ping` every 2 ms on its own
-  connection, alone for `idle_s` before the load (the idle p99), then under load.
-- **One SIGKILL** at 01:00 plan time of the middle day, and a restart on the same state
-  folder with `--clock-start` where the clock had got to; every client reconnects.
+  connection, alone for `idle_s` (the idle p99), then under load.
+- **One SIGKILL** at 01:05 plan time of the middle day (grants are flowing then), and a
+  restart on the same state folder with `--clock-start` where the clock had got to; every
+  client reconnects.
 
-What is measured and judged (`SoakReport.checks`; the figures in `SoakReport`):
+The verdicts (`SoakReport.checks`: the issue's requirements; `SoakReport.guards`: weaker
+bounds for the two the daemon does not meet yet, see tests/test_soak.py) and the figures:
 
-- requests: every one sent is answered in order with its id, none lost, except those in flight
+- requests: every one sent is answered in order with its id, none lost but those in flight
   on a connection when the daemon was killed (at most connections x depth);
-- loop: the worst stall `status` reported (any incarnation) is under `stall_bound_ms`;
-- latency: the depth-1 ping p99 under load (the restart excluded) is within
-  `p99_ratio_bound` times the idle p99;
+- loop: the daemon's worst stall (`status`, every incarnation) under `stall_bound_ms`; each
+  stall over 50 ms is listed with what happened around it (`loop["events"]`);
+- latency: the depth-1 p99 under load (the restart left out) within `p99_ratio_bound` times
+  the idle p99;
 - memory: VmRSS sampled from /proc stays under `rss_bound_mib`;
-- caps: grants are counted client-side per key and per plan day (and hour) from the plan
-  time of each request's send and reply (the daemon's clock, fitted from `status.now_ms`); a
+- caps: grants are counted client-side per key and plan day (and hour) from the plan time
+  of each request's send and reply (the daemon's clock, fitted from `status.now_ms`); a
   grant whose send and reply fall in different days is "ambiguous" and left out, so the
   count is a lower bound and the check cannot fail falsely. No key may have more grants in a
   plan day than the highest daily cap `limits` showed for it that day, before and after the
-  SIGKILL together; `limits` samples must never show more used than the cap;
-- final state: ramp steps and automations as the inputs imply (see `expected_steps` and
-  `_check_automations`).
+  SIGKILL together; `limits` must never show more used than the cap; some keys must reach
+  their cap;
+- ramps, rolls, automations, final: steps and last moves as `expected_steps` and
+  `expected_last_moves` say, each day rolled within `ROLL_WITHIN_MIN` of midnight, the
+  automations `_check_automations` lists and none it forbids, the MX route, the DNSBL pause
+  and its end, a clean exit on SIGTERM.
 
 Every loop is bounded in count and time; the run stops itself (hard deadline: duration +
 3 minutes) and removes its folder unless `keep`.
@@ -90,9 +100,9 @@ TESTS = Path(__file__).resolve().parent
 
 ZONE_NAME = "Europe/Berlin"
 ZONE = ZoneInfo(ZONE_NAME)
-#: Plan time when the daemon starts: 4 plan hours before the first local midnight (40 s
-#: at 360x: 10 s idle, then about 3 hours of load on the first day).
-START = datetime(2026, 3, 9, 20, 0, tzinfo=ZONE)
+#: Plan time when the daemon starts: 3.5 plan hours before the first local midnight (35 s
+#: at 360x: 10 s idle, then about 2.3 hours of load on the first day).
+START = datetime(2026, 3, 9, 20, 30, tzinfo=ZONE)
 SPEED = 360.0
 BATCHES: dict[str, list[str]] = {
     "b1": ["192.0.2.10", "192.0.2.11"],  # delivered by report (google), by the log (microsoft)
@@ -509,6 +519,7 @@ class LoadWorker:
             "log_lines": 0,
             "reasons": {},
             "connect_failures": 0,
+            "mx_providers": {},
         }
 
     # -- connections --
@@ -606,10 +617,16 @@ class LoadWorker:
         """Count the reason; record a grant; owe its delivery report or log line."""
         i = line.find(b'"reason":"')
         reason = line[i + 10 : line.index(b'"', i + 10)].decode() if i >= 0 else "?"
-        stats = self.r["reasons"].setdefault(self.templates[t].label, {})
+        label = self.templates[t].label
+        stats = self.r["reasons"].setdefault(label, {})
         got = stats.setdefault(reason, [0, now_ns, now_ns])
         got[0] += 1
         got[2] = now_ns
+        if label.endswith(".example"):  # a domain known by its MX only: which provider?
+            j = line.find(b'"provider":"')
+            provider = line[j + 12 : line.index(b'"', j + 12)].decode() if j >= 0 else "?"
+            seen = self.r["mx_providers"].setdefault(label, {})
+            seen[provider] = seen.get(provider, 0) + 1
         if b'"granted":0,' in line:
             return
         reply = json.loads(line)
@@ -902,12 +919,14 @@ class SoakConfig:
     #: Seconds between reloads of the (unchanged) plan.
     reload_every_s: float = 4.0
     rss_bound_mib: float = 200.0
-    #: No loop stall may reach this (the daemon's own worst since start, from `status`).
-    stall_bound_ms: float = 300.0
-    #: Stalls over 50 ms are allowed only within ~1 s of a (re)start or a reload (True), or
-    #: nowhere (False: the issue's 50 ms bound everywhere; see the module doc).
-    excuse_start_and_reload: bool = True
+    #: The issue's bounds (`checks`): worst loop stall, depth-1 p99 under load over idle.
+    stall_bound_ms: float = 50.0
     p99_ratio_bound: float = 2.0
+    #: Weaker bounds that hold today (`guards`; see the module doc): the worst stall
+    #: anywhere (stalls over 50 ms only within ~1 s of a start or a reload), and the depth-1
+    #: p99 under load.
+    guard_stall_ms: float = 300.0
+    guard_p99_us: float = 10_000.0
     seed: int = 1
     keep: bool = False
     #: Extra environment for the daemon (diagnostics, e.g. PYTHONASYNCIODEBUG).
@@ -932,11 +951,17 @@ class SoakReport:
     cpu: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, str | None] = field(default_factory=dict)
+    guards: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[str]:
-        """Every failed check, as `name: message`."""
+        """Every failed check (the issue's requirements), as `name: message`."""
         return [f"{k}: {v}" for k, v in self.checks.items() if v is not None]
+
+    @property
+    def guard_failures(self) -> list[str]:
+        """Every failed guard (the weaker bounds that hold today), as `name: message`."""
+        return [f"{k}: {v}" for k, v in self.guards.items() if v is not None]
 
     def to_json(self) -> dict[str, Any]:
         """Everything, JSON-able."""
@@ -1521,7 +1546,7 @@ def _soak(
         days = [START.date() + timedelta(days=i) for i in range(len(midnights) + 1)]
         kill_day = days[max(1, len(days) // 2)] if len(days) > 1 else days[0]
         kill_at = float(_at_local(kill_day, 1, 5))  # grants flow in the first minutes of an hour
-        if not plan_ready < kill_at < plan_end - 10 * 1000 * cfg.speed:
+        if not plan_ready < kill_at < plan_end - 5 * 1000 * cfg.speed:
             kill_at = plan_ready + 0.6 * (plan_end - plan_ready)
         delist_at = (midnights[0] + 30 * 60_000) if midnights else math.inf
         killed = delisted = False
@@ -1583,6 +1608,7 @@ def _soak(
         _analyse(h, report, load_result, probe_result, final, plan_ready)
         report.signals |= _signal_events(d.log())
         report.signals["behaviours_served"] = h.behaviours
+        report.signals["mx_queries"] = {x: dns.count(x, "MX") for x in (MX_GOOGLE, MX_NONE)}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -1654,7 +1680,14 @@ def _final_state(h: _Harness) -> dict[str, Any]:
         keys = [(ip, p) for ips in BATCHES.values() for ip in ips for p in PROVIDERS]
         explains, _, _ = op.many([{"op": "explain", "ip": ip, "provider": p} for ip, p in keys])
         limits, _, _ = mta.many([{"op": "limits", "ip": ip, "provider": p} for ip, p in keys])
-        routes, _, _ = mta.many([{"op": "route", "domain": x} for x in (MX_GOOGLE, MX_NONE)])
+        # `route` queues a lookup for a domain without a route: ask until it is answered.
+        asked = [{"op": "route", "domain": x} for x in (MX_GOOGLE, MX_NONE)]
+        routes, _, _ = mta.many(asked)
+        for _ in range(30):
+            if routes[0].get("resolved"):
+                break
+            time.sleep(0.1)
+            routes, _, _ = mta.many(asked)
         stats, _, _ = mta.request("stats")
     finally:
         op.close()
@@ -1726,6 +1759,7 @@ def _analyse_requests(
         "grants_on_warm_ips": w["warm_grants"],
         "delivery_reports": w["reports"],
         "postfix_deliveries_logged": w["log_lines"],
+        "mx_domain_counted_as": w["mx_providers"],
     }
     problems = []
     if w["mismatched"]:
@@ -1804,14 +1838,18 @@ def _analyse_latency(
     problems = []
     if ratio is None or len(idle) < 100 or len(loaded) < 1000:
         problems.append(f"too few samples: {len(idle)} idle, {len(loaded)} under load")
-    elif ratio > cfg.p99_ratio_bound:
+    if stray:
+        problems.append(f"pings failed away from the kill: {stray[:3]}")
+    guard = list(problems)
+    if ratio is not None and ratio > cfg.p99_ratio_bound:
         problems.append(
             f"depth-1 p99 under load {load99:.0f} us is {ratio}x the idle {idle99:.0f} us "
             f"(bound {cfg.p99_ratio_bound}x)"
         )
-    if stray:
-        problems.append(f"pings failed away from the kill: {stray[:3]}")
+    if load99 is not None and load99 > cfg.guard_p99_us:
+        guard.append(f"depth-1 p99 under load {load99:.0f} us (guard {cfg.guard_p99_us:g} us)")
     report.checks["latency"] = "; ".join(problems) or None
+    report.guards["latency"] = "; ".join(guard) or None
 
 
 def _analyse_loop_and_memory(h: _Harness, report: SoakReport) -> None:
@@ -1844,20 +1882,22 @@ def _analyse_loop_and_memory(h: _Harness, report: SoakReport) -> None:
     report.loop["stalls_over_50ms_away_from_starts_and_reloads"] = sum(
         e["over_50ms"] for e in unexcused
     )
-    if not cfg.excuse_start_and_reload:
-        unexcused = [e for e in report.loop["events"] if e["over_50ms"]]
     if not h.status_samples:
         problems.append("no status sample")
-    elif worst >= cfg.stall_bound_ms:
-        problems.append(f"worst loop stall {worst} ms (bound {cfg.stall_bound_ms} ms)")
-    if unexcused:
-        where = " away from a start or reload" if cfg.excuse_start_and_reload else ""
-        problems.append(
-            f"{sum(e['over_50ms'] for e in unexcused)} stalls over 50 ms{where}: {unexcused[:3]}"
-        )
     if store_errors:
         problems.append(f"store errors: {sorted(store_errors)}")
+    guard = list(problems)
+    if worst >= cfg.stall_bound_ms:
+        problems.append(f"worst loop stall {worst} ms (bound {cfg.stall_bound_ms} ms)")
+    if worst >= cfg.guard_stall_ms:
+        guard.append(f"worst loop stall {worst} ms (guard {cfg.guard_stall_ms} ms)")
+    if unexcused:
+        guard.append(
+            f"{sum(e['over_50ms'] for e in unexcused)} stalls over 50 ms away from a start or "
+            f"reload: {unexcused[:3]}"
+        )
     report.checks["loop"] = "; ".join(problems) or None
+    report.guards["loop"] = "; ".join(guard) or None
     rss = [(t, inc, m["VmRSS"]) for t, inc, m in h.memory if "VmRSS" in m]
     after_load = [x for x in rss if x[0] >= h.load_from_ns]
     peak = max((x[2] for x in rss), default=0)
@@ -2087,6 +2127,7 @@ def _analyse_final(
     if not rolls:
         wrong.append("no day roll happened during the run")
     report.checks["ramps"] = "; ".join(wrong) or None
+    report.checks["rolls"] = _check_rolls(h, report, rolls)
     delisted = "delisted_mono_ns" in report.plan
     report.checks["automations"] = (
         "; ".join(
@@ -2114,6 +2155,43 @@ def _analyse_final(
     if report.final.get("exit_code") != 0:
         problems.append(f"SIGTERM: exit code {report.final.get('exit_code')}")
     report.checks["final"] = "; ".join(problems) or None
+
+
+#: A day must be rolled this soon after its midnight (plan minutes; 1 s real is 6 at 360x).
+ROLL_WITHIN_MIN = 20.0
+
+
+def _check_rolls(h: _Harness, report: SoakReport, rolls: list[int]) -> str | None:
+    """When each day roll happened, seen as b1 google's step going up in `status` (it
+    advances every roll): it must come within ROLL_WITHIN_MIN plan minutes of midnight (the
+    daemon rolls at its first 1 Hz tick after it)."""
+    samples = sorted(h.status_samples, key=lambda x: x["mono_ns"])
+    seen = []
+    problems = []
+    for m in rolls:
+        before = [x for x in samples if x["now_ms"] < m]
+        base = before[-1]["steps"].get("b1/google") if before else None
+        after = next(
+            (
+                x
+                for x in samples
+                if x["now_ms"] >= m and base is not None and x["steps"].get("b1/google", 0) > base
+            ),
+            None,
+        )
+        if after is None:
+            seen.append({"midnight": _iso(m), "rolled_within_min": None})
+            problems.append(f"the roll of {_iso(m)} was never seen (b1/google stayed at {base})")
+            continue
+        late = (after["now_ms"] - m) / 60_000
+        seen.append({"midnight": _iso(m), "rolled_within_min": round(late, 1)})
+        if late > ROLL_WITHIN_MIN:
+            problems.append(
+                f"the day ending at {_iso(m)} was rolled {late:.0f} plan minutes after midnight "
+                f"(within {ROLL_WITHIN_MIN:g} expected: the 1 Hz tick rolls it)"
+            )
+    report.final["roll_times"] = seen
+    return "; ".join(problems) or None
 
 
 def _check_automations(
@@ -2267,7 +2345,16 @@ def summary(report: SoakReport) -> str:
         f"ambiguous at day boundaries {caps.get('ambiguous_at_day_boundaries')}",
         f"ramps: {report.final.get('steps')}",
     ]
+    lines.append(f"cpu: {report.cpu}")
+    lines.append(f"roll times: {report.final.get('roll_times')}")
+    lines.append("the issue's requirements:")
     for name, verdict in report.checks.items():
+        lines.append(
+            f"  {'ok  ' if verdict is None else 'FAIL'} {name}"
+            + (f": {verdict}" if verdict else "")
+        )
+    lines.append("guards (weaker bounds that hold today):")
+    for name, verdict in report.guards.items():
         lines.append(
             f"  {'ok  ' if verdict is None else 'FAIL'} {name}"
             + (f": {verdict}" if verdict else "")
