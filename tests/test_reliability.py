@@ -558,7 +558,7 @@ def test_a_reload_that_drops_an_ip_answers_like_a_fresh_daemon(tmp_path: Path) -
     clock = FakeClock(ms("2026-11-02T10:00:00"))
     d = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "a", node="t"), clock)
     d.start()
-    warm = {"op": "acquire", "ip": "198.51.100.10", "domain": "gmail.com"}
+    warm: dict[str, object] = {"op": "acquire", "ip": "198.51.100.10", "domain": "gmail.com"}
     assert send(d, warm)[0]["granted"] == 1
     plan.write_text(PLAN.replace("ips: [198.51.100.10]", "ips: [198.51.100.20]"))
     assert d.reload(clock.t)["ok"] is True
