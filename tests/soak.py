@@ -283,23 +283,26 @@ def expected_steps(rolls: int, step_down_cancelled: bool = False) -> dict[tuple[
     - b2 google: rate_limit_rep replies in two or more distinct hours every day; the
       step-down cannot go below step 1, so it holds there.
     - b3 google and default are delivered and clean on the first day (advance to 2), then
-      get block_rep / blocklist replies: stepped down to 1 at the second roll, held at 1
-      after. The harness cancels b3 default's first step-down, which gives its step back;
-      the third roll takes it again.
+      get replies. Google's block_rep (421, deferred) steps it down to 1 at the second roll;
+      the harness cancels that step-down, which gives the step back, and the third roll takes
+      it again. Default's blocklist replies are 553s, reported bounced: with the day's volume
+      over 100 and bounces far over 10% the second roll pauses the ramp (day.bounce_pause,
+      more severe than the step-down), and it stays paused at step 2.
     - b4 google is reported delivered but 192.0.2.16 is listed on the DNSBL until after the
       first roll: that roll pauses it, later ones advance it.
     """
-    b3 = 1 if rolls == 0 else 2 if rolls == 1 else 1
-    b3_default = 2 if rolls == 2 and step_down_cancelled else b3
+    b3_google = 1 if rolls == 0 else 2 if rolls == 1 else 1
+    if rolls == 2 and step_down_cancelled:
+        b3_google = 2
     return {
         ("b1", "google"): 1 + rolls,
         ("b1", "microsoft-consumer"): 1 + rolls,
         ("b1", "default"): 1,
         ("b2", "google"): 1,
         ("b2", "default"): 1,
-        ("b3", "google"): b3,
+        ("b3", "google"): b3_google,
         ("b3", "microsoft-consumer"): 1,
-        ("b3", "default"): b3_default,
+        ("b3", "default"): 1 if rolls == 0 else 2,
         ("b4", "google"): 1 + max(0, rolls - 1),
         ("b4", "microsoft-consumer"): 1,
         ("b4", "default"): 1,
@@ -322,13 +325,11 @@ def expected_last_moves(
     }
     if rolls == 1:
         out["192.0.2.14 google"] = ("advance", "delivered")
-    elif rolls == 2:
-        out["192.0.2.14 google"] = ("step_down", "block_rep")
+        out["192.0.2.15 default"] = ("advance", "delivered")
     else:
-        out["192.0.2.14 google"] = ("hold", "block_rep")
-        out["192.0.2.15 default"] = (
-            ("step_down", "blocklist") if step_down_cancelled else ("hold", "blocklist")
-        )
+        down = rolls == 2 or step_down_cancelled  # else held: a step-down can't go below 1
+        out["192.0.2.14 google"] = ("step_down" if down else "hold", "block_rep")
+        out["192.0.2.15 default"] = ("pause", "bounce_pause")
     return out
 
 
@@ -1174,14 +1175,14 @@ class _Harness:
         return time.monotonic()
 
     def _cancel_step_down(self, client: _LineClient, automations: list[dict[str, Any]]) -> None:
-        """Cancel the first step-down of b3 at `default`: its step must come back at once."""
+        """Cancel the first step-down of b3 at Google: its step must come back at once."""
         down = next(
             (
                 a
                 for a in automations
                 if a["kind"] == "step_down"
                 and a["batch"] == "b3"
-                and a["provider"] == "default"
+                and a["provider"] == "google"
                 and a["state"] == "applied"
             ),
             None,
@@ -1195,7 +1196,7 @@ class _Harness:
             (
                 r["step"]
                 for r in status["ramps"]
-                if r["batch"] == "b3" and r["provider"] == "default"
+                if r["batch"] == "b3" and r["provider"] == "google"
             ),
             None,
         )
@@ -1204,7 +1205,7 @@ class _Harness:
             self._problem(f"cancel of step-down {down['id']}: {got}")
         elif step != down["from_step"]:
             self._problem(
-                f"step-down {down['id']} cancelled but b3/default is at step {step}, "
+                f"step-down {down['id']} cancelled but b3/google is at step {step}, "
                 f"not {down['from_step']}"
             )
 
@@ -1614,6 +1615,10 @@ def _soak(
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         d.kill()
 
 
@@ -2207,7 +2212,7 @@ def _check_automations(
     def find(**want: Any) -> list[dict[str, Any]]:
         return [a for a in autos if all(a.get(k) == v for k, v in want.items())]
 
-    def key(kind: str, ip: str, provider: str, rule: str, **more: Any) -> dict[str, Any]:
+    def key(kind: str, ip: str, provider: str | None, rule: str, **more: Any) -> dict[str, Any]:
         return {"kind": kind, "ip": ip, "provider": provider, "rule": rule, **more}
 
     ms = "microsoft-consumer"
@@ -2221,7 +2226,7 @@ def _check_automations(
         ("busy slow-down", key("slow", "192.0.2.13", ms, "microsoft-busy", factor=0.1)),
         (
             "DNSBL pause",
-            key("pause", LISTED_IP, None, "dnsbl.listed", state="ended" if delisted else "active"),  # type: ignore[arg-type]
+            key("pause", LISTED_IP, None, "dnsbl.listed", state="ended" if delisted else "active"),
         ),
     ]
     if rolls >= 1:
@@ -2234,18 +2239,21 @@ def _check_automations(
             ("blocklist suspension", key("suspend", "192.0.2.15", "default", "yahoo-bl-spamhaus")),
             ("blocklist hold", {"kind": "hold", "batch": "b3", "provider": "default"}),
         ]
+    if rolls >= 2:  # b3 default: the blocklist bounces pause it (see expected_steps)
+        needed.append(("bounce pause", {"kind": "pause", "batch": "b3", "provider": "default"}))
     problems = [f"no {name} ({want})" for name, want in needed if not find(**want)]
     problems += [
         f"{a['id']} was cancelled but is listed as {find(id=a['id'])}"
         for a in cancels
         if not find(id=a["id"], state="cancelled")
     ]
+    cancelled = 1 if step_down_cancel else 0
     downs = {
-        ("b3", "google"): (1 if rolls >= 2 else 0, 0),
-        ("b3", "default"): (
-            (1 if rolls >= 2 else 0) + (1 if rolls >= 3 and step_down_cancel else 0),
-            1 if step_down_cancel else 0,
+        ("b3", "google"): (
+            (1 if rolls >= 2 else 0) + (1 if rolls >= 3 else 0) * cancelled,
+            cancelled,
         ),
+        ("b3", "default"): (0, 0),  # paused, not stepped down
         ("b2", "google"): (0, 0),  # at step 1 a step-down holds: no automation
     }
     for (batch, provider), (count, n_cancelled) in downs.items():
@@ -2264,7 +2272,14 @@ def _check_automations(
         b2_default = a.get("provider") == "default" and (
             a.get("ip") in BATCHES["b2"] or a.get("batch") == "b2"
         )
-        if touches or b2_default or (a["kind"] == "pause" and a.get("rule") != "dnsbl.listed"):
+        bounce_pause = a.get("rule") == "day.bounce_pause" and a.get("batch") == "b3"
+        other_pause = a["kind"] == "pause" and a.get("rule") != "dnsbl.listed" and not bounce_pause
+        if (
+            touches
+            or b2_default
+            or other_pause
+            or (bounce_pause and a.get("provider") != "default")
+        ):
             problems.append(
                 f"unexpected automation {a['id']} {a['kind']} {a['scope']} ({a['rule']})"
             )

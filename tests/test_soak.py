@@ -183,11 +183,13 @@ def test_clock_flags_of_kiln_run() -> None:
 
 
 def test_expected_steps_follow_the_rolls() -> None:
-    """The soak's expectations: b1 advances every roll, b3 goes up then down, b4 is paused at
-    the first roll and advances after, the rest hold at step 1."""
+    """The soak's expectations: b1 advances every roll; b3 goes up, then Google steps down
+    (a cancelled step-down gives it back until the next roll) and default stays paused at 2;
+    b4 is paused at the first roll and advances after; the rest hold at step 1."""
     assert set(expected_steps(0).values()) == {1}
     one, two, three = expected_steps(1), expected_steps(2, True), expected_steps(3, True)
     assert one[("b1", "google")] == 2 and three[("b1", "google")] == 4
-    assert one[("b3", "google")] == 2 and two[("b3", "google")] == 1
-    assert two[("b3", "default")] == 2 and three[("b3", "default")] == 1
+    assert one[("b3", "google")] == 2 and expected_steps(2)[("b3", "google")] == 1
+    assert two[("b3", "google")] == 2 and three[("b3", "google")] == 1
+    assert one[("b3", "default")] == 2 and three[("b3", "default")] == 2
     assert one[("b4", "google")] == 1 and three[("b4", "google")] == 3
