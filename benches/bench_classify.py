@@ -39,7 +39,7 @@ from kiln.policyspec import PushbackClass
 from kiln.rules import PROVIDER_GROUPS, Rule, RuleSet, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
-RESPONSES = ROOT.parent / "shared" / "fixtures" / "warmup" / "responses.csv"
+RESPONSES = ROOT / "tests" / "fixtures" / "warmup" / "responses.csv"
 #: Target from the brief: replies classified per second, through either path.
 TARGET_PER_S = 200_000
 

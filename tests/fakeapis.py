@@ -10,7 +10,7 @@ socket (slow answers still pending are woken up and dropped).
                                   base_url=google.base_url, token_url=google.token_url)
         snds_source = SndsSource.legacy(client, snds.key, base_url=snds.base_url)
 
-Both serve the shared fixtures (`../shared/fixtures/signals/`) until told otherwise:
+Both serve the signal fixtures (`tests/fixtures/signals/`) until told otherwise:
 `FakeGoogle` has v1 days 2026-03-10 (list fixture) and 2026-03-12 (degraded fixture) and the v2
 spam_rate/dkim_pass values of 9-10 March for `mail.example.com`, and the compliance fixture for
 `example.com` and `mail.example.com`; `FakeSnds` has `snds_data.csv` for 2026-03-10 and
@@ -87,7 +87,7 @@ from kiln.signals.oauth import AuthorizedUser
 
 __all__ = ["FIXTURES", "Failure", "FakeGoogle", "FakeSnds", "RecordedRequest", "days"]
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "signals"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "signals"
 _HOST = "127.0.0.1"
 _HTML = (
     b"<!DOCTYPE html>\r\n<html><head><title>Sign in to your account</title></head>"
@@ -644,7 +644,7 @@ class FakeGoogle(_FakeServer):
             self._load_fixtures()
 
     def _load_fixtures(self) -> None:
-        """The shared Postmaster fixtures."""
+        """The Postmaster fixtures of `tests/fixtures/signals/`."""
         listing = json.loads((FIXTURES / "postmaster_v1_trafficstats_list.json").read_text())
         for obj in listing["trafficStats"]:
             self.set_traffic_stats("mail.example.com", date(2026, 3, 10), obj)

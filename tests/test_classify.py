@@ -33,7 +33,7 @@ from kiln.rules import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-RESPONSES = REPO.parent / "shared" / "fixtures" / "warmup" / "responses.csv"
+RESPONSES = REPO / "tests" / "fixtures" / "warmup" / "responses.csv"
 DOC = REPO / "docs" / "protocol.md"
 NOW_MS = 1_800_000_000_000
 IPV4 = "192.0.2.10"
@@ -41,9 +41,8 @@ IPV6 = "2001:db8::25"
 
 
 def _responses() -> list[dict[str, str]]:
-    """responses.csv rows (a copy lives beside the tests when the shared folder is absent)."""
-    path = RESPONSES if RESPONSES.exists() else Path(__file__).parent / "data" / "responses.csv"
-    with path.open(newline="") as f:
+    """responses.csv rows (tests/fixtures/warmup/)."""
+    with RESPONSES.open(newline="") as f:
         return list(csv.DictReader(f))
 
 

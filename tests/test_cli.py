@@ -108,7 +108,7 @@ def test_plan_sendgrid_json_is_the_published_table(capsys: pytest.CaptureFixture
     """The SendGrid example's JSON plan gives exactly the published hourly table."""
     assert main(["plan", "schedules/sendgrid-like.yaml", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    fixture = Path(__file__).resolve().parent.parent.parent / "shared/fixtures/warmup"
+    fixture = Path(__file__).resolve().parent / "fixtures" / "warmup"
     with (fixture / "sendgrid_hourly.csv").open() as f:
         published = [(int(r["day"]), int(r["hourly"])) for r in csv.DictReader(f)]
     assert [(r["day"], r["hourly_cap"]) for r in rows if r["state"] == "warming"] == published

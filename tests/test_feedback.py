@@ -1,4 +1,4 @@
-"""Delivery feedback: the shared fixtures parsed exactly, real files tailed through rotation."""
+"""Delivery feedback: the signal fixtures parsed exactly, real files tailed through rotation."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from kiln.feedback import (
 )
 from kiln.feedback.postfix import strip_continuations
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "signals"
+FIXTURES = Path(__file__).parent / "fixtures" / "signals"
 NAMES = {"postfix-ip10": "192.0.2.10", "postfix-ip11": "192.0.2.11"}
 #: 2026-03-10 14:10:00 UTC, shortly after the fixture lines.
 NOW_MS = 1_773_151_800_000

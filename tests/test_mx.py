@@ -19,12 +19,12 @@ from kiln.mx import NULL_MX, MxResolver, ProviderTable, ascii_domain, system_nam
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.schedule import load_plan
 
-ROLLUP_CSV = Path(__file__).parents[2] / "shared" / "fixtures" / "warmup" / "rollup.csv"
+ROLLUP_CSV = Path(__file__).parent / "fixtures" / "warmup" / "rollup.csv"
 T0_MS = 1_800_000_000_000
 
 
 def _rollup_rows() -> list[tuple[str, list[str], str]]:
-    """(domain, MX hosts, expected provider) for every row of the shared fixture."""
+    """(domain, MX hosts, expected provider) for every row of the rollup fixture."""
     with ROLLUP_CSV.open(newline="", encoding="utf-8") as f:
         return [
             (r["domain"], r["mx_hosts"].split(" "), r["expected_provider"])
@@ -62,9 +62,10 @@ def lookup(resolver: MxResolver, domain: str, now_ms: int = T0_MS) -> str:
 # ----- the fixture rows -----
 
 
-def test_fixture_path_is_the_shared_one() -> None:
-    """The fixture is read from ../shared, next to the repository, and has rows."""
+def test_fixture_is_inside_the_repository() -> None:
+    """The fixture is read from tests/fixtures, inside the repository, and has rows."""
     assert ROLLUP_CSV.is_file(), ROLLUP_CSV
+    assert ROLLUP_CSV.resolve().is_relative_to(Path(__file__).resolve().parent / "fixtures")
     assert len(ROLLUP) >= 8
 
 

@@ -53,7 +53,7 @@ _T = TypeVar("_T")
 
 
 def fixture(name: str) -> Any:
-    """A shared fixture file, parsed."""
+    """A signal fixture file (tests/fixtures/signals/), parsed."""
     return json.loads((FIXTURES / name).read_text())
 
 

@@ -25,7 +25,7 @@ from kiln.schedule import Plan, load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = ROOT / "schedules"
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "warmup"
+FIXTURES = ROOT / "tests" / "fixtures" / "warmup"
 
 
 def ms(text: str) -> int:

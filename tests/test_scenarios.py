@@ -497,7 +497,7 @@ def test_dnsbl_listing_pauses_every_provider_until_clean(tmp_path: Path) -> None
 
 # ----- MTA logs -----
 
-MAILLOG = Path(__file__).parents[2] / "shared" / "fixtures" / "signals" / "postfix_maillog.txt"
+MAILLOG = Path(__file__).parent / "fixtures" / "signals" / "postfix_maillog.txt"
 
 
 def test_postfix_log_lines_count_as_reports_and_push_back_suspends(tmp_path: Path) -> None:
