@@ -21,13 +21,31 @@ from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.errors import ScheduleError
 from kiln.ramp import PlanRow, PoolRow, nominal_plan
 from kiln.schedule import Plan, load_plan
+from kiln.starter import add_init_arguments, example_plan_path, init_main
 
-__all__ = ["PLAN_JSON_VERSION", "build_parser", "console", "main"]
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "PLAN_JSON_VERSION",
+    "STATE_DIR_ENV",
+    "build_parser",
+    "console",
+    "main",
+    "state_dir",
+]
 
 #: Version of `kiln plan --format json`'s shape (documented in schedules/README.md).
 PLAN_JSON_VERSION = 1
 
 _ROW_COLUMNS = [f.name for f in dataclasses.fields(PlanRow)]
+
+#: The state folder when neither --state-dir nor $KILN_STATE_DIR names one.
+DEFAULT_STATE_DIR = Path(".state")
+STATE_DIR_ENV = "KILN_STATE_DIR"
+_STATE_DIR_HELP = "database and sockets go here (default: $KILN_STATE_DIR, else ./.state)"
+_EMBEDDED_NOTE = (
+    "no --config: running kiln's embedded example plan, whose IPs are documentation addresses; "
+    "`kiln init DIR` writes a copy to make your own"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     run = verbs.add_parser("run", help="run the daemon beside your MTAs")
-    run.add_argument("--config", default="schedules/example.yaml", help="warm-up plan (YAML)")
     run.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(".state"),
-        help="database and sockets go here (default .state)",
+        "--config", help="warm-up plan (YAML); default: the embedded example plan (kiln init)"
     )
+    run.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
     run.add_argument(
         "--database-url",
         help="e.g. postgresql://kiln@db/kiln (default: SQLite in the state folder)",
@@ -120,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("query", "send JSON requests (arguments, or lines on stdin) and print the replies"),
     ):
         client = verbs.add_parser(verb, help=text)
-        client.add_argument("--state-dir", type=Path, default=Path(".state"))
+        client.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
         client.add_argument("--socket", type=Path, help="default STATE_DIR/operator.sock")
         if verb == "status":
             client.add_argument("--json", action="store_true", help="print the raw reply")
@@ -132,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("explain", "why an IP has the limit it has right now, for one provider"),
     ):
         client = verbs.add_parser(verb, help=text)
-        client.add_argument("--state-dir", type=Path, default=Path(".state"))
+        client.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
         client.add_argument("--socket", type=Path, help="default STATE_DIR/operator.sock")
         client.add_argument("--json", action="store_true", help="print the raw reply")
         if verb == "automations":
@@ -154,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=["table", "json", "csv"], default="table")
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw the ramp curves")
     verbs.add_parser("schema", help="print the JSON Schema of plan files")
+    add_init_arguments(
+        verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
+    )
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
     add_classify_arguments(
@@ -213,15 +231,26 @@ def _run(args: argparse.Namespace) -> int:
     """`kiln run`: validate the plan, then run the daemon until SIGTERM/SIGINT."""
     clock = _drill_clock(args)  # first: the drill clock reads --clock-start at process start
     _enable_faulthandler()
-    plan = _load_one(Path(args.config))
+    plan_path = example_plan_path() if args.config is None else Path(args.config)
+    plan = _load_one(plan_path)
     if plan is None:
         return 1
     from kiln import daemon, log  # the daemon's dependencies load only for `run`
 
     log.configure(args.log_format)
+    folder, folder_from = state_dir(args.state_dir)
+    log.get_logger(component="cli").info(
+        "plan",
+        plan=plan.name,
+        path=str(plan_path),
+        embedded=args.config is None,
+        state_dir=str(folder),
+        state_dir_from=folder_from,
+        **({"note": _EMBEDDED_NOTE} if args.config is None else {}),
+    )
     config = daemon.DaemonConfig(
-        plan_path=Path(args.config),
-        state_dir=args.state_dir,
+        plan_path=plan_path,
+        state_dir=folder,
         database_url=args.database_url,
         socket_path=args.socket,
         socket_mode=args.socket_mode,
@@ -256,9 +285,32 @@ def _enable_faulthandler() -> None:
             pass
 
 
+def state_dir(given: Path | None) -> tuple[Path, str]:
+    """The state folder and where it came from: --state-dir, else $KILN_STATE_DIR, else
+    ./.state. `kiln run` and the client verbs find it the same way."""
+    if given is not None:
+        return given, "--state-dir"
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env), f"${STATE_DIR_ENV}"
+    return DEFAULT_STATE_DIR, f"the default: neither --state-dir nor ${STATE_DIR_ENV} is set"
+
+
 def _client(args: argparse.Namespace) -> Client:
-    """A connection to the daemon's operator socket, named by --socket or --state-dir."""
-    return Client(args.socket or args.state_dir / "operator.sock")
+    """A connection to the daemon's operator socket: --socket, else STATE_DIR/operator.sock
+    (`state_dir`). When nobody answers, the error says where it looked and why there."""
+    if args.socket is not None:
+        path, why = args.socket, "--socket"
+    else:
+        folder, folder_from = state_dir(args.state_dir)
+        path, why = folder / "operator.sock", f"the state folder {folder} ({folder_from})"
+    try:
+        return Client(path)
+    except ClientError as e:
+        raise ClientError(
+            f"{e}\n  looked for the operator socket at {path.absolute()}, from {why}; "
+            f"name the daemon's with --socket, --state-dir or ${STATE_DIR_ENV}"
+        ) from None
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -542,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cancel": _cancel,
         "explain": _explain,
         "classify": _classify,
+        "init": init_main,
     }
     if args.verb in verbs:
         try:
