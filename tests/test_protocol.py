@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from daemonproc import EXAMPLE, REPO, DaemonProc, running_daemon
 from kiln import _core
-from kiln.daemon import UPCALL_OPS, _split_id
+from kiln.daemon import UPCALL_OPS
+from kiln.daemon.listener import split_id
 
 DOC = REPO / "docs" / "protocol.md"
 #: Stands for a value that varies between runs, in a documented reply.
@@ -844,7 +845,7 @@ def test_upcall_id_is_split_off_as_written(
     dump = json.JSONEncoder(separators=separators, ensure_ascii=ascii_only).encode
     members = [dump(k) + separators[1] + dump(v) for k, v in items]
     line = (" { " + separators[0].join(members) + " } ").encode()
-    raw_id, rest = _split_id(line)
+    raw_id, rest = split_id(line)
     if id_value is None:
         assert raw_id is None
     else:

@@ -26,6 +26,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[impo
 from daemonproc import DaemonProc, running_daemon
 from kiln import _core
 from kiln.daemon import Daemon, DaemonConfig, NativeProtocol
+from kiln.daemon.jobs import schedule_signals
+from kiln.daemon.serving import loop_exception
 from kiln.store import StoreError
 from test_daemon import PLAN, FakeClock, acquire, delivered, make, ms, send
 
@@ -296,7 +298,8 @@ def test_accept_failures_are_logged_at_most_every_few_seconds(plan_file: Path, s
     async def storm() -> None:
         loop = asyncio.get_running_loop()
         for _ in range(1_000):
-            d._loop_exception(
+            loop_exception(
+                d,
                 loop,
                 {
                     "message": "socket.accept() out of system resource",
@@ -336,14 +339,14 @@ def test_failed_writes_keep_tallies_and_reports_until_a_write_succeeds(
         with pytest.raises(StoreError):
             d.tick(clock.t)
     assert d.reload(clock.t)["ok"] is True
-    assert d._unsaved  # kept in memory, not dropped
+    assert d.persist.unsaved  # kept in memory, not dropped
     failing = False
     d.flush(clock.t)
     day = d.store.counts(datetime_day(clock.t))
     assert day[("192.0.2.10", "default")].granted == 50
     assert day[("192.0.2.10", "default")].delivered == 50
     assert any(e.action == "reloaded" for e in d.store.decisions(kind="reload"))
-    assert not d._unsaved
+    assert not d.persist.unsaved
     d.store.close()
 
 
@@ -374,10 +377,10 @@ def test_flush_on_the_store_thread_logs_a_failure_once_and_recovers(
     async def go() -> None:
         for _ in range(3):
             send(d, acquire(1))
-            d._collect(clock.t)
+            d.collect(clock.t)
             await d.flush_async()
         state_["failing"] = False
-        d._collect(clock.t)
+        d.collect(clock.t)
         await d.flush_async()
 
     with structlog.testing.capture_logs() as logs:
@@ -407,17 +410,17 @@ def test_reload_keeps_signal_schedules(tmp_path: Path) -> None:
     d.start()
 
     async def go() -> tuple[Any, Any, Any]:
-        d._scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
-        d._schedule_signals()
-        d._scheduler.start(paused=True)
-        first = d._scheduler.get_job("signal:dnsbl").next_run_time
+        d.scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        schedule_signals(d)
+        d.scheduler.start(paused=True)
+        first = d.scheduler.get_job("signal:dnsbl").next_run_time
         for _ in range(20):
             assert d.reload(clock.t)["ok"] is True
-        same = d._scheduler.get_job("signal:dnsbl").next_run_time
+        same = d.scheduler.get_job("signal:dnsbl").next_run_time
         plan.write_text(PLAN + signals.replace("poll_every: 1h", "poll_every: 2h"))
         assert d.reload(clock.t)["ok"] is True
-        changed = d._scheduler.get_job("signal:dnsbl")
-        d._scheduler.shutdown(wait=False)
+        changed = d.scheduler.get_job("signal:dnsbl")
+        d.scheduler.shutdown(wait=False)
         return first, same, changed
 
     first, same, changed = asyncio.run(go())

@@ -1,0 +1,48 @@
+"""What `kiln run` is told: paths, socket modes, limits (validated by the CLI)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["DaemonConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything `kiln run` needs; paths are resolved by `from_args`."""
+
+    plan_path: Path
+    state_dir: Path
+    database_url: str | None = None
+    socket_path: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    snapshot_interval_ms: int = 1_000
+    node: str = field(default_factory=socket.gethostname)
+    #: DNS servers for MX lookups as "host" or "host:port"; empty: /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    #: The operator socket (reload, cancel, explain, status, ...): owner only by default.
+    operator_socket_path: Path | None = None
+    operator_socket_mode: int = 0o600
+    #: Open client connections at most, over both sockets; 0: the open-files limit less
+    #: what the daemon needs for itself.
+    max_connections: int = 0
+    #: Start afresh when the state folder lost its database (see docs/state.md).
+    reinitialise: bool = False
+
+    @property
+    def socket(self) -> Path:
+        """Where the native (MTA) socket listens."""
+        return self.socket_path or self.state_dir / "kiln.sock"
+
+    @property
+    def operator_socket(self) -> Path:
+        """Where the operator socket listens."""
+        return self.operator_socket_path or self.state_dir / "operator.sock"
+
+    @property
+    def store_url(self) -> str:
+        """The database: `--database-url`, else SQLite in the state folder."""
+        return self.database_url or f"sqlite:///{(self.state_dir / 'kiln.db').resolve()}"

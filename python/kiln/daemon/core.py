@@ -1,0 +1,625 @@
+"""The daemon's composition root: one `Daemon` holds the engine, the plan, the store and the
+policy state, and wires the parts that each do one job:
+
+| part | module |
+|---|---|
+| sockets, the asyncio protocol, socket files | `kiln.daemon.listener` |
+| operator operations (one registry) | `kiln.daemon.ops` |
+| jobs and apscheduler | `kiln.daemon.jobs` |
+| serving, liveness, clean stop | `kiln.daemon.serving` |
+| writing flushed batches on the store thread | `kiln.daemon.persist` |
+| the day roll | `kiln.daemon.roll` |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Coroutine
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dns.resolver
+
+from kiln import _core
+from kiln.automation import Automation
+from kiln.clock import Clock, SystemClock
+from kiln.daemon import ops, serving
+from kiln.daemon.config import DaemonConfig
+from kiln.daemon.jobs import schedule_signals
+from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
+from kiln.daemon.persist import Batch, Persister
+from kiln.daemon.roll import ROLLED_KEY, roll_days, state_of
+from kiln.errors import KilnError, ScheduleError
+from kiln.feedback import FeedbackReader
+from kiln.guard import Guard
+from kiln.log import get_logger
+from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
+from kiln.policy import RuleInfo, SignalBook
+from kiln.provider import DEFAULT_PROVIDER
+from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, plan_providers
+from kiln.rampday import RampMove, RampState
+from kiln.rules import RuleSet, known_providers, load_rules
+from kiln.schedule import Plan, load_plan
+from kiln.signals.poller import Poller, feedback_reader, report_line
+from kiln.store import DayCounts, LogEntry, Store
+from kiln.watchdog import LoopMonitor, Notifier
+
+__all__ = ["Daemon", "run"]
+
+#: What the signal sources last said, and their health (store meta key, per plan name).
+_SIGNALS_KEY = "signals:{plan}"
+#: Where each MTA log reader got to (store meta key, per plan and node).
+_FEEDBACK_KEY = "feedback:{plan}:{node}"
+#: A reservation covers this many snapshot intervals of each key's rate: the next snapshot
+#: and its write have that long before the key is held back (reason `reservation`).
+_RESERVE_INTERVALS = 2
+#: Repeated warnings (connection limit, accept failures, store failures) at most this often.
+_WARN_EVERY_S = 10.0
+#: What reading a plan may raise; every one keeps the running plan.
+_PLAN_ERRORS = (ScheduleError, OSError, RecursionError, UnicodeError, ValueError, MemoryError)
+
+
+class Daemon:
+    """One `kiln run` process: engine, plan, store, sockets and jobs.
+
+    Threads: every engine call happens on the thread that ran `start` (the engine is pinned
+    to it), which is the event loop's thread once serving. Store writes of the 1 Hz flush and
+    store reads of operator requests run on one store thread that never touches the engine.
+    """
+
+    def __init__(self, config: DaemonConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.log = get_logger(component="daemon")
+        self.engine = _core.Engine()
+        self.plan: Plan = load_plan(config.plan_path)  # ScheduleError: nothing started
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        for path in (config.socket, config.operator_socket):
+            refuse_if_answered(path)  # before the store: a second daemon says why it stops
+        # A folder that lost its database refuses to start (StateLostError) unless told to
+        # reinitialise: a fresh database would re-grant the day and restart every ramp.
+        self.store = Store.open_state(
+            config.store_url, config.state_dir, node=config.node, reinitialise=config.reinitialise
+        )
+        self.states: dict[tuple[str, str], RampState] = {}
+        self.pending_log: list[LogEntry] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
+        self.stopping: asyncio.Event | None = None
+        self.next_hour_ms = 0
+        self.started_ms = self.clock.now_ms()
+        # Background MX lookups (bounded; None without a nameserver), made when serving.
+        self.lookups: MxLookups | None = None
+        self._warned: dict[str, tuple[float, int]] = {}
+        # Flushed but not yet written, and the store thread that writes it.
+        self.persist = Persister(
+            self.store, self.engine, config.snapshot_interval_ms, self.warn_repeated, self.log
+        )
+        # Jobs that change state (flush, hour roll, reload, cancel) run one at a time.
+        self.job_lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.monitor = LoopMonitor()
+        self.notifier = Notifier()
+        self.connections = 0
+        self.max_connections = config.max_connections or connection_limit()
+        rules = self._compile_rules(self._read_rules(self.plan))  # ScheduleError: nothing started
+        self.guard = Guard(self.plan, rules)
+        self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
+        self.feedback: FeedbackReader | None = None
+        self._feedback_saved = ""
+        self._signals_saved = ""
+
+    # ----- start-up -----
+
+    def start(self) -> None:
+        """Restore counters, load ramp positions, push the plan into the engine.
+
+        Pins the engine to the calling thread, which must be the one that runs the loop."""
+        self.engine.pin_thread()
+        now_ms = self.clock.now_ms()
+        saved = self.store.load_snapshot()
+        lost_snapshot = False
+        if saved is not None:
+            data, saved_ms = saved
+            try:
+                self.engine.restore_bytes(data, now_ms)
+            except _core.CoreError as e:
+                lost_snapshot = True
+                self.record(
+                    now_ms,
+                    "start",
+                    "engine",
+                    "snapshot_unreadable",
+                    "the saved counters cannot be read; today's use is taken from the stored "
+                    f"tallies instead: {e}",
+                    {"saved_ms": saved_ms},
+                    level="warning",
+                )
+            else:
+                self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
+        self.engine.set_default_provider(DEFAULT_PROVIDER)
+        self.engine.set_upcall_ops(list(ops.UPCALL_OPS))
+        self.states = {k: state_of(p) for k, p in self.store.load_positions(self.plan.name).items()}
+        self._load_guard(now_ms)
+        self._mark_start(now_ms)
+        self.roll_days(now_ms)
+        self.apply_plan(now_ms)
+        if lost_snapshot:
+            self._charge_stored_tallies(now_ms)
+        self.record(
+            now_ms,
+            "start",
+            "daemon",
+            "start",
+            f"kiln started with plan {self.plan.name!r}",
+            {"plan": str(self.config.plan_path), "restored": saved is not None},
+        )
+        self.flush(now_ms)
+
+    def _charge_stored_tallies(self, now_ms: int) -> None:
+        """Without readable counters, count today's grants from the stored tallies (at most one
+        flush behind), charged to the current hour as well as the day: conservative, it may
+        under-send this hour rather than grant twice."""
+        today = self.store.counts(self.plan_day(now_ms))
+        snap = self.engine.snapshot()
+        ips = [ip[0] for ip in snap["ips"]]
+        providers = snap["providers"]
+        keys = []
+        ip_used: dict[int, int] = {}
+        for ip, provider, limits, counters in snap["keys"]:
+            granted = today.get((ips[ip], providers[provider]), DayCounts()).granted
+            tat, hour_used, day_used, *rest = counters
+            if granted:
+                ip_used[ip] = ip_used.get(ip, 0) + granted
+                counters = (tat, max(hour_used, granted), max(day_used, granted), *rest)
+            keys.append((ip, provider, limits, counters))
+        snap["keys"] = keys
+        snap["ips"] = [
+            (addr, hcap, dcap, max(hu, ip_used.get(i, 0)), max(du, ip_used.get(i, 0)))
+            for i, (addr, hcap, dcap, hu, du) in enumerate(snap["ips"])
+        ]
+        self.engine.restore(snap)
+        self.log.warning(
+            "counters_from_tallies",
+            keys=sum(1 for k in today.values() if k.granted),
+            granted=sum(k.granted for k in today.values()),
+        )
+
+    @staticmethod
+    def _read_rules(plan: Plan) -> RuleSet:
+        """The shipped and the plan's reply rules, read and checked (ScheduleError); touches
+        no engine, so it may run off the loop."""
+        base = Path(plan.source).parent
+        return load_rules([base / f for f in plan.policy.rules], known_providers(plan))
+
+    def _compile_rules(self, rules: RuleSet) -> dict[str, RuleInfo]:
+        """Compile reply rules into the engine (ScheduleError: the rules in force stay), and
+        what policy needs of each rule."""
+        rules.compile_into(self.engine)
+        return {
+            r.id: RuleInfo(
+                threshold_count=r.threshold.count,
+                threshold_period_ms=r.threshold.period_ms or HOUR_MS,
+                action="default" if r.action is None else r.action,
+            )
+            for r in rules.rules
+        }
+
+    def _load_guard(self, now_ms: int) -> None:
+        """Automations and signal readings of this plan, back from the store."""
+        kept = self.store.load_automations(self.plan.name, since_ms=now_ms - 3 * 86_400_000)
+        self.guard.book.load(Automation.from_json(a) for a in kept)
+        saved = self.store.get_meta(_SIGNALS_KEY.format(plan=self.plan.name))
+        self.guard.signals = SignalBook.from_json(json.loads(saved)) if saved else SignalBook()
+        self._signals_saved = saved or ""
+        self._load_feedback()
+
+    def _load_feedback(self) -> None:
+        """(Re)open the MTA-log readers where they got to."""
+        if self.feedback is not None:
+            self.collect(self.clock.now_ms())  # their checkpoints go with the next write
+            self.feedback.close()
+        key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
+        self._feedback_saved = self.store.get_meta(key) or ""
+        self.feedback = feedback_reader(
+            self.plan, json.loads(self._feedback_saved) if self._feedback_saved else None
+        )
+
+    def _mark_start(self, now_ms: int) -> None:
+        """A plan seen for the first time starts counting today: earlier days had no data."""
+        key = ROLLED_KEY.format(plan=self.plan.name)
+        if self.store.get_meta(key) is None:
+            yesterday = self.plan_day(now_ms) - timedelta(days=1)
+            self.store.set_meta(key, yesterday.isoformat())
+
+    def apply_plan(self, now_ms: int) -> None:
+        """Push this hour's limits, the pools, the calendar and the domain table."""
+        positions = {k: s.position for k, s in self.states.items()}
+        apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
+        self.guard.enforce(self.engine, self.states, now_ms)
+        hours, days = calendar(self.plan.zone, now_ms)
+        self.engine.set_calendar(hours, days)
+        self.next_hour_ms = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
+        self.engine.clear_routes()
+        own = set(plan_providers(self.plan))
+        forever = _core.MAX_NOW_MS
+        for name, spec in self.plan.provider_table().items():
+            for domain in spec.domains:
+                self.engine.set_route(domain, self.fold(name, own), forever)
+
+    @staticmethod
+    def fold(provider: str, own: set[str]) -> str:
+        """A provider without its own row in the plan counts as `default`."""
+        return provider if provider in own else DEFAULT_PROVIDER
+
+    def plan_day(self, now_ms: int) -> date:
+        """The plan-zone calendar date at `now_ms`."""
+        return datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
+
+    # ----- jobs (time is an argument; the scheduler only says when) -----
+
+    def tick(self, now_ms: int) -> None:
+        """The 1 Hz job, run in the calling thread (tests): roll hours and days when due, read
+        the MTA logs, then flush."""
+        if now_ms >= self.next_hour_ms:
+            self.on_hour(now_ms)
+        self.ingest(now_ms)
+        self.flush(now_ms)
+
+    def ingest(self, now_ms: int) -> int:
+        """Feed new MTA-log and complaint events to the engine as `report`s; how many went."""
+        if self.feedback is None:
+            return 0
+        lines = [line for e in self.feedback.poll(now_ms) if (line := report_line(e))]
+        data = b"".join(lines)
+        while data:
+            served = self.engine.serve(data, now_ms)
+            data = data[served.consumed :]
+            if served.consumed == 0:
+                break
+        return len(lines)
+
+    def on_hour(self, now_ms: int) -> None:
+        """An hour began: ramps whose day ended roll, then this hour's limits are pushed.
+        Idempotent: a second call for the same hour does nothing."""
+        if now_ms < self.next_hour_ms:
+            return
+        self.flush(now_ms)
+        self.roll_days(now_ms)
+        self.apply_plan(now_ms)
+
+    def collect(self, now_ms: int, *, final: bool = False) -> None:
+        """Take tallies, reports and decisions from the engine and the guard, and queue them
+        with a counter snapshot for the store (on the engine's thread).
+
+        Tallies since the last flush belong to the hour the daemon has not rolled yet, so
+        traffic before midnight counts for the day that ended even if this runs after it.
+        """
+        counts: dict[tuple[str, str], DayCounts] = {}
+        for (
+            ip,
+            provider,
+            granted,
+            delivered,
+            deferred,
+            bounced,
+            complaints,
+        ) in self.engine.take_tallies():
+            counts[(ip, provider)] = DayCounts(granted, delivered, deferred, bounced, complaints)
+        reports = self.engine.take_reports()
+        acted = self.guard.on_reports(reports, self._classify, now_ms)
+        acted += self.guard.expire(now_ms)
+        for e in acted:
+            self.log_entry(e, "warning")
+        if acted:
+            self.guard.enforce(self.engine, self.states, now_ms)
+        entries, self.pending_log = self.pending_log + acted, []
+        pushback, self.guard.pending_pushback = self.guard.pending_pushback, {}
+        meta = {}
+        signals = json.dumps(self.guard.signals.to_json(), sort_keys=True)
+        if signals != self._signals_saved:
+            meta[_SIGNALS_KEY.format(plan=self.plan.name)] = self._signals_saved = signals
+        if self.feedback is not None:
+            marks = json.dumps(
+                {k: v.to_dict() for k, v in self.feedback.checkpoints().items() if v is not None},
+                sort_keys=True,
+            )
+            if marks != self._feedback_saved:
+                key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
+                meta[key] = self._feedback_saved = marks
+        # Reserve ahead: until this snapshot is durable and the next one too, no key may be
+        # granted past what the store will say it used (docs/core.md, "Reservations").
+        token: int | None = None
+        if final:
+            snapshot = self.engine.snapshot_bytes()
+        else:
+            snapshot, token = self.engine.reservation_snapshot(
+                now_ms, _RESERVE_INTERVALS * self.config.snapshot_interval_ms
+            )
+        self.persist.unsaved.append(
+            Batch(
+                now_ms=now_ms,
+                day=self.plan_day(min(now_ms, self.next_hour_ms - 1)),
+                plan=self.plan.name,
+                snapshot=snapshot,
+                token=token,
+                counts=counts,
+                entries=entries,
+                pushback=pushback,
+                automations=self.guard.dirty(),
+                meta=meta,
+            )
+        )
+
+    def flush(self, now_ms: int, *, final: bool = False) -> None:
+        """Take what the engine and the guard hold and write it, in the calling thread
+        (start-up, shutdown, tests). StoreError: nothing is lost; it stays for the next write.
+
+        `final`: nothing will be granted after this (the sockets are closed), so the snapshot
+        holds the exact counters, with no reservation for a restart to charge."""
+        self.collect(now_ms, final=final)
+        error = self.persist.write_now()
+        if error is not None:
+            raise error
+
+    async def flush_async(self) -> None:
+        """Write what earlier flushes took, on the store thread (failures are logged)."""
+        await self.persist.write_async()
+
+    def warn_repeated(self, event: str, **fields: Any) -> None:
+        """Log `event` at most once every few seconds, with how often it happened since."""
+        now = self.clock.now_ms() / 1000
+        last, count = self._warned.get(event, (-_WARN_EVERY_S, 0))
+        if now - last >= _WARN_EVERY_S:
+            self.log.warning(event, times=count + 1, **fields)
+            self._warned[event] = (now, 0)
+        else:
+            self._warned[event] = (last, count + 1)
+
+    async def poll_source(self, name: str) -> bool:
+        """Poll one signal source; pause or resume IPs on what it says. True: a good reading."""
+        good = await self.poller.poll(name, self.guard.signals, self.clock.now_ms())
+        now_ms = self.clock.now_ms()
+        acted = self.guard.on_signals(now_ms)
+        for e in acted:
+            self.log_entry(e, "warning")
+        self.pending_log += acted
+        if acted:
+            self.guard.enforce(self.engine, self.states, now_ms)
+            if self.scheduler is not None:  # serving: save the pause or resume at once
+                async with self.job_lock:
+                    self.collect(self.clock.now_ms())
+                    await self.persist.write_async()
+        return good
+
+    def _classify(
+        self, provider: str, code: int | None, enhanced: str | None, text: str
+    ) -> tuple[str, str, str] | None:
+        """(class, scope, rule) of a remote reply; None for unclassified and MTA-internal ones."""
+        # `default` stands for every provider without its own plan row (Yahoo, Apple, ...):
+        # every rule may apply, or their provider rules would never fire.
+        who = None if provider == DEFAULT_PROVIDER else provider
+        found = self.engine.classify(who, code, enhanced, text)
+        if found is None or found[0] == "internal" or found[1] is None or found[2] is None:
+            return None
+        return found[0], found[1], found[2]
+
+    def roll_days(self, now_ms: int) -> list[RampMove]:
+        """Roll every local day that ended since the last roll (`kiln.daemon.roll`)."""
+        return roll_days(self, now_ms)
+
+    def record(
+        self,
+        now_ms: int,
+        kind: str,
+        subject: str,
+        action: str,
+        reason: str,
+        evidence: dict[str, Any],
+        level: str = "info",
+    ) -> None:
+        """Log a state-changing decision and queue it for the decision log."""
+        entry = LogEntry(now_ms, kind, subject, action, reason, evidence)
+        self.log_entry(entry, level)
+        self.pending_log.append(entry)
+
+    def log_entry(self, e: LogEntry, level: str = "info") -> None:
+        """Write a decision-log entry to the process log too, with its evidence."""
+        fields = {
+            k if k not in {"event", "level", "kind", "subject", "action"} else f"evidence_{k}": v
+            for k, v in e.evidence.items()
+        }
+        getattr(self.log, level)(
+            e.reason, kind=e.kind, subject=e.subject, action=e.action, **fields
+        )
+
+    # ----- reload -----
+
+    def _read_plan(self) -> tuple[Plan, RuleSet]:
+        """The plan file and its rule files, read and checked; touches no engine, so it runs
+        off the loop (ScheduleError, OSError)."""
+        plan = load_plan(self.config.plan_path)
+        return plan, self._read_rules(plan)
+
+    def reload(self, now_ms: int) -> dict[str, Any]:
+        """Re-read the plan in the calling thread, swap it in only if valid, and write the
+        result (tests; the serving daemon uses `reload_async`)."""
+        try:
+            plan, rules = self._read_plan()
+        except _PLAN_ERRORS as e:
+            reply = self._reload_failed(e, now_ms)
+        else:
+            reply = self._swap(plan, rules, now_ms)
+        self.persist.write_now()
+        return reply
+
+    async def reload_async(self) -> dict[str, Any]:
+        """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
+        the result on the store thread. Returns the reply for `kiln reload`."""
+        async with self.job_lock:
+            try:
+                plan, rules = await asyncio.to_thread(self._read_plan)
+            except _PLAN_ERRORS as e:
+                reply = self._reload_failed(e, self.clock.now_ms())
+            else:
+                reply = self._swap(plan, rules, self.clock.now_ms())
+            await self.persist.write_async()
+            return reply
+
+    def _reload_failed(self, e: BaseException, now_ms: int) -> dict[str, Any]:
+        """Keep the running plan; log and answer the problems."""
+        problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
+        if isinstance(e, RecursionError):
+            problems = [f"{self.config.plan_path}: nested too deeply to read"]
+        self.record(
+            now_ms,
+            "reload",
+            "plan",
+            "reload_failed",
+            "the plan has errors; the running plan stays",
+            {"problems": problems},
+            level="error",
+        )
+        self.collect(now_ms)
+        return {
+            "ok": False,
+            "error": "the plan has errors; the running plan stays",
+            "problems": problems,
+        }
+
+    def _swap(self, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, Any]:
+        """Put a read and checked plan in force (on the engine's thread)."""
+        try:
+            rules = self._compile_rules(rules_read)
+        except ScheduleError as e:
+            return self._reload_failed(e, now_ms)
+        self.collect(now_ms)  # what was counted under the old plan goes under its name
+        old = self.plan.name
+        old_sources = {n: self.poller.interval_ms(n) for n in self.poller.configured()}
+        self.plan = plan
+        self.guard.replan(plan, rules)
+        self.poller.replan(plan)
+        if plan.name != old:
+            loaded = self.store.load_positions(plan.name)
+            self.states = {k: state_of(p) for k, p in loaded.items()}
+            self.guard = Guard(plan, rules)
+            self._load_guard(now_ms)
+            self._mark_start(now_ms)
+        else:
+            self._load_feedback()
+        self.apply_plan(now_ms)
+        if self.lookups is not None:  # the provider table may have changed
+            self.lookups.close()
+            self.lookups = self.make_lookups()
+        schedule_signals(self, keep=old_sources)
+        self.record(
+            now_ms,
+            "reload",
+            "plan",
+            "reloaded",
+            f"plan {plan.name!r} is in force",
+            {"plan": str(self.config.plan_path), "previous": old},
+        )
+        self.collect(now_ms)
+        return {"ok": True, "plan": plan.name}
+
+    # ----- operator requests (kiln.daemon.ops) and serving (kiln.daemon.serving) -----
+
+    def upcall(self, line: bytes, now_ms: int) -> dict[str, Any]:
+        """Answer an operator request the core handed back, in the calling thread."""
+        return ops.upcall(self, line, now_ms)
+
+    async def upcall_async(self, line: bytes) -> dict[str, Any]:
+        """Answer an operator request as the serving daemon does."""
+        return await ops.upcall_async(self, line)
+
+    async def serve_forever(self) -> None:
+        """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""
+        await serving.serve(self)
+
+    # ----- domains -----
+
+    def _make_resolver(self) -> MxResolver | None:
+        """An MX resolver for the plan's provider table, or None without any nameserver."""
+        table = ProviderTable.from_plan(self.plan)
+        try:
+            hosts, port = parse_nameservers(self.config.nameservers)
+        except dns.resolver.NoResolverConfiguration:
+            self.log.warning("no nameserver configured: unknown domains count as default")
+            return None
+        # The engine's route table caches answers; the resolver's cache only saves repeat queries.
+        return MxResolver(table, hosts, port=port, max_entries=20_000)
+
+    def make_lookups(self) -> MxLookups | None:
+        """Bounded background lookups through a fresh resolver, or None without one."""
+        resolver = self._make_resolver()
+        if resolver is None:
+            return None
+        own = set(plan_providers(self.plan))
+
+        def on_route(domain: str, provider: str | None, expires_ms: int) -> None:
+            """An answer becomes a route until its TTL runs out (on the loop). A CoreError
+            goes to MxLookups, which counts it and logs it once per domain, rate-limited."""
+            route = None if provider is None or provider == NULL_MX else self.fold(provider, own)
+            self.engine.set_route(domain, route, expires_ms)
+
+        return MxLookups(resolver, on_route, self.clock.now_ms)
+
+    async def resolve_pending(self) -> None:
+        """Queue MX lookups of domains the engine saw without a route (never blocks serving;
+        at most a bounded number wait or run, see `MxLookups`)."""
+        domains = self.engine.take_unresolved()  # drained even without a nameserver
+        if self.lookups is not None:
+            self.lookups.feed(domains)
+
+    # ----- serving -----
+
+    def reload_on_signal(self) -> None:
+        """SIGHUP: reload as a task (the reply goes to the log and the decision log)."""
+        _ = self.spawn(self.reload_async())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` as a task on the loop, kept until it ends; a failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished task; log how it failed, if it did."""
+        self.tasks.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            self.log.error("task_failed", task=task.get_name(), error=repr(e))
+
+    def stop(self) -> None:
+        """Ask `serve_forever` to return (from the loop's thread)."""
+        if self.stopping is not None:
+            self.stopping.set()
+
+
+def run(config: DaemonConfig, clock: Clock | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
+    log = get_logger(component="daemon")
+    # State files: owner read-write, group read at most (sockets get their mode explicitly).
+    os.umask(0o027)
+    raise_open_files_limit(log)
+    try:
+        daemon = Daemon(config, clock)
+        daemon.start()
+    except ScheduleError as e:
+        for p in e.problems:
+            log.error("plan error", problem=str(p))
+        return 1
+    except KilnError as e:
+        log.error("cannot start", error=str(e))
+        return 1
+    try:
+        asyncio.run(daemon.serve_forever())
+    except KilnError as e:
+        log.error("cannot serve", error=str(e))
+        daemon.store.close()
+        return 1
+    return 0
