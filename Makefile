@@ -16,7 +16,7 @@ STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests).
 DEB_PACKAGES := postgresql
-.PHONY: help system-deps install build-dev build-prod run format lint lint-python lint-rust test test-rust test-python bench all clean soak
+.PHONY: help system-deps install build-dev build-prod run dist format lint lint-python lint-rust test test-rust test-python bench all clean soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,9 +51,13 @@ build-dev: $(VENV)/.built-dev ## build the extension (debug) into the virtualenv
 
 build-prod: $(VENV)/.built-prod ## build the extension (release) into the virtualenv
 
-run: build-prod ## build, then start the daemon on the embedded default (SQLite, schedules/example.yaml)
-	mkdir -p $(STATE_DIR)
-	$(VENV)/bin/kiln run --config schedules/example.yaml --state-dir $(STATE_DIR)
+run: build-prod ## build, then start the daemon on the embedded example plan (SQLite in .state)
+	$(VENV)/bin/kiln run --state-dir $(STATE_DIR)
+
+dist: $(VENV)/.installed ## release wheel and sdist into dist/ (pip install dist/*.whl; docs/install.md)
+	rm -f dist/kiln_warmup-*
+	maturin build --quiet --release --interpreter $(PY) --out dist
+	maturin sdist --out dist
 
 format: $(VENV)/.built-dev ## ruff fix + format, cargo fmt
 	$(PY) -m ruff check --fix python tests benches
@@ -97,4 +101,4 @@ soak: build-prod ## 10 minute soak of the daemon under everything at once; repor
 all: format lint test ## what CI runs, plus formatting
 
 clean: ## remove build products and the virtualenv
-	rm -rf $(VENV) rust/target .pytest_cache .mypy_cache .ruff_cache .hypothesis benches/results
+	rm -rf $(VENV) rust/target dist .pytest_cache .mypy_cache .ruff_cache .hypothesis benches/results
