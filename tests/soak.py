@@ -1564,7 +1564,12 @@ def _soak(
                 h.event("DNSBL delisting")
             if not killed and now >= kill_at:
                 killed = True
-                _kill_and_restart(h, report, load)
+                try:
+                    _kill_and_restart(h, report, load)
+                except RuntimeError as e:  # DaemonProc.start: it exited or never answered
+                    report.checks["restart"] = f"no daemon after the SIGKILL: {e}"[:4000]
+                    h.say("the daemon did not come back after the SIGKILL")
+                    break
         wall_s = (time.monotonic_ns() - h.load_from_ns) / 1e9
         times, busy, prober_cpu = os.times(), _busy_cpus(), _cpu_s(probe_proc.pid)
         daemon_cpu = h.daemon_cpu_s + (_cpu_s(d.pid) or 0.0) - (h.daemon_cpu_mark or 0.0)
@@ -1591,11 +1596,13 @@ def _soak(
         h.stop.set()
         for t in h.threads:
             t.join(timeout=30)
-        _settle_roll(h)
-        final = _final_state(h)
-        exit_code = d.stop()
-        report.final["exit_code"] = exit_code
-        h.say(f"daemon stopped: exit {exit_code}")
+        final: dict[str, Any] | None = None
+        if d.pid is not None:
+            _settle_roll(h)
+            final = _final_state(h)
+            exit_code = d.stop()
+            report.final["exit_code"] = exit_code
+            h.say(f"daemon stopped: exit {exit_code}")
         if cfg.keep:  # the raw material, for a closer look
             raw = {
                 "load": load_result,
@@ -1716,11 +1723,12 @@ def _analyse(
     report: SoakReport,
     w: dict[str, Any],
     probed: dict[str, Any],
-    final: dict[str, Any],
+    final: dict[str, Any] | None,
     plan_ready: float,
 ) -> None:
     """Fill `report` from what the workers and the harness saw, and judge each check."""
     kw = h.kill_window
+    end = h.clock.plan_ms(time.monotonic_ns()) if final is None else final["plan_ms"]
 
     def near_kill(t_ns: int, after_s: float = 0.5) -> bool:
         return kw is not None and kw[0] - 100_000_000 <= t_ns <= kw[1] + int(after_s * 1e9)
@@ -1728,14 +1736,17 @@ def _analyse(
     report.plan |= {
         "start": _iso(int(START.timestamp() * 1000)),
         "ready": _iso(int(plan_ready)),
-        "end": _iso(int(final["plan_ms"])),
-        "plan_hours": round((final["plan_ms"] - plan_ready) / 3_600_000, 2),
+        "end": _iso(int(end)),
+        "plan_hours": round((end - plan_ready) / 3_600_000, 2),
     }
     _analyse_requests(h, report, w, near_kill)
     _analyse_latency(h, report, probed, near_kill)
     _analyse_loop_and_memory(h, report)
     _analyse_caps(h, report, w)
-    _analyse_final(h, report, w, final)
+    if final is None:
+        report.checks["final"] = "no final state: the daemon was not running at the end"
+    else:
+        _analyse_final(h, report, w, final)
 
 
 def _analyse_requests(
