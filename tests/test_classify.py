@@ -297,7 +297,7 @@ _ENH = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 def reference_normalise(code: int | None, enhanced: str | None, text: str) -> str:
-    """A plain Python model of `classify::normalise` (warmup.md §4.4)."""
+    """A plain Python model of `classify::normalise` (docs/rules.md, "What a rule sees")."""
     toks = [t for t in _WS.split(text) if t]
     while True:
         n = len(toks)

@@ -121,7 +121,7 @@ def test_one_trailing_dot_on_hosts_and_suffixes_is_ignored() -> None:
 
 
 def test_suffix_needs_a_dot_boundary() -> None:
-    """`mx.notgoogle.com` does not match `.google.com` (§3.1 rule 3)."""
+    """`mx.notgoogle.com` does not match `.google.com` (docs/providers.md rule 3)."""
     assert DEFAULT.by_mx(["mx.notgoogle.com"]) is None
     assert DEFAULT.by_host("mx.notgoogle.com") is None
     assert DEFAULT.by_mx(["aspmx.l.google.com", "mx.notgoogle.com"]) is None
@@ -137,7 +137,7 @@ def test_suffix_without_leading_dot_is_given_one() -> None:
 @pytest.mark.parametrize("broad_first", [True, False])
 def test_longest_suffix_wins(broad_first: bool) -> None:
     """With `.protection.outlook.com` and `.olc.protection.outlook.com` both configured, each
-    host goes to its longest match, whatever the table order (§3.1 rule 5)."""
+    host goes to its longest match, whatever the table order (docs/providers.md rule 5)."""
     broad = ("ms-any", ProviderDef(mx_suffixes=(".protection.outlook.com",)))
     narrow = ("consumer", ProviderDef(mx_suffixes=(".olc.protection.outlook.com",)))
     table = ProviderTable(dict([broad, narrow] if broad_first else [narrow, broad]))
@@ -191,7 +191,7 @@ def test_same_suffix_twice_later_provider_wins() -> None:
     ],
 )
 def test_empty_null_and_mixed_sets(hosts: list[str], expected: str | None) -> None:
-    """No hosts or a mixed set is no provider; exactly one `.` is a null MX (§3.1 rule 6)."""
+    """No hosts or a mixed set: no provider; just `.` is a null MX (docs/providers.md rule 6)."""
     assert DEFAULT.by_mx(hosts) == expected
 
 
@@ -284,7 +284,7 @@ TABLES = st.dictionaries(
 
 
 def _reference_host(table: dict[str, ProviderDef], host: str) -> str | None:
-    """The §3.1 rules read literally: endswith or equal, longest suffix, later entry on a tie."""
+    """docs/providers.md read literally: endswith or equal, longest suffix, later on a tie."""
     best: tuple[int, int, str] | None = None
     name = host.lower().removesuffix(".")
     for index, (provider, spec) in enumerate(table.items()):
@@ -425,7 +425,7 @@ def test_null_mx_is_cached_like_an_answer(server: DnsServer) -> None:
 
 
 def test_mixed_mx_set_is_default(server: DnsServer) -> None:
-    """A vanity domain mixing Google and its own host is default (§3.1 rule 4)."""
+    """A vanity domain mixing Google and its own host is default (docs/providers.md rule 4)."""
     server.mx("vanity2.example", ["aspmx.l.google.com", "backup.vanity2.example"])
     assert lookup(resolver_for(server), "vanity2.example") == DEFAULT_PROVIDER
 

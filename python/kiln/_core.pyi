@@ -52,7 +52,7 @@ ReplyClass = Literal[
     "rcpt_rate",
     "hard_bounce",
 ]
-"""Push-back classes, most severe first (warmup.md §4.1)."""
+"""Push-back classes, most severe first (docs/rules.md, "Classes, scopes and who wins")."""
 ReplyScope = Literal["ip", "netblock", "domain", "url", "recipient", "message"]
 RuleTuple = tuple[
     str,

@@ -1,6 +1,6 @@
 """Recipient domain -> mailbox provider: the static domain table, then the MX rollup.
 
-Reference: shared/reference/warmup.md §3.1. `ProviderTable` is the pure part: it matches a
+Matching rules: docs/providers.md. `ProviderTable` is the pure part: it matches a
 domain or a set of MX host names against the providers' domains and MX suffixes, with no I/O.
 `MxResolver` is the daemon's part: it looks a domain up in the table, then in its cache, then
 asks DNS for the MX set (dnspython's asyncio resolver), and never raises for DNS trouble: what
@@ -93,7 +93,7 @@ def ascii_domain(domain: str) -> str | None:
 
 
 def _host(host: str) -> str:
-    """An MX host name as matched: lower-case, one trailing dot removed (§3.1 rule 2)."""
+    """An MX host name as matched: lower-case, one trailing dot gone (docs/providers.md rule 2)."""
     name = host.lower()
     return name[:-1] if name.endswith(".") else name
 
@@ -153,7 +153,7 @@ class ProviderTable:
         return self._names
 
     def by_domain(self, domain: str) -> str | None:
-        """The provider that lists `domain` itself (§3.1 rule 7), or None.
+        """The provider that lists `domain` itself (docs/providers.md rule 7), or None.
 
         Case, one trailing dot and unicode vs. IDNA spelling make no difference.
         """
@@ -166,7 +166,7 @@ class ProviderTable:
         return self._match(name) if name else None
 
     def by_mx(self, hosts: Sequence[str]) -> str | None:
-        """The provider of a domain whose MX set is `hosts` (§3.1), or None for the default.
+        """The provider of a domain whose MX set is `hosts`, or None for the default.
 
         `NULL_MX` for a null MX (exactly one host, `.`). Otherwise every host must map to the
         same provider (longest suffix wins per host); a mixed set, a host matching nothing,

@@ -15,7 +15,7 @@ Three entry points, all pure (state in, automations out; `now_ms` is an argument
 - `Policy.day_verdicts`: at each day roll, per batch x provider, from the previous day's
   counts, push-back, Postmaster and SNDS readings and source health: pause, step down, hold,
   or nothing (the ramp's own gates then decide whether it advances). See `schedules/README.md`
-  ("Policy") for the table; `warmup.md` §6.2 for where it comes from.
+  ("Policy") for the table; docs/warmup.md ("Thresholds") for where its numbers come from.
 
 Fail safe: a configured source that has had no good reading for longer than its `stale_after`
 holds every ramp it covers, and a source never read at all counts as stale. Missing data never
@@ -247,7 +247,7 @@ class Policy:
         return plan_ips(self.plan)
 
     def implicated(self, p: Pushback) -> list[str]:
-        """The IPs a reply's scope names (warmup.md §4.2)."""
+        """The IPs a reply's scope names (scopes: docs/rules.md)."""
         if p.scope == "ip":
             return [p.ip]
         if p.scope == "netblock":
@@ -517,7 +517,7 @@ class Policy:
         return out
 
     def _counts(self, v: Verdict, ev: Any) -> None:
-        """Bounce and complaint rates of the day (§6.2 rows 2, 4 and 6)."""
+        """Bounce and complaint rates of the day: hold, step down and pause thresholds."""
         if ev is None:
             return
         d = self.plan.policy.day
@@ -543,7 +543,7 @@ class Policy:
                 v.hold.append(f"day.{what}_hold: {text} (hold at {hold:g}%{small})")
 
     def _replies(self, v: Verdict, days: Sequence[DayPushback | None]) -> None:
-        """Push-back classes of the day (§6.2 rows 3 and 5)."""
+        """Push-back classes of the day: rate limits hold or step down, blocks step down."""
         hours: dict[str, set[int]] = {}
         counts: dict[str, int] = {}
         for d in days:

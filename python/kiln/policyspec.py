@@ -1,7 +1,7 @@
 """The plan's `policy` and `signals` sections: what evidence does to ramps, and where it comes from.
 
-Both sections are optional; left out, the shipped defaults apply (warmup.md §4.1 and §6.2,
-"kiln default (proposal)"), and no signal source is polled. Every threshold can be overridden
+Both sections are optional; left out, the shipped defaults apply (kiln's own choices, based on
+the figures in docs/warmup.md), and no signal source is polled. Every threshold can be overridden
 in the plan. The decisions themselves are made in `kiln.policy`; this module only describes
 and checks the settings. Documented key by key in `schedules/README.md` ("Policy").
 """
@@ -43,7 +43,7 @@ __all__ = [
     "SndsSpec",
 ]
 
-#: Push-back classes of warmup.md §4.1, most severe first: when several reply rules match,
+#: Push-back classes (docs/rules.md), most severe first: when several reply rules match,
 #: the earliest class wins (rust/src/classify.rs keeps the same order).
 PushbackClass = Literal[
     "blocklist",
@@ -124,7 +124,7 @@ _REALTIME_DEFAULTS: dict[str, RealtimeAction | Literal["none"]] = {
 
 
 class DayPolicy(_Model):
-    """Day-roll thresholds on the previous sending day, per batch x provider (§6.2).
+    """Day-roll thresholds on the previous sending day, per batch x provider (docs/warmup.md).
 
     Rates: bounces per attempted delivery (delivered + bounced), complaints per delivered
     message. Below `min_volume` attempts a rate can hold a ramp but never step it down or

@@ -1,4 +1,4 @@
-"""Mailbox providers: the table kiln ships (reference: shared/reference/warmup.md §3.2).
+"""Mailbox providers: the table kiln ships (docs/providers.md).
 
 A plan's `providers` section extends or overrides these. Domain lookup at run time (static
 domains first, then the MX rollup) arrives with the daemon.

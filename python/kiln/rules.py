@@ -3,8 +3,8 @@
 A rule file (YAML; docs/rules.md) lists rules; `load_rules` reads the shipped defaults
 (`kiln/data/rules.yaml`), then each operator file in order: a rule whose `id` already exists
 replaces it, `disable: [ids]` removes earlier ones. Every mistake is a located `Problem`
-(file, line, key): unknown keys, a bad regex, an unknown provider (pitfall 1 of
-warmup.md §7), a repeated id, an `example` that does not classify to its rule's class.
+(file, line, key): unknown keys, a bad regex, an unknown provider (pitfall 1 in
+docs/rules.md), a repeated id, an `example` that does not classify to its rule's class.
 
 `RuleSet.compile_into(engine)` hands the rules to the engine as plain tuples; the engine
 then answers `classify` itself (one `RegexSet` scan per reply). Thresholds and actions are
@@ -56,7 +56,7 @@ __all__ = [
 #: The rules kiln ships; operator files are read after it.
 DEFAULT_RULES = Path(__file__).parent / "data" / "rules.yaml"
 
-#: Provider groups a rule may name: `microsoft` covers both Microsoft keys (warmup.md §3.2).
+#: Provider groups a rule may name: `microsoft` covers both Microsoft keys (docs/providers.md).
 PROVIDER_GROUPS: dict[str, tuple[str, ...]] = {
     "microsoft": ("microsoft-consumer", "microsoft-365"),
 }
@@ -64,7 +64,7 @@ PROVIDER_GROUPS: dict[str, tuple[str, ...]] = {
 ReplyClass = PushbackClass
 """Push-back classes, most severe first: when several rules match, the earliest class wins."""
 Scope = Literal["ip", "netblock", "domain", "url", "recipient", "message"]
-"""What a reply implicates (warmup.md §4.2)."""
+"""What a reply implicates (docs/rules.md)."""
 
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 _THRESHOLD = re.compile(r"\s*([0-9][0-9_]*)\s*/\s*(\S+)\s*")

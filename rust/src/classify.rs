@@ -1,7 +1,7 @@
 //! SMTP reply text -> push-back class, against rules compiled once at load.
 //!
 //! `normalise` turns a reply into the single-line form `CODE ENH text` that rules match
-//! (shared/reference/warmup.md §4.4): lines joined, continuation prefixes such as `421-4.7.28`
+//! (docs/rules.md, "What a rule sees"): lines joined, continuation prefixes such as `421-4.7.28`
 //! removed wherever they repeat, whitespace collapsed. `Classifier` holds the rules: one
 //! `RegexSet` scans a reply once for every pattern, then each matching rule's provider, code
 //! and enhanced-code filters are checked; the most severe match wins (a rule marked
@@ -78,7 +78,7 @@ impl Class {
     }
 }
 
-/// What a reply implicates (warmup.md §4.2).
+/// What a reply implicates (docs/rules.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     Ip,
@@ -309,7 +309,7 @@ fn unwrap_postfix<'a>(mut toks: &'a [&'a str]) -> &'a [&'a str] {
     }
 }
 
-/// The single-line form of a reply (warmup.md §4.4). `code` and `enhanced` are what the MTA
+/// The single-line form of a reply (docs/rules.md). `code` and `enhanced` are what the MTA
 /// reported beside the text; when missing they are read from the start of the text. Every
 /// whitespace-delimited token that repeats the reply's own code (`421`, `421-`,
 /// `421-4.7.28`, and `421`/`421-` followed by its enhanced code) is dropped; other numbers

@@ -1,7 +1,7 @@
 """Delivery feedback: what the MTAs' logs and the providers' complaint reports say, as events.
 
 Readers follow PowerMTA accounting files, KumoMTA log directories, Postfix mail logs and a
-maildir of ARF complaint reports (shared/reference/signals.md §6, §7). Each produces
+maildir of ARF complaint reports (formats: docs/signals.md, "Wire formats"). Each produces
 `FeedbackEvent`s; `FeedbackReader` polls them together once a second and attributes
 complaints without a source IP through a `MessageIndex` of recent Message-IDs. Parsers never
 raise on bad input: they skip the line and count it.

@@ -1,6 +1,6 @@
 """Complaint feedback reports (RFC 5965 ARF, as Yahoo sends them) -> `FeedbackEvent`s.
 
-Reference: shared/reference/signals.md §6. `parse_arf()` reads one message with Python's
+Format: docs/signals.md ("ARF complaint reports"). `parse_arf()` reads one message with Python's
 `email` package: the top part must be `multipart/report` with `report-type=feedback-report`;
 the `message/feedback-report` part's fields are read case-insensitively (unknown fields kept
 as extensions); part 3 (`message/rfc822` or `text/rfc822-headers`, possibly base64 or

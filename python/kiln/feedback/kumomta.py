@@ -1,4 +1,4 @@
-"""KumoMTA JSON log records -> `FeedbackEvent`s (shared/reference/signals.md §7.2).
+"""KumoMTA JSON log records -> `FeedbackEvent`s (format: docs/signals.md, "Wire formats").
 
 One JSON object per line, the record type under `"type"`: `Delivery` (delivered),
 `TransientFailure` (deferred), `Bounce` and `OOB` (bounced), `Expiration` (expired),

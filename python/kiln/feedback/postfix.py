@@ -1,4 +1,4 @@
-"""Postfix syslog lines -> `FeedbackEvent`s (shared/reference/signals.md §7.3).
+"""Postfix syslog lines -> `FeedbackEvent`s (format: docs/signals.md, "Wire formats").
 
 Postfix does not log the source IP. Each warm-up IP gets its own `smtp` transport with a
 distinct `syslog_name` (`postfix-ip10/smtp[...]`), and `syslog_names` maps that name to the IP;

@@ -1,4 +1,4 @@
-"""PowerMTA accounting CSV -> `FeedbackEvent`s (shared/reference/signals.md §7.1).
+"""PowerMTA accounting CSV -> `FeedbackEvent`s (format: docs/signals.md, "Wire formats").
 
 The file is RFC 4180: the first line is a header naming the columns (configurable, so
 columns are always found by name), values with commas, quotes or line breaks are quoted.

@@ -1,6 +1,6 @@
 """DNS blocklists (DNSBLs): is a sending IP listed on Spamhaus ZEN, Barracuda, SpamCop, ...?
 
-Reference: shared/reference/signals.md §5. A lookup asks for the A records of the reversed IP
+Format: docs/signals.md ("Blocklists"). A lookup asks for the A records of the reversed IP
 under the zone (`192.0.2.10` on ZEN is `10.2.0.192.zen.spamhaus.org`; IPv6 uses the nibble
 form). Each (ip, zone) pair gets one of four outcomes, kept apart on purpose:
 
@@ -52,7 +52,7 @@ SOURCE = "dnsbl"
 #: The outcome of one (ip, zone) lookup.
 Outcome = Literal["clean", "listed", "policy", "unknown"]
 
-#: Spamhaus ZEN return codes (§5.2): code -> (meaning, policy-only?).
+#: Spamhaus ZEN return codes (docs/signals.md, "Blocklists"): code -> (meaning, policy-only?).
 ZEN_CODES: Mapping[str, tuple[str, bool]] = {
     "127.0.0.2": ("SBL", False),
     "127.0.0.3": ("CSS", False),

@@ -1,6 +1,6 @@
 """Gmail Postmaster Tools: v1 traffic stats (reputation), v2 domain stats and compliance.
 
-Parsers follow the reference (signals.md §1-§3): every field but `name` is optional and an
+Parsers follow the wire format (docs/signals.md): every field but `name` is optional and an
 absent value stays `None` (never a favourable default); `ipCount` may be a string or a number;
 doubles may be written without a decimal point; unknown enum strings are kept verbatim (the
 "other" value: anything not in the documented set, see `REPUTATIONS`); the zero enum

@@ -5,7 +5,7 @@ secret, so the full URL is a credential: it never reaches a log line, an excepti
 repr() (every message goes through `kiln.signals.http.redact`, and the key is registered
 as a literal secret too).
 
-`parse_data_csv` reads the 14 headerless columns of signals.md §4.3 (extra columns ignored;
+`parse_data_csv` reads the 14 headerless columns of docs/signals.md (extra columns ignored;
 a header row, as the 2026 format is guessed to have, is detected and its columns are mapped
 by name), CRLF or LF, blank lines skipped. Datetimes use a 12-hour clock without padding and
 stay naive (the legacy feed uses Pacific time, the 2026 one reportedly UTC). The complaint
