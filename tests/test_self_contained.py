@@ -53,9 +53,9 @@ def tracked_files() -> list[Path]:
 
 
 def test_no_tracked_file_names_the_outside_folder() -> None:
-    """No tracked file (code, tests, docs, plans, rules) points outside the repository: no
-    `../shared`, no `shared/reference` or `shared/fixtures`, no section citation of the old
-    reference pages."""
+    """No tracked file (code, tests, docs, plans, rules) points outside the repository: no path
+    into the sibling reading-desk folder or its `reference` and `fixtures` subfolders (see
+    `OUTSIDE`), no section citation of the old reference pages."""
     files = tracked_files()
     assert len(files) > 50, "git ls-files found almost nothing"
     found: list[str] = []
