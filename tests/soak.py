@@ -906,6 +906,10 @@ class _LineClient:
         return reply, t0, t1
 
 
+#: Timing verdicts need a machine this quiet: other processes busy under this share of it.
+OTHERS_BUSY_PERCENT = 20.0
+
+
 @dataclass
 class SoakConfig:
     """What `run_soak` does; see the module doc."""
@@ -958,6 +962,14 @@ class SoakReport:
     def failures(self) -> list[str]:
         """Every failed check (the issue's requirements), as `name: message`."""
         return [f"{k}: {v}" for k, v in self.checks.items() if v is not None]
+
+    @property
+    def quiet(self) -> bool:
+        """Whether other processes left the machine alone enough for the timing figures
+        (loop stalls, latency) to say something about the daemon: under OTHERS_BUSY_PERCENT
+        of all CPUs were busy with work not of this run."""
+        others = self.cpu.get("others_percent_of_machine")
+        return others is not None and others < OTHERS_BUSY_PERCENT
 
     @property
     def guard_failures(self) -> list[str]:
@@ -1591,6 +1603,12 @@ def _soak(
                 100 * (busy[0] - cpu_from[1][0]) / max(busy[1] - cpu_from[1][1], 1), 1
             ),
         }
+        ours = sum(
+            v for k, v in report.cpu.items() if k.endswith("_percent") and "machine" not in k
+        )
+        report.cpu["others_percent_of_machine"] = round(
+            max(0.0, report.cpu["machine_busy_percent"] - ours / (os.cpu_count() or 1)), 1
+        )
         load_result = _finish(load)
         probe_result = _finish(probe_proc)
         h.stop.set()
@@ -2372,6 +2390,11 @@ def summary(report: SoakReport) -> str:
         f"ramps: {report.final.get('steps')}",
     ]
     lines.append(f"cpu: {report.cpu}")
+    if not report.quiet:
+        lines.append(
+            "  (other processes kept the machine busy: the timing figures say more about them "
+            "than about the daemon)"
+        )
     lines.append(f"roll times: {report.final.get('roll_times')}")
     lines.append("the issue's requirements:")
     for name, verdict in report.checks.items():

@@ -24,7 +24,9 @@ them, `make soak` writes them to benches/results/soak.json):
   these tests assert the strongest bounds that hold reliably today (`report.guards`): no
   stall over 300 ms, none over 50 ms except within about a second of a (re)start or a reload
   (each stall is reported with what happened around it, `report.loop["events"]`), and a
-  depth-1 p99 under load below 10 ms.
+  depth-1 p99 under load below 10 ms. Timing is judged only when other processes kept less
+  than a fifth of the machine busy during the run (`report.cpu`; on a shared VM a neighbour's
+  build stalls the daemon for up to a second); otherwise those two tests are skipped.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pytest
 
 from kiln.cli import _drill_clock, build_parser
 from kiln.clock import ScaledClock
-from soak import PUSHBACK, SoakReport, expected_steps, run_soak
+from soak import OTHERS_BUSY_PERCENT, PUSHBACK, SoakReport, expected_steps, run_soak
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,16 @@ def _verdict(report: SoakReport, check: str) -> str | None:
     if verdict is None:
         return None
     return f"{verdict}\nfigures: {report.requests} {report.latency} {report.loop['worst_stall_ms']}"
+
+
+def _quiet(report: SoakReport) -> None:
+    """Skip a timing test when other processes kept the machine busy during the run (a
+    shared VM running a build: its stalls would be the neighbours', not the daemon's)."""
+    if not report.quiet:
+        pytest.skip(
+            f"other work kept {report.cpu.get('others_percent_of_machine')}% of the machine "
+            f"busy during the soak (timing judged under {OTHERS_BUSY_PERCENT:g}%): {report.cpu}"
+        )
 
 
 # ----- the 60 s soak ------------------------------------------------------------------------
@@ -78,14 +90,17 @@ def test_operator_work_and_push_back_are_answered(soak_60: SoakReport) -> None:
 def test_the_loop_does_not_stall(soak_60: SoakReport) -> None:
     """The daemon's worst loop stall stays under 300 ms and stalls over 50 ms happen only
     right after a (re)start or a reload (the guard; the issue's 50 ms everywhere is not met
-    yet, see the module doc)."""
+    yet, see the module doc). Not judged when other work kept the machine busy."""
+    _quiet(soak_60)
     assert soak_60.guards.get("loop", "not run") is None, (soak_60.guards, soak_60.loop)
 
 
 @pytest.mark.soak_short
 def test_depth1_latency_under_load_stays_low(soak_60: SoakReport) -> None:
     """A ping on its own connection: the p99 round trip under load stays under 10 ms (the
-    guard; the issue's 2x the idle p99 is not met yet, see the module doc)."""
+    guard; the issue's 2x the idle p99 is not met yet, see the module doc). Not judged when
+    other work kept the machine busy."""
+    _quiet(soak_60)
     assert soak_60.guards.get("latency", "not run") is None, (soak_60.guards, soak_60.latency)
 
 
@@ -134,7 +149,8 @@ def test_soak_ten_minutes(request: pytest.FixtureRequest) -> None:
         pytest.skip("the 10 minute soak runs with -m soak (or make soak)")
     report = run_soak(600)
     failed = [f for f in report.failures if f.split(":")[0] not in ("loop", "latency")]
-    failed += report.guard_failures  # loop and latency: the guards, as in the 60 s run
+    if report.quiet:  # loop and latency: the guards, as in the 60 s run
+        failed += report.guard_failures
     assert not failed, "\n".join(failed)
 
 
