@@ -49,14 +49,19 @@ def test_no_verb_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_check_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`kiln check` exits 0 for valid files, 1 with every located error for a bad one."""
+    """`kiln check` exits 0 for valid files, 1 with every located error for a bad one: an
+    unknown key does not hide a bad time zone."""
     assert main(["check", "schedules/example.yaml", "schedules/sendgrid-like.yaml"]) == 0
     assert capsys.readouterr().out.count(": ok (") == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntimezone: Mars/Olympus\npools: {p: {ips: [192.0.2.1]}}\nfoo: 1\n")
     assert main(["check", "schedules/example.yaml", str(bad)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"{bad}:4:1: foo: unknown key 'foo' (known keys: {KNOWN})"]
+    assert err == [
+        f"{bad}:2:1: timezone: unknown time zone 'Mars/Olympus' "
+        "(use an IANA name such as Europe/Berlin)",
+        f"{bad}:4:1: foo: unknown key 'foo' (known keys: {KNOWN})",
+    ]
 
 
 KNOWN = "name, description, timezone, providers, pools, batches, schedules, policy, signals"
@@ -79,13 +84,14 @@ def test_check_never_tracebacks_on_junk(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_plan_json_is_stable(capsys: pytest.CaptureFixture[str]) -> None:
-    """`kiln plan --format json` has the documented shape."""
+    """`kiln plan --format json` has the documented shape (version 2: `day` 1 is the start
+    date, as `warmup_day` and `step` count)."""
     assert main(["plan", "schedules/example.yaml", "--days", "2", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["version"] == 1 and doc["plan"] == "example" and doc["timezone"] == "Europe/Berlin"
+    assert doc["version"] == 2 and doc["plan"] == "example" and doc["timezone"] == "Europe/Berlin"
     assert doc["rows"][0] == {
         "date": "2026-12-01",
-        "day": 0,
+        "day": 1,
         "batch": "tx-2026-12",
         "pool": "transactional",
         "provider": "google",
@@ -105,12 +111,13 @@ def test_plan_json_is_stable(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_sendgrid_json_is_the_published_table(capsys: pytest.CaptureFixture[str]) -> None:
-    """The SendGrid example's JSON plan gives exactly the published hourly table."""
+    """The SendGrid example's JSON plan gives exactly the published hourly table (SendGrid's
+    day 0 is kiln's warm-up day 1)."""
     assert main(["plan", "schedules/sendgrid-like.yaml", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     fixture = Path(__file__).resolve().parent / "fixtures" / "warmup"
     with (fixture / "sendgrid_hourly.csv").open() as f:
-        published = [(int(r["day"]), int(r["hourly"])) for r in csv.DictReader(f)]
+        published = [(int(r["day"]) + 1, int(r["hourly"])) for r in csv.DictReader(f)]
     assert [(r["day"], r["hourly_cap"]) for r in rows if r["state"] == "warming"] == published
 
 

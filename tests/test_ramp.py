@@ -40,14 +40,15 @@ def example() -> Plan:
 
 
 def test_sendgrid_table_is_verbatim() -> None:
-    """sendgrid-like.yaml reproduces SendGrid's published hourly table, day 12 included."""
+    """sendgrid-like.yaml reproduces SendGrid's published hourly table, day 12 included
+    (SendGrid counts from day 0, kiln's warm-up days from 1: its day N is kiln's N + 1)."""
     plan = load_plan(SCHEDULES / "sendgrid-like.yaml")
     with (FIXTURES / "sendgrid_hourly.csv").open() as f:
-        published = [(int(r["day"]), int(r["hourly"])) for r in csv.DictReader(f)]
+        published = [(int(r["day"]) + 1, int(r["hourly"])) for r in csv.DictReader(f)]
     rows, _ = nominal_plan(plan, days=43, provider="default")
     warming = [(r.day, r.hourly_cap) for r in rows if r.state == "warming"]
     assert warming == published
-    assert dict(warming)[12] == 1000
+    assert dict(warming)[13] == 1000
     assert rows[42].state == "done" and rows[42].hourly_cap is None
 
 
@@ -104,13 +105,14 @@ def test_share_curve_turns_into_daily_caps_per_ip() -> None:
 
 
 def test_marketplace_batches_start_weeks_apart() -> None:
-    """Three batches: the later ones are not started while the first ramps."""
+    """Three batches: the later ones are not started while the first ramps; warm-up days count
+    from 1 on each batch's start date."""
     plan = load_plan(SCHEDULES / "marketplace-3x7.yaml")
     rows, pools = nominal_plan(plan, days=30, provider="default")
     day0 = {r.batch: r.state for r in rows if r.date == "2027-02-01"}
     assert day0 == {"a": "warming", "b": "not_started", "c": "not_started"}
     day20 = {r.batch: r.day for r in rows if r.date == "2027-02-21"}
-    assert day20 == {"a": 20, "b": 6, "c": -8}
+    assert day20 == {"a": 21, "b": 7, "c": -7}
     capacity = {(p.date, p.pool): p.new_ip_daily_capacity for p in pools if p.provider == "default"}
     assert capacity[("2027-02-01", "transactional")] == 7 * 500
     assert ("2027-02-01", "messaging") not in capacity

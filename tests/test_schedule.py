@@ -216,7 +216,21 @@ CASES = [
         "{warmup_day: 2, daily_cap: 200}",
         "{warmup_day: 3, daily_cap: 200}",
         "plan.yaml:19:10: schedules.slow.steps[1].warmup_day: "
-        "expected warmup_day 2 (days count up by one), got 3",
+        "expected warmup_day 2 (step 2 of the table; warm-up day 1 is the start date), got 3",
+    ),
+    (
+        "warm-up days counted from 0",
+        "{warmup_day: 1, daily_cap: 100}",
+        "{warmup_day: 0, daily_cap: 100}",
+        "plan.yaml:18:10: schedules.slow.steps[0].warmup_day: "
+        "must be at least 1 (warm-up day 1 is the start date), got 0",
+    ),
+    (
+        "provider named by its mail domain",
+        "      google: {scale: 0.5}",
+        "      gmail: {scale: 0.5}",
+        "plan.yaml:21:7: schedules.slow.providers.gmail: unknown provider 'gmail'; "
+        "did you mean 'google'?",
     ),
     (
         "step without caps",
@@ -325,3 +339,96 @@ def test_binary_and_missing_files(tmp_path: Path) -> None:
         load_plan(path)
     with pytest.raises(ScheduleError, match="cannot read the file: No such file"):
         load_plan(tmp_path / "nope.yaml")
+
+
+def test_one_bad_value_hides_no_other_mistake(tmp_path: Path) -> None:
+    """A bad IP (and a bad cap) no longer stop the checks that span keys: the bad time zone,
+    the unknown overflow pool, the IP in two pools, the warmup_day gap and the unknown
+    provider are all reported in the same run, in file order."""
+    text = (
+        GOOD.replace("timezone: Europe/Berlin", "timezone: Europe/Berln")
+        .replace("[198.51.100.1, {ip: 198.51.100.2", "[198.51.100.300, {ip: 198.51.100.2")
+        .replace("    overflow: spare\n", "    overflow: sparee\n")
+        .replace("    ips: [203.0.113.1]", "    ips: [203.0.113.1, 198.51.100.2]")
+        .replace("{warmup_day: 2, daily_cap: 200}", "{warmup_day: 3, daily_cap: 200}")
+        .replace("{warmup_day: 1, daily_cap: 100}", "{warmup_day: 1, daily_cap: lots}")
+        .replace("      google: {scale: 0.5}", "      gmail: {scale: 0.5}")
+    )
+    assert problems(tmp_path, text) == [
+        "plan.yaml:2:1: timezone: unknown time zone 'Europe/Berln'; did you mean "
+        "'Europe/Berlin'? (use an IANA name such as Europe/Berlin)",
+        "plan.yaml:5:11: pools.tx.ips[0]: expected an IPv4 or IPv6 address, got '198.51.100.300'",
+        "plan.yaml:6:5: pools.tx.overflow: unknown pool 'sparee'; did you mean 'spare'?",
+        "plan.yaml:8:24: pools.spare.ips[1]: IP 198.51.100.2 is also in pool 'tx'; "
+        "pools must not overlap",
+        "plan.yaml:18:25: schedules.slow.steps[0].daily_cap: "
+        "expected a whole number, got text 'lots'",
+        "plan.yaml:19:10: schedules.slow.steps[1].warmup_day: "
+        "expected warmup_day 2 (step 2 of the table; warm-up day 1 is the start date), got 3",
+        "plan.yaml:21:7: schedules.slow.providers.gmail: unknown provider 'gmail'; "
+        "did you mean 'google'?",
+    ]
+
+
+def test_names_of_entries_with_mistakes_still_count(tmp_path: Path) -> None:
+    """A pool, schedule or batch with a mistake of its own is still a name others may use:
+    the batch naming them gets no "unknown" error, the schedule no "unused" warning, and the
+    batch's own IPs and names are still checked although its start date is bad."""
+    text = (
+        GOOD.replace("    ips: [203.0.113.1]", "    ips: 203.0.113.1")
+        .replace("    pool: tx\n", "    pool: spare\n")
+        .replace("start_date: 2026-12-01", "start_date: someday")
+        .replace("[192.0.2.1, 192.0.2.2]", "[192.0.2.1, 198.51.100.1]")
+        .replace("    hourly: {active_hours: 08-20", "    hourly: {active_hours: 20-08")
+    )
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(ScheduleError) as info:
+        load_plan(path)
+    got = [str(p).replace(str(tmp_path) + "/", "") for p in info.value.problems]
+    assert got == [
+        "plan.yaml:8:5: pools.spare.ips: expected a list, got text '203.0.113.1'",
+        "plan.yaml:12:22: batches.b1.ips[1]: IP 198.51.100.1 is also a warm IP of pool 'tx'; "
+        "a new IP is in one batch",
+        "plan.yaml:14:5: batches.b1.start_date: expected a date written YYYY-MM-DD, got 'someday'",
+        "plan.yaml:22:14: schedules.slow.hourly.active_hours: expected hours of the day as "
+        "START-END with 0 <= START < END <= 24, such as 08-20, got '20-08'",
+    ]
+
+
+def test_a_missing_warmup_day_among_given_ones_is_named(tmp_path: Path) -> None:
+    """A table that gives warmup_day on some rows must give it on all: the first row without
+    one is reported (a lost or pasted row), not every row after it."""
+    text = GOOD.replace(
+        "      - {warmup_day: 2, daily_cap: 200}\n",
+        "      - {daily_cap: 200}\n      - {warmup_day: 4, daily_cap: 300}\n",
+    )
+    assert problems(tmp_path, text) == [
+        "plan.yaml:19:9: schedules.slow.steps[1]: warmup_day is missing: expected 2 "
+        "(step 2 of the table), as other steps give theirs",
+    ]
+
+
+def test_provider_hints_follow_domains_then_spelling() -> None:
+    """Unknown provider names are matched to a provider by its mail domains first (gmail,
+    hotmail.com, aol), then by spelling (gogle); nothing close gives no hint."""
+    from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
+    from kiln.schedule import provider_hint
+
+    known = {*DEFAULT_PROVIDERS, DEFAULT_PROVIDER}
+    assert provider_hint("gmail", known) == "; did you mean 'google'?"
+    assert provider_hint("Hotmail.com", known) == "; did you mean 'microsoft-consumer'?"
+    assert provider_hint("aol", known) == "; did you mean 'yahoo'?"
+    assert provider_hint("gogle", known) == "; did you mean 'google'?"
+    assert provider_hint("zzz", known) == ""
+    assert provider_hint("gmail", {"default"}) == ""
+
+
+def test_signal_sections_are_checked_beside_a_bad_one(tmp_path: Path) -> None:
+    """A mistake in one signal source does not hide an unknown provider in another."""
+    text = GOOD + ("signals:\n  snds: {key_file: k, providers: [hotmail]}\n  dnsbl: {zones: []}\n")
+    assert problems(tmp_path, text) == [
+        "plan.yaml:24:35: signals.snds.providers[0]: unknown provider 'hotmail'; "
+        "did you mean 'microsoft-consumer'?",
+        "plan.yaml:25:11: signals.dnsbl.zones: must not be empty (at least 1 item)",
+    ]

@@ -33,8 +33,9 @@ __all__ = [
     "state_dir",
 ]
 
-#: Version of `kiln plan --format json`'s shape (documented in schedules/README.md).
-PLAN_JSON_VERSION = 1
+#: Version of `kiln plan --format json`'s shape (documented in schedules/README.md). 2: `day`
+#: counts warm-up days from 1 (the start date), as `warmup_day` and `step` do; 1 counted from 0.
+PLAN_JSON_VERSION = 2
 
 _ROW_COLUMNS = [f.name for f in dataclasses.fields(PlanRow)]
 

@@ -76,6 +76,7 @@ class PlanRow:
     """One day of one (batch, provider) ramp in the nominal plan (see schedules/README.md)."""
 
     date: str
+    #: Warm-up day: 1 on the batch's start date (0 and below before it), as `warmup_day`.
     day: int
     batch: str
     pool: str
@@ -222,14 +223,14 @@ def nominal_plan(
         today = first + timedelta(days=offset)
         capacity: dict[tuple[str, str], int | None] = {}
         for name, b in batches.items():
-            age = (today - b.start_date).days
+            day = (today - b.start_date).days + 1  # warm-up day: 1 is the start date
             schedule = plan.schedules[b.schedule]
             for p in providers:
-                if age < 0:
-                    rows.append(_row(today, age, name, b.pool, p, "not_started", None, len(b.ips)))
+                if day < 1:
+                    rows.append(_row(today, day, name, b.pool, p, "not_started", None, len(b.ips)))
                     continue
-                caps, state = caps_at(plan, name, p, age + 1)
-                rows.append(_row(today, age, name, b.pool, p, state, age + 1, len(b.ips), caps))
+                caps, state = caps_at(plan, name, p, day)
+                rows.append(_row(today, day, name, b.pool, p, state, day, len(b.ips), caps))
                 key = (b.pool, p)
                 per_ip = _daily_volume(caps, schedule)
                 prior = capacity.get(key, 0)
@@ -253,7 +254,7 @@ def _daily_volume(caps: StepCaps, schedule: Schedule) -> int | None:
 
 def _row(
     today: date,
-    age: int,
+    day: int,
     batch: str,
     pool: str,
     provider: str,
@@ -266,7 +267,7 @@ def _row(
     c = caps or StepCaps()
     return PlanRow(
         today.isoformat(),
-        age,
+        day,
         batch,
         pool,
         provider,
