@@ -573,3 +573,29 @@ def test_a_reload_that_drops_an_ip_answers_like_a_fresh_daemon(tmp_path: Path) -
     assert send(d, {**warm, "ip": "198.51.100.20"})[0]["granted"] == 1
     d.store.close()
     fresh.store.close()
+
+
+# ----- F4d: an unreadable snapshot -----
+
+
+def test_an_unreadable_snapshot_is_a_warning_and_today_comes_from_the_tallies(
+    plan_file: Path, state: Path
+) -> None:
+    """A counter snapshot that cannot be read is logged as a warning (before: `info`, and the
+    day's budget was granted again); today's grants are taken from the stored tallies, so
+    the cap still holds."""
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, state, clock)
+    assert send(d, acquire(60))[0]["granted"] == 60
+    d.flush(clock.t)
+    d.store.save_snapshot(b"not a snapshot", clock.t)
+    d.store.close()
+    clock.t += 1_000
+    with structlog.testing.capture_logs() as logs:
+        d2 = make(plan_file, state, clock)
+    unreadable = [e for e in logs if e.get("action") == "snapshot_unreadable"]
+    assert unreadable and unreadable[0]["log_level"] == "warning"
+    assert any(e["event"] == "counters_from_tallies" for e in logs)
+    granted = sum(int(r["granted"]) for r in send(d2, *(acquire(10) for _ in range(10))))  # type: ignore[call-overload]
+    assert granted <= 40
+    d2.store.close()

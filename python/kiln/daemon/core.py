@@ -26,11 +26,10 @@ import dns.resolver
 from kiln import _core
 from kiln.automation import Automation
 from kiln.clock import Clock, SystemClock
-from kiln.daemon import ops, serving
+from kiln.daemon import ops, reload, serving
 from kiln.daemon.config import DaemonConfig
-from kiln.daemon.jobs import schedule_signals
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
-from kiln.daemon.persist import Batch, Persister
+from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
 from kiln.daemon.roll import ROLLED_KEY, roll_days, state_of
 from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
@@ -105,7 +104,7 @@ class Daemon:
         self.notifier = Notifier()
         self.connections = 0
         self.max_connections = config.max_connections or connection_limit()
-        rules = self._compile_rules(self._read_rules(self.plan))  # ScheduleError: nothing started
+        rules = self.compile_rules(self.read_rules(self.plan))  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
         self.feedback: FeedbackReader | None = None
@@ -143,12 +142,12 @@ class Daemon:
         self.engine.set_default_provider(DEFAULT_PROVIDER)
         self.engine.set_upcall_ops(list(ops.UPCALL_OPS))
         self.states = {k: state_of(p) for k, p in self.store.load_positions(self.plan.name).items()}
-        self._load_guard(now_ms)
-        self._mark_start(now_ms)
+        self.load_guard(now_ms)
+        self.mark_start(now_ms)
         self.roll_days(now_ms)
         self.apply_plan(now_ms)
         if lost_snapshot:
-            self._charge_stored_tallies(now_ms)
+            charge_stored_tallies(self.engine, self.store, self.plan_day(now_ms), now_ms, self.log)
         self.record(
             now_ms,
             "start",
@@ -159,43 +158,14 @@ class Daemon:
         )
         self.flush(now_ms)
 
-    def _charge_stored_tallies(self, now_ms: int) -> None:
-        """Without readable counters, count today's grants from the stored tallies (at most one
-        flush behind), charged to the current hour as well as the day: conservative, it may
-        under-send this hour rather than grant twice."""
-        today = self.store.counts(self.plan_day(now_ms))
-        snap = self.engine.snapshot()
-        ips = [ip[0] for ip in snap["ips"]]
-        providers = snap["providers"]
-        keys = []
-        ip_used: dict[int, int] = {}
-        for ip, provider, limits, counters in snap["keys"]:
-            granted = today.get((ips[ip], providers[provider]), DayCounts()).granted
-            tat, hour_used, day_used, *rest = counters
-            if granted:
-                ip_used[ip] = ip_used.get(ip, 0) + granted
-                counters = (tat, max(hour_used, granted), max(day_used, granted), *rest)
-            keys.append((ip, provider, limits, counters))
-        snap["keys"] = keys
-        snap["ips"] = [
-            (addr, hcap, dcap, max(hu, ip_used.get(i, 0)), max(du, ip_used.get(i, 0)))
-            for i, (addr, hcap, dcap, hu, du) in enumerate(snap["ips"])
-        ]
-        self.engine.restore(snap)
-        self.log.warning(
-            "counters_from_tallies",
-            keys=sum(1 for k in today.values() if k.granted),
-            granted=sum(k.granted for k in today.values()),
-        )
-
     @staticmethod
-    def _read_rules(plan: Plan) -> RuleSet:
+    def read_rules(plan: Plan) -> RuleSet:
         """The shipped and the plan's reply rules, read and checked (ScheduleError); touches
         no engine, so it may run off the loop."""
         base = Path(plan.source).parent
         return load_rules([base / f for f in plan.policy.rules], known_providers(plan))
 
-    def _compile_rules(self, rules: RuleSet) -> dict[str, RuleInfo]:
+    def compile_rules(self, rules: RuleSet) -> dict[str, RuleInfo]:
         """Compile reply rules into the engine (ScheduleError: the rules in force stay), and
         what policy needs of each rule."""
         rules.compile_into(self.engine)
@@ -208,16 +178,16 @@ class Daemon:
             for r in rules.rules
         }
 
-    def _load_guard(self, now_ms: int) -> None:
+    def load_guard(self, now_ms: int) -> None:
         """Automations and signal readings of this plan, back from the store."""
         kept = self.store.load_automations(self.plan.name, since_ms=now_ms - 3 * 86_400_000)
         self.guard.book.load(Automation.from_json(a) for a in kept)
         saved = self.store.get_meta(_SIGNALS_KEY.format(plan=self.plan.name))
         self.guard.signals = SignalBook.from_json(json.loads(saved)) if saved else SignalBook()
         self._signals_saved = saved or ""
-        self._load_feedback()
+        self.load_feedback()
 
-    def _load_feedback(self) -> None:
+    def load_feedback(self) -> None:
         """(Re)open the MTA-log readers where they got to."""
         if self.feedback is not None:
             self.collect(self.clock.now_ms())  # their checkpoints go with the next write
@@ -228,7 +198,7 @@ class Daemon:
             self.plan, json.loads(self._feedback_saved) if self._feedback_saved else None
         )
 
-    def _mark_start(self, now_ms: int) -> None:
+    def mark_start(self, now_ms: int) -> None:
         """A plan seen for the first time starts counting today: earlier days had no data."""
         key = ROLLED_KEY.format(plan=self.plan.name)
         if self.store.get_meta(key) is None:
@@ -436,95 +406,16 @@ class Daemon:
             e.reason, kind=e.kind, subject=e.subject, action=e.action, **fields
         )
 
-    # ----- reload -----
-
-    def _read_plan(self) -> tuple[Plan, RuleSet]:
-        """The plan file and its rule files, read and checked; touches no engine, so it runs
-        off the loop (ScheduleError, OSError)."""
-        plan = load_plan(self.config.plan_path)
-        return plan, self._read_rules(plan)
+    # ----- reload (kiln.daemon.reload) -----
 
     def reload(self, now_ms: int) -> dict[str, Any]:
         """Re-read the plan in the calling thread, swap it in only if valid, and write the
         result (tests; the serving daemon uses `reload_async`)."""
-        try:
-            plan, rules = self._read_plan()
-        except _PLAN_ERRORS as e:
-            reply = self._reload_failed(e, now_ms)
-        else:
-            reply = self._swap(plan, rules, now_ms)
-        self.persist.write_now()
-        return reply
+        return reload.reload(self, now_ms)
 
     async def reload_async(self) -> dict[str, Any]:
-        """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
-        the result on the store thread. Returns the reply for `kiln reload`."""
-        async with self.job_lock:
-            try:
-                plan, rules = await asyncio.to_thread(self._read_plan)
-            except _PLAN_ERRORS as e:
-                reply = self._reload_failed(e, self.clock.now_ms())
-            else:
-                reply = self._swap(plan, rules, self.clock.now_ms())
-            await self.persist.write_async()
-            return reply
-
-    def _reload_failed(self, e: BaseException, now_ms: int) -> dict[str, Any]:
-        """Keep the running plan; log and answer the problems."""
-        problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
-        if isinstance(e, RecursionError):
-            problems = [f"{self.config.plan_path}: nested too deeply to read"]
-        self.record(
-            now_ms,
-            "reload",
-            "plan",
-            "reload_failed",
-            "the plan has errors; the running plan stays",
-            {"problems": problems},
-            level="error",
-        )
-        self.collect(now_ms)
-        return {
-            "ok": False,
-            "error": "the plan has errors; the running plan stays",
-            "problems": problems,
-        }
-
-    def _swap(self, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, Any]:
-        """Put a read and checked plan in force (on the engine's thread)."""
-        try:
-            rules = self._compile_rules(rules_read)
-        except ScheduleError as e:
-            return self._reload_failed(e, now_ms)
-        self.collect(now_ms)  # what was counted under the old plan goes under its name
-        old = self.plan.name
-        old_sources = {n: self.poller.interval_ms(n) for n in self.poller.configured()}
-        self.plan = plan
-        self.guard.replan(plan, rules)
-        self.poller.replan(plan)
-        if plan.name != old:
-            loaded = self.store.load_positions(plan.name)
-            self.states = {k: state_of(p) for k, p in loaded.items()}
-            self.guard = Guard(plan, rules)
-            self._load_guard(now_ms)
-            self._mark_start(now_ms)
-        else:
-            self._load_feedback()
-        self.apply_plan(now_ms)
-        if self.lookups is not None:  # the provider table may have changed
-            self.lookups.close()
-            self.lookups = self.make_lookups()
-        schedule_signals(self, keep=old_sources)
-        self.record(
-            now_ms,
-            "reload",
-            "plan",
-            "reloaded",
-            f"plan {plan.name!r} is in force",
-            {"plan": str(self.config.plan_path), "previous": old},
-        )
-        self.collect(now_ms)
-        return {"ok": True, "plan": plan.name}
+        """Re-read the plan off the loop and swap it in only if valid (SIGHUP, `reload`)."""
+        return await reload.reload_async(self)
 
     # ----- operator requests (kiln.daemon.ops) and serving (kiln.daemon.serving) -----
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from kiln import _core
 from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoreError
 
-__all__ = ["Batch", "Persister"]
+__all__ = ["Batch", "Persister", "charge_stored_tallies"]
 
 T = TypeVar("T")
 
@@ -185,3 +185,38 @@ class Persister:
             unsaved_batches=len(self.unsaved),
             hint="tallies, reports and decisions are kept in memory until a write succeeds",
         )
+
+
+def charge_stored_tallies(
+    engine: _core.Engine, store: Store, day: date, now_ms: int, log: Any
+) -> None:
+    """Without readable counters, count today's grants from the stored tallies (at most one
+    flush behind), charged to the current hour as well as the day: conservative, it may
+    under-send this hour rather than grant twice."""
+    today = store.counts(day)
+    # Roll the engine's windows to now first, or the first decision would roll them and drop
+    # what is charged here (a plain snapshot's restore charges nothing else).
+    engine.restore_bytes(engine.snapshot_bytes(), now_ms)
+    snap = engine.snapshot()
+    ips = [ip[0] for ip in snap["ips"]]
+    providers = snap["providers"]
+    keys = []
+    ip_used: dict[int, int] = {}
+    for ip, provider, limits, counters in snap["keys"]:
+        granted = today.get((ips[ip], providers[provider]), DayCounts()).granted
+        tat, hour_used, day_used, *rest = counters
+        if granted:
+            ip_used[ip] = ip_used.get(ip, 0) + granted
+            counters = (tat, max(hour_used, granted), max(day_used, granted), *rest)
+        keys.append((ip, provider, limits, counters))
+    snap["keys"] = keys
+    snap["ips"] = [
+        (addr, hcap, dcap, max(hu, ip_used.get(i, 0)), max(du, ip_used.get(i, 0)))
+        for i, (addr, hcap, dcap, hu, du) in enumerate(snap["ips"])
+    ]
+    engine.restore(snap)
+    log.warning(
+        "counters_from_tallies",
+        keys=sum(1 for k in today.values() if k.granted),
+        granted=sum(k.granted for k in today.values()),
+    )

@@ -1,0 +1,119 @@
+"""Reloading the plan: read off the loop, swap in on it, only if valid.
+
+The plan and its rule files are read and checked on a worker thread (they touch no engine);
+any error keeps the running plan and answers the problems. A valid plan is compiled into the
+engine on the loop; signal sources whose settings did not change keep their schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from kiln.daemon.jobs import schedule_signals
+from kiln.daemon.roll import state_of
+from kiln.errors import ScheduleError
+from kiln.guard import Guard
+from kiln.rules import RuleSet
+from kiln.schedule import Plan, load_plan
+
+if TYPE_CHECKING:
+    from kiln.daemon.core import Daemon
+
+__all__ = ["failed", "read_plan", "reload", "reload_async", "swap"]
+
+#: What reading a plan may raise; every one keeps the running plan.
+_PLAN_ERRORS = (ScheduleError, OSError, RecursionError, UnicodeError, ValueError, MemoryError)
+
+
+def read_plan(d: Daemon) -> tuple[Plan, RuleSet]:
+    """The plan file and its rule files, read and checked; touches no engine, so it runs
+    off the loop (ScheduleError, OSError)."""
+    plan = load_plan(d.config.plan_path)
+    return plan, d.read_rules(plan)
+
+
+def reload(d: Daemon, now_ms: int) -> dict[str, Any]:
+    """Re-read the plan in the calling thread, swap it in only if valid, and write the
+    result (tests; the serving daemon uses `reload_async`)."""
+    try:
+        plan, rules = read_plan(d)
+    except _PLAN_ERRORS as e:
+        reply = failed(d, e, now_ms)
+    else:
+        reply = swap(d, plan, rules, now_ms)
+    d.persist.write_now()
+    return reply
+
+
+async def reload_async(d: Daemon) -> dict[str, Any]:
+    """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
+    the result on the store thread. Returns the reply for `kiln reload`."""
+    async with d.job_lock:
+        try:
+            plan, rules = await asyncio.to_thread(read_plan, d)
+        except _PLAN_ERRORS as e:
+            reply = failed(d, e, d.clock.now_ms())
+        else:
+            reply = swap(d, plan, rules, d.clock.now_ms())
+        await d.persist.write_async()
+        return reply
+
+
+def failed(d: Daemon, e: BaseException, now_ms: int) -> dict[str, Any]:
+    """Keep the running plan; log and answer the problems."""
+    problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
+    if isinstance(e, RecursionError):
+        problems = [f"{d.config.plan_path}: nested too deeply to read"]
+    d.record(
+        now_ms,
+        "reload",
+        "plan",
+        "reload_failed",
+        "the plan has errors; the running plan stays",
+        {"problems": problems},
+        level="error",
+    )
+    d.collect(now_ms)
+    return {
+        "ok": False,
+        "error": "the plan has errors; the running plan stays",
+        "problems": problems,
+    }
+
+
+def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, Any]:
+    """Put a read and checked plan in force (on the engine's thread)."""
+    try:
+        rules = d.compile_rules(rules_read)
+    except ScheduleError as e:
+        return failed(d, e, now_ms)
+    d.collect(now_ms)  # what was counted under the old plan goes under its name
+    old = d.plan.name
+    old_sources = {n: d.poller.interval_ms(n) for n in d.poller.configured()}
+    d.plan = plan
+    d.guard.replan(plan, rules)
+    d.poller.replan(plan)
+    if plan.name != old:
+        loaded = d.store.load_positions(plan.name)
+        d.states = {k: state_of(p) for k, p in loaded.items()}
+        d.guard = Guard(plan, rules)
+        d.load_guard(now_ms)
+        d.mark_start(now_ms)
+    else:
+        d.load_feedback()
+    d.apply_plan(now_ms)
+    if d.lookups is not None:  # the provider table may have changed
+        d.lookups.close()
+        d.lookups = d.make_lookups()
+    schedule_signals(d, keep=old_sources)
+    d.record(
+        now_ms,
+        "reload",
+        "plan",
+        "reloaded",
+        f"plan {plan.name!r} is in force",
+        {"plan": str(d.config.plan_path), "previous": old},
+    )
+    d.collect(now_ms)
+    return {"ok": True, "plan": plan.name}
