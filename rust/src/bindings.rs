@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
 
+use crate::caps::{EVERY_HOUR, UNKNOWN_HOUR};
 use crate::classify::{self, Class, CodeSpec, Provider, RuleDef, Scope, Verdict};
 use crate::decision::{Decision, Reason, Tier};
 use crate::engine::Engine;
@@ -64,6 +65,7 @@ fn reason_str(py: Python<'_>, r: Reason) -> Bound<'_, PyString> {
         Reason::Rate => intern!(py, "rate"),
         Reason::Reservation => intern!(py, "reservation"),
         Reason::Retired => intern!(py, "retired"),
+        Reason::OutsideActiveHours => intern!(py, "outside_active_hours"),
     }
     .clone()
 }
@@ -340,8 +342,9 @@ impl PyEngine {
         self.lock(py)?.engine.limiter.provider(name).map_err(err)
     }
 
-    /// Set a key's rate and caps (its multiplier, pause, counters and suspension stay).
-    #[pyo3(signature = (key, *, rate_count=None, rate_period_ms=None, max_burst=1, hourly_cap=None, daily_cap=None))]
+    /// Set a key's rate, caps and active hours (its multiplier, pause, counters and
+    /// suspension stay).
+    #[pyo3(signature = (key, *, rate_count=None, rate_period_ms=None, max_burst=1, hourly_cap=None, daily_cap=None, active_hours=None))]
     #[allow(clippy::too_many_arguments)] // the GIL token plus the limits' fields
     fn set_limits(
         &self,
@@ -352,6 +355,7 @@ impl PyEngine {
         max_burst: i128,
         hourly_cap: Option<i128>,
         daily_cap: Option<i128>,
+        active_hours: Option<i128>,
     ) -> PyResult<()> {
         let rate = match (
             opt_arg::<u64>("rate_count", rate_count)?,
@@ -366,16 +370,28 @@ impl PyEngine {
                 ))
             }
         };
-        self.lock(py)?
-            .engine
-            .set_limits(
-                arg("key", key)?,
-                rate,
-                arg("max_burst", max_burst)?,
-                opt_arg("hourly_cap", hourly_cap)?,
-                opt_arg("daily_cap", daily_cap)?,
-            )
-            .map_err(err)
+        let active_hours = match opt_arg::<u32>("active_hours", active_hours)? {
+            None => EVERY_HOUR,
+            Some(h) if h <= EVERY_HOUR => h,
+            Some(h) => {
+                return Err(bad(
+                    "active_hours",
+                    format_args!("must be a mask of hours 0 to 23 (below 2**24), got {h}"),
+                ))
+            }
+        };
+        let key = arg("key", key)?;
+        let (max_burst, hourly_cap, daily_cap) = (
+            arg("max_burst", max_burst)?,
+            opt_arg("hourly_cap", hourly_cap)?,
+            opt_arg("daily_cap", daily_cap)?,
+        );
+        let mut g = self.lock(py)?;
+        // The mask is valid (checked above), so the second call cannot fail after the first.
+        g.engine
+            .set_limits(key, rate, max_burst, hourly_cap, daily_cap)
+            .map_err(err)?;
+        g.engine.set_active_hours(key, active_hours).map_err(err)
     }
 
     /// Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it.
@@ -429,21 +445,31 @@ impl PyEngine {
             .map_err(err)
     }
 
-    /// The instants (ms) at which coming calendar hours and days begin, strictly increasing.
+    /// The instants (ms) at which coming calendar hours and days begin, strictly increasing,
+    /// and the local hour of day (0..23) each hour start begins (for active hours).
+    #[pyo3(signature = (hour_starts_ms, day_starts_ms, hours_of_day=None))]
     fn set_calendar(
         &self,
         py: Python<'_>,
         hour_starts_ms: Vec<i128>,
         day_starts_ms: Vec<i128>,
+        hours_of_day: Option<Vec<i128>>,
     ) -> PyResult<()> {
         let conv = |name: &str, v: Vec<i128>| -> PyResult<Vec<u64>> {
             v.into_iter().map(|x| arg(name, x)).collect()
         };
         let hours = conv("hour_starts_ms", hour_starts_ms)?;
         let days = conv("day_starts_ms", day_starts_ms)?;
+        let of_day = hours_of_day
+            .map(|v| {
+                v.into_iter()
+                    .map(|x| arg::<u8>("hours_of_day", x))
+                    .collect::<PyResult<Vec<u8>>>()
+            })
+            .transpose()?;
         self.lock(py)?
             .engine
-            .set_calendar(&hours, &days)
+            .set_local_calendar(&hours, &days, of_day.as_deref())
             .map_err(err)
     }
 
@@ -585,6 +611,10 @@ impl PyEngine {
         d.set_item("daily_cap", crate::caps::cap_to(l.daily_cap))?;
         d.set_item("multiplier", f64::from(l.multiplier_ppm) / PPM as f64)?;
         d.set_item("paused", l.paused)?;
+        d.set_item(
+            "active_hours",
+            (l.active_hours != EVERY_HOUR).then_some(l.active_hours),
+        )?;
         d.set_item("hour_used", u.hour_used)?;
         d.set_item("day_used", u.day_used)?;
         d.set_item("ip_hour_used", u.ip_hour_used)?;
@@ -1160,6 +1190,16 @@ fn snapshot_to_py<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyD
         .collect::<Vec<_>>();
     d.set_item("queue", queue)?;
     d.set_item("retired_ips", &s.retired_ips)?;
+    let of_day = |h: u8| (h != UNKNOWN_HOUR).then_some(h);
+    d.set_item("hour_of_day", of_day(s.hour_of_day))?;
+    d.set_item(
+        "hour_pending_of_day",
+        s.hour_pending_of_day
+            .iter()
+            .map(|&h| of_day(h))
+            .collect::<Vec<_>>(),
+    )?;
+    d.set_item("active_hours", &s.active_hours)?;
     Ok(d)
 }
 
@@ -1198,6 +1238,29 @@ fn items<'py>(state: &Bound<'py, PyAny>, name: &str) -> PyResult<Vec<Bound<'py, 
         .try_iter()
         .map_err(|_| bad(name, "must be a list"))?
         .collect()
+}
+
+/// (hour of day now, hours of day of the pending hour boundaries, (key, active hours) pairs).
+type LocalHours = (u8, Vec<u8>, Vec<(u32, u32)>);
+
+/// Version 3 data names hours of day and active hours; earlier versions have none.
+fn local_hours_from_py(state: &Bound<'_, PyAny>, pending: usize) -> PyResult<LocalHours> {
+    let hour_of_day = match state.get_item("hour_of_day") {
+        Ok(v) => get::<Option<u8>>(&v, "hour_of_day")?.unwrap_or(UNKNOWN_HOUR),
+        Err(_) => UNKNOWN_HOUR,
+    };
+    let hour_pending_of_day = match state.get_item("hour_pending_of_day") {
+        Ok(v) => get::<Vec<Option<u8>>>(&v, "hour_pending_of_day")?
+            .into_iter()
+            .map(|h| h.unwrap_or(UNKNOWN_HOUR))
+            .collect(),
+        Err(_) => vec![UNKNOWN_HOUR; pending],
+    };
+    let active_hours = match state.get_item("active_hours") {
+        Ok(v) => get(&v, "active_hours")?,
+        Err(_) => Vec::new(),
+    };
+    Ok((hour_of_day, hour_pending_of_day, active_hours))
 }
 
 fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
@@ -1272,10 +1335,13 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
         Ok(v) => get(&v, "retired_ips")?,
         Err(_) => Vec::new(),
     };
+    let hour_pending_ms: Vec<u64> = get(&field("hour_pending_ms")?, "hour_pending_ms")?;
+    let (hour_of_day, hour_pending_of_day, active_hours) =
+        local_hours_from_py(state, hour_pending_ms.len())?;
     Ok(Snapshot {
         version: get(&field("version")?, "version")?,
         hour_start_ms: get(&field("hour_start_ms")?, "hour_start_ms")?,
-        hour_pending_ms: get(&field("hour_pending_ms")?, "hour_pending_ms")?,
+        hour_pending_ms,
         day_start_ms: get(&field("day_start_ms")?, "day_start_ms")?,
         day_pending_ms: get(&field("day_pending_ms")?, "day_pending_ms")?,
         providers: get(&field("providers")?, "providers")?,
@@ -1285,6 +1351,9 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
         queue,
         retired_ips,
         reservation: None,
+        hour_of_day,
+        hour_pending_of_day,
+        active_hours,
     })
 }
 

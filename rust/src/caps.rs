@@ -9,37 +9,129 @@ use std::collections::VecDeque;
 
 use crate::error::{CoreError, CoreResult};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The hour of day of a window or boundary that nobody named (`set_calendar` without hours of
+/// day, or calendar days): a key with active hours is closed in it.
+pub const UNKNOWN_HOUR: u8 = 24;
+
+/// Every local hour of the day (bits 0..=23): a key with these active hours is never closed.
+pub const EVERY_HOUR: u32 = (1 << 24) - 1;
+
+/// The bit of an hour of day in an active-hours mask; `UNKNOWN_HOUR` has bit 24, which only
+/// `EVERY_HOUR` keys (compiled with `hours_bits`) have, so an unknown hour closes every other key.
+#[inline]
+pub const fn hour_bit(hour: u8) -> u32 {
+    1 << hour
+}
+
+/// An active-hours mask as the hot path tests it: `EVERY_HOUR` is open in an unknown hour too.
+pub const fn hours_bits(active_hours: u32) -> u32 {
+    if active_hours == EVERY_HOUR {
+        EVERY_HOUR | hour_bit(UNKNOWN_HOUR)
+    } else {
+        active_hours
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Calendar {
     /// Start of the current window (0 before the first boundary was passed).
     start_ms: u64,
-    /// Boundaries still to come, strictly increasing.
-    pending: VecDeque<u64>,
+    /// The local hour of day (0..=23) of the current window, or `UNKNOWN_HOUR`.
+    hour: u8,
+    /// Boundaries still to come, strictly increasing, each with the hour of day it begins.
+    pending: VecDeque<(u64, u8)>,
+}
+
+impl Default for Calendar {
+    fn default() -> Self {
+        Self {
+            start_ms: 0,
+            hour: UNKNOWN_HOUR,
+            pending: VecDeque::new(),
+        }
+    }
 }
 
 impl Calendar {
     pub fn new(start_ms: u64, pending: &[u64]) -> CoreResult<Self> {
+        Self::with_hours(start_ms, UNKNOWN_HOUR, pending, None)
+    }
+
+    /// A calendar whose current window (from `start_ms`) is local hour `hour` and whose
+    /// pending boundaries begin the hours `hours` (`None`: unknown).
+    pub fn with_hours(
+        start_ms: u64,
+        hour: u8,
+        pending: &[u64],
+        hours: Option<&[u8]>,
+    ) -> CoreResult<Self> {
+        check_hour("hour_of_day", hour, true)?;
         let mut c = Self {
             start_ms,
+            hour,
             pending: VecDeque::new(),
         };
-        c.set_pending("boundaries", pending)?;
+        c.replace_pending("boundaries", pending, hours, true)?;
         Ok(c)
     }
 
     /// Replace the boundaries to come. They must be strictly increasing; ones at or before
     /// the current window's start are ignored.
     pub fn set_pending(&mut self, name: &'static str, starts_ms: &[u64]) -> CoreResult<()> {
+        self.set_pending_hours(name, starts_ms, None)
+    }
+
+    /// `set_pending`, with the local hour of day (0..=23) each boundary begins (one per
+    /// boundary; `None`: unknown). A boundary equal to the current window's start names the
+    /// current window's hour of day.
+    pub fn set_pending_hours(
+        &mut self,
+        name: &'static str,
+        starts_ms: &[u64],
+        hours: Option<&[u8]>,
+    ) -> CoreResult<()> {
+        self.replace_pending(name, starts_ms, hours, false)
+    }
+
+    fn replace_pending(
+        &mut self,
+        name: &'static str,
+        starts_ms: &[u64],
+        hours: Option<&[u8]>,
+        unknown_ok: bool,
+    ) -> CoreResult<()> {
         if let Some([a, b]) = starts_ms.windows(2).find(|w| w[0] >= w[1]) {
             return Err(CoreError::bad(
                 name,
                 format!("must be strictly increasing, got {a} then {b}"),
             ));
         }
+        if let Some(hours) = hours {
+            if hours.len() != starts_ms.len() {
+                return Err(CoreError::bad(
+                    "hours_of_day",
+                    format!(
+                        "must give one hour per hour start ({}), got {}",
+                        starts_ms.len(),
+                        hours.len()
+                    ),
+                ));
+            }
+            for &h in hours {
+                check_hour("hours_of_day", h, unknown_ok)?;
+            }
+        }
+        let hour_of = |i: usize| hours.map_or(UNKNOWN_HOUR, |h| h[i]);
+        if let Some(i) = starts_ms.iter().position(|&b| b == self.start_ms) {
+            if hours.is_some() {
+                self.hour = hour_of(i);
+            }
+        }
         self.pending = starts_ms
             .iter()
-            .copied()
-            .filter(|&b| b > self.start_ms)
+            .enumerate()
+            .filter(|&(_, &b)| b > self.start_ms)
+            .map(|(i, &b)| (b, hour_of(i)))
             .collect();
         Ok(())
     }
@@ -48,13 +140,14 @@ impl Calendar {
     #[inline]
     pub fn advance(&mut self, now_ms: u64) -> bool {
         let mut rolled = false;
-        while let Some(&b) = self.pending.front() {
+        while let Some(&(b, hour)) = self.pending.front() {
             if b > now_ms {
                 break;
             }
             self.pending.pop_front();
             if b > self.start_ms {
                 self.start_ms = b;
+                self.hour = hour;
                 rolled = true;
             }
         }
@@ -64,20 +157,67 @@ impl Calendar {
     /// The next boundary, if Python supplied one.
     #[inline]
     pub fn next_ms(&self) -> Option<u64> {
-        self.pending.front().copied()
+        self.pending.front().map(|&(b, _)| b)
     }
 
     /// How many pending boundaries come at or before `until_ms`.
     pub fn pending_until(&self, until_ms: u64) -> usize {
-        self.pending.iter().take_while(|&&b| b <= until_ms).count()
+        self.pending
+            .iter()
+            .take_while(|&&(b, _)| b <= until_ms)
+            .count()
     }
 
     pub fn start_ms(&self) -> u64 {
         self.start_ms
     }
 
+    /// The hour of day of the current window (`UNKNOWN_HOUR` when nobody named it).
+    #[inline]
+    pub fn hour(&self) -> u8 {
+        self.hour
+    }
+
     pub fn pending(&self) -> Vec<u64> {
-        self.pending.iter().copied().collect()
+        self.pending.iter().map(|&(b, _)| b).collect()
+    }
+
+    /// The hour of day of each pending boundary (`UNKNOWN_HOUR` where unknown).
+    pub fn pending_hours(&self) -> Vec<u8> {
+        self.pending.iter().map(|&(_, h)| h).collect()
+    }
+
+    /// The earliest instant at or after `t_ms` (the calendar advanced to some time before it)
+    /// that lies in an hour of `bits` (compiled by `hours_bits`), by the pending boundaries:
+    /// `t_ms` itself if its hour is in `bits`, else the first later boundary that begins such
+    /// an hour, else `None` (no pending boundary opens it).
+    pub fn next_open(&self, bits: u32, t_ms: u64) -> Option<u64> {
+        let mut hour = self.hour;
+        let mut later = self.pending.iter().peekable();
+        while let Some(&&(b, h)) = later.peek() {
+            if b > t_ms {
+                break;
+            }
+            hour = h;
+            later.next();
+        }
+        if bits & hour_bit(hour) != 0 {
+            return Some(t_ms);
+        }
+        later
+            .find(|&&(_, h)| bits & hour_bit(h) != 0)
+            .map(|&(b, _)| b)
+    }
+}
+
+fn check_hour(name: &'static str, hour: u8, unknown_ok: bool) -> CoreResult<()> {
+    if hour < UNKNOWN_HOUR || (unknown_ok && hour == UNKNOWN_HOUR) {
+        Ok(())
+    } else {
+        Err(CoreError::bad(
+            name,
+            format!("an hour of day must be 0 to 23, got {hour}"),
+        ))
     }
 }
 

@@ -25,10 +25,13 @@ pub enum Reason {
     Reservation = 8,
     /// The key's IP is no longer a sending IP of the plan (`Limiter::retain_ips`).
     Retired = 9,
+    /// The current local hour is not one of the key's active hours (a warming IP rests at
+    /// night); the wait runs to the start of the next active hour.
+    OutsideActiveHours = 10,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Granted,
         Reason::Paused,
         Reason::Suspended,
@@ -39,6 +42,7 @@ impl Reason {
         Reason::Rate,
         Reason::Reservation,
         Reason::Retired,
+        Reason::OutsideActiveHours,
     ];
 
     /// The snake_case name used on the wire, in logs and in Python.
@@ -54,6 +58,7 @@ impl Reason {
             Reason::Rate => "rate",
             Reason::Reservation => "reservation",
             Reason::Retired => "retired",
+            Reason::OutsideActiveHours => "outside_active_hours",
         }
     }
 
@@ -89,9 +94,11 @@ impl Tier {
 
 /// The answer to "may this key send `n` now?" (all or nothing).
 ///
-/// `retry_after_ms` is honest: if nothing else is granted meanwhile and no limit changes,
-/// asking again `retry_after_ms` later succeeds. `None` on a denial means no time is known
-/// (paused, `n` above a cap or the burst, or no next calendar boundary supplied).
+/// `retry_after_ms` is honest: it is the earliest time at which the same request is granted
+/// if nothing else is granted meanwhile and no limit changes (asking again earlier is
+/// denied; only a reservation's wait is an estimate). `None` on a denial means no scheduled
+/// event frees the key: paused or retired, `n` above a cap or the burst, or no calendar
+/// boundary (or active hour) supplied that far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     /// How many were granted: the full `n`, or 0 when denied.
@@ -119,7 +126,8 @@ mod tests {
         for r in Reason::ALL {
             assert_eq!(Reason::from_code(r as u8), Some(r));
         }
-        assert_eq!(Reason::from_code(10), None);
+        assert_eq!(Reason::from_code(11), None);
+        assert_eq!(Reason::OutsideActiveHours.as_str(), "outside_active_hours");
         assert_eq!(Reason::Reservation.as_str(), "reservation");
         assert_eq!(Reason::DailyCap.as_str(), "daily_cap");
     }

@@ -76,7 +76,26 @@ impl Engine {
         hour_starts_ms: &[u64],
         day_starts_ms: &[u64],
     ) -> CoreResult<()> {
-        self.limiter.set_calendar(hour_starts_ms, day_starts_ms)?;
+        self.set_local_calendar(hour_starts_ms, day_starts_ms, None)
+    }
+
+    /// `set_calendar` with each hour start's local hour of day (see
+    /// `Limiter::set_local_calendar`).
+    pub fn set_local_calendar(
+        &mut self,
+        hour_starts_ms: &[u64],
+        day_starts_ms: &[u64],
+        hours_of_day: Option<&[u8]>,
+    ) -> CoreResult<()> {
+        self.limiter
+            .set_local_calendar(hour_starts_ms, day_starts_ms, hours_of_day)?;
+        self.scheduler.wake_all();
+        Ok(())
+    }
+
+    /// The local hours in which `key` may send (`caps::EVERY_HOUR`: always).
+    pub fn set_active_hours(&mut self, key: u32, active_hours: u32) -> CoreResult<()> {
+        self.limiter.set_active_hours(key, active_hours)?;
         self.scheduler.wake_all();
         Ok(())
     }
@@ -239,6 +258,32 @@ mod tests {
         }
         e.retain_ips(&["192.0.2.1", "192.0.2.2"]).unwrap();
         (e, w)
+    }
+
+    #[test]
+    fn outside_active_hours_on_the_wire_and_through_a_snapshot() {
+        let (mut e, mut w) = planned();
+        let k = e.limiter.key("192.0.2.1", "google").unwrap();
+        e.set_active_hours(k, 1 << 7).unwrap();
+        let h = 3_600_000;
+        e.set_local_calendar(&[0, 7 * h, 8 * h], &[], Some(&[6, 7, 8]))
+            .unwrap();
+        let ask = "{\"op\":\"acquire\",\"ip\":\"192.0.2.1\",\"domain\":\"gmail.com\"}\n";
+        let reply = serve(&mut e, &mut w, ask);
+        assert!(
+            reply.contains("\"reason\":\"outside_active_hours\",\"retry_after_ms\":25200000"),
+            "{reply}"
+        );
+        // A snapshot keeps the active hours and the hours of day.
+        let mut r = Engine::from_snapshot(&e.snapshot()).unwrap();
+        assert_eq!(r.snapshot(), e.snapshot());
+        for t in [h, 7 * h - 1, 7 * h, 8 * h] {
+            assert_eq!(r.acquire(k, 1, t).unwrap(), e.acquire(k, 1, t).unwrap());
+        }
+        assert_eq!(
+            e.acquire(k, 1, 8 * h).unwrap().reason,
+            Reason::OutsideActiveHours
+        );
     }
 
     #[test]

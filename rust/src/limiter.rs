@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
-use crate::caps::{cap_from, cap_wait, Calendar, NO_CAP};
+use crate::caps::{
+    cap_from, cap_wait, hour_bit, hours_bits, Calendar, EVERY_HOUR, NO_CAP, UNKNOWN_HOUR,
+};
 use crate::decision::{Decision, Reason, Tier};
 use crate::error::{CoreError, CoreResult};
 use crate::gcra::{self, NS_PER_MS, PPM};
@@ -28,6 +30,9 @@ pub struct Limits {
     /// 0..=1_000_000; 0 pauses the key like `paused`.
     pub multiplier_ppm: u32,
     pub paused: bool,
+    /// The local hours of the day (bit h: the hour from h:00) in which the key may send;
+    /// `EVERY_HOUR` when it is never closed.
+    pub active_hours: u32,
 }
 
 impl Default for Limits {
@@ -40,6 +45,7 @@ impl Default for Limits {
             daily_cap: NO_CAP,
             multiplier_ppm: PPM as u32,
             paused: false,
+            active_hours: EVERY_HOUR,
         }
     }
 }
@@ -53,6 +59,8 @@ pub(crate) struct Profile {
     pub(crate) hourly_cap: u32,
     pub(crate) daily_cap: u32,
     pub(crate) paused: bool,
+    /// `hours_bits(limits.active_hours)`: tested against the current hour's bit.
+    pub(crate) hours: u32,
 }
 
 impl Profile {
@@ -77,6 +85,7 @@ impl Profile {
             hourly_cap: scale(limits.hourly_cap),
             daily_cap: scale(limits.daily_cap),
             paused,
+            hours: hours_bits(limits.active_hours),
         })
     }
 }
@@ -402,6 +411,15 @@ impl Limiter {
                 ),
             ));
         }
+        if limits.active_hours > EVERY_HOUR {
+            return Err(CoreError::bad(
+                "active_hours",
+                format!(
+                    "must be a mask of hours 0 to 23 (below 2**24), got {}",
+                    limits.active_hours
+                ),
+            ));
+        }
         if u64::from(limits.multiplier_ppm) > PPM {
             return Err(CoreError::bad(
                 "multiplier",
@@ -476,6 +494,19 @@ impl Limiter {
         self.set_key_limits(key, Limits { paused, ..old })
     }
 
+    /// The local hours (bit h: the hour from h:00, `EVERY_HOUR`: all) in which `key` may send;
+    /// in any other hour it is denied `OutsideActiveHours`.
+    pub fn set_active_hours(&mut self, key: u32, active_hours: u32) -> CoreResult<()> {
+        let old = self.limits(key)?;
+        self.set_key_limits(
+            key,
+            Limits {
+                active_hours,
+                ..old
+            },
+        )
+    }
+
     /// Suspend `key` until `until_ms` (replacing any earlier deadline; 0 lifts it).
     pub fn suspend(&mut self, key: u32, until_ms: u64) -> CoreResult<()> {
         self.slot(key)?;
@@ -528,9 +559,20 @@ impl Limiter {
         hour_starts_ms: &[u64],
         day_starts_ms: &[u64],
     ) -> CoreResult<()> {
+        self.set_local_calendar(hour_starts_ms, day_starts_ms, None)
+    }
+
+    /// `set_calendar` with the local hour of day (0..=23) each hour start begins, which
+    /// active hours are read against (`None`: unknown, and keys with active hours closed).
+    pub fn set_local_calendar(
+        &mut self,
+        hour_starts_ms: &[u64],
+        day_starts_ms: &[u64],
+        hours_of_day: Option<&[u8]>,
+    ) -> CoreResult<()> {
         let mut hours = self.hours.clone();
         let mut days = self.days.clone();
-        hours.set_pending("hour_starts_ms", hour_starts_ms)?;
+        hours.set_pending_hours("hour_starts_ms", hour_starts_ms, hours_of_day)?;
         days.set_pending("day_starts_ms", day_starts_ms)?;
         self.hours = hours;
         self.days = days;
@@ -587,10 +629,12 @@ impl Limiter {
 
     /// Would `key` take `n` now? Reads only. Callers have advanced the calendar.
     ///
-    /// The reason is the first holding limit in this order: paused, retired, suspended, daily
-    /// cap, hourly cap, IP daily cap, IP hourly cap, rate, reservation. The wait is the
-    /// longest of all holding limits (so that asking again then succeeds), `None` if any has
-    /// no known end. (A reservation's wait is the time to the next commit the caller named.)
+    /// The reason is the first holding limit in this order: paused, retired, outside active
+    /// hours, suspended, daily cap, hourly cap, IP daily cap, IP hourly cap, rate,
+    /// reservation. The wait is the earliest time at which none holds: the longest wait of
+    /// the other limits, carried on to the start of the next active hour if it ends outside
+    /// the key's active hours; `None` if any has no known end or no pending hour opens the
+    /// key. (A reservation's wait is the time to the next commit the caller named.)
     #[inline(always)]
     pub(crate) fn evaluate(&self, key: u32, n: u32, now_ms: u64) -> Verdict {
         let s = &self.keys[key as usize];
@@ -601,11 +645,12 @@ impl Limiter {
         let t_ns = now_ms * NS_PER_MS;
         let rate = gcra::check(s.tat_ns, p.interval_ns, p.limits.max_burst, t_ns, n);
         let ip = &self.ips[s.ip as usize];
-        // Fast path: neither suspended nor retired, every cap has room (NO_CAP is u32::MAX,
-        // so an uncapped counter always has room) and so has the reservation (NO_RESERVE
-        // likewise): only the rate can hold.
+        // Fast path: neither suspended nor retired, inside its active hours, every cap has
+        // room (NO_CAP is u32::MAX, so an uncapped counter always has room) and so has the
+        // reservation (NO_RESERVE likewise): only the rate can hold.
         let room = |used: u32, cap: u32| u64::from(used) + u64::from(n) <= u64::from(cap);
         if s.flags == 0
+            && p.hours & hour_bit(self.hours.hour()) != 0
             && room(s.day_used, p.daily_cap)
             && room(s.hour_used, p.hourly_cap)
             && room(ip.day_used, ip.daily_cap)
@@ -614,7 +659,10 @@ impl Limiter {
         {
             return match rate {
                 Ok(tat) => Verdict::Fit(tat),
-                Err(wait) => Verdict::Held(Reason::Rate, wait.map(gcra::ns_to_ms_ceil)),
+                Err(wait) => Verdict::Held(
+                    Reason::Rate,
+                    self.open_wait(p.hours, now_ms, wait.map(gcra::ns_to_ms_ceil)),
+                ),
             };
         }
         self.evaluate_slow(key, n, now_ms, rate)
@@ -641,6 +689,10 @@ impl Limiter {
                 Some((first, w)) => (first, w.zip(wait).map(|(a, b)| a.max(b))),
             });
         };
+        if p.hours & hour_bit(self.hours.hour()) == 0 {
+            // Closed now: `open_wait` below carries the wait to the next active hour.
+            hold(Reason::OutsideActiveHours, Some(0));
+        }
         if s.flags & FLAG_SUSPENDED != 0 {
             let until = self.suspended_until_ms(key);
             if until > now_ms {
@@ -674,10 +726,23 @@ impl Limiter {
             hold(Reason::Reservation, Some(self.reserve.retry_ms));
         }
         match (held, fit) {
-            (Some((r, w)), _) => Verdict::Held(r, w),
+            (Some((r, w)), _) => Verdict::Held(r, self.open_wait(p.hours, now_ms, w)),
             (None, Some(tat)) => Verdict::Fit(tat),
             (None, None) => unreachable!("a rate that holds is recorded"),
         }
+    }
+
+    /// The wait of a denial once active hours count: the other limits free the key
+    /// `wait` after `now_ms`; if that instant is outside the active hours `bits` (compiled),
+    /// the wait runs on to the start of the next active hour (`None` if no pending hour
+    /// boundary opens it). A key open every hour keeps `wait`.
+    #[inline]
+    fn open_wait(&self, bits: u32, now_ms: u64, wait: Option<u64>) -> Option<u64> {
+        if bits & hour_bit(UNKNOWN_HOUR) != 0 {
+            return wait;
+        }
+        let t = now_ms.saturating_add(wait?);
+        self.hours.next_open(bits, t).map(|open| open - now_ms)
     }
 
     /// Charge `n` to `key` (after a `Fit`).
@@ -1017,5 +1082,114 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(l.profiles.len(), 2);
+    }
+
+    /// Hours 0..48 from 0, each labelled with its hour of day; the day starts at 24 H.
+    fn local_day(l: &mut Limiter) {
+        let starts: Vec<u64> = (0..48).map(|i| i * H).collect();
+        let of_day: Vec<u8> = (0..48).map(|i| (i % 24) as u8).collect();
+        l.set_local_calendar(&starts, &[24 * H], Some(&of_day))
+            .unwrap();
+    }
+
+    /// Active hours 07-22 as a mask.
+    const DAYTIME: u32 = ((1 << 22) - 1) & !((1 << 7) - 1);
+
+    #[test]
+    fn outside_active_hours_waits_for_the_next_opening() {
+        let (mut l, k) = engine_with_key();
+        l.set_limits(k, Some((60, H)), 1, Some(10), Some(100))
+            .unwrap();
+        l.set_active_hours(k, DAYTIME).unwrap();
+        local_day(&mut l);
+        // 03:30: closed until 07:00.
+        let d = l.acquire(k, 1, 3 * H + H / 2).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, Some(3 * H + H / 2))
+        );
+        assert!(!l.acquire(k, 1, 7 * H - 1).unwrap().is_granted());
+        assert!(l.acquire(k, 1, 7 * H).unwrap().is_granted());
+        // 21:59:59: the rate's wait (a minute) ends after 22:00, so the wait runs to 07:00.
+        assert!(l.acquire(k, 1, 22 * H - 1000).unwrap().is_granted());
+        let d = l.acquire(k, 1, 22 * H - 500).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::Rate, Some(31 * H - (22 * H - 500)))
+        );
+        // A cap whose window ends in a closed hour: the wait runs to the next opening too.
+        let (mut l, k) = engine_with_key();
+        l.set_limits(k, None, 1, Some(1), None).unwrap();
+        l.set_active_hours(k, DAYTIME).unwrap();
+        local_day(&mut l);
+        assert!(l.acquire(k, 1, 21 * H).unwrap().is_granted());
+        let d = l.acquire(k, 1, 21 * H + 5).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::HourlyCap, Some(10 * H - 5))
+        );
+        // Past the last boundary supplied, no opening is known.
+        let d = l.acquire(k, 1, 47 * H + 1).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, None)
+        );
+    }
+
+    #[test]
+    fn hours_of_day_come_from_the_calendar() {
+        let (mut l, k) = engine_with_key();
+        l.set_active_hours(k, DAYTIME).unwrap();
+        // No hour of day known: a key with active hours is closed, with no known opening;
+        // a key open every hour is not.
+        let open = l.key("192.0.2.10", "yahoo").unwrap();
+        let d = l.acquire(k, 1, 10).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, None)
+        );
+        assert!(l.acquire(open, 1, 10).unwrap().is_granted());
+        // A DST-like day: hour 2 is skipped (01:00 is followed by 03:00).
+        let starts = [H, 2 * H, 3 * H, 8 * H];
+        l.set_local_calendar(&starts, &[], Some(&[1, 3, 4, 9]))
+            .unwrap();
+        l.set_active_hours(k, 1 << 2 | 1 << 9).unwrap();
+        let d = l.acquire(k, 1, H).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, Some(7 * H))
+        );
+        // Re-supplying the current hour's start names the current hour.
+        l.set_local_calendar(&[H, 2 * H], &[], Some(&[9, 10]))
+            .unwrap();
+        assert!(l.acquire(k, 1, H + 1).unwrap().is_granted());
+        // Without hours of day the pending hours are unknown: closed after the boundary.
+        l.set_calendar(&[2 * H], &[]).unwrap();
+        let d = l.acquire(k, 1, 2 * H).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, None)
+        );
+        // Bad hours of day and masks are errors that change nothing.
+        assert!(l.set_local_calendar(&[3 * H], &[], Some(&[24])).is_err());
+        assert!(l.set_local_calendar(&[3 * H], &[], Some(&[1, 2])).is_err());
+        assert!(l.set_active_hours(k, 1 << 24).is_err());
+        assert_eq!(l.limits(k).unwrap().active_hours, 1 << 2 | 1 << 9);
+    }
+
+    #[test]
+    fn pause_and_retirement_come_before_active_hours() {
+        let (mut l, k) = engine_with_key();
+        l.set_active_hours(k, DAYTIME).unwrap();
+        local_day(&mut l);
+        l.suspend(k, 9 * H).unwrap();
+        let d = l.acquire(k, 1, H).unwrap();
+        // Closed and suspended: named for the hours, waiting for the later of the two.
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, Some(8 * H))
+        );
+        l.set_paused(k, true).unwrap();
+        assert_eq!((l.acquire(k, 1, H).unwrap().reason), Reason::Paused);
     }
 }

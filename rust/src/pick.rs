@@ -306,6 +306,33 @@ mod tests {
     }
 
     #[test]
+    fn a_warming_ip_outside_its_active_hours_overflows_to_warm_ones() {
+        let (mut l, mut pools, g) = setup();
+        let members = vec![
+            member(&mut l, "192.0.2.1", 1, true),
+            member(&mut l, "192.0.2.2", 1, false),
+        ];
+        let main = pools.define("main", members, None).unwrap();
+        let warming = l.key("192.0.2.1", "google").unwrap();
+        let warm = l.key("192.0.2.2", "google").unwrap();
+        l.set_active_hours(warming, 1 << 7 | 1 << 8).unwrap();
+        l.set_limits(warm, None, 1, None, Some(1)).unwrap();
+        let h = 3_600_000;
+        l.set_local_calendar(&[6 * h, 7 * h], &[], Some(&[6, 7]))
+            .unwrap();
+        let d = pools.pick(&mut l, main, g, 1, 6 * h).unwrap();
+        assert_eq!((d.tier, d.key), (Tier::Warm, warm));
+        // The warm IP is spent: the soonest member is the warming one, open at 07:00.
+        let d = pools.pick(&mut l, main, g, 1, 6 * h + 10).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms, d.key),
+            (Reason::OutsideActiveHours, Some(h - 10), warming)
+        );
+        let d = pools.pick(&mut l, main, g, 1, 7 * h).unwrap();
+        assert_eq!((d.tier, d.key), (Tier::Warming, warming));
+    }
+
+    #[test]
     fn warm_ips_share_by_weight() {
         let (mut l, mut pools, g) = setup();
         let members = vec![

@@ -109,12 +109,20 @@ impl Limiter {
     }
 
     /// The block of one key for a reservation snapshot at `now_ms` (calendar advanced).
-    fn block(&self, key: u32, ahead_ms: u64, floor: u32, windows: (u64, u64)) -> u32 {
+    fn block(&self, key: u32, now_ms: u64, ahead_ms: u64, floor: u32, windows: (u64, u64)) -> u32 {
         if !self.capped(key) {
             return NO_RESERVE;
         }
         let s = &self.keys[key as usize];
         let p = &self.profiles[s.profile as usize];
+        // A key outside its active hours until past the horizon can be granted nothing.
+        if self
+            .hours
+            .next_open(p.hours, now_ms)
+            .is_none_or(|open| open > now_ms.saturating_add(ahead_ms))
+        {
+            return 0;
+        }
         let recent = match self.reserve.base.get(key as usize) {
             Some(&b) if b != NO_RESERVE && s.reserve_left != NO_RESERVE => {
                 u64::from(b.saturating_sub(s.reserve_left))
@@ -175,7 +183,7 @@ impl Limiter {
             windows_until(&self.days, horizon),
         );
         let blocks: Vec<u32> = (0..self.keys.len() as u32)
-            .map(|k| self.block(k, ahead_ms, floor, windows))
+            .map(|k| self.block(k, now_ms, ahead_ms, floor, windows))
             .collect();
         self.reserve.base.resize(self.keys.len(), NO_RESERVE);
         for ((slot, base), &b) in self
@@ -301,6 +309,25 @@ mod tests {
         (0..count)
             .filter(|i| e.acquire(k, 1, at + i * 100).unwrap().is_granted())
             .count() as u64
+    }
+
+    #[test]
+    fn keys_outside_their_active_hours_reserve_nothing_until_they_open() {
+        let (mut e, k) = engine();
+        // Hours of day: T0 is 00:00; the key is active from 07:00 only.
+        let starts: Vec<u64> = (0..48).map(|i| T0 + i * H).collect();
+        let of_day: Vec<u8> = (0..48).map(|i| (i % 24) as u8).collect();
+        e.set_local_calendar(&starts, &[T0 + D], Some(&of_day))
+            .unwrap();
+        e.set_active_hours(k, 1 << 7).unwrap();
+        let block = |e: &mut Engine, at: u64| {
+            let (snap, _) = e.reservation_snapshot(at, 2000, 10).unwrap();
+            snap.reservation.unwrap().blocks[k as usize]
+        };
+        assert_eq!(block(&mut e, T0 + 3 * H), 0);
+        // Opening within the horizon (2 s): a block as usual (2 s of rate, burst, floor).
+        assert_eq!(block(&mut e, T0 + 7 * H - 1000), 20 + 3 + 10);
+        assert_eq!(block(&mut e, T0 + 7 * H), 20 + 3 + 10);
     }
 
     #[test]
@@ -530,10 +557,10 @@ mod tests {
         assert_eq!(e.queued(), 1);
         // Corrupt or unknown versions are errors.
         let mut bad = bytes.clone();
-        bad[8] = 3;
+        bad[8] = 4;
         assert!(Snapshot::from_bytes(&bad).is_err());
         let mut s2 = e.snapshot();
-        assert_eq!(s2.version, 2);
+        assert_eq!(s2.version, 3);
         s2.reservation = Some(crate::state::Reservation {
             taken_ms: 0,
             blocks: vec![1],
@@ -542,5 +569,28 @@ mod tests {
             Engine::from_snapshot(&s2).is_err(),
             "one block for two keys"
         );
+    }
+
+    #[test]
+    fn version_2_bytes_still_restore() {
+        // Version 2 is version 3 without its last three fields (the hour of day, the pending
+        // hours of day, the active hours): here an unknown hour and two empty lists, 3 bytes.
+        let mut e = Engine::new();
+        let k = e.limiter.key("192.0.2.1", "google").unwrap();
+        e.set_limits(k, None, 1, None, Some(10)).unwrap();
+        e.acquire(k, 4, 5).unwrap();
+        let mut bytes = e.snapshot().to_bytes();
+        assert_eq!(bytes[8], 3);
+        assert_eq!(bytes[bytes.len() - 3..], [24, 0, 0]);
+        bytes[8] = 2;
+        bytes.truncate(bytes.len() - 3);
+        let s = Snapshot::from_bytes(&bytes).unwrap();
+        assert_eq!(s.version, 2);
+        let r = Engine::from_snapshot(&s).unwrap();
+        assert_eq!(r.usage(k).unwrap(), e.usage(k).unwrap());
+        // A version 2 snapshot that names active hours is corrupt.
+        let mut s = s;
+        s.active_hours = vec![(k, 0xff)];
+        assert!(Engine::from_snapshot(&s).is_err());
     }
 }

@@ -6,16 +6,17 @@
 //! `Engine::from_snapshot` rebuilds through the ordinary, checked setters, so a corrupt
 //! snapshot is an error, never a broken engine.
 //!
-//! Versions: 2 adds `retired_ips` and `reservation`; version 1 (binary or plain data) still
-//! restores, with neither.
+//! Versions: 3 adds the calendar's hours of day and the keys' active hours; 2 adds
+//! `retired_ips` and `reservation`. Versions 1 and 2 (binary or plain data) still restore,
+//! without what came later.
 
-use crate::caps::{cap_from, cap_to, Calendar};
+use crate::caps::{cap_from, cap_to, Calendar, EVERY_HOUR, UNKNOWN_HOUR};
 use crate::engine::Engine;
 use crate::error::{CoreError, CoreResult};
 use crate::limiter::{check_now, Limits};
 use crate::pick::Member;
 
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 /// The first bytes of a binary snapshot (`Snapshot::to_bytes`).
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KILNSNAP";
 
@@ -87,6 +88,53 @@ pub struct Snapshot {
     pub retired_ips: Vec<u32>,
     /// Set by `reservation_snapshot` only (version 2).
     pub reservation: Option<Reservation>,
+    /// The local hour of day of the current calendar hour, `UNKNOWN_HOUR` if never named
+    /// (version 3).
+    pub hour_of_day: u8,
+    /// The hour of day of each of `hour_pending_ms` (version 3; `UNKNOWN_HOUR` where unknown).
+    pub hour_pending_of_day: Vec<u8>,
+    /// (key handle, active hours mask) of every key not open every hour (version 3).
+    pub active_hours: Vec<(u32, u32)>,
+}
+
+/// The binary layout of version 2 (before hours of day and active hours).
+#[derive(serde::Deserialize)]
+struct SnapshotV2 {
+    version: u32,
+    hour_start_ms: u64,
+    hour_pending_ms: Vec<u64>,
+    day_start_ms: u64,
+    day_pending_ms: Vec<u64>,
+    providers: Vec<String>,
+    ips: Vec<IpState>,
+    keys: Vec<KeyState>,
+    pools: Vec<PoolState>,
+    queue: Vec<QueuedState>,
+    retired_ips: Vec<u32>,
+    reservation: Option<Reservation>,
+}
+
+impl From<SnapshotV2> for Snapshot {
+    fn from(s: SnapshotV2) -> Self {
+        let unknown = vec![UNKNOWN_HOUR; s.hour_pending_ms.len()];
+        Self {
+            version: s.version,
+            hour_start_ms: s.hour_start_ms,
+            hour_pending_ms: s.hour_pending_ms,
+            day_start_ms: s.day_start_ms,
+            day_pending_ms: s.day_pending_ms,
+            providers: s.providers,
+            ips: s.ips,
+            keys: s.keys,
+            pools: s.pools,
+            queue: s.queue,
+            retired_ips: s.retired_ips,
+            reservation: s.reservation,
+            hour_of_day: UNKNOWN_HOUR,
+            hour_pending_of_day: unknown,
+            active_hours: Vec::new(),
+        }
+    }
 }
 
 /// The binary layout of version 1 (before `retired_ips` and `reservation`).
@@ -106,7 +154,7 @@ struct SnapshotV1 {
 
 impl From<SnapshotV1> for Snapshot {
     fn from(s: SnapshotV1) -> Self {
-        Self {
+        SnapshotV2 {
             version: s.version,
             hour_start_ms: s.hour_start_ms,
             hour_pending_ms: s.hour_pending_ms,
@@ -120,6 +168,7 @@ impl From<SnapshotV1> for Snapshot {
             retired_ips: Vec::new(),
             reservation: None,
         }
+        .into()
     }
 }
 
@@ -134,7 +183,7 @@ impl Snapshot {
         postcard::to_extend(self, out).expect("a snapshot always encodes")
     }
 
-    /// Read `to_bytes` output back (this version's or version 1's); anything else is an
+    /// Read `to_bytes` output back (this version's or an earlier one's); anything else is an
     /// error, never a panic.
     pub fn from_bytes(data: &[u8]) -> CoreResult<Self> {
         let body = data
@@ -149,13 +198,14 @@ impl Snapshot {
             1 => postcard::take_from_bytes::<SnapshotV1>(body)
                 .map(|(s, rest)| (s.into(), rest))
                 .map_err(|e| corrupt(&e))?,
+            2 => postcard::take_from_bytes::<SnapshotV2>(body)
+                .map(|(s, rest)| (s.into(), rest))
+                .map_err(|e| corrupt(&e))?,
             SNAPSHOT_VERSION => postcard::take_from_bytes(body).map_err(|e| corrupt(&e))?,
             v => {
                 return Err(CoreError::bad(
                     "version",
-                    format!(
-                        "this engine reads snapshot versions 1 and {SNAPSHOT_VERSION}, got {v}"
-                    ),
+                    format!("this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {v}"),
                 ))
             }
         };
@@ -183,6 +233,12 @@ impl Engine {
                     hour_used,
                     day_used,
                 }
+            })
+            .collect();
+        let active_hours = (0..l.key_count() as u32)
+            .filter_map(|k| {
+                let hours = l.limits(k).expect("own key").active_hours;
+                (hours != EVERY_HOUR).then_some((k, hours))
             })
             .collect();
         let keys = (0..l.key_count() as u32)
@@ -245,6 +301,9 @@ impl Engine {
             queue,
             retired_ips: l.retired_ips(),
             reservation: None,
+            hour_of_day: l.hours.hour(),
+            hour_pending_of_day: l.hours.pending_hours(),
+            active_hours,
         }
     }
 
@@ -281,21 +340,7 @@ impl Engine {
 
     /// Build an engine from a snapshot; the snapshot is checked as it is replayed.
     pub fn from_snapshot(s: &Snapshot) -> CoreResult<Self> {
-        if !(1..=SNAPSHOT_VERSION).contains(&s.version) {
-            return Err(CoreError::bad(
-                "version",
-                format!(
-                    "this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {}",
-                    s.version
-                ),
-            ));
-        }
-        if s.version == 1 && (!s.retired_ips.is_empty() || s.reservation.is_some()) {
-            return Err(CoreError::bad(
-                "version",
-                "a version 1 snapshot has no retired_ips or reservation",
-            ));
-        }
+        check_version(s)?;
         let mut e = Engine::new();
         for name in &s.providers {
             let before = e.limiter.providers.len();
@@ -333,6 +378,7 @@ impl Engine {
                     daily_cap: cap_from("daily_cap", k.daily_cap)?,
                     multiplier_ppm: k.multiplier_ppm,
                     paused: k.paused,
+                    active_hours: EVERY_HOUR,
                 },
             )?;
             e.limiter.suspend(h, k.suspended_until_ms)?;
@@ -353,8 +399,22 @@ impl Engine {
                 .collect::<CoreResult<Vec<_>>>()?;
             e.pools.define(&p.name, members, p.overflow)?;
         }
+        for &(k, hours) in &s.active_hours {
+            if k as usize >= s.keys.len() {
+                return Err(CoreError::bad(
+                    "active_hours",
+                    format!("names key {k} of {}", s.keys.len()),
+                ));
+            }
+            e.limiter.set_active_hours(k, hours)?;
+        }
         e.limiter.restore_calendar(
-            Calendar::new(s.hour_start_ms, &s.hour_pending_ms)?,
+            Calendar::with_hours(
+                s.hour_start_ms,
+                s.hour_of_day,
+                &s.hour_pending_ms,
+                Some(&s.hour_pending_of_day),
+            )?,
             Calendar::new(s.day_start_ms, &s.day_pending_ms)?,
         );
         for m in &s.queue {
@@ -372,6 +432,37 @@ impl Engine {
         e.limiter.restore_reservations(s.reservation.is_some());
         Ok(e)
     }
+}
+
+/// What the snapshot's version may hold: each version restores with nothing that came later.
+fn check_version(s: &Snapshot) -> CoreResult<()> {
+    if !(1..=SNAPSHOT_VERSION).contains(&s.version) {
+        return Err(CoreError::bad(
+            "version",
+            format!(
+                "this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {}",
+                s.version
+            ),
+        ));
+    }
+    if s.version == 1 && (!s.retired_ips.is_empty() || s.reservation.is_some()) {
+        return Err(CoreError::bad(
+            "version",
+            "a version 1 snapshot has no retired_ips or reservation",
+        ));
+    }
+    let hours_named =
+        s.hour_of_day != UNKNOWN_HOUR || s.hour_pending_of_day.iter().any(|&h| h != UNKNOWN_HOUR);
+    if s.version < 3 && (hours_named || !s.active_hours.is_empty()) {
+        return Err(CoreError::bad(
+            "version",
+            format!(
+                "a version {} snapshot has no hours of day or active hours",
+                s.version
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
