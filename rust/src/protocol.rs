@@ -354,6 +354,8 @@ struct Request<'a> {
     text: Option<Cow<'a, str>>,
     n: Option<u64>,
     code: Option<u64>,
+    /// `code` was given as `""`, which counts as left out (see `Request::code`).
+    code_blank: bool,
     /// Fields this parser does not know, in order (upcall ops may use them).
     extra: Vec<Cow<'a, str>>,
     /// The first wrong-typed or repeated field.
@@ -395,6 +397,22 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// `code`: a whole number, or `""` (an MTA's log template with no code) as left out.
+    fn code(
+        problem: &mut Option<String>,
+        slot: &mut Option<u64>,
+        blank: &mut bool,
+        raw: &RawValue,
+    ) {
+        if *blank {
+            problem.get_or_insert_with(|| "code: given twice".to_owned());
+        } else if raw.get() == "\"\"" && slot.is_none() {
+            *blank = true;
+        } else {
+            Request::number(problem, slot, "code", raw);
+        }
+    }
+
     fn number(problem: &mut Option<String>, slot: &mut Option<u64>, name: &str, raw: &RawValue) {
         if slot.is_some() {
             problem.get_or_insert_with(|| format!("{name}: given twice"));
@@ -409,6 +427,12 @@ impl<'a> Request<'a> {
             }
         }
     }
+}
+
+/// An optional reply field (`enhanced`, `text`) that MTAs fill from templates: `""` counts as
+/// left out, so a log line without an enhanced code is no error.
+fn blank<'r>(value: Option<&'r Cow<'_, str>>) -> Option<&'r str> {
+    value.map(AsRef::as_ref).filter(|v| !v.is_empty())
 }
 
 struct RequestVisitor;
@@ -440,7 +464,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 "enhanced" => Request::text(p, &mut r.enhanced, "enhanced", raw),
                 "text" => Request::text(p, &mut r.text, "text", raw),
                 "n" => Request::number(p, &mut r.n, "n", raw),
-                "code" => Request::number(p, &mut r.code, "code", raw),
+                "code" => Request::code(p, &mut r.code, &mut r.code_blank, raw),
                 _ => r.extra.push(key.0),
             }
         }
@@ -540,7 +564,7 @@ fn reply_code(req: &Request<'_>) -> Result<Option<u16>, Refusal> {
 
 /// The optional `enhanced` of a request: an enhanced status code.
 fn reply_enhanced<'r>(req: &'r Request<'_>) -> Result<Option<&'r str>, Refusal> {
-    match req.enhanced.as_deref() {
+    match blank(req.enhanced.as_ref()) {
         Some(e) if !valid_enhanced(e) => Err(format!(
             "enhanced: must be an enhanced status code like 4.7.28, got {}",
             quoted(e)
@@ -863,7 +887,7 @@ impl Wire {
             ("pool", req.pool.is_some()),
             ("n", req.n.is_some()),
             ("result", req.result.is_some()),
-            ("code", req.code.is_some()),
+            ("code", req.code.is_some() || req.code_blank),
             ("enhanced", req.enhanced.is_some()),
             ("text", req.text.is_some()),
         ];
@@ -1056,7 +1080,7 @@ impl Wire {
             ))
         })?;
         let code = reply_code(req)?;
-        reply_enhanced(req)?;
+        let enhanced = reply_enhanced(req)?;
         let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
             return Err("domain: publishes a null MX (accepts no mail); nothing recorded".into());
         };
@@ -1077,8 +1101,8 @@ impl Wire {
                     result: outcome,
                     n,
                     code,
-                    enhanced: req.enhanced.as_deref().map(str::to_owned),
-                    text: req.text.as_deref().map(|t| cut(t, MAX_REPORT_TEXT)),
+                    enhanced: enhanced.map(str::to_owned),
+                    text: blank(req.text.as_ref()).map(|t| cut(t, MAX_REPORT_TEXT)),
                 });
             } else {
                 self.stats.reports_dropped += 1;
@@ -1098,7 +1122,7 @@ impl Wire {
         now_ms: u64,
         out: &mut Vec<u8>,
     ) -> Result<(), Refusal> {
-        let Some(text) = req.text.as_deref() else {
+        let Some(text) = blank(req.text.as_ref()) else {
             return Err("text: missing (the SMTP reply)".into());
         };
         let code = reply_code(req)?;
@@ -1558,6 +1582,48 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].enhanced.as_deref(), Some("4.7.28"));
         assert_eq!(r[0].code, Some(421));
+    }
+
+    /// MTA log templates fill `code`, `enhanced` and `text` with `""` when the reply had none:
+    /// that is the field left out, never an error; given twice is still an error.
+    #[test]
+    fn empty_reply_fields_count_as_left_out() {
+        let (mut e, mut w) = setup();
+        w.set_rules(rules()).unwrap();
+        let (out, _) = serve(
+            &mut e,
+            &mut w,
+            "{\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"bounced\",\"code\":550,\"enhanced\":\"\",\"text\":\"\"}\n\
+             {\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"deferred\",\"code\":\"\",\"enhanced\":\"\",\"text\":\"\"}\n\
+             {\"op\":\"classify\",\"text\":\"421 unusual rate\",\"code\":\"\",\"enhanced\":\"\"}\n\
+             {\"op\":\"classify\",\"text\":\"\",\"code\":421}\n\
+             {\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"deferred\",\"code\":\"\",\"code\":421}\n\
+             {\"op\":\"report\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"result\":\"deferred\",\"code\":\" \"}\n\
+             {\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"provider\":\"google\",\"code\":\"\"}\n",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 7, "{out}");
+        assert_eq!(lines[0], "{\"ok\":true,\"provider\":\"google\"}");
+        assert_eq!(lines[1], "{\"ok\":true,\"provider\":\"google\"}");
+        assert!(lines[2].contains("\"class\":\"rate_limit_rep\""), "{out}");
+        assert!(
+            lines[2].contains("\"normalised\":\"421 unusual rate\""),
+            "{out}"
+        );
+        assert!(lines[3].contains("text: missing (the SMTP reply)"), "{out}");
+        assert!(lines[4].contains("code: given twice"), "{out}");
+        assert!(lines[5].contains("code: must be a whole number"), "{out}");
+        assert!(lines[6].contains("code: not a field of acquire"), "{out}");
+        let r = w.take_reports();
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].code, r[0].enhanced.as_deref(), r[0].text.as_deref()),
+            (Some(550), None, None)
+        );
+        assert_eq!(
+            (r[1].code, r[1].enhanced.as_deref(), r[1].text.as_deref()),
+            (None, None, None)
+        );
     }
 
     #[test]
