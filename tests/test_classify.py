@@ -27,6 +27,7 @@ from kiln.rules import (
     PROVIDER_GROUPS,
     RuleSet,
     Threshold,
+    classify,
     known_providers,
     load_rules,
     parse_threshold,
@@ -436,7 +437,7 @@ def _problems(paths: list[Path], known: set[str] | None = None) -> list[str]:
         (
             ["text: x", "providers: [gmail]"],
             ":6:17: rules[0].providers[0]: ",
-            "unknown provider 'gmail'",
+            "unknown provider 'gmail'; did you mean 'google'? (known: apple, ",
         ),
         (
             ["text: x", "clas: busy"],
@@ -735,7 +736,54 @@ def test_cli_reads_rule_files_and_reports_their_mistakes(
     code, _, err = _cli(capsys, "--rules", str(bad), "451 Greylisted")
     assert code == 2 and f"{bad}:1:" in err and "not a valid regex" in err
     code, _, err = _cli(capsys, "--provider", "gmail", "421 x")
-    assert code == 2 and "unknown provider 'gmail'" in err
+    assert code == 2 and "unknown provider 'gmail'; did you mean 'google'?" in err
+
+
+def test_cli_takes_code_and_enhanced_like_the_socket_op(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kiln classify --code --enhanced` give the codes apart from the text, as the native
+    `classify` op's fields do, with the same answer; '' is none, as on the socket."""
+    text = "Gmail has detected an unusual rate of email originating from your IP address 192.0.2.1."
+    code, out, _ = _cli(capsys, "--json", "--code", "421", "--enhanced", "4.7.28", text)
+    split = json.loads(out)
+    code_raw, out, _ = _cli(capsys, "--json", f"421-4.7.28 {text}")
+    assert code == code_raw == 0 and split == json.loads(out)
+    assert split["rule"] == "google-4.7.28-ip" and split["normalised"] == f"421 4.7.28 {text}"
+    shipped = load_rules()
+    assert split == classify(shipped, text, None, 421, "4.7.28").as_json()
+    code, out, _ = _cli(
+        capsys,
+        "--json",
+        "--provider",
+        "default",
+        "--code",
+        "421",
+        "--enhanced",
+        "",
+        "Too many connections from your IP",
+    )
+    got = json.loads(out)
+    assert code == 0 and got["class"] == "conn_limit" and got["normalised"].startswith("421 Too")
+    assert classify(shipped, "busy", None, 451, "").normalised == "451 busy"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--code", "42", "an SMTP reply code is 200-599, got '42'"),
+        ("--code", "soon", "not an SMTP reply code: 'soon'"),
+        ("--enhanced", "4.7", "an enhanced status code is CLASS.SUBJECT.DETAIL such as 4.7.28"),
+    ],
+)
+def test_cli_refuses_bad_codes(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    """A bad --code or --enhanced is a usage error (exit 2) that says what is expected."""
+    with pytest.raises(SystemExit) as info:
+        main(["classify", flag, value, "421 x"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_shipped_file_opens_with_usage_notes() -> None:

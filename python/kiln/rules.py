@@ -30,6 +30,7 @@ from kiln.duration import DurationError, format_ms, parse_ms
 from kiln.errors import Problem, ScheduleError
 from kiln.policyspec import PushbackClass, RealtimeAction
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
+from kiln.schedule import provider_hint
 from kiln.yamlfile import Loc, SourceMap, load_yaml
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ def _file_problems(parsed: RuleFile, source: SourceMap, known: frozenset[str]) -
             if p not in known:
                 yield source.problem(
                     (*base, "providers", j),
-                    f"unknown provider {p!r}{_suggest(p, known)} "
+                    f"unknown provider {p!r}{provider_hint(p, known)} "
                     f"(known: {', '.join(sorted(known))})",
                 )
         problem = check_pattern(rule.text)
@@ -449,9 +450,11 @@ def classify(
     code: int | None = None,
     enhanced: str | None = None,
 ) -> Classification:
-    """Classify one raw reply with `rules` (or an engine already holding them)."""
+    """Classify one raw reply with `rules` (or an engine already holding them). An empty
+    `enhanced` is none, as in the native protocol (MTA log templates write "" for none)."""
     from kiln._core import normalise_reply
 
+    enhanced = enhanced or None
     engine = rules if isinstance(rules, Engine) else rules.engine()
     got = engine.classify(provider, code, enhanced, reply)
     line = normalise_reply(code, enhanced, reply)
@@ -461,9 +464,45 @@ def classify(
     return Classification(cls, scope, rule, tuple(matched), line, provider)
 
 
+def _code_arg(text: str) -> int | None:
+    """`--code`: an SMTP reply code 200-599; "" is none (as in the native protocol)."""
+    if not text.strip():
+        return None
+    try:
+        code = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an SMTP reply code: {text!r}") from None
+    if not 200 <= code <= 599:
+        raise argparse.ArgumentTypeError(f"an SMTP reply code is 200-599, got {text!r}")
+    return code
+
+
+def _enhanced_arg(text: str) -> str | None:
+    """`--enhanced`: an enhanced status code such as 4.7.28; "" is none."""
+    if not text.strip():
+        return None
+    if not re.fullmatch(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}", text.strip()):
+        raise argparse.ArgumentTypeError(
+            f"an enhanced status code is CLASS.SUBJECT.DETAIL such as 4.7.28, got {text!r}"
+        )
+    return text.strip()
+
+
 def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `kiln classify`."""
+    """The arguments of `kiln classify` (those of the native `classify` op)."""
     parser.add_argument("reply", metavar="REPLY", help="the reply, e.g. '421-4.7.28 Gmail ...'")
+    parser.add_argument(
+        "--code",
+        type=_code_arg,
+        metavar="CODE",
+        help="the SMTP reply code (200-599) when REPLY does not start with it; '' is none",
+    )
+    parser.add_argument(
+        "--enhanced",
+        type=_enhanced_arg,
+        metavar="X.Y.Z",
+        help="the enhanced status code (4.7.28) when REPLY does not carry it; '' is none",
+    )
     parser.add_argument("--provider", help="only this provider's rules (default: every rule)")
     parser.add_argument(
         "--rules",
@@ -497,13 +536,18 @@ def classify_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         for p in e.problems:
             err.write(f"{p}\n")
         return 2
-    if args.provider is not None and args.provider not in known_providers(plan):
-        err.write(f"kiln classify: unknown provider {args.provider!r}\n")
+    known = known_providers(plan)
+    if args.provider is not None and args.provider not in known:
+        hint = provider_hint(args.provider, known, None if plan is None else plan.provider_table())
+        err.write(
+            f"kiln classify: unknown provider {args.provider!r}{hint} "
+            f"(known: {', '.join(sorted(known))})\n"
+        )
         return 2
     provider = args.provider
     if provider in PROVIDER_GROUPS:
         provider = PROVIDER_GROUPS[provider][0]
-    result = classify(rules, args.reply, provider)
+    result = classify(rules, args.reply, provider, args.code, args.enhanced)
     if args.json:
         out.write(json.dumps(result.as_json()) + "\n")
     else:
