@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,20 @@ def test_init_writes_a_commented_plan_and_a_unit(
     assert len(unit.read_text().splitlines()) == len(shipped)
 
 
+def test_init_names_the_kiln_command_as_it_was_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The unit runs the `kiln` that was invoked, by the path it was invoked with (a link to
+    the current virtualenv stays a link, so switching it upgrades the service)."""
+    command = tmp_path / "current" / "bin" / "kiln"
+    command.parent.mkdir(parents=True)
+    command.write_text("")
+    monkeypatch.setattr("sys.argv", [str(command), "init"])
+    assert main(["init", str(tmp_path / "conf")]) == 0
+    assert f"ExecStart={command} run --config " in (tmp_path / "conf" / "kiln.service").read_text()
+    assert f"running {command} run --config" in capsys.readouterr().out
+
+
 def test_init_refuses_to_overwrite_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -445,7 +460,6 @@ def test_explain_status_and_automations_of_a_live_daemon_speak_plainly(
     for a warming one, refuses an IP outside the plan with exit 1 as `acquire` does; `status`
     and `automations` show times in the plan's zone with their offset."""
     from daemonproc import running_daemon
-
     from kiln.client import Client
 
     start = ["--clock-start", "2026-12-03T10:00:00+01:00"]
@@ -479,17 +493,13 @@ def test_explain_status_and_automations_of_a_live_daemon_speak_plainly(
         first = capsys.readouterr().out.splitlines()[0]
         assert first.startswith("plan example (Europe/Berlin), now 2026-12-03T10:")
         assert first.endswith("+01:00")
-        deadline = 50
-        while deadline and "suspend" not in capsys.readouterr().out:  # the 1 Hz flush acts
+        out = ""
+        for _ in range(50):  # the daemon's 1 Hz flush turns the report into a suspension
             assert main(["automations", *sock]) == 0
-            deadline -= 1
-            if "suspend" in (out := capsys.readouterr().out):
+            out = capsys.readouterr().out
+            if " suspend " in out:
                 break
-            import time
-
             time.sleep(0.2)
-        else:
-            out = ""
         row = next(line for line in out.splitlines() if " suspend " in line)
         assert row.rstrip().endswith("+01:00") and "T11:" in row
         assert main(["explain", "192.0.2.10", "google", *sock]) == 0

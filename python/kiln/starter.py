@@ -103,7 +103,12 @@ def starter_plan() -> str:
 
 
 def _kiln_command() -> Path | None:
-    """The absolute path of this installation's `kiln` command, if it can be found."""
+    """The absolute path of this installation's `kiln` command, if it can be found: the one
+    that was run, as typed (through a link such as a `current` virtualenv, not resolved), else
+    the one in this interpreter's scripts folder, else the first on PATH."""
+    invoked = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if invoked is not None and invoked.name == "kiln" and invoked.is_file():
+        return invoked.absolute()
     beside = Path(sysconfig.get_path("scripts")) / "kiln"
     if beside.is_file():
         return beside.absolute()
