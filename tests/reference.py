@@ -41,10 +41,13 @@ __all__ = [
 MAX_NOW_MS = 9_000_000_000_000
 """Largest `now_ms` accepted (year 2255)."""
 NS_PER_MS = 1_000_000
+HOUR_MS = 3_600_000
 PPM = 1_000_000
 U32_MAX = 2**32 - 1
 """Counters saturate here; caps must stay below it (it is the engine's "no cap" sentinel)."""
 U64_MAX = 2**64 - 1
+EVERY_HOUR = 2**24 - 1
+"""The active-hours mask of a key that may send at any hour (bit h: the local hour from h:00)."""
 
 
 class RefError(ValueError):
@@ -127,6 +130,7 @@ class Key:
     daily_cap: int | None = None
     ppm: int = PPM
     paused: bool = False
+    active_hours: int = EVERY_HOUR
     suspended_until_ms: int = 0
     tat_ns: int = 0
     hour_used: int = 0
@@ -156,23 +160,67 @@ class Ip:
 
 @dataclass
 class Calendar:
-    """Calendar hours (or days): the current window's start and the boundaries to come."""
+    """Calendar hours (or days): the current window's start and the boundaries to come.
+
+    Each hour also has its local hour of day (None: nobody said), which active hours are read
+    against: `hour` for the current window, `pending_hours` for the boundaries to come. A
+    local hour never lasts longer than an hour, so an hour of day holds until the next
+    boundary and at most an hour after its own.
+    """
 
     start_ms: int = 0
     pending: list[int] = field(default_factory=list)
+    hour: int | None = None
+    pending_hours: list[int | None] = field(default_factory=list)
 
-    def set_pending(self, starts_ms: Sequence[int]) -> None:
-        """Replace the boundaries to come; ones at or before the current start are dropped."""
-        self.pending = [b for b in starts_ms if b > self.start_ms]
+    def set_pending(self, starts_ms: Sequence[int], hours: Sequence[int] | None = None) -> None:
+        """Replace the boundaries to come; ones at or before the current start are dropped.
+        With `hours`, a boundary equal to the current start names the current hour."""
+        named: list[int | None] = [None] * len(starts_ms) if hours is None else list(hours)
+        if hours is not None and self.start_ms in starts_ms:
+            self.hour = named[list(starts_ms).index(self.start_ms)]
+        kept = [(b, h) for b, h in zip(starts_ms, named, strict=True) if b > self.start_ms]
+        self.pending = [b for b, _ in kept]
+        self.pending_hours = [h for _, h in kept]
 
     def advance(self, now_ms: int) -> bool:
         """Consume every boundary `<= now_ms`; True if a new window began (reset counters)."""
-        passed = [b for b in self.pending if b <= now_ms]
-        self.pending = [b for b in self.pending if b > now_ms]
-        if passed and max(passed) > self.start_ms:
-            self.start_ms = max(passed)
+        passed = [
+            (b, h) for b, h in zip(self.pending, self.pending_hours, strict=True) if b <= now_ms
+        ]
+        kept = [(b, h) for b, h in zip(self.pending, self.pending_hours, strict=True) if b > now_ms]
+        self.pending = [b for b, _ in kept]
+        self.pending_hours = [h for _, h in kept]
+        if passed and max(passed)[0] > self.start_ms:
+            self.start_ms, self.hour = max(passed)
             return True
         return False
+
+    def hour_at(self, t_ms: int) -> int | None:
+        """The hour of day at `t_ms` (not before now): that of the last boundary at or before
+        it, if that was less than an hour before."""
+        start, hour = self.start_ms, self.hour
+        for b, h in zip(self.pending, self.pending_hours, strict=True):
+            if b <= t_ms:
+                start, hour = b, h
+        return hour if t_ms < start + HOUR_MS else None
+
+    def next_open(self, mask: int, t_ms: int) -> int | None:
+        """The first instant at or after `t_ms` in an hour of `mask` (an unknown hour is never
+        one, unless the mask is every hour), or None if no pending boundary begins one."""
+
+        def active(hour: int | None) -> bool:
+            """Is `hour` in the mask?"""
+            return mask == EVERY_HOUR or (hour is not None and mask >> hour & 1 == 1)
+
+        if active(self.hour_at(t_ms)):
+            return t_ms
+        later = [
+            b
+            for b, h in zip(self.pending, self.pending_hours, strict=True)
+            if b > t_ms and active(h)
+        ]
+        return later[0] if later else None
 
     def wait_ms(self, now_ms: int) -> int | None:
         """Time until the next boundary, or None when none is pending."""
@@ -298,8 +346,10 @@ class ReferenceEngine:
         max_burst: int = 1,
         hourly_cap: int | None = None,
         daily_cap: int | None = None,
+        active_hours: int | None = None,
     ) -> None:
-        """Set rate and caps; multiplier, pause, suspension, counters and GCRA time stay."""
+        """Set rate, caps and active hours (a mask of local hours, None: every hour);
+        multiplier, pause, suspension, counters and GCRA time stay."""
         k = self._key(key)
         if (rate_count is None) != (rate_period_ms is None):
             raise RefError("give rate_count and rate_period_ms together, or neither")
@@ -309,9 +359,12 @@ class ReferenceEngine:
         check_count("max_burst", max_burst, low=1, high=U32_MAX)
         check_cap("hourly_cap", hourly_cap)
         check_cap("daily_cap", daily_cap)
+        if active_hours is not None:
+            check_count("active_hours", active_hours, high=EVERY_HOUR)
         self._check_interval(replace(k, rate_count=rate_count, rate_period_ms=rate_period_ms))
         k.rate_count, k.rate_period_ms, k.max_burst = rate_count, rate_period_ms, max_burst
         k.hourly_cap, k.daily_cap = hourly_cap, daily_cap
+        k.active_hours = EVERY_HOUR if active_hours is None else active_hours
         self._wake_all()
 
     def set_multiplier(self, key: int, multiplier: float) -> None:
@@ -350,14 +403,25 @@ class ReferenceEngine:
         slot.hourly_cap, slot.daily_cap = hourly_cap, daily_cap
         self._wake_all()
 
-    def set_calendar(self, hour_starts_ms: Sequence[int], day_starts_ms: Sequence[int]) -> None:
-        """The coming hour and day boundaries, each list strictly increasing."""
+    def set_calendar(
+        self,
+        hour_starts_ms: Sequence[int],
+        day_starts_ms: Sequence[int],
+        hours_of_day: Sequence[int] | None = None,
+    ) -> None:
+        """The coming hour and day boundaries, each list strictly increasing, and the local
+        hour of day each hour boundary begins (None: unknown)."""
         for starts in (hour_starts_ms, day_starts_ms):
             for b in starts:
                 check_count("boundary", b)
             if any(a >= b for a, b in itertools.pairwise(starts)):
                 raise RefError("calendar boundaries must be strictly increasing")
-        self.hours.set_pending(hour_starts_ms)
+        if hours_of_day is not None:
+            if len(hours_of_day) != len(hour_starts_ms):
+                raise RefError("hours_of_day must give one hour per hour start")
+            for h in hours_of_day:
+                check_count("hours_of_day", h, high=23)
+        self.hours.set_pending(hour_starts_ms, hours_of_day)
         self.days.set_pending(day_starts_ms)
         self._wake_all()
 
@@ -381,12 +445,17 @@ class ReferenceEngine:
                 slot.day_used = 0
 
     def _holds(self, key: int, n: int, now_ms: int) -> list[Hold]:
-        """Every limit of `key` that holds back `n` now, in the table order of docs/core.md."""
+        """Every limit of `key` that holds back `n` now, in the table order of docs/core.md.
+
+        Outside its active hours a key holds with wait 0: `_wait` carries the longest wait on
+        to the next active hour."""
         k = self.keys[key]
         ip = self.ips[k.ip]
         if k.is_paused():
             return [("paused", None)]
         holds: list[Hold] = []
+        if self.hours.next_open(k.active_hours, now_ms) != now_ms:
+            holds.append(("outside_active_hours", 0))
         if now_ms < k.suspended_until_ms:
             holds.append(("suspended", k.suspended_until_ms - now_ms))
         caps = [
@@ -409,12 +478,21 @@ class ReferenceEngine:
                 holds.append(("rate", ceil_div(over, NS_PER_MS)))
         return holds
 
+    def _wait(self, key: int, holds: list[Hold], now_ms: int) -> int | None:
+        """When `key` is free of every hold: the longest wait, carried on to the start of the
+        next active hour if it ends outside the key's active hours; None if none is known."""
+        wait = longest_wait(holds)
+        if wait is None:
+            return None
+        opens = self.hours.next_open(self.keys[key].active_hours, now_ms + wait)
+        return None if opens is None else opens - now_ms
+
     def _decide(self, key: int, n: int, now_ms: int, tier: str) -> RefDecision:
         """Grant and charge `n` to `key` if no limit holds; else say why and for how long."""
         holds = self._holds(key, n, now_ms)
         ip = self.ips[self.keys[key].ip].addr
         if holds:
-            return RefDecision(0, holds[0][0], longest_wait(holds), key, ip, tier)
+            return RefDecision(0, holds[0][0], self._wait(key, holds, now_ms), key, ip, tier)
         self._charge(key, n, now_ms)
         return RefDecision(n, "granted", 0, key, ip, tier)
 
@@ -536,7 +614,7 @@ class ReferenceEngine:
                     if not holds:
                         fits.append((key, weight))
                         continue
-                    wait = longest_wait(holds)
+                    wait = self._wait(key, holds, now_ms)
                     if soonest is None or _sooner(wait, soonest[0]):
                         soonest = (wait, holds[0][0], key)
                 if fits:
@@ -630,6 +708,7 @@ class ReferenceEngine:
             "daily_cap": k.daily_cap,
             "multiplier": k.ppm / PPM,
             "paused": k.paused,
+            "active_hours": None if k.active_hours == EVERY_HOUR else k.active_hours,
             "hour_used": k.hour_used,
             "day_used": k.day_used,
             "ip_hour_used": ip.hour_used,

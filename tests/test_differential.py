@@ -47,7 +47,8 @@ def plain(d: Decision | RefDecision) -> tuple[int, str, int | None, int, str, st
 
 @dataclass(frozen=True)
 class SetLimits:
-    """`set_limits` on the key (ip, provider); `rate` is (count, period_ms) or None."""
+    """`set_limits` on the key (ip, provider); `rate` is (count, period_ms) or None;
+    `active_hours` a mask of local hours or None (every hour)."""
 
     ip: str
     provider: str
@@ -55,6 +56,7 @@ class SetLimits:
     max_burst: int
     hourly_cap: int | None
     daily_cap: int | None
+    active_hours: int | None = None
 
     def run(self, e: Model, now_ms: int) -> Outcome:
         """Apply it."""
@@ -66,6 +68,7 @@ class SetLimits:
             max_burst=self.max_burst,
             hourly_cap=self.hourly_cap,
             daily_cap=self.daily_cap,
+            active_hours=self.active_hours,
         )
 
 
@@ -141,15 +144,19 @@ class SetIpCaps:
 
 @dataclass(frozen=True)
 class SetCalendar:
-    """`set_calendar` with boundaries given relative to now (some may lie in the past)."""
+    """`set_calendar` with boundaries given relative to now (some may lie in the past), and
+    the hour of day of each hour boundary or None."""
 
     hour_offsets: tuple[int, ...]
     day_offsets: tuple[int, ...]
+    hours_of_day: tuple[int, ...] | None = None
 
     def run(self, e: Model, now_ms: int) -> Outcome:
         """Apply it."""
         e.set_calendar(
-            [now_ms + o for o in self.hour_offsets], [now_ms + o for o in self.day_offsets]
+            [now_ms + o for o in self.hour_offsets],
+            [now_ms + o for o in self.day_offsets],
+            None if self.hours_of_day is None else list(self.hours_of_day),
         )
 
 
@@ -318,7 +325,16 @@ multipliers = st.one_of(
     st.integers(0, 10**7).map(lambda i: i / 10**7),  # the 7th digit decides the rounding
     st.sampled_from([float("nan"), 1.5, -0.25]),  # bad input
 )
-limits = st.builds(SetLimits, ips, providers, rates, st.integers(1, 4), caps, caps)
+DAYTIME = sum(1 << h for h in range(7, 22))
+"""Active hours 07-22, as the example plan has them."""
+active_hours = st.one_of(
+    st.none(),
+    st.none(),
+    st.sampled_from([DAYTIME, DAYTIME, 1 << 3, 0, 2**24 - 1]),
+    st.integers(0, 2**24 - 1),
+    st.sampled_from([2**24, -1]),  # bad input
+)
+limits = st.builds(SetLimits, ips, providers, rates, st.integers(1, 4), caps, caps, active_hours)
 
 
 @st.composite
@@ -333,6 +349,28 @@ def boundary_offsets(draw: st.DrawFn, step: int) -> tuple[int, ...]:
     if draw(rarely):
         offsets.append(offsets[-1])
     return () if draw(rarely) else tuple(offsets)
+
+
+@st.composite
+def calendars(draw: st.DrawFn) -> SetCalendar:
+    """Hour and day boundaries relative to now; mostly with an hour of day for each hour
+    boundary, counting on from a random hour (now and then skipping or repeating one, as DST
+    does); rarely a wrong one (out of range, or one too few)."""
+    hours = draw(boundary_offsets(2 * HOUR_MS))
+    days = draw(boundary_offsets(DAY_MS))
+    if draw(st.integers(0, 3)) == 0:
+        return SetCalendar(hours, days)
+    of_day: list[int] = []
+    hour = draw(st.integers(0, 23))
+    for _ in hours:
+        of_day.append(hour)
+        hour = (hour + draw(st.sampled_from([1, 1, 1, 1, 1, 2, 0]))) % 24
+    out_of_range, one_short = draw(rarely), draw(rarely)
+    if out_of_range and of_day:
+        of_day[-1] = draw(st.sampled_from([24, -1]))
+    if one_short and of_day:
+        of_day.pop()
+    return SetCalendar(hours, days, tuple(of_day))
 
 
 @st.composite
@@ -383,7 +421,7 @@ operation_kinds: list[st.SearchStrategy[Op]] = [  # a kind listed n times comes 
     st.builds(Pause, ips, providers, st.booleans()),
     st.builds(Suspend, ips, providers, st.none() | st.integers(-HOUR_MS, 2 * HOUR_MS)),
     st.builds(SetIpCaps, ips, caps, caps),
-    st.builds(SetCalendar, boundary_offsets(2 * HOUR_MS), boundary_offsets(DAY_MS)),
+    calendars(),
     st.builds(DefinePool, pool_names, pool_members(), st.none() | pool_names),
     st.builds(NextDue),
     st.builds(Usage, ips, providers),
@@ -394,13 +432,14 @@ operations = st.sampled_from(operation_kinds).flatmap(lambda kind: kind)
 @st.composite
 def scenarios(draw: st.DrawFn) -> list[tuple[int, Op]]:
     """A setup (pools "spare" and "main" overflowing into it, a calendar of whole hours and
-    days, limits on a few keys), then random steps."""
+    days with their hours of day, limits on a few keys), then random steps."""
     hours = tuple(range(draw(st.integers(1, HOUR_MS)), 30 * HOUR_MS, HOUR_MS))
     days = tuple(range(draw(st.integers(1, DAY_MS)), 3 * DAY_MS, DAY_MS))
+    first = draw(st.integers(0, 23))
     setup: list[Op] = [
         DefinePool("spare", draw(pool_members()), None),
         DefinePool("main", draw(pool_members()), "spare"),
-        SetCalendar(hours, days),
+        SetCalendar(hours, days, tuple((first + i) % 24 for i in range(len(hours)))),
         *draw(st.lists(limits, max_size=6)),
     ]
     steps = draw(st.lists(st.tuples(dts, operations), min_size=20, max_size=100))
@@ -424,7 +463,8 @@ def clock(now_ms: int, dt: int) -> int:
 
 
 def tight_limits(ip: str, provider: str) -> st.SearchStrategy[SetLimits]:
-    """A slow rate (1 to 3 per 1 s to 1 min), a small burst and small caps for one key."""
+    """A slow rate (1 to 3 per 1 s to 1 min), a small burst and small caps for one key, and
+    sometimes active hours."""
     return st.builds(
         SetLimits,
         st.just(ip),
@@ -433,6 +473,7 @@ def tight_limits(ip: str, provider: str) -> st.SearchStrategy[SetLimits]:
         st.integers(1, 2),
         st.none() | st.integers(0, 6),
         st.none() | st.integers(0, 12),
+        st.none() | st.none() | st.sampled_from([DAYTIME, 1 << 1 | 1 << 5]),
     )
 
 
@@ -445,7 +486,11 @@ def queue_scenarios(draw: st.DrawFn) -> list[tuple[int, Op]]:
     setup: list[Op] = [
         DefinePool("spare", ((spare, 1, False),), None),
         DefinePool("main", tuple((ip, 1, draw(st.booleans())) for ip in main), "spare"),
-        SetCalendar(tuple(range(HOUR_MS, 30 * HOUR_MS, HOUR_MS)), (DAY_MS, 2 * DAY_MS)),
+        SetCalendar(
+            tuple(range(HOUR_MS, 30 * HOUR_MS, HOUR_MS)),
+            (DAY_MS, 2 * DAY_MS),
+            tuple(i % 24 for i in range(1, 30)),
+        ),
     ]
     setup.extend(draw(tight_limits(ip, p)) for ip in IPS[:4] for p in PROVIDERS)
     kinds: list[st.SearchStrategy[Op]] = [
@@ -466,22 +511,28 @@ def queue_scenarios(draw: st.DrawFn) -> list[tuple[int, Op]]:
 @st.composite
 def key_scenarios(draw: st.DrawFn) -> list[tuple[int, Op]]:
     """Two keys on one IP under every kind of limit at once (rate, caps, IP caps,
-    multiplier, pause, suspension, calendar), asked again and again within short times, so
-    that denials often have several holding limits."""
+    multiplier, pause, suspension, active hours, calendar), asked again and again within
+    short times, so that denials often have several holding limits."""
     ip = IPS[0]
     both_keys = st.sampled_from(PROVIDERS)
     setup: list[Op] = [
-        SetCalendar(tuple(range(HOUR_MS // 2, 30 * HOUR_MS, HOUR_MS)), (DAY_MS // 3, DAY_MS)),
+        SetCalendar(
+            tuple(range(HOUR_MS // 2, 30 * HOUR_MS, HOUR_MS)),
+            (DAY_MS // 3, DAY_MS),
+            tuple(i % 24 for i in range(30)),
+        ),
         *(draw(tight_limits(ip, p)) for p in PROVIDERS),
     ]
     kinds: list[st.SearchStrategy[Op]] = [
         *[st.builds(Acquire, st.just(ip), both_keys, counts)] * 6,
-        st.builds(SetLimits, st.just(ip), both_keys, rates, st.integers(1, 4), caps, caps),
+        st.builds(
+            SetLimits, st.just(ip), both_keys, rates, st.integers(1, 4), caps, caps, active_hours
+        ),
         st.builds(SetMultiplier, st.just(ip), both_keys, multipliers),
         st.builds(Pause, st.just(ip), both_keys, st.booleans()),
         st.builds(Suspend, st.just(ip), both_keys, st.none() | st.integers(1, 120_000)),
         st.builds(SetIpCaps, st.just(ip), caps, caps),
-        st.builds(SetCalendar, boundary_offsets(2 * HOUR_MS), boundary_offsets(DAY_MS)),
+        calendars(),
         st.builds(Usage, st.just(ip), both_keys),
     ]
     small_dts = st.sampled_from([0, 0, 1, 999, 1_000]) | st.integers(0, 30_000) | dts

@@ -39,6 +39,7 @@ Reason = Literal[
     "rate",
     "reservation",
     "retired",
+    "outside_active_hours",
 ]
 Tier = Literal["direct", "warming", "warm", "overflow"]
 ReplyClass = Literal[
@@ -86,12 +87,15 @@ class Decision:
         """Messages granted: the full `n` asked for, or 0 when denied."""
     @property
     def reason(self) -> Reason:
-        """Why: "granted", or the first holding limit (paused, retired, suspended, daily_cap,
-        hourly_cap, ip_daily_cap, ip_hourly_cap, rate, reservation)."""
+        """Why: "granted", or the first holding limit (paused, retired, outside_active_hours,
+        suspended, daily_cap, hourly_cap, ip_daily_cap, ip_hourly_cap, rate, reservation)."""
     @property
     def retry_after_ms(self) -> int | None:
-        """0 when granted; when denied, ms after which asking again succeeds if nothing else
-        is granted meanwhile, or None when no time is known (paused, too large, no calendar)."""
+        """0 when granted; when denied, the earliest ms after which the same request is
+        granted if nothing else is granted meanwhile and no limit changes (the start of the
+        next active hour if the other limits would free it outside the key's active hours),
+        or None when no scheduled event frees it (paused, retired, too large, no calendar
+        boundary or active hour supplied that far)."""
     @property
     def key(self) -> int:
         """The key handle charged (or, for a denial, the one that held it back)."""
@@ -181,9 +185,12 @@ class Engine:
         max_burst: int = 1,
         hourly_cap: int | None = None,
         daily_cap: int | None = None,
+        active_hours: int | None = None,
     ) -> None:
-        """Set a key's rate (`rate_count` per `rate_period_ms`, up to `max_burst` at once)
-        and caps; its multiplier, pause, counters and suspension stay."""
+        """Set a key's rate (`rate_count` per `rate_period_ms`, up to `max_burst` at once),
+        caps and active hours (a mask of local hours, bit h for the hour from h:00; None:
+        every hour): outside them the key is denied "outside_active_hours". Its multiplier,
+        pause, counters and suspension stay."""
     def set_multiplier(self, key: int, multiplier: float) -> None:
         """Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it."""
     def pause(self, key: int) -> None:
@@ -196,9 +203,16 @@ class Engine:
         self, ip: str, *, hourly_cap: int | None = None, daily_cap: int | None = None
     ) -> None:
         """Cap an IP's total across all providers per calendar hour and day."""
-    def set_calendar(self, hour_starts_ms: Sequence[int], day_starts_ms: Sequence[int]) -> None:
+    def set_calendar(
+        self,
+        hour_starts_ms: Sequence[int],
+        day_starts_ms: Sequence[int],
+        hours_of_day: Sequence[int] | None = None,
+    ) -> None:
         """The instants (ms) at which coming calendar hours and days begin, strictly
-        increasing. Without a next boundary the current window goes on (never resets early)."""
+        increasing, and the local hour of day (0..23) each hour start begins, which active
+        hours are read against (None: unknown, and a key with active hours is closed). Without
+        a next boundary the current window goes on (never resets early)."""
     def acquire(self, key: int, n: int, now_ms: int) -> Decision:
         """May `key` send `n` more at `now_ms`? All or nothing; charged when granted."""
     def acquire_batch(
@@ -232,7 +246,7 @@ class Engine:
         """Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings)."""
     def restore(self, state: Mapping[str, Any]) -> None:
         """Replace all state with a snapshot (from `snapshot()`, or the same data read back
-        from JSON; version 1 data still restores). On any error the engine is unchanged."""
+        from JSON; versions 1 and 2 still restore). On any error the engine is unchanged."""
     def snapshot_bytes(self) -> bytes:
         """Everything the engine holds, as compact bytes (for frequent flushes to the store).
         Reserves nothing: restoring it charges nothing extra."""

@@ -16,6 +16,11 @@ pub const UNKNOWN_HOUR: u8 = 24;
 /// Every local hour of the day (bits 0..=23): a key with these active hours is never closed.
 pub const EVERY_HOUR: u32 = (1 << 24) - 1;
 
+/// A local hour never lasts longer than this (a repeated hour at the end of DST is two
+/// windows), so an hour of day is known for at most an hour after its boundary: a calendar
+/// that runs out never keeps a key open into an hour nobody named.
+pub const HOUR_MS: u64 = 3_600_000;
+
 /// The bit of an hour of day in an active-hours mask; `UNKNOWN_HOUR` has bit 24, which only
 /// `EVERY_HOUR` keys (compiled with `hours_bits`) have, so an unknown hour closes every other key.
 #[inline]
@@ -172,10 +177,28 @@ impl Calendar {
         self.start_ms
     }
 
-    /// The hour of day of the current window (`UNKNOWN_HOUR` when nobody named it).
+    /// The hour of day of the current window (`UNKNOWN_HOUR` when nobody named it, or once
+    /// `expire_hour` found it over).
     #[inline]
     pub fn hour(&self) -> u8 {
         self.hour
+    }
+
+    /// When the current window's hour of day stops being known if no boundary comes first:
+    /// an hour after the window began (`u64::MAX` when it is not known).
+    pub fn hour_expiry_ms(&self) -> u64 {
+        if self.hour == UNKNOWN_HOUR {
+            u64::MAX
+        } else {
+            self.start_ms.saturating_add(HOUR_MS)
+        }
+    }
+
+    /// Forget the hour of day once `now_ms` is an hour or more past the window's start.
+    pub fn expire_hour(&mut self, now_ms: u64) {
+        if now_ms >= self.hour_expiry_ms() {
+            self.hour = UNKNOWN_HOUR;
+        }
     }
 
     pub fn pending(&self) -> Vec<u64> {
@@ -190,16 +213,20 @@ impl Calendar {
     /// The earliest instant at or after `t_ms` (the calendar advanced to some time before it)
     /// that lies in an hour of `bits` (compiled by `hours_bits`), by the pending boundaries:
     /// `t_ms` itself if its hour is in `bits`, else the first later boundary that begins such
-    /// an hour, else `None` (no pending boundary opens it).
+    /// an hour, else `None` (no pending boundary opens it). An hour of day holds until the
+    /// next boundary, and at most `HOUR_MS`.
     pub fn next_open(&self, bits: u32, t_ms: u64) -> Option<u64> {
-        let mut hour = self.hour;
+        let (mut start, mut hour) = (self.start_ms, self.hour);
         let mut later = self.pending.iter().peekable();
         while let Some(&&(b, h)) = later.peek() {
             if b > t_ms {
                 break;
             }
-            hour = h;
+            (start, hour) = (b, h);
             later.next();
+        }
+        if t_ms >= start.saturating_add(HOUR_MS) {
+            hour = UNKNOWN_HOUR;
         }
         if bits & hour_bit(hour) != 0 {
             return Some(t_ms);

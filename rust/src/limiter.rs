@@ -583,7 +583,7 @@ impl Limiter {
     fn refresh_next_roll(&mut self) {
         let h = self.hours.next_ms().unwrap_or(u64::MAX);
         let d = self.days.next_ms().unwrap_or(u64::MAX);
-        self.next_roll_ms = h.min(d);
+        self.next_roll_ms = h.min(d).min(self.hours.hour_expiry_ms());
     }
 
     pub fn usage(&self, key: u32) -> CoreResult<Usage> {
@@ -604,7 +604,8 @@ impl Limiter {
 
     // ----- the hot path -----
 
-    /// Roll hourly and daily counters if `now_ms` entered a new calendar window.
+    /// Roll hourly and daily counters if `now_ms` entered a new calendar window (and forget
+    /// the hour of day an hour after its boundary, if no boundary came).
     #[inline]
     pub fn advance(&mut self, now_ms: u64) {
         if now_ms >= self.next_roll_ms {
@@ -624,6 +625,7 @@ impl Limiter {
             self.keys.iter_mut().for_each(|k| k.day_used = 0);
             self.ips.iter_mut().for_each(|i| i.day_used = 0);
         }
+        self.hours.expire_hour(now_ms);
         self.refresh_next_roll();
     }
 
@@ -1166,6 +1168,15 @@ mod tests {
         // Without hours of day the pending hours are unknown: closed after the boundary.
         l.set_calendar(&[2 * H], &[]).unwrap();
         let d = l.acquire(k, 1, 2 * H).unwrap();
+        assert_eq!(
+            (d.reason, d.retry_after_ms),
+            (Reason::OutsideActiveHours, None)
+        );
+        // An hour of day is known for an hour at most: a calendar that runs out does not
+        // keep the key open into hours nobody named.
+        l.set_local_calendar(&[3 * H], &[], Some(&[9])).unwrap();
+        assert!(l.acquire(k, 1, 4 * H - 1).unwrap().is_granted());
+        let d = l.acquire(k, 1, 4 * H).unwrap();
         assert_eq!(
             (d.reason, d.retry_after_ms),
             (Reason::OutsideActiveHours, None)
