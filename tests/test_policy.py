@@ -424,3 +424,54 @@ def test_a_netblock_reply_suspends_each_ip_and_re_arms_them_all(plan: Plan) -> N
         ("192.0.2.10", T0 + 30 * 60_000 + HOUR, 2),
         ("192.0.2.11", T0 + 30 * 60_000 + HOUR, 2),
     ]
+
+
+# ----- explain -----
+
+
+def test_explain_speaks_plainly_in_the_plans_time_zone(plan: Plan) -> None:
+    """`explain` (the guard's answer): a missing cap reads "no hourly cap", not "no an hour";
+    times are in the plan's zone with their offset (Europe/Berlin, +01:00 in November); the
+    warm-up day counts from 1 on the start date; automations list local times too."""
+    from kiln import _core
+    from kiln.guard import Guard
+
+    engine = _core.Engine()
+    guard = Guard(plan, {"r1": RuleInfo(1, HOUR)})
+    guard.policy.on_pushback(reply(T0), guard.book)
+    engine.suspend(engine.key("192.0.2.10", "google"), T0 + HOUR)
+    out = guard.explain(engine, {}, "192.0.2.10", "google", T0, date(2026, 11, 10), [])
+    assert out["ok"] and out["step"] == 1 and out["warmup_day"] == 10
+    assert out["suspended_until"] == "2026-11-10T11:00:00+01:00"
+    assert out["why"][0] == (
+        "batch 'b1' is at step 1 of 3 for google on warm-up day 10 (schedule 's'): "
+        "per IP 1,000 a day and no hourly cap"
+    )
+    assert any("until 2026-11-10T11:00:00+01:00" in w for w in out["why"])
+    assert not any(" no a" in w or "+00:00" in w for w in out["why"])
+    (listed,) = [a for a in guard.listing(T0) if a["kind"] == "suspend"]
+    assert (listed["start"], listed["expires"]) == (
+        "2026-11-10T10:00:00+01:00",
+        "2026-11-10T11:00:00+01:00",
+    )
+    warm = guard.explain(engine, {}, "198.51.100.10", "google", T0, date(2026, 11, 10), [])
+    assert warm["why"][0] == "198.51.100.10 is a warm IP of pool 'tx': no warm-up caps"
+
+
+def test_explain_of_an_ip_outside_the_plan_is_an_error(plan: Plan) -> None:
+    """An IP in no pool or batch gets the error `acquire` gives, not an explanation; IPv6
+    text is normalised before it is looked up."""
+    from kiln import _core
+    from kiln.guard import Guard
+
+    engine = _core.Engine()
+    guard = Guard(plan)
+    day = date(2026, 11, 10)
+    assert guard.explain(engine, {}, "192.0.2.99", "google", T0, day, []) == {
+        "ok": False,
+        "error": "ip: 192.0.2.99 is not a sending IP of this daemon's plan",
+    }
+    assert guard.explain(engine, {}, "2001:DB8::1", "google", T0, day, [])["error"] == (
+        "ip: 2001:db8::1 is not a sending IP of this daemon's plan"
+    )
+    assert guard.explain(engine, {}, "203.0.113.5", "google", T0, day, [])["batch"] == "b2"

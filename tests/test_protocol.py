@@ -220,6 +220,26 @@ def test_doc_examples_are_what_the_daemon_answers(tmp_path: Path) -> None:
             assert matches(expected, actual), f"{req}\n  documented: {expected}\n  got: {actual}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="kiln.daemon.ops._explain_key calls engine.key(ip, provider) before it checks the "
+    "plan, which makes the engine know (and grant) the IP; it must refuse IPs outside the plan "
+    "first",
+)
+def test_explaining_a_foreign_ip_does_not_make_it_a_sending_ip() -> None:
+    """`explain` of an IP outside the plan is an error and changes nothing: `acquire` still
+    refuses that IP afterwards."""
+    from kiln.client import Client
+
+    ip = "203.0.113.7"
+    refused = {"ok": False, "error": f"ip: {ip} is not a sending IP of this daemon's plan"}
+    with running_daemon() as proc:
+        with Client(proc.operator_socket) as c:
+            assert c.request("explain", ip=ip, provider="google") == refused
+        with Client(proc.socket) as c:
+            assert c.request("acquire", ip=ip, provider="google") == refused
+
+
 def test_doc_lists_every_reason() -> None:
     """The reasons table names every reason a Decision can have (`_core.pyi`), plus null_mx."""
     text = DOC.read_text()

@@ -11,9 +11,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kiln import __version__
 from kiln.client import Client, ClientError
@@ -141,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "status":
             client.add_argument("--json", action="store_true", help="print the raw reply")
         if verb == "query":
-            client.add_argument("requests", nargs="*", metavar="JSON")
+            client.add_argument(
+                "requests",
+                nargs="*",
+                metavar="JSON",
+                help="requests, one JSON object each (none: read lines from standard input)",
+            )
     for verb, text in (
         ("automations", "what policy is doing now: suspensions, slow-downs, holds, pauses"),
         ("cancel", "end an automation early (a cancelled step-down gives its steps back)"),
@@ -158,16 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "cancel":
             client.add_argument("id", metavar="ID", help="automation id, such as A12")
         if verb == "explain":
-            client.add_argument("ip", metavar="IP")
-            client.add_argument("provider", metavar="PROVIDER")
+            client.add_argument("ip", metavar="IP", help="a sending IP of the plan")
+            client.add_argument(
+                "provider", metavar="PROVIDER", help="a provider of the plan, e.g. google"
+            )
     check = verbs.add_parser("check", help="check plan files; print every mistake")
-    check.add_argument("files", nargs="+", metavar="FILE", type=Path)
+    check.add_argument("files", nargs="+", metavar="FILE", type=Path, help="plan files (YAML)")
     plan = verbs.add_parser("plan", help="show what a plan allows, day by day")
-    plan.add_argument("file", metavar="FILE", type=Path)
+    plan.add_argument("file", metavar="FILE", type=Path, help="plan file (YAML)")
     plan.add_argument("--batch", help="only this batch")
     plan.add_argument("--provider", help="only this provider")
     plan.add_argument("--days", type=int, help="how many days (default: until every ramp ends)")
-    plan.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    plan.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="table (default, for people), json (stable and versioned) or csv",
+    )
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw the ramp curves")
     verbs.add_parser("schema", help="print the JSON Schema of plan files")
     add_init_arguments(
@@ -184,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _out(text: str, stream: TextIO | None = None) -> None:
     """Write a line to stdout (or `stream`)."""
     (stream or sys.stdout).write(text if text.endswith("\n") else text + "\n")
+
+
+def _plural(n: int, word: str) -> str:
+    """`1 batch`, `2 batches`, `3 pools`."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n:,} {word}{'es' if word.endswith(('s', 'ch', 'sh', 'x')) else 's'}"
+
+
+def _local(ms: int, timezone: str) -> str:
+    """Epoch ms as ISO 8601 in `timezone` with its offset (UTC if the zone is unknown here)."""
+    try:
+        zone: tzinfo = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = UTC
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(zone).isoformat(timespec="seconds")
 
 
 def _octal(text: str) -> int:
@@ -315,7 +344,8 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """`kiln status`: one line per batch x provider."""
+    """`kiln status`: one line per batch x provider, under the plan's name, time zone and the
+    daemon's time in it (with its offset)."""
     with _client(args) as c:
         reply = c.request("status")
     if args.json or not reply.get("ok"):
@@ -338,7 +368,8 @@ def _status(args: argparse.Namespace) -> int:
         for r in reply["ramps"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    _out(f"plan {reply['plan']} ({reply['timezone']})")
+    now = _local(reply["now_ms"], reply["timezone"])
+    _out(f"plan {reply['plan']} ({reply['timezone']}), now {now}")
     for row in rows:
         _out("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
@@ -402,7 +433,8 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    """`kiln explain IP PROVIDER`: one screen of reasons."""
+    """`kiln explain IP PROVIDER`: one screen of reasons; 1 with the error for an IP outside
+    the plan or an unknown provider. Times are the plan's, with their offset."""
     with _client(args) as c:
         reply = c.request("explain", ip=args.ip, provider=args.provider)
     if args.json or not reply.get("ok"):
@@ -411,11 +443,18 @@ def _explain(args: argparse.Namespace) -> int:
             return 1
         _out(json.dumps(reply, indent=2))
         return 0 if reply.get("ok") else 1
-    cap = "no" if reply["hourly_cap"] is None else f"{reply['hourly_cap']:,}"
-    day = "no" if reply["daily_cap"] is None else f"{reply['daily_cap']:,}"
-    _out(f"{reply['ip']} -> {reply['provider']}  (batch {reply['batch'] or '-'})")
-    used_h, used_d = reply["hour_used"], reply["day_used"]
-    _out(f"  now: {cap} an hour ({used_h:,} used), {day} a day ({used_d:,} used)")
+    if reply["batch"] is None:
+        where = f"pool {reply.get('pool') or '-'}, warm"
+    else:
+        where = (
+            f"batch {reply['batch']}, step {reply['step']} of {reply['steps']}, {reply['state']}"
+        )
+        if reply.get("warmup_day") is not None:
+            where += f", warm-up day {reply['warmup_day']}"
+    _out(f"{reply['ip']} -> {reply['provider']}  ({where})")
+    hour = _cap_text(reply["hourly_cap"], "an hour", "hourly", reply["hour_used"])
+    day = _cap_text(reply["daily_cap"], "a day", "daily", reply["day_used"])
+    _out(f"  now: {hour}, {day}")
     state = []
     if reply["paused"]:
         state.append("PAUSED")
@@ -443,6 +482,12 @@ def _explain(args: argparse.Namespace) -> int:
         for f in facts:
             _out(f"  - {f}")
     return 0
+
+
+def _cap_text(cap: int | None, per: str, kind: str, used: int) -> str:
+    """`5 an hour (3 used)`, or `no hourly cap (50 used)`."""
+    limit = f"no {kind} cap" if cap is None else f"{cap:,} {per}"
+    return f"{limit} ({used:,} used)"
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -473,7 +518,8 @@ def _check(args: argparse.Namespace) -> int:
             continue
         for w in plan.warnings:
             _out(str(w), sys.stderr)
-        _out(f"{path}: ok ({len(plan.batches)} batches, {len(plan.pools)} pools)")
+        batches, pools = _plural(len(plan.batches), "batch"), _plural(len(plan.pools), "pool")
+        _out(f"{path}: ok ({batches}, {pools})")
     return 1 if failed else 0
 
 
@@ -539,6 +585,11 @@ def _plan(args: argparse.Namespace) -> int:
             f"kiln plan: unknown batch {args.batch!r} (batches: {', '.join(plan.batches)})",
             sys.stderr,
         )
+        return 1
+    if args.provider is not None and args.provider not in plan.provider_names():
+        hint = plan.provider_hint(args.provider)
+        known = ", ".join(sorted(plan.provider_names()))
+        _out(f"kiln plan: unknown provider {args.provider!r}{hint} (known: {known})", sys.stderr)
         return 1
     if args.days is not None and not 1 <= args.days <= 3660:
         _out(f"kiln plan: --days must be in 1..3660, got {args.days}", sys.stderr)

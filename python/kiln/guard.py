@@ -9,11 +9,13 @@ decision-log entries to write. It also answers the operator: `automations`, `can
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from kiln import _core
 from kiln.automation import Automation, AutomationBook, KeyEffect
@@ -29,11 +31,21 @@ __all__ = ["Classify", "Guard"]
 Classify = Callable[[str, int | None, str | None, str], tuple[str, str, str] | None]
 
 
-def _when(ms: int | None) -> str | None:
-    """Epoch ms as ISO 8601 UTC (None stays None)."""
+def _when(ms: int | None, zone: ZoneInfo) -> str | None:
+    """Epoch ms as ISO 8601 in the plan's time zone, with its offset (None stays None)."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(zone).isoformat(timespec="seconds")
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    """`1 step`, `2 steps`."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
+def _per(cap: int | None, unit: str, kind: str) -> str:
+    """`75 a day` or `no daily cap`."""
+    return f"no {kind} cap" if cap is None else f"{cap:,} {unit}"
 
 
 @dataclass
@@ -165,8 +177,8 @@ class Guard:
             a.to_json()
             | {
                 "live": a.live(now_ms),
-                "start": _when(a.start_ms),
-                "expires": _when(a.expires_ms),
+                "start": _when(a.start_ms, self.plan.zone),
+                "expires": _when(a.expires_ms, self.plan.zone),
                 "remaining_ms": None if a.expires_ms is None else max(0, a.expires_ms - now_ms),
             }
             for a in self.book
@@ -183,22 +195,25 @@ class Guard:
         today: date,
         last_moves: Sequence[LogEntry],
     ) -> dict[str, Any]:
-        """Why (ip, provider) has the limit it has right now, as data and as sentences."""
+        """Why (ip, provider) has the limit it has right now, as data and as sentences. Times
+        are in the plan's time zone with their offset. An IP that is in no pool or batch of the
+        plan is an error reply, as for `acquire`."""
         plan = self.plan
+        zone = plan.zone
+        try:
+            ip = str(ipaddress.ip_address(ip.strip()))
+        except ValueError:
+            return {"ok": False, "error": f"ip: not an IP address, got {ip!r}"}
         batch = self.policy.batch_of(ip)
+        pool = next((n for n, p in plan.pools.items() if ip in {m.ip for m in p.members()}), None)
+        if batch is None and pool is None:
+            return {"ok": False, "error": f"ip: {ip} is not a sending IP of this daemon's plan"}
         u = engine.usage(engine.key(ip, provider))
         why: list[str] = []
         out: dict[str, Any] = {"ok": True, "ip": ip, "provider": provider, "batch": batch}
         if batch is None:
-            pool = next(
-                (n for n, p in plan.pools.items() if ip in {m.ip for m in p.members()}), None
-            )
             out["pool"] = pool
-            why.append(
-                f"{ip} is a warm IP of pool {pool!r}: no warm-up caps"
-                if pool
-                else f"{ip} is in no pool or batch of plan {plan.name!r}"
-            )
+            why.append(f"{ip} is a warm IP of pool {pool!r}: no warm-up caps")
         else:
             b = plan.batches[batch]
             s = states.get((batch, provider), RampState())
@@ -206,23 +221,26 @@ class Guard:
             steps = len(steps_for(plan.schedules[b.schedule], provider))
             if b.start_date > today:
                 state = "not_started"
+            warmup_day = (today - b.start_date).days + 1  # day 1 is the start date
             out |= {
                 "pool": b.pool,
                 "step": s.step,
                 "steps": steps,
                 "state": state,
+                "warmup_day": warmup_day if warmup_day >= 1 else None,
                 "days_without_advance": s.days_without_advance,
                 "day_cap_batch": day_cap(plan, batch, provider, s.step),
             }
             if state == "not_started":
                 why.append(f"batch {batch!r} starts on {b.start_date}: nothing may be sent yet")
             elif state == "done":
-                why.append(f"batch {batch!r} finished its {steps} steps for {provider}")
+                why.append(f"batch {batch!r} finished its {_plural(steps, 'step')} for {provider}")
             else:
                 why.append(
-                    f"batch {batch!r} is at step {s.step} of {steps} for {provider} "
-                    f"(schedule {b.schedule!r}): {caps.daily_cap or 'no'} a day, "
-                    f"{u['hourly_cap'] if u['hourly_cap'] is not None else 'no'} this hour per IP"
+                    f"batch {batch!r} is at step {s.step} of {steps} for {provider} on warm-up "
+                    f"day {warmup_day} (schedule {b.schedule!r}): per IP "
+                    f"{_per(caps.daily_cap, 'a day', 'daily')} and "
+                    f"{_per(u['hourly_cap'], 'this hour', 'hourly')}"
                 )
         out |= {
             "hourly_cap": u["hourly_cap"],
@@ -231,18 +249,18 @@ class Guard:
             "day_used": u["day_used"],
             "paused": u["paused"],
             "multiplier": u["multiplier"],
-            "suspended_until": _when(u["suspended_until_ms"] or None)
+            "suspended_until": _when(u["suspended_until_ms"] or None, zone)
             if u["suspended_until_ms"] > now_ms
             else None,
         }
         if u["daily_cap"] is not None and u["day_used"] >= u["daily_cap"]:
-            why.append(f"today's cap is used up ({u['day_used']} of {u['daily_cap']})")
+            why.append(f"today's cap is used up ({u['day_used']:,} of {u['daily_cap']:,})")
         elif u["hourly_cap"] is not None and u["hour_used"] >= u["hourly_cap"]:
-            why.append(f"this hour's cap is used up ({u['hour_used']} of {u['hourly_cap']})")
+            why.append(f"this hour's cap is used up ({u['hour_used']:,} of {u['hourly_cap']:,})")
         live = self.book.for_key(ip, provider, batch, now_ms)
-        out["automations"] = [a.to_json() | {"expires": _when(a.expires_ms)} for a in live]
+        out["automations"] = [a.to_json() | {"expires": _when(a.expires_ms, zone)} for a in live]
         for a in live:
-            until = f"until {_when(a.expires_ms)}" if a.expires_ms else f"until {a.ends_when}"
+            until = f"until {_when(a.expires_ms, zone)}" if a.expires_ms else f"until {a.ends_when}"
             why.append(
                 f"{a.id} {a.kind} ({a.rule}) {until}: {a.reason}; cancel: kiln cancel {a.id}"
             )
@@ -255,8 +273,9 @@ class Guard:
         out["signals"] = self._signals_for(ip)
         if last_moves:
             m = last_moves[-1]
-            out["last_move"] = {"at": _when(m.at_ms), "action": m.action, "reason": m.reason}
-            why.append(f"last day roll ({_when(m.at_ms)}): {m.action}: {m.reason}")
+            at = _when(m.at_ms, zone)
+            out["last_move"] = {"at": at, "action": m.action, "reason": m.reason}
+            why.append(f"last day roll ({at}): {m.action}: {m.reason}")
         out["why"] = why
         return out
 
