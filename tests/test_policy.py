@@ -475,3 +475,29 @@ def test_explain_of_an_ip_outside_the_plan_is_an_error(plan: Plan) -> None:
         "ip: 2001:db8::1 is not a sending IP of this daemon's plan"
     )
     assert guard.explain(engine, {}, "203.0.113.5", "google", T0, day, [])["batch"] == "b2"
+
+
+def test_reasons_count_in_words(plan: Plan) -> None:
+    """Verdict reasons agree in number: "1 rate_limit_rep reply", "1 block_rep reply",
+    "3 block_rep replies", never "1 ... replies"."""
+    day = date(2026, 11, 10)
+    now = local_day_bounds_ms(plan, day)[1]
+    one = DayPushback()
+    one.add("rate_limit_rep", 9)
+    blocked = DayPushback()
+    blocked.add("block_rep", 3)
+    v = Policy(plan).day_verdicts(
+        day,
+        {},
+        {("192.0.2.10", "google"): one, ("203.0.113.5", "google"): blocked},
+        _fresh(now),
+        AutomationBook(),
+        now,
+    )
+    assert "day.rate_limit_rep: 1 rate_limit_rep reply" in v[("b1", "google")].hold
+    assert v[("b2", "google")].step_down == ["day.block_rep: 1 block_rep reply"]
+    blocked.add("block_rep", 4, 2)
+    v = Policy(plan).day_verdicts(
+        day, {}, {("203.0.113.5", "google"): blocked}, _fresh(now), AutomationBook(), now
+    )
+    assert v[("b2", "google")].step_down == ["day.block_rep: 3 block_rep replies"]

@@ -224,6 +224,11 @@ def _pct(x: float) -> str:
     return f"{x * 100:.3g}%"
 
 
+def _n(n: int, word: str, plural: str | None = None) -> str:
+    """`1 GREEN day`, `3 GREEN days`: a count and its noun, in agreement."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
 class Policy:
     """Evidence -> automations for one plan; see the module docstring."""
 
@@ -389,13 +394,13 @@ class Policy:
                 rule="snds.filter_result",
                 reason=(
                     f"SNDS filter result {days[latest]} for {ip} on {latest}: paused for "
-                    f"{provider} until {sp.snds_resume_green_days} GREEN days in a row"
+                    f"{provider} until {_n(sp.snds_resume_green_days, 'GREEN day')} in a row"
                 ),
                 evidence={"day": latest, "colour": days[latest]},
                 provider=provider,
                 ip=ip,
                 batch=None,
-                ends_when=f"{sp.snds_resume_green_days} consecutive GREEN days in SNDS",
+                ends_when=f"{_n(sp.snds_resume_green_days, 'consecutive GREEN day')} in SNDS",
             )
             if created:
                 out.append(a)
@@ -404,7 +409,7 @@ class Policy:
             after = sorted(d for d in days if d > start_day)
             green = _green_run(after, days)
             if green >= sp.snds_resume_green_days:
-                ended = book.end(live.id, now_ms, f"{green} GREEN days in SNDS")
+                ended = book.end(live.id, now_ms, f"{_n(green, 'GREEN day')} in SNDS")
                 if ended is not None:
                     out.append(ended)
         block_key = f"snds.blocked|{ip}|{provider}"
@@ -555,15 +560,18 @@ class Policy:
         need = self.plan.policy.day.rate_limit_step_down_hours
         for cls in ("blocklist", "block_rep"):
             if cls in counts:
-                v.step_down.append(f"day.{cls}: {counts[cls]} {cls} replies")
+                v.step_down.append(
+                    f"day.{cls}: {_n(counts[cls], f'{cls} reply', f'{cls} replies')}"
+                )
         rl = hours.get("rate_limit_rep", set())
         if len(rl) >= need:
             v.step_down.append(
-                f"day.rate_limit_rep: rate_limit_rep replies in {len(rl)} distinct hours "
+                f"day.rate_limit_rep: rate_limit_rep replies in {_n(len(rl), 'distinct hour')} "
                 f"(step down from {need})"
             )
         elif rl:
-            v.hold.append(f"day.rate_limit_rep: {counts['rate_limit_rep']} rate_limit_rep replies")
+            got = _n(counts["rate_limit_rep"], "rate_limit_rep reply", "rate_limit_rep replies")
+            v.hold.append(f"day.rate_limit_rep: {got}")
 
     def _postmaster(
         self,
