@@ -80,7 +80,7 @@ class Guard:
         for at_ms, ip, provider, result, n, code, enhanced, text in reports:
             if result not in ("deferred", "bounced") or code is None:
                 continue
-            found = classify(provider, code, enhanced, text or "")
+            found = classify(provider, code, enhanced or None, text or "")  # "": none given
             if found is None:
                 continue
             cls, scope, rule = found
