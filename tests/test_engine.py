@@ -95,6 +95,16 @@ def test_pause_suspend_multiplier(engine: Engine) -> None:
         (lambda e, k: e.set_multiplier(k, float("nan")), "multiplier: must be a number in [0, 1]"),
         (lambda e, k: e.set_multiplier(k, 1.5), "multiplier: must be a number in [0, 1]"),
         (lambda e, k: e.set_calendar([T0, T0], []), "hour_starts_ms: must be strictly increasing"),
+        (lambda e, k: e.set_limits(k, active_hours=2**24), "active_hours: must be a mask of hours"),
+        (lambda e, k: e.set_limits(k, active_hours=-1), "active_hours: must not be negative"),
+        (
+            lambda e, k: e.set_calendar([T0], [], [7, 8]),
+            "hours_of_day: must give one hour per hour start (1), got 2",
+        ),
+        (
+            lambda e, k: e.set_calendar([T0], [], [24]),
+            "hours_of_day: an hour of day must be 0 to 23, got 24",
+        ),
         (lambda e, k: e.key("300.1.1.1", "google"), "ip: must be an IPv4 or IPv6 address"),
         (lambda e, k: e.key("192.0.2.1", ""), "provider: must not be empty"),
         (lambda e, k: e.pool("nope"), 'unknown pool "nope"'),
@@ -410,7 +420,7 @@ def test_old_and_corrupt_snapshot_bytes() -> None:
     that leaves the engine unchanged."""
     e = Engine()
     e.restore_bytes(VERSION_1_BYTES)
-    assert e.snapshot()["version"] == 2
+    assert e.snapshot()["version"] == 3
     assert e.usage(0)["day_used"] == 2 and e.usage(0)["daily_cap"] == 1000
     assert e.queued() == 1
     e.restore_bytes(VERSION_1_BYTES, 5)
@@ -453,3 +463,34 @@ def test_retain_ips_retires_the_rest(engine: Engine) -> None:
     old = {k: v for k, v in before.items() if k != "retired_ips"}
     twin.restore(dict(old, version=1))
     assert twin.snapshot()["retired_ips"] == []
+
+
+def test_active_hours_survive_snapshots(engine: Engine) -> None:
+    """Active hours and the calendar's hours of day are in the snapshot (version 3): a JSON
+    round trip and the bytes restore an engine that decides the same; version 2 data (no
+    hours of day) restores with the hours unknown, and may not name active hours."""
+    k = engine.key("192.0.2.1", "google")
+    engine.set_limits(k, daily_cap=10, active_hours=1 << 9 | 1 << 10)
+    hours = [T0 + i * HOUR_MS for i in range(4)]
+    engine.set_calendar(hours, [T0 + DAY_MS], [8, 9, 10, 11])
+    d = engine.acquire(k, 1, T0 + 5)
+    assert (d.reason, d.retry_after_ms) == ("outside_active_hours", HOUR_MS - 5)
+    snap = engine.snapshot()
+    assert snap["version"] == 3 and snap["active_hours"] == [(k, 1 << 9 | 1 << 10)]
+    assert (snap["hour_of_day"], snap["hour_pending_of_day"]) == (8, [9, 10, 11])
+    assert engine.usage(k)["active_hours"] == 1 << 9 | 1 << 10
+    twin, again = Engine(), Engine()
+    twin.restore(json.loads(json.dumps(snap)))
+    again.restore_bytes(engine.snapshot_bytes())
+    assert twin.snapshot() == again.snapshot() == snap
+    for t in (T0 + HOUR_MS - 1, T0 + HOUR_MS, T0 + 3 * HOUR_MS):
+        assert engine.acquire(k, 1, t) == twin.acquire(k, 1, t) == again.acquire(k, 1, t)
+    old = {
+        key: value
+        for key, value in snap.items()
+        if key not in ("hour_of_day", "hour_pending_of_day", "active_hours")
+    }
+    twin.restore(dict(old, version=2))
+    assert twin.snapshot()["hour_of_day"] is None and twin.usage(k)["active_hours"] is None
+    with pytest.raises(CoreError, match="a version 2 snapshot has no hours of day"):
+        twin.restore(dict(snap, version=2))

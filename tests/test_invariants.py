@@ -9,6 +9,8 @@ and by rate) and checks, after every step, that:
 - no IP grants more than its IP caps in any calendar hour or day;
 - GCRA never admits more than `max_burst + rate * t` in any interval of length `t`;
 - a suspended key grants nothing before its deadline, a paused key nothing at all;
+- a key with active hours grants nothing in any other local hour (the machine's calendar
+  names each hour's hour of day, in a zone some whole hours off UTC);
 - a denial's `retry_after_ms` is honest and tight: asking again exactly then succeeds, a
   millisecond earlier does not, and `None` means not at any later time;
 - `pick` follows the overflow order: warming IPs, then warm IPs by weight, then the overflow
@@ -65,6 +67,7 @@ class Limits:
     ppm: int = PPM
     paused: bool = False
     suspended_until_ms: int = 0
+    active_hours: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Grant:
     ip: str
     now_ms: int
     n: int
+    hour_of_day: int
+    """The local hour of day the grant fell in."""
     limits: Limits
     ip_caps: tuple[int | None, int | None]
     key_hour: int
@@ -94,6 +99,9 @@ counts = st.sampled_from([1, 1, 1, 1, 2, 3, 7])
 caps = st.none() | st.integers(0, 8) | st.integers(1, 8)
 rates = st.none() | st.tuples(st.integers(1, 5), st.sampled_from([1_000, 10_000, 60_000, HOUR_MS]))
 multipliers = st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.0, 1.0]) | st.floats(0.0, 1.0)
+DAYTIME = sum(1 << h for h in range(7, 22))
+"""Active hours 07-22."""
+masks = st.none() | st.sampled_from([DAYTIME, 1 << 0 | 1 << 12, 0]) | st.integers(0, 2**24 - 1)
 gaps_ms = st.sampled_from([0, 0, 1, 250, 999, 1_000, 5_000])
 steps_ms = (
     st.sampled_from([0, 1, 999, 1_000])
@@ -125,6 +133,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.held: dict[int, tuple[str, str, int, int]] = {}
         """(pool, provider, priority, n) of each queued message, by message id."""
         self.next_message = 0
+        self.utc_offset = 0
+        """The local zone's offset from UTC in whole hours (set up once)."""
 
     # ----- helpers -----
 
@@ -147,6 +157,10 @@ class EngineMachine(RuleBasedStateMachine):
         other.restore(self.engine.snapshot())
         return other
 
+    def hour_of_day(self, t_ms: int) -> int:
+        """The local hour of day at `t_ms`."""
+        return (hour_of(t_ms) + self.utc_offset) % 24
+
     def set_key(self, key: int, **changes: Any) -> None:
         """Note a key's new limits; a new rate or multiplier starts a new GCRA record."""
         old = self.limits[key]
@@ -166,6 +180,7 @@ class EngineMachine(RuleBasedStateMachine):
                 ip=ip,
                 now_ms=now,
                 n=n,
+                hour_of_day=self.hour_of_day(now),
                 limits=self.limits[key],
                 ip_caps=self.ip_caps[ip],
                 key_hour=self.count((key, "hour", hour_of(now)), n),
@@ -219,6 +234,10 @@ class EngineMachine(RuleBasedStateMachine):
             "ip_hourly_cap": next_hour,
         }.get(d.reason, self.now)
         assert self.now + d.retry_after_ms >= end, "retry before the named limit ends"
+        mask = self.limits[d.key].active_hours
+        if mask is not None:
+            hour = self.hour_of_day(self.now + d.retry_after_ms)
+            assert mask >> hour & 1, "retry at a time outside the key's active hours"
 
     def check_pick_order(
         self, before: dict[str, Any], pool: str, provider: str, n: int, d: Decision
@@ -266,6 +285,7 @@ class EngineMachine(RuleBasedStateMachine):
         ),
         hours=st.integers(0, 30),
         days=st.integers(0, 3),
+        utc_offset=st.integers(-12, 14),
     )
     def setup(
         self,
@@ -274,16 +294,18 @@ class EngineMachine(RuleBasedStateMachine):
         key_limits: list[tuple[tuple[int, int] | None, int, int | None, int | None]],
         hours: int,
         days: int,
+        utc_offset: int,
     ) -> None:
         """Pools "spare" (one warm IP) and "main" (two IPs, overflowing into "spare"),
-        limits on every key, and the first calendar boundaries."""
+        limits on every key, the zone, and the first calendar boundaries."""
         self.members["spare"] = [(IPS[2], spare_weight, False)]
         self.members["main"] = [(IPS[i], w, warming) for i, (w, warming) in enumerate(main)]
         self.engine.define_pool("spare", self.members["spare"])
         self.engine.define_pool("main", self.members["main"], overflow="spare")
+        self.utc_offset = utc_offset
         for key, (rate, max_burst, hourly, daily) in enumerate(key_limits):
-            self.set_limits(key, rate, max_burst, hourly, daily)
-        self.supply_calendar(hours, days)
+            self.set_limits(key, rate, max_burst, hourly, daily, None)
+        self.supply_calendar(hours, days, True)
 
     @rule(dt=steps_ms)
     def advance(self, dt: int) -> None:
@@ -297,7 +319,14 @@ class EngineMachine(RuleBasedStateMachine):
         boundary = ORIGIN + ((self.now - ORIGIN) // length + 1) * length
         self.now = max(self.now, boundary + offset)
 
-    @rule(key=keys, rate=rates, max_burst=st.integers(1, 4), hourly=caps, daily=caps)
+    @rule(
+        key=keys,
+        rate=rates,
+        max_burst=st.integers(1, 4),
+        hourly=caps,
+        daily=caps,
+        active_hours=masks,
+    )
     def set_limits(
         self,
         key: int,
@@ -305,8 +334,9 @@ class EngineMachine(RuleBasedStateMachine):
         max_burst: int,
         hourly: int | None,
         daily: int | None,
+        active_hours: int | None,
     ) -> None:
-        """Give a key a new rate, burst and caps."""
+        """Give a key a new rate, burst, caps and active hours."""
         count, period = rate if rate is not None else (None, None)
         self.configure(
             lambda e: e.set_limits(
@@ -316,9 +346,17 @@ class EngineMachine(RuleBasedStateMachine):
                 max_burst=max_burst,
                 hourly_cap=hourly,
                 daily_cap=daily,
+                active_hours=active_hours,
             )
         )
-        self.set_key(key, rate=rate, max_burst=max_burst, hourly_cap=hourly, daily_cap=daily)
+        self.set_key(
+            key,
+            rate=rate,
+            max_burst=max_burst,
+            hourly_cap=hourly,
+            daily_cap=daily,
+            active_hours=active_hours,
+        )
 
     @rule(key=keys, multiplier=multipliers)
     def set_multiplier(self, key: int, multiplier: float) -> None:
@@ -347,16 +385,22 @@ class EngineMachine(RuleBasedStateMachine):
         self.configure(lambda e: e.set_ip_caps(ip, hourly_cap=hourly, daily_cap=daily))
         self.ip_caps[ip] = (hourly, daily)
 
-    @rule(hours=st.integers(0, 30), days=st.integers(0, 3))
-    def supply_calendar(self, hours: int, days: int) -> None:
+    @rule(
+        hours=st.integers(0, 30),
+        days=st.integers(0, 3),
+        named=st.sampled_from([True, True, True, False]),
+    )
+    def supply_calendar(self, hours: int, days: int, named: bool) -> None:
         """Tell the engine the next `hours` hour and `days` day boundaries of the grid (none:
-        the current windows go on). Only future boundaries: a boundary already passed would
+        the current windows go on), mostly with their hours of day (without: unknown, and keys
+        with active hours closed). Only future boundaries: a boundary already passed would
         start a window late."""
         next_hour = ORIGIN + (hour_of(self.now) + 1) * HOUR_MS
         next_day = ORIGIN + (day_of(self.now) + 1) * DAY_MS
         hour_starts = [next_hour + i * HOUR_MS for i in range(hours)]
         day_starts = [next_day + i * DAY_MS for i in range(days)]
-        self.configure(lambda e: e.set_calendar(hour_starts, day_starts))
+        of_day = [self.hour_of_day(h) for h in hour_starts] if named else None
+        self.configure(lambda e: e.set_calendar(hour_starts, day_starts, of_day))
 
     @rule(key=keys, n=counts, times=st.integers(1, 6), gap=gaps_ms)
     def acquire(self, key: int, n: int, times: int, gap: int) -> None:
@@ -463,6 +507,13 @@ class EngineMachine(RuleBasedStateMachine):
         for g in self.grants:
             assert g.now_ms >= g.limits.suspended_until_ms, g
             assert not g.limits.paused and g.limits.ppm > 0, g
+
+    @invariant()
+    def a_key_grants_nothing_outside_its_active_hours(self) -> None:
+        """Every grant of a key with active hours fell in one of them (local time)."""
+        for g in self.grants:
+            mask = g.limits.active_hours
+            assert mask is None or mask >> g.hour_of_day & 1, g
 
     @invariant()
     def a_restored_twin_holds_the_same_state(self) -> None:

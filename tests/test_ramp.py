@@ -14,10 +14,12 @@ from kiln import Engine
 from kiln.ramp import (
     RampPosition,
     StepCaps,
+    active_hours_mask,
     apply,
     calendar,
     caps_at,
     compile_limits,
+    hours_of_day,
     nominal_plan,
     steps_for,
 )
@@ -118,17 +120,73 @@ def test_marketplace_batches_start_weeks_apart() -> None:
     assert ("2027-02-01", "messaging") not in capacity
 
 
-def test_compile_limits_rest_outside_active_hours(example: Plan) -> None:
-    """Inside active hours the hourly cap applies; outside it is 0 so warm IPs carry the mail."""
+def test_compile_limits_carry_active_hours(example: Plan) -> None:
+    """A warming key carries its schedule's active hours (07-22) and the same caps at any
+    hour; the engine, not the hourly push, closes it at night."""
     positions = {("tx-2026-12", "default"): RampPosition(step=4)}
     day = compile_limits(example, positions, ms("2026-12-04T12:00:00+01:00"))
     night = compile_limits(example, positions, ms("2026-12-04T23:30:00+01:00"))
+    assert day == night
     by_key = {(lim.ip, lim.provider): lim for lim in day}
     lim = by_key[("192.0.2.10", "default")]
     assert (lim.daily_cap, lim.hourly_cap) == (1000, 67)
     assert lim.rate is not None and str(lim.rate) == "67/h,max_burst=5"
+    assert lim.active_hours == sum(1 << h for h in range(7, 22))
     assert by_key[("192.0.2.10", "google")].daily_cap == 75  # google still at step 1
-    assert {(n.ip, n.provider): n.hourly_cap for n in night}[("192.0.2.10", "default")] == 0
+
+
+def test_active_hours_mask_and_hours_of_day() -> None:
+    """A window is a mask of local hours (the whole day: None); hours of day follow local
+    wall time through DST: Berlin's 2026-03-29 has no 02:00, its 2026-10-25 two."""
+    assert active_hours_mask((7, 22)) == 0b0000_0011_1111_1111_1111_1000_0000
+    assert active_hours_mask((0, 24)) is None
+    assert active_hours_mask((0, 1)) == 1
+    berlin = ZoneInfo("Europe/Berlin")
+    spring, _ = calendar(berlin, ms("2026-03-29T00:30:00+01:00"), hours=4)
+    assert hours_of_day(berlin, spring) == [0, 1, 3, 4, 5]
+    autumn, _ = calendar(berlin, ms("2026-10-25T00:30:00+02:00"), hours=4)
+    assert hours_of_day(berlin, autumn) == [0, 1, 2, 2, 3]
+
+
+def set_local_calendar(engine: Engine, plan: Plan, now_ms: int) -> None:
+    """What the daemon pushes each hour: hour and day starts with their hours of day."""
+    hours, days = calendar(plan.zone, now_ms)
+    engine.set_calendar(hours, days, hours_of_day(plan.zone, hours))
+
+
+@pytest.mark.parametrize(
+    ("now", "opens"),
+    [
+        ("2026-12-04T23:30:00+01:00", "2026-12-05T07:00:00+01:00"),
+        ("2026-12-05T03:00:00+01:00", "2026-12-05T07:00:00+01:00"),
+        ("2026-12-05T06:59:59.999+01:00", "2026-12-05T07:00:00+01:00"),
+        ("2026-12-05T22:00:00+01:00", "2026-12-06T07:00:00+01:00"),
+        # The nights DST starts and ends: the opening is 07:00 local all the same.
+        ("2026-03-29T01:30:00+01:00", "2026-03-29T07:00:00+02:00"),
+        ("2026-10-25T02:30:00+01:00", "2026-10-25T07:00:00+01:00"),
+    ],
+)
+def test_a_warming_ip_rests_outside_active_hours_until_the_true_opening(
+    example: Plan, now: str, opens: str
+) -> None:
+    """Outside active hours a warming IP is denied `outside_active_hours` with the time to
+    the next 07:00 in the plan's zone (DST-correct), is granted exactly then, and `pick`
+    overflows to the warm IPs meanwhile; a done ramp sends at any hour."""
+    engine = Engine()
+    t = ms(now)
+    apply(engine, example, compile_limits(example, {}, t))
+    set_local_calendar(engine, example, t)
+    key = engine.key("192.0.2.10", "google")
+    d = engine.acquire(key, 1, t)
+    assert (d.granted, d.reason, d.retry_after_ms) == (0, "outside_active_hours", ms(opens) - t)
+    pick = engine.pick(engine.pool("transactional"), engine.provider("google"), 1, t)
+    assert (pick.granted, pick.tier) == (1, "warm")
+    assert not engine.acquire(key, 1, ms(opens) - 1)
+    assert engine.acquire(key, 1, ms(opens))
+    done = {("tx-2026-12", "google"): RampPosition(step=99)}
+    apply(engine, example, compile_limits(example, done, t))
+    assert engine.acquire(key, 1, ms(opens) + 1)
+    assert engine.usage(key)["active_hours"] is None
 
 
 def test_apply_pushes_limits_and_pools_into_the_engine(example: Plan) -> None:
@@ -136,8 +194,7 @@ def test_apply_pushes_limits_and_pools_into_the_engine(example: Plan) -> None:
     engine = Engine()
     now = ms("2026-12-01T09:00:00+01:00")
     apply(engine, example, compile_limits(example, {}, now))
-    hours, days = calendar(example.zone, now)
-    engine.set_calendar(hours, days)
+    set_local_calendar(engine, example, now)
     pool = engine.pool("transactional")
     google = engine.provider("google")
     tiers = [engine.pick(pool, google, 1, now + i * 60_000).tier for i in range(12)]
@@ -231,6 +288,7 @@ def test_a_reload_that_drops_ips_answers_them_like_a_fresh_daemon(tmp_path: Path
     now = ms("2026-12-01T09:00:00+01:00")
     reloaded, fresh = Engine(), Engine()
     apply(reloaded, old, compile_limits(old, {}, now))
+    set_local_calendar(reloaded, old, now)
     requests = b"".join(
         b'{"op":"%s","ip":"%s","provider":"google","id":%d%s}\n' % (op, ip.encode(), i, extra)
         for i, ip in enumerate(["192.0.2.11", "198.51.100.20", "192.0.2.10", "203.0.113.5"])
@@ -241,7 +299,7 @@ def test_a_reload_that_drops_ips_answers_them_like_a_fresh_daemon(tmp_path: Path
     apply(reloaded, new, compile_limits(new, {}, now))
     apply(fresh, new, compile_limits(new, {}, now))
     for e in (reloaded, fresh):
-        e.set_calendar(*calendar(new.zone, now))
+        set_local_calendar(e, new, now)
     after = reloaded.serve(requests, now).reply
     assert after == fresh.serve(requests, now).reply
     assert after.count(b"is not a sending IP of this daemon's plan") == 6

@@ -4,7 +4,9 @@
 - `caps_at(plan, batch, provider, step)`: the caps of one step, hourly spreading applied.
 - `nominal_plan(plan, days)`: what the plan allows day by day if every gate passes.
 - `compile_limits(plan, positions, now_ms)`: per-(IP, provider) limits for the engine now.
+- `active_hours_mask(window)`: a schedule's active hours as the engine's mask of local hours.
 - `calendar(zone, now_ms, hours)`: when coming calendar hours and days begin (DST-correct).
+- `hours_of_day(zone, instants)`: the local hour each of those hours is (for active hours).
 - `apply(engine, plan, limits)`: push limits and pools into a `kiln.Engine`.
 """
 
@@ -28,10 +30,12 @@ __all__ = [
     "PoolRow",
     "RampPosition",
     "StepCaps",
+    "active_hours_mask",
     "apply",
     "calendar",
     "caps_at",
     "compile_limits",
+    "hours_of_day",
     "nominal_plan",
     "plan_providers",
     "steps_for",
@@ -60,7 +64,11 @@ class RampPosition:
 
 @dataclass(frozen=True, slots=True)
 class CompiledLimit:
-    """What the engine enforces for one (IP, provider) key now. None means no limit."""
+    """What the engine enforces for one (IP, provider) key now. None means no limit.
+
+    `active_hours` is the engine's mask of local hours in which the key may send (bit h: the
+    hour from h:00 in the plan's zone); None: every hour.
+    """
 
     ip: str
     provider: str
@@ -69,6 +77,7 @@ class CompiledLimit:
     rate: RateSpec | None
     paused: bool = False
     warming: bool = True
+    active_hours: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,21 +292,23 @@ def _row(
 def compile_limits(
     plan: Plan, positions: Mapping[tuple[str, str], RampPosition], now_ms: int
 ) -> list[CompiledLimit]:
-    """The limit of every (batch IP, provider) key at `now_ms`, for every provider row.
+    """The limit of every (batch IP, provider) key, for every provider row.
 
-    Outside the schedule's active hours the hourly cap is 0: warming IPs rest and `pick`
-    overflows to warm IPs. A batch before its start date is treated as at step 1.
+    A warming key carries its schedule's active hours: outside them the engine denies it
+    (`outside_active_hours`, with the time the next active hour starts) and `pick` overflows
+    to warm IPs. A done ramp sends at any hour. A batch before its start date is treated as
+    at step 1. The limits do not depend on the hour (`now_ms` is kept for callers); the engine
+    reads the hour of day from its calendar (`calendar`, `hours_of_day`).
     """
-    local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(plan.zone)
+    del now_ms  # the hour of day reaches the engine through set_calendar's hours_of_day
     out: list[CompiledLimit] = []
     for name, b in plan.batches.items():
         schedule = plan.schedules[b.schedule]
-        start, end = schedule.hourly.window
-        active = start <= local.hour < end
+        mask = active_hours_mask(schedule.hourly.window)
         for provider in plan_providers(plan):
             position = positions.get((name, provider), RampPosition())
             caps, state = caps_at(plan, name, provider, position.step)
-            hourly = caps.hourly_cap if active or state == "done" else 0
+            hourly = caps.hourly_cap
             rate = schedule.max_message_rate
             if rate is None and state == "warming" and caps.hourly_cap is not None:
                 rate = RateSpec(caps.hourly_cap, HOUR_MS, schedule.hourly.max_burst)
@@ -305,13 +316,36 @@ def compile_limits(
                 rate = schedule.after_last_step.max_message_rate
             elif state == "done":
                 rate = None
+            warming = state != "done"
             out.extend(
                 CompiledLimit(
-                    ip, provider, caps.daily_cap, hourly, rate, position.paused, state != "done"
+                    ip,
+                    provider,
+                    caps.daily_cap,
+                    hourly,
+                    rate,
+                    position.paused,
+                    warming,
+                    mask if warming else None,
                 )
                 for ip in b.ips
             )
     return out
+
+
+def active_hours_mask(window: tuple[int, int]) -> int | None:
+    """Local hours [start, end) as the engine's mask (bit h: the hour from h:00); None for
+    the whole day (00-24)."""
+    start, end = window
+    mask = sum(1 << h for h in range(start, end))
+    return None if mask == (1 << 24) - 1 else mask
+
+
+def hours_of_day(zone: ZoneInfo, instants_ms: Iterable[int]) -> list[int]:
+    """The local hour (0-23) in `zone` at each instant: with `calendar`'s hour starts, what
+    `Engine.set_calendar` needs to read active hours (a repeated hour at the end of DST is
+    the same hour twice; a skipped one never begins)."""
+    return [datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(zone).hour for ms in instants_ms]
 
 
 def calendar(zone: ZoneInfo, now_ms: int, hours: int = 48) -> tuple[list[int], list[int]]:
@@ -372,6 +406,7 @@ def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
             max_burst=rate.max_burst if rate else 1,
             hourly_cap=limit.hourly_cap,
             daily_cap=limit.daily_cap,
+            active_hours=limit.active_hours,
         )
         if limit.paused:
             engine.pause(key)

@@ -1256,10 +1256,16 @@ fn local_hours_from_py(state: &Bound<'_, PyAny>, pending: usize) -> PyResult<Loc
             .collect(),
         Err(_) => vec![UNKNOWN_HOUR; pending],
     };
-    let active_hours = match state.get_item("active_hours") {
-        Ok(v) => get(&v, "active_hours")?,
-        Err(_) => Vec::new(),
-    };
+    let mut active_hours = Vec::new();
+    if state.get_item("active_hours").is_ok() {
+        for item in items(state, "active_hours")? {
+            let f = fields(&item, 2, "active_hours entry")?;
+            active_hours.push((
+                get(&f[0], "active_hours entry key")?,
+                get(&f[1], "active_hours entry mask")?,
+            ));
+        }
+    }
     Ok((hour_of_day, hour_pending_of_day, active_hours))
 }
 
