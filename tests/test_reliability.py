@@ -132,7 +132,8 @@ def test_pipelined_operator_ops_do_not_stall_other_clients(tmp_path: Path) -> No
         ids = [json.loads(line)["id"] for line in got.splitlines()]
         assert ids == list(range(len(ops)))
         assert answered > 10
-        assert worst_s < 1.0, f"a ping waited {worst_s:.3f} s behind operator work"
+        # Before: up to 26 s. The bound leaves room for a busy 2-core machine.
+        assert worst_s < 2.0, f"a ping waited {worst_s:.3f} s behind operator work"
 
 
 # ----- F9: dripping partial lines cost O(n) -----
