@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from kiln import _core
 from kiln.daemon.roll import stored
 from kiln.mx import MxLookups
+from kiln.policy import plan_ips
 from kiln.ramp import caps_at, plan_providers, steps_for
 from kiln.rampday import RampState, day_cap
 from kiln.rate import RateSpec
@@ -110,7 +112,9 @@ def limits(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
         raise RequestError(
             f"provider: unknown provider {provider!r}, expected one of "
             + ", ".join(plan_providers(d.plan))
+            + d.plan.provider_hint(str(provider), plan_providers(d.plan))
         )
+    ip = _plan_ip(d, ip)
     batch = next((n for n, b in d.plan.batches.items() if ip in b.ips), None)
     try:
         u = d.engine.usage(d.engine.key(ip, provider))
@@ -194,12 +198,22 @@ def _explain_key(d: Daemon, req: dict[str, Any]) -> tuple[str, str, str | None]:
         raise RequestError(
             f"provider: unknown provider {provider!r}, expected one of "
             + ", ".join(plan_providers(d.plan))
+            + d.plan.provider_hint(str(provider), plan_providers(d.plan))
         )
-    try:
-        d.engine.key(ip, provider)
-    except _core.CoreError as e:
-        raise RequestError(str(e)) from None
+    ip = _plan_ip(d, ip)
     return ip, provider, d.guard.policy.batch_of(ip)
+
+
+def _plan_ip(d: Daemon, ip: str) -> str:
+    """`ip` normalised, if it is a sending IP of the plan; else the error `acquire` gives.
+    Checked before the engine is asked, so asking never makes an IP known to it."""
+    try:
+        text = str(ipaddress.ip_address(ip.strip()))
+    except ValueError:
+        raise RequestError(f"ip: not an IP address, got {ip!r}") from None
+    if text not in plan_ips(d.plan):
+        raise RequestError(f"ip: {text} is not a sending IP of this daemon's plan")
+    return text
 
 
 def _ramp_moves(d: Daemon, batch: str | None, provider: str, now_ms: int) -> list[Any]:
