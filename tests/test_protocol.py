@@ -220,12 +220,6 @@ def test_doc_examples_are_what_the_daemon_answers(tmp_path: Path) -> None:
             assert matches(expected, actual), f"{req}\n  documented: {expected}\n  got: {actual}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kiln.daemon.ops._explain_key calls engine.key(ip, provider) before it checks the "
-    "plan, which makes the engine know (and grant) the IP; it must refuse IPs outside the plan "
-    "first",
-)
 def test_explaining_a_foreign_ip_does_not_make_it_a_sending_ip() -> None:
     """`explain` of an IP outside the plan is an error and changes nothing: `acquire` still
     refuses that IP afterwards."""
