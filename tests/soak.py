@@ -1604,7 +1604,13 @@ def _soak(
             ),
         }
         ours = sum(
-            v for k, v in report.cpu.items() if k.endswith("_percent") and "machine" not in k
+            report.cpu[k]
+            for k in (
+                "daemon_percent_of_one_cpu",
+                "load_worker_percent",
+                "prober_percent",
+                "harness_percent",
+            )
         )
         report.cpu["others_percent_of_machine"] = round(
             max(0.0, report.cpu["machine_busy_percent"] - ours / (os.cpu_count() or 1)), 1
