@@ -38,7 +38,7 @@ from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
 from kiln.policy import RuleInfo, SignalBook
 from kiln.provider import DEFAULT_PROVIDER
-from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, plan_providers
+from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, hours_of_day, plan_providers
 from kiln.rampday import RampMove, RampState
 from kiln.rules import RuleSet, known_providers, load_rules
 from kiln.schedule import Plan, load_plan
@@ -211,7 +211,8 @@ class Daemon:
         apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
         self.guard.enforce(self.engine, self.states, now_ms)
         hours, days = calendar(self.plan.zone, now_ms)
-        self.engine.set_calendar(hours, days)
+        # The local hour each hour start begins: what active hours are read against.
+        self.engine.set_calendar(hours, days, hours_of_day(self.plan.zone, hours))
         self.next_hour_ms = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
         self.engine.clear_routes()
         own = set(plan_providers(self.plan))
