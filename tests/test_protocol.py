@@ -250,6 +250,7 @@ def test_doc_lists_every_reason() -> None:
         "rate",
         "reservation",
         "retired",
+        "outside_active_hours",
         "null_mx",
     }
 
