@@ -600,3 +600,38 @@ def test_an_unreadable_snapshot_is_a_warning_and_today_comes_from_the_tallies(
     granted = sum(int(r["granted"]) for r in send(d2, *(acquire(10) for _ in range(10))))  # type: ignore[call-overload]
     assert granted <= 40
     d2.store.close()
+
+
+# ----- found by the soak test -----
+
+
+def test_a_reload_just_after_midnight_does_not_delay_the_day_roll(
+    plan_file: Path, state: Path
+) -> None:
+    """A reload that lands after an hour boundary but before the tick that rolls it leaves the
+    roll to that tick (before: the reload moved the next boundary an hour on, and the
+    midnight day roll waited an hour)."""
+    clock = FakeClock(ms("2026-11-02T23:59:00"))
+    d = make(plan_file, state, clock)
+    clock.t = ms("2026-11-03T00:00:30")
+    assert d.reload(clock.t)["ok"] is True
+    d.tick(clock.t + 500)
+    assert d.store.get_meta("last_rolled_day:daemon-test") == "2026-11-02"
+    d.store.close()
+
+
+def test_learned_routes_survive_the_hour_roll(plan_file: Path, state: Path) -> None:
+    """An MX-learned route stays across the hourly roll (before: every hour dropped all learned
+    routes, so busy domains counted as `default` again and were looked up again); a reload
+    still resets the table."""
+    clock = FakeClock(ms("2026-11-02T10:59:00"))
+    d = make(plan_file, state, clock)
+    d.engine.set_route("example-hosted.test", "default", clock.t + 86_400_000)
+    routes = d.engine.route_count()
+    clock.t = ms("2026-11-02T11:00:01")
+    d.tick(clock.t)
+    assert d.engine.route_count() == routes
+    assert d.engine.take_unresolved() == []
+    d.reload(clock.t)
+    assert d.engine.route_count() == routes - 1
+    d.store.close()

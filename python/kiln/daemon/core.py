@@ -145,7 +145,8 @@ class Daemon:
         self.load_guard(now_ms)
         self.mark_start(now_ms)
         self.roll_days(now_ms)
-        self.apply_plan(now_ms)
+        self.apply_plan(now_ms, hour_rolled=True)
+        self.push_routes()
         if lost_snapshot:
             charge_stored_tallies(self.engine, self.store, self.plan_day(now_ms), now_ms, self.log)
         self.record(
@@ -205,15 +206,28 @@ class Daemon:
             yesterday = self.plan_day(now_ms) - timedelta(days=1)
             self.store.set_meta(key, yesterday.isoformat())
 
-    def apply_plan(self, now_ms: int) -> None:
-        """Push this hour's limits, the pools, the calendar and the domain table."""
+    def apply_plan(self, now_ms: int, *, hour_rolled: bool = False) -> None:
+        """Push this hour's limits, the pools and the calendar.
+
+        Only a start or an hour roll (`hour_rolled`) moves the next hour boundary forward: a
+        reload or cancel that lands after a boundary but before the tick that rolls it must
+        not push the roll (and a midnight's day roll) an hour later."""
         positions = {k: s.position for k, s in self.states.items()}
         apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
         self.guard.enforce(self.engine, self.states, now_ms)
         hours, days = calendar(self.plan.zone, now_ms)
         # The local hour each hour start begins: what active hours are read against.
         self.engine.set_calendar(hours, days, hours_of_day(self.plan.zone, hours))
-        self.next_hour_ms = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
+        boundary = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
+        if hour_rolled or not self.next_hour_ms:
+            self.next_hour_ms = boundary
+        else:
+            self.next_hour_ms = min(self.next_hour_ms, boundary)
+
+    def push_routes(self) -> None:
+        """The plan's domain table as routes that never expire. Learned (MX) routes are
+        dropped too, since the table may map their suffixes differently: call at start and on
+        reload only, not at every hour (learned routes would be looked up again)."""
         self.engine.clear_routes()
         own = set(plan_providers(self.plan))
         forever = _core.MAX_NOW_MS
@@ -260,7 +274,7 @@ class Daemon:
             return
         self.flush(now_ms)
         self.roll_days(now_ms)
-        self.apply_plan(now_ms)
+        self.apply_plan(now_ms, hour_rolled=True)
 
     def collect(self, now_ms: int, *, final: bool = False) -> None:
         """Take tallies, reports and decisions from the engine and the guard, and queue them

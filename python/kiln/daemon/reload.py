@@ -103,6 +103,7 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
     else:
         d.load_feedback()
     d.apply_plan(now_ms)
+    d.push_routes()
     if d.lookups is not None:  # the provider table may have changed
         d.lookups.close()
         d.lookups = d.make_lookups()
