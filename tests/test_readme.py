@@ -38,7 +38,6 @@ from pathlib import Path
 
 import pytest
 
-import kiln.daemon.core
 from daemonproc import EXAMPLE, REPO, DaemonProc
 from kiln.cli import main
 from kiln.schedule import load_plan
@@ -61,15 +60,6 @@ NOT_RUN = {
 """Lines the test does not run (by their first words), and why."""
 DAEMON_VERBS = {"status", "query", "reload", "automations", "explain", "cancel"}
 PLAN_VERBS = {"check", "plan", "schema", "init", "classify"}
-DAEMON_PASSES_HOURS_OF_DAY = "hours_of_day(" in Path(kiln.daemon.core.__file__).read_text()
-"""The daemon must give the engine each hour's hour of day (`Engine.set_calendar(hours, days,
-hours_of_day(zone, hours))`); without it every warming IP is closed at every hour (the engine
-fails closed) and the daemon tests are expected to fail."""
-needs_hours_of_day = pytest.mark.xfail(
-    not DAEMON_PASSES_HOURS_OF_DAY,
-    reason="kiln.daemon.core.Daemon.apply_plan does not pass hours_of_day to set_calendar yet",
-    strict=True,
-)
 
 
 @dataclass
@@ -361,7 +351,6 @@ def replay_daemon_lines(
             assert out.strip() == "A1 (suspend of 192.0.2.10 x google) cancelled", out
 
 
-@needs_hours_of_day
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_daemon_lines_hold_at_any_hour(moment: str) -> None:
     """With the daemon's clock at `moment` (local time of the example plan), every README
@@ -372,7 +361,6 @@ def test_daemon_lines_hold_at_any_hour(moment: str) -> None:
         replay_daemon_lines(d, start_ms, before_ns, as_processes=False)
 
 
-@needs_hours_of_day
 @pytest.mark.parametrize("moment", ["2026-12-04 03:30:00", "2026-12-04 12:30:00"])
 def test_daemon_lines_run_as_written(moment: str) -> None:
     """The README's daemon lines as real `.venv/bin/kiln` processes, word for word, with
