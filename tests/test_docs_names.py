@@ -109,4 +109,16 @@ def test_repository_paths_the_docs_cite_exist(page: Path) -> None:
     `tests/...`, `schedules/...`, `docs/...`, `benches/...`, `contrib/...`) exists."""
     roots = "rust|python|tests|schedules|docs|benches|contrib"
     cited = re.findall(rf"`((?:{roots})/[\w./-]+)`", page.read_text())
-    assert [p for p in cited if not (REPO / p.rstrip("/")).exists()] == []
+    # Folders a make target writes (`make bench`: benches/results/) are ignored by git, so a
+    # fresh clone has none of them; the docs may still name them.
+    generated = tuple(
+        line.strip("/")
+        for line in (REPO / ".gitignore").read_text().splitlines()
+        if line.startswith("/")
+    )
+    missing = [
+        p
+        for p in cited
+        if not (REPO / p.rstrip("/")).exists() and not p.rstrip("/").startswith(generated)
+    ]
+    assert missing == []
