@@ -93,6 +93,10 @@ impl Profile {
 const FLAG_SUSPENDED: u16 = 1;
 /// The key's IP is no longer a sending IP (`retain_ips`): it never grants.
 const FLAG_RETIRED: u16 = 2;
+/// The key's profile has active hours (it is not open every hour). Such a key always takes
+/// the slow path (`evaluate_slow`), which reads the hour of day; keys open every hour (all
+/// warm IPs) pay nothing for active hours.
+const FLAG_HOURS: u16 = 4;
 
 /// All per-key state: 32 bytes. Counters and the GCRA time are 16 of them; the rest says
 /// which IP, provider and profile the key belongs to, and how much the key may still be
@@ -438,7 +442,13 @@ impl Limiter {
                 p
             }
         };
-        self.keys[key as usize].profile = profile;
+        let s = &mut self.keys[key as usize];
+        s.profile = profile;
+        if self.profiles[profile as usize].hours & hour_bit(UNKNOWN_HOUR) == 0 {
+            s.flags |= FLAG_HOURS;
+        } else {
+            s.flags &= !FLAG_HOURS;
+        }
         self.reserve_new_caps(key);
         Ok(())
     }
@@ -647,12 +657,11 @@ impl Limiter {
         let t_ns = now_ms * NS_PER_MS;
         let rate = gcra::check(s.tat_ns, p.interval_ns, p.limits.max_burst, t_ns, n);
         let ip = &self.ips[s.ip as usize];
-        // Fast path: neither suspended nor retired, inside its active hours, every cap has
-        // room (NO_CAP is u32::MAX, so an uncapped counter always has room) and so has the
+        // Fast path: neither suspended nor retired nor limited to active hours, every cap
+        // has room (NO_CAP is u32::MAX, so an uncapped counter always has room) and so has the
         // reservation (NO_RESERVE likewise): only the rate can hold.
         let room = |used: u32, cap: u32| u64::from(used) + u64::from(n) <= u64::from(cap);
         if s.flags == 0
-            && p.hours & hour_bit(self.hours.hour()) != 0
             && room(s.day_used, p.daily_cap)
             && room(s.hour_used, p.hourly_cap)
             && room(ip.day_used, ip.daily_cap)
@@ -661,10 +670,7 @@ impl Limiter {
         {
             return match rate {
                 Ok(tat) => Verdict::Fit(tat),
-                Err(wait) => Verdict::Held(
-                    Reason::Rate,
-                    self.open_wait(p.hours, now_ms, wait.map(gcra::ns_to_ms_ceil)),
-                ),
+                Err(wait) => Verdict::Held(Reason::Rate, wait.map(gcra::ns_to_ms_ceil)),
             };
         }
         self.evaluate_slow(key, n, now_ms, rate)
