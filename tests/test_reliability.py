@@ -635,3 +635,23 @@ def test_learned_routes_survive_the_hour_roll(plan_file: Path, state: Path) -> N
     d.reload(clock.t)
     assert d.engine.route_count() == routes - 1
     d.store.close()
+
+
+def test_the_signal_http_client_is_built_before_serving(tmp_path: Path) -> None:
+    """A plan with signal sources gets its HTTP client (TLS context, CA certificates) at
+    start, not at the first poll on the serving loop (a start-up stall the soak measured)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN + "signals:\n  dnsbl: {zones: [zen.example.test], nameservers: ['127.0.0.1:9']}\n"
+    )
+    d = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "s", node="t"), FakeClock(0))
+
+    def client() -> object:
+        """The poller's HTTP client, if built."""
+        return d.poller._client
+
+    assert client() is None
+    d.start()
+    assert client() is not None
+    asyncio.run(d.poller.aclose())
+    d.store.close()

@@ -139,6 +139,7 @@ class Daemon:
                 )
             else:
                 self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
+        self.poller.prepare()  # the HTTP client's TLS set-up, before serving
         self.engine.set_default_provider(DEFAULT_PROVIDER)
         self.engine.set_upcall_ops(list(ops.UPCALL_OPS))
         self.states = {k: state_of(p) for k, p in self.store.load_positions(self.plan.name).items()}

@@ -101,6 +101,13 @@ class Poller:
         p = Path(text).expanduser()
         return p if p.is_absolute() else self.base / p
 
+    def prepare(self) -> None:
+        """Build the HTTP client now (its TLS context loads the CA certificates, tens of ms),
+        before the daemon serves, if any source is configured: built at the first poll it
+        stalled the event loop."""
+        if self.configured():
+            self._http()
+
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
