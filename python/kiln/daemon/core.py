@@ -57,8 +57,6 @@ _FEEDBACK_KEY = "feedback:{plan}:{node}"
 _RESERVE_INTERVALS = 2
 #: Repeated warnings (connection limit, accept failures, store failures) at most this often.
 _WARN_EVERY_S = 10.0
-#: What reading a plan may raise; every one keeps the running plan.
-_PLAN_ERRORS = (ScheduleError, OSError, RecursionError, UnicodeError, ValueError, MemoryError)
 
 
 class Daemon:

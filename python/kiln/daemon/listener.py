@@ -172,20 +172,6 @@ class NativeProtocol(asyncio.Protocol):
             reply = {"ok": False, "error": "request nested too deeply"}
         return with_id(raw_id, reply)
 
-    def upcall(self, line: bytes, now_ms: int) -> bytes:
-        """The reply line to a request the core handed back, its `id` echoed as written,
-        answered in the calling thread (tests).
-
-        `Daemon.upcall` never sees the `id`: Python's JSON would turn `1e999` into
-        `Infinity` and `1E2` into `100.0`, and a deeply nested id would not parse at all.
-        """
-        raw_id, rest = split_id(line)
-        try:
-            reply = self.daemon.upcall(rest, now_ms)
-        except RecursionError:
-            reply = {"ok": False, "error": "request nested too deeply"}
-        return with_id(raw_id, reply)
-
     def eof_received(self) -> bool:
         """A client that closed its side gets the rest of its replies, then we close."""
         if self.busy:

@@ -307,6 +307,11 @@ def upcall(d: Daemon, line: bytes, now_ms: int) -> dict[str, Any]:
     req = _request(line)
     if req is None:
         return {"ok": False, "error": "invalid JSON"}
+    return _answer(d, req, now_ms)
+
+
+def _answer(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """The reply to a parsed request, answered on the loop; its `id` echoed."""
     op = OPS.get(str(req.get("op")))
     try:
         if op is None:
@@ -327,7 +332,7 @@ async def upcall_async(d: Daemon, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": "invalid JSON"}
     op = OPS.get(str(req.get("op")))
     if op is None or op.answer_async is None:
-        return upcall(d, line, d.clock.now_ms())
+        return _answer(d, req, d.clock.now_ms())
     try:
         return await op.answer_async(d, req)
     except RequestError as e:

@@ -63,8 +63,6 @@ async def reload_async(d: Daemon) -> dict[str, Any]:
 def failed(d: Daemon, e: BaseException, now_ms: int) -> dict[str, Any]:
     """Keep the running plan; log and answer the problems."""
     problems = [str(p) for p in e.problems] if isinstance(e, ScheduleError) else [str(e)]
-    if isinstance(e, RecursionError):
-        problems = [f"{d.config.plan_path}: nested too deeply to read"]
     d.record(
         now_ms,
         "reload",
