@@ -25,6 +25,7 @@ from kiln.errors import ScheduleError
 from kiln.rules import (
     DEFAULT_RULES,
     PROVIDER_GROUPS,
+    RuleFiles,
     RuleSet,
     Threshold,
     classify,
@@ -409,6 +410,65 @@ def test_override_and_disable(tmp_path: Path) -> None:
         "qq-ip-frequency",
     )
     assert e.classify("apple", None, None, "421 [HCM1] Your mail was deferred.") is None
+
+
+def test_unchanged_rule_files_are_not_read_again(tmp_path: Path) -> None:
+    """RuleFiles (what a reload reads rules through) returns the rules it read and compiled
+    before while the files and provider names are the same; an edited file, or a new
+    provider name, is read again, and a broken edit raises without touching the cache."""
+    path = _write(tmp_path, _GREYLIST)
+    files = RuleFiles()
+    known = known_providers()
+    first = files.load([path], known)
+    assert files.load([path], known) is first
+    assert "mine-greylist" in first.by_id
+    path.write_text(textwrap.dedent(_GREYLIST).replace("mine-greylist", "mine-grey"))
+    second = files.load([path], known)
+    assert second is not first and "mine-grey" in second.by_id
+    assert files.load([path], known | {"acme"}) is not second
+    path.write_text("rules: [{id: x, text: '(', class: busy, scope: ip}]\n")
+    with pytest.raises(ScheduleError, match="not a valid regex"):
+        files.load([path], known)
+
+
+def test_compiled_rules_are_made_off_the_engine_thread_and_swapped_in() -> None:
+    """CompiledRules compiles on any thread (a reload's worker) while the engine is pinned
+    to another; use_rules then puts them in force, and a bad rule names its id."""
+    import threading
+
+    shipped = load_rules()
+    engine = _core.Engine()
+    engine.pin_thread()
+    made: list[_core.CompiledRules] = []
+    worker = threading.Thread(target=lambda: made.append(_core.CompiledRules(shipped.tuples())))
+    worker.start()
+    worker.join()
+    assert len(made[0]) == len(shipped.rules)
+    engine.use_rules(made[0])
+    assert engine.rule_count() == len(shipped.rules)
+    got = engine.classify("google", None, None, _GMAIL_RATE_REPLY)
+    assert got is not None and got[0] == "rate_limit_rep"
+    bad = [*shipped.tuples()[:3], ("broken", None, None, None, "(x", "busy", "ip", False)]
+    with pytest.raises(_core.CoreError, match='rule "broken": text'):
+        _core.CompiledRules(bad)
+
+
+_GREYLIST = """\
+    rules:
+      - id: mine-greylist
+        code: [450, 451]
+        text: 'greylist'
+        class: busy
+        scope: ip
+        action: none
+        example: '451 4.7.1 Greylisted, come back in 5 minutes'
+    """
+
+_GMAIL_RATE_REPLY = (
+    "421-4.7.28 Gmail has detected an unusual rate of email originating from your IP address. "
+    "To protect our users from spam, mail sent from your IP address has been temporarily "
+    "rate limited."
+)
 
 
 def test_thresholds() -> None:

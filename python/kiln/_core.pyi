@@ -13,6 +13,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "MAX_NOW_MS",
     "BatchDecisions",
+    "CompiledRules",
     "CoreError",
     "Decision",
     "Engine",
@@ -307,7 +308,10 @@ class Engine:
         scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as
         421, or "4xx"/"5xx") and `enhanced` ("4.7.28") are lists or None (any); `text` is a regex
         matched case-insensitively against the normalised reply; a `fallback` rule wins only
-        when no other rule matched. On error (naming the rule id) the rules in force stay."""
+        when no other rule matched. On error (naming the rule id) the rules in force stay.
+        The rules are compiled before the engine's lock is taken, with the GIL released."""
+    def use_rules(self, rules: CompiledRules) -> None:
+        """Put rules compiled by `CompiledRules(...)` in force: a pointer swap, no compiling."""
     def rule_count(self) -> int:
         """How many reply rules are in force."""
     def classify(
@@ -318,6 +322,15 @@ class Engine:
         None when no rule matches. `provider` None lets every rule apply; a name, only rules
         without providers and those listing it. `code`/`enhanced` missing are read from the
         start of `text` (a raw reply such as "421-4.7.28 ...")."""
+
+@final
+class CompiledRules:
+    """Reply rules compiled away from any engine: on any thread, with the GIL released, so a
+    reload compiles them on a worker and the event loop only swaps them in (`use_rules`)."""
+
+    def __init__(self, rules: Sequence[RuleTuple]) -> None:
+        """Compile rules given as `Engine.set_rules` takes them (CoreError naming the rule id)."""
+    def __len__(self) -> int: ...
 
 def normalise_reply(code: int | None, enhanced: str | None, text: str) -> str:
     """The single-line form `CODE ENH text` of an SMTP reply, as rules see it: lines joined,

@@ -6,9 +6,11 @@ replaces it, `disable: [ids]` removes earlier ones. Every mistake is a located `
 (file, line, key): unknown keys, a bad regex, an unknown provider (pitfall 1 in
 docs/rules.md), a repeated id, an `example` that does not classify to its rule's class.
 
-`RuleSet.compile_into(engine)` hands the rules to the engine as plain tuples; the engine
-then answers `classify` itself (one `RegexSet` scan per reply). Thresholds and actions are
-only validated here; the policy applies them.
+`RuleSet.compiled` compiles the rules in Rust once (on any thread, with the GIL released);
+`RuleSet.compile_into(engine)` puts them in force by a pointer swap, and the engine then
+answers `classify` itself (one `RegexSet` scan per reply). `RuleFiles` remembers the last
+rules read, so a reload whose rule files did not change reads and compiles nothing.
+Thresholds and actions are only validated here; the policy applies them.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TextIO, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from kiln._core import Engine, check_pattern
+from kiln._core import CompiledRules, Engine, check_pattern
 from kiln.duration import DurationError, format_ms, parse_ms
 from kiln.errors import Problem, ScheduleError
 from kiln.policyspec import PushbackClass, RealtimeAction
@@ -44,6 +47,7 @@ __all__ = [
     "ReplyClass",
     "Rule",
     "RuleFile",
+    "RuleFiles",
     "RuleSet",
     "Scope",
     "Threshold",
@@ -226,9 +230,14 @@ class RuleSet:
         """Every rule as `Engine.set_rules` takes it."""
         return [r.as_tuple() for r in self.rules]
 
+    @cached_property
+    def compiled(self) -> CompiledRules:
+        """The rules compiled in Rust, once (any thread; the GIL is released meanwhile)."""
+        return CompiledRules(self.tuples())
+
     def compile_into(self, engine: Engine) -> None:
-        """Replace the engine's reply rules with these."""
-        engine.set_rules(self.tuples())
+        """Replace the engine's reply rules with these (a pointer swap once `compiled`)."""
+        engine.use_rules(self.compiled)
 
     def engine(self) -> Engine:
         """A fresh engine holding only these rules (for checks and the CLI)."""
@@ -291,6 +300,40 @@ def load_rules(
     if problems:
         raise ScheduleError(problems)
     return rules
+
+
+class RuleFiles:
+    """`load_rules` that remembers its last result: when the same files, unchanged (device,
+    inode, size and modification time in ns), are read with the same provider names, the
+    rules read and compiled before are returned. A reload that only changed the plan then
+    spends nothing on rules."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[object, ...], RuleSet] | None = None
+
+    def load(self, paths: Sequence[Path], known_providers: frozenset[str]) -> RuleSet:
+        """The rules of the shipped file then `paths` (ScheduleError, as `load_rules`)."""
+        key = self._key(paths, known_providers)
+        last = self._last
+        if key is not None and last is not None and last[0] == key:
+            return last[1]
+        rules = load_rules(paths, known_providers)
+        _ = rules.compiled  # compiled here, on the caller's thread, not where it is swapped in
+        self._last = None if key is None else (key, rules)
+        return rules
+
+    @staticmethod
+    def _key(paths: Sequence[Path], known: frozenset[str]) -> tuple[object, ...] | None:
+        """What the result depends on, or None when a file cannot be looked at (the read
+        will then report it)."""
+        parts: list[object] = [known]
+        for path in [DEFAULT_RULES, *paths]:
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            parts.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(parts)
 
 
 def _default_known() -> frozenset[str]:

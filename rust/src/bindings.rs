@@ -8,7 +8,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use pyo3::{create_exception, intern};
 
 use crate::caps::{EVERY_HOUR, UNKNOWN_HOUR};
-use crate::classify::{self, Class, CodeSpec, Provider, RuleDef, Scope, Verdict};
+use crate::classify::{self, Class, Classifier, CodeSpec, Provider, RuleDef, Scope, Verdict};
 use crate::decision::{Decision, Reason, Tier};
 use crate::engine::Engine;
 use crate::gcra::PPM;
@@ -931,13 +931,17 @@ impl PyEngine {
     /// matched case-insensitively against the normalised reply; a `fallback` rule wins only
     /// when no other rule matched. On error (naming the rule id) the rules in force stay.
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    /// The rules are compiled before the engine's lock is taken, with the GIL released.
     fn set_rules(&self, py: Python<'_>, rules: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
-        let defs = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| rule_from_py(i, r))
-            .collect::<PyResult<Vec<_>>>()?;
-        self.lock(py)?.wire.set_rules(defs).map_err(err)
+        let compiled = compile_rules(py, &rules)?;
+        self.lock(py)?.wire.use_classifier(compiled);
+        Ok(())
+    }
+
+    /// Put rules compiled by `CompiledRules(...)` in force: a pointer swap, no compiling.
+    fn use_rules(&self, py: Python<'_>, rules: &PyRules) -> PyResult<()> {
+        self.lock(py)?.wire.use_classifier(Arc::clone(&rules.inner));
+        Ok(())
     }
 
     /// How many reply rules are in force.
@@ -1041,6 +1045,40 @@ impl Inner {
         self.engine = engine;
         self.wire.remap_providers(&map);
     }
+}
+
+/// Reply rules compiled away from any engine: on any thread, with the GIL released, so a
+/// reload compiles them on a worker and the event loop only swaps them in (`use_rules`).
+#[pyclass(frozen, module = "kiln._core", name = "CompiledRules")]
+pub struct PyRules {
+    inner: Arc<Classifier>,
+}
+
+#[pymethods]
+impl PyRules {
+    /// Compile rules given as `Engine.set_rules` takes them (CoreError naming the rule id).
+    #[new]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    fn new(py: Python<'_>, rules: Vec<Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(Self {
+            inner: compile_rules(py, &rules)?,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Rule tuples read, then compiled with the GIL released.
+fn compile_rules(py: Python<'_>, rules: &[Bound<'_, PyAny>]) -> PyResult<Arc<Classifier>> {
+    let defs = rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| rule_from_py(i, r))
+        .collect::<PyResult<Vec<_>>>()?;
+    let classifier = py.detach(|| Classifier::new(defs)).map_err(err)?;
+    Ok(Arc::new(classifier))
 }
 
 /// What one `Engine.serve` call produced.
@@ -1522,8 +1560,8 @@ fn normalise_reply(code: Option<i128>, enhanced: Option<&str>, text: &str) -> Py
 
 /// Why `pattern` is not a valid rule regex (as `Engine.set_rules` compiles it), or None.
 #[pyfunction]
-fn check_pattern(pattern: &str) -> Option<String> {
-    classify::check_pattern(pattern).err()
+fn check_pattern(py: Python<'_>, pattern: &str) -> Option<String> {
+    py.detach(|| classify::check_pattern(pattern).err())
 }
 
 /// Panics on purpose, so tests can show a Rust panic reaches Python as an exception.
@@ -1542,6 +1580,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDecision>()?;
     m.add_class::<PyBatch>()?;
     m.add_class::<PyServed>()?;
+    m.add_class::<PyRules>()?;
     m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
     m.add_function(wrap_pyfunction!(normalise_reply, m)?)?;
     m.add_function(wrap_pyfunction!(check_pattern, m)?)?;

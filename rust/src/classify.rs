@@ -490,8 +490,6 @@ impl Classifier {
                     format_args!("longer than {MAX_PATTERN_BYTES} bytes"),
                 ));
             }
-            // Each pattern alone first, so the error names its rule.
-            compile_one(&d.text).map_err(|e| rule_error(&d.id, "text", e))?;
             for (field, empty) in [
                 ("providers", d.providers.as_ref().is_some_and(Vec::is_empty)),
                 ("code", d.codes.as_ref().is_some_and(Vec::is_empty)),
@@ -536,7 +534,15 @@ impl Classifier {
             .size_limit(SET_SIZE_LIMIT)
             .dfa_size_limit(DFA_SIZE_LIMIT)
             .build()
-            .map_err(|e| CoreError::bad("rules", format!("the rule set: {e}")))?;
+            .map_err(|e| {
+                // Each pattern alone, so the error names its rule (only on this path: compiling
+                // every pattern twice would triple the cost of a valid rule set).
+                rules
+                    .iter()
+                    .zip(&patterns)
+                    .find_map(|(r, p)| compile_one(p).err().map(|e| rule_error(&r.id, "text", e)))
+                    .unwrap_or_else(|| CoreError::bad("rules", format!("the rule set: {e}")))
+            })?;
         Ok(Self {
             rules,
             set,

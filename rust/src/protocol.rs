@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::io::Write;
+use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
@@ -310,8 +311,9 @@ pub struct Wire {
     tallies: HashMap<u32, Tally>,
     reports: Vec<Report>,
     upcall_ops: Vec<Box<str>>,
-    /// Reply rules for `classify`; empty until Python sets them.
-    classifier: Classifier,
+    /// Reply rules for `classify`; empty until Python sets them. Shared, so rules compiled
+    /// away from the engine are put in force by a pointer swap.
+    classifier: Arc<Classifier>,
     pub stats: WireStats,
 }
 
@@ -629,8 +631,13 @@ impl Wire {
 
     /// Replace the reply rules `classify` uses (on error the old ones stay).
     pub fn set_rules(&mut self, rules: Vec<RuleDef>) -> CoreResult<()> {
-        self.classifier = Classifier::new(rules)?;
+        self.classifier = Arc::new(Classifier::new(rules)?);
         Ok(())
+    }
+
+    /// Put rules compiled elsewhere in force (no compiling under the engine's lock).
+    pub fn use_classifier(&mut self, classifier: Arc<Classifier>) {
+        self.classifier = classifier;
     }
 
     /// The reply rules in force.

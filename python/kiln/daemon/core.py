@@ -40,7 +40,7 @@ from kiln.policy import RuleInfo, SignalBook
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, hours_of_day, plan_providers
 from kiln.rampday import RampMove, RampState
-from kiln.rules import RuleSet, known_providers, load_rules
+from kiln.rules import RuleFiles, RuleSet, known_providers
 from kiln.schedule import Plan, load_plan
 from kiln.signals.poller import Poller, feedback_reader, report_line
 from kiln.store import DayCounts, LogEntry, Store
@@ -102,6 +102,7 @@ class Daemon:
         self.notifier = Notifier()
         self.connections = 0
         self.max_connections = config.max_connections or connection_limit()
+        self.rule_files = RuleFiles()
         rules = self.compile_rules(self.read_rules(self.plan))  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
@@ -158,12 +159,11 @@ class Daemon:
         )
         self.flush(now_ms)
 
-    @staticmethod
-    def read_rules(plan: Plan) -> RuleSet:
-        """The shipped and the plan's reply rules, read and checked (ScheduleError); touches
-        no engine, so it may run off the loop."""
+    def read_rules(self, plan: Plan) -> RuleSet:
+        """The shipped and the plan's reply rules, read, checked and compiled (ScheduleError);
+        touches no engine, so it may run off the loop. Unchanged rule files are not re-read."""
         base = Path(plan.source).parent
-        return load_rules([base / f for f in plan.policy.rules], known_providers(plan))
+        return self.rule_files.load([base / f for f in plan.policy.rules], known_providers(plan))
 
     def compile_rules(self, rules: RuleSet) -> dict[str, RuleInfo]:
         """Compile reply rules into the engine (ScheduleError: the rules in force stay), and
