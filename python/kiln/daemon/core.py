@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import dns.resolver
 
@@ -30,7 +31,7 @@ from kiln.daemon import ops, reload, serving
 from kiln.daemon.config import DaemonConfig
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
 from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
-from kiln.daemon.roll import ROLLED_KEY, roll_days, state_of
+from kiln.daemon.roll import ROLLED_KEY, roll_days, roll_days_async, state_of
 from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
@@ -103,11 +104,14 @@ class Daemon:
         self.connections = 0
         self.max_connections = config.max_connections or connection_limit()
         self.rule_files = RuleFiles()
+        self._calendar_made: tuple[ZoneInfo, list[int], list[int], list[int]] | None = None
         rules = self.compile_rules(self.read_rules(self.plan))  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
         self.feedback: FeedbackReader | None = None
         self._feedback_saved = ""
+        #: The readers' checkpoints as of the last events fed to the engine (what is saved).
+        self._feedback_marks = ""
         self._signals_saved = ""
 
     # ----- start-up -----
@@ -197,6 +201,7 @@ class Daemon:
         self.feedback = feedback_reader(
             self.plan, json.loads(self._feedback_saved) if self._feedback_saved else None
         )
+        self._feedback_marks = "" if self.feedback is None else _marks(self.feedback)
 
     def mark_start(self, now_ms: int) -> None:
         """A plan seen for the first time starts counting today: earlier days had no data."""
@@ -214,14 +219,25 @@ class Daemon:
         positions = {k: s.position for k, s in self.states.items()}
         apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
         self.guard.enforce(self.engine, self.states, now_ms)
-        hours, days = calendar(self.plan.zone, now_ms)
-        # The local hour each hour start begins: what active hours are read against.
-        self.engine.set_calendar(hours, days, hours_of_day(self.plan.zone, hours))
+        hours, days, local_hours = self._calendar(now_ms)
+        self.engine.set_calendar(hours, days, local_hours)
         boundary = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
         if hour_rolled or not self.next_hour_ms:
             self.next_hour_ms = boundary
         else:
             self.next_hour_ms = min(self.next_hour_ms, boundary)
+
+    def _calendar(self, now_ms: int) -> tuple[list[int], list[int], list[int]]:
+        """`calendar` and the local hour each hour start begins (what active hours are read
+        against), reused within the hour it was made for (a few ms of datetime work)."""
+        zone = self.plan.zone
+        made = self._calendar_made
+        if made is not None and made[0] == zone and made[1][0] <= now_ms < made[1][1]:
+            return made[1], made[2], made[3]
+        hours, days = calendar(zone, now_ms)
+        local_hours = hours_of_day(zone, hours)
+        self._calendar_made = (zone, hours, days, local_hours)
+        return hours, days, local_hours
 
     def push_routes(self) -> None:
         """The plan's domain table as routes that never expire. Learned (MX) routes are
@@ -254,10 +270,25 @@ class Daemon:
         self.flush(now_ms)
 
     def ingest(self, now_ms: int) -> int:
-        """Feed new MTA-log and complaint events to the engine as `report`s; how many went."""
+        """Feed new MTA-log and complaint events to the engine as `report`s, the logs read in
+        the calling thread (start-up, tests); how many went."""
         if self.feedback is None:
             return 0
-        lines = [line for e in self.feedback.poll(now_ms) if (line := report_line(e))]
+        return self._feed(*_read_feedback(self.feedback, now_ms), now_ms)
+
+    async def ingest_async(self, now_ms: int) -> int:
+        """`ingest` with the logs read and parsed on a worker thread (a busy MTA writes
+        thousands of lines a second); only feeding the engine happens on the loop. Run under
+        `job_lock`, so no reload replaces the readers meanwhile."""
+        if self.feedback is None:
+            return 0
+        read = await asyncio.to_thread(_read_feedback, self.feedback, now_ms)
+        return self._feed(*read, self.clock.now_ms())  # time moved on meanwhile
+
+    def _feed(self, lines: list[bytes], marks: str, now_ms: int) -> int:
+        """Serve report lines to the engine; `marks` (the readers' checkpoints after them) go
+        with the next write."""
+        self._feedback_marks = marks
         data = b"".join(lines)
         while data:
             served = self.engine.serve(data, now_ms)
@@ -273,6 +304,19 @@ class Daemon:
             return
         self.flush(now_ms)
         self.roll_days(now_ms)
+        self.apply_plan(now_ms, hour_rolled=True)
+
+    async def on_hour_async(self, now_ms: int) -> None:
+        """`on_hour` as the serving daemon runs it (under `job_lock`): the store is written
+        and the day roll reads and writes it on the store thread, so the loop serves on.
+        When the ended hour's tallies cannot be written, the roll waits for the next tick."""
+        if now_ms < self.next_hour_ms:
+            return
+        self.collect(now_ms)
+        await self.persist.write_async()
+        if self.persist.unsaved:
+            return  # the roll must read the ended hour's tallies from the store
+        await roll_days_async(self, now_ms)
         self.apply_plan(now_ms, hour_rolled=True)
 
     def collect(self, now_ms: int, *, final: bool = False) -> None:
@@ -306,14 +350,9 @@ class Daemon:
         signals = json.dumps(self.guard.signals.to_json(), sort_keys=True)
         if signals != self._signals_saved:
             meta[_SIGNALS_KEY.format(plan=self.plan.name)] = self._signals_saved = signals
-        if self.feedback is not None:
-            marks = json.dumps(
-                {k: v.to_dict() for k, v in self.feedback.checkpoints().items() if v is not None},
-                sort_keys=True,
-            )
-            if marks != self._feedback_saved:
-                key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
-                meta[key] = self._feedback_saved = marks
+        if self.feedback is not None and self._feedback_marks != self._feedback_saved:
+            key = _FEEDBACK_KEY.format(plan=self.plan.name, node=self.config.node)
+            meta[key] = self._feedback_saved = self._feedback_marks
         # Reserve ahead: until this snapshot is durable and the next one too, no key may be
         # granted past what the store will say it used (docs/core.md, "Reservations").
         token: int | None = None
@@ -528,3 +567,18 @@ def run(config: DaemonConfig, clock: Clock | None = None) -> int:
         daemon.store.close()
         return 1
     return 0
+
+
+def _marks(reader: FeedbackReader) -> str:
+    """The readers' checkpoints as the store keeps them."""
+    return json.dumps(
+        {k: v.to_dict() for k, v in reader.checkpoints().items() if v is not None},
+        sort_keys=True,
+    )
+
+
+def _read_feedback(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], str]:
+    """New events as `report` lines, and the checkpoints after them (any thread: touches
+    only the readers)."""
+    lines = [line for e in reader.poll(now_ms) if (line := report_line(e))]
+    return lines, _marks(reader)

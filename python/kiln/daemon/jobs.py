@@ -83,15 +83,10 @@ async def tick_job(d: Daemon) -> None:
     (an hour roll that could not read or write the store included)."""
     async with d.job_lock:
         try:
-            now_ms = d.clock.now_ms()
-            if now_ms >= d.next_hour_ms:
-                # The ended hour's tallies must be in the store before the roll reads them.
-                d.collect(now_ms)
-                await d.persist.write_async()
-                if not d.persist.unsaved:
-                    d.on_hour(now_ms)
-            d.ingest(now_ms)
-            d.collect(now_ms)
+            # Each step reads the clock afresh: the store and log reads before it take time.
+            await d.on_hour_async(d.clock.now_ms())
+            await d.ingest_async(d.clock.now_ms())
+            d.collect(d.clock.now_ms())
             await d.persist.write_async()
         except StoreError as e:
             d.warn_repeated("job_store_failed", job="tick", error=str(e))

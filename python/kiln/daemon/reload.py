@@ -8,6 +8,7 @@ engine on the loop; signal sources whose settings did not change keep their sche
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.daemon.jobs import schedule_signals
@@ -88,6 +89,7 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
         return failed(d, e, now_ms)
     d.collect(now_ms)  # what was counted under the old plan goes under its name
     old = d.plan.name
+    old_feedback = _feedback_setting(d.plan)
     old_sources = {n: d.poller.interval_ms(n) for n in d.poller.configured()}
     d.plan = plan
     d.guard.replan(plan, rules)
@@ -98,8 +100,8 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
         d.guard = Guard(plan, rules)
         d.load_guard(now_ms)
         d.mark_start(now_ms)
-    else:
-        d.load_feedback()
+    elif _feedback_setting(plan) != old_feedback:
+        d.load_feedback()  # else the open readers go on where they are
     d.apply_plan(now_ms)
     d.push_routes()
     if d.lookups is not None:  # the provider table may have changed
@@ -116,3 +118,9 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
     )
     d.collect(now_ms)
     return {"ok": True, "plan": plan.name}
+
+
+def _feedback_setting(plan: Plan) -> tuple[object, ...]:
+    """What the MTA-log readers are made from (`feedback_reader`): their settings, the folder
+    their paths are relative to, and the zone their timestamps are read in."""
+    return (plan.signals.feedback, Path(plan.source).parent, plan.timezone)

@@ -2,23 +2,29 @@
 
 Evidence is summed per batch and provider from the stored day counts, policy gives its
 verdicts, `rampday.roll_day` moves the ramps, and positions, log entries and the rolled-day
-mark are saved in one transaction, so a crash never rolls a day twice.
+mark are saved in one transaction, so a crash never rolls a day twice. The serving daemon
+reads and writes the store on its store thread (`roll_days_async`); decisions stay on the
+loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from kiln.ramp import plan_providers
 from kiln.rampday import DayEvidence, RampMove, RampState, roll_day
-from kiln.store import DayCounts, LogEntry, StoredPosition
+from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoredPosition
 
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
 
-__all__ = ["ROLLED_KEY", "roll_days", "state_of", "stored"]
+__all__ = ["ROLLED_KEY", "roll_days", "roll_days_async", "state_of", "stored"]
+
+T = TypeVar("T")
 
 #: Last local day whose ramps were rolled (store meta key, per plan name).
 ROLLED_KEY = "last_rolled_day:{plan}"
@@ -36,24 +42,85 @@ def stored(s: RampState) -> StoredPosition:
     )
 
 
+#: Runs a store call: in the calling thread (`_here`) or on the store thread (`persist.run`).
+_Run = Callable[..., Awaitable[Any]]
+
+
 def roll_days(d: Daemon, now_ms: int) -> list[RampMove]:
-    """Roll every local day that ended since the last roll (idempotent; catches up).
-    The caller pushes the new positions' limits with `apply_plan`."""
+    """Roll every local day that ended since the last roll (idempotent; catches up), with
+    the store read and written in the calling thread (start-up, tests). The caller pushes the
+    new positions' limits with `apply_plan`."""
+    return _complete(_roll_days(d, now_ms, _here))
+
+
+async def roll_days_async(d: Daemon, now_ms: int) -> list[RampMove]:
+    """`roll_days` with the store read and written on the store thread: the loop serves
+    meanwhile. Run under `Daemon.job_lock`, so no other state-changing job interleaves."""
+    return await _roll_days(d, now_ms, d.persist.run)
+
+
+async def _roll_days(d: Daemon, now_ms: int, run: _Run) -> list[RampMove]:
     key = ROLLED_KEY.format(plan=d.plan.name)
-    last = date.fromisoformat(d.store.get_meta(key) or "1970-01-01")
+    last = date.fromisoformat(await run(d.store.get_meta, key) or "1970-01-01")
     today = d.plan_day(now_ms)
     moves: list[RampMove] = []
     day = last + timedelta(days=1)
     while day < today:
-        moves += _roll(d, day, now_ms, {key: day.isoformat()})
+        counts, pushback = await run(_day_facts, d.store, day)
+        states, day_moves, save = _decide(d, day, counts, pushback, now_ms)
+        await run(save, {key: day.isoformat()})
+        d.states = states
+        for e in save.entries:
+            level = (
+                "warning"
+                if e.action in ("step_down", "pause") or e.kind == "automation"
+                else "info"
+            )
+            d.log_entry(e, level)
+        moves += day_moves
         day += timedelta(days=1)
     return moves
 
 
-def _roll(d: Daemon, day: date, now_ms: int, meta: dict[str, str]) -> list[RampMove]:
-    """Decide one finished day for every ramp; save positions, `meta` and the moves'
-    log entries in one transaction, so a crash never rolls a day twice."""
-    counts = d.store.counts(day)
+def _day_facts(
+    store: Store, day: date
+) -> tuple[dict[tuple[str, str], DayCounts], dict[PushbackKey, int]]:
+    """What the store counted on `day`: deliveries per key, and push-back (any thread)."""
+    return store.counts(day), store.pushback(day)
+
+
+@dataclass(frozen=True, slots=True)
+class _Save:
+    """Positions, log entries and automations of one rolled day, saved in one transaction
+    with the rolled-day mark, so a crash never rolls a day twice (any thread)."""
+
+    store: Store
+    plan: str
+    positions: dict[tuple[str, str], StoredPosition]
+    now_ms: int
+    entries: list[LogEntry]
+    automations: list[dict[str, Any]]
+
+    def __call__(self, meta: dict[str, str]) -> None:
+        self.store.save_positions(
+            self.plan,
+            self.positions,
+            self.now_ms,
+            meta=meta,
+            entries=self.entries,
+            automations=self.automations,
+        )
+
+
+def _decide(
+    d: Daemon,
+    day: date,
+    counts: dict[tuple[str, str], DayCounts],
+    pushback: dict[PushbackKey, int],
+    now_ms: int,
+) -> tuple[dict[tuple[str, str], RampState], list[RampMove], _Save]:
+    """One finished day for every ramp (on the loop; touches no store): the new states, the
+    moves, and what to save."""
     evidence: dict[tuple[str, str], DayEvidence] = {}
     for name, batch in d.plan.batches.items():
         for provider in plan_providers(d.plan):
@@ -65,7 +132,7 @@ def _roll(d: Daemon, day: date, now_ms: int, meta: dict[str, str]) -> list[RampM
                 bounced=sum(r.bounced for r in rows),
                 complaints=sum(r.complaints for r in rows),
             )
-    verdicts = d.guard.verdicts(day, evidence, d.store.pushback(day), now_ms)
+    verdicts = d.guard.verdicts(day, evidence, pushback, now_ms)
     states, moves = roll_day(
         d.plan,
         day,
@@ -87,18 +154,27 @@ def _roll(d: Daemon, day: date, now_ms: int, meta: dict[str, str]) -> list[RampM
         )
         for m in moves
     ] + acted
-    d.store.save_positions(
+    save = _Save(
+        d.store,
         d.plan.name,
         {k: stored(s) for k, s in states.items()},
         now_ms,
-        meta=meta,
-        entries=entries,
-        automations=d.guard.dirty(),
+        entries,
+        d.guard.dirty(),
     )
-    d.states = states
-    for e in entries:
-        level = (
-            "warning" if e.action in ("step_down", "pause") or e.kind == "automation" else "info"
-        )
-        d.log_entry(e, level)
-    return moves
+    return states, moves, save
+
+
+async def _here(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the calling thread."""
+    return fn(*args)
+
+
+def _complete(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (its awaits all run `_here`)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast("T", done.value)
+    coro.close()
+    raise RuntimeError("a store call suspended where it must run in the calling thread")
