@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
@@ -145,8 +145,27 @@ def _curve(
     return [StepCaps(share_percent=p) for p in sh.percents for _ in range(sh.days_per_step)]
 
 
-def steps_for(schedule: Schedule, provider: str) -> list[StepCaps]:
-    """The curve `provider` follows under `schedule`: its own, scaled, or the schedule's."""
+#: `steps_for` results by (schedule object, provider); the schedule is held, so its id stays
+#: its own while cached. Plans are immutable once loaded; a reload brings new objects.
+_STEPS: dict[tuple[int, str], tuple[Schedule, tuple[StepCaps, ...]]] = {}
+_STEPS_MAX = 4096
+
+
+def steps_for(schedule: Schedule, provider: str) -> Sequence[StepCaps]:
+    """The curve `provider` follows under `schedule`: its own, scaled, or the schedule's.
+    Computed once per schedule and provider (status and policy ask for it per request)."""
+    key = (id(schedule), provider)
+    hit = _STEPS.get(key)
+    if hit is not None and hit[0] is schedule:
+        return hit[1]
+    steps = tuple(_steps_for(schedule, provider))
+    if len(_STEPS) >= _STEPS_MAX:
+        _STEPS.clear()
+    _STEPS[key] = (schedule, steps)
+    return steps
+
+
+def _steps_for(schedule: Schedule, provider: str) -> list[StepCaps]:
     base = _curve(schedule.steps, schedule)
     override = schedule.providers.get(provider)
     if override is None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +31,16 @@ if TYPE_CHECKING:
 
 __all__ = ["engine_answers", "loop_exception", "serve", "shutdown"]
 
+#: How long a thread runs Python before it must offer the GIL (CPython's default: 5 ms). The
+#: store thread, the log parser and the signal parsers run Python beside the loop; with the
+#: default, a decision arriving meanwhile could wait 5 ms for the GIL (docs/daemon.md).
+SWITCH_INTERVAL_S = 0.0005
+
 
 async def serve(d: Daemon) -> None:
     """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""
     loop = asyncio.get_running_loop()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stopping = d.stopping = asyncio.Event()
     d.job_lock = asyncio.Lock()
     d.persist.start_thread()
