@@ -328,7 +328,7 @@ class CompiledRules:
     """Reply rules compiled away from any engine: on any thread, with the GIL released, so a
     reload compiles them on a worker and the event loop only swaps them in (`use_rules`)."""
 
-    def __init__(self, rules: Sequence[RuleTuple]) -> None:
+    def __new__(cls, rules: Sequence[RuleTuple]) -> CompiledRules:
         """Compile rules given as `Engine.set_rules` takes them (CoreError naming the rule id)."""
     def __len__(self) -> int: ...
 

@@ -44,6 +44,7 @@ from kiln.rampday import RampMove, RampState
 from kiln.rules import RuleFiles, RuleSet, known_providers
 from kiln.schedule import Plan, load_plan
 from kiln.signals.poller import Poller, feedback_reader, report_line
+from kiln.signals.thread import SignalLoop
 from kiln.store import DayCounts, LogEntry, Store
 from kiln.watchdog import LoopMonitor, Notifier
 
@@ -108,6 +109,8 @@ class Daemon:
         rules = self.compile_rules(self.read_rules(self.plan))  # ScheduleError: nothing started
         self.guard = Guard(self.plan, rules)
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
+        # Where the sources fetch and parse while serving (kiln.signals.thread).
+        self.signal_loop = SignalLoop()
         self.feedback: FeedbackReader | None = None
         self._feedback_saved = ""
         #: The readers' checkpoints as of the last events fed to the engine (what is saved).
@@ -404,7 +407,9 @@ class Daemon:
 
     async def poll_source(self, name: str) -> bool:
         """Poll one signal source; pause or resume IPs on what it says. True: a good reading."""
-        good = await self.poller.poll(name, self.guard.signals, self.clock.now_ms())
+        good = await self.poller.poll(
+            name, self.guard.signals, self.clock.now_ms(), on=self.signal_loop
+        )
         now_ms = self.clock.now_ms()
         acted = self.guard.on_signals(now_ms)
         for e in acted:

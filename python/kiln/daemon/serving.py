@@ -44,6 +44,7 @@ async def serve(d: Daemon) -> None:
     stopping = d.stopping = asyncio.Event()
     d.job_lock = asyncio.Lock()
     d.persist.start_thread()
+    d.signal_loop.start()
     loop.set_exception_handler(lambda lp, ctx: loop_exception(d, lp, ctx))
     d.lookups = d.make_lookups()
     backlog = listen_backlog()
@@ -120,7 +121,9 @@ async def shutdown(d: Daemon) -> None:
         d.scheduler = None
     for task in list(d.tasks):
         task.cancel()
-    await d.poller.aclose()
+    with contextlib.suppress(Exception):  # the client's connections are closed there
+        await asyncio.wait_for(d.signal_loop.run(d.poller.aclose()), 5)
+    d.signal_loop.stop()
     for server in d.servers:
         server.close()
         with contextlib.suppress(asyncio.TimeoutError):

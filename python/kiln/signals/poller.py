@@ -47,11 +47,12 @@ from kiln.mx import parse_nameservers
 from kiln.policy import SignalBook, plan_ips
 from kiln.schedule import Plan
 from kiln.signals import SourceError
-from kiln.signals.dnsbl import DnsblSource, Zone
+from kiln.signals.dnsbl import DnsblReading, DnsblSource, Zone
 from kiln.signals.http import FetchLimits
 from kiln.signals.oauth import load_authorized_user
-from kiln.signals.postmaster import PostmasterSource
-from kiln.signals.snds import SndsSource
+from kiln.signals.postmaster import PostmasterReading, PostmasterSource
+from kiln.signals.snds import SndsReading, SndsSource
+from kiln.signals.thread import SignalLoop
 
 __all__ = ["SOURCES", "Poller", "feedback_reader", "report_line"]
 
@@ -180,16 +181,16 @@ class Poller:
         self._sources[name] = src
         return src
 
-    async def poll(self, name: str, book: SignalBook, now_ms: int) -> bool:
-        """Poll one source into `book`; True when the reading was good."""
+    async def poll(
+        self, name: str, book: SignalBook, now_ms: int, *, on: SignalLoop | None = None
+    ) -> bool:
+        """Poll one source into `book`; True when the reading was good. The fetch (network and
+        parsing) runs on `on`, the signal sources' own loop, when given; the book is written
+        here, by the caller's loop only."""
         try:
-            src = self._source(name)
-            if name == "postmaster":
-                await self._postmaster(src, book, now_ms)
-            elif name == "snds":
-                await self._snds(src, book, now_ms)
-            else:
-                await self._dnsbl(src, book)
+            fetch = self._fetch(name, now_ms)
+            fetched = await (on.run(fetch) if on is not None else fetch)
+            self._apply(name, fetched, book)
         except (SourceError, KilnError, httpx.HTTPError, OSError, dns.exception.DNSException) as e:
             book.failed(name, now_ms, str(e))
             h = book.health[name]
@@ -205,17 +206,38 @@ class Poller:
         self.log.info("signal source read", source=name)
         return True
 
+    async def _fetch(self, name: str, now_ms: int) -> Any:
+        """What one source says (any loop; touches no book): per-day readings for
+        Postmaster and SNDS, one reading for the blocklists."""
+        src = self._source(name)
+        if name == "postmaster":
+            pm = self.plan.signals.postmaster
+            assert pm is not None
+            return [(day, await src.poll(day)) for day in self._days(now_ms, pm.days_back)]
+        if name == "snds":
+            snds = self.plan.signals.snds
+            assert snds is not None
+            return [(day, await src.poll(day)) for day in self._days(now_ms, snds.days_back)]
+        return await src.poll(plan_ips(self.plan))
+
+    def _apply(self, name: str, fetched: Any, book: SignalBook) -> None:
+        """Write what a fetch found into `book` (SourceError: the reading is not good)."""
+        if name == "postmaster":
+            self._postmaster(fetched, book)
+        elif name == "snds":
+            self._snds(fetched, book)
+        else:
+            self._dnsbl(fetched, book)
+
     def _days(self, now_ms: int, back: int) -> list[date]:
         """The `back` local days before today, oldest first."""
         today = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
         return [today - timedelta(days=i) for i in range(back, 0, -1)]
 
-    async def _postmaster(self, src: PostmasterSource, book: SignalBook, now_ms: int) -> None:
-        pm = self.plan.signals.postmaster
-        assert pm is not None
+    @staticmethod
+    def _postmaster(fetched: list[tuple[date, PostmasterReading]], book: SignalBook) -> None:
         failures: list[str] = []
-        for day in self._days(now_ms, pm.days_back):
-            reading = await src.poll(day)  # SourceError: no domain could be read
+        for day, reading in fetched:
             for domain, d in reading.domains.items():
                 if not d.has_data:
                     continue
@@ -231,12 +253,10 @@ class Poller:
             # Some domain could not be read: the source is not good (fail safe).
             raise SourceError("postmaster", "unavailable", "; ".join(sorted(set(failures))))
 
-    async def _snds(self, src: SndsSource, book: SignalBook, now_ms: int) -> None:
-        snds = self.plan.signals.snds
-        assert snds is not None
+    @staticmethod
+    def _snds(fetched: list[tuple[date, SndsReading]], book: SignalBook) -> None:
         blocked: dict[str, str] = {}
-        for day in self._days(now_ms, snds.days_back):
-            reading = await src.poll(day)
+        for day, reading in fetched:
             for ip, row in (reading.ips or {}).items():
                 if row.filter_result is not None:
                     SignalBook.put(book.snds, ip, day, row.filter_result)
@@ -245,8 +265,7 @@ class Poller:
                     blocked[ip] = status.reason or "blocked"
         book.snds_blocked = blocked
 
-    async def _dnsbl(self, src: DnsblSource, book: SignalBook) -> None:
-        reading = await src.poll(plan_ips(self.plan))
+    def _dnsbl(self, reading: DnsblReading, book: SignalBook) -> None:
         for r in reading.results:
             if r.outcome in ("listed", "policy"):
                 codes = ", ".join(f"{c.code} ({c.meaning})" for c in r.codes)
