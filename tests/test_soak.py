@@ -14,19 +14,19 @@ them, `make soak` writes them to benches/results/soak.json):
   hourly cap, before and after the SIGKILL together; ramp steps, last moves and automations
   as the inputs imply; each day rolled within 20 plan minutes of its midnight.
 - Loop stalls and depth-1 latency: the issue asks for a worst stall under 50 ms and a depth-1
-  p99 under load within 2x the idle p99. The daemon does not meet either yet, for reasons in
-  the daemon, not in this machine: at start the first signal poll builds the HTTP client's
-  TLS context and imports modules on the event loop (50-220 ms); a reload parses and
-  compiles the reply rules twice, once in a worker thread holding the GIL and once on the
-  loop (30-70 ms); under load the loop pays for the 1 Hz collect and the operator's upcalls
-  and waits for the GIL behind the store thread's ORM writes (p99 2-5 ms against an idle
-  0.2-1 ms). Those two verdicts stay in `report.checks` (and `make soak` fails on them);
-  these tests assert the strongest bounds that hold reliably today (`report.guards`): no
-  stall over 300 ms, none over 50 ms except within about a second of a (re)start or a reload
-  (each stall is reported with what happened around it, `report.loop["events"]`), and a
-  depth-1 p99 under load below 10 ms. Timing is judged only when other processes kept less
-  than a fifth of the machine busy during the run (`report.cpu`; on a shared VM a neighbour's
-  build stalls the daemon for up to a second); otherwise those two tests are skipped.
+  p99 under load within 2x the idle p99. Both are in `report.checks` (and `make soak` fails
+  on them). The stall bound is met: nothing that reads files, the store or the network runs
+  on the loop any more (docs/daemon.md, "Latency"), and the worst stall of recent runs was
+  12-34 ms. The latency ratio is met in some runs and not in others (1.7x to 5.6x: p99 under
+  load 1.6-2.4 ms, while the idle p99 itself ranges from 0.4 to 1.1 ms): the soak runs hours
+  of signal polls, reloads and operator requests per minute (a 360x clock) and the threads
+  doing that work take turns with the loop for the GIL, and on two cores for the CPU. So
+  these tests assert bounds that hold reliably (`report.guards`): no stall over 100 ms, none
+  over 50 ms except within about a second of a (re)start (a cold start imports and opens
+  what it needs), and a depth-1 p99 under load below 5 ms. Timing is judged only when other
+  processes kept less than a fifth of the machine busy during the run (`report.cpu`; on a
+  shared VM a neighbour's build stalls the daemon for up to a second); otherwise those two
+  tests are skipped.
 """
 
 from __future__ import annotations
@@ -88,18 +88,18 @@ def test_operator_work_and_push_back_are_answered(soak_60: SoakReport) -> None:
 
 @pytest.mark.soak_short
 def test_the_loop_does_not_stall(soak_60: SoakReport) -> None:
-    """The daemon's worst loop stall stays under 300 ms and stalls over 50 ms happen only
-    right after a (re)start or a reload (the guard; the issue's 50 ms everywhere is not met
-    yet, see the module doc). Not judged when other work kept the machine busy."""
+    """The daemon's worst loop stall stays under 100 ms and stalls over 50 ms happen only
+    right after a (re)start (the guard; see the module doc). Not judged when other work kept
+    the machine busy."""
     _quiet(soak_60)
     assert soak_60.guards.get("loop", "not run") is None, (soak_60.guards, soak_60.loop)
 
 
 @pytest.mark.soak_short
 def test_depth1_latency_under_load_stays_low(soak_60: SoakReport) -> None:
-    """A ping on its own connection: the p99 round trip under load stays under 10 ms (the
-    guard; the issue's 2x the idle p99 is not met yet, see the module doc). Not judged when
-    other work kept the machine busy."""
+    """A ping on its own connection: the p99 round trip under load stays under 5 ms (the
+    guard; the issue's 2x the idle p99 is met only in some runs, see the module doc). Not
+    judged when other work kept the machine busy."""
     _quiet(soak_60)
     assert soak_60.guards.get("latency", "not run") is None, (soak_60.guards, soak_60.latency)
 
