@@ -31,6 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from kiln._core import CompiledRules, Engine, check_pattern
 from kiln.duration import DurationError, format_ms, parse_ms
 from kiln.errors import Problem, ScheduleError
+from kiln.modelerrors import located_problems, unknown_key
 from kiln.policyspec import PushbackClass, RealtimeAction
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.schedule import provider_hint
@@ -256,16 +257,16 @@ def known_providers(plan: Plan | None = None) -> frozenset[str]:
 
 def load_rules(
     paths: Sequence[Path | str] = (),
-    known_providers: Iterable[str] | None = None,
+    known: Iterable[str] | None = None,
     *,
     defaults: bool = True,
 ) -> RuleSet:
     """The shipped rules (unless `defaults` is false), then each file of `paths` in order.
 
-    `known_providers` are the names rules may use (default: `known_providers()`, i.e. the
+    `known` are the provider names rules may use (default: `known_providers()`, i.e. the
     shipped table, `default` and groups). Raises `ScheduleError` with every problem found.
     """
-    known = frozenset(known_providers) if known_providers is not None else _default_known()
+    names = frozenset(known) if known is not None else known_providers()
     files = ([DEFAULT_RULES] if defaults else []) + [Path(p) for p in paths]
     order: dict[str, Rule] = {}
     origins: dict[str, tuple[SourceMap, Loc]] = {}
@@ -276,7 +277,7 @@ def load_rules(
         except ScheduleError as e:
             problems.extend(e.problems)
             continue
-        parsed = _parse_file(data, source, known, problems)
+        parsed = _parse_file(data, source, names, problems)
         if parsed is None:
             continue
         for j, rid in enumerate(parsed.disable):
@@ -311,13 +312,13 @@ class RuleFiles:
     def __init__(self) -> None:
         self._last: tuple[tuple[object, ...], RuleSet] | None = None
 
-    def load(self, paths: Sequence[Path], known_providers: frozenset[str]) -> RuleSet:
+    def load(self, paths: Sequence[Path], known: frozenset[str]) -> RuleSet:
         """The rules of the shipped file then `paths` (ScheduleError, as `load_rules`)."""
-        key = self._key(paths, known_providers)
+        key = self._key(paths, known)
         last = self._last
         if key is not None and last is not None and last[0] == key:
             return last[1]
-        rules = load_rules(paths, known_providers)
+        rules = load_rules(paths, known)
         _ = rules.compiled  # compiled here, on the caller's thread, not where it is swapped in
         self._last = None if key is None else (key, rules)
         return rules
@@ -334,11 +335,6 @@ class RuleFiles:
                 return None
             parts.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(parts)
-
-
-def _default_known() -> frozenset[str]:
-    """`known_providers()` without a plan."""
-    return known_providers()
 
 
 def _parse_file(
@@ -425,32 +421,7 @@ def _suggest(name: str, known: Iterable[str]) -> str:
 def _model_problems(e: ValidationError, data: Any, source: SourceMap) -> Iterator[Problem]:
     """Pydantic's errors, located, one per place (the deepest: a union's list branch says
     which item is wrong, its scalar branch only that the value is not a scalar)."""
-    errors = [(_clean_loc(err["loc"], data), err) for err in e.errors(include_url=False)]
-    locs = {loc for loc, _ in errors}
-    seen: set[Loc] = set()
-    for loc, err in errors:
-        deeper = any(len(o) > len(loc) and o[: len(loc)] == loc for o in locs)
-        if loc in seen or deeper:
-            continue
-        seen.add(loc)
-        yield source.problem(loc, _message(err, loc))
-
-
-def _clean_loc(loc: tuple[Any, ...], data: Any) -> Loc:
-    """Drop pydantic's union-branch labels; keep keys and indexes that exist (or are unknown)."""
-    out: list[str | int] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and part in _KEYS:
-            out.append(part)  # a missing key
-            node = None
-    return tuple(out)
+    return located_problems(e, data, source, _message, is_key=_KEYS.__contains__, deepest=True)
 
 
 _KEYS = {*RuleFile.model_fields, *(f.alias or n for n, f in Rule.model_fields.items())}
@@ -465,7 +436,7 @@ def _message(err: Any, loc: Loc) -> str:
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         allowed = sorted(RuleFile.model_fields if len(loc) == 1 else _RULE_KEYS)
-        return f"unknown key {key!r}{_suggest(key, allowed)} (known keys: {', '.join(allowed)})"
+        return unknown_key(key, allowed)
     if kind == "literal_error" and loc and loc[-1] == "class":
         return f"unknown class {got!r}; expected one of {', '.join(_CLASSES)}"
     if kind == "literal_error" and loc and loc[-1] == "scope":

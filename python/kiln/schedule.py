@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kiln.errors import Problem, ScheduleError
+from kiln.modelerrors import located_problems, unknown_key
 from kiln.policyspec import Policy, Signals
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.rate import RateError, RateSpec
@@ -505,30 +506,7 @@ def _model_of(annotation: Any) -> Any:
 
 def _model_problems(e: ValidationError, data: Any, source: SourceMap) -> Iterator[Problem]:
     """Pydantic's errors in kiln's words, each located, one per place."""
-    seen: set[Loc] = set()
-    for err in e.errors(include_url=False):
-        loc = _clean_loc(err["loc"], data)
-        if loc in seen:
-            continue
-        seen.add(loc)
-        yield source.problem(loc, _message(err, loc))
-
-
-def _clean_loc(loc: tuple[Any, ...], data: Any) -> Loc:
-    """Drop pydantic's union-branch labels (`str`, `PoolIp`, `function-before[...]`)."""
-    out: list[str | int] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and part.isidentifier():
-            out.append(part)  # a missing or unknown key
-            node = None
-    return tuple(out)
+    return located_problems(e, data, source, _message, is_key=str.isidentifier)
 
 
 def _message(err: Any, loc: Loc) -> str:
@@ -539,12 +517,7 @@ def _message(err: Any, loc: Loc) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
-        allowed = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        choices = f" (known keys: {', '.join(allowed)})" if allowed and not close else ""
-        return f"unknown key {key!r}{hint}{choices}"
+        return unknown_key(str(loc[-1]) if loc else "?", _fields_at(loc[:-1]))
     if kind in {"int_type", "int_from_float"}:
         return f"expected a whole number, got {_kind(got)} {short_repr(got)}"
     if kind in {"float_type"}:
