@@ -19,6 +19,7 @@ from kiln.rampday import (
     RampMove,
     RampState,
     day_cap,
+    day_evidence,
     roll_day,
 )
 from kiln.schedule import Plan, load_plan
@@ -489,3 +490,21 @@ def test_quiet_days_only_delay_the_ramp(sending: list[bool]) -> None:
         day += timedelta(days=1)
     assert state.step == min(1 + sum(sending), 13)
     assert state.days_without_advance == 0
+
+
+def test_day_evidence_sums_each_batchs_ips_per_provider() -> None:
+    """The roll's evidence of a (batch, provider) is the sum of its IPs' day counts; IPs of
+    other batches and providers without counts add nothing, and every row exists."""
+    batch = EXAMPLE.batches[TX[0]]
+    a, b = batch.ips[:2]
+    counts = {
+        (a, "google"): DayEvidence(granted=10, delivered=9, deferred=1),
+        (b, "google"): DayEvidence(granted=5, delivered=4, bounced=1, complaints=1),
+        ("203.0.113.99", "google"): DayEvidence(granted=1000),  # in no batch
+    }
+    evidence = day_evidence(EXAMPLE, counts)
+    assert evidence[(TX[0], "google")] == DayEvidence(
+        granted=15, delivered=13, deferred=1, bounced=1, complaints=1
+    )
+    assert evidence[(TX[0], "default")] == DayEvidence()
+    assert set(evidence) == {(name, p) for name in EXAMPLE.batches for p in plan_providers(EXAMPLE)}

@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from kiln.ramp import RampPosition, caps_at, plan_providers, steps_for
 from kiln.schedule import Gates, Plan
@@ -54,10 +54,12 @@ from kiln.schedule import Gates, Plan
 __all__ = [
     "FLAG_AFTER_DAYS",
     "Action",
+    "Counted",
     "DayEvidence",
     "RampMove",
     "RampState",
     "day_cap",
+    "day_evidence",
     "roll_day",
 ]
 
@@ -121,6 +123,41 @@ class DayEvidence:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} is a count of messages, got {value}")
+
+
+class Counted(Protocol):
+    """One key's counts of a day, as the store keeps them (`kiln.store.DayCounts`)."""
+
+    @property
+    def granted(self) -> int: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def deferred(self) -> int: ...
+    @property
+    def bounced(self) -> int: ...
+    @property
+    def complaints(self) -> int: ...
+
+
+def day_evidence(
+    plan: Plan, counts: Mapping[tuple[str, str], Counted]
+) -> dict[tuple[str, str], DayEvidence]:
+    """Each (batch, provider)'s evidence of a day: the counts of its IPs (keyed by (ip,
+    provider)) summed; a key with no counts counts zero."""
+    evidence: dict[tuple[str, str], DayEvidence] = {}
+    for name, batch in plan.batches.items():
+        for provider in plan_providers(plan):
+            rows = [counts.get((ip, provider)) for ip in batch.ips]
+            got = [r for r in rows if r is not None]
+            evidence[(name, provider)] = DayEvidence(
+                granted=sum(r.granted for r in got),
+                delivered=sum(r.delivered for r in got),
+                deferred=sum(r.deferred for r in got),
+                bounced=sum(r.bounced for r in got),
+                complaints=sum(r.complaints for r in got),
+            )
+    return evidence
 
 
 @dataclass(frozen=True, slots=True)

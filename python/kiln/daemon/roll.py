@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from kiln.ramp import plan_providers
-from kiln.rampday import DayEvidence, RampMove, RampState, roll_day
+from kiln.rampday import RampMove, RampState, day_evidence, roll_day
 from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoredPosition
 
 if TYPE_CHECKING:
@@ -121,17 +120,7 @@ def _decide(
 ) -> tuple[dict[tuple[str, str], RampState], list[RampMove], _Save]:
     """One finished day for every ramp (on the loop; touches no store): the new states, the
     moves, and what to save."""
-    evidence: dict[tuple[str, str], DayEvidence] = {}
-    for name, batch in d.plan.batches.items():
-        for provider in plan_providers(d.plan):
-            rows = [counts.get((ip, provider), DayCounts()) for ip in batch.ips]
-            evidence[(name, provider)] = DayEvidence(
-                granted=sum(r.granted for r in rows),
-                delivered=sum(r.delivered for r in rows),
-                deferred=sum(r.deferred for r in rows),
-                bounced=sum(r.bounced for r in rows),
-                complaints=sum(r.complaints for r in rows),
-            )
+    evidence = day_evidence(d.plan, counts)
     verdicts = d.guard.verdicts(day, evidence, pushback, now_ms)
     states, moves = roll_day(
         d.plan,
