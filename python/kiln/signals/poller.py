@@ -23,6 +23,7 @@ import asyncio
 import importlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from kiln.signals.postmaster import PostmasterReading, PostmasterSource
 from kiln.signals.snds import SndsReading, SndsSource
 from kiln.signals.thread import SignalLoop
 
-__all__ = ["SOURCES", "Poller", "feedback_reader", "report_line"]
+__all__ = ["SOURCES", "SOURCE_KINDS", "Poller", "SourceKind", "feedback_reader", "report_line"]
 
 #: Modules httpx (through httpcore) and dnspython import at their first request.
 _FIRST_USE_IMPORTS = (
@@ -63,8 +64,6 @@ _FIRST_USE_IMPORTS = (
     "dns._asyncio_backend",
 )
 
-#: Sources in the order they are polled at start.
-SOURCES = ("postmaster", "snds", "dnsbl")
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -105,81 +104,24 @@ class Poller:
         spec = getattr(self.plan.signals, name)
         return int(spec.poll_every)
 
-    def _path(self, text: str) -> Path:
-        """A path from the plan, relative to the plan's folder."""
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else self.base / p
-
     def prepare(self) -> None:
         """Build the HTTP client now (its TLS context loads the CA certificates, tens of ms)
         and import what httpx and dnspython import at their first request, before the daemon
         serves, if any source is configured: done at the first poll, both stalled the event
         loop (about 30 ms)."""
         if self.configured():
-            self._http()
+            self.http()
             for module in _FIRST_USE_IMPORTS:
                 try:
                     importlib.import_module(module)
                 except ImportError:  # a dependency's layout changed: only the warm-up is lost
                     pass
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
-        return self._client
-
     def _source(self, name: str) -> Any:
         """The source object, built on first use (config errors surface as poll failures)."""
-        if name in self._sources:
-            return self._sources[name]
-        s = self.plan.signals
-        ips = plan_ips(self.plan)
-        src: Any
-        if name == "postmaster":
-            pm = s.postmaster
-            assert pm is not None
-            src = PostmasterSource(
-                self._http(),
-                load_authorized_user(self._path(pm.credentials)),
-                pm.domains,
-                now_ms=self.now_ms,
-                base_url=pm.base_url,
-                token_url=pm.token_url,
-                versions=pm.api,
-                with_compliance=False,  # policy does not read it (yet)
-                limits=FetchLimits(max_body_bytes=pm.max_body_bytes, deadline_s=pm.deadline / 1000),
-                sleep=self.sleep,
-            )
-        elif name == "snds":
-            snds = s.snds
-            assert snds is not None
-            key_path = self._path(snds.key_file)
-            try:
-                key = key_path.read_text().strip()
-            except OSError as e:
-                raise KilnError(f"cannot read the SNDS key file {key_path}: {e.strerror}") from None
-            if not key:
-                raise KilnError(f"the SNDS key file {key_path} is empty")
-            src = SndsSource.legacy(
-                self._http(),
-                key,
-                ips=ips,
-                base_url=snds.base_url,
-                now_ms=self.now_ms,
-                limits=FetchLimits(
-                    max_body_bytes=snds.max_body_bytes, deadline_s=snds.deadline / 1000
-                ),
-                sleep=self.sleep,
-            )
-        elif name == "dnsbl":
-            spec = s.dnsbl
-            assert spec is not None
-            hosts, port = parse_nameservers(spec.nameservers)
-            src = DnsblSource([Zone.named(z) for z in spec.zones], hosts, port=port)
-        else:
-            raise KeyError(name)
-        self._sources[name] = src
-        return src
+        if name not in self._sources:
+            self._sources[name] = SOURCE_KINDS[name].build(self, getattr(self.plan.signals, name))
+        return self._sources[name]
 
     async def poll(
         self, name: str, book: SignalBook, now_ms: int, *, on: SignalLoop | None = None
@@ -207,77 +149,29 @@ class Poller:
         return True
 
     async def _fetch(self, name: str, now_ms: int) -> Any:
-        """What one source says (any loop; touches no book): per-day readings for
-        Postmaster and SNDS, one reading for the blocklists."""
-        src = self._source(name)
-        if name == "postmaster":
-            pm = self.plan.signals.postmaster
-            assert pm is not None
-            return [(day, await src.poll(day)) for day in self._days(now_ms, pm.days_back)]
-        if name == "snds":
-            snds = self.plan.signals.snds
-            assert snds is not None
-            return [(day, await src.poll(day)) for day in self._days(now_ms, snds.days_back)]
-        return await src.poll(plan_ips(self.plan))
+        """What one source says (any loop; touches no book)."""
+        spec = getattr(self.plan.signals, name)
+        return await SOURCE_KINDS[name].fetch(self, self._source(name), spec, now_ms)
 
     def _apply(self, name: str, fetched: Any, book: SignalBook) -> None:
         """Write what a fetch found into `book` (SourceError: the reading is not good)."""
-        if name == "postmaster":
-            self._postmaster(fetched, book)
-        elif name == "snds":
-            self._snds(fetched, book)
-        else:
-            self._dnsbl(fetched, book)
+        SOURCE_KINDS[name].apply(self, fetched, book)
 
-    def _days(self, now_ms: int, back: int) -> list[date]:
+    def days(self, now_ms: int, back: int) -> list[date]:
         """The `back` local days before today, oldest first."""
         today = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
         return [today - timedelta(days=i) for i in range(back, 0, -1)]
 
-    @staticmethod
-    def _postmaster(fetched: list[tuple[date, PostmasterReading]], book: SignalBook) -> None:
-        failures: list[str] = []
-        for day, reading in fetched:
-            for domain, d in reading.domains.items():
-                if not d.has_data:
-                    continue
-                rate = d.spam_rate_for_threshold
-                if rate is not None:
-                    SignalBook.put(book.spam_rate, domain, day, rate)
-                if d.domain_reputation is not None:
-                    SignalBook.put(book.domain_reputation, domain, day, d.domain_reputation)
-                for ip, category in d.ip_reputation.items():
-                    SignalBook.put(book.ip_reputation, ip, day, category)
-            failures += [f"{f.domain}: {f.kind}: {f.message}" for f in reading.failed.values()]
-        if failures:
-            # Some domain could not be read: the source is not good (fail safe).
-            raise SourceError("postmaster", "unavailable", "; ".join(sorted(set(failures))))
+    def http(self) -> httpx.AsyncClient:
+        """The HTTP client the sources share (built once)."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        return self._client
 
-    @staticmethod
-    def _snds(fetched: list[tuple[date, SndsReading]], book: SignalBook) -> None:
-        blocked: dict[str, str] = {}
-        for day, reading in fetched:
-            for ip, row in (reading.ips or {}).items():
-                if row.filter_result is not None:
-                    SignalBook.put(book.snds, ip, day, row.filter_result)
-            for ip, status in reading.block_status.items():
-                if status.blocked:
-                    blocked[ip] = status.reason or "blocked"
-        book.snds_blocked = blocked
-
-    def _dnsbl(self, reading: DnsblReading, book: SignalBook) -> None:
-        for r in reading.results:
-            if r.outcome in ("listed", "policy"):
-                codes = ", ".join(f"{c.code} ({c.meaning})" for c in r.codes)
-                text = f"{r.outcome} {codes}".strip()
-            else:
-                text = r.outcome
-            book.dnsbl.setdefault(r.ip, {})[r.zone] = text
-        if reading.resolver_error:
-            self.log.error(
-                "a blocklist answered with an error code: its answers count as unknown, "
-                "check the resolver (public resolvers are refused by Spamhaus)"
-            )
+    def path(self, text: str) -> Path:
+        """A path from the plan, relative to the plan's folder."""
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base / p
 
     async def aclose(self) -> None:
         """Close the HTTP client the sources share."""
@@ -285,6 +179,134 @@ class Poller:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+# ----- the sources: how each is built, fetched and written into the book -----
+
+
+@dataclass(frozen=True, slots=True)
+class SourceKind:
+    """One kind of signal source: a new source is its module plus an entry in
+    `SOURCE_KINDS` (and its settings in the plan's `signals` section).
+
+    - `build(poller, spec)`: the source object from its plan settings (on first poll);
+    - `fetch(poller, source, spec, now_ms)`: what it says, on the signal loop (no book);
+    - `apply(poller, fetched, book)`: write that into the book, on the serving loop
+      (SourceError: the reading is not good; facts written before it stay).
+    """
+
+    build: Callable[[Poller, Any], Any]
+    fetch: Callable[[Poller, Any, Any, int], Awaitable[Any]]
+    apply: Callable[[Poller, Any, SignalBook], None]
+
+
+def _build_postmaster(p: Poller, pm: Any) -> PostmasterSource:
+    return PostmasterSource(
+        p.http(),
+        load_authorized_user(p.path(pm.credentials)),
+        pm.domains,
+        now_ms=p.now_ms,
+        base_url=pm.base_url,
+        token_url=pm.token_url,
+        versions=pm.api,
+        with_compliance=False,  # policy does not read it (yet)
+        limits=FetchLimits(max_body_bytes=pm.max_body_bytes, deadline_s=pm.deadline / 1000),
+        sleep=p.sleep,
+    )
+
+
+def _build_snds(p: Poller, snds: Any) -> SndsSource:
+    key_path = p.path(snds.key_file)
+    try:
+        key = key_path.read_text().strip()
+    except OSError as e:
+        raise KilnError(f"cannot read the SNDS key file {key_path}: {e.strerror}") from None
+    if not key:
+        raise KilnError(f"the SNDS key file {key_path} is empty")
+    return SndsSource.legacy(
+        p.http(),
+        key,
+        ips=plan_ips(p.plan),
+        base_url=snds.base_url,
+        now_ms=p.now_ms,
+        limits=FetchLimits(max_body_bytes=snds.max_body_bytes, deadline_s=snds.deadline / 1000),
+        sleep=p.sleep,
+    )
+
+
+def _build_dnsbl(p: Poller, spec: Any) -> DnsblSource:
+    del p
+    hosts, port = parse_nameservers(spec.nameservers)
+    return DnsblSource([Zone.named(z) for z in spec.zones], hosts, port=port)
+
+
+async def _fetch_days(p: Poller, src: Any, spec: Any, now_ms: int) -> list[tuple[date, Any]]:
+    """One reading per day of the last `spec.days_back` local days, oldest first."""
+    return [(day, await src.poll(day)) for day in p.days(now_ms, spec.days_back)]
+
+
+async def _fetch_dnsbl(p: Poller, src: DnsblSource, spec: Any, now_ms: int) -> DnsblReading:
+    del spec, now_ms
+    return await src.poll(plan_ips(p.plan))
+
+
+def _apply_postmaster(
+    p: Poller, fetched: list[tuple[date, PostmasterReading]], book: SignalBook
+) -> None:
+    del p
+    failures: list[str] = []
+    for day, reading in fetched:
+        for domain, d in reading.domains.items():
+            if not d.has_data:
+                continue
+            rate = d.spam_rate_for_threshold
+            if rate is not None:
+                SignalBook.put(book.spam_rate, domain, day, rate)
+            if d.domain_reputation is not None:
+                SignalBook.put(book.domain_reputation, domain, day, d.domain_reputation)
+            for ip, category in d.ip_reputation.items():
+                SignalBook.put(book.ip_reputation, ip, day, category)
+        failures += [f"{f.domain}: {f.kind}: {f.message}" for f in reading.failed.values()]
+    if failures:
+        # Some domain could not be read: the source is not good (fail safe).
+        raise SourceError("postmaster", "unavailable", "; ".join(sorted(set(failures))))
+
+
+def _apply_snds(p: Poller, fetched: list[tuple[date, SndsReading]], book: SignalBook) -> None:
+    del p
+    blocked: dict[str, str] = {}
+    for day, reading in fetched:
+        for ip, row in (reading.ips or {}).items():
+            if row.filter_result is not None:
+                SignalBook.put(book.snds, ip, day, row.filter_result)
+        for ip, status in reading.block_status.items():
+            if status.blocked:
+                blocked[ip] = status.reason or "blocked"
+    book.snds_blocked = blocked
+
+
+def _apply_dnsbl(p: Poller, reading: DnsblReading, book: SignalBook) -> None:
+    for r in reading.results:
+        if r.outcome in ("listed", "policy"):
+            codes = ", ".join(f"{c.code} ({c.meaning})" for c in r.codes)
+            text = f"{r.outcome} {codes}".strip()
+        else:
+            text = r.outcome
+        book.dnsbl.setdefault(r.ip, {})[r.zone] = text
+    if reading.resolver_error:
+        p.log.error(
+            "a blocklist answered with an error code: its answers count as unknown, "
+            "check the resolver (public resolvers are refused by Spamhaus)"
+        )
+
+
+#: Every signal source, in the order they are polled at start.
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "postmaster": SourceKind(_build_postmaster, _fetch_days, _apply_postmaster),
+    "snds": SourceKind(_build_snds, _fetch_days, _apply_snds),
+    "dnsbl": SourceKind(_build_dnsbl, _fetch_dnsbl, _apply_dnsbl),
+}
+SOURCES = tuple(SOURCE_KINDS)
 
 
 # ----- delivery feedback from files -----
