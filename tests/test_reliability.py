@@ -7,6 +7,7 @@ Each test names the finding it pins down (F2, F4c, F6, F7, F9, F10, least privil
 
 from __future__ import annotations
 
+import re
 import asyncio
 import errno
 import json
@@ -572,6 +573,28 @@ def test_a_reload_that_drops_an_ip_answers_like_a_fresh_daemon(tmp_path: Path) -
     assert dropped == send(fresh, warm)
     assert dropped[0]["ok"] is False and "not a sending IP" in str(dropped[0]["error"])
     assert send(d, {**warm, "ip": "198.51.100.20"})[0]["granted"] == 1
+    d.store.close()
+    fresh.store.close()
+
+
+def test_a_reload_that_drops_a_pool_answers_like_a_fresh_daemon(tmp_path: Path) -> None:
+    """A reload that renames the pool makes `pick` from the old name answer exactly as a
+    fresh daemon on the new plan does (before: the dropped pool went on picking)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "a", node="t"), clock)
+    d.start()
+    old = send(d, {"op": "pick", "pool": "tx", "domain": "gmail.com"})
+    assert old[0]["ok"] is True, old
+    plan.write_text(re.sub(r"\btx\b", "tx2", PLAN))
+    assert d.reload(clock.t)["ok"] is True
+    dropped = send(d, {"op": "pick", "pool": "tx", "domain": "gmail.com"})
+    fresh = Daemon(DaemonConfig(plan_path=plan, state_dir=tmp_path / "b", node="t"), clock)
+    fresh.start()
+    assert dropped == send(fresh, {"op": "pick", "pool": "tx", "domain": "gmail.com"})
+    assert dropped[0]["ok"] is False and "pool" in str(dropped[0]["error"])
+    assert send(d, {"op": "pick", "pool": "tx2", "domain": "gmail.com"})[0]["ok"] is True
     d.store.close()
     fresh.store.close()
 

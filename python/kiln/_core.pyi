@@ -279,6 +279,10 @@ class Engine:
         protocol answers it as an IP this daemon never had, and its keys never grant
         (reason "retired"); a listed IP that was retired comes back. Counters and limits are
         kept. Returns the IPs this call retired. A bad address changes nothing."""
+    def retain_pools(self, names: Sequence[str]) -> list[str]:
+        """Keep only the pools named in `names`: every other pool is retired, and `pick`
+        answers it as a pool it never heard of, as a fresh engine would; defining it again
+        brings it back. Returns the names this call retired."""
     def serve(self, data: bytes, now_ms: int) -> Served:
         """Answer every complete JSON line of `data` at `now_ms`, in one call."""
     def set_default_provider(self, name: str) -> None:

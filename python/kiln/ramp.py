@@ -405,7 +405,7 @@ def calendar(zone: ZoneInfo, now_ms: int, hours: int = 48) -> tuple[list[int], l
 
 
 def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
-    """Push `limits` into `engine`, define the plan's pools, and retire every other IP.
+    """Push `limits` into `engine`, define the plan's pools, and retire every other IP and pool.
 
     A batch IP is a warming member of its pool while any of its provider ramps is warming,
     and a warm member after that. Pool IPs outside batches are warm and get no limits. An IP
@@ -455,3 +455,4 @@ def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
     plan_ips = [ip for b in plan.batches.values() for ip in b.ips]
     plan_ips += [m.ip for pool in plan.pools.values() for m in pool.members()]
     engine.retain_ips(plan_ips)
+    engine.retain_pools(list(plan.pools))

@@ -775,6 +775,15 @@ impl PyEngine {
             .collect())
     }
 
+    /// Keep only the pools named in `names`: every other pool is retired, and `pick` answers
+    /// it as a pool it never heard of, as a fresh engine would; defining it again brings it
+    /// back. Returns the names this call retired.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
+    fn retain_pools(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<String>> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Ok(self.lock(py)?.engine.retain_pools(&names))
+    }
+
     // ----- the native protocol (docs/protocol.md) -----
 
     /// Answer every complete JSON line of `data` (bytes) at `now_ms`, in one call.

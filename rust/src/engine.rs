@@ -149,6 +149,12 @@ impl Engine {
         Ok(retired)
     }
 
+    /// Keep only the pools named in `names` (see `Pools::retain`); returns the names this
+    /// call retired.
+    pub fn retain_pools(&mut self, names: &[&str]) -> Vec<String> {
+        self.pools.retain(names)
+    }
+
     /// The reservation snapshot of `token` is durable (see `reserve.rs`); true if that token
     /// was the latest reservation snapshot's and now holds, false if it was ignored. A
     /// reservation denial says `retry_ms` from now on. Frees capacity: the queue wakes.

@@ -26,6 +26,9 @@ pub struct Pool {
     pub overflow: Option<u32>,
     /// Key handles of the members for each provider, built on first use.
     keys_by_provider: Vec<Option<Box<[u32]>>>,
+    /// Dropped by a reloaded plan (`Pools::retain`): unknown by name and handle, as it would
+    /// be to a fresh engine, until a definition brings it back. Its handle stays taken.
+    retired: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -37,7 +40,7 @@ impl Pools {
     pub fn handle(&self, name: &str) -> CoreResult<u32> {
         self.pools
             .iter()
-            .position(|p| p.name == name)
+            .position(|p| p.name == name && !p.retired)
             .map(|i| i as u32)
             .ok_or_else(|| CoreError::UnknownName {
                 kind: "pool",
@@ -48,6 +51,7 @@ impl Pools {
     pub fn get(&self, pool: u32) -> CoreResult<&Pool> {
         self.pools
             .get(pool as usize)
+            .filter(|p| !p.retired)
             .ok_or(CoreError::UnknownHandle {
                 kind: "pool",
                 handle: u64::from(pool),
@@ -109,19 +113,38 @@ impl Pools {
                 format!("pool {name:?} lists an IP twice (member {i})"),
             ));
         }
-        let existing = self.handle(name).ok();
+        // A retired pool of that name comes back under its old handle.
+        let existing = self
+            .pools
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| i as u32);
         let handle = existing.unwrap_or(self.pools.len() as u32);
         let pool = Pool {
             name: name.to_owned(),
             members,
             overflow,
             keys_by_provider: Vec::new(),
+            retired: false,
         };
         match existing {
             Some(h) => self.pools[h as usize] = pool,
             None => self.pools.push(pool),
         }
         Ok(handle)
+    }
+
+    /// Keep only the pools named in `names`; every other one is retired (unknown to `pick`,
+    /// as to a fresh engine, until it is defined again). Returns the names this call retired.
+    pub fn retain(&mut self, names: &[&str]) -> Vec<String> {
+        let mut retired = Vec::new();
+        for p in &mut self.pools {
+            if !p.retired && !names.contains(&p.name.as_str()) {
+                p.retired = true;
+                retired.push(p.name.clone());
+            }
+        }
+        retired
     }
 
     /// Make sure every pool on the overflow chain from `pool` has its keys for `provider`.
@@ -273,6 +296,25 @@ mod tests {
             weight,
             warming,
         }
+    }
+
+    #[test]
+    fn a_retired_pool_is_unknown_until_defined_again() {
+        let (mut l, mut pools, g) = setup();
+        let a = vec![member(&mut l, "192.0.2.1", 1, false)];
+        let a = pools.define("a", a, None).unwrap();
+        let b = vec![member(&mut l, "192.0.2.2", 1, false)];
+        let b = pools.define("b", b, None).unwrap();
+        assert_eq!(pools.retain(&["b"]), vec!["a".to_owned()]);
+        assert!(pools.retain(&["b"]).is_empty(), "retiring is done once");
+        assert!(pools.handle("a").is_err());
+        assert!(pools.pick(&mut l, a, g, 1, 0).is_err());
+        assert!(pools.check("c", &[1], Some(a)).is_err(), "no overflow into it");
+        assert_eq!(pools.pick(&mut l, b, g, 1, 0).unwrap().granted, 1);
+        let again = vec![member(&mut l, "192.0.2.3", 1, false)];
+        assert_eq!(pools.define("a", again, None).unwrap(), a, "back under its handle");
+        assert_eq!(pools.handle("a").unwrap(), a);
+        assert_eq!(pools.pick(&mut l, a, g, 1, 0).unwrap().granted, 1);
     }
 
     #[test]
