@@ -7,11 +7,11 @@ Each test names the finding it pins down (F2, F4c, F6, F7, F9, F10, least privil
 
 from __future__ import annotations
 
-import re
 import asyncio
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import stat
