@@ -620,6 +620,22 @@ def _serve(e: _core.Engine, *requests: dict[str, Any] | str) -> list[dict[str, A
     return [json.loads(line) for line in served.reply.splitlines()]
 
 
+def test_classify_op_gives_the_default_provider_every_rule(shipped: RuleSet) -> None:
+    """A domain without a plan row (yahoo.com counts as `default`) meets every rule, as the
+    reports the daemon acts on do: the Yahoo rule decides, as with no provider at all, and
+    `provider` says `default` (before: only provider-free rules, so `classify` and policy
+    disagreed)."""
+    e = _wire(shipped)
+    text = "[TS03] All messages from 192.0.2.10 will be permanently deferred; Retrying will NOT"
+    ask = {"op": "classify", "text": text, "code": 421, "enhanced": "4.7.1"}
+    by_domain, by_name, anyone = _serve(
+        e, {**ask, "domain": "yahoo.com"}, {**ask, "provider": "default"}, ask
+    )
+    assert by_domain["rule"] == by_name["rule"] == anyone["rule"] == "yahoo-permanently-deferred"
+    assert by_domain["provider"] == by_name["provider"] == "default"
+    assert anyone["provider"] is None
+
+
 def test_classify_op(shipped: RuleSet) -> None:
     """`classify` answers class, scope, rule, every match and the normalised line, by domain,
     by provider or with neither; a raw reply carries its own codes."""

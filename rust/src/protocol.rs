@@ -1134,7 +1134,8 @@ impl Wire {
         };
         let code = reply_code(req)?;
         let enhanced = reply_enhanced(req)?;
-        // Provider::Any when neither is given; a null-MX domain has no provider's rules.
+        // Provider::Any when neither is given or for the default provider; a null-MX domain has
+        // no provider's rules.
         let named: Option<&str> = match (&req.provider, &req.domain) {
             (Some(_), Some(_)) => return Err("give domain or provider, not both".into()),
             (None, None) => None,
@@ -1159,7 +1160,15 @@ impl Wire {
                 }
             }
         };
-        let provider = named.map_or(Provider::Any, Provider::Named);
+        // The default provider stands for every provider without a row of its own (Yahoo,
+        // Apple, ...): every rule applies, as it does to the reports kiln acts on.
+        let default = self
+            .default_provider
+            .map(|h| engine.limiter.providers[usize::from(h)].as_str());
+        let provider = match named {
+            Some(p) if Some(p) == default => Provider::Any,
+            _ => named.map_or(Provider::Any, Provider::Named),
+        };
         let (n, verdict) = self.classifier.classify(provider, code, enhanced, text);
         open(out, req.id);
         out.extend_from_slice(b"\"ok\":true,\"class\":");
