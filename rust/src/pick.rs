@@ -309,10 +309,17 @@ mod tests {
         assert!(pools.retain(&["b"]).is_empty(), "retiring is done once");
         assert!(pools.handle("a").is_err());
         assert!(pools.pick(&mut l, a, g, 1, 0).is_err());
-        assert!(pools.check("c", &[1], Some(a)).is_err(), "no overflow into it");
+        assert!(
+            pools.check("c", &[1], Some(a)).is_err(),
+            "no overflow into it"
+        );
         assert_eq!(pools.pick(&mut l, b, g, 1, 0).unwrap().granted, 1);
         let again = vec![member(&mut l, "192.0.2.3", 1, false)];
-        assert_eq!(pools.define("a", again, None).unwrap(), a, "back under its handle");
+        assert_eq!(
+            pools.define("a", again, None).unwrap(),
+            a,
+            "back under its handle"
+        );
         assert_eq!(pools.handle("a").unwrap(), a);
         assert_eq!(pools.pick(&mut l, a, g, 1, 0).unwrap().granted, 1);
     }
