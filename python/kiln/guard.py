@@ -84,7 +84,7 @@ class Guard:
             if found is None:
                 continue
             cls, scope, rule = found
-            local = datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(self.plan.zone)
+            local = self.plan.local_time(at_ms)
             day_rows = self.pending_pushback.setdefault(local.date(), {})
             key = (ip, provider, cls, local.hour, rule)
             day_rows[key] = day_rows.get(key, 0) + n

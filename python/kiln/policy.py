@@ -29,7 +29,7 @@ import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 from kiln.automation import Automation, AutomationBook
@@ -330,7 +330,7 @@ class Policy:
         """Reputation push-back holds the day roll of the batches it implicates."""
         if p.cls not in ("rate_limit_rep", "block_rep", "blocklist"):
             return []
-        day = datetime.fromtimestamp(p.at_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
+        day = self.plan.local_date(p.at_ms)
         _, day_end = local_day_bounds_ms(self.plan, day)
         if p.cls == "rate_limit_rep":
             expires, until = day_end, "the end of the local day (the day roll holds)"

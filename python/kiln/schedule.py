@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -381,6 +381,14 @@ class Plan(_Model):
     def zone(self) -> ZoneInfo:
         """The plan's time zone."""
         return ZoneInfo(self.timezone)
+
+    def local_time(self, at_ms: int) -> datetime:
+        """Wall time in the plan's zone at `at_ms` (epoch ms)."""
+        return datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(self.zone)
+
+    def local_date(self, at_ms: int) -> date:
+        """The plan-zone calendar date at `at_ms`: the day caps, rolls and evidence count in."""
+        return self.local_time(at_ms).date()
 
     def provider_table(self) -> dict[str, ProviderSpec]:
         """Shipped providers, extended and overridden by the plan's."""

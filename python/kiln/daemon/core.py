@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 from collections.abc import Coroutine
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -260,7 +260,7 @@ class Daemon:
 
     def plan_day(self, now_ms: int) -> date:
         """The plan-zone calendar date at `now_ms`."""
-        return datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
+        return self.plan.local_date(now_ms)
 
     # ----- jobs (time is an argument; the scheduler only says when) -----
 

@@ -24,7 +24,7 @@ import importlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,7 @@ class Poller:
 
     def days(self, now_ms: int, back: int) -> list[date]:
         """The `back` local days before today, oldest first."""
-        today = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(self.plan.zone).date()
+        today = self.plan.local_date(now_ms)
         return [today - timedelta(days=i) for i in range(back, 0, -1)]
 
     def http(self) -> httpx.AsyncClient:
