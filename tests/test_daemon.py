@@ -19,7 +19,8 @@ import pytest
 from daemonproc import DaemonProc, running_daemon
 from dnsserver import DnsServer
 from kiln.daemon import Daemon, DaemonConfig
-from kiln.store import Store, StoredPosition
+from kiln.records import RampState
+from kiln.store import Store
 
 PLAN = """\
 name: daemon-test
@@ -316,7 +317,7 @@ def test_positions_survive_sigkill_and_sigterm_removes_the_socket(tmp_path: Path
         with Store.sqlite(d.state_dir / "kiln.db") as store:
             store.save_positions(
                 "daemon-test",
-                {("b1", "default"): StoredPosition(step=3)},
+                {("b1", "default"): RampState(step=3)},
                 ms("2026-11-01T00:00:00"),
             )
         for stop in ("kill", "term"):

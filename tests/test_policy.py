@@ -10,16 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kiln.automation import AutomationBook
-from kiln.policy import (
-    DayPushback,
-    Policy,
-    Pushback,
-    RuleInfo,
-    SignalBook,
-    local_day_bounds_ms,
-)
+from kiln.policy import Policy, RuleInfo
 from kiln.policyspec import RealtimeAction
-from kiln.rampday import DayEvidence, RampMove
+from kiln.rampday import RampMove
+from kiln.records import DayCounts, DayPushback, Pushback, SignalBook
 from kiln.schedule import Plan, load_plan
 
 PLAN = """\
@@ -158,8 +152,8 @@ def test_rate_limit_reply_holds_that_days_roll_and_cancel_lifts_it(plan: Plan) -
     p.on_pushback(reply(T0), book)
     (hold,) = [a for a in book if a.kind == "hold"]
     day = date(2026, 11, 10)
-    assert hold.batch == "b1" and hold.expires_ms == local_day_bounds_ms(plan, day)[1]
-    roll_ms = local_day_bounds_ms(plan, day)[1] + 1000
+    assert hold.batch == "b1" and hold.expires_ms == plan.day_bounds_ms(day)[1]
+    roll_ms = plan.day_bounds_ms(day)[1] + 1000
     ok = SignalBook()
     for s in ("snds", "dnsbl", "postmaster"):
         ok.good(s, roll_ms)
@@ -198,8 +192,8 @@ def test_bounce_and_complaint_rates(
     plan: Plan, delivered: int, bounced: int, complaints: int, expect: str | None
 ) -> None:
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
-    ev = {("b1", "google"): DayEvidence(delivered + bounced, delivered, 0, bounced, complaints)}
+    now = plan.day_bounds_ms(day)[1]
+    ev = {("b1", "google"): DayCounts(delivered + bounced, delivered, 0, bounced, complaints)}
     v = (
         Policy(plan)
         .day_verdicts(day, ev, {}, _fresh(now), AutomationBook(), now)
@@ -211,7 +205,7 @@ def test_bounce_and_complaint_rates(
 
 def test_rate_limit_in_two_hours_steps_down_and_blocks_step_down(plan: Plan) -> None:
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
+    now = plan.day_bounds_ms(day)[1]
     one = DayPushback()
     one.add("rate_limit_rep", 9)
     v = Policy(plan).day_verdicts(
@@ -235,7 +229,7 @@ def test_rate_limit_in_two_hours_steps_down_and_blocks_step_down(plan: Plan) -> 
 
 def test_postmaster_spam_rate_steps_down_once_per_reading(plan: Plan) -> None:
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
+    now = plan.day_bounds_ms(day)[1]
     signals = _fresh(now)
     SignalBook.put(signals.spam_rate, "mail.example.com", date(2026, 11, 9), 0.0035)
     p = Policy(plan)
@@ -254,7 +248,7 @@ def test_postmaster_spam_rate_steps_down_once_per_reading(plan: Plan) -> None:
 
 def test_postmaster_good_spam_rate_lets_the_gates_decide(plan: Plan) -> None:
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
+    now = plan.day_bounds_ms(day)[1]
     signals = _fresh(now)
     SignalBook.put(signals.spam_rate, "mail.example.com", date(2026, 11, 9), 0.0008)
     assert Policy(plan).day_verdicts(day, {}, {}, signals, AutomationBook(), now) == {}
@@ -262,7 +256,7 @@ def test_postmaster_good_spam_rate_lets_the_gates_decide(plan: Plan) -> None:
 
 def test_stale_and_never_read_sources_hold_the_ramps_they_cover(plan: Plan) -> None:
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
+    now = plan.day_bounds_ms(day)[1]
     signals = _fresh(now)
     signals.health["postmaster"].last_good_ms = now - 86_400_000 - 1
     v = Policy(plan).day_verdicts(day, {}, {}, signals, AutomationBook(), now)
@@ -481,7 +475,7 @@ def test_reasons_count_in_words(plan: Plan) -> None:
     """Verdict reasons agree in number: "1 rate_limit_rep reply", "1 block_rep reply",
     "3 block_rep replies", never "1 ... replies"."""
     day = date(2026, 11, 10)
-    now = local_day_bounds_ms(plan, day)[1]
+    now = plan.day_bounds_ms(day)[1]
     one = DayPushback()
     one.add("rate_limit_rep", 9)
     blocked = DayPushback()

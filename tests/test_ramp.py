@@ -12,7 +12,6 @@ import pytest
 
 from kiln import Engine
 from kiln.ramp import (
-    RampPosition,
     StepCaps,
     active_hours_mask,
     apply,
@@ -23,6 +22,7 @@ from kiln.ramp import (
     nominal_plan,
     steps_for,
 )
+from kiln.records import RampState
 from kiln.schedule import Plan, load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_marketplace_batches_start_weeks_apart() -> None:
 def test_compile_limits_carry_active_hours(example: Plan) -> None:
     """A warming key carries its schedule's active hours (07-22) and the same caps at any
     hour; the engine, not the hourly push, closes it at night."""
-    positions = {("tx-2026-12", "default"): RampPosition(step=4)}
+    positions = {("tx-2026-12", "default"): RampState(step=4)}
     day = compile_limits(example, positions, ms("2026-12-04T12:00:00+01:00"))
     night = compile_limits(example, positions, ms("2026-12-04T23:30:00+01:00"))
     assert day == night
@@ -183,7 +183,7 @@ def test_a_warming_ip_rests_outside_active_hours_until_the_true_opening(
     assert (pick.granted, pick.tier) == (1, "warm")
     assert not engine.acquire(key, 1, ms(opens) - 1)
     assert engine.acquire(key, 1, ms(opens))
-    done = {("tx-2026-12", "google"): RampPosition(step=99)}
+    done = {("tx-2026-12", "google"): RampState(step=99)}
     apply(engine, example, compile_limits(example, done, t))
     assert engine.acquire(key, 1, ms(opens) + 1)
     assert engine.usage(key)["active_hours"] is None
@@ -248,7 +248,7 @@ def test_calendar_is_dst_correct(
 def test_steady_state_after_the_last_step() -> None:
     """Past its last step a ramp is done: per-provider.yaml keeps a steady-state rate."""
     plan = load_plan(SCHEDULES / "per-provider.yaml")
-    positions = {("wave-1", "default"): RampPosition(step=10_000)}
+    positions = {("wave-1", "default"): RampState(step=10_000)}
     limits = compile_limits(plan, positions, ms("2027-03-01T12:00:00+00:00"))
     done = next(lim for lim in limits if lim.provider == "default")
     assert (done.daily_cap, done.hourly_cap, done.warming) == (None, None, False)

@@ -12,16 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kiln.ramp import RampPosition, nominal_plan, plan_providers, steps_for
-from kiln.rampday import (
-    FLAG_AFTER_DAYS,
-    DayEvidence,
-    RampMove,
-    RampState,
-    day_cap,
-    day_evidence,
-    roll_day,
-)
+from kiln.ramp import nominal_plan, plan_providers, steps_for
+from kiln.rampday import FLAG_AFTER_DAYS, RampMove, day_cap, day_evidence, roll_day
+from kiln.records import DayCounts, RampState
 from kiln.schedule import Plan, load_plan
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -66,7 +59,7 @@ def one(
     key: tuple[str, str],
     day: date,
     state: RampState,
-    seen: DayEvidence,
+    seen: DayCounts,
     holds: Sequence[str] = (),
 ) -> tuple[RampState, list[RampMove]]:
     """Roll one day and return the new state and moves of one ramp."""
@@ -86,12 +79,12 @@ def actions(moves: list[RampMove]) -> list[str]:
 def test_exactly_ninety_percent_holds_and_more_advances() -> None:
     """SparkPost's rule: 360 of a 400 cap (exactly 90%) holds; 361 advances."""
     state = RampState(step=1)
-    held, moves = one(SPARKPOST, COLD, SP_DAY, state, DayEvidence(granted=400, delivered=360))
+    held, moves = one(SPARKPOST, COLD, SP_DAY, state, DayCounts(granted=400, delivered=360))
     assert actions(moves) == ["hold"] and held.step == 1
     assert moves[0].reason == "delivered 360, 90.0% of the day's cap 400 (needs more than 90%)"
     assert moves[0].evidence["delivered_percent"] == 90.0
     assert moves[0].evidence["cap"] == 400 and moves[0].evidence["threshold"] == 90.0
-    up, moves = one(SPARKPOST, COLD, SP_DAY, state, DayEvidence(granted=400, delivered=361))
+    up, moves = one(SPARKPOST, COLD, SP_DAY, state, DayCounts(granted=400, delivered=361))
     assert actions(moves) == ["advance"] and up.step == 2
     assert (moves[0].from_step, moves[0].to_step) == (1, 2)
 
@@ -99,10 +92,10 @@ def test_exactly_ninety_percent_holds_and_more_advances() -> None:
 def test_ninety_point_one_percent_advances() -> None:
     """At stage 3 (1,000 a day per IP, 2 IPs) 1,802 delivered is 90.1% and advances."""
     state = RampState(step=3)
-    up, moves = one(SPARKPOST, COLD, SP_DAY, state, DayEvidence(granted=2000, delivered=1802))
+    up, moves = one(SPARKPOST, COLD, SP_DAY, state, DayCounts(granted=2000, delivered=1802))
     assert actions(moves) == ["advance"] and up.step == 4
     assert moves[0].reason == "delivered 1802, 90.1% of the day's cap 2000 (needs more than 90%)"
-    _, moves = one(SPARKPOST, COLD, SP_DAY, state, DayEvidence(granted=2000, delivered=1800))
+    _, moves = one(SPARKPOST, COLD, SP_DAY, state, DayCounts(granted=2000, delivered=1800))
     assert actions(moves) == ["hold"]
 
 
@@ -110,7 +103,7 @@ def test_percent_shows_enough_decimals_to_tell_the_side_of_the_gate() -> None:
     """90.04% is not written as 90.0% when it advances past a 90% gate."""
     plan = SPARKPOST
     state = RampState(step=20)  # 1,000,000 per IP, 2 IPs
-    _, moves = one(plan, COLD, SP_DAY, state, DayEvidence(granted=1, delivered=1_800_800))
+    _, moves = one(plan, COLD, SP_DAY, state, DayCounts(granted=1, delivered=1_800_800))
     assert actions(moves) == ["advance"]
     assert "90.04% of the day's cap 2000000" in moves[0].reason
 
@@ -118,7 +111,7 @@ def test_percent_shows_enough_decimals_to_tell_the_side_of_the_gate() -> None:
 def test_grants_without_reported_deliveries_never_advance() -> None:
     """Granted is not delivered: with no MTA feedback the ramp holds."""
     state = RampState(step=2)
-    after, moves = one(SPARKPOST, COLD, SP_DAY, state, DayEvidence(granted=1000))
+    after, moves = one(SPARKPOST, COLD, SP_DAY, state, DayCounts(granted=1000))
     assert actions(moves) == ["hold"] and after.step == 2
     assert after.days_without_advance == 1 and after.last_sending_day == SP_DAY
 
@@ -131,7 +124,7 @@ def test_no_traffic_holds_without_ageing_with_sending_days_only() -> None:
     before = RampState(
         step=3, idle_days=2, last_sending_day=date(2026, 12, 7), days_without_advance=4
     )
-    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayEvidence())
+    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayCounts())
     assert actions(moves) == ["hold"]
     assert after == RampState(
         step=3, idle_days=3, last_sending_day=date(2026, 12, 7), days_without_advance=4
@@ -142,7 +135,7 @@ def test_no_traffic_holds_without_ageing_with_sending_days_only() -> None:
 def test_no_traffic_is_a_failed_day_without_sending_days_only() -> None:
     """sending_days_only false (sendgrid-like): a quiet day holds at 0% and counts."""
     before = RampState(step=5, days_without_advance=2)
-    after, moves = one(SENDGRID, NEW, SG_DAY, before, DayEvidence())
+    after, moves = one(SENDGRID, NEW, SG_DAY, before, DayCounts())
     assert actions(moves) == ["hold"]
     assert after == RampState(step=5, idle_days=1, days_without_advance=3)
     assert "no traffic" in moves[0].reason and "0.0% of the day's cap" in moves[0].reason
@@ -150,21 +143,21 @@ def test_no_traffic_is_a_failed_day_without_sending_days_only() -> None:
 
 def test_sendgrid_gate_of_zero_advances_on_any_delivery() -> None:
     """delivered_above_percent 0: one delivered message moves the hourly-only table on."""
-    after, moves = one(SENDGRID, NEW, SG_DAY, RampState(step=5), DayEvidence(1, 1))
+    after, moves = one(SENDGRID, NEW, SG_DAY, RampState(step=5), DayCounts(1, 1))
     assert actions(moves) == ["advance"] and after.step == 6
 
 
 def test_idle_restart_at_thirty_days() -> None:
     """The 30th day in a row without traffic sends a ramp above step 1 back to step 1."""
     before = RampState(step=7, idle_days=29, days_without_advance=3)
-    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayEvidence())
+    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayCounts())
     assert actions(moves) == ["restart"]
     assert (moves[0].from_step, moves[0].to_step) == (7, 1)
     assert after == RampState(step=1, idle_days=30, days_without_advance=0)
     assert "30 days" in moves[0].reason and moves[0].evidence["idle_days"] == 30
-    _, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=7, idle_days=28), DayEvidence())
+    _, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=7, idle_days=28), DayCounts())
     assert actions(moves) == ["hold"]
-    still, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=1, idle_days=29), DayEvidence())
+    still, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=1, idle_days=29), DayCounts())
     assert actions(moves) == ["hold"] and still == RampState(step=1, idle_days=30)
 
 
@@ -176,7 +169,7 @@ def test_no_idle_restart_when_rewarm_is_null(tmp_path: Path) -> None:
         "    gates: {rewarm_after_idle_days: null}",
     )
     after, moves = one(
-        plan, ("b", "default"), date(2027, 6, 1), RampState(3, idle_days=400), DayEvidence()
+        plan, ("b", "default"), date(2027, 6, 1), RampState(3, idle_days=400), DayCounts()
     )
     assert actions(moves) == ["hold"] and after.step == 3 and after.idle_days == 401
 
@@ -184,7 +177,7 @@ def test_no_idle_restart_when_rewarm_is_null(tmp_path: Path) -> None:
 def test_a_sending_day_resets_idle_days() -> None:
     """Traffic on any day clears the idle count and records the day."""
     before = RampState(step=2, idle_days=12)
-    after, _ = one(EXAMPLE, TX, EX_DAY, before, DayEvidence(granted=5, delivered=5))
+    after, _ = one(EXAMPLE, TX, EX_DAY, before, DayCounts(granted=5, delivered=5))
     assert after.idle_days == 0 and after.last_sending_day == EX_DAY
 
 
@@ -194,37 +187,36 @@ def test_a_sending_day_resets_idle_days() -> None:
 def test_paused_ramp_holds_and_does_not_age() -> None:
     """A paused ramp stays put; a quiet day changes nothing, a sending day is recorded."""
     before = RampState(step=4, paused=True, idle_days=29, days_without_advance=9)
-    quiet, moves = one(EXAMPLE, TX, EX_DAY, before, DayEvidence())
+    quiet, moves = one(EXAMPLE, TX, EX_DAY, before, DayCounts())
     assert actions(moves) == ["paused"] and quiet == before
-    busy, moves = one(EXAMPLE, TX, EX_DAY, before, DayEvidence(granted=2000, delivered=2000))
+    busy, moves = one(EXAMPLE, TX, EX_DAY, before, DayCounts(granted=2000, delivered=2000))
     assert actions(moves) == ["paused"]
     assert busy == RampState(
         step=4, paused=True, idle_days=0, last_sending_day=EX_DAY, days_without_advance=9
     )
-    assert before.position == RampPosition(step=4, paused=True)
 
 
 def test_not_started_before_the_start_date() -> None:
     """The day before the batch starts nothing moves, whatever the evidence says."""
     before = RampState()
-    after, moves = one(EXAMPLE, TX, date(2026, 11, 30), before, DayEvidence(300, 300))
+    after, moves = one(EXAMPLE, TX, date(2026, 11, 30), before, DayCounts(300, 300))
     assert actions(moves) == ["not_started"] and after == before
     assert "2026-12-01" in moves[0].reason
-    _, moves = one(EXAMPLE, TX, date(2026, 12, 1), before, DayEvidence(300, 300))
+    _, moves = one(EXAMPLE, TX, date(2026, 12, 1), before, DayCounts(300, 300))
     assert actions(moves) == ["advance"]  # the start date itself is warm-up day 0
 
 
 def test_done_after_the_last_step() -> None:
     """Past the 12th step the example's ramp is done and stays so."""
     before = RampState(step=13, idle_days=100)
-    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayEvidence())
+    after, moves = one(EXAMPLE, TX, EX_DAY, before, DayCounts())
     assert actions(moves) == ["done"] and after == before
     assert moves[0].evidence["cap"] is None
 
 
 def test_advancing_off_the_last_step_finishes_the_ramp() -> None:
     """Passing the gate on the last step moves past it and says the ramp is done."""
-    after, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=12), DayEvidence(50_000, 50_000))
+    after, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=12), DayCounts(50_000, 50_000))
     assert actions(moves) == ["advance"] and after.step == 13
     assert "the ramp is done" in moves[0].reason
 
@@ -234,7 +226,7 @@ def test_advancing_off_the_last_step_finishes_the_ramp() -> None:
 
 def test_hold_conditions_block_the_advance_and_are_listed() -> None:
     """Recorded hold conditions hold a ramp that passed the gate, and the reason quotes them."""
-    seen = DayEvidence(granted=2000, delivered=2000, bounced=50)
+    seen = DayCounts(granted=2000, delivered=2000, bounced=50)
     holds = ["hard bounces 2.5% (>= 2%)", "rate_limit_rep at 14:00"]
     after, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=4), seen, holds)
     assert actions(moves) == ["hold"] and after.step == 4 and after.days_without_advance == 1
@@ -246,7 +238,7 @@ def test_hold_conditions_block_the_advance_and_are_listed() -> None:
 
 def test_flag_after_ten_days_without_advance() -> None:
     """The 10th held day above step 1 brings a second move, flag, which changes nothing."""
-    seen = DayEvidence(granted=1000, delivered=100)
+    seen = DayCounts(granted=1000, delivered=100)
     after, moves = one(EXAMPLE, TX, EX_DAY, RampState(step=3, days_without_advance=8), seen)
     assert actions(moves) == ["hold"] and after.days_without_advance == 9
     after, moves = one(EXAMPLE, TX, EX_DAY, after, seen)
@@ -255,17 +247,17 @@ def test_flag_after_ten_days_without_advance() -> None:
     assert "10 days" in moves[1].reason
     after, moves = one(EXAMPLE, TX, EX_DAY, after, seen)
     assert actions(moves) == ["hold", "flag"]  # repeats until the ramp moves
-    after, moves = one(EXAMPLE, TX, EX_DAY, after, DayEvidence(1200, 1200))
+    after, moves = one(EXAMPLE, TX, EX_DAY, after, DayCounts(1200, 1200))
     assert actions(moves) == ["advance"] and after.days_without_advance == 0
 
 
 def test_no_flag_at_step_one_nor_for_quiet_days() -> None:
     """Step 1 is never flagged, and quiet days under sending_days_only do not count."""
-    seen = DayEvidence(granted=300, delivered=10)
+    seen = DayCounts(granted=300, delivered=10)
     after, moves = one(EXAMPLE, TX, EX_DAY, RampState(days_without_advance=30), seen)
     assert actions(moves) == ["hold"] and after.days_without_advance == 31
     quiet = RampState(step=3, days_without_advance=9)
-    after, moves = one(EXAMPLE, TX, EX_DAY, quiet, DayEvidence())
+    after, moves = one(EXAMPLE, TX, EX_DAY, quiet, DayCounts())
     assert actions(moves) == ["hold"] and after.days_without_advance == 9
 
 
@@ -296,7 +288,7 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="never negative"):
         RampState(idle_days=-1)
     with pytest.raises(ValueError, match="delivered"):
-        DayEvidence(delivered=-1)
+        DayCounts(delivered=-1)
     with pytest.raises(ValueError, match="1-based"):
         day_cap(EXAMPLE, *TX, 0)
 
@@ -326,7 +318,7 @@ def test_uncapped_share_step_advances_on_a_sending_day(tmp_path: Path) -> None:
     """A share curve without stream_daily_volume has no cap: any sending day advances."""
     plan = inline(tmp_path, "    share: {percents: [10, 50, 100]}")
     assert day_cap(plan, "b", "default", 1) is None
-    after, moves = one(plan, ("b", "default"), date(2027, 1, 2), RampState(), DayEvidence(5))
+    after, moves = one(plan, ("b", "default"), date(2027, 1, 2), RampState(), DayCounts(5))
     assert actions(moves) == ["advance"] and after.step == 2
     assert moves[0].evidence["cap"] is None and moves[0].evidence["delivered_percent"] is None
 
@@ -351,14 +343,14 @@ def test_day_cap_matches_the_nominal_plan(path: Path) -> None:
 # ----- simulation against the nominal plan -----
 
 
-def perfect(plan: Plan, states: Mapping[tuple[str, str], RampState]) -> dict[Any, DayEvidence]:
+def perfect(plan: Plan, states: Mapping[tuple[str, str], RampState]) -> dict[Any, DayCounts]:
     """Evidence of a perfect day for every ramp: the whole cap granted and delivered."""
-    out: dict[Any, DayEvidence] = {}
+    out: dict[Any, DayCounts] = {}
     for batch in plan.batches:
         for provider in plan_providers(plan):
             step = states.get((batch, provider), RampState()).step
             cap = day_cap(plan, batch, provider, step)
-            out[(batch, provider)] = DayEvidence(granted=cap or 1, delivered=cap or 1)
+            out[(batch, provider)] = DayCounts(granted=cap or 1, delivered=cap or 1)
     return out
 
 
@@ -388,7 +380,7 @@ def test_perfect_days_reproduce_the_nominal_plan(path: Path) -> None:
 PROPERTY_PLANS = [EXAMPLE, SPARKPOST, SENDGRID, CUTOVER, PLANS["per-provider"]]
 
 
-Day = tuple[Plan, date, dict[Any, RampState], dict[Any, DayEvidence], dict[Any, list[str]]]
+Day = tuple[Plan, date, dict[Any, RampState], dict[Any, DayCounts], dict[Any, list[str]]]
 """A case for the properties: plan, the day that ended, states, evidence, holds."""
 
 
@@ -399,7 +391,7 @@ def days(draw: st.DrawFn) -> Day:
     first = min(b.start_date for b in plan.batches.values())
     day = first + timedelta(days=draw(st.integers(-3, 60)))
     states: dict[Any, RampState] = {}
-    evidence: dict[Any, DayEvidence] = {}
+    evidence: dict[Any, DayCounts] = {}
     holds: dict[Any, list[str]] = {}
     for batch in plan.batches:
         for provider in plan_providers(plan):
@@ -415,7 +407,7 @@ def days(draw: st.DrawFn) -> Day:
                 )
             cap = day_cap(plan, batch, provider, states.get(key, RampState()).step) or 1000
             if draw(st.booleans()):
-                evidence[key] = DayEvidence(
+                evidence[key] = DayCounts(
                     granted=draw(st.integers(0, 2 * cap)),
                     delivered=draw(
                         st.sampled_from([0, cap * 9 // 10, cap * 9 // 10 + 1, cap])
@@ -457,7 +449,7 @@ def test_never_advances_at_or_below_the_threshold(case: Day) -> None:
         if move.action != "advance":
             continue
         key = (move.batch, move.provider)
-        seen = evidence.get(key, DayEvidence())
+        seen = evidence.get(key, DayCounts())
         gates = plan.schedules[plan.batches[move.batch].schedule].gates
         cap = day_cap(plan, move.batch, move.provider, move.from_step)
         assert seen.granted > 0 and not holds.get(key)
@@ -484,7 +476,7 @@ def test_quiet_days_only_delay_the_ramp(sending: list[bool]) -> None:
     day = EXAMPLE.batches["tx-2026-12"].start_date
     for sends in sending:
         cap = day_cap(EXAMPLE, *TX, state.step) or 1
-        seen = DayEvidence(cap, cap) if sends else DayEvidence()
+        seen = DayCounts(cap, cap) if sends else DayCounts()
         states, _ = roll_day(EXAMPLE, day, {TX: state}, {TX: seen})
         state = states[TX]
         day += timedelta(days=1)
@@ -498,13 +490,13 @@ def test_day_evidence_sums_each_batchs_ips_per_provider() -> None:
     batch = EXAMPLE.batches[TX[0]]
     a, b = batch.ips[:2]
     counts = {
-        (a, "google"): DayEvidence(granted=10, delivered=9, deferred=1),
-        (b, "google"): DayEvidence(granted=5, delivered=4, bounced=1, complaints=1),
-        ("203.0.113.99", "google"): DayEvidence(granted=1000),  # in no batch
+        (a, "google"): DayCounts(granted=10, delivered=9, deferred=1),
+        (b, "google"): DayCounts(granted=5, delivered=4, bounced=1, complaints=1),
+        ("203.0.113.99", "google"): DayCounts(granted=1000),  # in no batch
     }
     evidence = day_evidence(EXAMPLE, counts)
-    assert evidence[(TX[0], "google")] == DayEvidence(
+    assert evidence[(TX[0], "google")] == DayCounts(
         granted=15, delivered=13, deferred=1, bounced=1, complaints=1
     )
-    assert evidence[(TX[0], "default")] == DayEvidence()
+    assert evidence[(TX[0], "default")] == DayCounts()
     assert set(evidence) == {(name, p) for name in EXAMPLE.batches for p in plan_providers(EXAMPLE)}

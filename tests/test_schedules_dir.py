@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from kiln import Engine
-from kiln.ramp import RampPosition, apply, compile_limits, nominal_plan, plan_providers
+from kiln.ramp import apply, compile_limits, nominal_plan, plan_providers
 from kiln.rate import RateSpec
+from kiln.records import RampState
 from kiln.schedule import Plan, load_plan
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -51,7 +52,7 @@ def test_shipped_plan_compiles_into_an_engine(path: Path) -> None:
     longest = max(r.step or 0 for r in rows)
     for step in (1, longest, longest + 1):
         positions = {
-            (b, p): RampPosition(step=step) for b in plan.batches for p in plan_providers(plan)
+            (b, p): RampState(step=step) for b in plan.batches for p in plan_providers(plan)
         }
         engine = Engine()
         limits = compile_limits(plan, positions, now_ms)

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from fakeapis import Failure, FakeGoogle, FakeSnds
 from kiln.errors import ScheduleError
-from kiln.policy import SignalBook
+from kiln.records import SignalBook
 from kiln.schedule import Plan, load_plan
 from kiln.signals import SourceError
 from kiln.signals.http import (

@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 
 from fakeapis import FakeSnds
-from kiln.policy import SignalBook
+from kiln.records import SignalBook
 from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
 from test_signal_limits import T0_MS, plan_with

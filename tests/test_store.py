@@ -21,7 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from kiln.errors import KilnError
-from kiln.store import DayCounts, LogEntry, Store, StoredPosition, StoreError
+from kiln.records import DayCounts, LogEntry, RampState
+from kiln.store import Store, StoreError
 from pgserver import create_database
 
 NOW_MS = 1_790_000_000_000  # late 2026: well past 2**31
@@ -83,14 +84,14 @@ def closed_port() -> int:
 def test_positions_round_trip_per_plan(store: Store, db_url: str) -> None:
     """Saved positions load back equal, per plan; *_ms values beyond 32 bits survive."""
     positions = {
-        ("tx", "google"): StoredPosition(step=4, idle_days=2, last_sending_day=DAY),
-        ("tx", "yahoo"): StoredPosition(step=1, paused=True, days_without_advance=3),
+        ("tx", "google"): RampState(step=4, idle_days=2, last_sending_day=DAY),
+        ("tx", "yahoo"): RampState(step=1, paused=True, days_without_advance=3),
     }
     assert store.load_positions("main") == {}
     store.save_positions("main", positions, NOW_MS)
-    store.save_positions("other", {("tx", "google"): StoredPosition(step=9)}, NOW_MS)
+    store.save_positions("other", {("tx", "google"): RampState(step=9)}, NOW_MS)
     assert store.load_positions("main") == positions
-    assert store.load_positions("other") == {("tx", "google"): StoredPosition(step=9)}
+    assert store.load_positions("other") == {("tx", "google"): RampState(step=9)}
     with raw(db_url, store) as connection:
         saved = connection.execute(text("SELECT DISTINCT updated_at_ms FROM kiln_ramp_positions"))
         assert saved.scalars().all() == [NOW_MS]
@@ -100,14 +101,14 @@ def test_save_positions_overwrites_given_keys_and_keeps_the_rest(store: Store) -
     """Saving is an upsert: given keys are overwritten, absent ones stay."""
     store.save_positions(
         "main",
-        {("tx", "google"): StoredPosition(step=2), ("tx", "yahoo"): StoredPosition(step=5)},
+        {("tx", "google"): RampState(step=2), ("tx", "yahoo"): RampState(step=5)},
         NOW_MS,
     )
-    store.save_positions("main", {("tx", "google"): StoredPosition(step=3, paused=True)}, NOW_MS)
+    store.save_positions("main", {("tx", "google"): RampState(step=3, paused=True)}, NOW_MS)
     store.save_positions("main", {}, NOW_MS)
     assert store.load_positions("main") == {
-        ("tx", "google"): StoredPosition(step=3, paused=True),
-        ("tx", "yahoo"): StoredPosition(step=5),
+        ("tx", "google"): RampState(step=3, paused=True),
+        ("tx", "yahoo"): RampState(step=5),
     }
 
 
@@ -367,7 +368,7 @@ def test_flush_refuses_counts_without_a_day(store: Store) -> None:
 def test_reopening_keeps_everything(db_url: str) -> None:
     """What one process saved, the next one (same URL, same node) reads back."""
     with Store(db_url, node="mx1") as before:
-        before.save_positions("main", {("tx", "google"): StoredPosition(step=7)}, NOW_MS)
+        before.save_positions("main", {("tx", "google"): RampState(step=7)}, NOW_MS)
         before.flush(
             snapshot=b"counters",
             now_ms=NOW_MS,
@@ -376,7 +377,7 @@ def test_reopening_keeps_everything(db_url: str) -> None:
             entries=[entry(NOW_MS, kind="stop", subject="daemon")],
         )
     with Store(db_url, node="mx1") as after:
-        assert after.load_positions("main") == {("tx", "google"): StoredPosition(step=7)}
+        assert after.load_positions("main") == {("tx", "google"): RampState(step=7)}
         assert after.load_snapshot() == (b"counters", NOW_MS)
         assert after.counts(DAY) == {(IP, "google"): DayCounts(delivered=2)}
         assert [(e.kind, e.subject) for e in after.decisions()] == [("stop", "daemon")]

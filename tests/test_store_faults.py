@@ -32,7 +32,8 @@ from structlog.testing import capture_logs
 
 import kiln.store
 from kiln.cli import build_parser
-from kiln.store import STATE_MARKER, StateLostError, Store, StoredPosition, StoreError
+from kiln.records import RampState
+from kiln.store import STATE_MARKER, StateLostError, Store, StoreError
 from pgserver import create_database
 
 NOW_MS = 1_790_000_000_000
@@ -72,7 +73,7 @@ def mode(path: Path) -> int:
 def started_store(folder: Path) -> str:
     """A state folder whose daemon got to step 3 and stopped; the store id."""
     with open_state(folder) as store:
-        store.save_positions("plan", {("b1", "google"): StoredPosition(step=3)}, NOW_MS)
+        store.save_positions("plan", {("b1", "google"): RampState(step=3)}, NOW_MS)
         return store.store_id
 
 
@@ -111,7 +112,7 @@ def test_reopening_a_folder_with_its_database_just_works(tmp_path: Path) -> None
     with capture_logs() as logs, open_state(tmp_path) as store:
         assert store.store_id == store_id
         assert not store.created
-        assert store.load_positions("plan") == {("b1", "google"): StoredPosition(step=3)}
+        assert store.load_positions("plan") == {("b1", "google"): RampState(step=3)}
     assert (tmp_path / STATE_MARKER).stat().st_mtime_ns == before
     assert logs == []
 
@@ -202,7 +203,7 @@ def test_reinitialise_adopts_the_database_it_finds_and_deletes_nothing(tmp_path:
     shutil.copyfile(theirs / "kiln.db", mine / "kiln.db")
     with open_state(mine, reinitialise=True) as store:
         assert store.store_id == their_id
-        assert store.load_positions("plan") == {("b1", "google"): StoredPosition(step=3)}
+        assert store.load_positions("plan") == {("b1", "google"): RampState(step=3)}
     assert marker(mine)["store_id"] == their_id
 
 
@@ -224,11 +225,11 @@ def test_a_database_without_a_marker_is_adopted(tmp_path: Path) -> None:
     """A folder from a kiln without markers (or a database put there first): its database is
     used as it is and the marker written with its id."""
     with Store.sqlite(tmp_path / "kiln.db") as old:
-        old.save_positions("plan", {("b1", "google"): StoredPosition(step=5)}, NOW_MS)
+        old.save_positions("plan", {("b1", "google"): RampState(step=5)}, NOW_MS)
         store_id = old.store_id
     with open_state(tmp_path) as store:
         assert (store.store_id, store.created) == (store_id, False)
-        assert store.load_positions("plan") == {("b1", "google"): StoredPosition(step=5)}
+        assert store.load_positions("plan") == {("b1", "google"): RampState(step=5)}
     assert marker(tmp_path)["store_id"] == store_id
 
 

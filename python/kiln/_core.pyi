@@ -43,7 +43,7 @@ Reason = Literal[
     "outside_active_hours",
 ]
 Tier = Literal["direct", "warming", "warm", "overflow"]
-ReplyClass = Literal[
+PushbackClass = Literal[
     "blocklist",
     "block_rep",
     "rate_limit_rep",
@@ -62,14 +62,14 @@ RuleTuple = tuple[
     Sequence[int | str] | None,
     Sequence[str] | None,
     str,
-    ReplyClass,
+    PushbackClass,
     ReplyScope,
     bool,
 ]
 """(id, providers, codes, enhanced, text, class, scope, fallback) of one reply rule for
 `set_rules`."""
 Classified = (
-    tuple[ReplyClass, ReplyScope, str, tuple[str, ...]]
+    tuple[PushbackClass, ReplyScope, str, tuple[str, ...]]
     | tuple[Literal["internal"], None, None, tuple[()]]
 )
 """(class, scope, rule_id, matched_ids), or ("internal", None, None, ()) for a reply the

@@ -19,11 +19,19 @@ from zoneinfo import ZoneInfo
 
 from kiln import _core
 from kiln.automation import Automation, AutomationBook, KeyEffect
-from kiln.policy import DayPushback, Policy, Pushback, RuleInfo, SignalBook, Verdict
+from kiln.policy import Policy, RampVerdict, RuleInfo
 from kiln.ramp import caps_at, plan_providers, steps_for
-from kiln.rampday import RampMove, RampState, day_cap
+from kiln.rampday import RampMove, day_cap
+from kiln.records import (
+    DayPushback,
+    LogEntry,
+    Pushback,
+    PushbackKey,
+    RampKey,
+    RampState,
+    SignalBook,
+)
 from kiln.schedule import Plan
-from kiln.store import LogEntry, PushbackKey
 
 __all__ = ["Classify", "Guard"]
 
@@ -115,7 +123,7 @@ class Guard:
         evidence: Mapping[tuple[str, str], Any],
         pushback: Mapping[PushbackKey, int],
         now_ms: int,
-    ) -> dict[tuple[str, str], Verdict]:
+    ) -> dict[tuple[str, str], RampVerdict]:
         """Policy's verdict on every ramp for a finished day (see `Policy.day_verdicts`)."""
         days: dict[tuple[str, str], DayPushback] = {}
         rows = dict(pushback)
@@ -126,7 +134,7 @@ class Guard:
         return self.policy.day_verdicts(day, evidence, days, self.signals, self.book, now_ms)
 
     def after_roll(
-        self, verdicts: Mapping[tuple[str, str], Verdict], moves: Sequence[RampMove], now_ms: int
+        self, verdicts: Mapping[RampKey, RampVerdict], moves: Sequence[RampMove], now_ms: int
     ) -> list[LogEntry]:
         """Step-downs and pauses of a day roll become automations."""
         return [

@@ -29,33 +29,25 @@ import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date
 from typing import Any, Literal
 
 from kiln.automation import Automation, AutomationBook
 from kiln.duration import format_ms
 from kiln.policyspec import RealtimeAction
 from kiln.ramp import plan_providers
+from kiln.records import DayCounts, DayPushback, Pushback, RampKey, SignalBook, SourceHealth
 from kiln.schedule import Plan
 
 __all__ = [
-    "DayPushback",
     "Policy",
-    "Pushback",
+    "RampVerdict",
     "RuleInfo",
-    "SignalBook",
-    "SourceHealth",
-    "Verdict",
-    "local_day_bounds_ms",
-    "plan_ips",
 ]
 
-RampKey = tuple[str, str]
 _CIDR = re.compile(
     r"(?<![0-9A-Fa-f:.])((?:[0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9A-Fa-f:]*:[0-9A-Fa-f:]+/[0-9]{1,3})"
 )
-#: Signal history kept per IP or domain.
-_HISTORY_DAYS = 45
 #: A Postmaster reading older than this (before the rolled day) no longer judges a ramp.
 _POSTMASTER_FRESH_DAYS = 7
 
@@ -69,130 +61,8 @@ class RuleInfo:
     action: RealtimeAction | Literal["none", "default"] = "default"
 
 
-@dataclass(frozen=True, slots=True)
-class Pushback:
-    """A remote reply the engine classified."""
-
-    at_ms: int
-    ip: str
-    provider: str
-    cls: str
-    scope: str
-    rule: str
-    text: str = ""
-
-
 @dataclass
-class DayPushback:
-    """Push-back seen on one local day for one (IP, provider): hours with hits, per class."""
-
-    hours: dict[str, set[int]] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, cls: str, hour: int, n: int = 1) -> None:
-        """Count `n` replies of `cls` in local `hour`."""
-        self.hours.setdefault(cls, set()).add(hour)
-        self.counts[cls] = self.counts.get(cls, 0) + n
-
-
-@dataclass
-class SourceHealth:
-    """When a source last gave a good reading, and what went wrong since."""
-
-    last_good_ms: int | None = None
-    last_attempt_ms: int | None = None
-    failures: int = 0
-    last_error: str | None = None
-
-    def stale(self, now_ms: int, stale_after_ms: int) -> bool:
-        """No good reading, or none for longer than `stale_after_ms`."""
-        return self.last_good_ms is None or now_ms - self.last_good_ms > stale_after_ms
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain data."""
-        return {
-            "last_good_ms": self.last_good_ms,
-            "last_attempt_ms": self.last_attempt_ms,
-            "failures": self.failures,
-            "last_error": self.last_error,
-        }
-
-
-@dataclass
-class SignalBook:
-    """The latest facts every source gave, by day; persisted as JSON by the daemon."""
-
-    spam_rate: dict[str, dict[str, float]] = field(default_factory=dict)
-    """domain -> {day: fraction (the upper bound when Google gives one)}."""
-    domain_reputation: dict[str, dict[str, str]] = field(default_factory=dict)
-    ip_reputation: dict[str, dict[str, str]] = field(default_factory=dict)
-    snds: dict[str, dict[str, str]] = field(default_factory=dict)
-    """ip -> {day: GREEN | YELLOW | RED | other}."""
-    snds_blocked: dict[str, str] = field(default_factory=dict)
-    """ip -> reason, as of the last good ipStatus poll."""
-    dnsbl: dict[str, dict[str, str]] = field(default_factory=dict)
-    """ip -> {zone: clean | listed | policy | unknown (+ detail)}."""
-    health: dict[str, SourceHealth] = field(default_factory=dict)
-
-    def good(self, source: str, now_ms: int) -> None:
-        """`source` just gave a good reading."""
-        h = self.health.setdefault(source, SourceHealth())
-        h.last_good_ms = h.last_attempt_ms = now_ms
-        h.failures = 0
-        h.last_error = None
-
-    def failed(self, source: str, now_ms: int, error: str) -> None:
-        """`source` failed (the error text holds no secret)."""
-        h = self.health.setdefault(source, SourceHealth())
-        h.last_attempt_ms = now_ms
-        h.failures += 1
-        h.last_error = error
-
-    @staticmethod
-    def put(table: dict[str, dict[str, Any]], subject: str, day: date, value: Any) -> None:
-        """Record a daily value, keeping `_HISTORY_DAYS` of history."""
-        days = table.setdefault(subject, {})
-        days[day.isoformat()] = value
-        for old in sorted(days)[:-_HISTORY_DAYS]:
-            del days[old]
-
-    @staticmethod
-    def latest(
-        table: Mapping[str, Mapping[str, Any]], subject: str, until: date, fresh_days: int
-    ) -> tuple[date, Any] | None:
-        """The newest value for `subject` on a day in (until - fresh_days, until]."""
-        days = table.get(subject, {})
-        for text in sorted(days, reverse=True):
-            d = date.fromisoformat(text)
-            if d <= until:
-                return (d, days[text]) if (until - d).days < fresh_days else None
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain data."""
-        return {
-            "spam_rate": self.spam_rate,
-            "domain_reputation": self.domain_reputation,
-            "ip_reputation": self.ip_reputation,
-            "snds": self.snds,
-            "snds_blocked": self.snds_blocked,
-            "dnsbl": self.dnsbl,
-            "health": {k: v.to_json() for k, v in self.health.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SignalBook:
-        """Back from `to_json`; unknown keys ignored, missing ones empty."""
-        book = cls()
-        for name in ("spam_rate", "domain_reputation", "ip_reputation", "snds", "dnsbl"):
-            setattr(book, name, dict(data.get(name, {})))
-        book.snds_blocked = dict(data.get("snds_blocked", {}))
-        book.health = {k: SourceHealth(**v) for k, v in data.get("health", {}).items()}
-        return book
-
-
-@dataclass
-class Verdict:
+class RampVerdict:
     """What policy says about one ramp at a day roll; the ramp's gates decide the rest."""
 
     pause: list[str] = field(default_factory=list)
@@ -204,19 +74,6 @@ class Verdict:
     """Pauses decided at this roll (the others are live automations)."""
     marks: list[str] = field(default_factory=list)
     """Readings that step the ramp down (each may do so once)."""
-
-
-def plan_ips(plan: Plan) -> list[str]:
-    """Every IP of a plan: batch IPs first, then warm pool members."""
-    ips = [ip for b in plan.batches.values() for ip in b.ips]
-    return ips + [m.ip for p in plan.pools.values() for m in p.members() if m.ip not in ips]
-
-
-def local_day_bounds_ms(plan: Plan, day: date) -> tuple[int, int]:
-    """[start, end) of a local calendar day in the plan's zone, in epoch ms."""
-    start = datetime(day.year, day.month, day.day, tzinfo=plan.zone)
-    end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=plan.zone)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
 def _pct(x: float) -> str:
@@ -249,7 +106,7 @@ class Policy:
 
     def all_ips(self) -> list[str]:
         """Every IP of the plan: batches first, then warm pool members."""
-        return plan_ips(self.plan)
+        return self.plan.all_ips()
 
     def implicated(self, p: Pushback) -> list[str]:
         """The IPs a reply's scope names (scopes: docs/rules.md)."""
@@ -331,7 +188,7 @@ class Policy:
         if p.cls not in ("rate_limit_rep", "block_rep", "blocklist"):
             return []
         day = self.plan.local_date(p.at_ms)
-        _, day_end = local_day_bounds_ms(self.plan, day)
+        _, day_end = self.plan.day_bounds_ms(day)
         if p.cls == "rate_limit_rep":
             expires, until = day_end, "the end of the local day (the day roll holds)"
         else:
@@ -470,26 +327,26 @@ class Policy:
     def day_verdicts(
         self,
         day: date,
-        evidence: Mapping[RampKey, Any],
+        evidence: Mapping[RampKey, DayCounts],
         pushback: Mapping[tuple[str, str], DayPushback],
         signals: SignalBook,
         book: AutomationBook,
         now_ms: int,
-    ) -> dict[RampKey, Verdict]:
+    ) -> dict[RampKey, RampVerdict]:
         """Pause / step down / hold per (batch, provider) for the local `day` that ended.
 
-        `evidence` holds `rampday.DayEvidence` per ramp; `pushback` per (IP, provider) for
-        that day. Step-downs and pauses decided here are recorded in `book` as automations
-        (`applied` for step-downs, `active` for pauses).
+        `evidence` holds each ramp's counts (summed over its batch), `pushback` each (IP,
+        provider)'s of that day. Step-downs and pauses decided here are recorded in `book` as
+        automations (`applied` for step-downs, `active` for pauses).
         """
-        start_ms, end_ms = local_day_bounds_ms(self.plan, day)
+        start_ms, end_ms = self.plan.day_bounds_ms(day)
         stale = self.stale_sources(signals, now_ms)
-        out: dict[RampKey, Verdict] = {}
+        out: dict[RampKey, RampVerdict] = {}
         for batch, b in self.plan.batches.items():
             if b.start_date > day:
                 continue
             for provider in plan_providers(self.plan):
-                v = Verdict()
+                v = RampVerdict()
                 self._counts(v, evidence.get((batch, provider)))
                 self._replies(v, [pushback.get((ip, provider)) for ip in b.ips])
                 self._postmaster(v, batch, provider, day, signals, book, now_ms)
@@ -521,7 +378,7 @@ class Policy:
                     out[(batch, provider)] = v
         return out
 
-    def _counts(self, v: Verdict, ev: Any) -> None:
+    def _counts(self, v: RampVerdict, ev: DayCounts | None) -> None:
         """Bounce and complaint rates of the day: hold, step down and pause thresholds."""
         if ev is None:
             return
@@ -547,7 +404,7 @@ class Policy:
                 small = "" if big else f"; under {d.min_volume} messages, it can only hold"
                 v.hold.append(f"day.{what}_hold: {text} (hold at {hold:g}%{small})")
 
-    def _replies(self, v: Verdict, days: Sequence[DayPushback | None]) -> None:
+    def _replies(self, v: RampVerdict, days: Sequence[DayPushback | None]) -> None:
         """Push-back classes of the day: rate limits hold or step down, blocks step down."""
         hours: dict[str, set[int]] = {}
         counts: dict[str, int] = {}
@@ -575,7 +432,7 @@ class Policy:
 
     def _postmaster(
         self,
-        v: Verdict,
+        v: RampVerdict,
         batch: str,
         provider: str,
         day: date,
@@ -630,7 +487,7 @@ class Policy:
                 v.marks.append(mark)
 
     def _snds_day(
-        self, v: Verdict, ips: Sequence[str], provider: str, day: date, signals: SignalBook
+        self, v: RampVerdict, ips: Sequence[str], provider: str, day: date, signals: SignalBook
     ) -> None:
         """SNDS colours that hold (pauses are real time, in `on_signals`)."""
         snds = self.plan.signals.snds
@@ -664,7 +521,7 @@ class Policy:
 
     def record_moves(
         self,
-        verdicts: Mapping[RampKey, Verdict],
+        verdicts: Mapping[RampKey, RampVerdict],
         moves: Sequence[Any],
         book: AutomationBook,
         now_ms: int,

@@ -33,7 +33,7 @@ __all__ = [
     "FeedbackSpec",
     "KumoSpec",
     "PathSpec",
-    "Policy",
+    "PolicySpec",
     "PostfixSpec",
     "PostmasterSpec",
     "PushbackClass",
@@ -185,7 +185,7 @@ class SignalPolicy(_Model):
         return self
 
 
-class Policy(_Model):
+class PolicySpec(_Model):
     """The plan's `policy` section."""
 
     #: Operator reply-rule files, read after the shipped rules (paths relative to the plan).

@@ -22,13 +22,13 @@ from zoneinfo import ZoneInfo
 from kiln._core import Engine
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.rate import RateSpec
+from kiln.records import RampKey, RampState
 from kiln.schedule import MAX_CAP, Plan, Schedule, SteadyState, Step
 
 __all__ = [
     "CompiledLimit",
     "PlanRow",
     "PoolRow",
-    "RampPosition",
     "StepCaps",
     "active_hours_mask",
     "apply",
@@ -52,14 +52,6 @@ class StepCaps:
     daily_cap: int | None = None
     hourly_cap: int | None = None
     share_percent: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RampPosition:
-    """Where one (batch, provider) ramp stands: `step` is 1-based; past the last, it is done."""
-
-    step: int = 1
-    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +301,7 @@ def _row(
 
 
 def compile_limits(
-    plan: Plan, positions: Mapping[tuple[str, str], RampPosition], now_ms: int
+    plan: Plan, positions: Mapping[RampKey, RampState], now_ms: int
 ) -> list[CompiledLimit]:
     """The limit of every (batch IP, provider) key, for every provider row.
 
@@ -325,7 +317,7 @@ def compile_limits(
         schedule = plan.schedules[b.schedule]
         mask = active_hours_mask(schedule.hourly.window)
         for provider in plan_providers(plan):
-            position = positions.get((name, provider), RampPosition())
+            position = positions.get((name, provider), RampState())
             caps, state = caps_at(plan, name, provider, position.step)
             hourly = caps.hourly_cap
             rate = schedule.max_message_rate
@@ -452,7 +444,5 @@ def apply(engine: Engine, plan: Plan, limits: Iterable[CompiledLimit]) -> None:
 
     for name in plan.pools:
         define(name)
-    plan_ips = [ip for b in plan.batches.values() for ip in b.ips]
-    plan_ips += [m.ip for pool in plan.pools.values() for m in pool.members()]
-    engine.retain_ips(plan_ips)
+    engine.retain_ips(plan.all_ips())
     engine.retain_pools(list(plan.pools))

@@ -1,10 +1,10 @@
 """What each ramp does at a day roll-over: a pure decision, one move per (batch, provider).
 
 `roll_day(plan, day, states, evidence, holds)` takes the local calendar date that just ended,
-the persisted `RampState` of every ramp, what that day showed (`DayEvidence`, summed over the
+the persisted `RampState` of every ramp, what that day showed (`DayCounts`, summed over the
 batch's IPs) and the hold conditions policy recorded, and returns every ramp's new state plus
 the `RampMove`s to write to the decision log. No I/O, no clock, no engine: the caller stores
-the states, logs the moves and recompiles the limits (`RampState.position` feeds
+the states, logs the moves and recompiles the limits (the states feed
 `kiln.ramp.compile_limits`).
 
 Rules, checked in this order for each ramp (`gates` are the batch's schedule's):
@@ -46,18 +46,16 @@ from dataclasses import dataclass, replace
 from datetime import date
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from kiln.ramp import RampPosition, caps_at, plan_providers, steps_for
+from kiln.ramp import caps_at, plan_providers, steps_for
+from kiln.records import DayCounts, RampKey, RampState
 from kiln.schedule import Gates, Plan
 
 __all__ = [
     "FLAG_AFTER_DAYS",
     "Action",
-    "Counted",
-    "DayEvidence",
     "RampMove",
-    "RampState",
     "day_cap",
     "day_evidence",
     "roll_day",
@@ -69,88 +67,20 @@ FLAG_AFTER_DAYS = 10
 Action = Literal[
     "advance", "hold", "restart", "done", "not_started", "paused", "flag", "pause", "step_down"
 ]
-RampKey = tuple[str, str]
-"""(batch, provider)."""
-
 _NO_HOLDS: Mapping[RampKey, Sequence[str]] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class RampState:
-    """One (batch, provider) ramp as the store persists it."""
-
-    step: int = 1
-    """1-based; past the last step the ramp is done."""
-    paused: bool = False
-    idle_days: int = 0
-    """Consecutive calendar days without traffic."""
-    last_sending_day: date | None = None
-    days_without_advance: int = 0
-    """Held days that counted since the last advance or restart."""
-
-    def __post_init__(self) -> None:
-        """Steps start at 1; counters are never negative."""
-        if self.step < 1:
-            raise ValueError(f"step is 1-based, got {self.step}")
-        if self.idle_days < 0 or self.days_without_advance < 0:
-            raise ValueError(
-                f"day counts are never negative, got idle_days={self.idle_days}, "
-                f"days_without_advance={self.days_without_advance}"
-            )
-
-    @property
-    def position(self) -> RampPosition:
-        """The part `kiln.ramp.compile_limits` needs."""
-        return RampPosition(step=self.step, paused=self.paused)
-
-
-@dataclass(frozen=True, slots=True)
-class DayEvidence:
-    """What one finished local day showed for a (batch, provider), summed over the batch's IPs.
-
-    `granted` is what kiln let through; the other counts are what the MTA reported.
-    """
-
-    granted: int = 0
-    delivered: int = 0
-    deferred: int = 0
-    bounced: int = 0
-    complaints: int = 0
-
-    def __post_init__(self) -> None:
-        """Counts of messages are never negative."""
-        for name in ("granted", "delivered", "deferred", "bounced", "complaints"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} is a count of messages, got {value}")
-
-
-class Counted(Protocol):
-    """One key's counts of a day, as the store keeps them (`kiln.store.DayCounts`)."""
-
-    @property
-    def granted(self) -> int: ...
-    @property
-    def delivered(self) -> int: ...
-    @property
-    def deferred(self) -> int: ...
-    @property
-    def bounced(self) -> int: ...
-    @property
-    def complaints(self) -> int: ...
-
-
 def day_evidence(
-    plan: Plan, counts: Mapping[tuple[str, str], Counted]
-) -> dict[tuple[str, str], DayEvidence]:
+    plan: Plan, counts: Mapping[tuple[str, str], DayCounts]
+) -> dict[tuple[str, str], DayCounts]:
     """Each (batch, provider)'s evidence of a day: the counts of its IPs (keyed by (ip,
     provider)) summed; a key with no counts counts zero."""
-    evidence: dict[tuple[str, str], DayEvidence] = {}
+    evidence: dict[tuple[str, str], DayCounts] = {}
     for name, batch in plan.batches.items():
         for provider in plan_providers(plan):
             rows = [counts.get((ip, provider)) for ip in batch.ips]
             got = [r for r in rows if r is not None]
-            evidence[(name, provider)] = DayEvidence(
+            evidence[(name, provider)] = DayCounts(
                 granted=sum(r.granted for r in got),
                 delivered=sum(r.delivered for r in got),
                 deferred=sum(r.deferred for r in got),
@@ -206,7 +136,7 @@ def roll_day(
     plan: Plan,
     day: date,
     states: Mapping[RampKey, RampState],
-    evidence: Mapping[RampKey, DayEvidence],
+    evidence: Mapping[RampKey, DayCounts],
     holds: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
     step_downs: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
     pauses: Mapping[RampKey, Sequence[str]] = _NO_HOLDS,
@@ -215,7 +145,7 @@ def roll_day(
 
     Each (batch, provider) of the plan gets a new state and one move (two when a hold is
     flagged), batches in plan order and providers in `plan_providers` order. A missing state
-    is `RampState()`, missing evidence is `DayEvidence()` (no traffic), missing holds are none.
+    is `RampState()`, missing evidence is `DayCounts()` (no traffic), missing holds are none.
     Keys of `states` that are not ramps of the plan are left out of the result.
 
     `step_downs` and `pauses` are policy's verdicts (`kiln.policy`), with their reasons: a
@@ -234,7 +164,7 @@ def roll_day(
                 batch,
                 provider,
                 states.get(key, RampState()),
-                evidence.get(key, DayEvidence()),
+                evidence.get(key, DayCounts()),
                 _hold_list(holds.get(key, ())),
                 _hold_list(step_downs.get(key, ())),
                 _hold_list(pauses.get(key, ())),
@@ -257,7 +187,7 @@ class _Day:
     provider: str
     day: date
     state: RampState
-    seen: DayEvidence
+    seen: DayCounts
     holds: list[str]
     gates: Gates
     cap: int | None
@@ -325,7 +255,7 @@ def _roll_one(
     batch: str,
     provider: str,
     state: RampState,
-    seen: DayEvidence,
+    seen: DayCounts,
     holds: list[str],
     step_downs: list[str] | None = None,
     pauses: list[str] | None = None,

@@ -45,7 +45,6 @@ __all__ = [
     "DEFAULT_RULES",
     "PROVIDER_GROUPS",
     "Classification",
-    "ReplyClass",
     "Rule",
     "RuleFile",
     "RuleFiles",
@@ -67,8 +66,6 @@ PROVIDER_GROUPS: dict[str, tuple[str, ...]] = {
     "microsoft": ("microsoft-consumer", "microsoft-365"),
 }
 
-ReplyClass = PushbackClass
-"""Push-back classes, most severe first: when several rules match, the earliest class wins."""
 Scope = Literal["ip", "netblock", "domain", "url", "recipient", "message"]
 """What a reply implicates (docs/rules.md)."""
 
@@ -136,7 +133,7 @@ class Rule(_Model):
     enhanced: Enhanced | Annotated[list[Enhanced], Field(min_length=1)] | None = None
     #: A regex (Rust `regex` syntax), matched case-insensitively against `CODE ENH text`.
     text: Annotated[str, Field(min_length=1, max_length=4096)]
-    class_: ReplyClass = Field(alias="class")
+    class_: PushbackClass = Field(alias="class")
     scope: Scope
     threshold: Annotated[Threshold, BeforeValidator(parse_threshold)] = Threshold()
     #: None: the policy's action for the class; "none": no action at all.
@@ -450,7 +447,7 @@ def _message(err: Any, loc: Loc) -> str:
 
 
 _RULE_KEYS = [f.alias or n for n, f in Rule.model_fields.items()]
-_CLASSES: list[str] = list(get_args(ReplyClass))
+_CLASSES: list[str] = list(get_args(PushbackClass))
 _SCOPES: list[str] = list(get_args(Scope))
 
 

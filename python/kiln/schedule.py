@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from kiln.errors import Problem, ScheduleError
 from kiln.modelerrors import located_problems, unknown_key
-from kiln.policyspec import Policy, Signals
+from kiln.policyspec import PolicySpec, Signals
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.rate import RateError, RateSpec
 from kiln.yamlfile import Loc, SourceMap, load_yaml, short_repr
@@ -361,7 +361,7 @@ class Plan(_Model):
     pools: dict[Name, Pool] = Field(min_length=1)
     batches: dict[Name, Batch] = {}
     schedules: dict[Name, Schedule] = {}
-    policy: Policy = Policy()
+    policy: PolicySpec = PolicySpec()
     signals: Signals = Signals()
 
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
@@ -389,6 +389,17 @@ class Plan(_Model):
     def local_date(self, at_ms: int) -> date:
         """The plan-zone calendar date at `at_ms`: the day caps, rolls and evidence count in."""
         return self.local_time(at_ms).date()
+
+    def day_bounds_ms(self, day: date) -> tuple[int, int]:
+        """[start, end) of the local calendar `day` in the plan's zone, in epoch ms."""
+        start = datetime(day.year, day.month, day.day, tzinfo=self.zone)
+        end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=self.zone)
+        return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+
+    def all_ips(self) -> list[str]:
+        """Every IP of the plan, once: batch IPs first, then warm pool members."""
+        ips = [ip for b in self.batches.values() for ip in b.ips]
+        return ips + [m.ip for p in self.pools.values() for m in p.members() if m.ip not in ips]
 
     def provider_table(self) -> dict[str, ProviderSpec]:
         """Shipped providers, extended and overridden by the plan's."""

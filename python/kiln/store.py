@@ -64,7 +64,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date
 from pathlib import Path
 from types import TracebackType
@@ -90,17 +90,15 @@ from sqlmodel import Field, Session, SQLModel, col, create_engine, or_, select
 
 from kiln.errors import KilnError
 from kiln.log import get_logger
+from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
 
 __all__ = [
     "FILE_MODE",
     "SCHEMA_VERSION",
     "STATE_MARKER",
-    "DayCounts",
-    "LogEntry",
     "StateLostError",
     "Store",
     "StoreError",
-    "StoredPosition",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -145,42 +143,7 @@ class StateLostError(StoreError):
         super().__init__(action, target, problem)
 
 
-@dataclass(frozen=True, slots=True)
-class StoredPosition:
-    """Where one (batch, provider) ramp stands, as saved: `step` is 1-based."""
-
-    step: int = 1
-    paused: bool = False
-    idle_days: int = 0  # consecutive calendar days without traffic
-    last_sending_day: date | None = None
-    days_without_advance: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class DayCounts:
-    """Feedback for one (local day, ip, provider): what was granted and what came back."""
-
-    granted: int = 0
-    delivered: int = 0
-    deferred: int = 0
-    bounced: int = 0
-    complaints: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One row of the append-only decision log; `id` is assigned by the store."""
-
-    at_ms: int
-    kind: str  # "ramp", "reload", "suspend", "start", "stop", ...
-    subject: str  # "tx-2026-12/google", "192.0.2.10/google", "plan", ...
-    action: str  # "advance", "hold", "restart", "reload_failed", ...
-    reason: str  # a human sentence
-    evidence: dict[str, Any]  # JSON-able
-    id: int | None = None
-
-
-_COUNTERS: Final = ("granted", "delivered", "deferred", "bounced", "complaints")
+_COUNTERS: Final = tuple(f.name for f in fields(DayCounts))
 
 
 class _Meta(SQLModel, table=True):
@@ -261,10 +224,6 @@ class _Pushback(SQLModel, table=True):
     hour: int = Field(primary_key=True)
     rule: str = Field(primary_key=True)
     count: int = Field(sa_type=BigInteger)
-
-
-#: (ip, provider, class, local hour, rule) -> replies.
-PushbackKey = tuple[str, str, str, int, str]
 
 
 def _table(model: type[SQLModel]) -> Table:
@@ -785,12 +744,12 @@ class Store:
 
     # -- ramp positions ------------------------------------------------------------------------
 
-    def load_positions(self, plan: str) -> dict[tuple[str, str], StoredPosition]:
+    def load_positions(self, plan: str) -> dict[tuple[str, str], RampState]:
         """Every saved position of `plan`, keyed by (batch, provider)."""
         with self._transaction(f"load ramp positions of plan {plan!r}", write=False) as session:
             rows = session.exec(select(_Position).where(_Position.plan == plan)).all()
             return {
-                (row.batch, row.provider): StoredPosition(
+                (row.batch, row.provider): RampState(
                     step=row.step,
                     paused=row.paused,
                     idle_days=row.idle_days,
@@ -803,7 +762,7 @@ class Store:
     def save_positions(
         self,
         plan: str,
-        positions: Mapping[tuple[str, str], StoredPosition],
+        positions: Mapping[tuple[str, str], RampState],
         now_ms: int,
         *,
         meta: Mapping[str, str] | None = None,
@@ -828,7 +787,7 @@ class Store:
         self,
         session: Session,
         plan: str,
-        positions: Mapping[tuple[str, str], StoredPosition],
+        positions: Mapping[tuple[str, str], RampState],
         now_ms: int,
     ) -> None:
         """The upsert of `save_positions`, inside the caller's transaction."""

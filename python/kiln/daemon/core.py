@@ -31,21 +31,22 @@ from kiln.daemon import ops, reload, serving
 from kiln.daemon.config import DaemonConfig
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
 from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
-from kiln.daemon.roll import ROLLED_KEY, roll_days, roll_days_async, state_of
+from kiln.daemon.roll import ROLLED_KEY, roll_days, roll_days_async
 from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
 from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
-from kiln.policy import RuleInfo, SignalBook
+from kiln.policy import RuleInfo
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, hours_of_day, plan_providers
-from kiln.rampday import RampMove, RampState
+from kiln.rampday import RampMove
+from kiln.records import DayCounts, LogEntry, RampState, SignalBook
 from kiln.rules import RuleFiles, RuleSet, known_providers
 from kiln.schedule import Plan, load_plan
 from kiln.signals.poller import Poller, feedback_reader, report_line
 from kiln.signals.thread import SignalLoop
-from kiln.store import DayCounts, LogEntry, Store
+from kiln.store import Store
 from kiln.watchdog import LoopMonitor, Notifier
 
 __all__ = ["Daemon", "run"]
@@ -148,7 +149,7 @@ class Daemon:
         self.poller.prepare()  # the HTTP client's TLS set-up, before serving
         self.engine.set_default_provider(DEFAULT_PROVIDER)
         self.engine.set_upcall_ops(list(ops.UPCALL_OPS))
-        self.states = {k: state_of(p) for k, p in self.store.load_positions(self.plan.name).items()}
+        self.states = self.store.load_positions(self.plan.name)
         self.load_guard(now_ms)
         self.mark_start(now_ms)
         self.roll_days(now_ms)
@@ -219,8 +220,7 @@ class Daemon:
         Only a start or an hour roll (`hour_rolled`) moves the next hour boundary forward: a
         reload or cancel that lands after a boundary but before the tick that rolls it must
         not push the roll (and a midnight's day roll) an hour later."""
-        positions = {k: s.position for k, s in self.states.items()}
-        apply(self.engine, self.plan, compile_limits(self.plan, positions, now_ms))
+        apply(self.engine, self.plan, compile_limits(self.plan, self.states, now_ms))
         self.guard.enforce(self.engine, self.states, now_ms)
         hours, days, local_hours = self._calendar(now_ms)
         self.engine.set_calendar(hours, days, local_hours)

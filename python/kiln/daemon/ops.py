@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln import _core
-from kiln.daemon.roll import stored
 from kiln.mx import MxLookups
-from kiln.policy import plan_ips
 from kiln.ramp import caps_at, plan_providers, steps_for
-from kiln.rampday import RampState, day_cap
+from kiln.rampday import day_cap
 from kiln.rate import RateSpec
+from kiln.records import RampState
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -177,7 +176,7 @@ def cancel(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
         if a.from_step is not None and s.step == a.to_step:
             d.states[key] = dataclasses.replace(s, step=a.from_step)
             try:
-                d.store.save_positions(d.plan.name, {key: stored(d.states[key])}, now_ms)
+                d.store.save_positions(d.plan.name, {key: d.states[key]}, now_ms)
             except StoreError as e:
                 # The cancel holds in memory; the position is saved at the next roll.
                 d.warn_repeated("store_write_failed", error=str(e), during="cancel")
@@ -211,7 +210,7 @@ def _plan_ip(d: Daemon, ip: str) -> str:
         text = str(ipaddress.ip_address(ip.strip()))
     except ValueError:
         raise RequestError(f"ip: not an IP address, got {ip!r}") from None
-    if text not in plan_ips(d.plan):
+    if text not in d.plan.all_ips():
         raise RequestError(f"ip: {text} is not a sending IP of this daemon's plan")
     return text
 

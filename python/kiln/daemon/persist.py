@@ -10,7 +10,6 @@ newest snapshot kept), so a full disk or a read-only database loses nothing whil
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from datetime import date
 from typing import Any, TypeVar
 
 from kiln import _core
-from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoreError
+from kiln.records import DayCounts, LogEntry, PushbackKey
+from kiln.store import Store, StoreError
 
 __all__ = ["Batch", "Persister", "charge_stored_tallies"]
 
@@ -50,7 +50,7 @@ class Batch:
         """Take in a later batch of the same day and plan."""
         for key, c in later.counts.items():
             was = self.counts.get(key)
-            self.counts[key] = c if was is None else added(was, c)
+            self.counts[key] = c if was is None else was + c
         for pday, rows in later.pushback.items():
             mine = self.pushback.setdefault(pday, {})
             for reply, n in rows.items():
@@ -75,13 +75,6 @@ class Batch:
             automations=self.automations,
             meta=self.meta,
         )
-
-
-def added(a: DayCounts, b: DayCounts) -> DayCounts:
-    """Two days' worth of counts of one key, added field by field."""
-    return DayCounts(
-        *(x + y for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True))
-    )
 
 
 def merged(batches: list[Batch]) -> list[Batch]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.daemon.jobs import schedule_signals
-from kiln.daemon.roll import state_of
 from kiln.errors import ScheduleError
 from kiln.guard import Guard
 from kiln.rules import RuleSet
@@ -96,7 +95,7 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
     d.poller.replan(plan)
     if plan.name != old:
         loaded = d.store.load_positions(plan.name)
-        d.states = {k: state_of(p) for k, p in loaded.items()}
+        d.states = dict(loaded)
         d.guard = Guard(plan, rules)
         d.load_guard(now_ms)
         d.mark_start(now_ms)

@@ -9,36 +9,24 @@ loop.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from kiln.rampday import RampMove, RampState, day_evidence, roll_day
-from kiln.store import DayCounts, LogEntry, PushbackKey, Store, StoredPosition
+from kiln.rampday import RampMove, day_evidence, roll_day
+from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
+from kiln.store import Store
 
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
 
-__all__ = ["ROLLED_KEY", "roll_days", "roll_days_async", "state_of", "stored"]
+__all__ = ["ROLLED_KEY", "roll_days", "roll_days_async"]
 
 T = TypeVar("T")
 
 #: Last local day whose ramps were rolled (store meta key, per plan name).
 ROLLED_KEY = "last_rolled_day:{plan}"
-
-
-def state_of(p: StoredPosition | RampState) -> RampState:
-    """A store row as the ramp module's state."""
-    return RampState(**{f.name: getattr(p, f.name) for f in dataclasses.fields(RampState)})
-
-
-def stored(s: RampState) -> StoredPosition:
-    """A ramp state as a store row."""
-    return StoredPosition(
-        **{f.name: getattr(s, f.name) for f in dataclasses.fields(StoredPosition)}
-    )
 
 
 #: Runs a store call: in the calling thread (`_here`) or on the store thread (`persist.run`).
@@ -95,7 +83,7 @@ class _Save:
 
     store: Store
     plan: str
-    positions: dict[tuple[str, str], StoredPosition]
+    positions: dict[tuple[str, str], RampState]
     now_ms: int
     entries: list[LogEntry]
     automations: list[dict[str, Any]]
@@ -146,7 +134,7 @@ def _decide(
     save = _Save(
         d.store,
         d.plan.name,
-        {k: stored(s) for k, s in states.items()},
+        states,
         now_ms,
         entries,
         d.guard.dirty(),

@@ -45,7 +45,7 @@ from kiln.feedback import (
 )
 from kiln.log import get_logger
 from kiln.mx import parse_nameservers
-from kiln.policy import SignalBook, plan_ips
+from kiln.records import SignalBook
 from kiln.schedule import Plan
 from kiln.signals import SourceError
 from kiln.signals.dnsbl import DnsblReading, DnsblSource, Zone
@@ -226,7 +226,7 @@ def _build_snds(p: Poller, snds: Any) -> SndsSource:
     return SndsSource.legacy(
         p.http(),
         key,
-        ips=plan_ips(p.plan),
+        ips=p.plan.all_ips(),
         base_url=snds.base_url,
         now_ms=p.now_ms,
         limits=FetchLimits(max_body_bytes=snds.max_body_bytes, deadline_s=snds.deadline / 1000),
@@ -247,7 +247,7 @@ async def _fetch_days(p: Poller, src: Any, spec: Any, now_ms: int) -> list[tuple
 
 async def _fetch_dnsbl(p: Poller, src: DnsblSource, spec: Any, now_ms: int) -> DnsblReading:
     del spec, now_ms
-    return await src.poll(plan_ips(p.plan))
+    return await src.poll(p.plan.all_ips())
 
 
 def _apply_postmaster(

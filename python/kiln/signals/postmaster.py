@@ -46,6 +46,7 @@ __all__ = [
     "Compliance",
     "ComplianceData",
     "ComplianceRow",
+    "ComplianceStatus",
     "DeliveryError",
     "DomainDay",
     "DomainFailure",
@@ -59,7 +60,6 @@ __all__ = [
     "PostmasterSource",
     "StatValue",
     "TrafficStats",
-    "Verdict",
     "parse_compliance",
     "parse_domain_stats_page",
     "parse_stat_value",
@@ -470,7 +470,7 @@ def _merge(into: DomainStats, more: DomainStats) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class ComplianceStatus:
     """A status with an optional reason (`None` when absent or unspecified)."""
 
     status: str | None
@@ -491,8 +491,8 @@ class ComplianceData:
 
     domain_id: str | None
     rows: tuple[ComplianceRow, ...]
-    one_click_unsubscribe: Verdict | None
-    honor_unsubscribe: Verdict | None
+    one_click_unsubscribe: ComplianceStatus | None
+    honor_unsubscribe: ComplianceStatus | None
 
     def status(self, requirement: str) -> str | None:
         """The status of one requirement, None if it is not listed."""
@@ -519,17 +519,17 @@ class Compliance:
     name: str | None
     domain: ComplianceData | None
     subdomain: ComplianceData | None = None
-    deliverability: Verdict | None = None
+    deliverability: ComplianceStatus | None = None
 
 
-def _verdict(value: object, where: str, status_key: str = "status") -> Verdict | None:
+def _verdict(value: object, where: str, status_key: str = "status") -> ComplianceStatus | None:
     """`{reason?, status: {status}}` (or `state: {status}` for the preview verdict)."""
     data = _optional_object(value, where)
     if data is None:
         return None
     inner = _optional_object(data.get(status_key), f"{where}.{status_key}")
     status = _enum(inner.get("status"), f"{where}.{status_key}.status") if inner else None
-    return Verdict(status=status, reason=_enum(data.get("reason"), f"{where}.reason"))
+    return ComplianceStatus(status=status, reason=_enum(data.get("reason"), f"{where}.reason"))
 
 
 def _compliance_data(value: object, where: str) -> ComplianceData | None:
