@@ -380,10 +380,10 @@ def test_flush_on_the_store_thread_logs_a_failure_once_and_recovers(
         for _ in range(3):
             send(d, acquire(1))
             d.collect(clock.t)
-            await d.flush_async()
+            await d.persist.write_async()
         state_["failing"] = False
         d.collect(clock.t)
-        await d.flush_async()
+        await d.persist.write_async()
 
     with structlog.testing.capture_logs() as logs:
         asyncio.run(go())

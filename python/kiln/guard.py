@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from kiln import _core
 from kiln.automation import Automation, AutomationBook, KeyEffect
-from kiln.policy import Policy, RampVerdict, RuleInfo
+from kiln.policy import Policy, RampVerdict, RuleInfo, undo_step_down
 from kiln.ramp import caps_at, plan_providers, steps_for
 from kiln.rampday import RampMove, day_cap
 from kiln.records import (
@@ -167,9 +167,12 @@ class Guard:
 
     # ----- the operator -----
 
-    def cancel(self, automation_id: str, now_ms: int, who: str) -> tuple[Automation, LogEntry]:
+    def cancel(
+        self, automation_id: str, now_ms: int, who: str, states: Mapping[RampKey, RampState]
+    ) -> tuple[Automation, LogEntry, dict[RampKey, RampState]]:
         """End an automation early. Raises KeyError (unknown) or ValueError (already over).
-        A cancelled step-down gives its steps back: the daemon moves the ramp."""
+        A cancelled step-down gives its steps back: the new positions come third, for the
+        daemon to put in force and save."""
         a = self.book.get(automation_id)
         if a is None:
             raise KeyError(f"no automation {automation_id!r}")
@@ -177,7 +180,8 @@ class Guard:
         if ended is None:
             raise ValueError(f"automation {a.id} is {a.state}, not active")
         back = f": back to step {a.from_step}" if a.kind == "step_down" else ""
-        return ended, self._entry(now_ms, ended, "cancelled", f"cancelled by {who}{back}")
+        entry = self._entry(now_ms, ended, "cancelled", f"cancelled by {who}{back}")
+        return ended, entry, undo_step_down(ended, states)
 
     def listing(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
         """Automations for `kiln automations`: live ones, or all kept ones."""

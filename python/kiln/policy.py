@@ -28,7 +28,7 @@ import ipaddress
 import re
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, Literal
 
@@ -36,13 +36,22 @@ from kiln.automation import Automation, AutomationBook
 from kiln.duration import format_ms
 from kiln.policyspec import RealtimeAction
 from kiln.ramp import plan_providers
-from kiln.records import DayCounts, DayPushback, Pushback, RampKey, SignalBook, SourceHealth
+from kiln.records import (
+    DayCounts,
+    DayPushback,
+    Pushback,
+    RampKey,
+    RampState,
+    SignalBook,
+    SourceHealth,
+)
 from kiln.schedule import Plan
 
 __all__ = [
     "Policy",
     "RampVerdict",
     "RuleInfo",
+    "undo_step_down",
 ]
 
 _CIDR = re.compile(
@@ -84,6 +93,16 @@ def _pct(x: float) -> str:
 def _n(n: int, word: str, plural: str | None = None) -> str:
     """`1 GREEN day`, `3 GREEN days`: a count and its noun, in agreement."""
     return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
+def undo_step_down(a: Automation, states: Mapping[RampKey, RampState]) -> dict[RampKey, RampState]:
+    """The positions a cancelled step-down gives back: its ramp at `from_step` again, if it
+    still stands where the step-down put it (a roll since then may have moved it)."""
+    if a.kind != "step_down" or a.batch is None or a.provider is None or a.from_step is None:
+        return {}
+    key = (a.batch, a.provider)
+    s = states.get(key, RampState())
+    return {key: replace(s, step=a.from_step)} if s.step == a.to_step else {}
 
 
 class Policy:

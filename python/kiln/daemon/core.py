@@ -31,7 +31,8 @@ from kiln.daemon import ops, reload, serving
 from kiln.daemon.config import DaemonConfig
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
 from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
-from kiln.daemon.roll import ROLLED_KEY, roll_days, roll_days_async
+from kiln.daemon.roll import ROLLED_KEY, roll_days
+from kiln.daemon.runner import HERE, OFF_LOOP, Now, Runner, complete
 from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
 from kiln.guard import Guard
@@ -265,34 +266,32 @@ class Daemon:
     # ----- jobs (time is an argument; the scheduler only says when) -----
 
     def tick(self, now_ms: int) -> None:
-        """The 1 Hz job, run in the calling thread (tests): roll hours and days when due, read
-        the MTA logs, then flush."""
-        if now_ms >= self.next_hour_ms:
-            self.on_hour(now_ms)
-        self.ingest(now_ms)
-        self.flush(now_ms)
+        """The 1 Hz job in the calling thread (tests); StoreError if a write failed."""
+        complete(self.tick_with(HERE, lambda: now_ms))
+
+    async def tick_with(self, run: Runner, now: Now) -> None:
+        """The 1 Hz job: roll hours and days when due, read the MTA logs, then write. Each
+        step reads the clock afresh (the serving daemon's reads before it take time)."""
+        await self.on_hour_with(run, now())
+        await self.ingest_with(run, now)
+        self.collect(now())
+        await run.write(self.persist)
 
     def ingest(self, now_ms: int) -> int:
-        """Feed new MTA-log and complaint events to the engine as `report`s, the logs read in
-        the calling thread (start-up, tests); how many went."""
+        """`ingest_with` in the calling thread (start-up, tests)."""
+        return complete(self.ingest_with(HERE, lambda: now_ms))
+
+    async def ingest_with(self, run: Runner, now: Now) -> int:
+        """Feed new MTA-log and complaint events to the engine as `report`s; how many went.
+        The logs are read and parsed by `run.worker` (a busy MTA writes thousands of lines a
+        second); only feeding the engine happens on its thread. The serving daemon runs it
+        under `job_lock`, so no reload replaces the readers meanwhile."""
         if self.feedback is None:
             return 0
-        return self._feed(*_read_feedback(self.feedback, now_ms), now_ms)
-
-    async def ingest_async(self, now_ms: int) -> int:
-        """`ingest` with the logs read and parsed on a worker thread (a busy MTA writes
-        thousands of lines a second); only feeding the engine happens on the loop. Run under
-        `job_lock`, so no reload replaces the readers meanwhile."""
-        if self.feedback is None:
-            return 0
-        read = await asyncio.to_thread(_read_feedback, self.feedback, now_ms)
-        return self._feed(*read, self.clock.now_ms())  # time moved on meanwhile
-
-    def _feed(self, lines: list[bytes], marks: str, now_ms: int) -> int:
-        """Serve report lines to the engine; `marks` (the readers' checkpoints after them) go
-        with the next write."""
-        self._feedback_marks = marks
+        lines, marks = await run.worker(_read_feedback, self.feedback, now())
+        self._feedback_marks = marks  # the readers' checkpoints go with the next write
         data = b"".join(lines)
+        now_ms = now()  # time moved on meanwhile
         while data:
             served = self.engine.serve(data, now_ms)
             data = data[served.consumed :]
@@ -301,25 +300,20 @@ class Daemon:
         return len(lines)
 
     def on_hour(self, now_ms: int) -> None:
-        """An hour began: ramps whose day ended roll, then this hour's limits are pushed.
-        Idempotent: a second call for the same hour does nothing."""
-        if now_ms < self.next_hour_ms:
-            return
-        self.flush(now_ms)
-        self.roll_days(now_ms)
-        self.apply_plan(now_ms, hour_rolled=True)
+        """`on_hour_with` in the calling thread (tests)."""
+        complete(self.on_hour_with(HERE, now_ms))
 
-    async def on_hour_async(self, now_ms: int) -> None:
-        """`on_hour` as the serving daemon runs it (under `job_lock`): the store is written
-        and the day roll reads and writes it on the store thread, so the loop serves on.
-        When the ended hour's tallies cannot be written, the roll waits for the next tick."""
+    async def on_hour_with(self, run: Runner, now_ms: int) -> None:
+        """An hour began: ramps whose day ended roll, then this hour's limits are pushed.
+        Idempotent: a second call for the same hour does nothing. When the ended hour's
+        tallies cannot be written, the roll waits for the next tick (it must read them)."""
         if now_ms < self.next_hour_ms:
             return
         self.collect(now_ms)
-        await self.persist.write_async()
+        await run.write(self.persist)
         if self.persist.unsaved:
-            return  # the roll must read the ended hour's tallies from the store
-        await roll_days_async(self, now_ms)
+            return
+        await roll_days(self, run, now_ms)
         self.apply_plan(now_ms, hour_rolled=True)
 
     def collect(self, now_ms: int, *, final: bool = False) -> None:
@@ -387,13 +381,7 @@ class Daemon:
         `final`: nothing will be granted after this (the sockets are closed), so the snapshot
         holds the exact counters, with no reservation for a restart to charge."""
         self.collect(now_ms, final=final)
-        error = self.persist.write_now()
-        if error is not None:
-            raise error
-
-    async def flush_async(self) -> None:
-        """Write what earlier flushes took, on the store thread (failures are logged)."""
-        await self.persist.write_async()
+        complete(HERE.write(self.persist))
 
     def warn_repeated(self, event: str, **fields: Any) -> None:
         """Log `event` at most once every few seconds, with how often it happened since."""
@@ -436,8 +424,8 @@ class Daemon:
         return found[0], found[1], found[2]
 
     def roll_days(self, now_ms: int) -> list[RampMove]:
-        """Roll every local day that ended since the last roll (`kiln.daemon.roll`)."""
-        return roll_days(self, now_ms)
+        """Roll every local day that ended since the last roll, in the calling thread."""
+        return complete(roll_days(self, HERE, now_ms))
 
     def record(
         self,
@@ -464,26 +452,23 @@ class Daemon:
             e.reason, kind=e.kind, subject=e.subject, action=e.action, **fields
         )
 
-    # ----- reload (kiln.daemon.reload) -----
+    # ----- reload (kiln.daemon.reload) and operator requests (kiln.daemon.ops) -----
 
     def reload(self, now_ms: int) -> dict[str, Any]:
-        """Re-read the plan in the calling thread, swap it in only if valid, and write the
-        result (tests; the serving daemon uses `reload_async`)."""
-        return reload.reload(self, now_ms)
+        """Re-read the plan in the calling thread, swap it in only if valid (tests)."""
+        return complete(reload.reload(self, HERE, lambda: now_ms))
 
     async def reload_async(self) -> dict[str, Any]:
         """Re-read the plan off the loop and swap it in only if valid (SIGHUP, `reload`)."""
-        return await reload.reload_async(self)
-
-    # ----- operator requests (kiln.daemon.ops) and serving (kiln.daemon.serving) -----
+        return await reload.reload(self, OFF_LOOP, self.clock.now_ms)
 
     def upcall(self, line: bytes, now_ms: int) -> dict[str, Any]:
         """Answer an operator request the core handed back, in the calling thread."""
-        return ops.upcall(self, line, now_ms)
+        return complete(ops.upcall(self, line, HERE, lambda: now_ms))
 
     async def upcall_async(self, line: bytes) -> dict[str, Any]:
-        """Answer an operator request as the serving daemon does."""
-        return await ops.upcall_async(self, line)
+        """Answer an operator request as the serving daemon does (slow work off the loop)."""
+        return await ops.upcall(self, line, OFF_LOOP, self.clock.now_ms)
 
     async def serve_forever(self) -> None:
         """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
+from kiln.daemon.runner import OFF_LOOP
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -78,16 +79,13 @@ def schedule_signals(d: Daemon, keep: dict[str, int] | None = None) -> None:
 
 
 async def tick_job(d: Daemon) -> None:
-    """The 1 Hz job as the daemon runs it, on the loop: what `Daemon.tick` does, with the store
-    written on the store thread. Never raises: a failure is logged and the next run tries again
-    (an hour roll that could not read or write the store included)."""
+    """The 1 Hz job as the daemon runs it, on the loop, with the store written on the store
+    thread and the MTA logs read on a worker (`Daemon.tick_with`). Never raises: a failure
+    is logged and the next run tries again (an hour roll that could not read or write the
+    store included)."""
     async with d.job_lock:
         try:
-            # Each step reads the clock afresh: the store and log reads before it take time.
-            await d.on_hour_async(d.clock.now_ms())
-            await d.ingest_async(d.clock.now_ms())
-            d.collect(d.clock.now_ms())
-            await d.persist.write_async()
+            await d.tick_with(OFF_LOOP, d.clock.now_ms)
         except StoreError as e:
             d.warn_repeated("job_store_failed", job="tick", error=str(e))
         except Exception:

@@ -9,7 +9,6 @@ it. Store reads run on the store thread; state changes take the daemon's job loc
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln import _core
+from kiln.daemon import reload
+from kiln.daemon.runner import Now, Runner
 from kiln.mx import MxLookups
 from kiln.ramp import caps_at, plan_providers, steps_for
 from kiln.rampday import day_cap
@@ -27,7 +28,7 @@ from kiln.store import StoreError
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
 
-__all__ = ["MTA_UPCALL_OPS", "OPS", "UPCALL_OPS", "Op", "RequestError", "upcall", "upcall_async"]
+__all__ = ["MTA_UPCALL_OPS", "OPS", "UPCALL_OPS", "Op", "RequestError", "upcall"]
 
 
 class RequestError(Exception):
@@ -157,34 +158,34 @@ def automations(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
     return {"ok": True, "automations": d.guard.listing(now_ms, everything)}
 
 
-def cancel(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
-    """End an automation early; a cancelled step-down gives its steps back."""
+async def cancel(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """End an automation early, as one job; a cancelled step-down gives its steps back. A
+    failed write still answers (what was not written waits for the next)."""
     automation_id = req.get("automation")
     if not isinstance(automation_id, str):
         raise RequestError("automation: missing or not a string (an id such as A12)")
     who = req.get("by", "an operator")
     if not isinstance(who, str) or len(who) > 200:
         raise RequestError("by: must be a short string")
-    try:
-        a, entry = d.guard.cancel(automation_id, now_ms, who)
-    except (KeyError, ValueError) as e:
-        raise RequestError(str(e.args[0])) from None
-    entries = [entry]
-    if a.kind == "step_down" and a.batch is not None and a.provider is not None:
-        key = (a.batch, a.provider)
-        s = d.states.get(key, RampState())
-        if a.from_step is not None and s.step == a.to_step:
-            d.states[key] = dataclasses.replace(s, step=a.from_step)
-            try:
-                d.store.save_positions(d.plan.name, {key: d.states[key]}, now_ms)
-            except StoreError as e:
-                # The cancel holds in memory; the position is saved at the next roll.
-                d.warn_repeated("store_write_failed", error=str(e), during="cancel")
-    d.pending_log += entries
-    d.log_entry(entry, "warning")
-    d.apply_plan(now_ms)
-    d.collect(now_ms)
-    return {"ok": True, "automation": a.to_json()}
+    async with d.job_lock:
+        now_ms = now()
+        try:
+            a, entry, restored = d.guard.cancel(automation_id, now_ms, who, d.states)
+        except (KeyError, ValueError) as e:
+            raise RequestError(str(e.args[0])) from None
+        d.states.update(restored)
+        d.pending_log.append(entry)
+        d.log_entry(entry, "warning")
+        d.apply_plan(now_ms)
+        d.collect(now_ms)
+        try:
+            if restored:
+                await run.store(d.persist, d.store.save_positions, d.plan.name, restored, now_ms)
+            await run.write(d.persist)
+        except StoreError as e:
+            # The cancel holds in memory; positions are saved at the next roll at the latest.
+            d.warn_repeated("store_write_failed", error=str(e), during="cancel")
+        return {"ok": True, "automation": a.to_json()}
 
 
 def _explain_key(d: Daemon, req: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -224,19 +225,12 @@ def _ramp_moves(d: Daemon, batch: str | None, provider: str, now_ms: int) -> lis
     )
 
 
-def explain(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
-    """Why one (IP, provider) key has the limit it has right now."""
+async def explain(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """Why one (IP, provider) key has the limit it has right now (the decision log read by
+    `run.store`: on the store thread when serving)."""
     ip, provider, batch = _explain_key(d, req)
-    moves = _ramp_moves(d, batch, provider, now_ms)
-    return d.guard.explain(d.engine, d.states, ip, provider, now_ms, d.plan_day(now_ms), moves)
-
-
-async def explain_async(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
-    """`explain` with the store read on the store thread."""
-    now_ms = d.clock.now_ms()
-    ip, provider, batch = _explain_key(d, req)
-    moves = await d.persist.run(_ramp_moves, d, batch, provider, now_ms)
-    now_ms = d.clock.now_ms()
+    moves = await run.store(d.persist, _ramp_moves, d, batch, provider, now())
+    now_ms = now()
     return d.guard.explain(d.engine, d.states, ip, provider, now_ms, d.plan_day(now_ms), moves)
 
 
@@ -252,39 +246,42 @@ def stats(d: Daemon, now_ms: int) -> dict[str, Any]:
     }
 
 
-async def cancel_async(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
-    """`cancel` as one job, written on the store thread."""
-    async with d.job_lock:
-        reply = cancel(d, req, d.clock.now_ms())
-        await d.persist.write_async()
-        return reply
+async def _reload(d: Daemon, _req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """Re-read the plan (off the loop when serving) and swap it in only if valid."""
+    return await reload.reload(d, run, now)
 
 
-async def reload_async(d: Daemon, _req: dict[str, Any]) -> dict[str, Any]:
-    """`reload` with the plan read off the loop."""
-    return await d.reload_async()
+Answer = Callable[["Daemon", dict[str, Any], Runner, Now], Awaitable[dict[str, Any]]]
+
+
+def _at_once(fn: Callable[[Daemon, dict[str, Any], int], dict[str, Any]]) -> Answer:
+    """An operation answered at once on the engine's thread (no store, no files)."""
+
+    async def answer(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+        del run
+        return fn(d, req, now())
+
+    return answer
 
 
 @dataclass(frozen=True, slots=True)
 class Op:
     """How one operator operation is answered."""
 
-    #: On the loop, in the calling thread (tests, and the fast operations).
-    answer: Callable[[Daemon, dict[str, Any], int], dict[str, Any]]
-    #: As the serving daemon answers it, when that differs (slow work off the loop).
-    answer_async: Callable[[Daemon, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    #: A coroutine on the engine's thread; slow work goes through its `Runner`.
+    answer: Answer
     #: Also answered on the MTA socket (read-only, about one key or the process).
     mta: bool = False
 
 
 OPS: dict[str, Op] = {
-    "status": Op(lambda d, _r, t: status(d, t)),
-    "limits": Op(limits, mta=True),
-    "reload": Op(lambda d, _r, t: d.reload(t), reload_async),
-    "stats": Op(lambda d, _r, t: stats(d, t), mta=True),
-    "automations": Op(automations),
-    "cancel": Op(cancel, cancel_async),
-    "explain": Op(explain, explain_async),
+    "status": Op(_at_once(lambda d, _r, t: status(d, t))),
+    "limits": Op(_at_once(limits), mta=True),
+    "reload": Op(_reload),
+    "stats": Op(_at_once(lambda d, _r, t: stats(d, t)), mta=True),
+    "automations": Op(_at_once(automations)),
+    "cancel": Op(cancel),
+    "explain": Op(explain),
 }
 #: Operations Python answers; every other op is decided in the core.
 UPCALL_OPS = tuple(OPS)
@@ -301,38 +298,20 @@ def _request(line: bytes) -> dict[str, Any] | None:
     return req if isinstance(req, dict) else None
 
 
-def upcall(d: Daemon, line: bytes, now_ms: int) -> dict[str, Any]:
-    """Answer an upcall in the calling thread."""
+async def upcall(d: Daemon, line: bytes, run: Runner, now: Now) -> dict[str, Any]:
+    """The reply to an upcall, its `id` echoed. With `OFF_LOOP` (serving) the loop goes on
+    answering every other client while slow work runs elsewhere; with `HERE` (tests) all
+    of it runs in the calling thread."""
     req = _request(line)
     if req is None:
         return {"ok": False, "error": "invalid JSON"}
-    return _answer(d, req, now_ms)
-
-
-def _answer(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
-    """The reply to a parsed request, answered on the loop; its `id` echoed."""
     op = OPS.get(str(req.get("op")))
     try:
         if op is None:
             raise RequestError(f"op: not an operator operation: {req.get('op')!r}")
-        reply = op.answer(d, req, now_ms)
+        reply = await op.answer(d, req, run, now)
     except RequestError as e:
         reply = {"ok": False, "error": str(e)}
     if "id" in req:
         reply = {"id": req["id"], **reply}
     return reply
-
-
-async def upcall_async(d: Daemon, line: bytes) -> dict[str, Any]:
-    """Answer an upcall as the serving daemon does: the loop goes on answering every other
-    client meanwhile."""
-    req = _request(line)
-    if req is None:
-        return {"ok": False, "error": "invalid JSON"}
-    op = OPS.get(str(req.get("op")))
-    if op is None or op.answer_async is None:
-        return _answer(d, req, d.clock.now_ms())
-    try:
-        return await op.answer_async(d, req)
-    except RequestError as e:
-        return {"ok": False, "error": str(e)}

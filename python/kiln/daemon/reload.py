@@ -7,7 +7,7 @@ engine on the loop; signal sources whose settings did not change keep their sche
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +16,13 @@ from kiln.errors import ScheduleError
 from kiln.guard import Guard
 from kiln.rules import RuleSet
 from kiln.schedule import Plan, load_plan
+from kiln.store import StoreError
 
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
+    from kiln.daemon.runner import Now, Runner
 
-__all__ = ["failed", "read_plan", "reload", "reload_async", "swap"]
+__all__ = ["failed", "read_plan", "reload", "swap"]
 
 #: What reading a plan may raise; every one keeps the running plan.
 _PLAN_ERRORS = (ScheduleError, OSError, RecursionError, UnicodeError, ValueError, MemoryError)
@@ -33,30 +35,19 @@ def read_plan(d: Daemon) -> tuple[Plan, RuleSet]:
     return plan, d.read_rules(plan)
 
 
-def reload(d: Daemon, now_ms: int) -> dict[str, Any]:
-    """Re-read the plan in the calling thread, swap it in only if valid, and write the
-    result (tests; the serving daemon uses `reload_async`)."""
-    try:
-        plan, rules = read_plan(d)
-    except _PLAN_ERRORS as e:
-        reply = failed(d, e, now_ms)
-    else:
-        reply = swap(d, plan, rules, now_ms)
-    d.persist.write_now()
-    return reply
-
-
-async def reload_async(d: Daemon) -> dict[str, Any]:
-    """Re-read the plan on a worker thread, swap it in on the loop only if valid, write
-    the result on the store thread. Returns the reply for `kiln reload`."""
+async def reload(d: Daemon, run: Runner, now: Now) -> dict[str, Any]:
+    """Re-read the plan (on `run.worker`: off the loop when serving), swap it in on the
+    engine's thread only if valid, and write the result. Returns the reply for `kiln reload`;
+    a failed write is logged and the client still answered."""
     async with d.job_lock:
         try:
-            plan, rules = await asyncio.to_thread(read_plan, d)
+            plan, rules = await run.worker(read_plan, d)
         except _PLAN_ERRORS as e:
-            reply = failed(d, e, d.clock.now_ms())
+            reply = failed(d, e, now())
         else:
-            reply = swap(d, plan, rules, d.clock.now_ms())
-        await d.persist.write_async()
+            reply = swap(d, plan, rules, now())
+        with contextlib.suppress(StoreError):
+            await run.write(d.persist)
         return reply
 
 

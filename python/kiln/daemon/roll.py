@@ -3,16 +3,15 @@
 Evidence is summed per batch and provider from the stored day counts, policy gives its
 verdicts, `rampday.roll_day` moves the ramps, and positions, log entries and the rolled-day
 mark are saved in one transaction, so a crash never rolls a day twice. The serving daemon
-reads and writes the store on its store thread (`roll_days_async`); decisions stay on the
-loop.
+reads and writes the store on its store thread (`kiln.daemon.runner.OFF_LOOP`); decisions
+stay on the loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 from kiln.rampday import RampMove, day_evidence, roll_day
 from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
@@ -20,42 +19,28 @@ from kiln.store import Store
 
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
+    from kiln.daemon.runner import Runner
 
-__all__ = ["ROLLED_KEY", "roll_days", "roll_days_async"]
-
-T = TypeVar("T")
+__all__ = ["ROLLED_KEY", "roll_days"]
 
 #: Last local day whose ramps were rolled (store meta key, per plan name).
 ROLLED_KEY = "last_rolled_day:{plan}"
 
 
-#: Runs a store call: in the calling thread (`_here`) or on the store thread (`persist.run`).
-_Run = Callable[..., Awaitable[Any]]
-
-
-def roll_days(d: Daemon, now_ms: int) -> list[RampMove]:
-    """Roll every local day that ended since the last roll (idempotent; catches up), with
-    the store read and written in the calling thread (start-up, tests). The caller pushes the
-    new positions' limits with `apply_plan`."""
-    return _complete(_roll_days(d, now_ms, _here))
-
-
-async def roll_days_async(d: Daemon, now_ms: int) -> list[RampMove]:
-    """`roll_days` with the store read and written on the store thread: the loop serves
-    meanwhile. Run under `Daemon.job_lock`, so no other state-changing job interleaves."""
-    return await _roll_days(d, now_ms, d.persist.run)
-
-
-async def _roll_days(d: Daemon, now_ms: int, run: _Run) -> list[RampMove]:
+async def roll_days(d: Daemon, run: Runner, now_ms: int) -> list[RampMove]:
+    """Roll every local day that ended since the last roll (idempotent; catches up). The
+    serving daemon runs it under `Daemon.job_lock`, so no other state-changing job
+    interleaves. The caller pushes the new positions' limits with `apply_plan`."""
     key = ROLLED_KEY.format(plan=d.plan.name)
-    last = date.fromisoformat(await run(d.store.get_meta, key) or "1970-01-01")
+    rolled: str | None = await run.store(d.persist, d.store.get_meta, key)
+    last = date.fromisoformat(rolled or "1970-01-01")
     today = d.plan_day(now_ms)
     moves: list[RampMove] = []
     day = last + timedelta(days=1)
     while day < today:
-        counts, pushback = await run(_day_facts, d.store, day)
+        counts, pushback = await run.store(d.persist, _day_facts, d.store, day)
         states, day_moves, save = _decide(d, day, counts, pushback, now_ms)
-        await run(save, {key: day.isoformat()})
+        await run.store(d.persist, save, {key: day.isoformat()})
         d.states = states
         for e in save.entries:
             level = (
@@ -140,18 +125,3 @@ def _decide(
         d.guard.dirty(),
     )
     return states, moves, save
-
-
-async def _here(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in the calling thread."""
-    return fn(*args)
-
-
-def _complete(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that never suspends (its awaits all run `_here`)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return cast("T", done.value)
-    coro.close()
-    raise RuntimeError("a store call suspended where it must run in the calling thread")
