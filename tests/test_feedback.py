@@ -34,6 +34,13 @@ from kiln.feedback import (
     parse_arf,
 )
 from kiln.feedback.postfix import strip_continuations
+from kiln.feedback.wiring import READERS, feedback_reader
+from kiln.policyspec import FeedbackSpec, KumoSpec, PathSpec, PostfixSpec, Signals
+from kiln.schedule import load_plan
+
+EXAMPLE_PLAN = (
+    Path(__file__).resolve().parents[1] / "python" / "kiln" / "data" / "plans" / "example.yaml"
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "signals"
 NAMES = {"postfix-ip10": "192.0.2.10", "postfix-ip11": "192.0.2.11"}
@@ -784,3 +791,24 @@ def test_events_are_frozen() -> None:
     e = event(at_ms=0, result="delivered", source="postfix")
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.ip = "192.0.2.1"  # type: ignore[misc]  # the point of the test
+
+
+def test_reader_table_covers_every_feedback_key(tmp_path: Path) -> None:
+    """`READERS` has one entry per key of the plan's feedback section, and a plan naming
+    every key gets one reader each, relative paths read from the plan's folder."""
+    assert set(READERS) == set(FeedbackSpec.model_fields)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(EXAMPLE_PLAN.read_text())
+    plan = load_plan(plan_file)
+    spec = FeedbackSpec(
+        postfix=PostfixSpec(path="logs/mail.log", syslog_names={"postfix-ip1": "192.0.2.10"}),
+        powermta=PathSpec(path="/var/log/pmta/acct.csv"),
+        kumomta=KumoSpec(log_dir="kumo"),
+        arf_maildir="arf",
+    )
+    plan = plan.model_copy(update={"signals": Signals(feedback=spec)})
+    reader = feedback_reader(plan)
+    assert reader is not None
+    kinds = [type(s) for s in reader.sources]
+    assert kinds == [PostfixLogReader, PowerMtaLogReader, KumoLogReader, ArfMaildirReader]
+    assert feedback_reader(plan.model_copy(update={"signals": Signals()})) is None

@@ -35,6 +35,7 @@ from kiln.daemon.roll import ROLLED_KEY, roll_days
 from kiln.daemon.runner import HERE, OFF_LOOP, Now, Runner, complete
 from kiln.errors import KilnError, ScheduleError
 from kiln.feedback import FeedbackReader
+from kiln.feedback.wiring import checkpoints_json, feedback_reader, read_reports
 from kiln.guard import Guard
 from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
@@ -45,7 +46,7 @@ from kiln.rampday import RampMove
 from kiln.records import DayCounts, LogEntry, RampState, SignalBook
 from kiln.rules import RuleFiles, RuleSet, known_providers
 from kiln.schedule import Plan, load_plan
-from kiln.signals.poller import Poller, feedback_reader, report_line
+from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
 from kiln.store import Store
 from kiln.watchdog import LoopMonitor, Notifier
@@ -206,7 +207,7 @@ class Daemon:
         self.feedback = feedback_reader(
             self.plan, json.loads(self._feedback_saved) if self._feedback_saved else None
         )
-        self._feedback_marks = "" if self.feedback is None else _marks(self.feedback)
+        self._feedback_marks = "" if self.feedback is None else checkpoints_json(self.feedback)
 
     def mark_start(self, now_ms: int) -> None:
         """A plan seen for the first time starts counting today: earlier days had no data."""
@@ -288,7 +289,7 @@ class Daemon:
         under `job_lock`, so no reload replaces the readers meanwhile."""
         if self.feedback is None:
             return 0
-        lines, marks = await run.worker(_read_feedback, self.feedback, now())
+        lines, marks = await run.worker(read_reports, self.feedback, now())
         self._feedback_marks = marks  # the readers' checkpoints go with the next write
         data = b"".join(lines)
         now_ms = now()  # time moved on meanwhile
@@ -557,18 +558,3 @@ def run(config: DaemonConfig, clock: Clock | None = None) -> int:
         daemon.store.close()
         return 1
     return 0
-
-
-def _marks(reader: FeedbackReader) -> str:
-    """The readers' checkpoints as the store keeps them."""
-    return json.dumps(
-        {k: v.to_dict() for k, v in reader.checkpoints().items() if v is not None},
-        sort_keys=True,
-    )
-
-
-def _read_feedback(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], str]:
-    """New events as `report` lines, and the checkpoints after them (any thread: touches
-    only the readers)."""
-    lines = [line for e in reader.poll(now_ms) if (line := report_line(e))]
-    return lines, _marks(reader)

@@ -12,17 +12,13 @@ Each HTTP source gets the plan's `max_body_bytes` and `deadline` as its `FetchLi
 answer too large or too slow is a failed poll (`oversize`, `timeout`), and parsing runs off
 the event loop, so a poll never holds up the daemon's decisions; cancelling a poll (shutdown)
 stops it at its next await.
-
-`feedback_reader` builds the MTA-log and complaint readers; the daemon feeds their events to
-the engine as `report` lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -32,17 +28,6 @@ import dns.exception
 import httpx
 
 from kiln.errors import KilnError
-from kiln.feedback import (
-    ArfMaildirReader,
-    FeedbackEvent,
-    FeedbackReader,
-    FeedbackSource,
-    KumoLogReader,
-    PostfixLogReader,
-    PowerMtaLogReader,
-    SegmentCheckpoint,
-    TailCheckpoint,
-)
 from kiln.log import get_logger
 from kiln.mx import parse_nameservers
 from kiln.records import SignalBook
@@ -55,7 +40,7 @@ from kiln.signals.postmaster import PostmasterReading, PostmasterSource
 from kiln.signals.snds import SndsReading, SndsSource
 from kiln.signals.thread import SignalLoop
 
-__all__ = ["SOURCES", "SOURCE_KINDS", "Poller", "SourceKind", "feedback_reader", "report_line"]
+__all__ = ["SOURCES", "SOURCE_KINDS", "Poller", "SourceKind"]
 
 #: Modules httpx (through httpcore) and dnspython import at their first request.
 _FIRST_USE_IMPORTS = (
@@ -307,76 +292,3 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     "dnsbl": SourceKind(_build_dnsbl, _fetch_dnsbl, _apply_dnsbl),
 }
 SOURCES = tuple(SOURCE_KINDS)
-
-
-# ----- delivery feedback from files -----
-
-
-def feedback_reader(
-    plan: Plan, checkpoints: Mapping[str, dict[str, Any]] | None = None
-) -> FeedbackReader | None:
-    """Readers for the plan's `signals.feedback`, resumed from saved checkpoints."""
-    spec = plan.signals.feedback
-    if spec is None:
-        return None
-    saved = checkpoints or {}
-    base = Path(plan.source).parent if plan.source else Path()
-
-    def path(text: str) -> Path:
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else base / p
-
-    def tail(name: str) -> TailCheckpoint | None:
-        data = saved.get(name)
-        return TailCheckpoint.from_dict(data) if data else None
-
-    sources: list[FeedbackSource] = []
-    if spec.postfix is not None:
-        sources.append(
-            PostfixLogReader(
-                path(spec.postfix.path),
-                spec.postfix.syslog_names,
-                tz=plan.zone,
-                checkpoint=tail("postfix"),
-            )
-        )
-    if spec.powermta is not None:
-        sources.append(
-            PowerMtaLogReader(path(spec.powermta.path), tz=plan.zone, checkpoint=tail("powermta"))
-        )
-    if spec.kumomta is not None:
-        data = saved.get("kumomta")
-        sources.append(
-            KumoLogReader(
-                path(spec.kumomta.log_dir),
-                egress_sources=spec.kumomta.egress_sources,
-                checkpoint=SegmentCheckpoint.from_dict(data) if data else None,
-            )
-        )
-    if spec.arf_maildir is not None:
-        sources.append(ArfMaildirReader(path(spec.arf_maildir)))
-    return FeedbackReader(sources)
-
-
-def report_line(e: FeedbackEvent) -> bytes | None:
-    """The native `report` request for one event (None: nothing to report).
-
-    Events without an IP or a recipient domain cannot be charged to a key; `expired` says
-    nothing about the receiver. An MTA-internal failure counts as a deferral without its
-    reply, so it can never fire a reply rule.
-    """
-    if e.ip is None or e.recipient_domain is None or e.result == "expired":
-        return None
-    req: dict[str, Any] = {
-        "op": "report",
-        "ip": e.ip,
-        "domain": e.recipient_domain,
-        "result": e.result,
-    }
-    if not e.local and e.code is not None:
-        req["code"] = e.code
-        if e.enhanced:
-            req["enhanced"] = e.enhanced
-        if e.text:
-            req["text"] = e.text[:1000]
-    return json.dumps(req, separators=(",", ":")).encode() + b"\n"

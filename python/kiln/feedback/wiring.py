@@ -1,0 +1,142 @@
+"""From the plan's `signals.feedback` section to readers, and from their events to `report`s.
+
+`READERS` is the table: one entry per key of the section (`kiln.policyspec.FeedbackSpec`),
+saying how that key's reader is built. A new MTA log reader is its module in this package,
+its key in `FeedbackSpec` and one entry here (a test checks the table and the spec agree).
+The daemon polls the readers off the event loop (`read_reports`) and serves the lines to
+the engine on its thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from kiln.feedback.events import FeedbackEvent
+from kiln.feedback.reader import (
+    ArfMaildirReader,
+    FeedbackReader,
+    FeedbackSource,
+    KumoLogReader,
+    PostfixLogReader,
+    PowerMtaLogReader,
+)
+from kiln.feedback.tail import SegmentCheckpoint, TailCheckpoint
+from kiln.schedule import Plan
+
+__all__ = [
+    "READERS",
+    "ReaderSite",
+    "checkpoints_json",
+    "feedback_reader",
+    "read_reports",
+    "report_line",
+]
+
+#: Longest reply text a `report` carries (the engine's bound).
+_MAX_TEXT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderSite:
+    """What a reader is built with besides its own settings: the folder relative paths are
+    read from, the plan's zone (for log timestamps without one) and the saved checkpoints."""
+
+    base: Path
+    zone: ZoneInfo
+    saved: Mapping[str, dict[str, Any]]
+
+    def path(self, text: str) -> Path:
+        """A configured path: `~` expanded, relative ones from the plan's folder."""
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def tail(self, name: str) -> TailCheckpoint | None:
+        """Where the file reader `name` got to, if saved."""
+        data = self.saved.get(name)
+        return TailCheckpoint.from_dict(data) if data else None
+
+    def segments(self, name: str) -> SegmentCheckpoint | None:
+        """Where the segment-directory reader `name` got to, if saved."""
+        data = self.saved.get(name)
+        return SegmentCheckpoint.from_dict(data) if data else None
+
+
+#: Key of the plan's feedback section -> how its reader is built from its settings.
+READERS: dict[str, Callable[[Any, ReaderSite], FeedbackSource]] = {
+    "postfix": lambda spec, site: PostfixLogReader(
+        site.path(spec.path), spec.syslog_names, tz=site.zone, checkpoint=site.tail("postfix")
+    ),
+    "powermta": lambda spec, site: PowerMtaLogReader(
+        site.path(spec.path), tz=site.zone, checkpoint=site.tail("powermta")
+    ),
+    "kumomta": lambda spec, site: KumoLogReader(
+        site.path(spec.log_dir),
+        egress_sources=spec.egress_sources,
+        checkpoint=site.segments("kumomta"),
+    ),
+    "arf_maildir": lambda spec, site: ArfMaildirReader(site.path(spec)),
+}
+
+
+def feedback_reader(
+    plan: Plan, checkpoints: Mapping[str, dict[str, Any]] | None = None
+) -> FeedbackReader | None:
+    """Readers for the plan's `signals.feedback`, resumed from saved checkpoints; None when
+    the plan reads no feedback."""
+    spec = plan.signals.feedback
+    if spec is None:
+        return None
+    site = ReaderSite(
+        Path(plan.source).parent if plan.source else Path(), plan.zone, checkpoints or {}
+    )
+    return FeedbackReader(
+        [
+            build(settings, site)
+            for name, build in READERS.items()
+            if (settings := getattr(spec, name)) is not None
+        ]
+    )
+
+
+def report_line(e: FeedbackEvent) -> bytes | None:
+    """The native `report` request for one event (None: nothing to report).
+
+    Events without an IP or a recipient domain cannot be charged to a key; `expired` says
+    nothing about the receiver. An MTA-internal failure counts as a deferral without its
+    reply, so it can never fire a reply rule.
+    """
+    if e.ip is None or e.recipient_domain is None or e.result == "expired":
+        return None
+    req: dict[str, Any] = {
+        "op": "report",
+        "ip": e.ip,
+        "domain": e.recipient_domain,
+        "result": e.result,
+    }
+    if not e.local and e.code is not None:
+        req["code"] = e.code
+        if e.enhanced:
+            req["enhanced"] = e.enhanced
+        if e.text:
+            req["text"] = e.text[:_MAX_TEXT]
+    return json.dumps(req, separators=(",", ":")).encode() + b"\n"
+
+
+def checkpoints_json(reader: FeedbackReader) -> str:
+    """The readers' checkpoints as the store keeps them."""
+    return json.dumps(
+        {k: v.to_dict() for k, v in reader.checkpoints().items() if v is not None},
+        sort_keys=True,
+    )
+
+
+def read_reports(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], str]:
+    """New events as `report` lines, and the checkpoints after them (any thread: touches
+    only the readers)."""
+    lines = [line for e in reader.poll(now_ms) if (line := report_line(e))]
+    return lines, checkpoints_json(reader)
