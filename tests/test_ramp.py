@@ -12,7 +12,6 @@ import pytest
 
 from kiln import Engine
 from kiln.ramp import (
-    StepCaps,
     active_hours_mask,
     apply,
     calendar,
@@ -22,7 +21,7 @@ from kiln.ramp import (
     nominal_plan,
     steps_for,
 )
-from kiln.records import RampState
+from kiln.records import RampState, StepCaps
 from kiln.schedule import Plan, load_plan
 
 ROOT = Path(__file__).resolve().parent.parent

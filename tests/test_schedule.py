@@ -170,6 +170,13 @@ CASES = [
         "did you mean 'google'?",
     ),
     (
+        "share curve as a provider override",
+        "      google: {scale: 0.5}",
+        "      google: {share: {percents: [10, 50]}}",
+        "plan.yaml:21:7: schedules.slow.providers.google: share is a curve for the whole "
+        "stream; a provider gives scale, steps, geometric or linear",
+    ),
+    (
         "IP in two batches of one pool",
         "schedules:\n",
         "  b2:\n    pool: tx\n    ips: [192.0.2.2]\n    schedule: slow\n"

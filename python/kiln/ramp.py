@@ -22,14 +22,13 @@ from zoneinfo import ZoneInfo
 from kiln._core import Engine
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.rate import RateSpec
-from kiln.records import RampKey, RampState
-from kiln.schedule import MAX_CAP, Plan, Schedule, SteadyState, Step
+from kiln.records import RampKey, RampState, StepCaps
+from kiln.schedule import MAX_CAP, Plan, Schedule, SteadyState
 
 __all__ = [
     "CompiledLimit",
     "PlanRow",
     "PoolRow",
-    "StepCaps",
     "active_hours_mask",
     "apply",
     "calendar",
@@ -43,15 +42,6 @@ __all__ = [
 
 HOUR_MS = 3_600_000
 State = Literal["warming", "done", "not_started"]
-
-
-@dataclass(frozen=True, slots=True)
-class StepCaps:
-    """One step of a curve before spreading: caps per IP, or a share of a stream."""
-
-    daily_cap: int | None = None
-    hourly_cap: int | None = None
-    share_percent: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,43 +90,6 @@ class PoolRow:
     new_ip_daily_capacity: int | None
 
 
-def _geometric_caps(start: int, factor: float, target: int, round_to: int) -> list[int]:
-    """start, start*factor, ... rounded to `round_to`, ending exactly at target."""
-    caps: list[int] = []
-    value = float(start)
-    while True:
-        cap = max(round_to, round(value / round_to) * round_to)
-        if cap >= target:
-            caps.append(target)
-            return caps
-        if not caps or cap > caps[-1]:
-            caps.append(cap)
-        value *= factor
-
-
-def _curve(
-    steps: list[Step] | None, schedule: Schedule | None, share_ok: bool = True
-) -> list[StepCaps]:
-    """The steps of a table, or of the generated curve of `schedule`."""
-    if steps is not None:
-        return [StepCaps(s.daily_cap, s.hourly_cap) for s in steps]
-    assert schedule is not None
-    if schedule.geometric is not None:
-        g = schedule.geometric
-        return [
-            StepCaps(c)
-            for c in _geometric_caps(g.start_daily_cap, g.factor, g.target_daily_cap, g.round_to)
-        ]
-    if schedule.linear is not None:
-        li = schedule.linear
-        count = math.ceil((li.target_daily_cap - li.start_daily_cap) / li.increment_daily_cap)
-        caps = [li.start_daily_cap + i * li.increment_daily_cap for i in range(count)]
-        return [StepCaps(c) for c in [*caps, li.target_daily_cap]]
-    assert schedule.share is not None and share_ok
-    sh = schedule.share
-    return [StepCaps(share_percent=p) for p in sh.percents for _ in range(sh.days_per_step)]
-
-
 #: `steps_for` results by (schedule object, provider); the schedule is held, so its id stays
 #: its own while cached. Plans are immutable once loaded; a reload brings new objects.
 _STEPS: dict[tuple[int, str], tuple[Schedule, tuple[StepCaps, ...]]] = {}
@@ -158,7 +111,7 @@ def steps_for(schedule: Schedule, provider: str) -> Sequence[StepCaps]:
 
 
 def _steps_for(schedule: Schedule, provider: str) -> list[StepCaps]:
-    base = _curve(schedule.steps, schedule)
+    base = schedule.curve_caps()
     override = schedule.providers.get(provider)
     if override is None:
         return base
@@ -170,10 +123,7 @@ def _steps_for(schedule: Schedule, provider: str) -> list[StepCaps]:
             return None if cap is None else min(MAX_CAP, max(1, round(cap * scale)))
 
         return [StepCaps(scaled(s.daily_cap), scaled(s.hourly_cap), s.share_percent) for s in base]
-    own = Schedule.model_construct(
-        steps=override.steps, geometric=override.geometric, linear=override.linear, share=None
-    )
-    return _curve(override.steps, own, share_ok=False)
+    return override.curve_caps()
 
 
 def plan_providers(plan: Plan) -> list[str]:

@@ -6,6 +6,7 @@ Nothing here decides anything; a record validates itself and converts to plain d
 
 | concept                                   | type          | made by                  |
 |-------------------------------------------|---------------|--------------------------|
+| one step of a curve, before spreading     | `StepCaps`    | the plan's curve kinds   |
 | a ramp's position (step, pause, counters) | `RampState`   | the day roll, operators  |
 | a day's counts of a key or a ramp         | `DayCounts`   | the engine's tallies     |
 | a classified push-back reply              | `Pushback`    | the guard (engine rules) |
@@ -34,6 +35,7 @@ __all__ = [
     "RampState",
     "SignalBook",
     "SourceHealth",
+    "StepCaps",
 ]
 
 RampKey = tuple[str, str]
@@ -47,6 +49,15 @@ PushbackKey = tuple[str, str, str, int, str]
 
 #: Signal history kept per IP or domain, in days.
 HISTORY_DAYS = 45
+
+
+@dataclass(frozen=True, slots=True)
+class StepCaps:
+    """One step of a curve before spreading: caps per IP, or a share of a stream."""
+
+    daily_cap: int | None = None
+    hourly_cap: int | None = None
+    share_percent: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

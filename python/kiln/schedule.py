@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from kiln.modelerrors import located_problems, unknown_key
 from kiln.policyspec import PolicySpec, Signals
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.rate import RateError, RateSpec
+from kiln.records import StepCaps
 from kiln.yamlfile import Loc, SourceMap, load_yaml, short_repr
 
 __all__ = [
@@ -191,6 +193,10 @@ class Step(_Model):
             raise _error("step_empty", "a step needs daily_cap, hourly_cap or both")
         return self
 
+    def caps(self) -> StepCaps:
+        """The step's caps."""
+        return StepCaps(self.daily_cap, self.hourly_cap)
+
 
 class _Rising(_Model):
     """A generated curve from `start_daily_cap` up to `target_daily_cap`."""
@@ -219,6 +225,19 @@ class Geometric(_Rising):
     target_daily_cap: Cap
     round_to: Count = 1
 
+    def caps(self) -> list[StepCaps]:
+        """start, start*factor, ... rounded to `round_to`, ending exactly at the target."""
+        caps: list[int] = []
+        value = float(self.start_daily_cap)
+        while True:
+            cap = max(self.round_to, round(value / self.round_to) * self.round_to)
+            if cap >= self.target_daily_cap:
+                caps.append(self.target_daily_cap)
+                return [StepCaps(c) for c in caps]
+            if not caps or cap > caps[-1]:
+                caps.append(cap)
+            value *= self.factor
+
 
 class Linear(_Rising):
     """Caps that grow by `increment_daily_cap` per step up to `target_daily_cap`."""
@@ -227,6 +246,12 @@ class Linear(_Rising):
     increment_daily_cap: Cap
     target_daily_cap: Cap
 
+    def caps(self) -> list[StepCaps]:
+        """start, start + increment, ... ending exactly at the target."""
+        start, step, target = self.start_daily_cap, self.increment_daily_cap, self.target_daily_cap
+        count = math.ceil((target - start) / step)
+        return [StepCaps(start + i * step) for i in range(count)] + [StepCaps(target)]
+
 
 class Share(_Model):
     """A share of a stream's traffic per step, for moving a stream from an old MTA to new IPs."""
@@ -234,6 +259,14 @@ class Share(_Model):
     percents: list[Annotated[Number, Field(gt=0, le=100)]] = Field(min_length=1)
     days_per_step: Count = 1
     stream_daily_volume: Cap | None = None
+
+    def caps(self) -> list[StepCaps]:
+        """Each percent for `days_per_step` steps."""
+        return [StepCaps(share_percent=p) for p in self.percents for _ in range(self.days_per_step)]
+
+
+#: The ways of giving a curve's steps: a table, or one of the generated kinds.
+_CURVE_KINDS = ("steps", "geometric", "linear", "share")
 
 
 class _Curve(_Model):
@@ -246,8 +279,15 @@ class _Curve(_Model):
 
     def curve_kinds(self) -> list[str]:
         """Which of the ways were given."""
-        kinds = ("steps", "geometric", "linear", "share")
-        return [k for k in kinds if getattr(self, k) is not None]
+        return [k for k in _CURVE_KINDS if getattr(self, k) is not None]
+
+    def curve_caps(self) -> list[StepCaps]:
+        """The steps of the curve given (each kind owns how its steps are made)."""
+        if self.steps is not None:
+            return [s.caps() for s in self.steps]
+        kind = self.geometric or self.linear or self.share
+        assert kind is not None, "validated: exactly one way of giving steps"
+        return kind.caps()
 
 
 class ProviderOverride(_Curve):
@@ -257,7 +297,14 @@ class ProviderOverride(_Curve):
 
     @model_validator(mode="after")
     def _one_way(self) -> ProviderOverride:
-        """A provider override is a scale or a curve, not both, not neither."""
+        """A provider override is a scale or a curve, not both, not neither; a share is of
+        the whole stream, so it is no provider's own curve."""
+        if self.share is not None:
+            raise _error(
+                "override_share",
+                "share is a curve for the whole stream; a provider gives scale, steps, "
+                "geometric or linear",
+            )
         kinds = self.curve_kinds() + (["scale"] if self.scale is not None else [])
         if len(kinds) != 1:
             raise _error(
