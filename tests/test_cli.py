@@ -14,7 +14,7 @@ import pytest
 
 import kiln
 from kiln.cli import main
-from kiln.schedule import load_plan
+from kiln.planfile import load_plan
 from kiln.starter import example_plan_path, unit_path
 
 REPO = Path(__file__).resolve().parents[1]

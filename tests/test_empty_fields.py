@@ -13,8 +13,8 @@ from kiln.feedback import FeedbackEvent, KumoParser, PowerMtaParser
 from kiln.feedback.postfix import strip_continuations
 from kiln.feedback.wiring import report_line
 from kiln.guard import Guard
+from kiln.planfile import load_plan
 from kiln.rules import classify, load_rules
-from kiln.schedule import load_plan
 
 NOW_MS = 1_800_000_000_000
 PMTA_HEADER = "type,timeLogged,rcpt,dsnAction,dsnStatus,dsnDiag,dsnMta,dlvSourceIp"

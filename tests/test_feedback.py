@@ -35,8 +35,8 @@ from kiln.feedback import (
 )
 from kiln.feedback.postfix import strip_continuations
 from kiln.feedback.wiring import READERS, feedback_reader
+from kiln.planfile import load_plan
 from kiln.policyspec import FeedbackSpec, KumoSpec, PathSpec, PostfixSpec, Signals
-from kiln.schedule import load_plan
 
 EXAMPLE_PLAN = (
     Path(__file__).resolve().parents[1] / "python" / "kiln" / "data" / "plans" / "example.yaml"

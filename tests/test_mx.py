@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from dnsserver import DnsServer
 from kiln.mx import NULL_MX, MxResolver, ProviderTable, ascii_domain, system_nameservers
+from kiln.planfile import load_plan
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
-from kiln.schedule import load_plan
 
 ROLLUP_CSV = Path(__file__).parent / "fixtures" / "warmup" / "rollup.csv"
 T0_MS = 1_800_000_000_000

@@ -10,11 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kiln.automation import AutomationBook
+from kiln.planfile import load_plan
 from kiln.policy import Policy, RuleInfo
 from kiln.policyspec import RealtimeAction
 from kiln.rampday import RampMove
 from kiln.records import DayCounts, DayPushback, Pushback, SignalBook
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 
 PLAN = """\
 name: policy-test

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from kiln import Engine
+from kiln.planfile import load_plan
 from kiln.ramp import (
     active_hours_mask,
     apply,
@@ -22,7 +23,7 @@ from kiln.ramp import (
     steps_for,
 )
 from kiln.records import RampState, StepCaps
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = ROOT / "schedules"

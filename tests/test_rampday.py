@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kiln.planfile import load_plan
 from kiln.ramp import nominal_plan, plan_providers, steps_for
 from kiln.rampday import FLAG_AFTER_DAYS, RampMove, day_cap, day_evidence, roll_day
 from kiln.records import DayCounts, RampState
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 FILES = sorted(SCHEDULES.glob("*.yaml"))

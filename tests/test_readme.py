@@ -40,7 +40,7 @@ import pytest
 
 from daemonproc import EXAMPLE, REPO, DaemonProc
 from kiln.cli import main
-from kiln.schedule import load_plan
+from kiln.planfile import load_plan
 from kiln.starter import example_plan_path
 
 README = REPO / "README.md"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import ScheduleError
-from kiln.schedule import load_plan
+from kiln.planfile import load_plan
 from kiln.yamlfile import MAX_FILE_BYTES
 
 GOOD = """\

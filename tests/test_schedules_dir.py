@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from kiln import Engine
+from kiln.planfile import load_plan
 from kiln.ramp import apply, compile_limits, nominal_plan, plan_providers
 from kiln.rate import RateSpec
 from kiln.records import RampState
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 FILES = sorted(SCHEDULES.glob("*.yaml"))

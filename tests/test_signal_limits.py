@@ -24,8 +24,9 @@ from structlog.testing import capture_logs
 
 from fakeapis import Failure, FakeGoogle, FakeSnds
 from kiln.errors import ScheduleError
+from kiln.planfile import load_plan
 from kiln.records import SignalBook
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 from kiln.signals import SourceError
 from kiln.signals.http import (
     DEFAULT_DEADLINE_S,

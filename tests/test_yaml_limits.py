@@ -20,8 +20,8 @@ import pytest
 from kiln import yamlfile
 from kiln.cli import main
 from kiln.errors import ScheduleError
+from kiln.planfile import load_plan
 from kiln.rules import load_rules
-from kiln.schedule import load_plan
 from kiln.yamlfile import (
     MAX_DEPTH,
     MAX_FILE_BYTES,

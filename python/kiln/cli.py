@@ -20,8 +20,9 @@ from kiln import __version__
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.errors import ScheduleError
+from kiln.planfile import load_plan
 from kiln.ramp import PlanRow, PoolRow, nominal_plan
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 from kiln.starter import add_init_arguments, example_plan_path, init_main
 
 __all__ = [

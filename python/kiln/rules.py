@@ -16,7 +16,6 @@ Thresholds and actions are only validated here; the policy applies them.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import sys
@@ -31,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from kiln._core import CompiledRules, Engine, check_pattern
 from kiln.duration import DurationError, format_ms, parse_ms
 from kiln.errors import Problem, ScheduleError
-from kiln.modelerrors import located_problems, unknown_key
+from kiln.modelerrors import did_you_mean, located_problems, plain_message, unknown_key
 from kiln.policyspec import PushbackClass, RealtimeAction
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS
 from kiln.schedule import provider_hint
@@ -281,7 +280,7 @@ def load_rules(
             if rid not in order:
                 problems.append(
                     source.problem(
-                        ("disable", j), f"no earlier rule has id {rid!r}{_suggest(rid, order)}"
+                        ("disable", j), f"no earlier rule has id {rid!r}{did_you_mean(rid, order)}"
                     )
                 )
                 continue
@@ -409,12 +408,6 @@ def _example_problems(rules: RuleSet) -> Iterator[Problem]:
             )
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
-    """`; did you mean 'x'?` when a known name is close."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _model_problems(e: ValidationError, data: Any, source: SourceMap) -> Iterator[Problem]:
     """Pydantic's errors, located, one per place (the deepest: a union's list branch says
     which item is wrong, its scalar branch only that the value is not a scalar)."""
@@ -428,8 +421,6 @@ def _message(err: Any, loc: Loc) -> str:
     """One sentence: what was found, what is expected."""
     kind = err["type"]
     got = err.get("input")
-    if kind == "missing":
-        return "required key is missing"
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         allowed = sorted(RuleFile.model_fields if len(loc) == 1 else _RULE_KEYS)
@@ -442,8 +433,7 @@ def _message(err: Any, loc: Loc) -> str:
         return f"expected a reply code 200-599, 4xx or 5xx, or a list of them, got {got!r}"
     if "enhanced" in loc[-2:]:
         return f"expected an enhanced code such as 4.7.28 (text), or a list of them, got {got!r}"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    return msg[0].lower() + msg[1:] if msg else kind
+    return plain_message(err)
 
 
 _RULE_KEYS = [f.alias or n for n, f in Rule.model_fields.items()]
@@ -537,7 +527,7 @@ def classify_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     plan = None
     try:
         if args.config is not None:
-            from kiln.schedule import load_plan
+            from kiln.planfile import load_plan
 
             plan = load_plan(args.config)
             paths += [args.config.parent / p for p in plan.policy.rules]

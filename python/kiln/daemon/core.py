@@ -39,13 +39,14 @@ from kiln.feedback.wiring import checkpoints_json, feedback_reader, read_reports
 from kiln.guard import Guard
 from kiln.log import get_logger
 from kiln.mx import NULL_MX, MxLookups, MxResolver, ProviderTable, parse_nameservers
+from kiln.planfile import load_plan
 from kiln.policy import RuleInfo
 from kiln.provider import DEFAULT_PROVIDER
 from kiln.ramp import HOUR_MS, apply, calendar, compile_limits, hours_of_day, plan_providers
 from kiln.rampday import RampMove
 from kiln.records import DayCounts, LogEntry, RampState, SignalBook
 from kiln.rules import RuleFiles, RuleSet, known_providers
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
 from kiln.store import Store

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from kiln.daemon.jobs import schedule_signals
 from kiln.errors import ScheduleError
 from kiln.guard import Guard
+from kiln.planfile import load_plan
 from kiln.rules import RuleSet
-from kiln.schedule import Plan, load_plan
+from kiln.schedule import Plan
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
