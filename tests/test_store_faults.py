@@ -30,7 +30,7 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-import kiln.store
+import kiln.storedb
 from kiln.cli import build_parser
 from kiln.records import RampState
 from kiln.store import STATE_MARKER, StateLostError, Store, StoreError
@@ -334,7 +334,7 @@ def test_a_second_store_on_an_open_sqlite_file_is_refused(
 ) -> None:
     """The open store holds the file's lock: another one (another daemon) is refused, saying
     so, after the busy timeout (shortened here)."""
-    monkeypatch.setattr(kiln.store, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(kiln.storedb, "BUSY_TIMEOUT_MS", 100)
     with open_state(tmp_path) as first:
         first.save_snapshot(b"mine", NOW_MS)
         with pytest.raises(StoreError, match=r"database is locked.*another process has the file"):

@@ -7,64 +7,18 @@ a read-only file system ("attempt to write a readonly database", "disk I/O error
 ("database or disk is full"), a file that is not a database. Time is always an argument
 (`now_ms`, `day`); the store never reads a clock.
 
-SQLite without shared memory
-----------------------------
-In WAL mode SQLite normally keeps the WAL index in a memory-mapped `-shm` file. A fault on that
-mapping (the file system went read-only or away under the process, the file was truncated)
-is a SIGBUS: the process dies inside SQLite, without a Python exception or a log line. kiln
-therefore never maps a database file:
-
-* `PRAGMA locking_mode=EXCLUSIVE` is set on each connection *before* WAL is first used, so
-  SQLite keeps the WAL index in heap memory and never creates a `-shm` file; `mmap_size=0`
-  keeps SQLite from mapping the database itself. I/O failures are then plain return codes,
-  which come out as `StoreError`s.
-* An exclusive connection keeps its file lock until it closes, so a SQLite store has exactly
-  one connection (a pool of one), used by one thread at a time under a lock (the daemon calls
-  the store from its worker threads and from the event loop's thread). Waits for the lock are
-  bounded (`LOCK_TIMEOUT_S`); a call stuck longer becomes a StoreError, not a hang.
-* The file is locked for the life of the `Store`: a second process (another daemon, the
-  `sqlite3` shell, a backup tool) gets "database is locked" after the busy timeout. That
-  also guarantees that two daemons never write one SQLite file. Copy the file while kiln is
-  stopped, or use PostgreSQL for live access.
-
-The alternatives weighed: WAL with shared memory (the SIGBUS above; a handler cannot make the
-interrupted SQLite call safe), and a rollback journal (`journal_mode=TRUNCATE`: no mapping
-either, and other processes could read, but a reader blocks the commit of the once-a-second
-flush, and it is only corruption-safe with `synchronous=FULL`). WAL in exclusive mode keeps
-kiln's `synchronous=NORMAL` crash-safety and costs nothing kiln uses.
-
-Every SQLite connection also has a 5 s busy timeout and foreign keys on, and writing
-transactions start with `BEGIN IMMEDIATE`. The decision log is append-only in the database
-itself: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL).
-
-Files the store creates (the SQLite database, and so its `-wal` and `-journal`, which SQLite
-creates with the database's mode; the state marker) are mode 0600 whatever the umask.
-
-The state marker
-----------------
-Each database carries a random identity (`store_id` in kiln_meta), made when it is created.
-`Store.open_state` (what the daemon uses) also keeps `STATE_DIR/kiln.state`, a small JSON file
-(mode 0600, replaced atomically) recording that id and the masked database URL. A state
-folder whose marker names a database that is missing, empty (0 bytes), without kiln's tables,
-or a different kiln database (another id) is refused with a `StateLostError` naming the
-database and the marker: starting on a fresh database would put every ramp back to step 1
-and grant the day's budget again. `reinitialise=True` (`kiln run --reinitialise`) accepts what
-is at the database URL now (creating kiln's tables if they are missing; it never deletes
-anything) and rewrites the marker. A folder without a marker just starts, and writes one;
-a database found there without a marker (an older kiln, or a second node sharing a
-PostgreSQL database) is adopted. See docs/state.md.
+How the database is opened (SQLite without shared memory, the state marker, file modes):
+`kiln.storedb`; see docs/state.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import date
 from pathlib import Path
 from types import TracebackType
@@ -83,14 +37,30 @@ from sqlalchemy import (
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Field, Session, SQLModel, col, create_engine, or_, select
 
-from kiln.errors import KilnError
 from kiln.log import get_logger
 from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
+from kiln.storedb import (
+    BEGIN_IMMEDIATE,
+    FILE_MODE,
+    Marker,
+    StateLostError,
+    StoreError,
+    create_private,
+    describe,
+    file_system_hint,
+    on_sqlite_begin,
+    on_sqlite_connect,
+    parse_url,
+    read_marker,
+    sqlite_file,
+    tighten,
+    write_marker,
+)
 
 __all__ = [
     "FILE_MODE",
@@ -104,43 +74,15 @@ __all__ = [
 SCHEMA_VERSION: Final = 1
 """The layout this module writes; a database with a higher number is refused."""
 
-BUSY_TIMEOUT_MS: Final = 5_000
 LOCK_TIMEOUT_S: Final = 30.0
 """How long a call waits for a SQLite store's one connection before it is a StoreError."""
-FILE_MODE: Final = 0o600
-"""Mode of the files the store creates: the SQLite database (so its WAL) and the marker."""
 STATE_MARKER: Final = "kiln.state"
 """The marker's name in the state folder (see `Store.open_state`)."""
-MARKER_FORMAT: Final = 1
-_BEGIN_IMMEDIATE: Final = "kiln_begin_immediate"  # execution option read by the SQLite begin hook
 _VERSION_KEY: Final = "schema_version"  # in kiln_meta
 _ID_KEY: Final = "store_id"  # in kiln_meta: the database's identity, recorded in the marker
 _STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY)  # kiln_meta keys set_meta may not write
-_ID_PATTERN: Final = re.compile(r"[0-9a-f]{32}")
-_IO_ERRORS: Final = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")  # worth a write probe
+IO_ERRORS: Final = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")  # worth a write probe
 _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
-
-
-class StoreError(KilnError):
-    """The store could not do something: `action` names it, `target` is the masked database URL."""
-
-    def __init__(self, action: str, target: str, problem: str) -> None:
-        self.action = action
-        self.target = target
-        self.problem = problem
-        super().__init__(f"cannot {action} ({target}): {problem}")
-
-
-class StateLostError(StoreError):
-    """The state folder had a database and it is gone, empty or replaced: kiln refuses to
-    start on it (`kiln run --reinitialise` starts afresh). `found_id` is the store id the
-    database holds, if any."""
-
-    def __init__(
-        self, action: str, target: str, problem: str, *, found_id: str | None = None
-    ) -> None:
-        self.found_id = found_id
-        super().__init__(action, target, problem)
 
 
 _COUNTERS: Final = tuple(f.name for f in fields(DayCounts))
@@ -256,192 +198,6 @@ _APPEND_ONLY: Final = {
 }
 
 
-def _mask(url: str) -> str:
-    """`url` with any password replaced by ***, for URLs SQLAlchemy cannot even parse."""
-    return re.sub(r"(^|//)([^:/@]*):[^@]*@", r"\1\2:***@", url)
-
-
-def _parse_url(url: str) -> URL:
-    """The URL to hand to SQLAlchemy: SQLite as given, PostgreSQL always through psycopg 3."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError("open the store", _mask(url), f"not a database URL ({exc})") from exc
-    backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.get_driver_name() == "pysqlite":
-        return parsed
-    if backend in ("postgresql", "postgres") and parsed.drivername in (
-        "postgres",
-        "postgresql",
-        "postgresql+psycopg",
-    ):
-        return parsed.set(drivername="postgresql+psycopg")
-    raise StoreError(
-        "open the store",
-        parsed.render_as_string(hide_password=True),
-        "unsupported database; use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE",
-    )
-
-
-def _sqlite_file(parsed: URL) -> Path | None:
-    """The file of a SQLite URL; None for an in-memory database or a `file:` URI."""
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def _create_private(path: Path) -> None:
-    """Create `path` empty with FILE_MODE if it does not exist; SQLite reports any failure."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    except OSError:
-        pass  # exists already, or cannot be made: SQLite says why when it opens the file
-
-
-def _on_sqlite_connect(dbapi_connection: Any, _record: object) -> None:
-    """Per-connection SQLite settings; SQLAlchemy, not the driver, emits BEGIN."""
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # first: the WAL switch may wait
-        # Before WAL is first used: the WAL index lives in heap memory, no -shm mapping
-        # (see the module docstring). Nothing maps the database file either.
-        cursor.execute("PRAGMA locking_mode=EXCLUSIVE")
-        cursor.execute("PRAGMA mmap_size=0")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-    finally:
-        cursor.close()
-
-
-def _on_sqlite_begin(connection: Connection) -> None:
-    """Writers take the write lock up front; readers start a plain (deferred) transaction."""
-    immediate = connection.get_execution_options().get(_BEGIN_IMMEDIATE, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _describe(exc: SQLAlchemyError, password: str | None) -> str:
-    """The driver's own words, on one line, without the password."""
-    cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    message = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-    if password:
-        message = message.replace(password, "***")
-    name = getattr(cause, "sqlite_errorname", None)  # SQLite's extended code, e.g. SQLITE_FULL
-    if isinstance(name, str) and name not in message:
-        message = f"{message} ({name})"
-    return message or type(cause).__name__
-
-
-def _file_system_hint(path: Path, *, probe: bool) -> str:
-    """What the file system holding `path` says after a failure: read-only, full, or (with
-    `probe`) why a small file cannot be written beside it; "" when it looks fine."""
-    try:
-        info = os.statvfs(path.parent)
-    except OSError:
-        return ""
-    if info.f_flag & os.ST_RDONLY:
-        return f"; the file system holding {path.parent} is read-only"
-    if info.f_bavail == 0:
-        return f"; the file system holding {path.parent} is full"
-    if not probe:
-        return ""
-    # A file system made read-only by an error (ext4 errors=remount-ro) may not say so in its
-    # flags: try a write, as SQLite did.
-    probe_path = path.parent / f".kiln-write-probe.{os.getpid()}"
-    try:
-        os.close(os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-        probe_path.unlink()
-    except OSError as exc:
-        return f"; writing a file in {path.parent} fails: {exc.strerror}"
-    return ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Marker:
-    """What `STATE_DIR/kiln.state` says: the database's id and its masked URL."""
-
-    store_id: str
-    database: str
-
-
-def _read_marker(path: Path, target: str) -> _Marker | None:
-    """The marker at `path`, None if there is none; a StoreError if it cannot be used."""
-    try:
-        body = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError("read the state marker", target, f"{path}: {exc.strerror}") from exc
-    try:
-        data = json.loads(body)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        if data.get("kiln_state") != MARKER_FORMAT:
-            raise ValueError(f"unknown format {data.get('kiln_state')!r}")
-        store_id, database = data.get("store_id"), data.get("database")
-        if not isinstance(store_id, str) or not _ID_PATTERN.fullmatch(store_id):
-            raise ValueError("no store_id")
-        if not isinstance(database, str):
-            raise ValueError("no database")
-    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
-        raise StateLostError(
-            "read the state marker",
-            target,
-            f"{path} is damaged ({exc}); it should say which database this state folder "
-            "belongs to. Put it back from a backup, or start afresh with "
-            "`kiln run --reinitialise`",
-        ) from exc
-    return _Marker(store_id, database)
-
-
-def _write_marker(path: Path, marker: _Marker) -> None:
-    """Replace the marker at `path` atomically (temporary file, fsync, rename, fsync folder)."""
-    body = json.dumps(
-        {
-            "kiln_state": MARKER_FORMAT,
-            "store_id": marker.store_id,
-            "database": marker.database,
-            "about": "kiln notes here which database this state folder belongs to, and "
-            "refuses to start if that database is lost or replaced (docs/state.md)",
-        },
-        indent=2,
-    )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(body + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _tighten(path: Path, log: Any) -> None:
-    """Take group and other permissions off an existing state file (kiln before 0600)."""
-    try:
-        mode = path.stat().st_mode & 0o777
-        if mode & ~FILE_MODE:
-            os.chmod(path, FILE_MODE)
-            log.warning("state_file_mode_tightened", file=str(path), was=f"{mode:04o}", now="0600")
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("state_file_mode_unchanged", file=str(path), error=exc.strerror)
-
-
 class Store:
     """The daemon's database. Open once, share between threads, `close()` at shutdown."""
 
@@ -452,7 +208,7 @@ class Store:
         or empty SQLite file, a database without kiln's tables or with another id is a
         `StateLostError`, and nothing is created.
         """
-        parsed = _parse_url(url)
+        parsed = parse_url(url)
         self.node = node
         self.target = parsed.render_as_string(hide_password=True)
         self._password = parsed.password if isinstance(parsed.password, str) else None
@@ -465,11 +221,11 @@ class Store:
         self._lock: threading.Lock | None = None
         self._file: Path | None = None  # SQLite: the database file, for failure hints
         if self._dialect == "sqlite":
-            path = self._file = _sqlite_file(parsed)
+            path = self._file = sqlite_file(parsed)
             if path is not None and expect_id is not None:
                 self._check_file(path)
             elif path is not None:
-                _create_private(path)
+                create_private(path)
             self._engine: Engine = create_engine(
                 parsed,
                 poolclass=QueuePool,
@@ -479,15 +235,15 @@ class Store:
                 connect_args={"check_same_thread": False},  # one thread at a time: self._lock
             )
             self._lock = threading.Lock()
-            event.listen(self._engine, "connect", _on_sqlite_connect)
-            event.listen(self._engine, "begin", _on_sqlite_begin)
+            event.listen(self._engine, "connect", on_sqlite_connect)
+            event.listen(self._engine, "begin", on_sqlite_begin)
         else:
             self._engine = create_engine(
                 parsed,
                 pool_pre_ping=True,
                 connect_args={"connect_timeout": 5, "application_name": f"kiln {node}"[:63]},
             )
-        self._writer = self._engine.execution_options(**{_BEGIN_IMMEDIATE: True})
+        self._writer = self._engine.execution_options(**{BEGIN_IMMEDIATE: True})
         try:
             with self._failing_as("open the store"), self._one_at_a_time("open the store"):
                 self._install(expect_id)
@@ -529,7 +285,7 @@ class Store:
         new one if there is none; nothing is deleted) and the marker is rewritten.
         """
         log = get_logger(component="store")
-        target = _parse_url(url).render_as_string(hide_password=True)
+        target = parse_url(url).render_as_string(hide_password=True)
         marker_path = state_dir / STATE_MARKER
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -538,7 +294,7 @@ class Store:
                 "open the state folder", target, f"{state_dir}: {exc.strerror}"
             ) from exc
         try:
-            marker = _read_marker(marker_path, target)
+            marker = read_marker(marker_path, target)
         except StoreError:
             if not reinitialise:
                 raise
@@ -560,12 +316,12 @@ class Store:
         else:
             store = cls(url, node=node)
         try:
-            path = _sqlite_file(_parse_url(url))
+            path = sqlite_file(parse_url(url))
             if path is not None:
                 for name in ("", "-wal", "-journal"):
-                    _tighten(path.with_name(path.name + name), log)
-            if marker != _Marker(store.store_id, store.target):
-                _write_marker(marker_path, _Marker(store.store_id, store.target))
+                    tighten(path.with_name(path.name + name), log)
+            if marker != Marker(store.store_id, store.target):
+                write_marker(marker_path, Marker(store.store_id, store.target))
         except OSError as exc:
             store.close()
             raise StoreError(
@@ -622,11 +378,11 @@ class Store:
         try:
             yield
         except SQLAlchemyError as exc:
-            problem = _describe(exc, self._password)
+            problem = describe(exc, self._password)
             if self._file is not None:
                 name = getattr(getattr(exc, "orig", None), "sqlite_errorname", "")
-                io_error = isinstance(name, str) and name.startswith(_IO_ERRORS)
-                problem += _file_system_hint(self._file, probe=io_error)
+                io_error = isinstance(name, str) and name.startswith(IO_ERRORS)
+                problem += file_system_hint(self._file, probe=io_error)
             raise StoreError(action, self.target, problem) from exc
 
     @contextmanager
