@@ -182,12 +182,8 @@ struct Inner {
 impl Inner {
     /// A decision with the IP handle and address of its key, for `PyEngine::decision_py`.
     fn named(&self, d: Decision) -> (Decision, u32, IpAddr) {
-        let ip = self
-            .engine
-            .limiter
-            .key_ip(d.key)
-            .expect("decisions name own keys");
-        (d, ip, self.engine.limiter.ips[ip as usize].addr)
+        let (ip, _) = self.engine.key_handles(d.key);
+        (d, ip, self.engine.ip_addr(ip))
     }
 }
 
@@ -322,24 +318,24 @@ impl PyEngine {
 
     /// The handle of (ip, provider), interned on first use. IP text is normalised.
     fn key(&self, py: Python<'_>, ip: &str, provider: &str) -> PyResult<u32> {
-        self.lock(py)?.engine.limiter.key(ip, provider).map_err(err)
+        self.lock(py)?.engine.key(ip, provider).map_err(err)
     }
 
     /// (ip, provider) of a key handle.
     fn key_info(&self, py: Python<'_>, key: i128) -> PyResult<(String, String)> {
         let g = self.lock(py)?;
-        let (ip, provider) = g.engine.limiter.key_names(arg("key", key)?).map_err(err)?;
+        let (ip, provider) = g.engine.key_names(arg("key", key)?).map_err(err)?;
         Ok((ip, provider.to_owned()))
     }
 
     /// How many keys this engine holds.
     fn key_count(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.lock(py)?.engine.limiter.key_count())
+        Ok(self.lock(py)?.engine.key_count())
     }
 
     /// The handle of a provider name, interned on first use.
     fn provider(&self, py: Python<'_>, name: &str) -> PyResult<u16> {
-        self.lock(py)?.engine.limiter.provider(name).map_err(err)
+        self.lock(py)?.engine.provider(name).map_err(err)
     }
 
     /// Set a key's rate, caps and active hours (its multiplier, pause, counters and
@@ -522,12 +518,10 @@ impl PyEngine {
         let names = {
             let mut g = this.lock(py)?;
             match cs {
-                None => g.engine.limiter.acquire_batch(
-                    ks.iter().map(|k| (k.get(), 1)),
-                    now_ms,
-                    &mut out,
-                ),
-                Some(cs) => g.engine.limiter.acquire_batch(
+                None => g
+                    .engine
+                    .acquire_batch(ks.iter().map(|k| (k.get(), 1)), now_ms, &mut out),
+                Some(cs) => g.engine.acquire_batch(
                     ks.iter().zip(cs).map(|(k, c)| (k.get(), c.get())),
                     now_ms,
                     &mut out,
@@ -571,7 +565,7 @@ impl PyEngine {
 
     /// The handle of a defined pool.
     fn pool(&self, py: Python<'_>, name: &str) -> PyResult<u32> {
-        self.lock(py)?.engine.pools.handle(name).map_err(err)
+        self.lock(py)?.engine.pool_handle(name).map_err(err)
     }
 
     /// Choose and charge the IP of `pool` that carries `n` messages to `provider`:
@@ -771,7 +765,7 @@ impl PyEngine {
         let retired = g.engine.retain_ips(&ips).map_err(err)?;
         Ok(retired
             .into_iter()
-            .map(|h| g.engine.limiter.ips[h as usize].addr.to_string())
+            .map(|h| g.engine.ip_addr(h).to_string())
             .collect())
     }
 
@@ -810,7 +804,7 @@ impl PyEngine {
     /// The provider every domain without a route counts as (interned on first use).
     fn set_default_provider(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         let mut g = self.lock(py)?;
-        let h = g.engine.limiter.provider(name).map_err(err)?;
+        let h = g.engine.provider(name).map_err(err)?;
         g.wire.set_default_provider(h);
         Ok(())
     }
@@ -834,7 +828,7 @@ impl PyEngine {
         let expires_ms = arg("expires_ms", expires_ms)?;
         let mut g = self.lock(py)?;
         let route = match provider {
-            Some(p) => Route::Provider(g.engine.limiter.provider(p).map_err(err)?),
+            Some(p) => Route::Provider(g.engine.provider(p).map_err(err)?),
             None => Route::NullMx,
         };
         g.wire.set_route(domain, route, expires_ms).map_err(err)
@@ -857,7 +851,7 @@ impl PyEngine {
         let now_ms = arg("now_ms", now_ms)?;
         let mut g = self.lock(py)?;
         Ok(match g.wire.route(domain, now_ms).map_err(err)? {
-            Route::Provider(p) => Some(g.engine.limiter.providers[usize::from(p)].clone()),
+            Route::Provider(p) => Some(g.engine.provider_name(p).to_owned()),
             Route::NullMx => None,
         })
     }
@@ -880,7 +874,7 @@ impl PyEngine {
         Ok(tallies
             .into_iter()
             .map(|(key, t)| {
-                let (ip, provider) = g.engine.limiter.key_names(key).expect("own keys");
+                let (ip, provider) = g.engine.key_names(key).expect("own keys");
                 (
                     ip,
                     provider.to_owned(),
@@ -917,7 +911,7 @@ impl PyEngine {
         Ok(reports
             .into_iter()
             .map(|r| {
-                let (ip, provider) = g.engine.limiter.key_names(r.key).expect("own keys");
+                let (ip, provider) = g.engine.key_names(r.key).expect("own keys");
                 (
                     r.at_ms,
                     ip,
@@ -1041,16 +1035,7 @@ impl Inner {
     /// Swap in a restored engine; routes follow provider names to the new handles. The
     /// restored engine is not changed (no provider is added to it).
     fn replace(&mut self, mut engine: Engine) {
-        // Tokens of reservation snapshots taken before the restore stay unknown after it.
-        let next = &mut engine.limiter.reserve.next_token;
-        *next = (*next).max(self.engine.limiter.reserve.next_token);
-        let map: Vec<Option<u16>> = self
-            .engine
-            .limiter
-            .providers
-            .iter()
-            .map(|name| engine.limiter.provider_handle(name).ok())
-            .collect();
+        let map = engine.succeed(&self.engine);
         self.engine = engine;
         self.wire.remap_providers(&map);
     }

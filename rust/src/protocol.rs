@@ -934,17 +934,13 @@ impl Wire {
         match (&req.provider, &req.domain) {
             (Some(_), Some(_)) => Err("give domain or provider, not both".into()),
             (None, None) => Err("domain: missing (or give provider)".into()),
-            (Some(p), None) => engine
-                .limiter
-                .provider_handle(p)
-                .map(Route::Provider)
-                .map_err(|_| {
-                    Refusal::from(format!(
-                        "provider: unknown provider {}, expected one of {}",
-                        quoted(p.as_ref()),
-                        engine.limiter.providers.join(", ")
-                    ))
-                }),
+            (Some(p), None) => engine.provider_handle(p).map(Route::Provider).map_err(|_| {
+                Refusal::from(format!(
+                    "provider: unknown provider {}, expected one of {}",
+                    quoted(p.as_ref()),
+                    engine.provider_names().join(", ")
+                ))
+            }),
             (None, Some(d)) => {
                 let d = normalise_domain(d)?;
                 self.lookup(&d, now_ms)
@@ -957,13 +953,12 @@ impl Wire {
             return Err("ip: missing".into());
         };
         let addr = parse_ip(ip_text).map_err(|e| Refusal(e.to_string()))?;
-        let ip = engine.limiter.find_ip(&addr).ok_or_else(|| {
+        let ip = engine.find_ip(&addr).ok_or_else(|| {
             Refusal::from(format!(
                 "ip: {addr} is not a sending IP of this daemon's plan"
             ))
         })?;
         engine
-            .limiter
             .key_of(ip, provider)
             .map_err(|e| Refusal(e.to_string()))
     }
@@ -976,7 +971,7 @@ impl Wire {
         pool: Option<&str>,
         out: &mut Vec<u8>,
     ) {
-        let (ip, provider) = engine.limiter.key_handles(d.key);
+        let (ip, provider) = engine.key_handles(d.key);
         if d.is_granted() {
             self.stats.granted += 1;
             self.tallies.entry(d.key).or_default().granted += u64::from(d.granted);
@@ -984,12 +979,8 @@ impl Wire {
             self.stats.denied += 1;
         }
         decision_head(out, id, d);
-        let _ = write!(
-            out,
-            ",\"ip\":\"{}\",\"provider\":",
-            engine.limiter.ips[ip as usize].addr
-        );
-        json_str(out, &engine.limiter.providers[usize::from(provider)]);
+        let _ = write!(out, ",\"ip\":\"{}\",\"provider\":", engine.ip_addr(ip));
+        json_str(out, engine.provider_name(provider));
         if let Some(pool) = pool {
             out.extend_from_slice(b",\"pool\":");
             json_str(out, pool);
@@ -1044,8 +1035,7 @@ impl Wire {
             return Err("pool: missing".into());
         };
         let pool = engine
-            .pools
-            .handle(pool_name)
+            .pool_handle(pool_name)
             .map_err(|_| Refusal::from(format!("pool: unknown pool {}", quoted(pool_name))))?;
         let Route::Provider(provider) = self.provider_of(engine, req, now_ms)? else {
             self.null_mx_reply(req.id, out);
@@ -1063,7 +1053,7 @@ impl Wire {
             out.extend_from_slice(b",\"pool\":");
             json_str(out, pool_name);
             out.extend_from_slice(b",\"provider\":");
-            json_str(out, &engine.limiter.providers[usize::from(provider)]);
+            json_str(out, engine.provider_name(provider));
             out.extend_from_slice(b"}\n");
         }
         Ok(())
@@ -1117,7 +1107,7 @@ impl Wire {
         }
         open(out, req.id);
         out.extend_from_slice(b"\"ok\":true,\"provider\":");
-        json_str(out, &engine.limiter.providers[usize::from(provider)]);
+        json_str(out, engine.provider_name(provider));
         out.extend_from_slice(b"}\n");
         Ok(())
     }
@@ -1140,13 +1130,11 @@ impl Wire {
             (Some(_), Some(_)) => return Err("give domain or provider, not both".into()),
             (None, None) => None,
             (Some(p), None) => {
-                if engine.limiter.provider_handle(p).is_err()
-                    && !self.classifier.mentions_provider(p)
-                {
+                if engine.provider_handle(p).is_err() && !self.classifier.mentions_provider(p) {
                     return Err(format!(
                         "provider: unknown provider {}, expected one of {} or a provider of the rules",
                         quoted(p.as_ref()),
-                        engine.limiter.providers.join(", ")
+                        engine.provider_names().join(", ")
                     )
                     .into());
                 }
@@ -1155,16 +1143,14 @@ impl Wire {
             (None, Some(d)) => {
                 let d = normalise_domain(d)?;
                 match self.lookup(&d, now_ms)? {
-                    Route::Provider(h) => Some(engine.limiter.providers[usize::from(h)].as_str()),
+                    Route::Provider(h) => Some(engine.provider_name(h)),
                     Route::NullMx => Some(""),
                 }
             }
         };
         // The default provider stands for every provider without a row of its own (Yahoo,
         // Apple, ...): every rule applies, as it does to the reports kiln acts on.
-        let default = self
-            .default_provider
-            .map(|h| engine.limiter.providers[usize::from(h)].as_str());
+        let default = self.default_provider.map(|h| engine.provider_name(h));
         let provider = match named {
             Some(p) if Some(p) == default => Provider::Any,
             _ => named.map_or(Provider::Any, Provider::Named),
@@ -1228,7 +1214,7 @@ impl Wire {
         json_str(out, &d);
         out.extend_from_slice(b",\"provider\":");
         match route {
-            Route::Provider(p) => json_str(out, &engine.limiter.providers[usize::from(p)]),
+            Route::Provider(p) => json_str(out, engine.provider_name(p)),
             Route::NullMx => out.extend_from_slice(b"null"),
         }
         let _ = writeln!(out, ",\"resolved\":{known}}}");
