@@ -194,6 +194,9 @@ pub enum Provider<'a> {
     Named(&'a str),
 }
 
+/// The class name of `Verdict::Internal` on the wire and in Python.
+pub const INTERNAL: &str = "internal";
+
 /// The outcome of classifying one reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
