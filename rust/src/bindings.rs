@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use pyo3::{create_exception, intern};
 
 use crate::caps::{EVERY_HOUR, UNKNOWN_HOUR};
 use crate::classify::{self, Class, Classifier, CodeSpec, Provider, RuleDef, Scope, Verdict};
@@ -53,31 +54,34 @@ fn opt_arg<T: TryFrom<i128>>(name: &str, v: Option<i128>) -> PyResult<Option<T>>
     v.map(|v| arg(name, v)).transpose()
 }
 
+/// The Python string of a wire name (`as_str` of one of `all`), interned once per process.
+fn wire_name<'py, T: Copy + PartialEq>(
+    py: Python<'py>,
+    cache: &PyOnceLock<Vec<Py<PyString>>>,
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+    value: T,
+) -> Bound<'py, PyString> {
+    let names = cache.get_or_init(py, || {
+        all.iter()
+            .map(|&v| PyString::intern(py, as_str(v)).unbind())
+            .collect()
+    });
+    let i = all
+        .iter()
+        .position(|&v| v == value)
+        .expect("`all` lists every value");
+    names[i].bind(py).clone()
+}
+
 fn reason_str(py: Python<'_>, r: Reason) -> Bound<'_, PyString> {
-    match r {
-        Reason::Granted => intern!(py, "granted"),
-        Reason::Paused => intern!(py, "paused"),
-        Reason::Suspended => intern!(py, "suspended"),
-        Reason::DailyCap => intern!(py, "daily_cap"),
-        Reason::HourlyCap => intern!(py, "hourly_cap"),
-        Reason::IpDailyCap => intern!(py, "ip_daily_cap"),
-        Reason::IpHourlyCap => intern!(py, "ip_hourly_cap"),
-        Reason::Rate => intern!(py, "rate"),
-        Reason::Reservation => intern!(py, "reservation"),
-        Reason::Retired => intern!(py, "retired"),
-        Reason::OutsideActiveHours => intern!(py, "outside_active_hours"),
-    }
-    .clone()
+    static NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+    wire_name(py, &NAMES, &Reason::ALL, Reason::as_str, r)
 }
 
 fn tier_str(py: Python<'_>, t: Tier) -> Bound<'_, PyString> {
-    match t {
-        Tier::Direct => intern!(py, "direct"),
-        Tier::Warming => intern!(py, "warming"),
-        Tier::Warm => intern!(py, "warm"),
-        Tier::Overflow => intern!(py, "overflow"),
-    }
-    .clone()
+    static NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+    wire_name(py, &NAMES, &Tier::ALL, Tier::as_str, t)
 }
 
 /// A decision: granted (how many, on which IP) or denied (why, and when to ask again).
@@ -991,7 +995,7 @@ impl PyEngine {
                 Ok(Some(PyTuple::new(
                     py,
                     [
-                        intern!(py, "internal").clone().into_any(),
+                        PyString::intern(py, classify::INTERNAL).into_any(),
                         none.clone(),
                         none,
                         PyTuple::empty(py).into_any(),
@@ -1396,41 +1400,19 @@ fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
 }
 
 fn class_str(py: Python<'_>, c: Class) -> Bound<'_, PyString> {
-    match c {
-        Class::Blocklist => intern!(py, "blocklist"),
-        Class::BlockRep => intern!(py, "block_rep"),
-        Class::RateLimitRep => intern!(py, "rate_limit_rep"),
-        Class::Auth => intern!(py, "auth"),
-        Class::ConnLimit => intern!(py, "conn_limit"),
-        Class::Busy => intern!(py, "busy"),
-        Class::Content => intern!(py, "content"),
-        Class::RcptRate => intern!(py, "rcpt_rate"),
-        Class::HardBounce => intern!(py, "hard_bounce"),
-    }
-    .clone()
+    static NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+    wire_name(py, &NAMES, &Class::ALL, Class::as_str, c)
 }
 
 fn scope_str(py: Python<'_>, s: Scope) -> Bound<'_, PyString> {
-    match s {
-        Scope::Ip => intern!(py, "ip"),
-        Scope::Netblock => intern!(py, "netblock"),
-        Scope::Domain => intern!(py, "domain"),
-        Scope::Url => intern!(py, "url"),
-        Scope::Recipient => intern!(py, "recipient"),
-        Scope::Message => intern!(py, "message"),
-    }
-    .clone()
+    static NAMES: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+    wire_name(py, &NAMES, &Scope::ALL, Scope::as_str, s)
 }
 
 fn reply_code(code: Option<i128>) -> PyResult<Option<u16>> {
-    match code {
-        None => Ok(None),
-        Some(c @ 200..=599) => Ok(Some(c as u16)),
-        Some(c) => Err(bad(
-            "code",
-            format_args!("must be an SMTP reply code 200-599, got {c}"),
-        )),
-    }
+    code.map(classify::check_reply_code)
+        .transpose()
+        .map_err(err)
 }
 
 fn reply_enhanced(enhanced: Option<&str>) -> PyResult<()> {

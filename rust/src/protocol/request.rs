@@ -8,7 +8,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::Refusal;
-use crate::classify::valid_enhanced;
+use crate::classify::{check_reply_code, valid_enhanced};
 
 /// A string that borrows from the line unless it had escapes.
 struct Text<'a>(Cow<'a, str>);
@@ -207,11 +207,10 @@ impl Request<'_> {
 
     /// The optional `code` of a request: an SMTP reply code.
     pub(super) fn reply_code(&self) -> Result<Option<u16>, Refusal> {
-        match self.code {
-            None => Ok(None),
-            Some(c @ 200..=599) => Ok(Some(c as u16)),
-            Some(c) => Err(format!("code: must be an SMTP reply code 200-599, got {c}").into()),
-        }
+        self.code
+            .map(|c| check_reply_code(c.into()))
+            .transpose()
+            .map_err(|e| Refusal(e.to_string()))
     }
 
     /// The optional `enhanced` of a request: an enhanced status code.
