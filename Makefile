@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYO3_PYTHON := $(abspath $(PY))
 # cargo takes --manifest-path after the subcommand: $(call cargo,SUBCOMMAND) ARGS...
 cargo = cargo $(1) --manifest-path rust/Cargo.toml
-RUST_SRC := $(wildcard rust/src/*.rs) rust/Cargo.toml
+RUST_SRC := $(wildcard rust/src/*.rs rust/src/*/*.rs) rust/Cargo.toml
 # Rebuild when the extension is missing even if the stamp says it was built.
 EXT_MISSING := $(if $(wildcard python/kiln/_core*.so),,FORCE)
 STATE_DIR ?= .state

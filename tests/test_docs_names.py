@@ -20,7 +20,7 @@ STATE_FILES = {"kiln.db", "kiln.sock", "kiln.state"}
 
 def _rust_source() -> str:
     """Every Rust source file of the core, joined."""
-    return "\n".join(p.read_text() for p in sorted((REPO / "rust" / "src").glob("*.rs")))
+    return "\n".join(p.read_text() for p in sorted((REPO / "rust" / "src").rglob("*.rs")))
 
 
 def _python_classes() -> dict[str, set[str]]:

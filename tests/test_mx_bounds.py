@@ -4,7 +4,7 @@ A burst of 300,000 unique recipient domains must not start 300,000 lookups, grow
 without end, or stall the event loop that serves the socket: at most `max_in_flight` lookups
 run, at most `max_waiting` domains wait (the rest are dropped, counted, and asked again when
 seen again), and the engine keeps at most `MAX_ROUTES` learned routes and `MAX_UNRESOLVED`
-domains waiting to be drained (`rust/src/protocol.rs`).
+domains waiting to be drained (`rust/src/protocol/routes.rs`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kiln.mx import MxLookups, MxResolver, ProviderTable
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 
 T0_MS = 1_800_000_000_000
-#: `MAX_ROUTES` and `MAX_UNRESOLVED` of rust/src/protocol.rs.
+#: `MAX_ROUTES` and `MAX_UNRESOLVED` of rust/src/protocol/routes.rs.
 MAX_ROUTES = 200_000
 MAX_UNRESOLVED = 10_000
 #: The shipped MX suffixes without the domain table, so every lookup goes through DNS.

@@ -1,4 +1,4 @@
-"""kiln's Rust engine (hand-written stub of rust/src/bindings.rs; checked by stubtest).
+"""kiln's Rust engine (hand-written stub of rust/src/bindings/; checked by stubtest).
 
 Time is always an argument: integer milliseconds since the epoch (`now_ms`). Being
 throttled is a `Decision`, never an exception; `CoreError` is for bad input only.

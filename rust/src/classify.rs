@@ -137,7 +137,7 @@ impl CodeSpec {
 
     /// An exact code in 200..=599.
     pub fn exact(code: u16) -> Option<Self> {
-        (200..=599).contains(&code).then_some(CodeSpec::Exact(code))
+        check_reply_code(code.into()).ok().map(CodeSpec::Exact)
     }
 
     fn accepts(self, code: u16) -> bool {
@@ -194,6 +194,9 @@ pub enum Provider<'a> {
     Named(&'a str),
 }
 
+/// The class name of `Verdict::Internal` on the wire and in Python.
+pub const INTERNAL: &str = "internal";
+
 /// The outcome of classifying one reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -219,6 +222,17 @@ pub struct Normalised {
 impl Normalised {
     pub fn text(&self) -> &str {
         &self.line[self.text_start..]
+    }
+}
+
+/// An SMTP reply code as rules, reports and `classify` take it: 200 to 599.
+pub fn check_reply_code(code: i128) -> CoreResult<u16> {
+    match code {
+        200..=599 => Ok(code as u16),
+        c => Err(CoreError::bad(
+            "code",
+            format!("must be an SMTP reply code 200-599, got {c}"),
+        )),
     }
 }
 

@@ -82,6 +82,9 @@ pub enum Tier {
 }
 
 impl Tier {
+    pub const ALL: [Tier; 4] = [Tier::Direct, Tier::Warming, Tier::Warm, Tier::Overflow];
+
+    /// The name used on the wire and in Python.
     pub const fn as_str(self) -> &'static str {
         match self {
             Tier::Direct => "direct",

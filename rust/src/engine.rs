@@ -1,6 +1,8 @@
 //! The Engine: one object that owns all limiter state, pools and the release queue.
 //! Python creates it, feeds it plain data and `now_ms`, and keeps it for the process life.
 
+use std::net::IpAddr;
+
 use crate::decision::Decision;
 use crate::error::{CoreError, CoreResult};
 use crate::limiter::{check_n, check_now, parse_ip, Limiter, Usage};
@@ -20,6 +22,80 @@ impl Engine {
             limiter: Limiter::new(),
             ..Self::default()
         }
+    }
+
+    // ----- names and handles: what the bindings and the wire protocol ask by name -----
+
+    /// The handle of (ip, provider) by name; both are interned on first use.
+    pub fn key(&mut self, ip: &str, provider: &str) -> CoreResult<u32> {
+        self.limiter.key(ip, provider)
+    }
+
+    /// The handle of (ip, provider) by handles; interned on first use.
+    pub fn key_of(&mut self, ip: u32, provider: u16) -> CoreResult<u32> {
+        self.limiter.key_of(ip, provider)
+    }
+
+    /// (ip, provider) of a key, as text.
+    pub fn key_names(&self, key: u32) -> CoreResult<(String, &str)> {
+        self.limiter.key_names(key)
+    }
+
+    /// (ip handle, provider handle) of a key this engine issued.
+    pub fn key_handles(&self, key: u32) -> (u32, u16) {
+        self.limiter.key_handles(key)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.limiter.key_count()
+    }
+
+    /// The handle of a provider name, interned on first use.
+    pub fn provider(&mut self, name: &str) -> CoreResult<u16> {
+        self.limiter.provider(name)
+    }
+
+    /// The handle of a provider this engine knows (never interns).
+    pub fn provider_handle(&self, name: &str) -> CoreResult<u16> {
+        self.limiter.provider_handle(name)
+    }
+
+    /// The name of a provider handle this engine issued.
+    pub fn provider_name(&self, provider: u16) -> &str {
+        &self.limiter.providers[usize::from(provider)]
+    }
+
+    /// Every provider name, in handle order.
+    pub fn provider_names(&self) -> &[String] {
+        &self.limiter.providers
+    }
+
+    /// The handle of a sending IP (see `Limiter::find_ip`).
+    pub fn find_ip(&self, addr: &IpAddr) -> Option<u32> {
+        self.limiter.find_ip(addr)
+    }
+
+    /// The address of an IP handle this engine issued.
+    pub fn ip_addr(&self, ip: u32) -> IpAddr {
+        self.limiter.ips[ip as usize].addr
+    }
+
+    /// The handle of a defined pool.
+    pub fn pool_handle(&self, name: &str) -> CoreResult<u32> {
+        self.pools.handle(name)
+    }
+
+    /// Take the place of `old` (a restore): reservation tokens `old` handed out stay unknown
+    /// here. Returns, for each of `old`'s provider handles, this engine's handle of the same
+    /// name, or None where this engine lacks the provider (none is added).
+    pub fn succeed(&mut self, old: &Engine) -> Vec<Option<u16>> {
+        let next = &mut self.limiter.reserve.next_token;
+        *next = (*next).max(old.limiter.reserve.next_token);
+        old.limiter
+            .providers
+            .iter()
+            .map(|name| self.limiter.provider_handle(name).ok())
+            .collect()
     }
 
     // ----- configuration: every change that can free capacity wakes the queue -----
@@ -173,6 +249,19 @@ impl Engine {
         self.limiter.acquire(key, n, now_ms)
     }
 
+    /// Decide many (key, n) requests at one `now_ms` (see `Limiter::acquire_batch`).
+    pub fn acquire_batch<I>(
+        &mut self,
+        requests: I,
+        now_ms: u64,
+        out: &mut Vec<Decision>,
+    ) -> CoreResult<()>
+    where
+        I: ExactSizeIterator<Item = (u32, u32)> + Clone,
+    {
+        self.limiter.acquire_batch(requests, now_ms, out)
+    }
+
     pub fn pick(&mut self, pool: u32, provider: u16, n: u32, now_ms: u64) -> CoreResult<Decision> {
         self.pools
             .pick(&mut self.limiter, pool, provider, n, now_ms)
@@ -243,6 +332,24 @@ mod tests {
         let mut out = Vec::new();
         w.serve(e, input.as_bytes(), 0, &mut out).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_successor_maps_providers_by_name_and_keeps_tokens_unknown() {
+        let mut old = Engine::new();
+        old.provider("google").unwrap();
+        old.provider("yahoo").unwrap();
+        let k = old.key("192.0.2.1", "google").unwrap();
+        old.set_limits(k, None, 1, None, Some(5)).unwrap();
+        let (_, token) = old.reservation_snapshot(0, 1_000, 1).unwrap();
+        let mut new = Engine::new();
+        new.provider("default").unwrap();
+        new.provider("google").unwrap();
+        assert_eq!(new.succeed(&old), vec![Some(1), None]);
+        // The successor's tokens never repeat one the old engine handed out.
+        let (_, next) = new.reservation_snapshot(0, 1_000, 1).unwrap();
+        assert!(next > token);
+        assert_eq!(new.provider_name(1), "google");
     }
 
     /// An engine with a plan of two IPs in pool "main", daily caps of 5, and its wire.

@@ -6,9 +6,9 @@
 //! `Engine::from_snapshot` rebuilds through the ordinary, checked setters, so a corrupt
 //! snapshot is an error, never a broken engine.
 //!
-//! Versions: 3 adds the calendar's hours of day and the keys' active hours; 2 adds
-//! `retired_ips` and `reservation`. Versions 1 and 2 (binary or plain data) still restore,
-//! without what came later.
+//! Versions: each appends fields to the one before. 3 adds the calendar's hours of day and
+//! the keys' active hours; 2 adds `retired_ips` and `reservation`. Versions 1 and 2 (binary
+//! or plain data) still restore, without what came later.
 
 use crate::caps::{cap_from, cap_to, Calendar, EVERY_HOUR, UNKNOWN_HOUR};
 use crate::engine::Engine;
@@ -97,49 +97,11 @@ pub struct Snapshot {
     pub active_hours: Vec<(u32, u32)>,
 }
 
-/// The binary layout of version 2 (before hours of day and active hours).
-#[derive(serde::Deserialize)]
-struct SnapshotV2 {
-    version: u32,
-    hour_start_ms: u64,
-    hour_pending_ms: Vec<u64>,
-    day_start_ms: u64,
-    day_pending_ms: Vec<u64>,
-    providers: Vec<String>,
-    ips: Vec<IpState>,
-    keys: Vec<KeyState>,
-    pools: Vec<PoolState>,
-    queue: Vec<QueuedState>,
-    retired_ips: Vec<u32>,
-    reservation: Option<Reservation>,
-}
-
-impl From<SnapshotV2> for Snapshot {
-    fn from(s: SnapshotV2) -> Self {
-        let unknown = vec![UNKNOWN_HOUR; s.hour_pending_ms.len()];
-        Self {
-            version: s.version,
-            hour_start_ms: s.hour_start_ms,
-            hour_pending_ms: s.hour_pending_ms,
-            day_start_ms: s.day_start_ms,
-            day_pending_ms: s.day_pending_ms,
-            providers: s.providers,
-            ips: s.ips,
-            keys: s.keys,
-            pools: s.pools,
-            queue: s.queue,
-            retired_ips: s.retired_ips,
-            reservation: s.reservation,
-            hour_of_day: UNKNOWN_HOUR,
-            hour_pending_of_day: unknown,
-            active_hours: Vec::new(),
-        }
-    }
-}
-
-/// The binary layout of version 1 (before `retired_ips` and `reservation`).
-#[derive(serde::Deserialize)]
-struct SnapshotV1 {
+/// The fields every version has, first in the binary layout (postcard writes a struct as its
+/// fields in order, with nothing between): version 1 is exactly these. Later versions
+/// append, so `Snapshot` must list these first, in this order, then `V2Tail`, `V3Tail`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Common {
     version: u32,
     hour_start_ms: u64,
     hour_pending_ms: Vec<u64>,
@@ -152,24 +114,14 @@ struct SnapshotV1 {
     queue: Vec<QueuedState>,
 }
 
-impl From<SnapshotV1> for Snapshot {
-    fn from(s: SnapshotV1) -> Self {
-        SnapshotV2 {
-            version: s.version,
-            hour_start_ms: s.hour_start_ms,
-            hour_pending_ms: s.hour_pending_ms,
-            day_start_ms: s.day_start_ms,
-            day_pending_ms: s.day_pending_ms,
-            providers: s.providers,
-            ips: s.ips,
-            keys: s.keys,
-            pools: s.pools,
-            queue: s.queue,
-            retired_ips: Vec::new(),
-            reservation: None,
-        }
-        .into()
-    }
+/// What version 2 appended: `retired_ips`, `reservation`.
+type V2Tail = (Vec<u32>, Option<Reservation>);
+/// What version 3 appended: `hour_of_day`, `hour_pending_of_day`, `active_hours`.
+type V3Tail = (u8, Vec<u8>, Vec<(u32, u32)>);
+
+/// One value from the front of `bytes`, and what follows it.
+fn take<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> CoreResult<(T, &'a [u8])> {
+    postcard::take_from_bytes(bytes).map_err(|e| corrupt(&e))
 }
 
 fn corrupt(e: &postcard::Error) -> CoreError {
@@ -192,22 +144,28 @@ impl Snapshot {
                 CoreError::bad("snapshot", "not a kiln binary snapshot (bad magic bytes)")
             })?;
         // Every version starts with its number.
-        let (version, _): (u32, &[u8]) =
-            postcard::take_from_bytes(body).map_err(|e| corrupt(&e))?;
-        let (s, rest): (Snapshot, &[u8]) = match version {
-            1 => postcard::take_from_bytes::<SnapshotV1>(body)
-                .map(|(s, rest)| (s.into(), rest))
-                .map_err(|e| corrupt(&e))?,
-            2 => postcard::take_from_bytes::<SnapshotV2>(body)
-                .map(|(s, rest)| (s.into(), rest))
-                .map_err(|e| corrupt(&e))?,
-            SNAPSHOT_VERSION => postcard::take_from_bytes(body).map_err(|e| corrupt(&e))?,
-            v => {
-                return Err(CoreError::bad(
-                    "version",
-                    format!("this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {v}"),
-                ))
-            }
+        let (version, _) = take::<u32>(body)?;
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
+            return Err(CoreError::bad(
+                "version",
+                format!(
+                    "this engine reads snapshot versions 1 to {SNAPSHOT_VERSION}, got {version}"
+                ),
+            ));
+        }
+        // Each version is the one before with fields appended; what an older one lacks is
+        // what a fresh engine has.
+        let (c, rest) = take::<Common>(body)?;
+        let ((retired_ips, reservation), rest) = if version >= 2 {
+            take::<V2Tail>(rest)?
+        } else {
+            ((Vec::new(), None), rest)
+        };
+        let ((hour_of_day, hour_pending_of_day, active_hours), rest) = if version >= 3 {
+            take::<V3Tail>(rest)?
+        } else {
+            let unknown = vec![UNKNOWN_HOUR; c.hour_pending_ms.len()];
+            ((UNKNOWN_HOUR, unknown, Vec::new()), rest)
         };
         if !rest.is_empty() {
             return Err(CoreError::bad(
@@ -215,7 +173,23 @@ impl Snapshot {
                 format!("corrupt binary snapshot: {} trailing bytes", rest.len()),
             ));
         }
-        Ok(s)
+        Ok(Snapshot {
+            version: c.version,
+            hour_start_ms: c.hour_start_ms,
+            hour_pending_ms: c.hour_pending_ms,
+            day_start_ms: c.day_start_ms,
+            day_pending_ms: c.day_pending_ms,
+            providers: c.providers,
+            ips: c.ips,
+            keys: c.keys,
+            pools: c.pools,
+            queue: c.queue,
+            retired_ips,
+            reservation,
+            hour_of_day,
+            hour_pending_of_day,
+            active_hours,
+        })
     }
 }
 
@@ -503,6 +477,49 @@ mod tests {
         assert!(Snapshot::from_bytes(&longer).is_err());
         for cut in 0..bytes.len() {
             let _ = Snapshot::from_bytes(&bytes[..cut]);
+        }
+    }
+
+    /// Binary snapshots of versions 1 and 2 (the current layout's first fields) still load,
+    /// with what came later as a fresh engine has it.
+    #[test]
+    fn older_binary_snapshots_load() {
+        let s = busy_engine().snapshot();
+        let common = |version| Common {
+            version,
+            hour_start_ms: s.hour_start_ms,
+            hour_pending_ms: s.hour_pending_ms.clone(),
+            day_start_ms: s.day_start_ms,
+            day_pending_ms: s.day_pending_ms.clone(),
+            providers: s.providers.clone(),
+            ips: s.ips.clone(),
+            keys: s.keys.clone(),
+            pools: s.pools.clone(),
+            queue: s.queue.clone(),
+        };
+        let v1 = postcard::to_extend(&common(1), SNAPSHOT_MAGIC.to_vec()).unwrap();
+        let tail: V2Tail = (vec![1], None);
+        let v2 = postcard::to_extend(&(common(2), tail), SNAPSHOT_MAGIC.to_vec()).unwrap();
+        for (version, bytes) in [(1, v1), (2, v2)] {
+            let old = Snapshot::from_bytes(&bytes).unwrap();
+            let retired = if version == 1 { vec![] } else { vec![1] };
+            assert_eq!(old.retired_ips, retired);
+            assert_eq!(old.hour_of_day, UNKNOWN_HOUR);
+            assert_eq!(
+                old.hour_pending_of_day,
+                vec![UNKNOWN_HOUR; s.hour_pending_ms.len()]
+            );
+            let restored = Engine::from_snapshot(&old).unwrap().snapshot();
+            assert_eq!(
+                (restored.keys, restored.queue),
+                (s.keys.clone(), s.queue.clone())
+            );
+            // Appended fields of a later version are trailing bytes to an older one.
+            let mut longer = bytes.clone();
+            longer.extend_from_slice(
+                &postcard::to_allocvec(&(0u8, [0u8; 0], [(0u32, 0u32); 0])).unwrap(),
+            );
+            assert!(Snapshot::from_bytes(&longer).is_err());
         }
     }
 

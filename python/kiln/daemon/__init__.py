@@ -7,7 +7,7 @@ polling). How it cannot hang: docs/daemon.md. Where each decision is made:
 
 | decision | where |
 |---|---|
-| may this request go, which IP carries it | `Engine.serve` (rust/src/protocol.rs) |
+| may this request go, which IP carries it | `Engine.serve` (rust/src/protocol/) |
 | caps in force this hour | `ramp.compile_limits`, pushed by `Daemon.apply_plan` |
 | does a ramp advance at the day roll | `rampday.roll_day`, run by `kiln.daemon.roll` |
 | domain -> provider | plan domain table, then `mx.MxLookups`, pushed as engine routes |

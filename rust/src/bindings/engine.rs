@@ -1,179 +1,30 @@
-//! The only file that knows about Python: `kiln._core`.
-//!
-//! Wrappers are frozen with a `Mutex` inside. Engine work happens under the lock and touches
-//! only Rust data; Python objects are made after it is released, so no Python code runs and
-//! the GIL is never let go while it is held. A caller that finds the lock taken waits for it
-//! with the GIL released. Together these rule out the lock-versus-GIL deadlock (one thread
-//! holding the lock and waiting for the GIL, another holding the GIL and waiting for the lock).
+//! `Engine`: the lock that guards the core, and every method Python calls on it.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use pyo3::{create_exception, intern};
 
-use crate::caps::{EVERY_HOUR, UNKNOWN_HOUR};
-use crate::classify::{self, Class, Classifier, CodeSpec, Provider, RuleDef, Scope, Verdict};
-use crate::decision::{Decision, Reason, Tier};
+use super::decision::{PyBatch, PyDecision};
+use super::rules::{compile_rules, reply_code, reply_enhanced, PyRules};
+use super::snapshot::{snapshot_from_py, snapshot_to_py};
+use super::{arg, bad, class_str, err, opt_arg, scope_str, CoreError};
+use crate::caps::EVERY_HOUR;
+use crate::classify::{self, Provider, Verdict};
+use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::gcra::PPM;
 use crate::protocol::{Route, Wire};
-use crate::state::{IpState, KeyState, PoolState, QueuedState, Snapshot};
-
-create_exception!(
-    _core,
-    CoreError,
-    PyValueError,
-    "Bad input to the kiln engine: an argument out of range, an unknown handle or name, \
-     or a corrupt snapshot. Being throttled is never an error."
-);
-
-#[allow(clippy::needless_pass_by_value)] // shaped for `map_err(err)`
-fn err(e: crate::error::CoreError) -> PyErr {
-    CoreError::new_err(e.to_string())
-}
-
-fn bad(name: &str, problem: impl std::fmt::Display) -> PyErr {
-    CoreError::new_err(format!("{name}: {problem}"))
-}
-
-/// A non-negative integer argument that fits `T`, or a `CoreError` naming it.
-fn arg<T: TryFrom<i128>>(name: &str, v: i128) -> PyResult<T> {
-    if v < 0 {
-        return Err(bad(name, format_args!("must not be negative, got {v}")));
-    }
-    T::try_from(v).map_err(|_| bad(name, format_args!("is too large, got {v}")))
-}
-
-fn opt_arg<T: TryFrom<i128>>(name: &str, v: Option<i128>) -> PyResult<Option<T>> {
-    v.map(|v| arg(name, v)).transpose()
-}
-
-fn reason_str(py: Python<'_>, r: Reason) -> Bound<'_, PyString> {
-    match r {
-        Reason::Granted => intern!(py, "granted"),
-        Reason::Paused => intern!(py, "paused"),
-        Reason::Suspended => intern!(py, "suspended"),
-        Reason::DailyCap => intern!(py, "daily_cap"),
-        Reason::HourlyCap => intern!(py, "hourly_cap"),
-        Reason::IpDailyCap => intern!(py, "ip_daily_cap"),
-        Reason::IpHourlyCap => intern!(py, "ip_hourly_cap"),
-        Reason::Rate => intern!(py, "rate"),
-        Reason::Reservation => intern!(py, "reservation"),
-        Reason::Retired => intern!(py, "retired"),
-        Reason::OutsideActiveHours => intern!(py, "outside_active_hours"),
-    }
-    .clone()
-}
-
-fn tier_str(py: Python<'_>, t: Tier) -> Bound<'_, PyString> {
-    match t {
-        Tier::Direct => intern!(py, "direct"),
-        Tier::Warming => intern!(py, "warming"),
-        Tier::Warm => intern!(py, "warm"),
-        Tier::Overflow => intern!(py, "overflow"),
-    }
-    .clone()
-}
-
-/// A decision: granted (how many, on which IP) or denied (why, and when to ask again).
-#[pyclass(frozen, module = "kiln._core", name = "Decision", skip_from_py_object)]
-pub struct PyDecision {
-    inner: Decision,
-    ip: Py<PyString>,
-}
-
-#[pymethods]
-impl PyDecision {
-    /// Messages granted: the full `n` asked for, or 0 when denied.
-    #[getter]
-    fn granted(&self) -> u32 {
-        self.inner.granted
-    }
-
-    /// Why: "granted", or the first holding limit (paused, retired, suspended, daily_cap,
-    /// hourly_cap, ip_daily_cap, ip_hourly_cap, rate, reservation).
-    #[getter]
-    fn reason<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        reason_str(py, self.inner.reason)
-    }
-
-    /// 0 when granted; when denied, ms after which asking again succeeds if nothing else
-    /// is granted meanwhile, or None when no time is known (paused, too large, no calendar).
-    #[getter]
-    fn retry_after_ms(&self) -> Option<u64> {
-        self.inner.retry_after_ms
-    }
-
-    /// The key handle charged (or, for a denial, the one that held it back).
-    #[getter]
-    fn key(&self) -> u32 {
-        self.inner.key
-    }
-
-    /// The sending IP of that key.
-    #[getter]
-    fn ip(&self, py: Python<'_>) -> Py<PyString> {
-        self.ip.clone_ref(py)
-    }
-
-    /// For `pick`: "warming", "warm" or "overflow"; "direct" for `acquire` and denials.
-    #[getter]
-    fn tier<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
-        tier_str(py, self.inner.tier)
-    }
-
-    fn __bool__(&self) -> bool {
-        self.inner.is_granted()
-    }
-
-    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<PyDecision>().is_ok_and(|o| {
-            let o = o.get();
-            o.inner == self.inner && o.ip.bind(py).as_any().eq(self.ip.bind(py)).unwrap_or(false)
-        })
-    }
-
-    fn __hash__(&self) -> u64 {
-        let d = &self.inner;
-        (u64::from(d.granted) << 40)
-            ^ (u64::from(d.key) << 8)
-            ^ u64::from(d.reason as u8)
-            ^ d.retry_after_ms.unwrap_or(u64::MAX).rotate_left(17)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let d = &self.inner;
-        let ip = self.ip.bind(py).to_string();
-        if d.is_granted() {
-            format!(
-                "Decision(granted={}, ip={ip:?}, key={}, tier={:?})",
-                d.granted,
-                d.key,
-                d.tier.as_str()
-            )
-        } else {
-            let retry = d
-                .retry_after_ms
-                .map_or_else(|| "None".to_owned(), |r| r.to_string());
-            format!(
-                "Decision(granted=0, reason={:?}, retry_after_ms={retry}, ip={ip:?}, key={})",
-                d.reason.as_str(),
-                d.key
-            )
-        }
-    }
-}
+use crate::state::Snapshot;
 
 /// An IP address and its Python string.
-type IpName = (IpAddr, Py<PyString>);
+pub(super) type IpName = (IpAddr, Py<PyString>);
 
 /// What the engine's lock guards: plain Rust data only, never a Python object.
-struct Inner {
+pub(super) struct Inner {
     engine: Engine,
     /// The native protocol's routes, tallies and reports.
     wire: Wire,
@@ -182,12 +33,8 @@ struct Inner {
 impl Inner {
     /// A decision with the IP handle and address of its key, for `PyEngine::decision_py`.
     fn named(&self, d: Decision) -> (Decision, u32, IpAddr) {
-        let ip = self
-            .engine
-            .limiter
-            .key_ip(d.key)
-            .expect("decisions name own keys");
-        (d, ip, self.engine.limiter.ips[ip as usize].addr)
+        let (ip, _) = self.engine.key_handles(d.key);
+        (d, ip, self.engine.ip_addr(ip))
     }
 }
 
@@ -270,7 +117,7 @@ impl PyEngine {
     }
 
     /// A decision as Python sees it: the IP of its key named.
-    fn decision_py(
+    pub(super) fn decision_py(
         &self,
         py: Python<'_>,
         (inner, ip, addr): (Decision, u32, IpAddr),
@@ -282,7 +129,7 @@ impl PyEngine {
     }
 }
 
-fn u32_buffer<'py>(
+pub(super) fn u32_buffer<'py>(
     py: Python<'py>,
     name: &str,
     obj: &Bound<'py, PyAny>,
@@ -322,24 +169,24 @@ impl PyEngine {
 
     /// The handle of (ip, provider), interned on first use. IP text is normalised.
     fn key(&self, py: Python<'_>, ip: &str, provider: &str) -> PyResult<u32> {
-        self.lock(py)?.engine.limiter.key(ip, provider).map_err(err)
+        self.lock(py)?.engine.key(ip, provider).map_err(err)
     }
 
     /// (ip, provider) of a key handle.
     fn key_info(&self, py: Python<'_>, key: i128) -> PyResult<(String, String)> {
         let g = self.lock(py)?;
-        let (ip, provider) = g.engine.limiter.key_names(arg("key", key)?).map_err(err)?;
+        let (ip, provider) = g.engine.key_names(arg("key", key)?).map_err(err)?;
         Ok((ip, provider.to_owned()))
     }
 
     /// How many keys this engine holds.
     fn key_count(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.lock(py)?.engine.limiter.key_count())
+        Ok(self.lock(py)?.engine.key_count())
     }
 
     /// The handle of a provider name, interned on first use.
     fn provider(&self, py: Python<'_>, name: &str) -> PyResult<u16> {
-        self.lock(py)?.engine.limiter.provider(name).map_err(err)
+        self.lock(py)?.engine.provider(name).map_err(err)
     }
 
     /// Set a key's rate, caps and active hours (its multiplier, pause, counters and
@@ -522,12 +369,10 @@ impl PyEngine {
         let names = {
             let mut g = this.lock(py)?;
             match cs {
-                None => g.engine.limiter.acquire_batch(
-                    ks.iter().map(|k| (k.get(), 1)),
-                    now_ms,
-                    &mut out,
-                ),
-                Some(cs) => g.engine.limiter.acquire_batch(
+                None => g
+                    .engine
+                    .acquire_batch(ks.iter().map(|k| (k.get(), 1)), now_ms, &mut out),
+                Some(cs) => g.engine.acquire_batch(
                     ks.iter().zip(cs).map(|(k, c)| (k.get(), c.get())),
                     now_ms,
                     &mut out,
@@ -571,7 +416,7 @@ impl PyEngine {
 
     /// The handle of a defined pool.
     fn pool(&self, py: Python<'_>, name: &str) -> PyResult<u32> {
-        self.lock(py)?.engine.pools.handle(name).map_err(err)
+        self.lock(py)?.engine.pool_handle(name).map_err(err)
     }
 
     /// Choose and charge the IP of `pool` that carries `n` messages to `provider`:
@@ -771,7 +616,7 @@ impl PyEngine {
         let retired = g.engine.retain_ips(&ips).map_err(err)?;
         Ok(retired
             .into_iter()
-            .map(|h| g.engine.limiter.ips[h as usize].addr.to_string())
+            .map(|h| g.engine.ip_addr(h).to_string())
             .collect())
     }
 
@@ -810,7 +655,7 @@ impl PyEngine {
     /// The provider every domain without a route counts as (interned on first use).
     fn set_default_provider(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         let mut g = self.lock(py)?;
-        let h = g.engine.limiter.provider(name).map_err(err)?;
+        let h = g.engine.provider(name).map_err(err)?;
         g.wire.set_default_provider(h);
         Ok(())
     }
@@ -834,7 +679,7 @@ impl PyEngine {
         let expires_ms = arg("expires_ms", expires_ms)?;
         let mut g = self.lock(py)?;
         let route = match provider {
-            Some(p) => Route::Provider(g.engine.limiter.provider(p).map_err(err)?),
+            Some(p) => Route::Provider(g.engine.provider(p).map_err(err)?),
             None => Route::NullMx,
         };
         g.wire.set_route(domain, route, expires_ms).map_err(err)
@@ -857,7 +702,7 @@ impl PyEngine {
         let now_ms = arg("now_ms", now_ms)?;
         let mut g = self.lock(py)?;
         Ok(match g.wire.route(domain, now_ms).map_err(err)? {
-            Route::Provider(p) => Some(g.engine.limiter.providers[usize::from(p)].clone()),
+            Route::Provider(p) => Some(g.engine.provider_name(p).to_owned()),
             Route::NullMx => None,
         })
     }
@@ -880,7 +725,7 @@ impl PyEngine {
         Ok(tallies
             .into_iter()
             .map(|(key, t)| {
-                let (ip, provider) = g.engine.limiter.key_names(key).expect("own keys");
+                let (ip, provider) = g.engine.key_names(key).expect("own keys");
                 (
                     ip,
                     provider.to_owned(),
@@ -917,7 +762,7 @@ impl PyEngine {
         Ok(reports
             .into_iter()
             .map(|r| {
-                let (ip, provider) = g.engine.limiter.key_names(r.key).expect("own keys");
+                let (ip, provider) = g.engine.key_names(r.key).expect("own keys");
                 (
                     r.at_ms,
                     ip,
@@ -997,7 +842,7 @@ impl PyEngine {
                 Ok(Some(PyTuple::new(
                     py,
                     [
-                        intern!(py, "internal").clone().into_any(),
+                        PyString::intern(py, classify::INTERNAL).into_any(),
                         none.clone(),
                         none,
                         PyTuple::empty(py).into_any(),
@@ -1041,53 +886,10 @@ impl Inner {
     /// Swap in a restored engine; routes follow provider names to the new handles. The
     /// restored engine is not changed (no provider is added to it).
     fn replace(&mut self, mut engine: Engine) {
-        // Tokens of reservation snapshots taken before the restore stay unknown after it.
-        let next = &mut engine.limiter.reserve.next_token;
-        *next = (*next).max(self.engine.limiter.reserve.next_token);
-        let map: Vec<Option<u16>> = self
-            .engine
-            .limiter
-            .providers
-            .iter()
-            .map(|name| engine.limiter.provider_handle(name).ok())
-            .collect();
+        let map = engine.succeed(&self.engine);
         self.engine = engine;
         self.wire.remap_providers(&map);
     }
-}
-
-/// Reply rules compiled away from any engine: on any thread, with the GIL released, so a
-/// reload compiles them on a worker and the event loop only swaps them in (`use_rules`).
-#[pyclass(frozen, module = "kiln._core", name = "CompiledRules")]
-pub struct PyRules {
-    inner: Arc<Classifier>,
-}
-
-#[pymethods]
-impl PyRules {
-    /// Compile rules given as `Engine.set_rules` takes them (CoreError naming the rule id).
-    #[new]
-    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts a list into an owned Vec
-    fn new(py: Python<'_>, rules: Vec<Bound<'_, PyAny>>) -> PyResult<Self> {
-        Ok(Self {
-            inner: compile_rules(py, &rules)?,
-        })
-    }
-
-    fn __len__(&self) -> usize {
-        self.inner.len()
-    }
-}
-
-/// Rule tuples read, then compiled with the GIL released.
-fn compile_rules(py: Python<'_>, rules: &[Bound<'_, PyAny>]) -> PyResult<Arc<Classifier>> {
-    let defs = rules
-        .iter()
-        .enumerate()
-        .map(|(i, r)| rule_from_py(i, r))
-        .collect::<PyResult<Vec<_>>>()?;
-    let classifier = py.detach(|| Classifier::new(defs)).map_err(err)?;
-    Ok(Arc::new(classifier))
 }
 
 /// What one `Engine.serve` call produced.
@@ -1105,494 +907,4 @@ pub struct PyServed {
     /// A line longer than 64 KiB starts at `consumed`: write `reply`, then close.
     #[pyo3(get)]
     too_long: bool,
-}
-
-/// The decisions of one `acquire_batch` call, in request order.
-#[pyclass(frozen, module = "kiln._core", name = "BatchDecisions")]
-pub struct PyBatch {
-    engine: Py<PyEngine>,
-    decisions: Vec<Decision>,
-    /// (IP handle, address) of each decision's key, read when the batch was decided.
-    names: Vec<(u32, IpAddr)>,
-}
-
-impl PyBatch {
-    fn decision(&self, py: Python<'_>, i: usize) -> PyDecision {
-        let (ip, addr) = self.names[i];
-        self.engine
-            .get()
-            .decision_py(py, (self.decisions[i], ip, addr))
-    }
-}
-
-#[pymethods]
-impl PyBatch {
-    fn __len__(&self) -> usize {
-        self.decisions.len()
-    }
-
-    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<PyDecision> {
-        let len = self.decisions.len();
-        let i = if index < 0 {
-            len.checked_sub(index.unsigned_abs())
-        } else {
-            Some(index.unsigned_abs())
-        };
-        match i {
-            Some(i) if i < len => Ok(self.decision(py, i)),
-            _ => Err(PyIndexError::new_err("batch index out of range")),
-        }
-    }
-
-    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let all = (0..self.decisions.len())
-            .map(|i| self.decision(py, i))
-            .collect::<Vec<_>>();
-        PyList::new(py, all)?
-            .as_any()
-            .try_iter()
-            .map(Bound::into_any)
-    }
-
-    /// Total messages granted across the batch.
-    #[getter]
-    fn granted(&self) -> u64 {
-        self.decisions.iter().map(|d| u64::from(d.granted)).sum()
-    }
-
-    /// How many requests were denied.
-    #[getter]
-    fn denied(&self) -> usize {
-        self.decisions.iter().filter(|d| !d.is_granted()).count()
-    }
-
-    /// Granted count per request, in order.
-    fn granted_counts(&self) -> Vec<u32> {
-        self.decisions.iter().map(|d| d.granted).collect()
-    }
-}
-
-// ----- snapshots as plain Python data -----
-
-fn snapshot_to_py<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("version", s.version)?;
-    d.set_item("hour_start_ms", s.hour_start_ms)?;
-    d.set_item("hour_pending_ms", &s.hour_pending_ms)?;
-    d.set_item("day_start_ms", s.day_start_ms)?;
-    d.set_item("day_pending_ms", &s.day_pending_ms)?;
-    d.set_item("providers", &s.providers)?;
-    let ips = s
-        .ips
-        .iter()
-        .map(|i| {
-            (
-                i.ip.as_str(),
-                i.hourly_cap,
-                i.daily_cap,
-                i.hour_used,
-                i.day_used,
-            )
-        })
-        .collect::<Vec<_>>();
-    d.set_item("ips", ips)?;
-    let keys = s
-        .keys
-        .iter()
-        .map(|k| {
-            PyTuple::new(
-                py,
-                [
-                    k.ip.into_pyobject(py)?.into_any(),
-                    k.provider.into_pyobject(py)?.into_any(),
-                    (
-                        k.rate_count,
-                        k.rate_period_ms,
-                        k.max_burst,
-                        k.hourly_cap,
-                        k.daily_cap,
-                        k.multiplier_ppm,
-                        k.paused,
-                    )
-                        .into_pyobject(py)?
-                        .into_any(),
-                    (k.tat_ns, k.hour_used, k.day_used, k.suspended_until_ms)
-                        .into_pyobject(py)?
-                        .into_any(),
-                ],
-            )
-        })
-        .collect::<PyResult<Vec<_>>>()?;
-    d.set_item("keys", keys)?;
-    let pools = s
-        .pools
-        .iter()
-        .map(|p| (p.name.as_str(), p.members.clone(), p.overflow))
-        .collect::<Vec<_>>();
-    d.set_item("pools", pools)?;
-    let queue = s
-        .queue
-        .iter()
-        .map(|m| (m.id, m.pool, m.provider, m.priority, m.n))
-        .collect::<Vec<_>>();
-    d.set_item("queue", queue)?;
-    d.set_item("retired_ips", &s.retired_ips)?;
-    let of_day = |h: u8| (h != UNKNOWN_HOUR).then_some(h);
-    d.set_item("hour_of_day", of_day(s.hour_of_day))?;
-    d.set_item(
-        "hour_pending_of_day",
-        s.hour_pending_of_day
-            .iter()
-            .map(|&h| of_day(h))
-            .collect::<Vec<_>>(),
-    )?;
-    d.set_item("active_hours", &s.active_hours)?;
-    Ok(d)
-}
-
-/// Fields of a tuple or list of exactly `n` items.
-fn fields<'py>(obj: &Bound<'py, PyAny>, n: usize, what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let items: Vec<Bound<'py, PyAny>> = obj
-        .try_iter()
-        .map_err(|_| bad(what, "must be a list or tuple"))?
-        .collect::<PyResult<_>>()?;
-    if items.len() != n {
-        return Err(bad(
-            what,
-            format_args!("must have {n} fields, got {}", items.len()),
-        ));
-    }
-    Ok(items)
-}
-
-fn get<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
-    obj: &Bound<'py, PyAny>,
-    what: &str,
-) -> PyResult<T> {
-    obj.extract::<T>().map_err(|e| {
-        let e: PyErr = e.into();
-        bad(
-            what,
-            format_args!("has the wrong type: {}", e.value(obj.py())),
-        )
-    })
-}
-
-fn items<'py>(state: &Bound<'py, PyAny>, name: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    state
-        .get_item(name)
-        .map_err(|_| bad(name, "is missing from the snapshot"))?
-        .try_iter()
-        .map_err(|_| bad(name, "must be a list"))?
-        .collect()
-}
-
-/// (hour of day now, hours of day of the pending hour boundaries, (key, active hours) pairs).
-type LocalHours = (u8, Vec<u8>, Vec<(u32, u32)>);
-
-/// Version 3 data names hours of day and active hours; earlier versions have none.
-fn local_hours_from_py(state: &Bound<'_, PyAny>, pending: usize) -> PyResult<LocalHours> {
-    let hour_of_day = match state.get_item("hour_of_day") {
-        Ok(v) => get::<Option<u8>>(&v, "hour_of_day")?.unwrap_or(UNKNOWN_HOUR),
-        Err(_) => UNKNOWN_HOUR,
-    };
-    let hour_pending_of_day = match state.get_item("hour_pending_of_day") {
-        Ok(v) => get::<Vec<Option<u8>>>(&v, "hour_pending_of_day")?
-            .into_iter()
-            .map(|h| h.unwrap_or(UNKNOWN_HOUR))
-            .collect(),
-        Err(_) => vec![UNKNOWN_HOUR; pending],
-    };
-    let mut active_hours = Vec::new();
-    if state.get_item("active_hours").is_ok() {
-        for item in items(state, "active_hours")? {
-            let f = fields(&item, 2, "active_hours entry")?;
-            active_hours.push((
-                get(&f[0], "active_hours entry key")?,
-                get(&f[1], "active_hours entry mask")?,
-            ));
-        }
-    }
-    Ok((hour_of_day, hour_pending_of_day, active_hours))
-}
-
-fn snapshot_from_py(state: &Bound<'_, PyAny>) -> PyResult<Snapshot> {
-    let field = |name: &str| -> PyResult<Bound<'_, PyAny>> {
-        state
-            .get_item(name)
-            .map_err(|_| bad(name, "is missing from the snapshot"))
-    };
-    let mut ips = Vec::new();
-    for item in items(state, "ips")? {
-        let f = fields(&item, 5, "ips entry")?;
-        ips.push(IpState {
-            ip: get(&f[0], "ips entry ip")?,
-            hourly_cap: get(&f[1], "ips entry hourly_cap")?,
-            daily_cap: get(&f[2], "ips entry daily_cap")?,
-            hour_used: get(&f[3], "ips entry hour_used")?,
-            day_used: get(&f[4], "ips entry day_used")?,
-        });
-    }
-    let mut keys = Vec::new();
-    for item in items(state, "keys")? {
-        let f = fields(&item, 4, "keys entry")?;
-        let l = fields(&f[2], 7, "keys entry limits")?;
-        let c = fields(&f[3], 4, "keys entry counters")?;
-        keys.push(KeyState {
-            ip: get(&f[0], "keys entry ip")?,
-            provider: get(&f[1], "keys entry provider")?,
-            rate_count: get(&l[0], "rate_count")?,
-            rate_period_ms: get(&l[1], "rate_period_ms")?,
-            max_burst: get(&l[2], "max_burst")?,
-            hourly_cap: get(&l[3], "hourly_cap")?,
-            daily_cap: get(&l[4], "daily_cap")?,
-            multiplier_ppm: get(&l[5], "multiplier_ppm")?,
-            paused: get(&l[6], "paused")?,
-            tat_ns: get(&c[0], "tat_ns")?,
-            hour_used: get(&c[1], "hour_used")?,
-            day_used: get(&c[2], "day_used")?,
-            suspended_until_ms: get(&c[3], "suspended_until_ms")?,
-        });
-    }
-    let mut pools = Vec::new();
-    for item in items(state, "pools")? {
-        let f = fields(&item, 3, "pools entry")?;
-        let mut members = Vec::new();
-        for m in f[1].try_iter()? {
-            let m = fields(&m?, 3, "pool member")?;
-            members.push((
-                get(&m[0], "pool member ip")?,
-                get(&m[1], "pool member weight")?,
-                get(&m[2], "pool member warming")?,
-            ));
-        }
-        pools.push(PoolState {
-            name: get(&f[0], "pool name")?,
-            members,
-            overflow: get(&f[2], "pool overflow")?,
-        });
-    }
-    let mut queue = Vec::new();
-    for item in items(state, "queue")? {
-        let f = fields(&item, 5, "queue entry")?;
-        queue.push(QueuedState {
-            id: get(&f[0], "queue entry id")?,
-            pool: get(&f[1], "queue entry pool")?,
-            provider: get(&f[2], "queue entry provider")?,
-            priority: get(&f[3], "queue entry priority")?,
-            n: get(&f[4], "queue entry n")?,
-        });
-    }
-    // Version 2 data lists retired IPs; version 1 has none.
-    let retired_ips = match state.get_item("retired_ips") {
-        Ok(v) => get(&v, "retired_ips")?,
-        Err(_) => Vec::new(),
-    };
-    let hour_pending_ms: Vec<u64> = get(&field("hour_pending_ms")?, "hour_pending_ms")?;
-    let (hour_of_day, hour_pending_of_day, active_hours) =
-        local_hours_from_py(state, hour_pending_ms.len())?;
-    Ok(Snapshot {
-        version: get(&field("version")?, "version")?,
-        hour_start_ms: get(&field("hour_start_ms")?, "hour_start_ms")?,
-        hour_pending_ms,
-        day_start_ms: get(&field("day_start_ms")?, "day_start_ms")?,
-        day_pending_ms: get(&field("day_pending_ms")?, "day_pending_ms")?,
-        providers: get(&field("providers")?, "providers")?,
-        ips,
-        keys,
-        pools,
-        queue,
-        retired_ips,
-        reservation: None,
-        hour_of_day,
-        hour_pending_of_day,
-        active_hours,
-    })
-}
-
-fn class_str(py: Python<'_>, c: Class) -> Bound<'_, PyString> {
-    match c {
-        Class::Blocklist => intern!(py, "blocklist"),
-        Class::BlockRep => intern!(py, "block_rep"),
-        Class::RateLimitRep => intern!(py, "rate_limit_rep"),
-        Class::Auth => intern!(py, "auth"),
-        Class::ConnLimit => intern!(py, "conn_limit"),
-        Class::Busy => intern!(py, "busy"),
-        Class::Content => intern!(py, "content"),
-        Class::RcptRate => intern!(py, "rcpt_rate"),
-        Class::HardBounce => intern!(py, "hard_bounce"),
-    }
-    .clone()
-}
-
-fn scope_str(py: Python<'_>, s: Scope) -> Bound<'_, PyString> {
-    match s {
-        Scope::Ip => intern!(py, "ip"),
-        Scope::Netblock => intern!(py, "netblock"),
-        Scope::Domain => intern!(py, "domain"),
-        Scope::Url => intern!(py, "url"),
-        Scope::Recipient => intern!(py, "recipient"),
-        Scope::Message => intern!(py, "message"),
-    }
-    .clone()
-}
-
-fn reply_code(code: Option<i128>) -> PyResult<Option<u16>> {
-    match code {
-        None => Ok(None),
-        Some(c @ 200..=599) => Ok(Some(c as u16)),
-        Some(c) => Err(bad(
-            "code",
-            format_args!("must be an SMTP reply code 200-599, got {c}"),
-        )),
-    }
-}
-
-fn reply_enhanced(enhanced: Option<&str>) -> PyResult<()> {
-    match enhanced {
-        Some(e) if !classify::valid_enhanced(e) => Err(bad(
-            "enhanced",
-            format_args!("must be an enhanced status code like 4.7.28, got {e:?}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// `None` or a list of `T`, for one field of rule `id`.
-fn opt_list<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(
-    obj: &Bound<'py, PyAny>,
-    id: &str,
-    field: &str,
-    what: &str,
-) -> PyResult<Option<Vec<T>>> {
-    if obj.is_none() {
-        return Ok(None);
-    }
-    if obj.is_instance_of::<PyString>() {
-        return Err(rule_bad(
-            id,
-            field,
-            format_args!("must be a list of {what} or None"),
-        ));
-    }
-    let items = obj
-        .try_iter()
-        .map_err(|_| rule_bad(id, field, format_args!("must be a list of {what} or None")))?;
-    items
-        .map(|item| {
-            item?
-                .extract::<T>()
-                .map_err(|_| rule_bad(id, field, format_args!("must be a list of {what}")))
-        })
-        .collect::<PyResult<Vec<T>>>()
-        .map(Some)
-}
-
-fn rule_bad(id: &str, field: &str, problem: impl std::fmt::Display) -> PyErr {
-    CoreError::new_err(format!("rules: rule {id:?}: {field}: {problem}"))
-}
-
-/// One rule tuple: (id, providers, codes, enhanced, text, class, scope, fallback).
-fn rule_from_py(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<RuleDef> {
-    let f = fields(obj, 8, &format!("rules[{i}]"))?;
-    let id: String = get(&f[0], &format!("rules[{i}] id"))?;
-    let providers = opt_list::<String>(&f[1], &id, "providers", "names")?;
-    let codes = if f[2].is_none() {
-        None
-    } else {
-        let mut v = Vec::new();
-        let items = f[2]
-            .try_iter()
-            .map_err(|_| rule_bad(&id, "code", "must be a list of codes or None"))?;
-        for item in items {
-            let item = item?;
-            let spec = if let Ok(n) = item.extract::<i64>() {
-                u16::try_from(n).ok().and_then(CodeSpec::exact)
-            } else if let Ok(s) = item.extract::<String>() {
-                CodeSpec::parse(&s)
-            } else {
-                None
-            };
-            v.push(spec.ok_or_else(|| {
-                rule_bad(
-                    &id,
-                    "code",
-                    format_args!("must be codes 200-599 or 2xx/4xx/5xx, got {item}"),
-                )
-            })?);
-        }
-        Some(v)
-    };
-    let enhanced = opt_list::<String>(&f[3], &id, "enhanced", "enhanced codes")?;
-    let text: String = get(&f[4], &format!("rule {id:?} text"))?;
-    let class: String = get(&f[5], &format!("rule {id:?} class"))?;
-    let scope: String = get(&f[6], &format!("rule {id:?} scope"))?;
-    let fallback: bool = get(&f[7], &format!("rule {id:?} fallback"))?;
-    let class = Class::parse(&class).ok_or_else(|| {
-        let all: Vec<&str> = Class::ALL.iter().map(|c| c.as_str()).collect();
-        rule_bad(
-            &id,
-            "class",
-            format_args!("must be one of {}, got {class:?}", all.join(", ")),
-        )
-    })?;
-    let scope = Scope::parse(&scope).ok_or_else(|| {
-        let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
-        rule_bad(
-            &id,
-            "scope",
-            format_args!("must be one of {}, got {scope:?}", all.join(", ")),
-        )
-    })?;
-    Ok(RuleDef {
-        id,
-        providers,
-        codes,
-        enhanced,
-        text,
-        class,
-        scope,
-        fallback,
-    })
-}
-
-/// The single-line form `CODE ENH text` of an SMTP reply, as rules see it: lines joined,
-/// repeated continuation prefixes (`421-4.7.28`) dropped, whitespace collapsed. `code` and
-/// `enhanced` missing are read from the start of `text`.
-#[pyfunction]
-#[pyo3(signature = (code, enhanced, text))]
-fn normalise_reply(code: Option<i128>, enhanced: Option<&str>, text: &str) -> PyResult<String> {
-    let code = reply_code(code)?;
-    reply_enhanced(enhanced)?;
-    Ok(classify::normalise(code, enhanced, text).line)
-}
-
-/// Why `pattern` is not a valid rule regex (as `Engine.set_rules` compiles it), or None.
-#[pyfunction]
-fn check_pattern(py: Python<'_>, pattern: &str) -> Option<String> {
-    py.detach(|| classify::check_pattern(pattern).err())
-}
-
-/// Panics on purpose, so tests can show a Rust panic reaches Python as an exception.
-#[pyfunction]
-fn _panic_for_tests() {
-    panic!("deliberate panic for tests");
-}
-
-#[pymodule]
-fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // `m.add` also lists each name in `__all__`; the test hook stays out of it.
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("MAX_NOW_MS", crate::limiter::MAX_NOW_MS)?;
-    m.add("CoreError", m.py().get_type::<CoreError>())?;
-    m.add_class::<PyEngine>()?;
-    m.add_class::<PyDecision>()?;
-    m.add_class::<PyBatch>()?;
-    m.add_class::<PyServed>()?;
-    m.add_class::<PyRules>()?;
-    m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
-    m.add_function(wrap_pyfunction!(normalise_reply, m)?)?;
-    m.add_function(wrap_pyfunction!(check_pattern, m)?)?;
-    m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
-    Ok(())
 }
