@@ -8,7 +8,7 @@
 //! `fallback` only when nothing else matched) and every match is named.
 //!
 //! Replies the MTA made up itself (no SMTP code, a Postfix connection failure, KumoMTA's
-//! `KumoMTA internal:`, kiln's own `kiln:` texts) are `Verdict::Internal` and never reach a
+//! `KumoMTA internal:`, kiln's own `kiln:` texts) are `Classification::Internal` and never reach a
 //! rule, or a suspension could keep renewing itself.
 //!
 //! Pure computation: no clock, no I/O, no logging.
@@ -194,12 +194,12 @@ pub enum Provider<'a> {
     Named(&'a str),
 }
 
-/// The class name of `Verdict::Internal` on the wire and in Python.
+/// The class name of `Classification::Internal` on the wire and in Python.
 pub const INTERNAL: &str = "internal";
 
 /// The outcome of classifying one reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Classification {
     /// Made up by the MTA (or kiln), not said by the receiver: no rule may fire.
     Internal,
     /// No rule matched.
@@ -581,26 +581,26 @@ impl Classifier {
         self.providers.contains(name)
     }
 
-    /// Normalise the reply, then match it: see `Verdict`.
+    /// Normalise the reply, then match it: see `Classification`.
     pub fn classify(
         &self,
         provider: Provider<'_>,
         code: Option<u16>,
         enhanced: Option<&str>,
         text: &str,
-    ) -> (Normalised, Verdict) {
+    ) -> (Normalised, Classification) {
         let n = normalise(code, enhanced, text);
         let v = self.classify_normalised(provider, &n);
         (n, v)
     }
 
     /// Match an already normalised reply.
-    pub fn classify_normalised(&self, provider: Provider<'_>, n: &Normalised) -> Verdict {
+    pub fn classify_normalised(&self, provider: Provider<'_>, n: &Normalised) -> Classification {
         if is_internal(n) {
-            return Verdict::Internal;
+            return Classification::Internal;
         }
         if self.rules.is_empty() {
-            return Verdict::Unclassified;
+            return Classification::Unclassified;
         }
         let code = n.code.expect("internal replies have no code");
         let mut best: Option<usize> = None;
@@ -631,8 +631,8 @@ impl Classifier {
             }
         }
         match best {
-            Some(rule) => Verdict::Classified { rule, matched },
-            None => Verdict::Unclassified,
+            Some(rule) => Classification::Classified { rule, matched },
+            None => Classification::Unclassified,
         }
     }
 }
@@ -829,7 +829,7 @@ mod tests {
         );
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 3,
                 matched: vec![0, 3]
             }
@@ -843,7 +843,7 @@ mod tests {
         // Same class: the first listed rule wins.
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 0,
                 matched: vec![0, 1]
             }
@@ -857,7 +857,7 @@ mod tests {
         let (_, v) = c.classify(Provider::Named("yahoo"), Some(421), Some("4.7.28"), text);
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 0,
                 matched: vec![0]
             }
@@ -865,7 +865,7 @@ mod tests {
         let (_, v) = c.classify(Provider::Any, Some(421), Some("4.7.28"), text);
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 0,
                 matched: vec![0, 1]
             }
@@ -873,13 +873,13 @@ mod tests {
         let (_, v) = c.classify(Provider::Named("google"), Some(421), Some("4.7.1"), text);
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 0,
                 matched: vec![0]
             }
         );
         let (_, v) = c.classify(Provider::Named("google"), Some(550), Some("5.7.1"), text);
-        assert_eq!(v, Verdict::Unclassified);
+        assert_eq!(v, Classification::Unclassified);
         let (_, v) = c.classify(
             Provider::Named("google"),
             Some(550),
@@ -888,7 +888,7 @@ mod tests {
         );
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 2,
                 matched: vec![2]
             }
@@ -926,7 +926,7 @@ mod tests {
         );
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 1,
                 matched: vec![0, 1]
             }
@@ -934,7 +934,7 @@ mod tests {
         let (_, v) = c.classify(Provider::Any, Some(421), None, "Try again later");
         assert_eq!(
             v,
-            Verdict::Classified {
+            Classification::Classified {
                 rule: 0,
                 matched: vec![0]
             }
@@ -963,10 +963,10 @@ mod tests {
             (Some(450), "Host or domain name not found. Name service error for name=x type=MX"),
         ] {
             let (_, v) = c.classify(Provider::Any, code, None, text);
-            assert_eq!(v, Verdict::Internal, "{text}");
+            assert_eq!(v, Classification::Internal, "{text}");
         }
         let (_, v) = c.classify(Provider::Any, Some(421), None, "try again");
-        assert!(matches!(v, Verdict::Classified { .. }));
+        assert!(matches!(v, Classification::Classified { .. }));
     }
 
     #[test]

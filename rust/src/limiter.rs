@@ -146,7 +146,7 @@ pub struct Usage {
 
 /// Outcome of evaluating one key: it fits (and the GCRA time it would set), or it is held.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Verdict {
+pub(crate) enum KeyCheck {
     Fit(u64),
     Held(Reason, Option<u64>),
 }
@@ -648,11 +648,11 @@ impl Limiter {
     /// the key's active hours; `None` if any has no known end or no pending hour opens the
     /// key. (A reservation's wait is the time to the next commit the caller named.)
     #[inline(always)]
-    pub(crate) fn evaluate(&self, key: u32, n: u32, now_ms: u64) -> Verdict {
+    pub(crate) fn evaluate(&self, key: u32, n: u32, now_ms: u64) -> KeyCheck {
         let s = &self.keys[key as usize];
         let p = &self.profiles[s.profile as usize];
         if p.paused {
-            return Verdict::Held(Reason::Paused, None);
+            return KeyCheck::Held(Reason::Paused, None);
         }
         let t_ns = now_ms * NS_PER_MS;
         let rate = gcra::check(s.tat_ns, p.interval_ns, p.limits.max_burst, t_ns, n);
@@ -669,8 +669,8 @@ impl Limiter {
             && n <= s.reserve_left
         {
             return match rate {
-                Ok(tat) => Verdict::Fit(tat),
-                Err(wait) => Verdict::Held(Reason::Rate, wait.map(gcra::ns_to_ms_ceil)),
+                Ok(tat) => KeyCheck::Fit(tat),
+                Err(wait) => KeyCheck::Held(Reason::Rate, wait.map(gcra::ns_to_ms_ceil)),
             };
         }
         self.evaluate_slow(key, n, now_ms, rate)
@@ -683,10 +683,10 @@ impl Limiter {
         n: u32,
         now_ms: u64,
         rate: Result<u64, Option<u64>>,
-    ) -> Verdict {
+    ) -> KeyCheck {
         let s = &self.keys[key as usize];
         if s.flags & FLAG_RETIRED != 0 {
-            return Verdict::Held(Reason::Retired, None);
+            return KeyCheck::Held(Reason::Retired, None);
         }
         let p = &self.profiles[s.profile as usize];
         let ip = &self.ips[s.ip as usize];
@@ -734,8 +734,8 @@ impl Limiter {
             hold(Reason::Reservation, Some(self.reserve.retry_ms));
         }
         match (held, fit) {
-            (Some((r, w)), _) => Verdict::Held(r, self.open_wait(p.hours, now_ms, w)),
-            (None, Some(tat)) => Verdict::Fit(tat),
+            (Some((r, w)), _) => KeyCheck::Held(r, self.open_wait(p.hours, now_ms, w)),
+            (None, Some(tat)) => KeyCheck::Fit(tat),
             (None, None) => unreachable!("a rate that holds is recorded"),
         }
     }
@@ -786,7 +786,7 @@ impl Limiter {
     #[inline(always)]
     pub(crate) fn decide(&mut self, key: u32, n: u32, now_ms: u64, tier: Tier) -> Decision {
         match self.evaluate(key, n, now_ms) {
-            Verdict::Fit(tat) => {
+            KeyCheck::Fit(tat) => {
                 self.commit(key, n, tat);
                 Decision {
                     granted: n,
@@ -796,7 +796,7 @@ impl Limiter {
                     tier,
                 }
             }
-            Verdict::Held(reason, retry_after_ms) => Decision {
+            KeyCheck::Held(reason, retry_after_ms) => Decision {
                 granted: 0,
                 reason,
                 retry_after_ms,

@@ -9,7 +9,7 @@
 
 use crate::decision::{Decision, Reason, Tier};
 use crate::error::{CoreError, CoreResult};
-use crate::limiter::{check_n, check_now, Limiter, Verdict};
+use crate::limiter::{check_n, check_now, KeyCheck, Limiter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Member {
@@ -222,7 +222,7 @@ impl Pools {
                         continue;
                     }
                     match limiter.evaluate(keys[i], n, now_ms) {
-                        Verdict::Fit(tat) => {
+                        KeyCheck::Fit(tat) => {
                             let better = best.is_none_or(|(b, _)| {
                                 let load = |j: usize| u64::from(limiter.day_used(keys[j]));
                                 load(i) * u64::from(entry.members[b].weight)
@@ -232,7 +232,7 @@ impl Pools {
                                 best = Some((i, tat));
                             }
                         }
-                        Verdict::Held(reason, wait) => {
+                        KeyCheck::Held(reason, wait) => {
                             // A retired IP is named only when every member is retired.
                             let retired = |r: Reason| r == Reason::Retired;
                             let sooner = match soonest {

@@ -13,7 +13,7 @@ use super::rules::{compile_rules, reply_code, reply_enhanced, PyRules};
 use super::snapshot::{snapshot_from_py, snapshot_to_py};
 use super::{arg, bad, class_str, err, opt_arg, scope_str, CoreError};
 use crate::caps::EVERY_HOUR;
-use crate::classify::{self, Provider, Verdict};
+use crate::classify::{self, Classification, Provider};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::gcra::PPM;
@@ -825,9 +825,9 @@ impl PyEngine {
             let g = self.lock(py)?;
             let c = g.wire.classifier();
             match c.classify(provider, code, enhanced, text).1 {
-                Verdict::Unclassified => None,
-                Verdict::Internal => Some(None),
-                Verdict::Classified { rule, matched } => {
+                Classification::Unclassified => None,
+                Classification::Internal => Some(None),
+                Classification::Classified { rule, matched } => {
                     let r = c.rule(rule);
                     let ids: Vec<Box<str>> =
                         matched.iter().map(|&m| c.rule(m).id.clone()).collect();

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use serde_json::value::RawValue;
 
-use crate::classify::{Classifier, Verdict, INTERNAL};
+use crate::classify::{Classification, Classifier, INTERNAL};
 use crate::decision::Decision;
 
 pub(super) fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -134,14 +134,14 @@ pub(super) fn classified(
     out: &mut Vec<u8>,
     id: Option<&RawValue>,
     rules: &Classifier,
-    (verdict, normalised): (&Verdict, &str),
+    (verdict, normalised): (&Classification, &str),
     provider: Option<&str>,
 ) {
     open(out, id);
     out.extend_from_slice(b"\"ok\":true,\"class\":");
     match verdict {
-        Verdict::Internal | Verdict::Unclassified => {
-            let class = if *verdict == Verdict::Internal {
+        Classification::Internal | Classification::Unclassified => {
+            let class = if *verdict == Classification::Internal {
                 INTERNAL
             } else {
                 "unclassified"
@@ -150,7 +150,7 @@ pub(super) fn classified(
             out.extend_from_slice(class.as_bytes());
             out.extend_from_slice(b"\",\"scope\":null,\"rule\":null,\"matched\":[]");
         }
-        Verdict::Classified { rule, matched } => {
+        Classification::Classified { rule, matched } => {
             let r = rules.rule(*rule);
             out.push(b'"');
             out.extend_from_slice(r.class.as_str().as_bytes());
