@@ -31,14 +31,13 @@ from kiln.signals.oauth import (
     TokenSource,
     load_authorized_user,
 )
-from kiln.signals.postmaster import (
+from kiln.signals.postmaster import PostmasterReading, PostmasterSource
+from kiln.signals.postmaster_wire import (
     DEFAULT_METRICS,
     DeliveryError,
     FeedbackLoop,
     IpReputation,
     MetricDefinition,
-    PostmasterReading,
-    PostmasterSource,
     parse_compliance,
     parse_domain_stats_page,
     parse_stat_value,
