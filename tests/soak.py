@@ -1630,6 +1630,8 @@ def _soak(
         if cfg.keep:  # the raw material, for a closer look
             raw = {
                 "load": load_result,
+                "probe": probe_result,
+                "load_from_ns": h.load_from_ns,
                 "limits": h.limits_samples,
                 "status": h.status_samples,
                 "events": h.events,
