@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kiln.planfile import load_plan
-from kiln.ramp import nominal_plan, plan_providers, steps_for
-from kiln.rampday import FLAG_AFTER_DAYS, RampMove, day_cap, day_evidence, roll_day
+from kiln.ramp import caps_at, nominal_plan, plan_providers, steps_for
+from kiln.rampday import FLAG_AFTER_DAYS, RampMove, day_cap, day_evidence, ramp_view, roll_day
 from kiln.records import DayCounts, RampState
 from kiln.schedule import Plan
 
@@ -501,3 +501,24 @@ def test_day_evidence_sums_each_batchs_ips_per_provider() -> None:
     )
     assert evidence[(TX[0], "default")] == DayCounts()
     assert set(evidence) == {(name, p) for name in EXAMPLE.batches for p in plan_providers(EXAMPLE)}
+
+
+def test_ramp_view_is_the_one_operator_view() -> None:
+    """Before the start date a ramp is not started with no warm-up day; on day 10 it stands
+    at its step with that step's caps; a pause shows over the state; past the last step it
+    is done with no batch day cap."""
+    batch, provider = TX
+    before = ramp_view(EXAMPLE, {}, batch, provider, date(2026, 11, 30))
+    assert (before.state, before.warmup_day, before.shown_state) == (
+        "not_started",
+        None,
+        "not_started",
+    )
+    states = {TX: RampState(step=3, paused=True)}
+    v = ramp_view(EXAMPLE, states, batch, provider, EX_DAY)
+    assert (v.state, v.shown_state, v.step, v.warmup_day) == ("warming", "paused", 3, 10)
+    assert v.caps == caps_at(EXAMPLE, batch, provider, 3)[0]
+    assert v.day_cap_total == day_cap(EXAMPLE, batch, provider, 3)
+    assert v.steps == len(steps_for(EXAMPLE.schedules[EXAMPLE.batches[batch].schedule], provider))
+    done = ramp_view(EXAMPLE, {TX: RampState(step=v.steps + 1)}, batch, provider, EX_DAY)
+    assert (done.state, done.day_cap_total) == ("done", None)

@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 from kiln import _core
 from kiln.automation import Automation, AutomationBook, KeyEffect
 from kiln.policy import Policy, RampVerdict, RuleInfo, undo_step_down
-from kiln.ramp import caps_at, plan_providers, steps_for
-from kiln.rampday import RampMove, day_cap
+from kiln.ramp import plan_providers
+from kiln.rampday import RampMove, ramp_view
 from kiln.records import (
     DayPushback,
     LogEntry,
@@ -228,20 +228,16 @@ class Guard:
             why.append(f"{ip} is a warm IP of pool {pool!r}: no warm-up caps")
         else:
             b = plan.batches[batch]
-            s = states.get((batch, provider), RampState())
-            caps, state = caps_at(plan, batch, provider, s.step)
-            steps = len(steps_for(plan.schedules[b.schedule], provider))
-            if b.start_date > today:
-                state = "not_started"
-            warmup_day = (today - b.start_date).days + 1  # day 1 is the start date
+            v = ramp_view(plan, states, batch, provider, today)
+            s, caps, state, steps, warmup_day = v.ramp, v.caps, v.state, v.steps, v.warmup_day
             out |= {
                 "pool": b.pool,
                 "step": s.step,
                 "steps": steps,
                 "state": state,
-                "warmup_day": warmup_day if warmup_day >= 1 else None,
+                "warmup_day": warmup_day,
                 "days_without_advance": s.days_without_advance,
-                "day_cap_batch": day_cap(plan, batch, provider, s.step),
+                "day_cap_batch": v.day_cap_total,
             }
             if state == "not_started":
                 why.append(f"batch {batch!r} starts on {b.start_date}: nothing may be sent yet")

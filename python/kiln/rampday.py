@@ -48,16 +48,18 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Literal
 
-from kiln.ramp import caps_at, plan_providers, steps_for
-from kiln.records import DayCounts, RampKey, RampState
+from kiln.ramp import State, caps_at, plan_providers, steps_for
+from kiln.records import DayCounts, RampKey, RampState, StepCaps
 from kiln.schedule import Gates, Plan
 
 __all__ = [
     "FLAG_AFTER_DAYS",
     "Action",
     "RampMove",
+    "RampView",
     "day_cap",
     "day_evidence",
+    "ramp_view",
     "roll_day",
 ]
 
@@ -103,6 +105,54 @@ class RampMove:
     """One sentence for people, with the numbers."""
     evidence: dict[str, Any]
     """JSON-able facts the decision read: counts, cap, percent, threshold, day counts, holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class RampView:
+    """One (batch, provider) ramp as operators see it on a local day (status, limits,
+    explain): where it stands, what that step allows and how far through the curve it is."""
+
+    batch: str
+    provider: str
+    state: State
+    """`warming`, `done` or `not_started` (before the batch's start date)."""
+    paused: bool
+    step: int
+    steps: int
+    caps: StepCaps
+    """The step's caps per IP, before spreading over the day."""
+    day_cap_total: int | None
+    """What the whole batch may send that day (`day_cap`)."""
+    warmup_day: int | None
+    """Day N of the warm-up (day 1 is the start date); None before it."""
+    ramp: RampState
+
+    @property
+    def shown_state(self) -> str:
+        """The state with a pause shown over it."""
+        return "paused" if self.paused else self.state
+
+
+def ramp_view(
+    plan: Plan, states: Mapping[RampKey, RampState], batch: str, provider: str, today: date
+) -> RampView:
+    """The one view of a ramp that every operator answer is built from."""
+    b = plan.batches[batch]
+    s = states.get((batch, provider), RampState())
+    caps, state = caps_at(plan, batch, provider, s.step)
+    warmup_day = (today - b.start_date).days + 1
+    return RampView(
+        batch=batch,
+        provider=provider,
+        state="not_started" if b.start_date > today else state,
+        paused=s.paused,
+        step=s.step,
+        steps=len(steps_for(plan.schedules[b.schedule], provider)),
+        caps=caps,
+        day_cap_total=day_cap(plan, batch, provider, s.step),
+        warmup_day=warmup_day if warmup_day >= 1 else None,
+        ramp=s,
+    )
 
 
 def day_cap(plan: Plan, batch: str, provider: str, step: int) -> int | None:

@@ -19,10 +19,9 @@ from kiln import _core
 from kiln.daemon import reload
 from kiln.daemon.runner import Now, Runner
 from kiln.mx import MxLookups
-from kiln.ramp import caps_at, plan_providers, steps_for
-from kiln.rampday import day_cap
+from kiln.ramp import plan_providers
+from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
-from kiln.records import RampState
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -40,28 +39,25 @@ def status(d: Daemon, now_ms: int) -> dict[str, Any]:
     ramps = []
     today = d.plan_day(now_ms)
     for name, batch in d.plan.batches.items():
-        schedule = d.plan.schedules[batch.schedule]
         for provider in plan_providers(d.plan):
-            s = d.states.get((name, provider), RampState())
-            caps, state = caps_at(d.plan, name, provider, s.step)
+            v = ramp_view(d.plan, d.states, name, provider, today)
             usage = [d.engine.usage(d.engine.key(ip, provider)) for ip in batch.ips]
-            started = batch.start_date <= today
             ramps.append(
                 {
                     "batch": name,
                     "pool": batch.pool,
                     "provider": provider,
-                    "state": "paused" if s.paused else (state if started else "not_started"),
-                    "step": s.step,
-                    "steps": len(steps_for(schedule, provider)),
+                    "state": v.shown_state,
+                    "step": v.step,
+                    "steps": v.steps,
                     "ips": list(batch.ips),
-                    "daily_cap": caps.daily_cap,
+                    "daily_cap": v.caps.daily_cap,
                     "hourly_cap": usage[0]["hourly_cap"] if usage else None,
-                    "day_cap_total": day_cap(d.plan, name, provider, s.step),
+                    "day_cap_total": v.day_cap_total,
                     "day_used": sum(u["day_used"] for u in usage),
                     "hour_used": sum(u["hour_used"] for u in usage),
-                    "idle_days": s.idle_days,
-                    "days_without_advance": s.days_without_advance,
+                    "idle_days": v.ramp.idle_days,
+                    "days_without_advance": v.ramp.days_without_advance,
                 }
             )
     return {
@@ -140,11 +136,8 @@ def limits(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "suspended_until_ms": u["suspended_until_ms"] or None,
     }
     if batch is not None:
-        s = d.states.get((batch, provider), RampState())
-        _, state = caps_at(d.plan, batch, provider, s.step)
-        if d.plan.batches[batch].start_date > d.plan_day(now_ms):
-            state = "not_started"
-        out |= {"step": s.step, "state": "paused" if s.paused else state}
+        v = ramp_view(d.plan, d.states, batch, provider, d.plan_day(now_ms))
+        out |= {"step": v.step, "state": v.shown_state}
     else:
         out |= {"step": None, "state": "warm"}
     return out
