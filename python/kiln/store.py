@@ -25,13 +25,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
     Engine,
-    Integer,
-    LargeBinary,
-    Table,
-    Text,
     event,
     inspect,
 )
@@ -40,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
-from sqlmodel import Field, Session, SQLModel, col, create_engine, or_, select
+from sqlmodel import Session, SQLModel, col, create_engine, or_, select
 
 from kiln.log import get_logger
 from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
@@ -60,6 +54,18 @@ from kiln.storedb import (
     sqlite_file,
     tighten,
     write_marker,
+)
+from kiln.storeschema import (
+    APPEND_ONLY,
+    TABLES,
+    AutomationRow,
+    CountsRow,
+    DecisionRow,
+    MetaRow,
+    PositionRow,
+    PushbackRow,
+    SnapshotRow,
+    table_of,
 )
 
 __all__ = [
@@ -86,116 +92,6 @@ _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held w
 
 
 _COUNTERS: Final = tuple(f.name for f in fields(DayCounts))
-
-
-class _Meta(SQLModel, table=True):
-    __tablename__ = "kiln_meta"
-
-    key: str = Field(primary_key=True)
-    value: str
-
-
-class _Position(SQLModel, table=True):
-    __tablename__ = "kiln_ramp_positions"
-
-    plan: str = Field(primary_key=True)
-    batch: str = Field(primary_key=True)
-    provider: str = Field(primary_key=True)
-    step: int
-    paused: bool
-    idle_days: int
-    last_sending_day: date | None = None
-    days_without_advance: int
-    updated_at_ms: int = Field(sa_type=BigInteger)
-
-
-class _Snapshot(SQLModel, table=True):
-    __tablename__ = "kiln_counter_snapshots"
-
-    node: str = Field(primary_key=True)
-    saved_at_ms: int = Field(sa_type=BigInteger)
-    data: bytes = Field(sa_type=LargeBinary)
-
-
-class _Counts(SQLModel, table=True):
-    __tablename__ = "kiln_feedback_counts"
-
-    day: date = Field(primary_key=True)
-    ip: str = Field(primary_key=True)
-    provider: str = Field(primary_key=True)
-    granted: int = Field(sa_type=BigInteger)
-    delivered: int = Field(sa_type=BigInteger)
-    deferred: int = Field(sa_type=BigInteger)
-    bounced: int = Field(sa_type=BigInteger)
-    complaints: int = Field(sa_type=BigInteger)
-
-
-class _Decision(SQLModel, table=True):
-    __tablename__ = "kiln_decisions"
-
-    # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
-    id: int | None = Field(
-        default=None,
-        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
-    )
-    at_ms: int = Field(sa_type=BigInteger, index=True)
-    kind: str
-    subject: str = Field(index=True)
-    action: str
-    reason: str
-    evidence: str = Field(sa_type=Text)
-
-
-class _Automation(SQLModel, table=True):
-    __tablename__ = "kiln_automations"
-
-    plan: str = Field(primary_key=True)
-    id: str = Field(primary_key=True)
-    state: str
-    data: str = Field(sa_type=Text)
-    updated_at_ms: int = Field(sa_type=BigInteger)
-
-
-class _Pushback(SQLModel, table=True):
-    __tablename__ = "kiln_pushback"
-
-    day: date = Field(primary_key=True)
-    ip: str = Field(primary_key=True)
-    provider: str = Field(primary_key=True)
-    cls: str = Field(primary_key=True)
-    hour: int = Field(primary_key=True)
-    rule: str = Field(primary_key=True)
-    count: int = Field(sa_type=BigInteger)
-
-
-def _table(model: type[SQLModel]) -> Table:
-    """The SQLAlchemy table behind a table model."""
-    return SQLModel.metadata.tables[str(model.__tablename__)]
-
-
-_TABLES: Final = [
-    _table(m) for m in (_Meta, _Position, _Snapshot, _Counts, _Decision, _Automation, _Pushback)
-]
-
-_APPEND_ONLY: Final = {
-    "sqlite": [
-        """CREATE TRIGGER kiln_decisions_no_update BEFORE UPDATE ON kiln_decisions
-        BEGIN SELECT RAISE(ABORT, 'kiln_decisions is append-only: UPDATE refused'); END""",
-        """CREATE TRIGGER kiln_decisions_no_delete BEFORE DELETE ON kiln_decisions
-        BEGIN SELECT RAISE(ABORT, 'kiln_decisions is append-only: DELETE refused'); END""",
-    ],
-    "postgresql": [
-        """CREATE OR REPLACE FUNCTION kiln_decisions_append_only() RETURNS trigger
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            RAISE EXCEPTION 'kiln_decisions is append-only: % refused', TG_OP;
-        END $$""",
-        """CREATE TRIGGER kiln_decisions_no_change BEFORE UPDATE OR DELETE ON kiln_decisions
-        FOR EACH ROW EXECUTE FUNCTION kiln_decisions_append_only()""",
-        """CREATE TRIGGER kiln_decisions_no_truncate BEFORE TRUNCATE ON kiln_decisions
-        FOR EACH STATEMENT EXECUTE FUNCTION kiln_decisions_append_only()""",
-    ],
-}
 
 
 class Store:
@@ -433,9 +329,9 @@ class Store:
                     sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK}
                 )
             found: dict[str, str] = {}
-            if inspect(connection).has_table(_Meta.__tablename__):
+            if inspect(connection).has_table(MetaRow.__tablename__):
                 rows = connection.execute(
-                    select(_Meta.key, _Meta.value).where(col(_Meta.key).in_(_STORE_KEYS))
+                    select(MetaRow.key, MetaRow.value).where(col(MetaRow.key).in_(_STORE_KEYS))
                 )
                 found = {str(key): str(value) for key, value in rows}
             version = int(found[_VERSION_KEY]) if _VERSION_KEY in found else None
@@ -456,17 +352,17 @@ class Store:
                     else f"{self.target} is another kiln database (one without a store id)"
                 )
                 raise StateLostError("open the store", self.target, problem, found_id=store_id)
-            SQLModel.metadata.create_all(connection, tables=_TABLES)
+            SQLModel.metadata.create_all(connection, tables=TABLES)
             if version is None:
-                for statement in _APPEND_ONLY[self._dialect]:
+                for statement in APPEND_ONLY[self._dialect]:
                     connection.execute(sql_text(statement))
                 connection.execute(
-                    _table(_Meta).insert().values(key=_VERSION_KEY, value=str(SCHEMA_VERSION))
+                    table_of(MetaRow).insert().values(key=_VERSION_KEY, value=str(SCHEMA_VERSION))
                 )
                 self.created = True
             if store_id is None:  # a new database, or one written before kiln had store ids
                 store_id = secrets.token_hex(16)
-                connection.execute(_table(_Meta).insert().values(key=_ID_KEY, value=store_id))
+                connection.execute(table_of(MetaRow).insert().values(key=_ID_KEY, value=store_id))
             self.store_id = store_id
 
     def _insert(self) -> Any:
@@ -478,7 +374,7 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         """The value stored under `key` in kiln_meta, or None. Shared by every node."""
         with self._transaction(f"read meta value {key!r}", write=False) as session:
-            row = session.get(_Meta, key)
+            row = session.get(MetaRow, key)
             return None if row is None else row.value
 
     def set_meta(self, key: str, value: str) -> None:
@@ -492,7 +388,7 @@ class Store:
         """The upsert of `set_meta`, inside the caller's transaction."""
         if key in _STORE_KEYS:
             raise ValueError(f"set_meta: {key!r} belongs to the store")
-        statement = self._insert()(_Meta).values(key=key, value=value)
+        statement = self._insert()(MetaRow).values(key=key, value=value)
         statement = statement.on_conflict_do_update(
             index_elements=["key"], set_={"value": statement.excluded.value}
         )
@@ -503,7 +399,7 @@ class Store:
     def load_positions(self, plan: str) -> dict[tuple[str, str], RampState]:
         """Every saved position of `plan`, keyed by (batch, provider)."""
         with self._transaction(f"load ramp positions of plan {plan!r}", write=False) as session:
-            rows = session.exec(select(_Position).where(_Position.plan == plan)).all()
+            rows = session.exec(select(PositionRow).where(PositionRow.plan == plan)).all()
             return {
                 (row.batch, row.provider): RampState(
                     step=row.step,
@@ -561,7 +457,7 @@ class Store:
             }
             for (batch, provider), position in sorted(positions.items())
         ]
-        statement = self._insert()(_Position)
+        statement = self._insert()(PositionRow)
         statement = statement.on_conflict_do_update(
             index_elements=["plan", "batch", "provider"],
             set_={
@@ -581,7 +477,9 @@ class Store:
 
     def _save_snapshot(self, session: Session, data: bytes, now_ms: int) -> None:
         """Upsert this node's snapshot row inside `session`'s transaction."""
-        statement = self._insert()(_Snapshot).values(node=self.node, saved_at_ms=now_ms, data=data)
+        statement = self._insert()(SnapshotRow).values(
+            node=self.node, saved_at_ms=now_ms, data=data
+        )
         statement = statement.on_conflict_do_update(
             index_elements=["node"],
             set_={"saved_at_ms": statement.excluded.saved_at_ms, "data": statement.excluded.data},
@@ -591,7 +489,7 @@ class Store:
     def load_snapshot(self) -> tuple[bytes, int] | None:
         """This node's latest snapshot as (data, saved_at_ms), or None if it never saved one."""
         with self._transaction("load the counter snapshot", write=False) as session:
-            row = session.get(_Snapshot, self.node)
+            row = session.get(SnapshotRow, self.node)
             return None if row is None else (bytes(row.data), row.saved_at_ms)
 
     # -- feedback counts -----------------------------------------------------------------------
@@ -612,17 +510,19 @@ class Store:
             | {name: getattr(add, name) for name in _COUNTERS}
             for (ip, provider), add in sorted(counts.items())
         ]
-        statement = self._insert()(_Counts)
+        statement = self._insert()(CountsRow)
         statement = statement.on_conflict_do_update(
             index_elements=["day", "ip", "provider"],
-            set_={name: _table(_Counts).c[name] + statement.excluded[name] for name in _COUNTERS},
+            set_={
+                name: table_of(CountsRow).c[name] + statement.excluded[name] for name in _COUNTERS
+            },
         )
         session.exec(statement, params=rows)
 
     def counts(self, day: date) -> dict[tuple[str, str], DayCounts]:
         """Everything counted on `day`, keyed by (ip, provider)."""
         with self._transaction(f"read feedback counts for {day}", write=False) as session:
-            rows = session.exec(select(_Counts).where(_Counts.day == day)).all()
+            rows = session.exec(select(CountsRow).where(CountsRow.day == day)).all()
             return {
                 (row.ip, row.provider): DayCounts(
                     **{name: getattr(row, name) for name in _COUNTERS}
@@ -658,7 +558,7 @@ class Store:
         ]
         if not rows:
             return
-        statement = self._insert()(_Automation)
+        statement = self._insert()(AutomationRow)
         statement = statement.on_conflict_do_update(
             index_elements=["plan", "id"],
             set_={k: statement.excluded[k] for k in ("state", "data", "updated_at_ms")},
@@ -667,10 +567,10 @@ class Store:
 
     def load_automations(self, plan: str, *, since_ms: int | None = None) -> list[dict[str, Any]]:
         """A plan's automations: every active one, and the others updated since `since_ms`."""
-        query = select(_Automation).where(_Automation.plan == plan)
+        query = select(AutomationRow).where(AutomationRow.plan == plan)
         if since_ms is not None:
             query = query.where(
-                or_(_Automation.state == "active", col(_Automation.updated_at_ms) >= since_ms)
+                or_(AutomationRow.state == "active", col(AutomationRow.updated_at_ms) >= since_ms)
             )
         with self._transaction("read automations", write=False) as session:
             return [json.loads(r.data) for r in session.exec(query).all()]
@@ -684,17 +584,17 @@ class Store:
             {"day": day, "ip": ip, "provider": p, "cls": c, "hour": h, "rule": r, "count": n}
             for (ip, p, c, h, r), n in sorted(rows.items())
         ]
-        statement = self._insert()(_Pushback)
+        statement = self._insert()(PushbackRow)
         statement = statement.on_conflict_do_update(
             index_elements=["day", "ip", "provider", "cls", "hour", "rule"],
-            set_={"count": _table(_Pushback).c["count"] + statement.excluded["count"]},
+            set_={"count": table_of(PushbackRow).c["count"] + statement.excluded["count"]},
         )
         session.exec(statement, params=params)
 
     def pushback(self, day: date) -> dict[PushbackKey, int]:
         """Classified push-back replies counted on `day`."""
         with self._transaction(f"read push-back for {day}", write=False) as session:
-            rows = session.exec(select(_Pushback).where(_Pushback.day == day)).all()
+            rows = session.exec(select(PushbackRow).where(PushbackRow.day == day)).all()
             return {(r.ip, r.provider, r.cls, r.hour, r.rule): r.count for r in rows}
 
     # -- decision log --------------------------------------------------------------------------
@@ -707,7 +607,7 @@ class Store:
     def _append(self, session: Session, entries: Iterable[LogEntry]) -> list[int]:
         """Insert `entries` inside `session`'s transaction; the ids the database gave them."""
         rows = [
-            _Decision(
+            DecisionRow(
                 at_ms=entry.at_ms,
                 kind=entry.kind,
                 subject=entry.subject,
@@ -743,14 +643,14 @@ class Store:
 
         At most `limit` entries: the oldest that match, so `since_ms` pages forward.
         """
-        query = select(_Decision)
+        query = select(DecisionRow)
         if since_ms is not None:
-            query = query.where(_Decision.at_ms >= since_ms)
+            query = query.where(DecisionRow.at_ms >= since_ms)
         if kind is not None:
-            query = query.where(_Decision.kind == kind)
+            query = query.where(DecisionRow.kind == kind)
         if subject is not None:
-            query = query.where(_Decision.subject == subject)
-        query = query.order_by(col(_Decision.at_ms), col(_Decision.id)).limit(limit)
+            query = query.where(DecisionRow.subject == subject)
+        query = query.order_by(col(DecisionRow.at_ms), col(DecisionRow.id)).limit(limit)
         with self._transaction("read the decision log", write=False) as session:
             return [
                 LogEntry(
