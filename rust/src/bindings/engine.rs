@@ -4,19 +4,20 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
+use super::convert::{batch_buffers, usage_to_py};
 use super::decision::{PyBatch, PyDecision};
-use super::rules::{compile_rules, reply_code, reply_enhanced, PyRules};
+use super::limits::{calendar_args, pool_members, reservation_commit_args, LimitArgs};
+use super::rules::{
+    classify_found, compile_rules, found_to_py, reply_code, reply_enhanced, PyRules,
+};
 use super::snapshot::{snapshot_from_py, snapshot_to_py};
-use super::{arg, bad, class_str, err, opt_arg, scope_str, CoreError};
-use crate::caps::EVERY_HOUR;
-use crate::classify::{self, Classification, Provider};
+use super::wire::{report_rows, stats_map, tally_rows, PyServed, ReportRow, TallyRow};
+use super::{arg, err, opt_arg, CoreError};
 use crate::decision::Decision;
 use crate::engine::Engine;
-use crate::gcra::PPM;
 use crate::protocol::{Route, Wire};
 use crate::state::Snapshot;
 
@@ -129,23 +130,6 @@ impl PyEngine {
     }
 }
 
-pub(super) fn u32_buffer<'py>(
-    py: Python<'py>,
-    name: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyBuffer<u32>> {
-    let buf = PyBuffer::<u32>::get(obj).map_err(|e| {
-        bad(
-            name,
-            format_args!("must be a buffer of unsigned 32-bit ints such as array('I'): {e}"),
-        )
-    })?;
-    if buf.as_slice(py).is_none() {
-        return Err(bad(name, "must be a C-contiguous buffer"));
-    }
-    Ok(buf)
-}
-
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -204,41 +188,23 @@ impl PyEngine {
         daily_cap: Option<i128>,
         active_hours: Option<i128>,
     ) -> PyResult<()> {
-        let rate = match (
-            opt_arg::<u64>("rate_count", rate_count)?,
-            opt_arg::<u64>("rate_period_ms", rate_period_ms)?,
-        ) {
-            (None, None) => None,
-            (Some(c), Some(p)) => Some((c, p)),
-            _ => {
-                return Err(bad(
-                    "rate",
-                    "give rate_count and rate_period_ms together, or neither",
-                ))
-            }
-        };
-        let active_hours = match opt_arg::<u32>("active_hours", active_hours)? {
-            None => EVERY_HOUR,
-            Some(h) if h <= EVERY_HOUR => h,
-            Some(h) => {
-                return Err(bad(
-                    "active_hours",
-                    format_args!("must be a mask of hours 0 to 23 (below 2**24), got {h}"),
-                ))
-            }
-        };
-        let key = arg("key", key)?;
-        let (max_burst, hourly_cap, daily_cap) = (
-            arg("max_burst", max_burst)?,
-            opt_arg("hourly_cap", hourly_cap)?,
-            opt_arg("daily_cap", daily_cap)?,
-        );
+        let a = LimitArgs::new(
+            key,
+            rate_count,
+            rate_period_ms,
+            max_burst,
+            hourly_cap,
+            daily_cap,
+            active_hours,
+        )?;
         let mut g = self.lock(py)?;
         // The mask is valid (checked above), so the second call cannot fail after the first.
         g.engine
-            .set_limits(key, rate, max_burst, hourly_cap, daily_cap)
+            .set_limits(a.key, a.rate, a.max_burst, a.hourly_cap, a.daily_cap)
             .map_err(err)?;
-        g.engine.set_active_hours(key, active_hours).map_err(err)
+        g.engine
+            .set_active_hours(a.key, a.active_hours)
+            .map_err(err)
     }
 
     /// Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it.
@@ -302,18 +268,7 @@ impl PyEngine {
         day_starts_ms: Vec<i128>,
         hours_of_day: Option<Vec<i128>>,
     ) -> PyResult<()> {
-        let conv = |name: &str, v: Vec<i128>| -> PyResult<Vec<u64>> {
-            v.into_iter().map(|x| arg(name, x)).collect()
-        };
-        let hours = conv("hour_starts_ms", hour_starts_ms)?;
-        let days = conv("day_starts_ms", day_starts_ms)?;
-        let of_day = hours_of_day
-            .map(|v| {
-                v.into_iter()
-                    .map(|x| arg::<u8>("hours_of_day", x))
-                    .collect::<PyResult<Vec<u8>>>()
-            })
-            .transpose()?;
+        let (hours, days, of_day) = calendar_args(hour_starts_ms, day_starts_ms, hours_of_day)?;
         self.lock(py)?
             .engine
             .set_local_calendar(&hours, &days, of_day.as_deref())
@@ -346,26 +301,13 @@ impl PyEngine {
     ) -> PyResult<PyBatch> {
         let py = slf.py();
         let now_ms = arg("now_ms", i128::from(now_ms))?;
-        let kb = u32_buffer(py, "keys", keys)?;
+        let (kb, cb) = batch_buffers(py, keys, counts)?;
         let ks = kb.as_slice(py).expect("checked contiguous");
-        let mut out = Vec::new();
-        let this = slf.get();
-        let cb = counts.map(|c| u32_buffer(py, "counts", c)).transpose()?;
         let cs = cb
             .as_ref()
             .map(|b| b.as_slice(py).expect("checked contiguous"));
-        if let Some(cs) = cs {
-            if cs.len() != ks.len() {
-                return Err(bad(
-                    "counts",
-                    format_args!(
-                        "must have one count per key ({}), got {}",
-                        ks.len(),
-                        cs.len()
-                    ),
-                ));
-            }
-        }
+        let mut out = Vec::new();
+        let this = slf.get();
         let names = {
             let mut g = this.lock(py)?;
             match cs {
@@ -404,10 +346,7 @@ impl PyEngine {
         members: Vec<(String, i128, bool)>,
         overflow: Option<&str>,
     ) -> PyResult<u32> {
-        let members = members
-            .iter()
-            .map(|(ip, w, warming)| Ok((ip.as_str(), arg::<u32>("weight", *w)?, *warming)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let members = pool_members(&members)?;
         self.lock(py)?
             .engine
             .define_pool(name, &members, overflow)
@@ -446,29 +385,7 @@ impl PyEngine {
     /// A key's limits and counters, as plain data.
     fn usage<'py>(&self, py: Python<'py>, key: i128) -> PyResult<Bound<'py, PyDict>> {
         let u = self.lock(py)?.engine.usage(arg("key", key)?).map_err(err)?;
-        let d = PyDict::new(py);
-        let l = u.limits;
-        let rate = (l.rate_count != 0).then_some((l.rate_count, l.rate_period_ms));
-        d.set_item("rate_count", rate.map(|r| r.0))?;
-        d.set_item("rate_period_ms", rate.map(|r| r.1))?;
-        d.set_item("max_burst", l.max_burst)?;
-        d.set_item("hourly_cap", crate::caps::cap_to(l.hourly_cap))?;
-        d.set_item("daily_cap", crate::caps::cap_to(l.daily_cap))?;
-        d.set_item("multiplier", f64::from(l.multiplier_ppm) / PPM as f64)?;
-        d.set_item("paused", l.paused)?;
-        d.set_item(
-            "active_hours",
-            (l.active_hours != EVERY_HOUR).then_some(l.active_hours),
-        )?;
-        d.set_item("hour_used", u.hour_used)?;
-        d.set_item("day_used", u.day_used)?;
-        d.set_item("ip_hour_used", u.ip_hour_used)?;
-        d.set_item("ip_day_used", u.ip_day_used)?;
-        d.set_item("suspended_until_ms", u.suspended_until_ms)?;
-        d.set_item("tat_ns", u.tat_ns)?;
-        d.set_item("reservation_left", u.reserve_left)?;
-        d.set_item("retired", u.retired)?;
-        Ok(d)
+        usage_to_py(py, &u)
     }
 
     /// Hold message `message_id` for (pool, provider); higher priority goes first.
@@ -579,12 +496,7 @@ impl PyEngine {
     /// the next commit, roughly). True if it took effect; false if `token` is not the latest
     /// reservation snapshot's (an older or unknown token is ignored, which is always safe).
     fn commit_reservation(&self, py: Python<'_>, token: i128, retry_ms: i128) -> PyResult<bool> {
-        let (token, retry_ms) = (
-            arg::<u64>("token", token)?,
-            arg::<u64>("retry_ms", retry_ms)?,
-        );
-        crate::limiter::check_now(retry_ms)
-            .map_err(|_| bad("retry_ms", format_args!("is too large, got {retry_ms}")))?;
+        let (token, retry_ms) = reservation_commit_args(token, retry_ms)?;
         Ok(self.lock(py)?.engine.commit_reservation(token, retry_ms))
     }
 
@@ -642,14 +554,7 @@ impl PyEngine {
                 .serve(&mut g.engine, data, now_ms, &mut out)
                 .map_err(err)?
         };
-        Ok(PyServed {
-            reply: PyBytes::new(py, &out).unbind(),
-            consumed: served.consumed,
-            upcall: served
-                .upcall
-                .map(|(a, b)| PyBytes::new(py, &data[a..b]).unbind()),
-            too_long: served.too_long,
-        })
+        Ok(PyServed::new(py, data, &out, &served))
     }
 
     /// The provider every domain without a route counts as (interned on first use).
@@ -715,66 +620,18 @@ impl PyEngine {
 
     /// Per-key counts since the last call:
     /// (ip, provider, granted, delivered, deferred, bounced, complaints).
-    #[allow(clippy::type_complexity)]
-    fn take_tallies(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<Vec<(String, String, u64, u64, u64, u64, u64)>> {
+    fn take_tallies(&self, py: Python<'_>) -> PyResult<Vec<TallyRow>> {
         let mut g = self.lock(py)?;
         let tallies = g.wire.take_tallies();
-        Ok(tallies
-            .into_iter()
-            .map(|(key, t)| {
-                let (ip, provider) = g.engine.key_names(key).expect("own keys");
-                (
-                    ip,
-                    provider.to_owned(),
-                    t.granted,
-                    t.delivered,
-                    t.deferred,
-                    t.bounced,
-                    t.complaints,
-                )
-            })
-            .collect())
+        Ok(tally_rows(&g.engine, tallies))
     }
 
     /// Reports other than deliveries since the last call, in order:
     /// (at_ms, ip, provider, result, n, code, enhanced, text).
-    #[allow(clippy::type_complexity)]
-    fn take_reports(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<
-        Vec<(
-            u64,
-            String,
-            String,
-            &'static str,
-            u32,
-            Option<u16>,
-            Option<String>,
-            Option<String>,
-        )>,
-    > {
+    fn take_reports(&self, py: Python<'_>) -> PyResult<Vec<ReportRow>> {
         let mut g = self.lock(py)?;
         let reports = g.wire.take_reports();
-        Ok(reports
-            .into_iter()
-            .map(|r| {
-                let (ip, provider) = g.engine.key_names(r.key).expect("own keys");
-                (
-                    r.at_ms,
-                    ip,
-                    provider.to_owned(),
-                    r.result.as_str(),
-                    r.n,
-                    r.code,
-                    r.enhanced,
-                    r.text,
-                )
-            })
-            .collect())
+        Ok(report_rows(&g.engine, reports))
     }
 
     // ----- SMTP reply rules (classify.rs) -----
@@ -819,66 +676,17 @@ impl PyEngine {
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let code = reply_code(code)?;
         reply_enhanced(enhanced)?;
-        let provider = provider.map_or(Provider::Any, Provider::Named);
         // Plain data under the lock; Python objects after it is released.
         let found = {
             let g = self.lock(py)?;
-            let c = g.wire.classifier();
-            match c.classify(provider, code, enhanced, text).1 {
-                Classification::Unclassified => None,
-                Classification::Internal => Some(None),
-                Classification::Classified { rule, matched } => {
-                    let r = c.rule(rule);
-                    let ids: Vec<Box<str>> =
-                        matched.iter().map(|&m| c.rule(m).id.clone()).collect();
-                    Some(Some((r.class, r.scope, r.id.clone(), ids)))
-                }
-            }
+            classify_found(g.wire.classifier(), provider, code, enhanced, text)
         };
-        match found {
-            None => Ok(None),
-            Some(None) => {
-                let none = py.None().into_bound(py);
-                Ok(Some(PyTuple::new(
-                    py,
-                    [
-                        PyString::intern(py, classify::INTERNAL).into_any(),
-                        none.clone(),
-                        none,
-                        PyTuple::empty(py).into_any(),
-                    ],
-                )?))
-            }
-            Some(Some((class, scope, id, matched))) => {
-                let ids = PyTuple::new(py, matched.iter().map(|m| PyString::new(py, m)))?;
-                Ok(Some(PyTuple::new(
-                    py,
-                    [
-                        class_str(py, class).into_any(),
-                        scope_str(py, scope).into_any(),
-                        PyString::new(py, &id).into_any(),
-                        ids.into_any(),
-                    ],
-                )?))
-            }
-        }
+        found_to_py(py, found)
     }
 
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
-        let s = self.lock(py)?.wire.stats;
-        Ok([
-            ("requests", s.requests),
-            ("errors", s.errors),
-            ("granted", s.granted),
-            ("denied", s.denied),
-            ("upcalls", s.upcalls),
-            ("reports_dropped", s.reports_dropped),
-            ("unresolved_dropped", s.unresolved_dropped),
-            ("routes_evicted", s.routes_evicted),
-        ]
-        .into_iter()
-        .collect())
+        Ok(stats_map(&self.lock(py)?.wire.stats))
     }
 }
 
@@ -890,21 +698,4 @@ impl Inner {
         self.engine = engine;
         self.wire.remap_providers(&map);
     }
-}
-
-/// What one `Engine.serve` call produced.
-#[pyclass(frozen, module = "kiln._core", name = "Served")]
-pub struct PyServed {
-    /// Reply lines for the requests answered, in order (write them before anything else).
-    #[pyo3(get)]
-    reply: Py<PyBytes>,
-    /// Input bytes used; keep the rest and call again when more data arrives.
-    #[pyo3(get)]
-    consumed: usize,
-    /// A request line (without newline) Python must answer next, or None.
-    #[pyo3(get)]
-    upcall: Option<Py<PyBytes>>,
-    /// A line longer than 64 KiB starts at `consumed`: write `reply`, then close.
-    #[pyo3(get)]
-    too_long: bool,
 }
