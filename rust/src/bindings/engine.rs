@@ -1,154 +1,40 @@
-//! `Engine`: the lock that guards the core, and every method Python calls on it.
+//! `Engine`: every method Python calls on it, each a thin wrapper: arguments checked
+//! (`limits.rs`), the core called under the lock (`lock.rs`), the answer converted
+//! (`convert.rs`, `wire.rs`, `rules.rs`, `snapshot.rs`).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use super::convert::{batch_buffers, usage_to_py};
 use super::decision::{PyBatch, PyDecision};
 use super::limits::{calendar_args, pool_members, reservation_commit_args, LimitArgs};
+use super::lock::PyEngine;
 use super::rules::{
     classify_found, compile_rules, found_to_py, reply_code, reply_enhanced, PyRules,
 };
 use super::snapshot::{snapshot_from_py, snapshot_to_py};
 use super::wire::{report_rows, stats_map, tally_rows, PyServed, ReportRow, TallyRow};
-use super::{arg, err, opt_arg, CoreError};
+use super::{arg, err, opt_arg};
 use crate::decision::Decision;
 use crate::engine::Engine;
-use crate::protocol::{Route, Wire};
+use crate::protocol::Route;
 use crate::state::Snapshot;
-
-/// An IP address and its Python string.
-pub(super) type IpName = (IpAddr, Py<PyString>);
-
-/// What the engine's lock guards: plain Rust data only, never a Python object.
-pub(super) struct Inner {
-    engine: Engine,
-    /// The native protocol's routes, tallies and reports.
-    wire: Wire,
-}
-
-impl Inner {
-    /// A decision with the IP handle and address of its key, for `PyEngine::decision_py`.
-    fn named(&self, d: Decision) -> (Decision, u32, IpAddr) {
-        let (ip, _) = self.engine.key_handles(d.key);
-        (d, ip, self.engine.ip_addr(ip))
-    }
-}
-
-/// The throttle engine: every limit, counter, pool and queued message of one daemon.
-#[pyclass(frozen, module = "kiln._core", name = "Engine")]
-pub struct PyEngine {
-    inner: Mutex<Inner>,
-    /// Python strings of IP addresses by IP handle, checked against the address (handles
-    /// change on restore). Only locked with the GIL held and the engine lock free.
-    ip_cache: Mutex<Vec<Option<IpName>>>,
-    /// `THREAD_NO` of the only thread allowed in (`pin_thread`), or 0: any thread.
-    owner: AtomicU64,
-}
-
-thread_local! {
-    /// A number for the calling thread, unique for the life of the process (0: none yet).
-    static THREAD_NO: u64 = {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    };
-}
-
-impl PyEngine {
-    /// The engine's lock, for work that touches no Python object.
-    ///
-    /// Two rules keep the lock and the GIL from ever waiting on each other (a thread that
-    /// holds the lock never needs the GIL, and a thread that waits for the lock lets the GIL
-    /// go): nothing between `lock` and the guard's drop makes or touches a Python object, and
-    /// a contended lock is waited for with the GIL released (`Python::detach`). A pinned
-    /// engine (`pin_thread`) also refuses callers from any thread but its own.
-    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Inner>> {
-        let owner = self.owner.load(Ordering::Relaxed);
-        if owner != 0 {
-            let me = THREAD_NO.with(|n| *n);
-            if me != owner {
-                return Err(CoreError::new_err(
-                    "the engine is pinned to the event loop's thread and was entered from \
-                     another thread; call it only from the loop",
-                ));
-            }
-        }
-        loop {
-            match self.inner.try_lock() {
-                Ok(g) => return Ok(g),
-                // A panic while locked is reported to Python as it happens; the state stays usable.
-                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(TryLockError::WouldBlock) => {
-                    // Wait without the GIL, then try again holding it.
-                    py.detach(|| {
-                        drop(
-                            self.inner
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner),
-                        );
-                    });
-                }
-            }
-        }
-    }
-
-    /// The Python string of `addr` (IP handle `ip`), made once and kept. Called with the GIL
-    /// held and the engine lock released; nothing here runs Python code.
-    fn ip_py(&self, py: Python<'_>, ip: u32, addr: IpAddr) -> Py<PyString> {
-        let mut cache = self
-            .ip_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = ip as usize;
-        if cache.len() <= i {
-            cache.resize_with(i + 1, || None);
-        }
-        match &cache[i] {
-            Some((a, s)) if *a == addr => s.clone_ref(py),
-            _ => {
-                let s = PyString::new(py, &addr.to_string()).unbind();
-                cache[i] = Some((addr, s.clone_ref(py)));
-                s
-            }
-        }
-    }
-
-    /// A decision as Python sees it: the IP of its key named.
-    pub(super) fn decision_py(
-        &self,
-        py: Python<'_>,
-        (inner, ip, addr): (Decision, u32, IpAddr),
-    ) -> PyDecision {
-        PyDecision {
-            inner,
-            ip: self.ip_py(py, ip, addr),
-        }
-    }
-}
 
 #[pymethods]
 impl PyEngine {
     #[new]
     fn py_new() -> Self {
-        Self {
-            inner: Mutex::new(Inner {
-                engine: Engine::new(),
-                wire: Wire::new(),
-            }),
-            ip_cache: Mutex::new(Vec::new()),
-            owner: AtomicU64::new(0),
-        }
+        Self::fresh()
     }
 
     /// Refuse every later call from a thread other than the caller's (`CoreError`): the
     /// daemon pins its engine to the event loop's thread, so a job that strays onto a worker
     /// thread fails loudly instead of contending for the lock.
     fn pin_thread(&self) {
-        self.owner.store(THREAD_NO.with(|n| *n), Ordering::Relaxed);
+        self.pin_to_this_thread();
     }
 
     /// The handle of (ip, provider), interned on first use. IP text is normalised.
@@ -687,15 +573,5 @@ impl PyEngine {
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
         Ok(stats_map(&self.lock(py)?.wire.stats))
-    }
-}
-
-impl Inner {
-    /// Swap in a restored engine; routes follow provider names to the new handles. The
-    /// restored engine is not changed (no provider is added to it).
-    fn replace(&mut self, mut engine: Engine) {
-        let map = engine.succeed(&self.engine);
-        self.engine = engine;
-        self.wire.remap_providers(&map);
     }
 }

@@ -19,12 +19,13 @@ mod convert;
 mod decision;
 mod engine;
 mod limits;
+mod lock;
 mod rules;
 mod snapshot;
 mod wire;
 
 use decision::{PyBatch, PyDecision};
-use engine::PyEngine;
+use lock::PyEngine;
 use rules::PyRules;
 use wire::PyServed;
 
