@@ -509,7 +509,7 @@ fn bench_batch_random(c: &Config, e: &mut Engine, order: &[u32]) -> Row {
 /// Bytes of per-key state, measured: `Limiter` clones allocate each `Vec` at its exact length
 /// and each hash table at its source's bucket count, so two limiters that differ only by
 /// `EXTRA` keys (same IPs, providers and table size) clone `EXTRA * size_of::<KeySlot>()`
-/// bytes apart. (`KeySlot` is crate-private; see limiter.rs `key_slot_is_32_bytes`.)
+/// bytes apart. (`KeySlot` is crate-private; see limiter/tests.rs `key_slot_is_32_bytes`.)
 fn key_state_bytes() -> u64 {
     const BASE: usize = 512;
     const EXTRA: usize = 256;

@@ -6,7 +6,7 @@ use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
-use super::engine::PyEngine;
+use super::lock::PyEngine;
 use super::{reason_str, tier_str};
 use crate::decision::Decision;
 

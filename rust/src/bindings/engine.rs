@@ -1,170 +1,40 @@
-//! `Engine`: the lock that guards the core, and every method Python calls on it.
+//! `Engine`: every method Python calls on it, each a thin wrapper: arguments checked
+//! (`limits.rs`), the core called under the lock (`lock.rs`), the answer converted
+//! (`convert.rs`, `wire.rs`, `rules.rs`, `snapshot.rs`).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::Arc;
 
-use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
+use super::convert::{batch_buffers, usage_to_py};
 use super::decision::{PyBatch, PyDecision};
-use super::rules::{compile_rules, reply_code, reply_enhanced, PyRules};
+use super::limits::{calendar_args, pool_members, reservation_commit_args, LimitArgs};
+use super::lock::PyEngine;
+use super::rules::{
+    classify_found, compile_rules, found_to_py, reply_code, reply_enhanced, PyRules,
+};
 use super::snapshot::{snapshot_from_py, snapshot_to_py};
-use super::{arg, bad, class_str, err, opt_arg, scope_str, CoreError};
-use crate::caps::EVERY_HOUR;
-use crate::classify::{self, Classification, Provider};
+use super::wire::{report_rows, stats_map, tally_rows, PyServed, ReportRow, TallyRow};
+use super::{arg, err, opt_arg};
 use crate::decision::Decision;
 use crate::engine::Engine;
-use crate::gcra::PPM;
-use crate::protocol::{Route, Wire};
+use crate::protocol::Route;
 use crate::state::Snapshot;
-
-/// An IP address and its Python string.
-pub(super) type IpName = (IpAddr, Py<PyString>);
-
-/// What the engine's lock guards: plain Rust data only, never a Python object.
-pub(super) struct Inner {
-    engine: Engine,
-    /// The native protocol's routes, tallies and reports.
-    wire: Wire,
-}
-
-impl Inner {
-    /// A decision with the IP handle and address of its key, for `PyEngine::decision_py`.
-    fn named(&self, d: Decision) -> (Decision, u32, IpAddr) {
-        let (ip, _) = self.engine.key_handles(d.key);
-        (d, ip, self.engine.ip_addr(ip))
-    }
-}
-
-/// The throttle engine: every limit, counter, pool and queued message of one daemon.
-#[pyclass(frozen, module = "kiln._core", name = "Engine")]
-pub struct PyEngine {
-    inner: Mutex<Inner>,
-    /// Python strings of IP addresses by IP handle, checked against the address (handles
-    /// change on restore). Only locked with the GIL held and the engine lock free.
-    ip_cache: Mutex<Vec<Option<IpName>>>,
-    /// `THREAD_NO` of the only thread allowed in (`pin_thread`), or 0: any thread.
-    owner: AtomicU64,
-}
-
-thread_local! {
-    /// A number for the calling thread, unique for the life of the process (0: none yet).
-    static THREAD_NO: u64 = {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    };
-}
-
-impl PyEngine {
-    /// The engine's lock, for work that touches no Python object.
-    ///
-    /// Two rules keep the lock and the GIL from ever waiting on each other (a thread that
-    /// holds the lock never needs the GIL, and a thread that waits for the lock lets the GIL
-    /// go): nothing between `lock` and the guard's drop makes or touches a Python object, and
-    /// a contended lock is waited for with the GIL released (`Python::detach`). A pinned
-    /// engine (`pin_thread`) also refuses callers from any thread but its own.
-    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Inner>> {
-        let owner = self.owner.load(Ordering::Relaxed);
-        if owner != 0 {
-            let me = THREAD_NO.with(|n| *n);
-            if me != owner {
-                return Err(CoreError::new_err(
-                    "the engine is pinned to the event loop's thread and was entered from \
-                     another thread; call it only from the loop",
-                ));
-            }
-        }
-        loop {
-            match self.inner.try_lock() {
-                Ok(g) => return Ok(g),
-                // A panic while locked is reported to Python as it happens; the state stays usable.
-                Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(TryLockError::WouldBlock) => {
-                    // Wait without the GIL, then try again holding it.
-                    py.detach(|| {
-                        drop(
-                            self.inner
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner),
-                        );
-                    });
-                }
-            }
-        }
-    }
-
-    /// The Python string of `addr` (IP handle `ip`), made once and kept. Called with the GIL
-    /// held and the engine lock released; nothing here runs Python code.
-    fn ip_py(&self, py: Python<'_>, ip: u32, addr: IpAddr) -> Py<PyString> {
-        let mut cache = self
-            .ip_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = ip as usize;
-        if cache.len() <= i {
-            cache.resize_with(i + 1, || None);
-        }
-        match &cache[i] {
-            Some((a, s)) if *a == addr => s.clone_ref(py),
-            _ => {
-                let s = PyString::new(py, &addr.to_string()).unbind();
-                cache[i] = Some((addr, s.clone_ref(py)));
-                s
-            }
-        }
-    }
-
-    /// A decision as Python sees it: the IP of its key named.
-    pub(super) fn decision_py(
-        &self,
-        py: Python<'_>,
-        (inner, ip, addr): (Decision, u32, IpAddr),
-    ) -> PyDecision {
-        PyDecision {
-            inner,
-            ip: self.ip_py(py, ip, addr),
-        }
-    }
-}
-
-pub(super) fn u32_buffer<'py>(
-    py: Python<'py>,
-    name: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyBuffer<u32>> {
-    let buf = PyBuffer::<u32>::get(obj).map_err(|e| {
-        bad(
-            name,
-            format_args!("must be a buffer of unsigned 32-bit ints such as array('I'): {e}"),
-        )
-    })?;
-    if buf.as_slice(py).is_none() {
-        return Err(bad(name, "must be a C-contiguous buffer"));
-    }
-    Ok(buf)
-}
 
 #[pymethods]
 impl PyEngine {
     #[new]
     fn py_new() -> Self {
-        Self {
-            inner: Mutex::new(Inner {
-                engine: Engine::new(),
-                wire: Wire::new(),
-            }),
-            ip_cache: Mutex::new(Vec::new()),
-            owner: AtomicU64::new(0),
-        }
+        Self::fresh()
     }
 
     /// Refuse every later call from a thread other than the caller's (`CoreError`): the
     /// daemon pins its engine to the event loop's thread, so a job that strays onto a worker
     /// thread fails loudly instead of contending for the lock.
     fn pin_thread(&self) {
-        self.owner.store(THREAD_NO.with(|n| *n), Ordering::Relaxed);
+        self.pin_to_this_thread();
     }
 
     /// The handle of (ip, provider), interned on first use. IP text is normalised.
@@ -204,41 +74,23 @@ impl PyEngine {
         daily_cap: Option<i128>,
         active_hours: Option<i128>,
     ) -> PyResult<()> {
-        let rate = match (
-            opt_arg::<u64>("rate_count", rate_count)?,
-            opt_arg::<u64>("rate_period_ms", rate_period_ms)?,
-        ) {
-            (None, None) => None,
-            (Some(c), Some(p)) => Some((c, p)),
-            _ => {
-                return Err(bad(
-                    "rate",
-                    "give rate_count and rate_period_ms together, or neither",
-                ))
-            }
-        };
-        let active_hours = match opt_arg::<u32>("active_hours", active_hours)? {
-            None => EVERY_HOUR,
-            Some(h) if h <= EVERY_HOUR => h,
-            Some(h) => {
-                return Err(bad(
-                    "active_hours",
-                    format_args!("must be a mask of hours 0 to 23 (below 2**24), got {h}"),
-                ))
-            }
-        };
-        let key = arg("key", key)?;
-        let (max_burst, hourly_cap, daily_cap) = (
-            arg("max_burst", max_burst)?,
-            opt_arg("hourly_cap", hourly_cap)?,
-            opt_arg("daily_cap", daily_cap)?,
-        );
+        let a = LimitArgs::new(
+            key,
+            rate_count,
+            rate_period_ms,
+            max_burst,
+            hourly_cap,
+            daily_cap,
+            active_hours,
+        )?;
         let mut g = self.lock(py)?;
         // The mask is valid (checked above), so the second call cannot fail after the first.
         g.engine
-            .set_limits(key, rate, max_burst, hourly_cap, daily_cap)
+            .set_limits(a.key, a.rate, a.max_burst, a.hourly_cap, a.daily_cap)
             .map_err(err)?;
-        g.engine.set_active_hours(key, active_hours).map_err(err)
+        g.engine
+            .set_active_hours(a.key, a.active_hours)
+            .map_err(err)
     }
 
     /// Slow a key to a fraction (0..1) of its rate and caps; 0 pauses it, 1 restores it.
@@ -302,18 +154,7 @@ impl PyEngine {
         day_starts_ms: Vec<i128>,
         hours_of_day: Option<Vec<i128>>,
     ) -> PyResult<()> {
-        let conv = |name: &str, v: Vec<i128>| -> PyResult<Vec<u64>> {
-            v.into_iter().map(|x| arg(name, x)).collect()
-        };
-        let hours = conv("hour_starts_ms", hour_starts_ms)?;
-        let days = conv("day_starts_ms", day_starts_ms)?;
-        let of_day = hours_of_day
-            .map(|v| {
-                v.into_iter()
-                    .map(|x| arg::<u8>("hours_of_day", x))
-                    .collect::<PyResult<Vec<u8>>>()
-            })
-            .transpose()?;
+        let (hours, days, of_day) = calendar_args(hour_starts_ms, day_starts_ms, hours_of_day)?;
         self.lock(py)?
             .engine
             .set_local_calendar(&hours, &days, of_day.as_deref())
@@ -346,26 +187,13 @@ impl PyEngine {
     ) -> PyResult<PyBatch> {
         let py = slf.py();
         let now_ms = arg("now_ms", i128::from(now_ms))?;
-        let kb = u32_buffer(py, "keys", keys)?;
+        let (kb, cb) = batch_buffers(py, keys, counts)?;
         let ks = kb.as_slice(py).expect("checked contiguous");
-        let mut out = Vec::new();
-        let this = slf.get();
-        let cb = counts.map(|c| u32_buffer(py, "counts", c)).transpose()?;
         let cs = cb
             .as_ref()
             .map(|b| b.as_slice(py).expect("checked contiguous"));
-        if let Some(cs) = cs {
-            if cs.len() != ks.len() {
-                return Err(bad(
-                    "counts",
-                    format_args!(
-                        "must have one count per key ({}), got {}",
-                        ks.len(),
-                        cs.len()
-                    ),
-                ));
-            }
-        }
+        let mut out = Vec::new();
+        let this = slf.get();
         let names = {
             let mut g = this.lock(py)?;
             match cs {
@@ -404,10 +232,7 @@ impl PyEngine {
         members: Vec<(String, i128, bool)>,
         overflow: Option<&str>,
     ) -> PyResult<u32> {
-        let members = members
-            .iter()
-            .map(|(ip, w, warming)| Ok((ip.as_str(), arg::<u32>("weight", *w)?, *warming)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let members = pool_members(&members)?;
         self.lock(py)?
             .engine
             .define_pool(name, &members, overflow)
@@ -446,29 +271,7 @@ impl PyEngine {
     /// A key's limits and counters, as plain data.
     fn usage<'py>(&self, py: Python<'py>, key: i128) -> PyResult<Bound<'py, PyDict>> {
         let u = self.lock(py)?.engine.usage(arg("key", key)?).map_err(err)?;
-        let d = PyDict::new(py);
-        let l = u.limits;
-        let rate = (l.rate_count != 0).then_some((l.rate_count, l.rate_period_ms));
-        d.set_item("rate_count", rate.map(|r| r.0))?;
-        d.set_item("rate_period_ms", rate.map(|r| r.1))?;
-        d.set_item("max_burst", l.max_burst)?;
-        d.set_item("hourly_cap", crate::caps::cap_to(l.hourly_cap))?;
-        d.set_item("daily_cap", crate::caps::cap_to(l.daily_cap))?;
-        d.set_item("multiplier", f64::from(l.multiplier_ppm) / PPM as f64)?;
-        d.set_item("paused", l.paused)?;
-        d.set_item(
-            "active_hours",
-            (l.active_hours != EVERY_HOUR).then_some(l.active_hours),
-        )?;
-        d.set_item("hour_used", u.hour_used)?;
-        d.set_item("day_used", u.day_used)?;
-        d.set_item("ip_hour_used", u.ip_hour_used)?;
-        d.set_item("ip_day_used", u.ip_day_used)?;
-        d.set_item("suspended_until_ms", u.suspended_until_ms)?;
-        d.set_item("tat_ns", u.tat_ns)?;
-        d.set_item("reservation_left", u.reserve_left)?;
-        d.set_item("retired", u.retired)?;
-        Ok(d)
+        usage_to_py(py, &u)
     }
 
     /// Hold message `message_id` for (pool, provider); higher priority goes first.
@@ -579,12 +382,7 @@ impl PyEngine {
     /// the next commit, roughly). True if it took effect; false if `token` is not the latest
     /// reservation snapshot's (an older or unknown token is ignored, which is always safe).
     fn commit_reservation(&self, py: Python<'_>, token: i128, retry_ms: i128) -> PyResult<bool> {
-        let (token, retry_ms) = (
-            arg::<u64>("token", token)?,
-            arg::<u64>("retry_ms", retry_ms)?,
-        );
-        crate::limiter::check_now(retry_ms)
-            .map_err(|_| bad("retry_ms", format_args!("is too large, got {retry_ms}")))?;
+        let (token, retry_ms) = reservation_commit_args(token, retry_ms)?;
         Ok(self.lock(py)?.engine.commit_reservation(token, retry_ms))
     }
 
@@ -642,14 +440,7 @@ impl PyEngine {
                 .serve(&mut g.engine, data, now_ms, &mut out)
                 .map_err(err)?
         };
-        Ok(PyServed {
-            reply: PyBytes::new(py, &out).unbind(),
-            consumed: served.consumed,
-            upcall: served
-                .upcall
-                .map(|(a, b)| PyBytes::new(py, &data[a..b]).unbind()),
-            too_long: served.too_long,
-        })
+        Ok(PyServed::new(py, data, &out, &served))
     }
 
     /// The provider every domain without a route counts as (interned on first use).
@@ -715,66 +506,18 @@ impl PyEngine {
 
     /// Per-key counts since the last call:
     /// (ip, provider, granted, delivered, deferred, bounced, complaints).
-    #[allow(clippy::type_complexity)]
-    fn take_tallies(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<Vec<(String, String, u64, u64, u64, u64, u64)>> {
+    fn take_tallies(&self, py: Python<'_>) -> PyResult<Vec<TallyRow>> {
         let mut g = self.lock(py)?;
         let tallies = g.wire.take_tallies();
-        Ok(tallies
-            .into_iter()
-            .map(|(key, t)| {
-                let (ip, provider) = g.engine.key_names(key).expect("own keys");
-                (
-                    ip,
-                    provider.to_owned(),
-                    t.granted,
-                    t.delivered,
-                    t.deferred,
-                    t.bounced,
-                    t.complaints,
-                )
-            })
-            .collect())
+        Ok(tally_rows(&g.engine, tallies))
     }
 
     /// Reports other than deliveries since the last call, in order:
     /// (at_ms, ip, provider, result, n, code, enhanced, text).
-    #[allow(clippy::type_complexity)]
-    fn take_reports(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<
-        Vec<(
-            u64,
-            String,
-            String,
-            &'static str,
-            u32,
-            Option<u16>,
-            Option<String>,
-            Option<String>,
-        )>,
-    > {
+    fn take_reports(&self, py: Python<'_>) -> PyResult<Vec<ReportRow>> {
         let mut g = self.lock(py)?;
         let reports = g.wire.take_reports();
-        Ok(reports
-            .into_iter()
-            .map(|r| {
-                let (ip, provider) = g.engine.key_names(r.key).expect("own keys");
-                (
-                    r.at_ms,
-                    ip,
-                    provider.to_owned(),
-                    r.result.as_str(),
-                    r.n,
-                    r.code,
-                    r.enhanced,
-                    r.text,
-                )
-            })
-            .collect())
+        Ok(report_rows(&g.engine, reports))
     }
 
     // ----- SMTP reply rules (classify.rs) -----
@@ -819,92 +562,16 @@ impl PyEngine {
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let code = reply_code(code)?;
         reply_enhanced(enhanced)?;
-        let provider = provider.map_or(Provider::Any, Provider::Named);
         // Plain data under the lock; Python objects after it is released.
         let found = {
             let g = self.lock(py)?;
-            let c = g.wire.classifier();
-            match c.classify(provider, code, enhanced, text).1 {
-                Classification::Unclassified => None,
-                Classification::Internal => Some(None),
-                Classification::Classified { rule, matched } => {
-                    let r = c.rule(rule);
-                    let ids: Vec<Box<str>> =
-                        matched.iter().map(|&m| c.rule(m).id.clone()).collect();
-                    Some(Some((r.class, r.scope, r.id.clone(), ids)))
-                }
-            }
+            classify_found(g.wire.classifier(), provider, code, enhanced, text)
         };
-        match found {
-            None => Ok(None),
-            Some(None) => {
-                let none = py.None().into_bound(py);
-                Ok(Some(PyTuple::new(
-                    py,
-                    [
-                        PyString::intern(py, classify::INTERNAL).into_any(),
-                        none.clone(),
-                        none,
-                        PyTuple::empty(py).into_any(),
-                    ],
-                )?))
-            }
-            Some(Some((class, scope, id, matched))) => {
-                let ids = PyTuple::new(py, matched.iter().map(|m| PyString::new(py, m)))?;
-                Ok(Some(PyTuple::new(
-                    py,
-                    [
-                        class_str(py, class).into_any(),
-                        scope_str(py, scope).into_any(),
-                        PyString::new(py, &id).into_any(),
-                        ids.into_any(),
-                    ],
-                )?))
-            }
-        }
+        found_to_py(py, found)
     }
 
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
-        let s = self.lock(py)?.wire.stats;
-        Ok([
-            ("requests", s.requests),
-            ("errors", s.errors),
-            ("granted", s.granted),
-            ("denied", s.denied),
-            ("upcalls", s.upcalls),
-            ("reports_dropped", s.reports_dropped),
-            ("unresolved_dropped", s.unresolved_dropped),
-            ("routes_evicted", s.routes_evicted),
-        ]
-        .into_iter()
-        .collect())
+        Ok(stats_map(&self.lock(py)?.wire.stats))
     }
-}
-
-impl Inner {
-    /// Swap in a restored engine; routes follow provider names to the new handles. The
-    /// restored engine is not changed (no provider is added to it).
-    fn replace(&mut self, mut engine: Engine) {
-        let map = engine.succeed(&self.engine);
-        self.engine = engine;
-        self.wire.remap_providers(&map);
-    }
-}
-
-/// What one `Engine.serve` call produced.
-#[pyclass(frozen, module = "kiln._core", name = "Served")]
-pub struct PyServed {
-    /// Reply lines for the requests answered, in order (write them before anything else).
-    #[pyo3(get)]
-    reply: Py<PyBytes>,
-    /// Input bytes used; keep the rest and call again when more data arrives.
-    #[pyo3(get)]
-    consumed: usize,
-    /// A request line (without newline) Python must answer next, or None.
-    #[pyo3(get)]
-    upcall: Option<Py<PyBytes>>,
-    /// A line longer than 64 KiB starts at `consumed`: write `reply`, then close.
-    #[pyo3(get)]
-    too_long: bool,
 }

@@ -15,14 +15,19 @@ use pyo3::types::PyString;
 use crate::classify::{Class, Scope};
 use crate::decision::{Reason, Tier};
 
+mod convert;
 mod decision;
 mod engine;
+mod limits;
+mod lock;
 mod rules;
 mod snapshot;
+mod wire;
 
 use decision::{PyBatch, PyDecision};
-use engine::{PyEngine, PyServed};
+use lock::PyEngine;
 use rules::PyRules;
+use wire::PyServed;
 
 create_exception!(
     _core,

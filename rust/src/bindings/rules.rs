@@ -1,13 +1,16 @@
-//! SMTP reply rules from Python: `CompiledRules`, rule tuples read, `normalise_reply`.
+//! SMTP reply rules from Python: `CompiledRules`, rule tuples read, `normalise_reply`, and
+//! `Engine.classify`'s answer as a tuple.
 
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyString, PyTuple};
 
 use super::snapshot::{fields, get};
-use super::{bad, err, CoreError};
-use crate::classify::{self, Class, Classifier, CodeSpec, RuleDef, Scope};
+use super::{bad, class_str, err, scope_str, CoreError};
+use crate::classify::{
+    self, Class, Classification, Classifier, CodeSpec, Provider, RuleDef, Scope,
+};
 
 /// Reply rules compiled away from any engine: on any thread, with the GIL released, so a
 /// reload compiles them on a worker and the event loop only swaps them in (`use_rules`).
@@ -179,4 +182,60 @@ pub(super) fn normalise_reply(
 #[pyfunction]
 pub(super) fn check_pattern(py: Python<'_>, pattern: &str) -> Option<String> {
     py.detach(|| classify::check_pattern(pattern).err())
+}
+
+/// What `Engine.classify` found, as plain data made under the engine's lock (Python objects
+/// are made after it is released): `None` when no rule matches, `Some(None)` for a reply the
+/// MTA made up itself, else (class, scope, rule id, ids of every matching rule).
+pub(super) type Found = Option<Option<(Class, Scope, Box<str>, Vec<Box<str>>)>>;
+
+/// Classify a reply whose `code` and `enhanced` were checked (`reply_code`, `reply_enhanced`).
+pub(super) fn classify_found(
+    c: &Classifier,
+    provider: Option<&str>,
+    code: Option<u16>,
+    enhanced: Option<&str>,
+    text: &str,
+) -> Found {
+    let provider = provider.map_or(Provider::Any, Provider::Named);
+    match c.classify(provider, code, enhanced, text).1 {
+        Classification::Unclassified => None,
+        Classification::Internal => Some(None),
+        Classification::Classified { rule, matched } => {
+            let r = c.rule(rule);
+            let ids: Vec<Box<str>> = matched.iter().map(|&m| c.rule(m).id.clone()).collect();
+            Some(Some((r.class, r.scope, r.id.clone(), ids)))
+        }
+    }
+}
+
+/// `Engine.classify`'s answer: (class, scope, rule_id, matched_ids), or None.
+pub(super) fn found_to_py(py: Python<'_>, found: Found) -> PyResult<Option<Bound<'_, PyTuple>>> {
+    match found {
+        None => Ok(None),
+        Some(None) => {
+            let none = py.None().into_bound(py);
+            Ok(Some(PyTuple::new(
+                py,
+                [
+                    PyString::intern(py, classify::INTERNAL).into_any(),
+                    none.clone(),
+                    none,
+                    PyTuple::empty(py).into_any(),
+                ],
+            )?))
+        }
+        Some(Some((class, scope, id, matched))) => {
+            let ids = PyTuple::new(py, matched.iter().map(|m| PyString::new(py, m)))?;
+            Ok(Some(PyTuple::new(
+                py,
+                [
+                    class_str(py, class).into_any(),
+                    scope_str(py, scope).into_any(),
+                    PyString::new(py, &id).into_any(),
+                    ids.into_any(),
+                ],
+            )?))
+        }
+    }
 }
