@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Push-back classes (docs/rules.md), most severe first: when several reply rules match,
-#: the earliest class wins (rust/src/classify.rs keeps the same order).
+#: the earliest class wins (rust/src/classify/ keeps the same order).
 PushbackClass = Literal[
     "blocklist",
     "block_rep",

@@ -11,7 +11,7 @@ polling). How it cannot hang: docs/daemon.md. Where each decision is made:
 | caps in force this hour | `ramp.compile_limits`, pushed by `Daemon.apply_plan` |
 | does a ramp advance at the day roll | `rampday.roll_day`, run by `kiln.daemon.roll` |
 | domain -> provider | plan domain table, then `mx.MxLookups`, pushed as engine routes |
-| what a push-back reply is | `Engine.classify` against the reply rules (rust/src/classify.rs) |
+| what a push-back reply is | `Engine.classify` against the reply rules (rust/src/classify/) |
 | what evidence does (suspend, slow, hold, step down, pause) | `kiln.policy`, run by `kiln.guard` |
 | which operator operations exist, and on which socket | the `OPS` registry in `kiln.daemon.ops` |
 """

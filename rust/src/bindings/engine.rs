@@ -520,7 +520,7 @@ impl PyEngine {
         Ok(report_rows(&g.engine, reports))
     }
 
-    // ----- SMTP reply rules (classify.rs) -----
+    // ----- SMTP reply rules (classify/) -----
 
     /// Replace the reply rules: a sequence of (id, providers, codes, enhanced, text, class,
     /// scope, fallback). `providers` (names, groups already expanded), `codes` (ints such as 421, or
