@@ -2,11 +2,15 @@
 
 `KILN_HYPOTHESIS_PROFILE=dev|ci` picks one; without it, "ci" when the `CI` environment
 variable is set (as CI services do), else "dev".
+
+Tests marked `soak` (the 10 minute soak) are deselected unless `-m` names that marker, so a
+normal run reports them as deselected, never as skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +23,17 @@ settings.register_profile("ci", max_examples=300, deadline=None, print_blob=True
 settings.load_profile(
     os.environ.get("KILN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the 10 minute soak unless the marker expression selects it (`-m soak`)."""
+    words = set(re.findall(r"\w+", config.getoption("markexpr") or ""))
+    if "soak" in words and "not" not in words:
+        return
+    keep = [item for item in items if item.get_closest_marker("soak") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
