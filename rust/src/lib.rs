@@ -11,6 +11,7 @@ pub mod pick;
 pub mod protocol;
 pub mod reserve;
 pub mod scheduler;
+pub mod server;
 pub mod state;
 
 pub use decision::{Decision, Reason, Tier};

@@ -1,0 +1,216 @@
+//! One client connection of the serving thread: its input, its replies, and what it waits for.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream as StdStream;
+
+use mio::net::UnixStream;
+
+use super::{Handler, Shared, HIGH_WATER_BYTES, READ_BUDGET_BYTES};
+use crate::protocol::MAX_LINE_BYTES;
+
+/// The reply to a line over `MAX_LINE_BYTES`, before the connection is closed.
+pub const TOO_LONG: &[u8] =
+    b"{\"ok\":false,\"error\":\"request line longer than 65536 bytes; closing\"}\n";
+/// The reply when the engine refuses to serve (a clock out of range): closed after it.
+const INTERNAL: &[u8] = b"{\"ok\":false,\"error\":\"internal error; see the daemon log\"}\n";
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+/// What a turn of `Conn::pump` left.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pumped {
+    /// Waiting for the client, Python or the socket's write space.
+    Idle,
+    /// Stopped at the read budget with input possibly left: pump again soon.
+    MoreToRead,
+    /// Closed: remove it.
+    Done,
+}
+
+#[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // four independent facts about one socket
+pub struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    /// `input[..scanned]` holds no newline.
+    scanned: usize,
+    out: Vec<u8>,
+    written: usize,
+    /// An upcall of this connection waits for Python's reply.
+    busy: bool,
+    /// The socket may have input not yet read (edge-triggered readiness).
+    may_read: bool,
+    /// The client closed its side.
+    eof: bool,
+    /// Close once the replies are written (a line too long, an engine error).
+    closing: bool,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            input: Vec::new(),
+            scanned: 0,
+            out: Vec::new(),
+            written: 0,
+            busy: false,
+            may_read: true,
+            eof: false,
+            closing: false,
+        }
+    }
+
+    pub fn stream_mut(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+
+    /// The socket became readable (or the client closed its side).
+    pub fn readable(&mut self) {
+        self.may_read = true;
+    }
+
+    /// Python's reply to this connection's upcall.
+    pub fn replied(&mut self, data: &[u8]) {
+        self.out.extend_from_slice(data);
+        self.busy = false;
+    }
+
+    fn pending_out(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Answer, write and read as far as possible without waiting.
+    pub fn pump<H: Handler>(
+        &mut self,
+        id: u64,
+        handler: &mut H,
+        shared: &Shared,
+        notify: &mut StdStream,
+    ) -> Pumped {
+        let mut budget = READ_BUDGET_BYTES;
+        loop {
+            if !self.busy && !self.closing {
+                self.answer(id, handler, shared, notify);
+            }
+            if self.flush().is_err() {
+                return Pumped::Done;
+            }
+            if self.busy || self.closing || self.eof || !self.may_read {
+                break;
+            }
+            if self.pending_out() > HIGH_WATER_BYTES {
+                break; // read again once the client has taken its replies
+            }
+            if budget == 0 {
+                return Pumped::MoreToRead;
+            }
+            match self.read_some(budget) {
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(()) => return Pumped::Done,
+            }
+        }
+        let drained = self.pending_out() == 0;
+        if drained && (self.closing || (self.eof && !self.busy)) {
+            return Pumped::Done;
+        }
+        Pumped::Idle
+    }
+
+    /// Read one chunk. Ok(bytes read); Err: the connection failed.
+    fn read_some(&mut self, budget: usize) -> Result<usize, ()> {
+        let start = self.input.len();
+        let want = READ_CHUNK_BYTES.min(budget.max(1));
+        self.input.resize(start + want, 0);
+        let got = self.stream.read(&mut self.input[start..]);
+        match got {
+            Ok(0) => {
+                self.input.truncate(start);
+                self.eof = true;
+                Ok(0)
+            }
+            Ok(n) => {
+                self.input.truncate(start + n);
+                Ok(n)
+            }
+            Err(e) => {
+                self.input.truncate(start);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        self.may_read = false;
+                        Ok(0)
+                    }
+                    io::ErrorKind::Interrupted => Ok(0),
+                    _ => Err(()),
+                }
+            }
+        }
+    }
+
+    /// Answer the complete lines buffered, up to the first upcall.
+    fn answer<H: Handler>(
+        &mut self,
+        id: u64,
+        handler: &mut H,
+        shared: &Shared,
+        notify: &mut StdStream,
+    ) {
+        if !self.input[self.scanned..].contains(&b'\n') {
+            self.scanned = self.input.len();
+            if self.input.len() > MAX_LINE_BYTES {
+                self.too_long();
+            }
+            return;
+        }
+        match handler.serve(&self.input, &mut self.out) {
+            Err(_) => {
+                self.out.extend_from_slice(INTERNAL);
+                self.closing = true;
+            }
+            Ok(served) => {
+                if let Some((start, end)) = served.upcall {
+                    shared.push_upcall(id, self.input[start..end].to_vec(), notify);
+                    self.busy = true;
+                }
+                self.input.drain(..served.consumed);
+                self.scanned = 0;
+                if served.too_long {
+                    self.too_long();
+                } else if !self.busy {
+                    // Every complete line is answered: what is left has no newline.
+                    self.scanned = self.input.len();
+                    if self.input.len() > MAX_LINE_BYTES {
+                        self.too_long();
+                    }
+                }
+            }
+        }
+    }
+
+    fn too_long(&mut self) {
+        self.out.extend_from_slice(TOO_LONG);
+        self.closing = true;
+        self.input.clear();
+        self.scanned = 0;
+    }
+
+    /// Write what waits. Err: the connection failed.
+    fn flush(&mut self) -> Result<(), ()> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+        } else if self.written > HIGH_WATER_BYTES {
+            self.out.drain(..self.written);
+            self.written = 0;
+        }
+        Ok(())
+    }
+}
