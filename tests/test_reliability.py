@@ -194,6 +194,11 @@ class _Daemonish:
         self.connections = 0
         self.max_connections = 10
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open (the asyncio socket's only, here)."""
+        return self.connections
+
     def warn_repeated(self, event: str, **fields: Any) -> None:
         """Unused here."""
 

@@ -17,6 +17,7 @@ __all__ = [
     "CoreError",
     "Decision",
     "Engine",
+    "MtaServer",
     "Served",
     "__version__",
     "check_pattern",
@@ -143,6 +144,35 @@ class Served:
     @property
     def too_long(self) -> bool:
         """A line longer than 64 KiB starts at `consumed`: write `reply`, then close."""
+
+@final
+class MtaServer:
+    """The MTA socket served on a thread of the core's own: decisions never wait for Python
+    or the GIL. Upcalls are taken with `take_upcalls` when `notify_fd` is readable and
+    answered with `reply`."""
+
+    def __new__(
+        cls,
+        engine: Engine,
+        path: str,
+        *,
+        backlog: int,
+        max_connections: int,
+        clock: tuple[int, int, int, int, int] | None = None,
+    ) -> MtaServer:
+        """Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for
+        the system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a
+        ScaledClock."""
+    def notify_fd(self) -> int:
+        """A descriptor that becomes readable when upcalls wait."""
+    def take_upcalls(self) -> list[tuple[int, bytes]]:
+        """The upcalls waiting: [(connection, request line)], oldest first."""
+    def reply(self, conn: int, data: bytes) -> None:
+        """The reply (whole lines) to connection `conn`'s upcall."""
+    def counters(self) -> dict[str, Any]:
+        """connections, refused, accept_failures, last_error (once), running."""
+    def stop(self) -> None:
+        """Stop serving: connections closed, the thread joined."""
 
 Report = tuple[int, str, str, str, int, int | None, str | None, str | None]
 """(at_ms, ip, provider, result, n, code, enhanced, text) of one `report` that was not a

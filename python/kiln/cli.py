@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open client connections at most (default: the open-files limit less 256)",
     )
     run.add_argument(
+        "--mta-listener",
+        choices=["rust", "asyncio"],
+        default="rust",
+        help="who serves the MTA socket: a thread of the Rust core (decisions never wait for "
+        "Python) or the event loop (default asyncio; docs/daemon.md, Latency)",
+    )
+    run.add_argument(
         "--snapshot-interval-ms",
         type=int,
         default=1000,
@@ -255,6 +262,7 @@ def _run(args: argparse.Namespace) -> int:
         operator_socket_path=args.operator_socket,
         operator_socket_mode=args.operator_socket_mode,
         max_connections=args.max_connections,
+        mta_listener=args.mta_listener,
         snapshot_interval_ms=args.snapshot_interval_ms,
         nameservers=tuple(args.nameserver),
         **({"node": args.node} if args.node else {}),

@@ -62,6 +62,16 @@ class ScaledClock:
         self._monotonic_ns = monotonic_ns
         self.anchor_ns = monotonic_ns()
 
+    @property
+    def monotonic_ns(self) -> Callable[[], int]:
+        """The monotonic clock this clock reads."""
+        return self._monotonic_ns
+
+    def linear(self) -> tuple[int, int, int, int]:
+        """(start_ms, num, den, anchor_ns): the clock shows `start_ms + (m - anchor_ns) * num
+        // den` when the monotonic clock reads `m` (how the Rust MTA socket computes it)."""
+        return self.start_ms, self._num, self._den, self.anchor_ns
+
     def at(self, monotonic_ns: int) -> int:
         """The time this clock shows (or showed) when the monotonic clock reads `monotonic_ns`."""
         return self.start_ms + (monotonic_ns - self.anchor_ns) * self._num // self._den

@@ -29,6 +29,9 @@ class DaemonConfig:
     #: Open client connections at most, over both sockets; 0: the open-files limit less
     #: what the daemon needs for itself.
     max_connections: int = 0
+    #: Who serves the MTA socket: "rust" (a thread of the core's own; decisions never wait
+    #: for Python) or "asyncio" (the event loop, as the operator socket).
+    mta_listener: str = "rust"
     #: Start afresh when the state folder lost its database (see docs/state.md).
     reinitialise: bool = False
 

@@ -30,6 +30,7 @@ from kiln.clock import Clock, SystemClock
 from kiln.daemon import ops, reload, serving
 from kiln.daemon.config import DaemonConfig
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
+from kiln.daemon.mta import RustMtaSocket
 from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
 from kiln.daemon.roll import ROLLED_KEY, roll_days
 from kiln.daemon.runner import HERE, OFF_LOOP, Now, Runner, complete
@@ -90,6 +91,8 @@ class Daemon:
         self.states: dict[tuple[str, str], RampState] = {}
         self.pending_log: list[LogEntry] = []
         self.servers: list[asyncio.AbstractServer] = []
+        # The MTA socket when the Rust core serves it (`--mta-listener rust`), while serving.
+        self.mta: RustMtaSocket | None = None
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0
@@ -106,7 +109,7 @@ class Daemon:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.monitor = LoopMonitor()
         self.notifier = Notifier()
-        self.connections = 0
+        self.connections = 0  # on the asyncio sockets; `open_connections` adds the Rust one
         self.max_connections = config.max_connections or connection_limit()
         self.rule_files = RuleFiles()
         self._calendar_made: tuple[ZoneInfo, list[int], list[int], list[int]] | None = None
@@ -384,6 +387,11 @@ class Daemon:
         holds the exact counters, with no reservation for a restart to charge."""
         self.collect(now_ms, final=final)
         complete(HERE.write(self.persist))
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now, over both sockets."""
+        return self.connections + (self.mta.connections if self.mta is not None else 0)
 
     def warn_repeated(self, event: str, **fields: Any) -> None:
         """Log `event` at most once every few seconds, with how often it happened since."""

@@ -86,6 +86,8 @@ async def tick_job(d: Daemon) -> None:
     async with d.job_lock:
         try:
             await d.tick_with(OFF_LOOP, d.clock.now_ms)
+            if d.mta is not None:
+                d.mta.check()
         except StoreError as e:
             d.warn_repeated("job_store_failed", job="tick", error=str(e))
         except Exception:

@@ -28,10 +28,13 @@ if TYPE_CHECKING:
 __all__ = [
     "RESOURCE_ERRNOS",
     "NativeProtocol",
+    "answer_upcall",
     "connection_limit",
     "listen_backlog",
+    "op_of",
     "prepare_socket_path",
     "raise_open_files_limit",
+    "refusal",
     "refuse_if_answered",
     "set_socket_access",
     "split_id",
@@ -70,7 +73,7 @@ class NativeProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         d = self.daemon
-        if d.connections >= d.max_connections:
+        if d.open_connections >= d.max_connections:
             d.warn_repeated(
                 "connection_refused",
                 limit=d.max_connections,
@@ -165,12 +168,7 @@ class NativeProtocol(asyncio.Protocol):
 
     async def upcall_async(self, line: bytes) -> bytes:
         """The reply line to an upcall as the serving daemon answers it, `id` echoed."""
-        raw_id, rest = split_id(line)
-        try:
-            reply = await self.daemon.upcall_async(rest)
-        except RecursionError:
-            reply = {"ok": False, "error": "request nested too deeply"}
-        return with_id(raw_id, reply)
+        return await answer_upcall(self.daemon, line)
 
     def eof_received(self) -> bool:
         """A client that closed its side gets the rest of its replies, then we close."""
@@ -190,6 +188,17 @@ class NativeProtocol(asyncio.Protocol):
         self.write_paused = False
         if self.transport is not None and not self.busy:
             self.transport.resume_reading()
+
+
+async def answer_upcall(d: Daemon, line: bytes) -> bytes:
+    """The reply line to an upcall (a line the core handed up) as the serving daemon answers
+    it, `id` echoed; both MTA listeners and the operator socket answer through here."""
+    raw_id, rest = split_id(line)
+    try:
+        reply = await d.upcall_async(rest)
+    except RecursionError:
+        reply = {"ok": False, "error": "request nested too deeply"}
+    return with_id(raw_id, reply)
 
 
 def with_id(raw_id: bytes | None, reply: dict[str, Any]) -> bytes:

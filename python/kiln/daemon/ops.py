@@ -78,7 +78,7 @@ def health(d: Daemon) -> dict[str, Any]:
         loop_time = 0.0
     return {
         "loop": d.monitor.figures(loop_time).to_json(),
-        "connections": d.connections,
+        "connections": d.open_connections,
         "max_connections": d.max_connections,
         "unsaved_batches": len(d.persist.unsaved),
         "store_error": d.persist.error,

@@ -24,6 +24,7 @@ from kiln.daemon.listener import (
     prepare_socket_path,
     set_socket_access,
 )
+from kiln.daemon.mta import RustMtaSocket
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ async def serve(d: Daemon) -> None:
     d.lookups = d.make_lookups()
     backlog = listen_backlog()
     config = d.config
-    d.servers.append(await _listen(d, config.socket, operator=False, backlog=backlog))
+    if config.mta_listener == "rust":
+        d.mta = RustMtaSocket(d, config.socket, backlog)
+    else:
+        d.servers.append(await _listen(d, config.socket, operator=False, backlog=backlog))
     set_socket_access(config.socket, config.socket_mode, config.socket_group)
     d.servers.append(await _listen(d, config.operator_socket, operator=True, backlog=backlog))
     set_socket_access(config.operator_socket, config.operator_socket_mode, None)
@@ -67,6 +71,7 @@ async def serve(d: Daemon) -> None:
         plan=d.plan.name,
         backlog=backlog,
         max_connections=d.max_connections,
+        mta_listener=config.mta_listener,
         watchdog_s=d.notifier.watchdog_s,
     )
     # What start-up built lives as long as the process: keep it out of the cyclic collector's
@@ -90,8 +95,10 @@ async def _listen(d: Daemon, path: Path, *, operator: bool, backlog: int) -> asy
 
 
 def engine_answers(d: Daemon) -> bool:
-    """A real engine call on the loop (a `ping` through the wire protocol): the watchdog is
-    fed only when it answers."""
+    """A real engine call on the loop (a `ping` through the wire protocol), and the MTA
+    socket's thread alive when the core serves it: the watchdog is fed only then."""
+    if d.mta is not None and not d.mta.running:
+        return False  # the MTA socket's thread is gone: let systemd restart us
     try:
         served = d.engine.serve(b'{"op":"ping"}\n', d.clock.now_ms())
     except _core.CoreError:
@@ -129,6 +136,9 @@ async def shutdown(d: Daemon) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 2)
     d.servers.clear()
+    if d.mta is not None:
+        d.mta.close()
+        d.mta = None
     if d.lookups is not None:
         await d.lookups.aclose()
         d.lookups = None

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -43,7 +43,9 @@ impl Inner {
 /// The throttle engine: every limit, counter, pool and queued message of one daemon.
 #[pyclass(frozen, module = "kiln._core", name = "Engine")]
 pub struct PyEngine {
-    inner: Mutex<Inner>,
+    /// Shared with the MTA socket's serving thread (`MtaServer`), which locks it for pure
+    /// Rust work only.
+    inner: Arc<Mutex<Inner>>,
     /// Python strings of IP addresses by IP handle, checked against the address (handles
     /// change on restore). Only locked with the GIL held and the engine lock free.
     ip_cache: Mutex<Vec<Option<IpName>>>,
@@ -63,13 +65,18 @@ impl PyEngine {
     /// An engine with no keys, limits or rules, that any thread may call.
     pub(super) fn fresh() -> Self {
         Self {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 engine: Engine::new(),
                 wire: Wire::new(),
-            }),
+            })),
             ip_cache: Mutex::new(Vec::new()),
             owner: AtomicU64::new(0),
         }
+    }
+
+    /// The lock itself, for the MTA socket's serving thread (never touches Python).
+    pub(super) fn shared_inner(&self) -> Arc<Mutex<Inner>> {
+        Arc::clone(&self.inner)
     }
 
     /// From now on only the calling thread may take the lock (`pin_thread`).

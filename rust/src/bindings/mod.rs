@@ -21,12 +21,14 @@ mod engine;
 mod limits;
 mod lock;
 mod rules;
+mod server;
 mod snapshot;
 mod wire;
 
 use decision::{PyBatch, PyDecision};
 use lock::PyEngine;
 use rules::PyRules;
+use server::PyMtaServer;
 use wire::PyServed;
 
 create_exception!(
@@ -115,6 +117,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBatch>()?;
     m.add_class::<PyServed>()?;
     m.add_class::<PyRules>()?;
+    m.add_class::<PyMtaServer>()?;
     m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
     m.add_function(wrap_pyfunction!(rules::normalise_reply, m)?)?;
     m.add_function(wrap_pyfunction!(rules::check_pattern, m)?)?;

@@ -86,6 +86,11 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push_back((conn, line));
+        self.wake_owner(notify);
+    }
+
+    /// Make the notify socket readable (upcalls wait, or a refusal or failure to log).
+    fn wake_owner(&self, notify: &mut StdStream) {
         if !self.notified.swap(true, Ordering::AcqRel) {
             // A full socket already holds a byte that wakes the owner: nothing is lost.
             let _ = notify.write(&[1]);
@@ -155,7 +160,8 @@ impl Server {
         })
     }
 
-    /// The socket whose readability says upcalls wait (`take_upcalls` drains it).
+    /// The socket whose readability says upcalls wait, or a refusal or accept failure is
+    /// new (`take_upcalls` drains it).
     pub fn notify_fd(&self) -> RawFd {
         self.notify.as_raw_fd()
     }
@@ -325,6 +331,7 @@ impl<H: Handler> Looper<H> {
                     if self.conns.len() >= self.max_connections {
                         self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
                         let _ = stream.write(REFUSAL);
+                        self.shared.wake_owner(&mut self.notify);
                         continue; // dropped: closed
                     }
                     let t = self.next_token;
@@ -357,6 +364,7 @@ impl<H: Handler> Looper<H> {
                         .accept_failures
                         .fetch_add(1, Ordering::Relaxed);
                     self.shared.note_error(&e);
+                    self.shared.wake_owner(&mut self.notify);
                     return Err(());
                 }
             }

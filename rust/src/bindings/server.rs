@@ -1,0 +1,187 @@
+//! `MtaServer`: the MTA socket served by `crate::server` on a thread of its own, answering
+//! through the engine's lock with the daemon's clock; upcalls go to Python.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use super::lock::{Inner, PyEngine};
+use super::{arg, bad};
+use crate::error::CoreResult;
+use crate::protocol::Served;
+use crate::server::{Config, Handler, Server};
+
+/// The daemon's clock as the serving thread reads it (kiln.clock: `SystemClock`, or a
+/// `ScaledClock` given by `start_ms + (monotonic_ns - anchor_ns) * num / den`).
+enum Clock {
+    System,
+    Scaled {
+        start_ms: i128,
+        num: i128,
+        den: i128,
+        anchor_ns: i128,
+        /// `time.monotonic_ns()` as Python read it when this clock was made, and the
+        /// `Instant` taken at that moment: the monotonic clock without unsafe code.
+        base_ns: i128,
+        base: Instant,
+    },
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            Clock::Scaled {
+                start_ms,
+                num,
+                den,
+                anchor_ns,
+                base_ns,
+                base,
+            } => {
+                let elapsed = i128::try_from(base.elapsed().as_nanos()).unwrap_or(i128::MAX / 2);
+                let mono = base_ns + elapsed;
+                let ms = start_ms + (mono - anchor_ns) * num / den;
+                ms.max(0) as u64
+            }
+        }
+    }
+}
+
+/// Serves lines through the engine, as `Engine.serve` does, at the clock's time.
+struct EngineHandler {
+    inner: Arc<Mutex<Inner>>,
+    clock: Clock,
+}
+
+impl Handler for EngineHandler {
+    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        let now_ms = self.clock.now_ms();
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = &mut *g;
+        g.wire.serve(&mut g.engine, input, now_ms, out)
+    }
+}
+
+/// The MTA socket served on a Rust thread: decisions never wait for Python or the GIL.
+/// Upcalls (lines Python answers) are taken with `take_upcalls` when `notify_fd` is
+/// readable and answered with `reply`.
+#[pyclass(frozen, module = "kiln._core", name = "MtaServer")]
+pub struct PyMtaServer {
+    server: Mutex<Option<Server>>,
+}
+
+impl PyMtaServer {
+    fn with<T>(&self, f: impl FnOnce(&Server) -> T) -> PyResult<T> {
+        let g = self.server.lock().unwrap_or_else(PoisonError::into_inner);
+        g.as_ref().map(f).ok_or_else(|| bad("MtaServer", "stopped"))
+    }
+}
+
+#[pymethods]
+impl PyMtaServer {
+    /// Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for the
+    /// system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a ScaledClock.
+    #[new]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the path into an owned value
+    #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None))]
+    fn new(
+        engine: &Bound<'_, PyEngine>,
+        path: PathBuf,
+        backlog: i128,
+        max_connections: i128,
+        clock: Option<(i128, i128, i128, i128, i128)>,
+    ) -> PyResult<Self> {
+        let backlog: i32 = arg("backlog", backlog)?;
+        let max_connections: usize = arg("max_connections", max_connections)?;
+        let clock = match clock {
+            None => Clock::System,
+            Some((start_ms, num, den, anchor_ns, base_ns)) => {
+                if num <= 0 || den <= 0 {
+                    return Err(bad("clock", "speed must be positive"));
+                }
+                Clock::Scaled {
+                    start_ms,
+                    num,
+                    den,
+                    anchor_ns,
+                    base_ns,
+                    base: Instant::now(),
+                }
+            }
+        };
+        let handler = EngineHandler {
+            inner: engine.get().shared_inner(),
+            clock,
+        };
+        let config = Config {
+            max_connections,
+            backlog,
+        };
+        let server = Server::start(&path, config, handler).map_err(|e| {
+            pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
+        })?;
+        Ok(Self {
+            server: Mutex::new(Some(server)),
+        })
+    }
+
+    /// A descriptor that becomes readable when upcalls wait.
+    fn notify_fd(&self) -> PyResult<i32> {
+        self.with(Server::notify_fd)
+    }
+
+    /// The upcalls waiting: [(connection, request line as bytes)], oldest first.
+    fn take_upcalls<'py>(&self, py: Python<'py>) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
+        let got = self.with(Server::take_upcalls)?;
+        Ok(got
+            .into_iter()
+            .map(|(c, line)| (c, PyBytes::new(py, &line)))
+            .collect())
+    }
+
+    /// The reply (whole lines) to connection `conn`'s upcall.
+    fn reply(&self, conn: u64, data: &[u8]) -> PyResult<()> {
+        self.with(|s| s.reply(conn, data.to_vec()))
+    }
+
+    /// Open connections, refusals and accept failures so far, the last failure (once) and
+    /// whether the thread runs.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let (connections, refused, failures, error, running) = self.with(|s| {
+            let c = s.counters();
+            (
+                c.connections.load(Ordering::Relaxed),
+                c.refused.load(Ordering::Relaxed),
+                c.accept_failures.load(Ordering::Relaxed),
+                s.take_error(),
+                s.running(),
+            )
+        })?;
+        d.set_item("connections", connections)?;
+        d.set_item("refused", refused)?;
+        d.set_item("accept_failures", failures)?;
+        d.set_item("last_error", error)?;
+        d.set_item("running", running)?;
+        Ok(d)
+    }
+
+    /// Stop serving: connections closed, the thread joined (without the GIL).
+    fn stop(&self, py: Python<'_>) {
+        let server = self
+            .server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut s) = server {
+            py.detach(move || s.stop());
+        }
+    }
+}
