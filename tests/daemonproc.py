@@ -31,6 +31,7 @@ class DaemonProc:
         state_dir: Path | None = None,
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.plan = plan
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="kiln-", dir="/tmp"))
@@ -40,6 +41,8 @@ class DaemonProc:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.state_dir / "daemon.log"
+        #: CPUs the daemon's threads may run on (None: wherever the harness may).
+        self.cpus = cpus
 
     def start(self, timeout_s: float = 20.0) -> DaemonProc:
         """Start the daemon and wait until it answers `ping`."""
@@ -62,6 +65,9 @@ class DaemonProc:
             self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
                 cmd, stdout=log, stderr=log, env=self.env, cwd=REPO
             )
+        if self.cpus is not None:
+            # Before the interpreter has started a thread; `_place_threads` checks them all.
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,12 +78,23 @@ class DaemonProc:
                     probe.connect(str(self.socket))
                     probe.sendall(b'{"op":"ping"}\n')
                     if probe.recv(100).startswith(b'{"ok":true'):
+                        self._place_threads()
                         return self
                 finally:
                     probe.close()
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"kiln run did not answer within {timeout_s} s:\n{self.log()}")
+
+    def _place_threads(self) -> None:
+        """Every thread of the daemon on `cpus` (threads inherit the main thread's CPUs; this
+        makes sure no thread started before `start` set them escapes)."""
+        if self.cpus is None or self.proc is None:
+            return
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+                if os.sched_getaffinity(int(task.name)) != self.cpus:
+                    os.sched_setaffinity(int(task.name), self.cpus)
 
     @property
     def pid(self) -> int | None:

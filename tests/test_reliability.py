@@ -50,13 +50,15 @@ def state(tmp_path: Path) -> Path:
 # ----- least privilege: two sockets -----
 
 
-def test_mta_socket_refuses_operator_ops_and_stays_open(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["rust", "asyncio"])
+def test_mta_socket_refuses_operator_ops_and_stays_open(tmp_path: Path, listener: str) -> None:
     """The MTA socket answers decisions and read-only `limits`/`stats`, and refuses reload,
     cancel, explain, status and automations with an error reply, on the same connection;
-    the operator socket answers them."""
+    the operator socket answers them. Served by the Rust thread (the default) or the loop."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN)
-    with running_daemon(plan) as d, d.mta_client() as mta:
+    args = ["--mta-listener", listener]
+    with running_daemon(plan, args=args) as d, d.mta_client() as mta:
         for op, extra in (
             ("reload", {}),
             ("cancel", {"automation": "A1"}),
@@ -266,12 +268,16 @@ def test_a_burst_of_connects_is_queued_not_refused(tmp_path: Path) -> None:
                 s.close()
 
 
-def test_connections_past_the_cap_are_refused_and_logged_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["rust", "asyncio"])
+def test_connections_past_the_cap_are_refused_and_logged_once(
+    tmp_path: Path, listener: str
+) -> None:
     """With --max-connections 20, the 21st to 30th connections get an error line and are
     closed, one log line says so, and the 20 open ones keep being served."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN)
-    with running_daemon(plan, args=["--max-connections", "20"]) as d:
+    args = ["--max-connections", "20", "--mta-listener", listener]
+    with running_daemon(plan, args=args) as d:
         socks: list[socket.socket] = []
         try:
             for _ in range(20):

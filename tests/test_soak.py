@@ -14,19 +14,18 @@ them, `make soak` writes them to benches/results/soak.json):
   hourly cap, before and after the SIGKILL together; ramp steps, last moves and automations
   as the inputs imply; each day rolled within 20 plan minutes of its midnight.
 - Loop stalls and depth-1 latency: the issue asks for a worst stall under 50 ms and a depth-1
-  p99 under load within 2x the idle p99. Both are in `report.checks` (and `make soak` fails
-  on them). The stall bound is met: nothing that reads files, the store or the network runs
-  on the loop any more (docs/daemon.md, "Latency"), and the worst stall of recent runs was
-  12-34 ms. The latency ratio is met in some runs and not in others (1.7x to 5.6x: p99 under
-  load 1.6-2.4 ms, while the idle p99 itself ranges from 0.4 to 1.1 ms): the soak runs hours
-  of signal polls, reloads and operator requests per minute (a 360x clock) and the threads
-  doing that work take turns with the loop for the GIL, and on two cores for the CPU. So
-  these tests assert bounds that hold reliably (`report.guards`): no stall over 100 ms, none
-  over 50 ms except within about a second of a (re)start (a cold start imports and opens
-  what it needs), and a depth-1 p99 under load below 5 ms. Timing is judged only when other
-  processes kept less than a fifth of the machine busy during the run (`report.cpu`; on a
-  shared VM a neighbour's build stalls the daemon for up to a second); otherwise those two
-  tests are skipped.
+  p99 under load within 2x the idle p99. Decisions are served by the MTA socket's own Rust
+  thread (docs/daemon.md, "Latency"), and the soak places the daemon and its prober on one
+  CPU and the load worker on another (tests/soak.py, "CPU placement"); with both, runs on a
+  shared 2-core VM gave 1.07x, 1.22x and 1.43x (p99 under load 147-226 us) where the loop
+  used to serve decisions at 1.7x to 5.6x. So the latency test asserts the issue's bound,
+  and the guard (p99 under load below 5 ms) with it. The loop test asserts the guard: no
+  stall over 100 ms, none over 50 ms except within about a second of a (re)start (a cold
+  start imports and opens what it needs); the loop no longer serves decisions, so a stall
+  delays operator requests and upcalls only. Timing is judged only when other processes
+  kept less than a fifth of the machine busy during the run (`report.cpu`; on a shared VM a
+  neighbour's build stalls the daemon for up to a second); otherwise those two tests are
+  skipped.
 """
 
 from __future__ import annotations
@@ -95,11 +94,12 @@ def test_the_loop_does_not_stall(soak_60: SoakReport) -> None:
 
 
 @pytest.mark.soak_short
-def test_depth1_latency_under_load_stays_low(soak_60: SoakReport) -> None:
-    """A ping on its own connection: the p99 round trip under load stays under 5 ms (the
-    guard; the issue's 2x the idle p99 is met only in some runs, see the module doc). Not
-    judged when other work kept the machine busy."""
+def test_depth1_latency_under_load_stays_within_twice_idle(soak_60: SoakReport) -> None:
+    """A ping on its own connection: the p99 round trip under load is within 2x the idle p99
+    (the issue's bound) and under 5 ms (the guard). Not judged when other work kept the
+    machine busy."""
     _quiet(soak_60)
+    assert soak_60.checks.get("latency", "not run") is None, (soak_60.checks, soak_60.latency)
     assert soak_60.guards.get("latency", "not run") is None, (soak_60.guards, soak_60.latency)
 
 
@@ -145,7 +145,8 @@ def test_soak_ten_minutes() -> None:
     `-m soak` (tests/conftest.py deselects it otherwise)."""
     report = run_soak(600)
     failed = [f for f in report.failures if f.split(":")[0] not in ("loop", "latency")]
-    if report.quiet:  # loop and latency: the guards, as in the 60 s run
+    if report.quiet:  # timing as in the 60 s run: the latency bound and both guards
+        failed += [f for f in report.failures if f.split(":")[0] == "latency"]
         failed += report.guard_failures
     assert not failed, "\n".join(failed)
 

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mta-listener",
         choices=["rust", "asyncio"],
         default="rust",
-        help="who serves the MTA socket: a thread of the Rust core (decisions never wait for "
-        "Python) or the event loop (default asyncio; docs/daemon.md, Latency)",
+        help="who serves the MTA socket: a thread of the Rust core, where decisions never wait "
+        "for Python (default), or the event loop (docs/daemon.md, Latency)",
     )
     run.add_argument(
         "--snapshot-interval-ms",
