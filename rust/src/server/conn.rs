@@ -13,7 +13,8 @@ pub const TOO_LONG: &[u8] =
     b"{\"ok\":false,\"error\":\"request line longer than 65536 bytes; closing\"}\n";
 /// The reply when the engine refuses to serve (a clock out of range): closed after it.
 const INTERNAL: &[u8] = b"{\"ok\":false,\"error\":\"internal error; see the daemon log\"}\n";
-const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Bytes one read may take.
+pub const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// What a turn of `Conn::pump` left.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +87,7 @@ impl Conn {
         handler: &mut H,
         shared: &Shared,
         notify: &mut StdStream,
+        scratch: &mut [u8],
     ) -> Pumped {
         let mut budget = READ_BUDGET_BYTES;
         loop {
@@ -104,7 +106,7 @@ impl Conn {
             if budget == 0 {
                 return Pumped::MoreToRead;
             }
-            match self.read_some(budget) {
+            match self.read_some(budget, scratch) {
                 Ok(n) => budget = budget.saturating_sub(n),
                 Err(()) => return Pumped::Done,
             }
@@ -116,33 +118,27 @@ impl Conn {
         Pumped::Idle
     }
 
-    /// Read one chunk. Ok(bytes read); Err: the connection failed.
-    fn read_some(&mut self, budget: usize) -> Result<usize, ()> {
-        let start = self.input.len();
-        let want = READ_CHUNK_BYTES.min(budget.max(1));
-        self.input.resize(start + want, 0);
-        let got = self.stream.read(&mut self.input[start..]);
-        match got {
+    /// Read one chunk through `scratch` (shared by every connection: a client dripping a
+    /// byte per read costs a byte of buffer, not a chunk). Ok(bytes read); Err: it failed.
+    fn read_some(&mut self, budget: usize, scratch: &mut [u8]) -> Result<usize, ()> {
+        let want = scratch.len().min(budget.max(1));
+        match self.stream.read(&mut scratch[..want]) {
             Ok(0) => {
-                self.input.truncate(start);
                 self.eof = true;
                 Ok(0)
             }
             Ok(n) => {
-                self.input.truncate(start + n);
+                self.input.extend_from_slice(&scratch[..n]);
                 Ok(n)
             }
-            Err(e) => {
-                self.input.truncate(start);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        self.may_read = false;
-                        Ok(0)
-                    }
-                    io::ErrorKind::Interrupted => Ok(0),
-                    _ => Err(()),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    self.may_read = false;
+                    Ok(0)
                 }
-            }
+                io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(()),
+            },
         }
     }
 

@@ -35,7 +35,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::CoreResult;
 use crate::protocol::Served;
-use conn::{Conn, Pumped};
+use conn::{Conn, Pumped, READ_CHUNK_BYTES};
 
 /// Write no more than this many bytes ahead of a slow reader before not reading it.
 pub const HIGH_WATER_BYTES: usize = 1 << 20;
@@ -244,6 +244,7 @@ impl<H: Handler> Looper<H> {
         // Connections with input left to read after their budget ran out.
         let mut ready: Vec<usize> = Vec::new();
         let mut touched: Vec<usize> = Vec::new();
+        let mut scratch = vec![0u8; READ_CHUNK_BYTES];
         loop {
             let timeout = if ready.is_empty() {
                 accept_paused_until.map(|t| t.saturating_duration_since(Instant::now()))
@@ -304,7 +305,14 @@ impl<H: Handler> Looper<H> {
                 let Some(c) = self.conns.get_mut(&t) else {
                     continue;
                 };
-                match c.pump(t as u64, &mut self.handler, &self.shared, &mut self.notify) {
+                let pumped = c.pump(
+                    t as u64,
+                    &mut self.handler,
+                    &self.shared,
+                    &mut self.notify,
+                    &mut scratch,
+                );
+                match pumped {
                     Pumped::Idle => {}
                     Pumped::MoreToRead => ready.push(t),
                     Pumped::Done => {

@@ -184,3 +184,40 @@ fn stop_closes_connections_and_joins() {
     r.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 }
+
+/// Counts `serve` calls; answers every line with `ok`.
+struct Counting(std::sync::Arc<AtomicUsize>);
+
+impl Handler for Counting {
+    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let consumed = input.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for _ in input[..consumed].iter().filter(|&&b| b == b'\n') {
+            out.extend_from_slice(b"ok\n");
+        }
+        Ok(Served {
+            consumed,
+            upcall: None,
+            too_long: false,
+        })
+    }
+}
+
+#[test]
+fn a_dripped_line_is_handed_to_the_handler_once() {
+    let path = socket_path("drip");
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let config = Config {
+        max_connections: 4,
+        backlog: 16,
+    };
+    let _server = Server::start(&path, config, Counting(std::sync::Arc::clone(&calls))).unwrap();
+    let (mut s, mut r) = client(&path);
+    for _ in 0..20 {
+        s.write_all(&[b'x'; 100]).unwrap();
+        std::thread::sleep(Duration::from_millis(2)); // each piece its own read
+    }
+    s.write_all(b"\n").unwrap();
+    assert_eq!(line(&mut r), "ok\n");
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+}
