@@ -190,8 +190,9 @@ def _folder(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def kiln_daemon(plan: Path = PLAN) -> ServerProc:
-    """`kiln run` on `plan`, with its state and socket in a fresh folder (not started)."""
+def kiln_daemon(plan: Path = PLAN, mta_listener: str = "rust") -> ServerProc:
+    """`kiln run` on `plan`, with its state and socket in a fresh folder (not started), its
+    MTA socket served by `mta_listener` (`kiln run --mta-listener`)."""
     folder = _folder("kiln-bench-")
     argv = [
         sys.executable,
@@ -206,6 +207,8 @@ def kiln_daemon(plan: Path = PLAN) -> ServerProc:
         "json",
         "--nameserver",
         "127.0.0.1:9",  # nothing answers: no real DNS from a benchmark
+        "--mta-listener",
+        mta_listener,
     ]
     return ServerProc("kiln", argv, folder, folder / "kiln.sock")
 
@@ -307,7 +310,12 @@ def _target(
 
 
 def measure(
-    modes: Sequence[Mode], *, seconds: float, warmup_s: float, rounds: int
+    modes: Sequence[Mode],
+    *,
+    seconds: float,
+    warmup_s: float,
+    rounds: int,
+    mta_listener: str = "rust",
 ) -> dict[str, Any]:
     """Run every mode `rounds` times against kiln and the echo server; the whole report."""
     all_cpus = os.sched_getaffinity(0)
@@ -316,7 +324,7 @@ def measure(
     first, second, *_ = [*sorted(all_cpus), -1]
     client_cpus = {"os": None, "same": first, "cross": second}
     raw: dict[str, dict[Mode, list[dict[str, Any]]]] = {"kiln": {}, "echo": {}}
-    with _started(kiln_daemon()) as kiln, _started(echo_server()) as echo:
+    with _started(kiln_daemon(mta_listener=mta_listener)) as kiln, _started(echo_server()) as echo:
         for rnd in range(rounds):
             for i, mode in enumerate(modes):
                 order = (kiln, echo) if (rnd + i) % 2 == 0 else (echo, kiln)
@@ -462,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-seconds", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode and server")
     parser.add_argument(
+        "--mta-listener",
+        choices=["rust", "asyncio"],
+        default="rust",
+        help="who serves kiln's MTA socket (kiln run --mta-listener)",
+    )
+    parser.add_argument(
         "--modes",
         type=_parse_modes,
         default=list(DEFAULT_MODES),
@@ -471,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     result = measure(
-        args.modes, seconds=args.seconds, warmup_s=args.warmup_seconds, rounds=args.rounds
+        args.modes,
+        seconds=args.seconds,
+        warmup_s=args.warmup_seconds,
+        rounds=args.rounds,
+        mta_listener=args.mta_listener,
     )
     print_table(result)
     if args.json:
