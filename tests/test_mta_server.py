@@ -82,6 +82,14 @@ def test_decisions_are_answered_while_python_holds_the_gil(
     assert float(worst_ms) < 250, f"slowest ping {worst_ms} ms"
 
 
+def _client(path: Path) -> socket.socket:
+    """A connected client of the socket at `path`, with a 10 s timeout."""
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(10)
+    c.connect(str(path))
+    return c
+
+
 def _lines(sock: socket.socket, n: int) -> list[bytes]:
     """`n` reply lines from `sock`."""
     data = b""
@@ -99,9 +107,7 @@ def test_an_upcall_is_handed_to_python_and_replies_stay_in_order(
     Python (the notify descriptor turns readable), and the last ping is answered only after
     Python's reply, so the client reads them in the order it asked."""
     server, _, path = served
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(10)
-        c.connect(str(path))
+    with _client(path) as c:
         c.sendall(b'{"op":"ping","id":1}\n{"op":"stats","id":2}\n{"op":"ping","id":3}\n')
         assert _lines(c, 1) == [b'{"id":1,"ok":true}']
         ready, _, _ = select.select([server.notify_fd()], [], [], 10)
@@ -121,9 +127,7 @@ def test_counters_and_stop(served: tuple[_core.MtaServer, _core.Engine, Path]) -
     """The open connections are counted; after `stop` the thread is gone and a client sees
     its connection closed."""
     server, _, path = served
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(10)
-        c.connect(str(path))
+    with _client(path) as c:
         c.sendall(b'{"op":"ping"}\n')
         assert _lines(c, 1) == [b'{"ok":true}']
         counters = server.counters()
