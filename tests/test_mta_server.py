@@ -8,15 +8,18 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from kiln import _core
 from kiln.clock import ScaledClock, SystemClock
 from kiln.daemon.mta import clock_spec
+from test_protocol import NOW_MS, _streams, feed, make_engine, upcall_reply
 
 #: A client in its own process (it must not need this process's GIL): `n` pings, one at a
 #: time, then prints how many were answered and the slowest round trip in ms.
@@ -148,3 +151,55 @@ def test_the_thread_reads_the_clock_python_reads(tmp_path: Path) -> None:
     assert start_ms + (now_ns - anchor_ns) * num // den == drill.at(now_ns)
     with pytest.raises(ValueError, match="cannot read"):
         clock_spec(ScaledClock(1_773_000_000_000, monotonic_ns=lambda: 0))
+
+
+def _frozen_at(now_ms: int) -> tuple[int, int, int, int, int]:
+    """A clock for `MtaServer` that shows `now_ms` for the length of a test (1 ms per
+    11 days of real time)."""
+    mono = time.monotonic_ns()
+    return now_ms, 1, 10**15, mono, mono
+
+
+def _serve_stream(engine: _core.Engine, path: Path, chunks: list[bytes]) -> bytes:
+    """Send `chunks` on one connection to `engine` served at `path`, answering upcalls as
+    test_protocol's `feed` does, close the sending side and return every reply byte."""
+    server = _core.MtaServer(
+        engine, str(path), backlog=4, max_connections=4, clock=_frozen_at(NOW_MS)
+    )
+    stop = threading.Event()
+
+    def answer_upcalls() -> None:
+        while not stop.is_set():
+            if select.select([server.notify_fd()], [], [], 0.05)[0]:
+                for conn, line in server.take_upcalls():
+                    server.reply(conn, upcall_reply(line))
+
+    helper = threading.Thread(target=answer_upcalls)
+    helper.start()
+    try:
+        with _client(path) as c:
+            for chunk in chunks:
+                c.sendall(chunk)
+            c.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := c.recv(1 << 16):
+                out += chunk
+        return out
+    finally:
+        stop.set()
+        helper.join()
+        server.stop()
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(stream=_streams())
+def test_the_thread_answers_any_stream_in_any_pieces_as_the_core_does(
+    tmp_path: Path, stream: tuple[bytes, list[bytes]]
+) -> None:
+    """Any bytes, sent in any pieces over the socket (upcalls answered by hand): the replies
+    are exactly those of the core given the whole stream at once (`Engine.serve` as
+    test_protocol drives it), and the connection closes after the last one."""
+    data, chunks = stream
+    expected, _ = feed(make_engine(daily_cap=3), [data])
+    path = tmp_path / f"s{time.monotonic_ns()}.sock"
+    assert _serve_stream(make_engine(daily_cap=3), path, chunks) == expected
