@@ -289,13 +289,29 @@ impl Engine {
         ahead_ms: u64,
         floor: u32,
     ) -> CoreResult<(Snapshot, u64)> {
-        let (token, blocks) = self.limiter.reserve(now_ms, ahead_ms, floor)?;
+        let (token, reservation) = self.reserve(now_ms, ahead_ms, floor)?;
         let mut s = self.snapshot();
-        s.reservation = Some(Reservation {
-            taken_ms: now_ms,
-            blocks,
-        });
+        s.reservation = Some(reservation);
         Ok((s, token))
+    }
+
+    /// The reserving half of `reservation_snapshot`: each capped key's block, held to it
+    /// from now on, and the token. A snapshot of the engine as it is right after this (a
+    /// clone taken under the same lock will do, snapshotted later) carries the reservation.
+    pub fn reserve(
+        &mut self,
+        now_ms: u64,
+        ahead_ms: u64,
+        floor: u32,
+    ) -> CoreResult<(u64, Reservation)> {
+        let (token, blocks) = self.limiter.reserve(now_ms, ahead_ms, floor)?;
+        Ok((
+            token,
+            Reservation {
+                taken_ms: now_ms,
+                blocks,
+            },
+        ))
     }
 
     /// `from_snapshot`, then, with `now_ms`: roll the calendar to `now_ms` and charge each
