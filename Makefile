@@ -16,6 +16,12 @@ STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests).
 DEB_PACKAGES := postgresql
+# Debian's Exim (tests/test_exim.py) from a private copy: exim4-daemon-light unpacked into
+# .cache/exim4 with the libraries it links, run with its own configuration (-C). Debian will
+# not install Exim beside Postfix (both provide mail-transport-agent), and the tests must
+# never touch the machine's own mail setup anyway. Exim runs deliveries as Debian-exim.
+EXIM := .cache/exim4/usr/sbin/exim4
+EXIM_READY := .cache/exim4/.ready
 .PHONY: help system-deps install build-dev build-prod run dist format lint lint-python lint-rust test test-rust test-python bench all clean soak
 
 help: ## list the targets
@@ -26,12 +32,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip 'maturin>=1.7,<2'
 	touch $@
 
-system-deps: ## Debian packages the tests need (apt-get, as root), skipped when present
+system-deps: $(EXIM_READY) ## Debian packages the tests need (apt-get, as root), skipped when present
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+$(EXIM_READY):
+	rm -rf .cache/exim4 .cache/exim4-deb && mkdir -p .cache/exim4-deb
+	apt-get update -qq
+	cd .cache/exim4-deb && apt-get download -qq -o APT::Sandbox::User=root exim4-daemon-light
+	libs=$$(apt-cache depends exim4-daemon-light | awk '$$1 == "Depends:" && $$2 ~ /^lib/ {print $$2}' | sort -u); \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$libs
+	dpkg-deb -x .cache/exim4-deb/exim4-daemon-light_*.deb .cache/exim4
+	id Debian-exim >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+		--home-dir /nonexistent --shell /usr/sbin/nologin Debian-exim
+	$(EXIM) -C /dev/null -bV >/dev/null || { echo "the unpacked exim does not start"; exit 1; }
+	touch $@
 
 install: $(VENV)/.installed ## virtualenv with maturin (dependencies come with build-dev)
 
@@ -101,4 +119,4 @@ soak: build-prod ## 10 minute soak of the daemon under everything at once; repor
 all: format lint test ## what CI runs, plus formatting
 
 clean: ## remove build products and the virtualenv
-	rm -rf $(VENV) rust/target dist .pytest_cache .mypy_cache .ruff_cache .hypothesis benches/results
+	rm -rf $(VENV) rust/target dist .pytest_cache .mypy_cache .ruff_cache .hypothesis benches/results .cache

@@ -17,6 +17,8 @@ from kiln import __version__
 from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schema_main
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
+from kiln.errors import KilnError
+from kiln.exim import exim_config
 from kiln.starter import add_init_arguments, example_plan_path, init_main
 
 __all__ = [
@@ -166,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_verbs(verbs)
     add_init_arguments(
         verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
+    )
+    exim = verbs.add_parser(
+        "exim-config",
+        help="print the Exim router and transport that send from kiln's pick",
+    )
+    exim.add_argument("--config", required=True, type=Path, metavar="PLAN", help="plan file")
+    exim.add_argument("--pool", help="the pool its mail goes through (default: the only one)")
+    exim.add_argument(
+        "--socket",
+        type=Path,
+        help="the daemon's MTA socket as Exim reaches it (default: STATE_DIR/kiln.sock)",
+    )
+    exim.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
+    exim.add_argument(
+        "--smarthost",
+        metavar="HOST[:PORT]",
+        help="send everything to this host (a relay) instead of the recipients' MX hosts",
+    )
+    exim.add_argument(
+        "--timeout", type=int, default=2, help="seconds Exim waits for kiln (default 2)"
     )
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
@@ -488,6 +510,33 @@ def _classify(args: argparse.Namespace) -> int:
     return classify_main(args)
 
 
+def _exim_config(args: argparse.Namespace) -> int:
+    """`kiln exim-config`: print the routers and transport (docs/integrations/exim.md)."""
+    plan = load_one(args.config)
+    if plan is None:
+        return 1
+    pool = args.pool
+    if pool is None:
+        if len(plan.pools) != 1:
+            _out(
+                "kiln exim-config: the plan has several pools; name one with --pool: "
+                + ", ".join(plan.pools),
+                sys.stderr,
+            )
+            return 1
+        pool = next(iter(plan.pools))
+    socket = args.socket or state_dir(args.state_dir)[0] / "kiln.sock"
+    try:
+        config = exim_config(
+            plan, pool, socket.absolute(), smarthost=args.smarthost, timeout_s=args.timeout
+        )
+    except KilnError as e:
+        _out(f"kiln exim-config: {e}", sys.stderr)
+        return 1
+    _out(config.text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the verb; returns the exit code."""
     parser = build_parser()
@@ -505,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": _explain,
         "classify": _classify,
         "init": init_main,
+        "exim-config": _exim_config,
     }
     if args.verb in verbs:
         try:

@@ -1,0 +1,102 @@
+"""`kiln exim-config`: the Exim router and transport that send each message from the IP kiln
+picks, and defer it while no IP of the pool has room (docs/integrations/exim.md).
+
+Exim asks kiln once per remote address, when it routes it: the `kiln_pick` router's
+`address_data` is a `pick` over the native socket (`${readsocket}`), kept only when granted;
+otherwise the expansion is forced to fail, the router declines, and `kiln_defer` defers the
+address, which Exim retries on its queue runs. The transport sends from the chosen IP
+(`interface`). A daemon that does not answer defers mail too: nothing leaves a warming IP
+without kiln's word. `address_data` is used rather than `condition` because Exim checks a
+router's `condition` before it expands `address_data`, so a `condition` cannot see the reply.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.errors import KilnError
+from kiln.schedule import Plan
+
+__all__ = ["EximConfig", "exim_config"]
+
+_SMARTHOST = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+
+
+def _loopback(smarthost: str) -> bool:
+    """Whether `smarthost` is this machine (Exim refuses to send to itself unless told)."""
+    host = smarthost.rsplit(":", 1)[0] if smarthost.count(":") == 1 else smarthost
+    host = host.strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+@dataclass(frozen=True)
+class EximConfig:
+    """The two parts of an Exim configuration kiln needs: routers and a transport."""
+
+    routers: str
+    transports: str
+
+    def text(self) -> str:
+        """Both parts, each under the section it belongs to, as `kiln exim-config` prints."""
+        return (
+            "# ---- put these first in the routers section (after `begin routers`) ----\n"
+            + self.routers
+            + "\n# ---- and this in the transports section (after `begin transports`) ----\n"
+            + self.transports
+        )
+
+
+def exim_config(
+    plan: Plan,
+    pool: str,
+    socket: Path,
+    *,
+    smarthost: str | None = None,
+    timeout_s: int = 2,
+) -> EximConfig:
+    """The routers and transport for remote mail of `pool`, asking the daemon at `socket`.
+    `smarthost` ("host" or "host:port"): send everything there (a relay, or a test's sink)
+    instead of looking up MX records. KilnError for an unknown pool or a bad smarthost."""
+    if pool not in plan.pools:
+        raise KilnError(
+            f"pool {pool!r} is not in plan {plan.name!r}; its pools: " + ", ".join(plan.pools)
+        )
+    if not 1 <= timeout_s <= 60:
+        raise KilnError(f"timeout must be 1 to 60 s, got {timeout_s}")
+    port = None
+    if smarthost is None:
+        route = "  driver = dnslookup\n"
+    else:
+        m = _SMARTHOST.match(smarthost)
+        if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+            raise KilnError(f"smarthost must be HOST or HOST:PORT, got {smarthost!r}")
+        port = m["port"]
+        route = f"  driver = manualroute\n  route_list = * {m['host'].strip('[]')}\n  self = send\n"
+    request = '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\}\\n'
+    unreachable = '\\{"ok":false,"error":"kiln unreachable"\\}'
+    routers = (
+        f"# kiln: plan {plan.name!r}, pool {pool!r} (kiln exim-config)\n"
+        "kiln_pick:\n" + route + "  domains = ! +local_domains\n"
+        "  address_data = ${if match\\\n"
+        f"    {{${{readsocket{{{socket}}}\\\n"
+        f"      {{{request}}}\\\n"
+        f"      {{{timeout_s}s}}{{\\n}}{{{unreachable}}}}}}}\\\n"
+        '    {\\N^(\\{.*"granted":[1-9].*)$\\N}{$1}fail}\n'
+        "  transport = kiln_smtp\n"
+        "\n"
+        "kiln_defer:\n"
+        "  driver = redirect\n"
+        "  domains = ! +local_domains\n"
+        "  allow_defer\n"
+        "  data = :defer: kiln: no IP of pool " + pool + " has room for $domain now\n"
+    )
+    transports = (
+        "kiln_smtp:\n"
+        "  driver = smtp\n"
+        "  interface = ${extract jsons{ip}{$address_data}}\n"
+        + (f"  port = {port}\n" if port else "")
+        + ("  allow_localhost\n" if smarthost is not None and _loopback(smarthost) else "")
+    )
+    return EximConfig(routers=routers, transports=transports)
