@@ -68,7 +68,7 @@ CLOCK_SPEED = 10
 def _exim_main_section(folder: Path) -> str:
     """The test instance's own settings: binary, spool, log, users."""
     return (
-        f"exim_path = {EXIM}\n"
+        f"exim_path = {folder / 'exim4'}\n"
         "keep_environment =\n"
         "primary_hostname = kiln-e2e.test\n"
         f"spool_directory = {folder / 'spool'}\n"
@@ -85,6 +85,10 @@ class Exim:
 
     def __init__(self, folder: Path, config: str) -> None:
         self.folder = folder
+        # Exim re-executes itself as its own user, who may not enter the checkout (CI clones
+        # it into a private temporary folder): a copy beside the configuration.
+        self.binary = folder / "exim4"
+        shutil.copy2(EXIM, self.binary)
         self.conf = folder / "exim.conf"
         self.conf.write_text(config)
         self.conf.chmod(0o644)
@@ -94,7 +98,7 @@ class Exim:
 
     def _run(self, *args: str, stdin: bytes = b"") -> None:
         done = subprocess.run(  # noqa: S603 (the unpacked Debian binary, our arguments)
-            [str(EXIM), "-C", str(self.conf), *args],
+            [str(self.binary), "-C", str(self.conf), *args],
             input=stdin,
             capture_output=True,
             timeout=120,
@@ -114,7 +118,7 @@ class Exim:
     def queued(self) -> int:
         """Messages still in the queue."""
         done = subprocess.run(  # noqa: S603
-            [str(EXIM), "-C", str(self.conf), "-bpc"],
+            [str(self.binary), "-C", str(self.conf), "-bpc"],
             capture_output=True,
             text=True,
             timeout=60,
