@@ -264,6 +264,44 @@ def _ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
+@pytest.mark.parametrize("when_down", ["defer", "default-ip"])
+def test_exim_while_kiln_is_down_defers_or_sends_from_the_default_address(
+    folder: Path, when_down: str
+) -> None:
+    """No daemon at all: with `--when-down defer` (the default) the message waits in
+    Exim's queue; with `default-ip` it leaves from the host's default address (here
+    127.0.0.1), never from an IP of the plan."""
+    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
+    plan_path = folder / "plan.yaml"
+    plan_path.write_text(PLAN)
+    with SmtpSink() as sink:
+        rendered = exim_config(
+            load_plan(plan_path),
+            "tx",
+            folder / "nobody-listens.sock",
+            smarthost=f"127.0.0.1:{sink.port}",
+            when_down=when_down,
+        )
+        exim = Exim(
+            folder,
+            _exim_main_section(folder)
+            + "begin routers\n"
+            + rendered.routers
+            + "begin transports\n"
+            + rendered.transports
+            + "begin retry\n* * F,1h,1m\n",
+        )
+        exim.submit("down@gmail.com", "down@e2e")
+        exim.queue_run()
+        if when_down == "defer":
+            assert sink.taken() == [] and exim.queued() == 1
+        else:
+            assert [(x.source_ip, x.message_id) for x in sink.taken()] == [
+                ("127.0.0.1", "<down@e2e>")
+            ], exim.mainlog()[-1500:]
+            assert exim.queued() == 0
+
+
 def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
     """`kiln exim-config` renders for the plan's pool, refuses an unknown one, and sends
     everything to a smarthost only when asked (else MX lookups)."""

@@ -18,7 +18,7 @@ from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schem
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.errors import KilnError
-from kiln.exim import exim_config
+from kiln.exim import WHEN_DOWN, exim_config
 from kiln.starter import add_init_arguments, example_plan_path, init_main
 
 __all__ = [
@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exim.add_argument(
         "--timeout", type=int, default=2, help="seconds Exim waits for kiln (default 2)"
+    )
+    exim.add_argument(
+        "--when-down",
+        choices=list(WHEN_DOWN),
+        default="defer",
+        help="while kiln does not answer: defer (mail waits; the default) or default-ip "
+        "(mail leaves unthrottled from the host's default address, which must be warm)",
     )
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
@@ -528,7 +535,12 @@ def _exim_config(args: argparse.Namespace) -> int:
     socket = args.socket or state_dir(args.state_dir)[0] / "kiln.sock"
     try:
         config = exim_config(
-            plan, pool, socket.absolute(), smarthost=args.smarthost, timeout_s=args.timeout
+            plan,
+            pool,
+            socket.absolute(),
+            smarthost=args.smarthost,
+            timeout_s=args.timeout,
+            when_down=args.when_down,
         )
     except KilnError as e:
         _out(f"kiln exim-config: {e}", sys.stderr)

@@ -19,7 +19,12 @@ from pathlib import Path
 from kiln.errors import KilnError
 from kiln.schedule import Plan
 
-__all__ = ["EximConfig", "exim_config"]
+__all__ = ["WHEN_DOWN", "EximConfig", "exim_config"]
+
+#: What mail does while kiln does not answer: `defer` (wait in Exim's queue: nothing leaves
+#: without kiln's word, the default) or `default-ip` (leave unthrottled from the host's
+#: default address, which must then be a warm IP).
+WHEN_DOWN = ("defer", "default-ip")
 
 _SMARTHOST = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
 
@@ -55,10 +60,14 @@ def exim_config(
     *,
     smarthost: str | None = None,
     timeout_s: int = 2,
+    when_down: str = "defer",
 ) -> EximConfig:
     """The routers and transport for remote mail of `pool`, asking the daemon at `socket`.
     `smarthost` ("host" or "host:port"): send everything there (a relay, or a test's sink)
-    instead of looking up MX records. KilnError for an unknown pool or a bad smarthost."""
+    instead of looking up MX records. `when_down`: what mail does while kiln does not answer
+    (`WHEN_DOWN`). KilnError for an unknown pool, a bad smarthost or `when_down`."""
+    if when_down not in WHEN_DOWN:
+        raise KilnError(f"when_down must be one of {', '.join(WHEN_DOWN)}, got {when_down!r}")
     if pool not in plan.pools:
         raise KilnError(
             f"pool {pool!r} is not in plan {plan.name!r}; its pools: " + ", ".join(plan.pools)
@@ -75,7 +84,11 @@ def exim_config(
         port = m["port"]
         route = f"  driver = manualroute\n  route_list = * {m['host'].strip('[]')}\n  self = send\n"
     request = '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\}\\n'
-    unreachable = '\\{"ok":false,"error":"kiln unreachable"\\}'
+    unreachable = (
+        '\\{"ok":false,"error":"kiln unreachable"\\}'
+        if when_down == "defer"
+        else '\\{"ok":true,"granted":1,"ip":"","error":"kiln unreachable"\\}'
+    )
     routers = (
         f"# kiln: plan {plan.name!r}, pool {pool!r} (kiln exim-config)\n"
         "kiln_pick:\n" + route + "  domains = ! +local_domains\n"
