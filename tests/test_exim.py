@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from daemonproc import REPO, DaemonProc
-from kiln.exim import exim_config
+from kiln.exim import EximConfig, exim_config
 from kiln.planfile import load_plan
 from smtpsink import SmtpSink
 
@@ -77,6 +77,19 @@ def _exim_main_section(folder: Path) -> str:
         f"exim_group = {EXIM_USER}\n"
         "domainlist local_domains = localhost\n"
         "qualify_domain = example.com\n"
+    )
+
+
+def _whole_config(folder: Path, rendered: EximConfig) -> str:
+    """The test instance's configuration: its own settings, then what `kiln exim-config`
+    rendered, then a retry rule."""
+    return (
+        _exim_main_section(folder)
+        + "begin routers\n"
+        + rendered.routers
+        + "begin transports\n"
+        + rendered.transports
+        + "begin retry\n* * F,1h,1m\n"
     )
 
 
@@ -174,15 +187,7 @@ def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder
         rendered = exim_config(
             load_plan(plan_path), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"
         )
-        config = (
-            _exim_main_section(folder)
-            + "begin routers\n"
-            + rendered.routers
-            + "begin transports\n"
-            + rendered.transports
-            + "begin retry\n* * F,1h,1m\n"
-        )
-        exim = Exim(folder, config)
+        exim = Exim(folder, _whole_config(folder, rendered))
         try:
             d.start()
             submitted = [
@@ -282,15 +287,7 @@ def test_exim_while_kiln_is_down_defers_or_sends_from_the_default_address(
             smarthost=f"127.0.0.1:{sink.port}",
             when_down=when_down,
         )
-        exim = Exim(
-            folder,
-            _exim_main_section(folder)
-            + "begin routers\n"
-            + rendered.routers
-            + "begin transports\n"
-            + rendered.transports
-            + "begin retry\n* * F,1h,1m\n",
-        )
+        exim = Exim(folder, _whole_config(folder, rendered))
         exim.submit("down@gmail.com", "down@e2e")
         exim.queue_run()
         if when_down == "defer":
