@@ -44,8 +44,9 @@ class DaemonProc:
         #: CPUs the daemon's threads may run on (None: wherever the harness may).
         self.cpus = cpus
 
-    def start(self, timeout_s: float = 20.0) -> DaemonProc:
-        """Start the daemon and wait until it answers `ping`."""
+    def start(self, timeout_s: float = 20.0, poll_s: float = 0.05) -> DaemonProc:
+        """Start the daemon and wait until it answers `ping` on the MTA socket (asked every
+        `poll_s`; 0: as fast as it can, to catch the first moment it answers)."""
         cmd = [
             sys.executable,
             "-m",
@@ -82,7 +83,7 @@ class DaemonProc:
                         return self
                 finally:
                     probe.close()
-            time.sleep(0.05)
+            time.sleep(poll_s)
         self.kill()
         raise RuntimeError(f"kiln run did not answer within {timeout_s} s:\n{self.log()}")
 

@@ -502,6 +502,28 @@ def test_systemd_watchdog_is_fed_while_the_loop_lives(tmp_path: Path) -> None:
             sock_dir.rmdir()
 
 
+def test_sigterm_as_soon_as_the_mta_socket_answers_stops_cleanly(tmp_path: Path) -> None:
+    """The MTA socket (served by its own thread) answers last, after the signal handlers,
+    the operator socket and the jobs are set up: a SIGTERM the moment it answers stops the
+    daemon cleanly (exit 0, sockets removed), and the operator socket already answers.
+    (Before, the Rust thread answered before the handlers were installed, and such a
+    SIGTERM killed the daemon: exit -15.)"""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    d = DaemonProc(plan)
+    try:
+        for _ in range(5):
+            d.start(poll_s=0)  # SIGTERM within a moment of the first answer
+            assert d.stop() == 0, d.log()[-2000:]
+            assert not d.socket.exists() and not d.operator_socket.exists()
+        d.start(poll_s=0)
+        with d.client() as c:  # the operator socket is there as soon as the MTA one answers
+            assert c.request("ping") == {"ok": True}
+        assert d.stop() == 0
+    finally:
+        d.cleanup()
+
+
 # ----- F4b: a state folder that lost its database -----
 
 

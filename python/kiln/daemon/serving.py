@@ -48,21 +48,24 @@ async def serve(d: Daemon) -> None:
     d.signal_loop.start()
     loop.set_exception_handler(lambda lp, ctx: loop_exception(d, lp, ctx))
     d.lookups = d.make_lookups()
+    # Signals first, the MTA socket last: once the MTA socket answers (the Rust thread
+    # answers at once) a SIGTERM must stop the daemon cleanly, and the operator socket and
+    # the jobs must already be there.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, d.reload_on_signal)
     backlog = listen_backlog()
     config = d.config
+    d.servers.append(await _listen(d, config.operator_socket, operator=True, backlog=backlog))
+    set_socket_access(config.operator_socket, config.operator_socket_mode, None)
+    start_jobs(d, loop)
+    _ = d.spawn(d.monitor.run())
+    _ = d.spawn(d.notifier.feed(lambda: engine_answers(d)))
     if config.mta_listener == "rust":
         d.mta = RustMtaSocket(d, config.socket, backlog)
     else:
         d.servers.append(await _listen(d, config.socket, operator=False, backlog=backlog))
     set_socket_access(config.socket, config.socket_mode, config.socket_group)
-    d.servers.append(await _listen(d, config.operator_socket, operator=True, backlog=backlog))
-    set_socket_access(config.operator_socket, config.operator_socket_mode, None)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, d.reload_on_signal)
-    start_jobs(d, loop)
-    _ = d.spawn(d.monitor.run())
-    _ = d.spawn(d.notifier.feed(lambda: engine_answers(d)))
     d.log.info(
         "listening",
         socket=str(config.socket),
