@@ -170,7 +170,7 @@ class MtaServer:
     def reply(self, conn: int, data: bytes) -> None:
         """The reply (whole lines) to connection `conn`'s upcall."""
     def counters(self) -> dict[str, Any]:
-        """connections, refused, accept_failures, last_error (once), running."""
+        """connections, refused, accept_failures, last_error, running."""
     def stop(self) -> None:
         """Stop serving: connections closed, the thread joined."""
 

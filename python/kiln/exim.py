@@ -29,13 +29,6 @@ WHEN_DOWN = ("defer", "default-ip")
 _SMARTHOST = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
 
 
-def _loopback(smarthost: str) -> bool:
-    """Whether `smarthost` is this machine (Exim refuses to send to itself unless told)."""
-    host = smarthost.rsplit(":", 1)[0] if smarthost.count(":") == 1 else smarthost
-    host = host.strip("[]")
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 @dataclass(frozen=True)
 class EximConfig:
     """The two parts of an Exim configuration kiln needs: routers and a transport."""
@@ -75,6 +68,7 @@ def exim_config(
     if not 1 <= timeout_s <= 60:
         raise KilnError(f"timeout must be 1 to 60 s, got {timeout_s}")
     port = None
+    loopback = False  # Exim refuses to send to its own machine unless told
     if smarthost is None:
         route = "  driver = dnslookup\n"
     else:
@@ -82,7 +76,9 @@ def exim_config(
         if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
             raise KilnError(f"smarthost must be HOST or HOST:PORT, got {smarthost!r}")
         port = m["port"]
-        route = f"  driver = manualroute\n  route_list = * {m['host'].strip('[]')}\n  self = send\n"
+        host = m["host"].strip("[]")
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        route = f"  driver = manualroute\n  route_list = * {host}\n  self = send\n"
     request = '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\}\\n'
     unreachable = (
         '\\{"ok":false,"error":"kiln unreachable"\\}'
@@ -110,6 +106,6 @@ def exim_config(
         "  driver = smtp\n"
         "  interface = ${extract jsons{ip}{$address_data}}\n"
         + (f"  port = {port}\n" if port else "")
-        + ("  allow_localhost\n" if smarthost is not None and _loopback(smarthost) else "")
+        + ("  allow_localhost\n" if loopback else "")
     )
     return EximConfig(routers=routers, transports=transports)

@@ -145,11 +145,7 @@ class NativeProtocol(asyncio.Protocol):
 
     async def _answer(self, line: bytes) -> None:
         """Answer one upcall, then go on with what this client sent meanwhile."""
-        try:
-            out = await self.upcall_async(line)
-        except Exception:
-            self.daemon.log.exception("upcall_failed")
-            out = b'{"ok":false,"error":"internal error; see the daemon log"}\n'
+        out = await answer_upcall(self.daemon, line)
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -192,12 +188,16 @@ class NativeProtocol(asyncio.Protocol):
 
 async def answer_upcall(d: Daemon, line: bytes) -> bytes:
     """The reply line to an upcall (a line the core handed up) as the serving daemon answers
-    it, `id` echoed; both MTA listeners and the operator socket answer through here."""
+    it, `id` echoed; both MTA listeners and the operator socket answer through here. A
+    failure is logged and answered with an error reply: the client always gets a line."""
     raw_id, rest = split_id(line)
     try:
         reply = await d.upcall_async(rest)
     except RecursionError:
         reply = {"ok": False, "error": "request nested too deeply"}
+    except Exception:
+        d.log.exception("upcall_failed")
+        return b'{"ok":false,"error":"internal error; see the daemon log"}\n'
     return with_id(raw_id, reply)
 
 

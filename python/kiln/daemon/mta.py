@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RustMtaSocket", "clock_spec"]
 
-_INTERNAL = b'{"ok":false,"error":"internal error; see the daemon log"}\n'
-
 
 def clock_spec(clock: Clock) -> tuple[int, int, int, int, int] | None:
     """The clock as the serving thread computes it: None for the system clock, else a
@@ -81,11 +79,7 @@ class RustMtaSocket:
         if op_of(line) not in MTA_UPCALL_OPS:
             out = refusal(line)
         else:
-            try:
-                out = await answer_upcall(self.daemon, line)
-            except Exception:
-                self.daemon.log.exception("upcall_failed")
-                out = _INTERNAL
+            out = await answer_upcall(self.daemon, line)
         self.server.reply(conn, out)
 
     def check(self) -> None:

@@ -151,8 +151,8 @@ impl PyMtaServer {
         self.with(|s| s.reply(conn, data.to_vec()))
     }
 
-    /// Open connections, refusals and accept failures so far, the last failure (once) and
-    /// whether the thread runs.
+    /// Open connections, refusals and accept failures so far, the last failure and whether
+    /// the thread runs.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let (connections, refused, failures, error, running) = self.with(|s| {
@@ -161,7 +161,7 @@ impl PyMtaServer {
                 c.connections.load(Ordering::Relaxed),
                 c.refused.load(Ordering::Relaxed),
                 c.accept_failures.load(Ordering::Relaxed),
-                s.take_error(),
+                s.last_error(),
                 s.running(),
             )
         })?;

@@ -194,13 +194,13 @@ impl Server {
         &self.shared.counters
     }
 
-    /// The last accept or poll failure, once (None: none since the last call).
-    pub fn take_error(&self) -> Option<String> {
+    /// The last accept or poll failure (None: none yet).
+    pub fn last_error(&self) -> Option<String> {
         self.shared
             .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
+            .clone()
     }
 
     /// Whether the serving thread still runs.
