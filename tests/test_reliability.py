@@ -28,6 +28,7 @@ from daemonproc import DaemonProc, running_daemon
 from kiln import _core
 from kiln.daemon import Daemon, DaemonConfig, NativeProtocol
 from kiln.daemon.jobs import schedule_signals
+from kiln.daemon.listener import answer_upcall
 from kiln.daemon.serving import loop_exception
 from kiln.store import StoreError
 from test_daemon import PLAN, FakeClock, acquire, delivered, make, ms, send
@@ -711,3 +712,24 @@ def test_the_signal_http_client_is_built_before_serving(tmp_path: Path) -> None:
     assert client() is not None
     asyncio.run(d.poller.aclose())
     d.store.close()
+
+
+def test_a_failing_upcall_gets_an_error_reply_and_is_logged() -> None:
+    """An operation that raises is answered `internal error` (the client always gets its
+    line, on either listener) and logged with its traceback."""
+
+    class Failing:
+        def __init__(self) -> None:
+            self.logged: list[str] = []
+            self.log = self
+
+        def exception(self, event: str) -> None:
+            self.logged.append(event)
+
+        async def upcall_async(self, rest: bytes) -> dict[str, Any]:
+            raise RuntimeError("boom")
+
+    d = Failing()
+    out = asyncio.run(answer_upcall(d, b'{"id":7,"op":"status"}'))  # type: ignore[arg-type]
+    assert json.loads(out) == {"ok": False, "error": "internal error; see the daemon log"}
+    assert d.logged == ["upcall_failed"]
