@@ -15,7 +15,7 @@ EXT_MISSING := $(if $(wildcard python/kiln/_core*.so),,FORCE)
 STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests).
-DEB_PACKAGES := postgresql
+DEB_PACKAGES := postgresql postfix
 # Debian's Exim (tests/test_exim.py) from a private copy: exim4-daemon-light unpacked into
 # .cache/exim4 with the libraries it links, run with its own configuration (-C). Debian will
 # not install Exim beside Postfix (both provide mail-transport-agent), and the tests must
@@ -36,6 +36,7 @@ system-deps: $(EXIM_READY) ## Debian packages the tests need (apt-get, as root),
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
+		echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 

@@ -159,10 +159,12 @@ class MtaServer:
         backlog: int,
         max_connections: int,
         clock: tuple[int, int, int, int, int] | None = None,
+        protocol: str = "native",
     ) -> MtaServer:
         """Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for
         the system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a
-        ScaledClock."""
+        ScaledClock. `protocol`: "native" (JSON lines) or "socketmap" (Postfix's transport
+        lookups)."""
     def notify_fd(self) -> int:
         """A descriptor that becomes readable when upcalls wait."""
     def take_upcalls(self) -> list[tuple[int, bytes]]:
@@ -273,6 +275,22 @@ class Engine:
         """When `due` may next release something (>= now_ms), or None."""
     def queued(self) -> int:
         """How many messages are held."""
+    def queue_entries(self) -> list[tuple[int, int, int, int, int]]:
+        """Every held message as (message_id, pool, provider, priority, n), oldest first."""
+    def queue_summary(self, now_ms: int) -> list[tuple[str, str, int, int | None]]:
+        """Every queue holding messages as (pool, provider, messages, next release ms or None:
+        waiting for limits to change), by name."""
+    def postfix_configure(self, transports: list[tuple[str, str]], nexthop: str) -> None:
+        """Postfix's transport table (`MtaServer(protocol="socketmap")`): the `master.cf`
+        transport of each sending IP as (ip, transport), and the next hop every answer names
+        ("" for the recipient's domain)."""
+    def postfix_prepay(self, recipient: str, ip: str, expires_ms: int) -> bool:
+        """Keep a grant the release queue made on `ip` for `recipient`'s next transport
+        lookup, until `expires_ms`. False when too many already wait."""
+    def postfix_expire(self, now_ms: int) -> int:
+        """Drop the prepaid grants that lapsed by `now_ms`; returns how many."""
+    def postfix_stats(self) -> dict[str, int]:
+        """The transport table's counters, and the prepaid grants waiting (`prepaid_waiting`)."""
     def snapshot(self) -> dict[str, Any]:
         """Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings)."""
     def restore(self, state: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ pub mod protocol;
 pub mod reserve;
 pub mod scheduler;
 pub mod server;
+pub mod socketmap;
 pub mod state;
 
 pub use decision::{Decision, Reason, Tier};

@@ -43,6 +43,8 @@ struct Queue {
     state: State,
     /// Bumped whenever the queue's heap entry changes; older heap entries are stale.
     generation: u64,
+    /// When a set-aside (`Blocked`) queue is looked at again.
+    wake_ms: u64,
 }
 
 impl Queue {
@@ -75,6 +77,13 @@ impl Scheduler {
         self.len == 0
     }
 
+    /// Messages queued for (pool, provider).
+    pub fn waiting(&self, pool: u32, provider: u16) -> usize {
+        self.index
+            .get(&(pool, provider))
+            .map_or(0, |&q| self.queues[q as usize].len)
+    }
+
     /// Queue `id` for (pool, provider). Handles are checked by the engine.
     pub fn enqueue(
         &mut self,
@@ -98,6 +107,7 @@ impl Scheduler {
                     len: 0,
                     state: State::Idle,
                     generation: 0,
+                    wake_ms: 0,
                 });
                 self.index.insert((pool, provider), q);
                 q
@@ -204,6 +214,7 @@ impl Scheduler {
                     Some(wait) => {
                         queue.state = State::Blocked;
                         let wake = now_ms.saturating_add(wait.max(1));
+                        queue.wake_ms = wake;
                         self.blocked.push(Reverse((wake, q, queue.generation)));
                     }
                     None => {
@@ -233,6 +244,24 @@ impl Scheduler {
             self.blocked.pop();
         }
         None
+    }
+
+    /// Every queue holding messages as (pool, provider, messages, next release): the time
+    /// its head may go (`now_ms` when it may go now), or None while it waits for limits to
+    /// change (a pause, a cap reached with no end in sight).
+    pub fn summary(&self, now_ms: u64) -> Vec<(u32, u16, usize, Option<u64>)> {
+        self.queues
+            .iter()
+            .filter(|q| q.len > 0)
+            .map(|q| {
+                let next = match q.state {
+                    State::Ready | State::Idle => Some(now_ms),
+                    State::Blocked => Some(q.wake_ms.max(now_ms)),
+                    State::Parked => None,
+                };
+                (q.pool, q.provider, q.len, next)
+            })
+            .collect()
     }
 
     /// The (pool, provider) of every queue holding messages. (Empty queues are left out, as
@@ -315,6 +344,9 @@ mod tests {
         );
         assert_eq!(out.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2]);
         assert_eq!(s.next_due_ms(100), Some(500));
+        assert_eq!(s.summary(100), vec![(0, 0, 1, Some(500))]);
+        assert_eq!(s.waiting(0, 0), 1);
+        assert_eq!(s.waiting(0, 1), 0);
         out.clear();
         // Not yet: the queue is set aside, pick is not even asked.
         s.due(499, 10, |_, _, _| panic!("asked too early"), &mut out);
@@ -331,6 +363,7 @@ mod tests {
         s.due(0, 10, |_, _, _| deny(None), &mut out);
         assert_eq!(s.next_due_ms(0), None);
         assert_eq!(s.len(), 1);
+        assert_eq!(s.summary(3), vec![(0, 0, 1, None)]);
         s.wake_all();
         assert_eq!(s.next_due_ms(7), Some(7));
         s.due(7, 10, |_, _, _| grant(0), &mut out);

@@ -17,11 +17,14 @@ use super::rules::{
 };
 use super::snapshot::{snapshot_from_py, snapshot_to_py};
 use super::wire::{report_rows, stats_map, tally_rows, PyServed, ReportRow, TallyRow};
-use super::{arg, err, opt_arg};
+use super::{arg, bad, err, opt_arg};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::protocol::Route;
 use crate::state::Snapshot;
+
+/// (pool, provider, messages, next release ms) of one release queue.
+type QueueRow = (String, String, usize, Option<u64>);
 
 #[pymethods]
 impl PyEngine {
@@ -323,6 +326,102 @@ impl PyEngine {
     /// How many messages are held.
     fn queued(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.lock(py)?.engine.queued())
+    }
+
+    /// Every held message as (message_id, pool, provider, priority, n), oldest first.
+    fn queue_entries(&self, py: Python<'_>) -> PyResult<Vec<crate::scheduler::Entry>> {
+        Ok(self.lock(py)?.engine.scheduler.entries())
+    }
+
+    /// Every queue holding messages as (pool, provider, messages, next release ms or None:
+    /// waiting for limits to change), by name.
+    fn queue_summary(
+        &self,
+        py: Python<'_>,
+        now_ms: i128,
+    ) -> PyResult<Vec<QueueRow>> {
+        let now_ms = arg("now_ms", now_ms)?;
+        let g = self.lock(py)?;
+        let e = &g.engine;
+        Ok(e.scheduler
+            .summary(now_ms)
+            .into_iter()
+            .map(|(pool, provider, n, next)| {
+                let name = e.pools.pools[pool as usize].name.clone();
+                (name, e.provider_name(provider).to_owned(), n, next)
+            })
+            .collect())
+    }
+
+    /// Postfix's transport table (`MtaServer(protocol="socketmap")`): the `master.cf`
+    /// transport of each sending IP as (ip, transport), and the next hop every answer names
+    /// ("" for the recipient's domain).
+    fn postfix_configure(
+        &self,
+        py: Python<'_>,
+        transports: Vec<(String, String)>,
+        nexthop: &str,
+    ) -> PyResult<()> {
+        let mut table = hashbrown::HashMap::with_capacity(transports.len());
+        for (ip, transport) in transports {
+            let addr: IpAddr = ip
+                .parse()
+                .map_err(|_| bad("transports", format_args!("not an IP address: {ip:?}")))?;
+            if transport.is_empty() || transport.contains([':', ' ', ',']) {
+                return Err(bad(
+                    "transports",
+                    format_args!("not a master.cf service name: {transport:?}"),
+                ));
+            }
+            table.insert(addr, transport.into_boxed_str());
+        }
+        if nexthop.contains(char::is_whitespace) {
+            return Err(bad(
+                "nexthop",
+                format_args!("must not hold spaces, got {nexthop:?}"),
+            ));
+        }
+        self.lock(py)?.postfix.configure(table, nexthop);
+        Ok(())
+    }
+
+    /// Keep a grant the release queue made on `ip` for `recipient`'s next transport lookup,
+    /// until `expires_ms`. False when too many already wait.
+    fn postfix_prepay(
+        &self,
+        py: Python<'_>,
+        recipient: &str,
+        ip: &str,
+        expires_ms: i128,
+    ) -> PyResult<bool> {
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| bad("ip", format_args!("not an IP address: {ip:?}")))?;
+        let expires_ms = arg("expires_ms", expires_ms)?;
+        Ok(self.lock(py)?.postfix.prepay(recipient, addr, expires_ms))
+    }
+
+    /// Drop the prepaid grants that lapsed by `now_ms`; returns how many.
+    fn postfix_expire(&self, py: Python<'_>, now_ms: i128) -> PyResult<usize> {
+        let now_ms = arg("now_ms", now_ms)?;
+        Ok(self.lock(py)?.postfix.expire(now_ms))
+    }
+
+    /// The transport table's counters, and the prepaid grants waiting (`prepaid_waiting`).
+    fn postfix_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (st, waiting) = {
+            let g = self.lock(py)?;
+            (g.postfix.stats, g.postfix.prepaid_len())
+        };
+        let d = PyDict::new(py);
+        d.set_item("requests", st.requests)?;
+        d.set_item("granted", st.granted)?;
+        d.set_item("prepaid", st.prepaid)?;
+        d.set_item("waited", st.waited)?;
+        d.set_item("not_found", st.not_found)?;
+        d.set_item("errors", st.errors)?;
+        d.set_item("prepaid_waiting", waiting)?;
+        Ok(d)
     }
 
     /// Everything the engine holds, as plain data (dicts, lists, tuples, ints, strings).

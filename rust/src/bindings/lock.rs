@@ -13,6 +13,7 @@ use super::CoreError;
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::protocol::Wire;
+use crate::socketmap::TransportMap;
 
 /// An IP address and its Python string.
 pub(super) type IpName = (IpAddr, Py<PyString>);
@@ -22,6 +23,8 @@ pub(super) struct Inner {
     pub(super) engine: Engine,
     /// The native protocol's routes, tallies and reports.
     pub(super) wire: Wire,
+    /// Postfix's transport table: transports per IP and grants waiting for their lookup.
+    pub(super) postfix: TransportMap,
 }
 
 impl Inner {
@@ -68,6 +71,7 @@ impl PyEngine {
             inner: Arc::new(Mutex::new(Inner {
                 engine: Engine::new(),
                 wire: Wire::new(),
+                postfix: TransportMap::new(),
             })),
             ip_cache: Mutex::new(Vec::new()),
             owner: AtomicU64::new(0),

@@ -13,7 +13,8 @@ use super::lock::{Inner, PyEngine};
 use super::{arg, bad};
 use crate::error::CoreResult;
 use crate::protocol::Served;
-use crate::server::{Config, Handler, Server};
+use crate::server::{Config, Handler, Replies, Server};
+use crate::socketmap;
 
 /// The daemon's clock as the serving thread reads it (kiln.clock: `SystemClock`, or a
 /// `ScaledClock` given by `start_ms + (monotonic_ns - anchor_ns) * num / den`).
@@ -69,6 +70,40 @@ impl Handler for EngineHandler {
     }
 }
 
+/// Serves Postfix's socketmap lookups (`transport_maps`) through the engine.
+struct SocketmapHandler {
+    inner: Arc<Mutex<Inner>>,
+    clock: Clock,
+}
+
+const SOCKETMAP_REPLIES: Replies = Replies {
+    refusal: socketmap::REFUSAL,
+    too_long: socketmap::BAD_FRAME,
+    internal: socketmap::INTERNAL,
+};
+
+impl Handler for SocketmapHandler {
+    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        let now_ms = self.clock.now_ms();
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = &mut *g;
+        g.postfix
+            .serve(&mut g.engine, &mut g.wire, input, now_ms, out)
+    }
+
+    fn complete(&self, input: &[u8], _scanned: usize) -> bool {
+        socketmap::frame(input) != socketmap::Frame::Incomplete
+    }
+
+    fn max_pending_bytes(&self) -> usize {
+        socketmap::MAX_REQUEST_BYTES + 8
+    }
+
+    fn replies(&self) -> &'static Replies {
+        &SOCKETMAP_REPLIES
+    }
+}
+
 /// The MTA socket served on a Rust thread: decisions never wait for Python or the GIL.
 /// Upcalls (lines Python answers) are taken with `take_upcalls` when `notify_fd` is
 /// readable and answered with `reply`.
@@ -88,15 +123,17 @@ impl PyMtaServer {
 impl PyMtaServer {
     /// Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for the
     /// system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a ScaledClock.
+    /// `protocol`: "native" (JSON lines) or "socketmap" (Postfix's transport lookups).
     #[new]
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the path into an owned value
-    #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None))]
+    #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None, protocol="native"))]
     fn new(
         engine: &Bound<'_, PyEngine>,
         path: PathBuf,
         backlog: i128,
         max_connections: i128,
         clock: Option<(i128, i128, i128, i128, i128)>,
+        protocol: &str,
     ) -> PyResult<Self> {
         let backlog: i32 = arg("backlog", backlog)?;
         let max_connections: usize = arg("max_connections", max_connections)?;
@@ -116,15 +153,22 @@ impl PyMtaServer {
                 }
             }
         };
-        let handler = EngineHandler {
-            inner: engine.get().shared_inner(),
-            clock,
-        };
+        let inner = engine.get().shared_inner();
         let config = Config {
             max_connections,
             backlog,
         };
-        let server = Server::start(&path, config, handler).map_err(|e| {
+        let started = match protocol {
+            "native" => Server::start(&path, config, EngineHandler { inner, clock }),
+            "socketmap" => Server::start(&path, config, SocketmapHandler { inner, clock }),
+            other => {
+                return Err(bad(
+                    "protocol",
+                    format_args!("must be native or socketmap, got {other:?}"),
+                ))
+            }
+        };
+        let server = started.map_err(|e| {
             pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
         })?;
         Ok(Self {

@@ -211,6 +211,11 @@ impl Wire {
         }
     }
 
+    /// Count a grant made outside the native protocol (a Postfix lookup) in its key's tally.
+    pub fn tally_grant(&mut self, key: u32, n: u32) {
+        self.ledger.grant(key, n);
+    }
+
     // ----- drains -----
 
     /// Domains seen without a fresh route since the last call, oldest first.

@@ -6,13 +6,7 @@ use std::os::unix::net::UnixStream as StdStream;
 use mio::net::UnixStream;
 
 use super::{Handler, Shared, HIGH_WATER_BYTES, READ_BUDGET_BYTES};
-use crate::protocol::MAX_LINE_BYTES;
 
-/// The reply to a line over `MAX_LINE_BYTES`, before the connection is closed.
-pub const TOO_LONG: &[u8] =
-    b"{\"ok\":false,\"error\":\"request line longer than 65536 bytes; closing\"}\n";
-/// The reply when the engine refuses to serve (a clock out of range): closed after it.
-const INTERNAL: &[u8] = b"{\"ok\":false,\"error\":\"internal error; see the daemon log\"}\n";
 /// Bytes one read may take.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
 
@@ -150,16 +144,16 @@ impl Conn {
         shared: &Shared,
         notify: &mut StdStream,
     ) {
-        if !self.input[self.scanned..].contains(&b'\n') {
+        if !handler.complete(&self.input, self.scanned) {
             self.scanned = self.input.len();
-            if self.input.len() > MAX_LINE_BYTES {
-                self.too_long();
+            if self.input.len() > handler.max_pending_bytes() {
+                self.too_long(handler);
             }
             return;
         }
         match handler.serve(&self.input, &mut self.out) {
             Err(_) => {
-                self.out.extend_from_slice(INTERNAL);
+                self.out.extend_from_slice(handler.replies().internal);
                 self.closing = true;
             }
             Ok(served) => {
@@ -170,20 +164,20 @@ impl Conn {
                 self.input.drain(..served.consumed);
                 self.scanned = 0;
                 if served.too_long {
-                    self.too_long();
+                    self.too_long(handler);
                 } else if !self.busy {
-                    // Every complete line is answered: what is left has no newline.
+                    // Every complete request is answered: what is left is incomplete.
                     self.scanned = self.input.len();
-                    if self.input.len() > MAX_LINE_BYTES {
-                        self.too_long();
+                    if self.input.len() > handler.max_pending_bytes() {
+                        self.too_long(handler);
                     }
                 }
             }
         }
     }
 
-    fn too_long(&mut self) {
-        self.out.extend_from_slice(TOO_LONG);
+    fn too_long<H: Handler>(&mut self, handler: &H) {
+        self.out.extend_from_slice(handler.replies().too_long);
         self.closing = true;
         self.input.clear();
         self.scanned = 0;

@@ -34,7 +34,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::CoreResult;
-use crate::protocol::Served;
+use crate::protocol::{Served, MAX_LINE_BYTES};
 use conn::{Conn, Pumped, READ_CHUNK_BYTES};
 
 /// Write no more than this many bytes ahead of a slow reader before not reading it.
@@ -50,10 +50,44 @@ const LISTENER: Token = Token(0);
 const WAKE: Token = Token(1);
 const FIRST_CONN: usize = 2;
 
-/// Answers the lines of one connection's input (the engine, under its lock).
+/// The fixed replies of a protocol, written without asking the handler.
+#[derive(Debug)]
+pub struct Replies {
+    /// To a connection past the limit, before it is closed.
+    pub refusal: &'static [u8],
+    /// To a request over the protocol's size bound, before the connection is closed.
+    pub too_long: &'static [u8],
+    /// When the handler refuses to serve (a clock out of range): closed after it.
+    pub internal: &'static [u8],
+}
+
+/// The native protocol's fixed replies (JSON lines).
+pub const NATIVE_REPLIES: Replies = Replies {
+    refusal: REFUSAL,
+    too_long: b"{\"ok\":false,\"error\":\"request line longer than 65536 bytes; closing\"}\n",
+    internal: b"{\"ok\":false,\"error\":\"internal error; see the daemon log\"}\n",
+};
+
+/// Answers the requests of one connection's input (the engine, under its lock). The framing
+/// defaults to the native protocol's: newline-terminated lines of at most `MAX_LINE_BYTES`.
 pub trait Handler: Send + 'static {
-    /// Answer every complete line of `input` into `out`, up to the first upcall.
+    /// Answer every complete request of `input` into `out`, up to the first upcall.
     fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served>;
+
+    /// Whether `input` may hold a complete request (or a framing error `serve` must answer);
+    /// `input[..scanned]` was seen before and held none. Called on every read, so cheap.
+    fn complete(&self, input: &[u8], scanned: usize) -> bool {
+        input[scanned..].contains(&b'\n')
+    }
+
+    /// Buffered bytes without a complete request beyond which the connection is closed.
+    fn max_pending_bytes(&self) -> usize {
+        MAX_LINE_BYTES
+    }
+
+    fn replies(&self) -> &'static Replies {
+        &NATIVE_REPLIES
+    }
 }
 
 /// What the server counts, for `status` and the log (read from any thread).
@@ -338,7 +372,7 @@ impl<H: Handler> Looper<H> {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= self.max_connections {
                         self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        let _ = stream.write(REFUSAL);
+                        let _ = stream.write(self.handler.replies().refusal);
                         self.shared.wake_owner(&mut self.notify);
                         continue; // dropped: closed
                     }

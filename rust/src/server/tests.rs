@@ -119,7 +119,7 @@ fn a_line_too_long_gets_an_error_and_the_connection_closes() {
     let (mut s, mut r) = client(&path);
     let long = vec![b'a'; MAX_LINE_BYTES + 10];
     s.write_all(&long).unwrap();
-    assert_eq!(line(&mut r).as_bytes(), conn::TOO_LONG);
+    assert_eq!(line(&mut r).as_bytes(), NATIVE_REPLIES.too_long);
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
