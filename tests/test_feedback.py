@@ -95,6 +95,14 @@ def test_postfix_fixture() -> None:
         e for line in fixture_lines("postfix_maillog.txt") if (e := parser.parse(line, NOW_MS))
     ]
     common = {"source": "postfix"}
+    assert [e.queue_id for e in events] == [
+        "4B1C3D2E5F",
+        "5C2D4E3F60",
+        "7E4F6A5182",
+        "8F5A7B6293",
+        "9A6B8C73A4",
+    ]
+    events = [dataclasses.replace(e, queue_id=None) for e in events]
     assert events == [
         event(
             at_ms=ms("2026-03-10T14:02:11"),

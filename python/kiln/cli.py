@@ -6,20 +6,24 @@ import argparse
 import faulthandler
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kiln import __version__
+from kiln.cli_mta import add_mta_verbs, exim_config_main, postfix_config_main
 from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schema_main
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
-from kiln.errors import KilnError
-from kiln.exim import WHEN_DOWN, exim_config
+from kiln.postfix import valid_nexthop
 from kiln.starter import add_init_arguments, example_plan_path, init_main
+
+if TYPE_CHECKING:
+    from kiln.daemon.postfix import PostfixSettings
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -89,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
         "for Python (default), or the event loop (docs/daemon.md, Latency)",
     )
     run.add_argument(
+        "--postfix",
+        action="store_true",
+        help="serve Postfix's transport table and release the mail it holds "
+        "(docs/integrations/postfix.md; kiln postfix-config prints Postfix's side)",
+    )
+    run.add_argument(
+        "--postfix-socket", type=Path, help="its socket (default STATE_DIR/postfix.sock)"
+    )
+    run.add_argument(
+        "--postfix-nexthop",
+        default="",
+        metavar="HOST[:PORT]",
+        help="send all of Postfix's kiln-routed mail to this relay (default: recipients' MX)",
+    )
+    run.add_argument(
+        "--postfix-release",
+        default="postqueue -i",
+        metavar="COMMAND",
+        help="hands a held message back to Postfix; its queue id is appended (default "
+        "'postqueue -i'; another instance: 'postqueue -c /etc/postfix-out -i')",
+    )
+    run.add_argument(
         "--snapshot-interval-ms",
         type=int,
         default=1000,
@@ -149,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("automations", "what policy is doing now: suspensions, slow-downs, holds, pauses"),
         ("cancel", "end an automation early (a cancelled step-down gives its steps back)"),
         ("explain", "why an IP has the limit it has right now, for one provider"),
+        ("queue", "what waits in the release queue, per pool and provider"),
     ):
         client = verbs.add_parser(verb, help=text)
         client.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
@@ -169,33 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_init_arguments(
         verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
     )
-    exim = verbs.add_parser(
-        "exim-config",
-        help="print the Exim router and transport that send from kiln's pick",
-    )
-    exim.add_argument("--config", required=True, type=Path, metavar="PLAN", help="plan file")
-    exim.add_argument("--pool", help="the pool its mail goes through (default: the only one)")
-    exim.add_argument(
-        "--socket",
-        type=Path,
-        help="the daemon's MTA socket as Exim reaches it (default: STATE_DIR/kiln.sock)",
-    )
-    exim.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
-    exim.add_argument(
-        "--smarthost",
-        metavar="HOST[:PORT]",
-        help="send everything to this host (a relay) instead of the recipients' MX hosts",
-    )
-    exim.add_argument(
-        "--timeout", type=int, default=2, help="seconds Exim waits for kiln (default 2)"
-    )
-    exim.add_argument(
-        "--when-down",
-        choices=list(WHEN_DOWN),
-        default="defer",
-        help="while kiln does not answer: defer (mail waits; the default) or default-ip "
-        "(mail leaves unthrottled from the host's default address, which must be warm)",
-    )
+    add_mta_verbs(verbs, _STATE_DIR_HELP)
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
     add_classify_arguments(
@@ -296,8 +297,30 @@ def _run(args: argparse.Namespace) -> int:
         nameservers=tuple(args.nameserver),
         **({"node": args.node} if args.node else {}),
         reinitialise=args.reinitialise,
+        postfix=_postfix_settings(args, folder),
     )
     return daemon.run(config, clock)
+
+
+def _postfix_settings(args: argparse.Namespace, folder: Path) -> PostfixSettings | None:
+    """What --postfix and its options ask for (any of them turns it on)."""
+    from kiln.daemon.postfix import PostfixSettings
+
+    if not (args.postfix or args.postfix_socket or args.postfix_nexthop):
+        return None
+    release = tuple(shlex.split(args.postfix_release))
+    if not release:
+        raise SystemExit("kiln run: --postfix-release must name a command")
+    if args.postfix_nexthop and not valid_nexthop(args.postfix_nexthop):
+        raise SystemExit(
+            f"kiln run: --postfix-nexthop must be HOST, [HOST] or either with :PORT, "
+            f"got {args.postfix_nexthop!r}"
+        )
+    return PostfixSettings(
+        socket=(args.postfix_socket or folder / "postfix.sock").absolute(),
+        nexthop=args.postfix_nexthop,
+        release_command=release,
+    )
 
 
 def _drill_clock(args: argparse.Namespace) -> ScaledClock | None:
@@ -390,6 +413,40 @@ def _reload(args: argparse.Namespace) -> int:
     for p in reply.get("problems", []):
         _out(f"  {p}", sys.stderr)
     return 1
+
+
+def _queue(args: argparse.Namespace) -> int:
+    """`kiln queue`: what waits per pool and provider, and when the next release is due."""
+    with _client(args) as c:
+        reply = c.request("queue")
+    if args.json or not reply.get("ok"):
+        _out(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    queues = reply["queues"]
+    if not queues:
+        _out("nothing waits")
+        return 0
+    rows = [["pool", "provider", "waiting", "oldest", "next release"]]
+    for q in queues:
+        nxt = q["next_release_ms"]
+        rows.append(
+            [
+                q["pool"],
+                q["provider"],
+                str(q["waiting"]),
+                _utc(q["oldest_ms"]) if q["oldest_ms"] is not None else "-",
+                "when limits change" if nxt is None else _utc(nxt),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _utc(ms: int) -> str:
+    """Epoch ms as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _automations(args: argparse.Namespace) -> int:
@@ -517,38 +574,6 @@ def _classify(args: argparse.Namespace) -> int:
     return classify_main(args)
 
 
-def _exim_config(args: argparse.Namespace) -> int:
-    """`kiln exim-config`: print the routers and transport (docs/integrations/exim.md)."""
-    plan = load_one(args.config)
-    if plan is None:
-        return 1
-    pool = args.pool
-    if pool is None:
-        if len(plan.pools) != 1:
-            _out(
-                "kiln exim-config: the plan has several pools; name one with --pool: "
-                + ", ".join(plan.pools),
-                sys.stderr,
-            )
-            return 1
-        pool = next(iter(plan.pools))
-    socket = args.socket or state_dir(args.state_dir)[0] / "kiln.sock"
-    try:
-        config = exim_config(
-            plan,
-            pool,
-            socket.absolute(),
-            smarthost=args.smarthost,
-            timeout_s=args.timeout,
-            when_down=args.when_down,
-        )
-    except KilnError as e:
-        _out(f"kiln exim-config: {e}", sys.stderr)
-        return 1
-    _out(config.text())
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process arguments) and run the verb; returns the exit code."""
     parser = build_parser()
@@ -566,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": _explain,
         "classify": _classify,
         "init": init_main,
-        "exim-config": _exim_config,
+        "exim-config": lambda a: exim_config_main(a, state_dir(a.state_dir)[0]),
+        "postfix-config": lambda a: postfix_config_main(a, state_dir(a.state_dir)[0]),
+        "queue": _queue,
     }
     if args.verb in verbs:
         try:

@@ -15,6 +15,7 @@ Nothing here decides anything; a record validates itself and converts to plain d
 | the signal sources' facts by day          | `SignalBook`  | the poller               |
 | a source's health                         | `SourceHealth`| the poller               |
 | a decision-log row                        | `LogEntry`    | everything that decides  |
+| a recipient held in Postfix's queue       | `Held`        | the Postfix integration  |
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 __all__ = [
     "DayCounts",
     "DayPushback",
+    "Held",
     "KeyName",
     "LogEntry",
     "Pushback",
@@ -46,6 +48,18 @@ KeyName = tuple[str, str]
 
 PushbackKey = tuple[str, str, str, int, str]
 """(ip, provider, class, local hour, rule): one stored push-back counter."""
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A recipient Postfix deferred on kiln's word, waiting in kiln's release queue."""
+
+    queue_id: str
+    recipient: str
+    pool: str
+    provider: str
+    since_ms: int
+
 
 #: Signal history kept per IP or domain, in days.
 HISTORY_DAYS = 45

@@ -34,10 +34,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
-from sqlmodel import Session, SQLModel, col, create_engine, or_, select
+from sqlmodel import Session, SQLModel, col, create_engine, delete, or_, select
 
 from kiln.log import get_logger
-from kiln.records import DayCounts, LogEntry, PushbackKey, RampState
+from kiln.records import DayCounts, Held, LogEntry, PushbackKey, RampState
 from kiln.storedb import (
     BEGIN_IMMEDIATE,
     FILE_MODE,
@@ -61,6 +61,7 @@ from kiln.storeschema import (
     AutomationRow,
     CountsRow,
     DecisionRow,
+    HeldRow,
     MetaRow,
     PositionRow,
     PushbackRow,
@@ -85,6 +86,8 @@ LOCK_TIMEOUT_S: Final = 30.0
 STATE_MARKER: Final = "kiln.state"
 """The marker's name in the state folder (see `Store.open_state`)."""
 _VERSION_KEY: Final = "schema_version"  # in kiln_meta
+#: Rows per statement when saving held recipients (SQLite's bound on parameters).
+_HELD_CHUNK: Final = 500
 _ID_KEY: Final = "store_id"  # in kiln_meta: the database's identity, recorded in the marker
 _STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY)  # kiln_meta keys set_meta may not write
 IO_ERRORS: Final = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")  # worth a write probe
@@ -665,6 +668,44 @@ class Store:
                 for row in session.exec(query)
             ]
 
+    # -- Postfix recipients held in the release queue ------------------------------------------
+
+    def load_held(self) -> dict[int, Held]:
+        """This node's held recipients by release-queue id."""
+        with self._transaction("load the held Postfix recipients", write=False) as session:
+            rows = session.exec(select(HeldRow).where(HeldRow.node == self.node))
+            return {
+                r.id: Held(r.queue_id, r.recipient, r.pool, r.provider, r.since_ms) for r in rows
+            }
+
+    def _save_held(self, session: Session, held: Mapping[int, Held | None]) -> None:
+        """Add (or replace) the held recipients and drop the released ones (`None`)."""
+        gone = sorted(i for i, h in held.items() if h is None)
+        for at in range(0, len(gone), _HELD_CHUNK):
+            session.exec(
+                delete(HeldRow).where(
+                    col(HeldRow.node) == self.node,
+                    col(HeldRow.id).in_(gone[at : at + _HELD_CHUNK]),
+                )
+            )
+        rows = [
+            {
+                "node": self.node,
+                "id": i,
+                "queue_id": h.queue_id,
+                "recipient": h.recipient,
+                "pool": h.pool,
+                "provider": h.provider,
+                "since_ms": h.since_ms,
+            }
+            for i, h in sorted(held.items())
+            if h is not None
+        ]
+        for at in range(0, len(rows), _HELD_CHUNK):
+            statement = self._insert()(HeldRow).values(rows[at : at + _HELD_CHUNK])
+            statement = statement.on_conflict_do_nothing(index_elements=["node", "id"])
+            session.exec(statement)
+
     # -- the daemon's periodic flush -----------------------------------------------------------
 
     def flush(
@@ -679,11 +720,13 @@ class Store:
         plan: str | None = None,
         automations: Iterable[Mapping[str, Any]] = (),
         meta: Mapping[str, str] | None = None,
+        held: Mapping[int, Held | None] | None = None,
     ) -> None:
         """Save the snapshot, add `counts` to `day` and append `entries`: all or nothing.
 
-        Also adds `pushback` replies per day, saves the `plan`'s changed `automations` and
-        sets `meta` values, in the same transaction.
+        Also adds `pushback` replies per day, saves the `plan`'s changed `automations`, sets
+        `meta` values and adds or drops `held` recipients, in the same transaction (the
+        snapshot's release queue and the held recipients always agree).
 
         `counts` needs `day`. A failure anywhere (a database error, evidence that is not
         JSON-able, an exception from the `entries` iterable) leaves the database untouched.
@@ -701,4 +744,6 @@ class Store:
                 self._save_automations(session, plan, automations, now_ms)
             for key, value in (meta or {}).items():
                 self._set_meta(session, key, value)
+            if held:
+                self._save_held(session, held)
             self._append(session, entries)

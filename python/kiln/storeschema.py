@@ -24,6 +24,7 @@ __all__ = [
     "AutomationRow",
     "CountsRow",
     "DecisionRow",
+    "HeldRow",
     "MetaRow",
     "PositionRow",
     "PushbackRow",
@@ -112,6 +113,20 @@ class PushbackRow(SQLModel, table=True):
     count: int = Field(sa_type=BigInteger)
 
 
+class HeldRow(SQLModel, table=True):
+    """A recipient Postfix deferred on kiln's word, by its id in the engine's release queue."""
+
+    __tablename__ = "kiln_postfix_held"
+
+    node: str = Field(primary_key=True)
+    id: int = Field(sa_type=BigInteger, primary_key=True)
+    queue_id: str
+    recipient: str
+    pool: str
+    provider: str
+    since_ms: int = Field(sa_type=BigInteger)
+
+
 def table_of(model: type[SQLModel]) -> Table:
     """The SQLAlchemy table behind a table model."""
     return SQLModel.metadata.tables[str(model.__tablename__)]
@@ -119,7 +134,16 @@ def table_of(model: type[SQLModel]) -> Table:
 
 TABLES: Final = [
     table_of(m)
-    for m in (MetaRow, PositionRow, SnapshotRow, CountsRow, DecisionRow, AutomationRow, PushbackRow)
+    for m in (
+        MetaRow,
+        PositionRow,
+        SnapshotRow,
+        CountsRow,
+        DecisionRow,
+        AutomationRow,
+        PushbackRow,
+        HeldRow,
+    )
 ]
 
 APPEND_ONLY: Final = {

@@ -6,6 +6,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.daemon.postfix import PostfixSettings
+
 __all__ = ["DaemonConfig"]
 
 
@@ -34,6 +36,8 @@ class DaemonConfig:
     mta_listener: str = "rust"
     #: Start afresh when the state folder lost its database (see docs/state.md).
     reinitialise: bool = False
+    #: Serve Postfix's transport table and release the recipients it holds (`--postfix`).
+    postfix: PostfixSettings | None = None
 
     @property
     def socket(self) -> Path:

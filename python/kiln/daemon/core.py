@@ -32,6 +32,7 @@ from kiln.daemon.config import DaemonConfig
 from kiln.daemon.listener import connection_limit, raise_open_files_limit, refuse_if_answered
 from kiln.daemon.mta import RustMtaSocket
 from kiln.daemon.persist import Batch, Persister, charge_stored_tallies
+from kiln.daemon.postfix import PostfixGate
 from kiln.daemon.roll import ROLLED_KEY, roll_days
 from kiln.daemon.runner import HERE, OFF_LOOP, Now, Runner, complete
 from kiln.errors import KilnError, ScheduleError
@@ -93,6 +94,9 @@ class Daemon:
         self.servers: list[asyncio.AbstractServer] = []
         # The MTA socket when the Rust core serves it (`--mta-listener rust`), while serving.
         self.mta: RustMtaSocket | None = None
+        #: Postfix's transport table (served by `postfix_server`) and its held recipients.
+        self.postfix = PostfixGate(self, config.postfix) if config.postfix else None
+        self.postfix_server: _core.MtaServer | None = None
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0
@@ -161,6 +165,8 @@ class Daemon:
         self.roll_days(now_ms)
         self.apply_plan(now_ms, hour_rolled=True)
         self.push_routes()
+        if self.postfix is not None:
+            self.postfix.restore(self.store.load_held())
         if lost_snapshot:
             charge_stored_tallies(self.engine, self.store, self.plan_day(now_ms), now_ms, self.log)
         self.record(
@@ -228,6 +234,8 @@ class Daemon:
         not push the roll (and a midnight's day roll) an hour later."""
         apply(self.engine, self.plan, compile_limits(self.plan, self.states, now_ms))
         self.guard.enforce(self.engine, self.states, now_ms)
+        if self.postfix is not None:
+            self.postfix.configure(self.plan)
         hours, days, local_hours = self._calendar(now_ms)
         self.engine.set_calendar(hours, days, local_hours)
         boundary = next((h for h in hours if h > now_ms), now_ms + HOUR_MS)
@@ -293,8 +301,10 @@ class Daemon:
         under `job_lock`, so no reload replaces the readers meanwhile."""
         if self.feedback is None:
             return 0
-        lines, marks = await run.worker(read_reports, self.feedback, now())
+        lines, held, marks = await run.worker(read_reports, self.feedback, now())
         self._feedback_marks = marks  # the readers' checkpoints go with the next write
+        if held and self.postfix is not None:
+            self.postfix.hold(held)
         data = b"".join(lines)
         now_ms = now()  # time moved on meanwhile
         while data:
@@ -376,6 +386,7 @@ class Daemon:
                 pushback=pushback,
                 automations=self.guard.dirty(),
                 meta=meta,
+                held=self.postfix.take_changes() if self.postfix is not None else {},
             )
         )
 

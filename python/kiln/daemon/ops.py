@@ -239,6 +239,17 @@ def stats(d: Daemon, now_ms: int) -> dict[str, Any]:
     }
 
 
+def queue(d: Daemon, now_ms: int) -> dict[str, Any]:
+    """What waits in the release queue, per pool and provider, and the Postfix figures."""
+    gate = d.postfix
+    return {
+        "ok": True,
+        "now_ms": now_ms,
+        "queues": gate.queue(now_ms) if gate is not None else [],
+        "postfix": gate.stats() if gate is not None else None,
+    }
+
+
 async def _reload(d: Daemon, _req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
     """Re-read the plan (off the loop when serving) and swap it in only if valid."""
     return await reload.reload(d, run, now)
@@ -273,6 +284,7 @@ OPS: dict[str, Op] = {
     "reload": Op(_reload),
     "stats": Op(_at_once(lambda d, _r, t: stats(d, t)), mta=True),
     "automations": Op(_at_once(automations)),
+    "queue": Op(_at_once(lambda d, _r, t: queue(d, t))),
     "cancel": Op(cancel),
     "explain": Op(explain),
 }

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, TypeVar
 
 from kiln import _core
-from kiln.records import DayCounts, LogEntry, PushbackKey
+from kiln.records import DayCounts, Held, LogEntry, PushbackKey
 from kiln.store import Store, StoreError
 
 __all__ = ["Batch", "Persister", "charge_stored_tallies"]
@@ -45,6 +45,8 @@ class Batch:
     pushback: dict[date, dict[PushbackKey, int]]
     automations: list[dict[str, Any]]
     meta: dict[str, str]
+    #: Postfix recipients held (or released: None) since the last flush, by queue id.
+    held: dict[int, Held | None] = field(default_factory=dict)
 
     def absorb(self, later: Batch) -> None:
         """Take in a later batch of the same day and plan."""
@@ -58,6 +60,7 @@ class Batch:
         self.entries += later.entries
         self.automations += later.automations
         self.meta |= later.meta
+        self.held |= later.held
         if later.snapshot is not None:
             self.snapshot, self.token = later.snapshot, later.token
         self.now_ms = later.now_ms
@@ -74,6 +77,7 @@ class Batch:
             plan=self.plan,
             automations=self.automations,
             meta=self.meta,
+            held=self.held,
         )
 
 

@@ -24,7 +24,7 @@ from kiln.daemon.listener import (
     prepare_socket_path,
     set_socket_access,
 )
-from kiln.daemon.mta import RustMtaSocket
+from kiln.daemon.mta import RustMtaSocket, clock_spec
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ async def serve(d: Daemon) -> None:
     start_jobs(d, loop)
     _ = d.spawn(d.monitor.run())
     _ = d.spawn(d.notifier.feed(lambda: engine_answers(d)))
+    if config.postfix is not None and d.postfix is not None:
+        _serve_postfix(d, config.postfix.socket, backlog)
     if config.mta_listener == "rust":
         d.mta = RustMtaSocket(d, config.socket, backlog)
     else:
@@ -75,6 +77,7 @@ async def serve(d: Daemon) -> None:
         backlog=backlog,
         max_connections=d.max_connections,
         mta_listener=config.mta_listener,
+        postfix_socket=str(config.postfix.socket) if config.postfix else None,
         watchdog_s=d.notifier.watchdog_s,
     )
     # What start-up built lives as long as the process: keep it out of the cyclic collector's
@@ -87,6 +90,29 @@ async def serve(d: Daemon) -> None:
         await stopping.wait()
     finally:
         await shutdown(d)
+
+
+def _serve_postfix(d: Daemon, path: Path, backlog: int) -> None:
+    """Postfix's transport table, served by the core on a thread of its own, and the loop
+    that releases the recipients it held (kiln.daemon.postfix)."""
+    assert d.postfix is not None
+    prepare_socket_path(path)
+    d.postfix_server = _core.MtaServer(
+        d.engine,
+        str(path),
+        backlog=backlog,
+        max_connections=d.max_connections,
+        clock=clock_spec(d.clock),
+        protocol="socketmap",
+    )
+    set_socket_access(path, d.config.socket_mode, d.config.socket_group)
+    d.postfix.start()
+    if d.feedback is None or all(s.name != "postfix" for s in d.feedback.sources):
+        d.log.warning(
+            "postfix_log_not_read",
+            hint="the plan has no signals.feedback.postfix: recipients kiln asks Postfix to "
+            "hold are retried on Postfix's own schedule instead of released as room opens",
+        )
 
 
 async def _listen(d: Daemon, path: Path, *, operator: bool, backlog: int) -> asyncio.AbstractServer:
@@ -142,6 +168,11 @@ async def shutdown(d: Daemon) -> None:
     if d.mta is not None:
         d.mta.close()
         d.mta = None
+    if d.postfix_server is not None:
+        d.postfix_server.stop()
+        d.postfix_server = None
+    if d.postfix is not None:
+        d.postfix.close()
     if d.lookups is not None:
         await d.lookups.aclose()
         d.lookups = None
@@ -158,7 +189,8 @@ async def shutdown(d: Daemon) -> None:
     d.persist.stop_thread()
     d.store.close()
     d.notifier.close()
-    for path in (d.config.socket, d.config.operator_socket):
+    postfix = [d.config.postfix.socket] if d.config.postfix is not None else []
+    for path in (d.config.socket, d.config.operator_socket, *postfix):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     d.log.info("stopped")

@@ -51,7 +51,8 @@ class FeedbackEvent:
     - `command`: the SMTP step answered (`MAIL FROM`, `RCPT TO`, `DATA`, `.` for end of
       data), or None;
     - `message_id`: the Message-ID without angle brackets, or None;
-    - `source`: which reader produced the event.
+    - `source`: which reader produced the event;
+    - `queue_id`: the MTA's queue id of the message, where its log names one.
     """
 
     at_ms: int
@@ -66,6 +67,7 @@ class FeedbackEvent:
     command: str | None
     message_id: str | None
     source: SourceName
+    queue_id: str | None = None
 
 
 def to_ms(moment: datetime) -> int:

@@ -190,6 +190,7 @@ class PostfixParser:
             command=command,
             message_id=self._message_ids.get(qid),
             source="postfix",
+            queue_id=qid,
         )
 
     def _remember(self, qid: str, message_id: str) -> None:

@@ -26,6 +26,8 @@ from kiln.feedback.reader import (
     PowerMtaLogReader,
 )
 from kiln.feedback.tail import SegmentCheckpoint, TailCheckpoint
+from kiln.postfix import wait_of
+from kiln.records import Held
 from kiln.schedule import Plan
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ReaderSite",
     "checkpoints_json",
     "feedback_reader",
+    "held_of",
     "read_reports",
     "report_line",
 ]
@@ -135,8 +138,25 @@ def checkpoints_json(reader: FeedbackReader) -> str:
     )
 
 
-def read_reports(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], str]:
-    """New events as `report` lines, and the checkpoints after them (any thread: touches
-    only the readers)."""
-    lines = [line for e in reader.poll(now_ms) if (line := report_line(e))]
-    return lines, checkpoints_json(reader)
+def held_of(e: FeedbackEvent) -> Held | None:
+    """The recipient of a deferral kiln's Postfix transport table asked for (a `retry:`
+    answer, kiln.postfix.WAIT_TEXT), or None."""
+    if e.source != "postfix" or e.result != "deferred" or not e.queue_id or not e.recipient:
+        return None
+    wait = wait_of(e.text)
+    if wait is None:
+        return None
+    return Held(e.queue_id, e.recipient, wait[0], wait[1], e.at_ms)
+
+
+def read_reports(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], list[Held], str]:
+    """New events as `report` lines, the recipients kiln asked Postfix to hold, and the
+    checkpoints after them (any thread: touches only the readers)."""
+    lines: list[bytes] = []
+    held: list[Held] = []
+    for e in reader.poll(now_ms):
+        if (h := held_of(e)) is not None:
+            held.append(h)  # kiln's own wait says nothing about the receiver
+        elif line := report_line(e):
+            lines.append(line)
+    return lines, held, checkpoints_json(reader)
