@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 __all__ = ["Delivery", "SmtpSink"]
@@ -22,6 +23,8 @@ class Delivery:
     source_ip: str
     recipients: tuple[str, ...]
     message_id: str | None
+    #: `time.monotonic()` when the message was accepted.
+    at: float = 0.0
 
 
 @dataclass
@@ -92,7 +95,12 @@ class SmtpSink:
                     m = _MESSAGE_ID.search(body)
                     with self._lock:
                         self.deliveries.append(
-                            Delivery(peer, tuple(recipients), m[1].decode() if m else None)
+                            Delivery(
+                                peer,
+                                tuple(recipients),
+                                m[1].decode() if m else None,
+                                time.monotonic(),
+                            )
                         )
                     writer.write(b"250 queued\r\n")
                 elif verb == b"QUIT":
