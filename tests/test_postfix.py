@@ -51,8 +51,8 @@ SCALE = {"google": 0.5}
 CLOCK_START = "2026-11-10T23:30:00+00:00"
 MIDNIGHT = "2026-11-11T00:00:00+00:00"
 CLOCK_SPEED = 60
-LATE = 10
-# Each schedule repeats its step, so day two (step 2) has day one's caps.  # messages sent while kiln is down
+LATE = 10  # messages sent while kiln is down
+# Each schedule repeats its step, so day two (step 2) has day one's caps.
 
 PLAN = f"""\
 name: postfix-e2e
