@@ -287,6 +287,8 @@ class Engine:
     def postfix_prepay(self, recipient: str, ip: str, expires_ms: int) -> bool:
         """Keep a grant the release queue made on `ip` for `recipient`'s next transport
         lookup, until `expires_ms`. False when too many already wait."""
+    def postfix_prepaid(self, recipient: str) -> int:
+        """Grants waiting for `recipient`'s next transport lookup."""
     def postfix_expire(self, now_ms: int) -> int:
         """Drop the prepaid grants that lapsed by `now_ms`; returns how many."""
     def postfix_stats(self) -> dict[str, int]:

@@ -75,6 +75,8 @@ class PostfixGate:
         self._next_id = 1
         #: Changes since the last flush (None: released), taken by `take_changes`.
         self._changes: dict[int, Held | None] = {}
+        #: Queue ids to hand back again (their grant waits; see `hold`).
+        self._again: dict[str, None] = {}
         self._workers = ThreadPoolExecutor(RELEASE_WORKERS, thread_name_prefix="kiln-postqueue")
         self._task: asyncio.Task[None] | None = None
         self.released = 0
@@ -117,8 +119,14 @@ class PostfixGate:
     def hold(self, waits: Iterable[Held]) -> int:
         """Queue recipients Postfix deferred on kiln's word; how many were new."""
         added = 0
+        engine = self.daemon.engine
         for h in waits:
             if (h.queue_id, h.recipient) in self._ids:
+                continue
+            if engine.postfix_prepaid(h.recipient):
+                # Released, but Postfix was already retrying it and asked before the grant
+                # was there: the grant still waits, so hand the message back again.
+                self._again[h.queue_id] = None
                 continue
             i = self._next_id
             self._next_id += 1
@@ -155,11 +163,11 @@ class PostfixGate:
         the queue ids to hand back to Postfix are returned (each once)."""
         d = self.daemon
         engine = d.engine
+        queue_ids, self._again = self._again, {}
         due = engine.due(now_ms, RELEASE_BATCH)
         if not due:
-            return []
+            return list(queue_ids)
         expires_ms = now_ms + int(GRANT_TTL_S * 1000 * getattr(d.clock, "speed", 1.0))
-        queue_ids: dict[str, None] = {}
         for i, decision in due:
             h = self.held.pop(i, None)
             self._changes[i] = None

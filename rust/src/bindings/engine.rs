@@ -335,11 +335,7 @@ impl PyEngine {
 
     /// Every queue holding messages as (pool, provider, messages, next release ms or None:
     /// waiting for limits to change), by name.
-    fn queue_summary(
-        &self,
-        py: Python<'_>,
-        now_ms: i128,
-    ) -> PyResult<Vec<QueueRow>> {
+    fn queue_summary(&self, py: Python<'_>, now_ms: i128) -> PyResult<Vec<QueueRow>> {
         let now_ms = arg("now_ms", now_ms)?;
         let g = self.lock(py)?;
         let e = &g.engine;
@@ -399,6 +395,11 @@ impl PyEngine {
             .map_err(|_| bad("ip", format_args!("not an IP address: {ip:?}")))?;
         let expires_ms = arg("expires_ms", expires_ms)?;
         Ok(self.lock(py)?.postfix.prepay(recipient, addr, expires_ms))
+    }
+
+    /// Grants waiting for `recipient`'s next transport lookup.
+    fn postfix_prepaid(&self, py: Python<'_>, recipient: &str) -> PyResult<usize> {
+        Ok(self.lock(py)?.postfix.prepaid_for(recipient))
     }
 
     /// Drop the prepaid grants that lapsed by `now_ms`; returns how many.

@@ -148,6 +148,13 @@ impl TransportMap {
         true
     }
 
+    /// Grants waiting for `recipient`'s lookup.
+    pub fn prepaid_for(&self, recipient: &str) -> usize {
+        self.prepaid
+            .get(fold(recipient).as_ref())
+            .map_or(0, VecDeque::len)
+    }
+
     /// Grants waiting for their lookup.
     pub fn prepaid_len(&self) -> usize {
         self.prepaid_len

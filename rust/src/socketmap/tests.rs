@@ -127,6 +127,7 @@ fn a_queued_provider_makes_new_mail_wait_and_prepaid_grants_are_used_once() {
     assert_eq!(out.len(), 1);
     let (ip, _) = e.key_handles(out[0].1.key);
     assert!(m.prepay("Held@Gmail.com ", e.ip_addr(ip), NOW + 1000));
+    assert_eq!(m.prepaid_for("held@gmail.com"), 1);
     let held = net("tx held@gmail.com");
     let (r, _) = ask(&mut e, &mut w, &mut m, held.repeat(2).as_bytes());
     assert_eq!(r[0], "OK kiln-192.0.2.10:[127.0.0.1]:2525");
