@@ -194,10 +194,12 @@ def test_fuzzed_requests_in_any_pieces_get_one_wellformed_reply_each(
         assert r.reply() is not None
 
 
-def test_only_known_protocols_and_sane_transports() -> None:
+def test_only_known_protocols_and_sane_transports(tmp_path: Path) -> None:
     engine = _core.Engine()
     with pytest.raises(_core.CoreError, match="protocol"):
-        _core.MtaServer(engine, "/tmp/x.sock", backlog=1, max_connections=1, protocol="smtp")
+        _core.MtaServer(
+            engine, str(tmp_path / "x.sock"), backlog=1, max_connections=1, protocol="smtp"
+        )
     with pytest.raises(_core.CoreError, match="IP address"):
         engine.postfix_configure([("nope", "kiln-x")], "")
     with pytest.raises(_core.CoreError, match="service name"):
