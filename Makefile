@@ -103,7 +103,7 @@ test-python: build-prod system-deps ## pytest (tests/ and the correctness half o
 
 test: test-rust test-python ## cargo test, then pytest: both languages in one command
 
-bench: build-prod ## release build, benchmarks, JSON results in benches/results, ratio report
+bench: build-prod system-deps ## release build, benchmarks, JSON results in benches/results, ratio report
 	mkdir -p benches/results
 	$(call cargo,bench) --bench core -- --json $(CURDIR)/benches/results/rust.json
 	$(PY) -m pytest benches -q -p no:cacheprovider --benchmark-enable --benchmark-only \
@@ -111,6 +111,7 @@ bench: build-prod ## release build, benchmarks, JSON results in benches/results,
 	$(PY) benches/memory.py --json benches/results/memory.json
 	$(PY) benches/daemon_bench.py --json benches/results/daemon.json
 	$(PY) benches/bench_classify.py --json benches/results/classify.json
+	$(PY) benches/postfix_bench.py --json benches/results/postfix.json
 	$(PY) benches/compare.py benches/results
 
 soak: build-prod ## 10 minute soak of the daemon under everything at once; report in benches/results/soak.json

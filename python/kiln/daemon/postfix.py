@@ -20,6 +20,7 @@ How the parts fit (docs/integrations/postfix.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,9 @@ __all__ = ["RELEASE_EVERY_S", "PostfixGate", "PostfixSettings"]
 RELEASE_EVERY_S = 0.05
 #: How long a released grant waits for its recipient's lookup (real time).
 GRANT_TTL_S = 600
+#: How often the release loop looks while nothing waits (a restored queue, a grant to hand
+#: back again); a hold wakes it at once.
+IDLE_CHECK_S = 1.0
 #: Releases one `release` call takes at most (the rest go on the next call).
 RELEASE_BATCH = 5_000
 #: `postqueue` runs at once, at most.
@@ -79,6 +83,8 @@ class PostfixGate:
         self._again: dict[str, None] = {}
         self._workers = ThreadPoolExecutor(RELEASE_WORKERS, thread_name_prefix="kiln-postqueue")
         self._task: asyncio.Task[None] | None = None
+        #: Set by `hold`: the release loop sleeps on it while nothing waits.
+        self._wake = asyncio.Event()
         self.released = 0
         self.release_failures = 0
         self.last_failure: str | None = None
@@ -136,6 +142,8 @@ class PostfixGate:
             self._ids[(h.queue_id, h.recipient)] = i
             self._changes[i] = h
             added += 1
+        if added or self._again:
+            self._wake.set()
         return added
 
     def _enqueue(self, i: int, h: Held) -> bool:
@@ -181,12 +189,18 @@ class PostfixGate:
         return list(queue_ids)
 
     async def _run(self) -> None:
-        """Release as the caps open; expire grants nobody looked up."""
+        """Release as the caps open (every `RELEASE_EVERY_S` while anything waits, else as
+        soon as something is held); expire grants nobody looked up."""
         loop = asyncio.get_running_loop()
         d = self.daemon
         ticks = 0
         while True:
-            await asyncio.sleep(RELEASE_EVERY_S)
+            if d.engine.queued() or self._again:
+                await asyncio.sleep(RELEASE_EVERY_S)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
             now_ms = d.clock.now_ms()
             for qid in self.release(now_ms):
                 fut = loop.run_in_executor(self._workers, self._postqueue, qid)

@@ -104,6 +104,49 @@ impl Handler for SocketmapHandler {
     }
 }
 
+/// The socketmap framing answering every request `OK echo:` without deciding anything: the
+/// baseline benches/postfix_bench.py measures the transport table against.
+struct EchoHandler;
+
+impl Handler for EchoHandler {
+    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        let mut at = 0;
+        loop {
+            match socketmap::frame(&input[at..]) {
+                socketmap::Frame::Incomplete => break,
+                socketmap::Frame::Bad => {
+                    return Ok(Served {
+                        consumed: at,
+                        upcall: None,
+                        too_long: true,
+                    })
+                }
+                socketmap::Frame::Whole { next, .. } => {
+                    out.extend_from_slice(b"8:OK echo:,");
+                    at += next;
+                }
+            }
+        }
+        Ok(Served {
+            consumed: at,
+            upcall: None,
+            too_long: false,
+        })
+    }
+
+    fn complete(&self, input: &[u8], _scanned: usize) -> bool {
+        socketmap::frame(input) != socketmap::Frame::Incomplete
+    }
+
+    fn max_pending_bytes(&self) -> usize {
+        socketmap::MAX_REQUEST_BYTES + 8
+    }
+
+    fn replies(&self) -> &'static Replies {
+        &SOCKETMAP_REPLIES
+    }
+}
+
 /// The MTA socket served on a Rust thread: decisions never wait for Python or the GIL.
 /// Upcalls (lines Python answers) are taken with `take_upcalls` when `notify_fd` is
 /// readable and answered with `reply`.
@@ -123,7 +166,8 @@ impl PyMtaServer {
 impl PyMtaServer {
     /// Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for the
     /// system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a ScaledClock.
-    /// `protocol`: "native" (JSON lines) or "socketmap" (Postfix's transport lookups).
+    /// `protocol`: "native" (JSON lines), "socketmap" (Postfix's transport lookups) or
+    /// "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything, nothing decided).
     #[new]
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the path into an owned value
     #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None, protocol="native"))]
@@ -161,10 +205,11 @@ impl PyMtaServer {
         let started = match protocol {
             "native" => Server::start(&path, config, EngineHandler { inner, clock }),
             "socketmap" => Server::start(&path, config, SocketmapHandler { inner, clock }),
+            "socketmap-echo" => Server::start(&path, config, EchoHandler),
             other => {
                 return Err(bad(
                     "protocol",
-                    format_args!("must be native or socketmap, got {other:?}"),
+                    format_args!("must be native, socketmap or socketmap-echo, got {other:?}"),
                 ))
             }
         };
