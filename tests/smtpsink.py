@@ -33,6 +33,8 @@ class SmtpSink:
 
     deliveries: list[Delivery] = field(default_factory=list)
     port: int = 0
+    #: Recipients starting with this get a 451 reply with quotes and a backslash in it.
+    defer_prefix: str | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,8 +87,12 @@ class SmtpSink:
                     recipients = []
                     writer.write(b"250 ok\r\n")
                 elif verb == b"RCPT":
-                    recipients.append(line.split(b":", 1)[1].strip().strip(b"<>").decode())
-                    writer.write(b"250 ok\r\n")
+                    rcpt = line.split(b":", 1)[1].strip().strip(b"<>").decode()
+                    if self.defer_prefix and rcpt.startswith(self.defer_prefix):
+                        writer.write(b'451 4.7.1 "Slow down" \\ try again later\r\n')
+                    else:
+                        recipients.append(rcpt)
+                        writer.write(b"250 ok\r\n")
                 elif verb == b"DATA":
                     writer.write(b"354 go on\r\n")
                     body = b""

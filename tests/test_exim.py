@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -228,6 +229,14 @@ def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder
             # kiln stopped: nothing leaves, the mail waits in Exim's queue; back, it goes.
             stopped_ms = _plan_now_ms(d)
             d.stop()
+            # Each delivery reached kiln as a report (the transport's event_action), counted
+            # on the day it happened (read from the store once kiln let go of it).
+            assert _delivered(state, "2026-11-10") == per_key, exim.mainlog()[-2000:]
+            day_two = Counter(
+                (x.source_ip, DOMAINS[x.recipients[0].split("@")[1]])
+                for x in everything[len(first) :]
+            )
+            assert _delivered(state, "2026-11-11") == day_two
             exim.submit("late@gmail.com", "late@e2e")
             exim.queue_run()
             assert len(sink.taken()) == len(submitted)
@@ -252,6 +261,26 @@ def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder
             d.cleanup()
 
 
+def _delivered(state: Path, day: str) -> dict[tuple[str, str], int]:
+    """What kiln's store counts as delivered on `day`, per (IP, provider)."""
+    return _counts(state, day, "delivered")
+
+
+def _counts(state: Path, day: str, column: str) -> dict[tuple[str, str], int]:
+    """One of kiln's stored day counts (`delivered`, `deferred`, ...) per (IP, provider),
+    read once the daemon has stopped (it holds the database while it runs)."""
+    assert column in ("granted", "delivered", "deferred", "bounced")
+    db = sqlite3.connect(f"file:{state / 'kiln.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute(
+            f"SELECT ip, provider, {column} FROM kiln_feedback_counts WHERE day = ?",  # noqa: S608
+            (day,),
+        ).fetchall()
+    finally:
+        db.close()
+    return {(ip, provider): n for ip, provider, n in rows if n}
+
+
 def _iso(ms: int) -> str:
     """RFC 3339 of epoch ms, UTC."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
@@ -266,6 +295,41 @@ def _restart(d: DaemonProc, stopped_ms: int) -> None:
 def _ms(iso: str) -> int:
     """Epoch ms of an ISO time."""
     return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_exim_reports_a_deferral_with_its_reply(folder: Path) -> None:
+    """A 451 (quotes and a backslash in its text) reaches kiln as a `deferred` report for the
+    IP kiln picked, through the transport's event_action; the message waits in the queue."""
+    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
+    plan_path = folder / "plan.yaml"
+    plan_path.write_text(PLAN)
+    sock_dir = folder / "run"
+    sock_dir.mkdir(mode=0o755)
+    state = folder / "state"
+    state.mkdir()
+    args = ["--socket", str(sock_dir / "kiln.sock"), "--socket-group", EXIM_USER]
+    d = DaemonProc(plan_path, state_dir=state, args=args)
+    d.socket = sock_dir / "kiln.sock"
+    with SmtpSink(defer_prefix="slow") as sink:
+        rendered = exim_config(
+            load_plan(plan_path), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"
+        )
+        exim = Exim(folder, _whole_config(folder, rendered))
+        try:
+            d.start()
+            exim.submit("slow@gmail.com", "slow@e2e")
+            exim.queue_run()
+            assert sink.taken() == [] and exim.queued() == 1
+            with d.client() as c:
+                day = datetime.fromtimestamp(
+                    int(c.request("status")["now_ms"]) / 1000, tz=UTC
+                ).date()
+            assert "Slow down" in exim.mainlog()
+            d.stop()
+            deferred = _counts(state, day.isoformat(), "deferred")
+            assert deferred == {(IPS[0], "google"): 1}, (_all_counts(state), d.log()[-1500:])
+        finally:
+            d.cleanup()
 
 
 @pytest.mark.parametrize("when_down", ["defer", "default-ip"])
@@ -323,3 +387,12 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
         check=False,
     )
     assert done.returncode == 1 and "is not in plan" in done.stderr
+
+
+def _all_counts(state: Path) -> list[tuple[object, ...]]:
+    """Every stored day count, for a failure's message."""
+    db = sqlite3.connect(f"file:{state / 'kiln.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT * FROM kiln_feedback_counts").fetchall()
+    finally:
+        db.close()

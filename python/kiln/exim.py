@@ -107,5 +107,31 @@ def exim_config(
         "  interface = ${extract jsons{ip}{$address_data}}\n"
         + (f"  port = {port}\n" if port else "")
         + ("  allow_localhost\n" if loopback else "")
+        + _report_event(socket, timeout_s)
     )
     return EximConfig(routers=routers, transports=transports)
+
+
+def _report_event(socket: Path, timeout_s: int) -> str:
+    """The transport's `event_action`: each delivery, deferral and bounce goes to kiln as a
+    `report` (docs/protocol.md) with the IP kiln picked for it (`$address_data`; Exim's
+    `$sending_ip_address` is empty by the time the event runs), the remote reply's code and text
+    (quotes, backslashes and control characters blanked: the JSON stays valid). kiln's
+    answer is not waited on for anything: a daemon that is down loses the report, not mail."""
+    result = (
+        "${if eq{$event_name}{msg:delivery}{delivered}"
+        "{${if eq{$event_name}{msg:rcpt:defer}{deferred}{bounced}}}}"
+    )
+    # The reply code as a JSON number, or "" (kiln reads that as not given).
+    code = '${if match{$event_data}{\\N: ([245][0-9][0-9])[ -]\\N}{$1}{""}}'
+    text = '${sg{${substr_0_900:$event_data}}{\\N[^ -~]|["\\\\]\\N}{ }}'
+    request = (
+        '\\{"op":"report","ip":"${extract jsons{ip}{$address_data}}","domain":"$domain",'
+        f'"result":"{result}","code":{code},"text":"{text}"\\}}\\n'
+    )
+    return (
+        "  # kiln: every outcome, as a report (the reply is not used)\n"
+        "  event_action = ${if match{$event_name}"
+        "{\\N^msg:(delivery|rcpt:defer|fail:delivery)$\\N}\\\n"
+        f"    {{${{readsocket{{{socket}}}{{{request}}}{{{timeout_s}s}}{{\\n}}{{}}}}}}{{}}}}\n"
+    )
