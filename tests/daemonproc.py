@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from kiln.client import Client
 
-__all__ = ["REPO", "DaemonProc", "running_daemon"]
+__all__ = ["REPO", "DaemonProc", "running_daemon", "stored_counts"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "schedules" / "example.yaml"
@@ -167,3 +168,19 @@ def running_daemon(
         yield d.start()
     finally:
         d.cleanup()
+
+
+def stored_counts(state: Path, day: str, column: str) -> dict[tuple[str, str], int]:
+    """One of kiln's stored day counts (`granted`, `delivered`, `deferred`, `bounced`) per
+    (IP, provider), non-zero ones only; read once the daemon has stopped (it holds its SQLite
+    database while it runs)."""
+    assert column in ("granted", "delivered", "deferred", "bounced")
+    db = sqlite3.connect(f"file:{state / 'kiln.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute(
+            f"SELECT ip, provider, {column} FROM kiln_feedback_counts WHERE day = ?",  # noqa: S608
+            (day,),
+        ).fetchall()
+    finally:
+        db.close()
+    return {(ip, provider): n for ip, provider, n in rows if n}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import REPO, DaemonProc
+from daemonproc import REPO, DaemonProc, stored_counts
 from kiln.exim import EximConfig, exim_config
 from kiln.planfile import load_plan
 from smtpsink import SmtpSink
@@ -263,22 +262,7 @@ def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder
 
 def _delivered(state: Path, day: str) -> dict[tuple[str, str], int]:
     """What kiln's store counts as delivered on `day`, per (IP, provider)."""
-    return _counts(state, day, "delivered")
-
-
-def _counts(state: Path, day: str, column: str) -> dict[tuple[str, str], int]:
-    """One of kiln's stored day counts (`delivered`, `deferred`, ...) per (IP, provider),
-    read once the daemon has stopped (it holds the database while it runs)."""
-    assert column in ("granted", "delivered", "deferred", "bounced")
-    db = sqlite3.connect(f"file:{state / 'kiln.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = db.execute(
-            f"SELECT ip, provider, {column} FROM kiln_feedback_counts WHERE day = ?",  # noqa: S608
-            (day,),
-        ).fetchall()
-    finally:
-        db.close()
-    return {(ip, provider): n for ip, provider, n in rows if n}
+    return stored_counts(state, day, "delivered")
 
 
 def _iso(ms: int) -> str:
@@ -326,8 +310,8 @@ def test_exim_reports_a_deferral_with_its_reply(folder: Path) -> None:
                 ).date()
             assert "Slow down" in exim.mainlog()
             d.stop()
-            deferred = _counts(state, day.isoformat(), "deferred")
-            assert deferred == {(IPS[0], "google"): 1}, (_all_counts(state), d.log()[-1500:])
+            deferred = stored_counts(state, day.isoformat(), "deferred")
+            assert deferred == {(IPS[0], "google"): 1}, d.log()[-1500:]
         finally:
             d.cleanup()
 
@@ -387,12 +371,3 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
         check=False,
     )
     assert done.returncode == 1 and "is not in plan" in done.stderr
-
-
-def _all_counts(state: Path) -> list[tuple[object, ...]]:
-    """Every stored day count, for a failure's message."""
-    db = sqlite3.connect(f"file:{state / 'kiln.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT * FROM kiln_feedback_counts").fetchall()
-    finally:
-        db.close()

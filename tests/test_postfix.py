@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import REPO, DaemonProc
+from daemonproc import REPO, DaemonProc, stored_counts
 from kiln.planfile import load_plan
 from kiln.postfix import postfix_config
 from postfixproc import POSTFIX, SMTP_SOURCE, Postfix
@@ -307,12 +307,18 @@ def _run(d: DaemonProc, pf: Postfix, sink: SmtpSink) -> None:
         assert statistics.mean(t for _, t in mine[:half]) <= statistics.mean(
             t for _, t in mine[half:]
         ), provider
-    # kiln's own counts agree with the sink's.
+    # kiln's own counts agree with the sink's: what it granted today, and the deliveries it
+    # read from Postfix's log each day (stored once kiln stops).
     with d.client() as c:
         for ip in TX_IPS + SPILL_IPS:
             for provider in DOMAINS.values():
                 used = c.request("limits", ip=ip, provider=provider)["day_used"]
                 assert used == day_two[(ip, provider)], (ip, provider, used, day_two)
+    time.sleep(1.5)  # the log reader's last second
+    d.stop()
+    assert stored_counts(d.state_dir, MIDNIGHT[:10], "delivered") == day_two
+    day_one_key = Counter(_key(x) for x in before)
+    assert stored_counts(d.state_dir, CLOCK_START[:10], "delivered") == day_one_key
 
 
 def test_postfix_without_kiln_defers_and_sends_nothing(folder: Path) -> None:
