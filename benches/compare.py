@@ -3,10 +3,10 @@
     python benches/compare.py benches/results [--strict]
 
 Reads `rust.json` (rust/benches/core.rs), `python.json` (pytest-benchmark) and `memory.json`
-(benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py) if it is
-there; prints the ratios per group (each implementation against kiln in the same run), the
-daemon's modes, and every target with its measured figure, PASS or MISS, and writes
-`report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
+(benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py) and
+`postfix.json` (benches/postfix_bench.py) if they are there; prints the ratios per group
+(each implementation against kiln in the same run), the daemon's modes, and every target
+with its measured figure, PASS or MISS, and writes `report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
 Missing inputs show as n/a, never as a pass.
 """
 
@@ -217,6 +217,28 @@ def daemon_section(data: Any) -> list[Target]:
     ]
 
 
+def postfix_section(data: Any) -> list[Target]:
+    """Print postfix.json (benches/postfix_bench.py): the transport table beside its echo
+    server, the release queue, Postfix with and without kiln; its targets."""
+    look, rel, tp = data.get("lookup", {}), data.get("release", {}), data.get("throughput", {})
+    print("\nPostfix (benches/postfix_bench.py, same run)")
+    for name in ("echo", "kiln"):
+        f = look.get(name, {})
+        print(
+            f"  lookup {name:<5} {_fmt(f.get('requests_per_s'), 0):>9}/s  "
+            f"p50 {_fmt(f.get('p50_us'), 0)} us  p99 {_fmt(f.get('p99_us'), 0)} us"
+        )
+    print(f"  release at {_fmt(rel.get('held'), 0)} held: {_fmt(rel.get('releases_per_s'), 0)}/s")
+    print(
+        f"  messages/s without kiln {_fmt(tp.get('without_kiln_per_s'), 0)}, "
+        f"with {_fmt(tp.get('with_kiln_per_s'), 0)} (ratio {_fmt(tp.get('ratio'))})"
+    )
+    return [
+        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
+        for t in data.get("targets", [])
+    ]
+
+
 def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
     """Read the three inputs, print the tables, and return the targets and the report."""
     rust = _load(results / "rust.json")
@@ -238,6 +260,8 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
     if (results / "daemon.json").exists():
         daemon = _load(results / "daemon.json")
         found += daemon_section(daemon)
+    if (results / "postfix.json").exists():
+        found += postfix_section(_load(results / "postfix.json"))
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")
     for t in found:
         measured = f"{_fmt(t.measured)} {t.unit}".rstrip()
