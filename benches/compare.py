@@ -6,8 +6,8 @@ Reads `rust.json` (rust/benches/core.rs), `python.json` (pytest-benchmark) and `
 (benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py) and
 `postfix.json` (benches/postfix_bench.py) if they are there; prints the ratios per group
 (each implementation against kiln in the same run), the daemon's modes, and every target
-with its measured figure, PASS or MISS, and writes `report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
-Missing inputs show as n/a, never as a pass.
+with its measured figure, PASS or MISS, and writes `report.json` next to them. With
+`--strict` the exit status is 1 if a target is missed. Missing inputs show as n/a, never as a pass.
 """
 
 from __future__ import annotations
