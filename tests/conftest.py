@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -48,3 +51,15 @@ def postgres_url() -> Iterator[str]:
             yield create_database(server.url("postgres"), "kiln_test")
     except PostgresUnavailableError as exc:
         pytest.fail(f"PostgreSQL is needed for these tests: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder an MTA's own users (Exim's, Postfix's) can reach: pytest's tmp_path is
+    private to root. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="kiln-mta-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

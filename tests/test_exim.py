@@ -14,10 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -144,15 +142,23 @@ class Exim:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    """A folder Exim's own user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="kiln-exim-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def _daemon(folder: Path, *args: str) -> DaemonProc:
+    """A daemon (not started) on the test plan, its MTA socket where Exim's user reaches it."""
+    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
+    plan_path = folder / "plan.yaml"
+    plan_path.write_text(PLAN)
+    sock_dir = folder / "run"
+    sock_dir.mkdir(mode=0o755)
+    state = folder / "state"
+    state.mkdir()
+    socket = sock_dir / "kiln.sock"
+    d = DaemonProc(
+        plan_path,
+        state_dir=state,
+        args=["--socket", str(socket), "--socket-group", EXIM_USER, *args],
+    )
+    d.socket = socket
+    return d
 
 
 def _plan_now_ms(d: DaemonProc) -> int:
@@ -163,25 +169,8 @@ def _plan_now_ms(d: DaemonProc) -> int:
 
 def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder: Path) -> None:
     """The whole path, in steps (see the module doc)."""
-    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
-    plan_path = folder / "plan.yaml"
-    plan_path.write_text(PLAN)
-    sock_dir = folder / "run"
-    sock_dir.mkdir(mode=0o755)
-    state = folder / "state"
-    state.mkdir()
-    args = [
-        "--socket",
-        str(sock_dir / "kiln.sock"),
-        "--socket-group",
-        EXIM_USER,
-        "--clock-start",
-        CLOCK_START,
-        "--clock-speed",
-        str(CLOCK_SPEED),
-    ]
-    d = DaemonProc(plan_path, state_dir=state, args=args)
-    d.socket = sock_dir / "kiln.sock"
+    d = _daemon(folder, "--clock-start", CLOCK_START, "--clock-speed", str(CLOCK_SPEED))
+    plan_path, state = d.plan, d.state_dir
     with SmtpSink() as sink:
         rendered = exim_config(
             load_plan(plan_path), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"
@@ -215,7 +204,9 @@ def test_exim_sends_from_kilns_pick_holds_the_caps_and_waits_without_kiln(folder
 
             # The next day opens: the waiting mail leaves at the next queue run.
             deadline = time.monotonic() + 30
-            while _plan_now_ms(d) < _ms("2026-11-11T00:00:05+00:00"):
+            # Past the first tick after midnight (1 s real, 10 s here): the day has rolled, so
+            # the reports that follow count for the new day.
+            while _plan_now_ms(d) < _ms("2026-11-11T00:00:25+00:00"):
                 assert time.monotonic() < deadline, "the drill clock did not reach midnight"
                 time.sleep(0.5)
             exim.queue_run()
@@ -284,16 +275,8 @@ def _ms(iso: str) -> int:
 def test_exim_reports_a_deferral_with_its_reply(folder: Path) -> None:
     """A 451 (quotes and a backslash in its text) reaches kiln as a `deferred` report for the
     IP kiln picked, through the transport's event_action; the message waits in the queue."""
-    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
-    plan_path = folder / "plan.yaml"
-    plan_path.write_text(PLAN)
-    sock_dir = folder / "run"
-    sock_dir.mkdir(mode=0o755)
-    state = folder / "state"
-    state.mkdir()
-    args = ["--socket", str(sock_dir / "kiln.sock"), "--socket-group", EXIM_USER]
-    d = DaemonProc(plan_path, state_dir=state, args=args)
-    d.socket = sock_dir / "kiln.sock"
+    d = _daemon(folder)
+    plan_path, state = d.plan, d.state_dir
     with SmtpSink(defer_prefix="slow") as sink:
         rendered = exim_config(
             load_plan(plan_path), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"

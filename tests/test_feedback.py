@@ -624,6 +624,16 @@ def test_tail_start_end_skips_history(log_path: Path) -> None:
         assert lines_of(tail) == ["partial line", "new"]
 
 
+def test_tail_start_end_means_from_when_the_tail_was_made(log_path: Path) -> None:
+    """Lines written after the tail is made but before its first read are read (an MTA that
+    logs while the daemon starts loses nothing); what was there before is not."""
+    log_path.write_text("history\n")
+    with FileTail(log_path) as tail:
+        with log_path.open("a") as f:
+            f.write("first delivery\n")
+        assert lines_of(tail) == ["first delivery"]
+
+
 def test_tail_rename_rotation_while_old_still_written(log_path: Path) -> None:
     """After a rename the old file is finished first, still followed while its writer appends,
     and closed after drain_ms of silence."""

@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-
-import pytest
 
 from daemonproc import REPO, DaemonProc, stored_counts
 from kiln.planfile import load_plan
@@ -125,17 +120,6 @@ def _cap(ip: str, provider: str) -> int:
 
 def _allowance(provider: str) -> int:
     return sum(_cap(ip, provider) for ip in TX_IPS + SPILL_IPS)
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    """A folder Postfix's own user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="kiln-pf-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _ms(iso: str) -> int:
@@ -245,6 +229,16 @@ def _run(d: DaemonProc, pf: Postfix, sink: SmtpSink) -> None:
         lambda: (_queue(d), held),
     )
     time.sleep(1.5)  # the flush after the last hold (1 Hz) has written it
+    shown = subprocess.run(  # noqa: S603 (our own command)
+        [str(REPO / ".venv" / "bin" / "kiln"), "queue", "--socket", str(d.operator_socket)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for (pool, provider), n in held.items():  # due when the next day opens
+        row = rf"^{pool}\s+{provider}\s+{n}\s+\S+\s+{MIDNIGHT[:10]}T00:00:0\dZ$"
+        assert re.search(row, shown.stdout, re.M), shown.stdout
     first = sink.taken()
     assert len(first) == day_one
     per_key = Counter(_key(x) for x in first)

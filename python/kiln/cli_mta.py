@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,43 +94,51 @@ def _plan_and_pool(args: argparse.Namespace, verb: str) -> tuple[Plan, str] | No
 
 def exim_config_main(args: argparse.Namespace, state_dir: Path) -> int:
     """`kiln exim-config`: print the routers and transport (docs/integrations/exim.md)."""
-    found = _plan_and_pool(args, "exim-config")
-    if found is None:
-        return 1
-    socket = args.socket or state_dir / "kiln.sock"
-    try:
-        config = exim_config(
-            *found,
-            socket.absolute(),
+    return _print(
+        args,
+        "exim-config",
+        state_dir / "kiln.sock",
+        lambda plan, pool, socket: exim_config(
+            plan,
+            pool,
+            socket,
             smarthost=args.smarthost,
             timeout_s=args.timeout,
             when_down=args.when_down,
-        )
-    except KilnError as e:
-        _err(f"kiln exim-config: {e}")
-        return 1
-    sys.stdout.write(config.text())
-    return 0
+        ).text(),
+    )
 
 
 def postfix_config_main(args: argparse.Namespace, state_dir: Path) -> int:
     """`kiln postfix-config`: print the lines (docs/integrations/postfix.md)."""
-    found = _plan_and_pool(args, "postfix-config")
+    return _print(
+        args,
+        "postfix-config",
+        state_dir / "postfix.sock",
+        lambda plan, pool, socket: postfix_config(
+            plan, pool, socket, nexthop=args.nexthop, retry_s=args.retry, log_file=args.log_file
+        ).text(),
+    )
+
+
+def _print(
+    args: argparse.Namespace,
+    verb: str,
+    default_socket: Path,
+    render: Callable[[Plan, str, Path], str],
+) -> int:
+    """Render for the plan's pool and the socket (`--socket`, else `default_socket`) and print
+    it; 1 after saying what is wrong."""
+    found = _plan_and_pool(args, verb)
     if found is None:
         return 1
-    socket = args.socket or state_dir / "postfix.sock"
+    socket: Path = args.socket or default_socket
     try:
-        config = postfix_config(
-            *found,
-            socket.absolute(),
-            nexthop=args.nexthop,
-            retry_s=args.retry,
-            log_file=args.log_file,
-        )
+        text = render(*found, socket.absolute())
     except KilnError as e:
-        _err(f"kiln postfix-config: {e}")
+        _err(f"kiln {verb}: {e}")
         return 1
-    sys.stdout.write(config.text())
+    sys.stdout.write(text)
     return 0
 
 

@@ -162,6 +162,11 @@ class FileTail:
         self._draining: list[_Open] = []
         self._started = False
         self.counters: Counter[str] = Counter()
+        if checkpoint is None and start == "end":
+            # "From now on" means from when the tail was made, not from its first read: lines
+            # written in between (an MTA logging as the daemon starts) are not skipped.
+            self._begin()
+            self._started = True
 
     @property
     def path(self) -> str:
