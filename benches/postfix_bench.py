@@ -342,7 +342,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     args = parser.parse_args()
     quick = args.quick
-    result = {
+    result: dict[str, Any] = {
         "lookup": lookup(clients=4, per_client=2_000 if quick else 20_000),
         "release": release(10_000 if quick else 100_000),
         "throughput": throughput(500 if quick else 3_000, 1 if quick else 5),
