@@ -14,8 +14,9 @@ RUST_SRC := $(wildcard rust/src/*.rs rust/src/*/*.rs) rust/Cargo.toml
 EXT_MISSING := $(if $(wildcard python/kiln/_core*.so),,FORCE)
 STATE_DIR ?= .state
 
-# Debian packages the tests run for real: PostgreSQL (store tests).
-DEB_PACKAGES := postgresql postfix
+# Debian packages the tests run for real: PostgreSQL (store tests), Postfix with smtp-source and
+# smtp-sink (tests/test_postfix.py), redis-cli (tests/test_resp.py).
+DEB_PACKAGES := postgresql postfix redis-tools
 # Debian's Exim (tests/test_exim.py) from a private copy: exim4-daemon-light unpacked into
 # .cache/exim4 with the libraries it links, run with its own configuration (-C). Debian will
 # not install Exim beside Postfix (both provide mail-transport-agent), and the tests must

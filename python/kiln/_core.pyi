@@ -164,8 +164,8 @@ class MtaServer:
         """Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for
         the system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a
         ScaledClock. `protocol`: "native" (JSON lines), "socketmap" (Postfix's transport
-        lookups) or "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything,
-        nothing decided)."""
+        lookups), "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything,
+        nothing decided) or "resp" (the Redis protocol: `CL.THROTTLE`, `KILN.ACQUIRE`, ...)."""
     def notify_fd(self) -> int:
         """A descriptor that becomes readable when upcalls wait."""
     def take_upcalls(self) -> list[tuple[int, bytes]]:

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'postqueue -i'; another instance: 'postqueue -c /etc/postfix-out -i')",
     )
     run.add_argument(
+        "--resp-socket",
+        type=Path,
+        help="the Redis-protocol socket: CL.THROTTLE, KILN.ACQUIRE, KILN.PICK "
+        "(default STATE_DIR/resp.sock; docs/integrations/resp.md)",
+    )
+    run.add_argument("--no-resp", action="store_true", help="do not serve the Redis protocol")
+    run.add_argument(
         "--snapshot-interval-ms",
         type=int,
         default=1000,
@@ -298,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         **({"node": args.node} if args.node else {}),
         reinitialise=args.reinitialise,
         postfix=_postfix_settings(args, folder),
+        resp_socket_path=args.resp_socket,
+        resp=not args.no_resp,
     )
     return daemon.run(config, clock)
 

@@ -10,6 +10,7 @@ pub mod limiter;
 pub mod pick;
 pub mod protocol;
 pub mod reserve;
+pub mod resp;
 pub mod scheduler;
 pub mod server;
 pub mod socketmap;

@@ -38,11 +38,22 @@ class DaemonConfig:
     reinitialise: bool = False
     #: Serve Postfix's transport table and release the recipients it holds (`--postfix`).
     postfix: PostfixSettings | None = None
+    #: The Redis-protocol socket (`--resp-socket`; default STATE_DIR/resp.sock); off with
+    #: `--no-resp`.
+    resp_socket_path: Path | None = None
+    resp: bool = True
 
     @property
     def socket(self) -> Path:
         """Where the native (MTA) socket listens."""
         return self.socket_path or self.state_dir / "kiln.sock"
+
+    @property
+    def resp_socket(self) -> Path | None:
+        """Where the Redis-protocol socket listens, or None when it is off."""
+        if not self.resp:
+            return None
+        return self.resp_socket_path or self.state_dir / "resp.sock"
 
     @property
     def operator_socket(self) -> Path:

@@ -97,6 +97,8 @@ class Daemon:
         #: Postfix's transport table (served by `postfix_server`) and its held recipients.
         self.postfix = PostfixGate(self, config.postfix) if config.postfix else None
         self.postfix_server: _core.MtaServer | None = None
+        #: The Redis-protocol socket (rust/src/resp), served by the core.
+        self.resp_server: _core.MtaServer | None = None
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0

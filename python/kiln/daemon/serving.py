@@ -63,6 +63,8 @@ async def serve(d: Daemon) -> None:
     _ = d.spawn(d.notifier.feed(lambda: engine_answers(d)))
     if config.postfix is not None and d.postfix is not None:
         _serve_postfix(d, config.postfix.socket, backlog)
+    if config.resp_socket is not None:
+        d.resp_server = _core_server(d, config.resp_socket, backlog, "resp")
     if config.mta_listener == "rust":
         d.mta = RustMtaSocket(d, config.socket, backlog)
     else:
@@ -78,6 +80,7 @@ async def serve(d: Daemon) -> None:
         max_connections=d.max_connections,
         mta_listener=config.mta_listener,
         postfix_socket=str(config.postfix.socket) if config.postfix else None,
+        resp_socket=str(config.resp_socket) if config.resp_socket else None,
         watchdog_s=d.notifier.watchdog_s,
     )
     # What start-up built lives as long as the process: keep it out of the cyclic collector's
@@ -92,20 +95,27 @@ async def serve(d: Daemon) -> None:
         await shutdown(d)
 
 
-def _serve_postfix(d: Daemon, path: Path, backlog: int) -> None:
-    """Postfix's transport table, served by the core on a thread of its own, and the loop
-    that releases the recipients it held (kiln.daemon.postfix)."""
-    assert d.postfix is not None
+def _core_server(d: Daemon, path: Path, backlog: int, protocol: str) -> _core.MtaServer:
+    """A socket served by the core on a thread of its own in `protocol`, with the MTA
+    socket's access (it answers nothing Python must: no upcalls)."""
     prepare_socket_path(path)
-    d.postfix_server = _core.MtaServer(
+    server = _core.MtaServer(
         d.engine,
         str(path),
         backlog=backlog,
         max_connections=d.max_connections,
         clock=clock_spec(d.clock),
-        protocol="socketmap",
+        protocol=protocol,
     )
     set_socket_access(path, d.config.socket_mode, d.config.socket_group)
+    return server
+
+
+def _serve_postfix(d: Daemon, path: Path, backlog: int) -> None:
+    """Postfix's transport table, served by the core on a thread of its own, and the loop
+    that releases the recipients it held (kiln.daemon.postfix)."""
+    assert d.postfix is not None
+    d.postfix_server = _core_server(d, path, backlog, "socketmap")
     d.postfix.start()
     if d.feedback is None or all(s.name != "postfix" for s in d.feedback.sources):
         d.log.warning(
@@ -168,9 +178,11 @@ async def shutdown(d: Daemon) -> None:
     if d.mta is not None:
         d.mta.close()
         d.mta = None
-    if d.postfix_server is not None:
-        d.postfix_server.stop()
-        d.postfix_server = None
+    for name in ("postfix_server", "resp_server"):
+        server = getattr(d, name)
+        if server is not None:
+            server.stop()
+            setattr(d, name, None)
     if d.postfix is not None:
         d.postfix.close()
     if d.lookups is not None:
@@ -190,7 +202,8 @@ async def shutdown(d: Daemon) -> None:
     d.store.close()
     d.notifier.close()
     postfix = [d.config.postfix.socket] if d.config.postfix is not None else []
-    for path in (d.config.socket, d.config.operator_socket, *postfix):
+    resp = [d.config.resp_socket] if d.config.resp_socket is not None else []
+    for path in (d.config.socket, d.config.operator_socket, *postfix, *resp):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     d.log.info("stopped")

@@ -13,6 +13,7 @@ use super::CoreError;
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::protocol::Wire;
+use crate::resp::Resp;
 use crate::socketmap::TransportMap;
 
 /// An IP address and its Python string.
@@ -25,6 +26,8 @@ pub(super) struct Inner {
     pub(super) wire: Wire,
     /// Postfix's transport table: transports per IP and grants waiting for their lookup.
     pub(super) postfix: TransportMap,
+    /// The Redis-protocol listener's state: `CL.THROTTLE` keys.
+    pub(super) resp: Resp,
 }
 
 impl Inner {
@@ -72,6 +75,7 @@ impl PyEngine {
                 engine: Engine::new(),
                 wire: Wire::new(),
                 postfix: TransportMap::new(),
+                resp: Resp::new(),
             })),
             ip_cache: Mutex::new(Vec::new()),
             owner: AtomicU64::new(0),

@@ -13,6 +13,7 @@ use super::lock::{Inner, PyEngine};
 use super::{arg, bad};
 use crate::error::CoreResult;
 use crate::protocol::Served;
+use crate::resp;
 use crate::server::{Config, Handler, Replies, Server};
 use crate::socketmap;
 
@@ -104,6 +105,51 @@ impl Handler for SocketmapHandler {
     }
 }
 
+/// Serves the Redis protocol (RESP2) through the engine.
+struct RespHandler {
+    inner: Arc<Mutex<Inner>>,
+    clock: Clock,
+}
+
+const RESP_REPLIES: Replies = Replies {
+    refusal: resp::REFUSAL,
+    // The handler writes its own protocol error before asking to close.
+    too_long: b"",
+    internal: resp::INTERNAL,
+};
+
+impl Handler for RespHandler {
+    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        let now_ms = self.clock.now_ms();
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = &mut *g;
+        g.resp.serve(&mut g.engine, &mut g.wire, input, now_ms, out)
+    }
+
+    fn complete(&self, input: &[u8], scanned: usize) -> bool {
+        match input.first() {
+            None => false,
+            // An inline command: a line, looked for in the new bytes only.
+            Some(&b) if b != b'*' => {
+                input[scanned..].contains(&b'\n') || input.len() > resp::MAX_INLINE_BYTES
+            }
+            // An array: its headers are walked, its payloads skipped.
+            Some(_) => {
+                let mut args = Vec::new();
+                resp::frame(input, &mut args) != resp::Frame::Incomplete
+            }
+        }
+    }
+
+    fn max_pending_bytes(&self) -> usize {
+        resp::MAX_PENDING_BYTES
+    }
+
+    fn replies(&self) -> &'static Replies {
+        &RESP_REPLIES
+    }
+}
+
 /// The socketmap framing answering every request `OK echo:` without deciding anything: the
 /// baseline benches/postfix_bench.py measures the transport table against.
 struct EchoHandler;
@@ -167,7 +213,8 @@ impl PyMtaServer {
     /// Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for the
     /// system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a ScaledClock.
     /// `protocol`: "native" (JSON lines), "socketmap" (Postfix's transport lookups) or
-    /// "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything, nothing decided).
+    /// "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything, nothing decided)
+    /// or "resp" (the Redis protocol: `CL.THROTTLE`, `KILN.ACQUIRE`, ...).
     #[new]
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the path into an owned value
     #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None, protocol="native"))]
@@ -206,10 +253,13 @@ impl PyMtaServer {
             "native" => Server::start(&path, config, EngineHandler { inner, clock }),
             "socketmap" => Server::start(&path, config, SocketmapHandler { inner, clock }),
             "socketmap-echo" => Server::start(&path, config, EchoHandler),
+            "resp" => Server::start(&path, config, RespHandler { inner, clock }),
             other => {
                 return Err(bad(
                     "protocol",
-                    format_args!("must be native, socketmap or socketmap-echo, got {other:?}"),
+                    format_args!(
+                        "must be native, socketmap, socketmap-echo or resp, got {other:?}"
+                    ),
                 ))
             }
         };

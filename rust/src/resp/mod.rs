@@ -1,0 +1,511 @@
+//! The Redis protocol (RESP2), so clients that already talk to Redis (KumoMTA's `kumo.redis`,
+//! redis-py, redis-cli, an app's `CL.THROTTLE` call) can ask kiln instead. Commands:
+//! docs/integrations/resp.md.
+//!
+//! Requests are arrays of bulk strings (`*2\r\n$4\r\nPING\r\n$2\r\nhi\r\n`) or inline lines
+//! (`PING hi\r\n`, what telnet sends; words split on spaces, no quoting). Every reply is RESP2.
+//! A request that breaks the framing (a wrong length, a negative or huge bulk size, a nested
+//! array, a missing `\r\n`) gets `-ERR Protocol error: ...` and the connection is closed
+//! after it, as Redis does: the stream cannot be resynchronised. Any other mistake (unknown
+//! command, wrong arity, a bad number) gets an error reply and the connection stays.
+//!
+//! `CL.THROTTLE` is redis-cell's: a GCRA per free-form key, kept in `Throttles`.
+
+mod throttle;
+
+use std::fmt::Write as _;
+
+use crate::engine::Engine;
+use crate::error::CoreResult;
+use crate::limiter::{check_now, parse_ip};
+use crate::protocol::{Route, Served, Wire};
+pub use throttle::{Throttles, MAX_THROTTLE_KEYS};
+
+#[cfg(test)]
+mod tests;
+
+/// Longest bulk string (a key or an argument).
+pub const MAX_BULK_BYTES: usize = 64 << 10;
+/// Most arguments in one command (the command's name included).
+pub const MAX_ARGS: usize = 16;
+/// Longest inline command line.
+pub const MAX_INLINE_BYTES: usize = 64 << 10;
+/// Longest `*N` or `$N` header line, `\r\n` included.
+const MAX_HEADER_BYTES: usize = 24;
+/// Buffered bytes without a whole request beyond which the connection is closed.
+pub const MAX_PENDING_BYTES: usize = MAX_ARGS * (MAX_BULK_BYTES + MAX_HEADER_BYTES) + 64;
+
+/// The reply to a connection past the limit.
+pub const REFUSAL: &[u8] = b"-ERR max number of clients reached\r\n";
+/// The reply when the engine refuses to serve.
+pub const INTERNAL: &[u8] = b"-ERR internal error; see kiln's log\r\n";
+
+/// What the start of a buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// More bytes are needed.
+    Incomplete,
+    /// Broken framing: answer this and close.
+    Bad(&'static str),
+    /// A whole request, the next one at `next`; `args` are ranges into the buffer.
+    Whole { next: usize },
+}
+
+/// The line at the start of `input` without its `\r\n`, and where the next one starts;
+/// None while incomplete; Err when it is not `\r\n`-terminated within `max` bytes.
+fn header(input: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, ()> {
+    match input.iter().take(max).position(|&b| b == b'\n') {
+        Some(nl) if nl > 0 && input[nl - 1] == b'\r' => Ok(Some((&input[..nl - 1], nl + 1))),
+        Some(_) => Err(()),
+        None if input.len() >= max => Err(()),
+        None => Ok(None),
+    }
+}
+
+fn number(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Read the request at the start of `input`, its arguments' ranges into `args`.
+pub fn frame(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
+    args.clear();
+    let Some(&first) = input.first() else {
+        return Frame::Incomplete;
+    };
+    if first != b'*' {
+        return inline(input, args);
+    }
+    let (line, mut at) = match header(input, MAX_HEADER_BYTES) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Frame::Incomplete,
+        Err(()) => return Frame::Bad("invalid multibulk length"),
+    };
+    let Some(n) = number(&line[1..]) else {
+        return Frame::Bad("invalid multibulk length");
+    };
+    if n <= 0 {
+        return Frame::Whole { next: at }; // `*0`, `*-1`: nothing to answer, as Redis
+    }
+    if usize::try_from(n).map_or(true, |n| n > MAX_ARGS) {
+        return Frame::Bad("too many arguments in one command");
+    }
+    for _ in 0..n {
+        let rest = &input[at..];
+        match rest.first() {
+            None => return Frame::Incomplete,
+            Some(b'$') => {}
+            Some(_) => return Frame::Bad("expected '$' (arguments are bulk strings)"),
+        }
+        let (line, skip) = match header(rest, MAX_HEADER_BYTES) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Frame::Incomplete,
+            Err(()) => return Frame::Bad("invalid bulk length"),
+        };
+        let len = match number(&line[1..]) {
+            Some(len) => match usize::try_from(len) {
+                Ok(len) if len <= MAX_BULK_BYTES => len,
+                _ => return Frame::Bad("invalid bulk length"),
+            },
+            None => return Frame::Bad("invalid bulk length"),
+        };
+        let start = at + skip;
+        let end = start + len;
+        if input.len() < end + 2 {
+            return Frame::Incomplete;
+        }
+        if &input[end..end + 2] != b"\r\n" {
+            return Frame::Bad("bulk string not followed by \\r\\n");
+        }
+        args.push((start, end));
+        at = end + 2;
+    }
+    Frame::Whole { next: at }
+}
+
+fn inline(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
+    let Some(nl) = input
+        .iter()
+        .take(MAX_INLINE_BYTES + 1)
+        .position(|&b| b == b'\n')
+    else {
+        return if input.len() > MAX_INLINE_BYTES {
+            Frame::Bad("too big inline request")
+        } else {
+            Frame::Incomplete
+        };
+    };
+    let mut i = 0;
+    while i < nl {
+        while i < nl && input[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < nl && !input[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i > start {
+            if args.len() == MAX_ARGS {
+                return Frame::Bad("too many arguments in one command");
+            }
+            args.push((start, i));
+        }
+    }
+    Frame::Whole { next: nl + 1 }
+}
+
+/// Counters since the daemon started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RespStats {
+    pub commands: u64,
+    pub errors: u64,
+    pub throttled: u64,
+}
+
+/// The RESP listener's state beside the engine.
+#[derive(Debug, Clone, Default)]
+pub struct Resp {
+    pub throttles: Throttles,
+    args: Vec<(usize, usize)>,
+    pub stats: RespStats,
+}
+
+/// A RESP reply under construction.
+struct Out<'a>(&'a mut Vec<u8>);
+
+impl Out<'_> {
+    fn simple(&mut self, s: &str) {
+        self.0.push(b'+');
+        self.0.extend_from_slice(s.as_bytes());
+        self.0.extend_from_slice(b"\r\n");
+    }
+    fn error(&mut self, s: &str) {
+        self.0.push(b'-');
+        for &b in s.as_bytes() {
+            self.0.push(if b == b'\r' || b == b'\n' { b' ' } else { b });
+        }
+        self.0.extend_from_slice(b"\r\n");
+    }
+    fn int(&mut self, n: i64) {
+        let _ = write!(self, ":{n}\r\n");
+    }
+    fn bulk(&mut self, b: &[u8]) {
+        let _ = write!(self, "${}\r\n", b.len());
+        self.0.extend_from_slice(b);
+        self.0.extend_from_slice(b"\r\n");
+    }
+    fn nil(&mut self) {
+        self.0.extend_from_slice(b"$-1\r\n");
+    }
+    fn array(&mut self, n: usize) {
+        let _ = write!(self, "*{n}\r\n");
+    }
+}
+
+impl std::fmt::Write for Out<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// What one command did to the connection.
+enum After {
+    Stay,
+    Close,
+}
+
+impl Resp {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Answer every whole request of `input` into `out`. `too_long` in the result means:
+    /// close after what was written (a framing error's `-ERR`, or `QUIT`'s `+OK`).
+    pub fn serve(
+        &mut self,
+        engine: &mut Engine,
+        wire: &mut Wire,
+        input: &[u8],
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> CoreResult<Served> {
+        check_now(now_ms)?;
+        let mut at = 0;
+        let mut args = std::mem::take(&mut self.args);
+        let served = loop {
+            match frame(&input[at..], &mut args) {
+                Frame::Incomplete => {
+                    break Served {
+                        consumed: at,
+                        upcall: None,
+                        too_long: false,
+                    }
+                }
+                Frame::Bad(why) => {
+                    self.stats.errors += 1;
+                    Out(out).error(&format!("ERR Protocol error: {why}"));
+                    break Served {
+                        consumed: input.len(),
+                        upcall: None,
+                        too_long: true,
+                    };
+                }
+                Frame::Whole { next } => {
+                    let base = at;
+                    let words: Vec<&[u8]> = args
+                        .iter()
+                        .map(|&(s, e)| &input[base + s..base + e])
+                        .collect();
+                    at += next;
+                    if words.is_empty() {
+                        continue;
+                    }
+                    self.stats.commands += 1;
+                    let mark = out.len();
+                    match self.command(engine, wire, &words, now_ms, &mut Out(out)) {
+                        Ok(After::Stay) => {}
+                        Ok(After::Close) => {
+                            break Served {
+                                consumed: at,
+                                upcall: None,
+                                too_long: true,
+                            }
+                        }
+                        Err(message) => {
+                            out.truncate(mark);
+                            self.stats.errors += 1;
+                            Out(out).error(&message);
+                        }
+                    }
+                }
+            }
+        };
+        self.args = args;
+        Ok(served)
+    }
+
+    fn command(
+        &mut self,
+        engine: &mut Engine,
+        wire: &mut Wire,
+        words: &[&[u8]],
+        now_ms: u64,
+        out: &mut Out<'_>,
+    ) -> Result<After, String> {
+        let name = String::from_utf8_lossy(words[0]).to_ascii_lowercase();
+        let args = &words[1..];
+        let arity = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ERR wrong number of arguments for '{name}' command"
+                ))
+            }
+        };
+        match name.as_str() {
+            "ping" => {
+                arity(args.len() <= 1)?;
+                match args.first() {
+                    Some(m) => out.bulk(m),
+                    None => out.simple("PONG"),
+                }
+            }
+            "echo" => {
+                arity(args.len() == 1)?;
+                out.bulk(args[0]);
+            }
+            "quit" => {
+                out.simple("OK");
+                return Ok(After::Close);
+            }
+            "select" => {
+                arity(args.len() == 1)?;
+                if args[0] != b"0" {
+                    return Err("ERR DB index is out of range".into());
+                }
+                out.simple("OK");
+            }
+            "hello" => {
+                if let Some(v) = args.first() {
+                    if *v != b"2" {
+                        return Err(
+                            "NOPROTO unsupported protocol version (kiln speaks RESP2)".into()
+                        );
+                    }
+                }
+                out.array(14);
+                for (k, v) in [("server", "kiln"), ("version", env!("CARGO_PKG_VERSION"))] {
+                    out.bulk(k.as_bytes());
+                    out.bulk(v.as_bytes());
+                }
+                out.bulk(b"proto");
+                out.int(2);
+                out.bulk(b"id");
+                out.int(1);
+                for (k, v) in [("mode", "standalone"), ("role", "master")] {
+                    out.bulk(k.as_bytes());
+                    out.bulk(v.as_bytes());
+                }
+                out.bulk(b"modules");
+                out.array(0);
+            }
+            "client" => {
+                arity(!args.is_empty())?;
+                match String::from_utf8_lossy(args[0])
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "setname" | "setinfo" | "no-evict" | "no-touch" | "reply" => out.simple("OK"),
+                    "getname" => out.nil(),
+                    "id" => out.int(1),
+                    other => {
+                        return Err(format!("ERR unknown subcommand '{other}' of CLIENT"));
+                    }
+                }
+            }
+            "command" => match args.first().map(|a| a.to_ascii_lowercase()) {
+                Some(sub) if sub == b"count" => out.int(i64::try_from(COMMANDS.len()).unwrap_or(0)),
+                _ => out.array(0), // no command table: clients fall back to plain mode
+            },
+            "cl.throttle" => {
+                arity((4..=5).contains(&args.len()))?;
+                self.throttle(args, now_ms, out)?;
+            }
+            "kiln.acquire" | "kiln.pick" => {
+                arity((2..=3).contains(&args.len()))?;
+                decide(engine, wire, &name, args, now_ms, out)?;
+            }
+            _ => {
+                let mut msg = format!(
+                    "ERR unknown command '{}', with args beginning with:",
+                    printable(words[0])
+                );
+                for a in args.iter().take(4) {
+                    let _ = write!(msg, " '{}'", printable(a));
+                }
+                return Err(msg);
+            }
+        }
+        Ok(After::Stay)
+    }
+
+    fn throttle(&mut self, args: &[&[u8]], now_ms: u64, out: &mut Out<'_>) -> Result<(), String> {
+        let int = |i: usize, what: &str| -> Result<i64, String> {
+            number(args[i]).ok_or_else(|| format!("ERR {what} must be an integer"))
+        };
+        let burst = int(1, "max_burst")?;
+        let count = int(2, "count per period")?;
+        let period = int(3, "period")?;
+        let quantity = if args.len() == 5 {
+            int(4, "quantity")?
+        } else {
+            1
+        };
+        let r = self
+            .throttles
+            .throttle(args[0], burst, count, period, quantity, now_ms)
+            .map_err(|e| format!("ERR {e}"))?;
+        if r.limited {
+            self.stats.throttled += 1;
+        }
+        out.array(5);
+        out.int(i64::from(r.limited));
+        out.int(r.limit);
+        out.int(r.remaining);
+        out.int(r.retry_after_s);
+        out.int(r.reset_after_s);
+        Ok(())
+    }
+}
+
+/// The commands kiln answers (for `COMMAND COUNT`).
+const COMMANDS: [&str; 10] = [
+    "ping",
+    "echo",
+    "quit",
+    "select",
+    "hello",
+    "client",
+    "command",
+    "cl.throttle",
+    "kiln.acquire",
+    "kiln.pick",
+];
+
+/// `KILN.ACQUIRE ip domain [n]` and `KILN.PICK pool domain [n]`: an array a Lua script reads
+/// without a JSON library: granted (integer), reason, retry after ms (integer, -1: never
+/// while nothing changes), ip, provider, and for PICK the tier.
+fn decide(
+    engine: &mut Engine,
+    wire: &mut Wire,
+    name: &str,
+    args: &[&[u8]],
+    now_ms: u64,
+    out: &mut Out<'_>,
+) -> Result<(), String> {
+    let text = |i: usize, what: &str| -> Result<&str, String> {
+        std::str::from_utf8(args[i]).map_err(|_| format!("ERR {what} must be UTF-8"))
+    };
+    let n = match args.get(2) {
+        None => 1,
+        Some(a) => match number(a) {
+            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => n as u32,
+            _ => return Err("ERR n must be a whole number from 1".into()),
+        },
+    };
+    let domain = text(1, "domain")?;
+    let provider = match wire.route(domain, now_ms).map_err(|e| format!("ERR {e}"))? {
+        Route::Provider(p) => p,
+        Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
+    };
+    let pick = name == "kiln.pick";
+    let d = if pick {
+        let pool = text(0, "pool")?;
+        let pool = engine
+            .pool_handle(pool)
+            .map_err(|_| format!("ERR unknown pool '{}'", printable(args[0])))?;
+        engine.pick(pool, provider, n, now_ms)
+    } else {
+        let addr = parse_ip(text(0, "ip")?).map_err(|e| format!("ERR {e}"))?;
+        let ip = engine
+            .find_ip(&addr)
+            .ok_or_else(|| format!("ERR ip: {addr} is not a sending IP of this daemon's plan"))?;
+        let key = engine
+            .key_of(ip, provider)
+            .map_err(|e| format!("ERR {e}"))?;
+        engine.acquire(key, n, now_ms)
+    }
+    .map_err(|e| format!("ERR {e}"))?;
+    if d.is_granted() {
+        wire.tally_grant(d.key, d.granted);
+    }
+    let (ip, provider) = engine.key_handles(d.key);
+    out.array(if pick { 6 } else { 5 });
+    out.int(i64::from(d.granted));
+    out.bulk(d.reason.as_str().as_bytes());
+    out.int(
+        d.retry_after_ms
+            .map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
+    );
+    out.bulk(engine.ip_addr(ip).to_string().as_bytes());
+    out.bulk(engine.provider_name(provider).as_bytes());
+    if pick {
+        out.bulk(d.tier.as_str().as_bytes());
+    }
+    Ok(())
+}
+
+/// Bytes shown in an error: printable ASCII kept, the rest `?`, cut to 64.
+fn printable(b: &[u8]) -> String {
+    b.iter()
+        .take(64)
+        .map(|&c| {
+            if (0x20..0x7f).contains(&c) && c != b'\'' {
+                c as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
