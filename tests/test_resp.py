@@ -58,6 +58,13 @@ def test_redis_py_speaks_to_kiln(daemon: DaemonProc) -> None:
     assert isinstance(retry_ms, int)
     picked = cmd(r, "KILN.PICK", "transactional", "yahoo.com", 2)
     assert picked[0] == 2 and picked[5] in (b"warming", b"warm", b"overflow")
+    daily_cap, day_used, *_ = cmd(r, "KILN.LIMITS", IP, "gmail.com")
+    assert day_used >= 1 and (daily_cap == -1 or daily_cap >= day_used)
+    assert cmd(r, "KILN.REPORT", IP, "gmail.com", "delivered") == b"google"
+    klass, scope, rule = cmd(
+        r, "KILN.CLASSIFY", "550 5.1.1 The email account that you tried to reach does not exist"
+    )
+    assert klass == b"hard_bounce" and rule is not None, (klass, scope, rule)
     with pytest.raises(redis.ResponseError, match="unknown command 'GET'"):
         r.get("x")
     with pytest.raises(redis.ResponseError, match="wrong number of arguments"):

@@ -15,6 +15,7 @@ mod throttle;
 
 use std::fmt::Write as _;
 
+use crate::caps::NO_CAP;
 use crate::engine::Engine;
 use crate::error::CoreResult;
 use crate::limiter::{check_now, parse_ip};
@@ -326,48 +327,7 @@ impl Resp {
                 }
                 out.simple("OK");
             }
-            "hello" => {
-                if let Some(v) = args.first() {
-                    if *v != b"2" {
-                        return Err(
-                            "NOPROTO unsupported protocol version (kiln speaks RESP2)".into()
-                        );
-                    }
-                }
-                out.array(14);
-                for (k, v) in [("server", "kiln"), ("version", env!("CARGO_PKG_VERSION"))] {
-                    out.bulk(k.as_bytes());
-                    out.bulk(v.as_bytes());
-                }
-                out.bulk(b"proto");
-                out.int(2);
-                out.bulk(b"id");
-                out.int(1);
-                for (k, v) in [("mode", "standalone"), ("role", "master")] {
-                    out.bulk(k.as_bytes());
-                    out.bulk(v.as_bytes());
-                }
-                out.bulk(b"modules");
-                out.array(0);
-            }
-            "client" => {
-                arity(!args.is_empty())?;
-                match String::from_utf8_lossy(args[0])
-                    .to_ascii_lowercase()
-                    .as_str()
-                {
-                    "setname" | "setinfo" | "no-evict" | "no-touch" | "reply" => out.simple("OK"),
-                    "getname" => out.nil(),
-                    "id" => out.int(1),
-                    other => {
-                        return Err(format!("ERR unknown subcommand '{other}' of CLIENT"));
-                    }
-                }
-            }
-            "command" => match args.first().map(|a| a.to_ascii_lowercase()) {
-                Some(sub) if sub == b"count" => out.int(i64::try_from(COMMANDS.len()).unwrap_or(0)),
-                _ => out.array(0), // no command table: clients fall back to plain mode
-            },
+            "hello" | "client" | "command" => session(&name, args, out)?,
             "cl.throttle" => {
                 arity((4..=5).contains(&args.len()))?;
                 self.throttle(args, now_ms, out)?;
@@ -375,6 +335,28 @@ impl Resp {
             "kiln.acquire" | "kiln.pick" => {
                 arity((2..=3).contains(&args.len()))?;
                 decide(engine, wire, &name, args, now_ms, out)?;
+            }
+            "kiln.limits" => {
+                arity(args.len() == 2)?;
+                limits(engine, wire, args, now_ms, out)?;
+            }
+            "kiln.report" => {
+                arity((3..=6).contains(&args.len()))?;
+                let fields = ["ip", "domain", "result", "code", "enhanced", "text"];
+                let reply = native(engine, wire, "report", &fields, args, now_ms)?;
+                out.bulk(reply["provider"].as_str().unwrap_or_default().as_bytes());
+            }
+            "kiln.classify" => {
+                arity((1..=4).contains(&args.len()))?;
+                let fields = ["text", "code", "enhanced", "domain"];
+                let reply = native(engine, wire, "classify", &fields, args, now_ms)?;
+                out.array(3);
+                for field in ["class", "scope", "rule"] {
+                    match reply[field].as_str() {
+                        Some(v) => out.bulk(v.as_bytes()),
+                        None => out.nil(),
+                    }
+                }
             }
             _ => {
                 let mut msg = format!(
@@ -417,6 +399,56 @@ impl Resp {
         out.int(r.reset_after_s);
         Ok(())
     }
+}
+
+/// The handshake commands client libraries and redis-cli send.
+fn session(name: &str, args: &[&[u8]], out: &mut Out<'_>) -> Result<(), String> {
+    match name {
+        "hello" => {
+            if let Some(v) = args.first() {
+                if *v != b"2" {
+                    return Err("NOPROTO unsupported protocol version (kiln speaks RESP2)".into());
+                }
+            }
+            out.array(14);
+            for (k, v) in [("server", "kiln"), ("version", env!("CARGO_PKG_VERSION"))] {
+                out.bulk(k.as_bytes());
+                out.bulk(v.as_bytes());
+            }
+            out.bulk(b"proto");
+            out.int(2);
+            out.bulk(b"id");
+            out.int(1);
+            for (k, v) in [("mode", "standalone"), ("role", "master")] {
+                out.bulk(k.as_bytes());
+                out.bulk(v.as_bytes());
+            }
+            out.bulk(b"modules");
+            out.array(0);
+        }
+        "client" => {
+            if args.is_empty() {
+                return Err("ERR wrong number of arguments for 'client' command".into());
+            }
+            match String::from_utf8_lossy(args[0])
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "setname" | "setinfo" | "no-evict" | "no-touch" | "reply" => out.simple("OK"),
+                "getname" => out.nil(),
+                "id" => out.int(1),
+                other => {
+                    return Err(format!("ERR unknown subcommand '{other}' of CLIENT"));
+                }
+            }
+        }
+        "command" => match args.first().map(|a| a.to_ascii_lowercase()) {
+            Some(sub) if sub == b"count" => out.int(i64::try_from(COMMANDS.len()).unwrap_or(0)),
+            _ => out.array(0), // no command table: clients fall back to plain mode
+        },
+        _ => return Err(format!("ERR unknown command '{name}'")),
+    }
+    Ok(())
 }
 
 /// The commands kiln answers (for `COMMAND COUNT`).
@@ -494,6 +526,79 @@ fn decide(
         out.bulk(d.tier.as_str().as_bytes());
     }
     Ok(())
+}
+
+/// `KILN.LIMITS ip domain`: the key's caps and use as integers (-1: no cap): daily cap, used
+/// today, hourly cap, used this hour, suspended until (Unix ms, 0: not), paused (0/1).
+fn limits(
+    engine: &mut Engine,
+    wire: &mut Wire,
+    args: &[&[u8]],
+    now_ms: u64,
+    out: &mut Out<'_>,
+) -> Result<(), String> {
+    let text = |i: usize| std::str::from_utf8(args[i]).map_err(|_| "ERR not UTF-8".to_owned());
+    let provider = match wire
+        .route(text(1)?, now_ms)
+        .map_err(|e| format!("ERR {e}"))?
+    {
+        Route::Provider(p) => p,
+        Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
+    };
+    let addr = parse_ip(text(0)?).map_err(|e| format!("ERR {e}"))?;
+    let ip = engine
+        .find_ip(&addr)
+        .ok_or_else(|| format!("ERR ip: {addr} is not a sending IP of this daemon's plan"))?;
+    let key = engine
+        .key_of(ip, provider)
+        .map_err(|e| format!("ERR {e}"))?;
+    let u = engine.usage(key).map_err(|e| format!("ERR {e}"))?;
+    let cap = |c: u32| if c == NO_CAP { -1 } else { i64::from(c) };
+    out.array(6);
+    out.int(cap(u.limits.daily_cap));
+    out.int(i64::from(u.day_used));
+    out.int(cap(u.limits.hourly_cap));
+    out.int(i64::from(u.hour_used));
+    out.int(i64::try_from(u.suspended_until_ms).unwrap_or(i64::MAX));
+    out.int(i64::from(u.limits.paused));
+    Ok(())
+}
+
+/// Run a native operation (docs/protocol.md) with the given arguments as its fields, so both
+/// protocols check and answer it the same way; its reply as JSON, or its error as `-ERR`.
+fn native(
+    engine: &mut Engine,
+    wire: &mut Wire,
+    op: &str,
+    fields: &[&str],
+    args: &[&[u8]],
+    now_ms: u64,
+) -> Result<serde_json::Value, String> {
+    let mut req = serde_json::Map::new();
+    req.insert("op".into(), op.into());
+    for (field, arg) in fields.iter().zip(args) {
+        let text = std::str::from_utf8(arg).map_err(|_| format!("ERR {field} must be UTF-8"))?;
+        let value = match (*field, text.parse::<u64>()) {
+            ("code", Ok(n)) => n.into(),
+            _ => text.into(),
+        };
+        req.insert((*field).into(), value);
+    }
+    let mut line = serde_json::to_vec(&req).map_err(|e| format!("ERR {e}"))?;
+    line.push(b'\n');
+    let mut reply = Vec::new();
+    wire.serve(engine, &line, now_ms, &mut reply)
+        .map_err(|e| format!("ERR {e}"))?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&reply).map_err(|e| format!("ERR internal: {e}"))?;
+    if reply["ok"] == serde_json::Value::Bool(true) {
+        Ok(reply)
+    } else {
+        Err(format!(
+            "ERR {}",
+            reply["error"].as_str().unwrap_or("refused")
+        ))
+    }
 }
 
 /// Bytes shown in an error: printable ASCII kept, the rest `?`, cut to 64.

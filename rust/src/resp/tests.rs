@@ -162,3 +162,54 @@ fn kiln_acquire_and_pick_answer_arrays() {
     let granted: u64 = w.take_tallies().iter().map(|t| t.1.granted).sum();
     assert_eq!(granted, 2);
 }
+
+#[test]
+fn kiln_limits_report_and_classify() {
+    let (mut e, mut w, mut r) = setup();
+    let input = [
+        cmd(&["KILN.ACQUIRE", A, "gmail.com"]),
+        cmd(&["KILN.LIMITS", A, "gmail.com"]),
+        cmd(&[
+            "KILN.REPORT",
+            A,
+            "gmail.com",
+            "deferred",
+            "421",
+            "4.7.28",
+            "slow down",
+        ]),
+        cmd(&["KILN.REPORT", A, "gmail.com", "nope"]),
+        cmd(&["KILN.CLASSIFY", "550 5.1.1 user unknown"]),
+        cmd(&["KILN.LIMITS", "192.0.2.99", "gmail.com"]),
+    ]
+    .concat();
+    let (out, _) = ask(&mut e, &mut w, &mut r, input.as_bytes(), NOW);
+    let replies: Vec<&str> = out.split_inclusive("\r\n").collect();
+    // ACQUIRE's 9 lines, then LIMITS: daily cap 2, 1 used, no hourly cap, 0, not suspended.
+    assert_eq!(
+        replies[9..16].concat(),
+        "*6\r\n:2\r\n:1\r\n:-1\r\n:1\r\n:0\r\n:0\r\n"
+    );
+    assert_eq!(replies[16..18].concat(), "$6\r\ngoogle\r\n");
+    assert!(
+        replies[18].starts_with("-ERR result: must be delivered"),
+        "{}",
+        replies[20]
+    );
+    // No rules compiled here: unclassified, no scope, no rule.
+    assert_eq!(
+        replies[19..24].concat(),
+        "*3\r\n$12\r\nunclassified\r\n$-1\r\n$-1\r\n"
+    );
+    assert!(
+        replies[24].starts_with("-ERR ip: 192.0.2.99"),
+        "{}",
+        replies[25]
+    );
+    let reports = w.take_reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        (reports[0].code, reports[0].enhanced.as_deref()),
+        (Some(421), Some("4.7.28"))
+    );
+}
