@@ -3,11 +3,12 @@
     python benches/compare.py benches/results [--strict]
 
 Reads `rust.json` (rust/benches/core.rs), `python.json` (pytest-benchmark) and `memory.json`
-(benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py) and
-`postfix.json` (benches/postfix_bench.py) if they are there; prints the ratios per group
-(each implementation against kiln in the same run), the daemon's modes, and every target
-with its measured figure, PASS or MISS, and writes `report.json` next to them. With
-`--strict` the exit status is 1 if a target is missed. Missing inputs show as n/a, never as a pass.
+(benches/memory.py) from the directory, and `daemon.json` (benches/daemon_bench.py),
+`postfix.json` (benches/postfix_bench.py) and `resp.json` (benches/resp_bench.py) if they
+are there; prints the ratios per group (each implementation against kiln in the same run),
+the daemon's modes, and every target with its measured figure, PASS or MISS, and writes
+`report.json` next to them. With `--strict` the exit status is 1 if a target is missed.
+Missing inputs show as n/a, never as a pass.
 """
 
 from __future__ import annotations
@@ -239,6 +240,22 @@ def postfix_section(data: Any) -> list[Target]:
     ]
 
 
+def resp_section(data: Any) -> list[Target]:
+    """Print resp.json (benches/resp_bench.py): kiln's Redis-protocol socket beside Redis,
+    both driven by redis-benchmark in one run; its targets."""
+    print("\nRedis protocol (benches/resp_bench.py; redis-benchmark, 50 clients, same run)")
+    for mode in ("P1", "P16"):
+        for name, f in data.get(mode, {}).items():
+            print(
+                f"  {mode:<4} {name:<18} {_fmt(f.get('requests_per_s'), 0):>10}/s  "
+                f"p50 {_fmt(f.get('p50_ms'), 3)} ms  p99 {_fmt(f.get('p99_ms'), 3)} ms"
+            )
+    return [
+        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
+        for t in data.get("targets", [])
+    ]
+
+
 def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
     """Read the three inputs, print the tables, and return the targets and the report."""
     rust = _load(results / "rust.json")
@@ -262,6 +279,8 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
         found += daemon_section(daemon)
     if (results / "postfix.json").exists():
         found += postfix_section(_load(results / "postfix.json"))
+    if (results / "resp.json").exists():
+        found += resp_section(_load(results / "resp.json"))
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")
     for t in found:
         measured = f"{_fmt(t.measured)} {t.unit}".rstrip()
