@@ -186,11 +186,31 @@ impl Out<'_> {
         }
         self.0.extend_from_slice(b"\r\n");
     }
+    /// `prefix`, `n` in decimal, `\r\n` (no formatting machinery: this runs per reply).
+    fn number(&mut self, prefix: u8, n: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.0.push(prefix);
+        if n < 0 {
+            self.0.push(b'-');
+        }
+        self.0.extend_from_slice(&digits[i..]);
+        self.0.extend_from_slice(b"\r\n");
+    }
     fn int(&mut self, n: i64) {
-        let _ = write!(self, ":{n}\r\n");
+        self.number(b':', n);
     }
     fn bulk(&mut self, b: &[u8]) {
-        let _ = write!(self, "${}\r\n", b.len());
+        self.number(b'$', i64::try_from(b.len()).unwrap_or(i64::MAX));
         self.0.extend_from_slice(b);
         self.0.extend_from_slice(b"\r\n");
     }
@@ -198,7 +218,7 @@ impl Out<'_> {
         self.0.extend_from_slice(b"$-1\r\n");
     }
     fn array(&mut self, n: usize) {
-        let _ = write!(self, "*{n}\r\n");
+        self.number(b'*', i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -253,17 +273,18 @@ impl Resp {
                 }
                 Frame::Whole { next } => {
                     let base = at;
-                    let words: Vec<&[u8]> = args
-                        .iter()
-                        .map(|&(s, e)| &input[base + s..base + e])
-                        .collect();
+                    let mut slots: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
+                    for (slot, &(s, e)) in slots.iter_mut().zip(&args) {
+                        *slot = &input[base + s..base + e];
+                    }
+                    let words = &slots[..args.len()];
                     at += next;
                     if words.is_empty() {
                         continue;
                     }
                     self.stats.commands += 1;
                     let mark = out.len();
-                    match self.command(engine, wire, &words, now_ms, &mut Out(out)) {
+                    match self.command(engine, wire, words, now_ms, &mut Out(out)) {
                         Ok(After::Stay) => {}
                         Ok(After::Close) => {
                             break Served {
@@ -293,7 +314,8 @@ impl Resp {
         now_ms: u64,
         out: &mut Out<'_>,
     ) -> Result<After, String> {
-        let name = String::from_utf8_lossy(words[0]).to_ascii_lowercase();
+        let mut lower = [0u8; 16];
+        let name = ascii_lower(words[0], &mut lower);
         let args = &words[1..];
         let arity = |ok: bool| {
             if ok {
@@ -304,7 +326,7 @@ impl Resp {
                 ))
             }
         };
-        match name.as_str() {
+        match name {
             "ping" => {
                 arity(args.len() <= 1)?;
                 match args.first() {
@@ -327,14 +349,14 @@ impl Resp {
                 }
                 out.simple("OK");
             }
-            "hello" | "client" | "command" => session(&name, args, out)?,
+            "hello" | "client" | "command" => session(name, args, out)?,
             "cl.throttle" => {
                 arity((4..=5).contains(&args.len()))?;
                 self.throttle(args, now_ms, out)?;
             }
             "kiln.acquire" | "kiln.pick" => {
                 arity((2..=3).contains(&args.len()))?;
-                decide(engine, wire, &name, args, now_ms, out)?;
+                decide(engine, wire, name, args, now_ms, out)?;
             }
             "kiln.limits" => {
                 arity(args.len() == 2)?;
@@ -520,7 +542,13 @@ fn decide(
         d.retry_after_ms
             .map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
     );
-    out.bulk(engine.ip_addr(ip).to_string().as_bytes());
+    let mut text = [0u8; 48]; // the longest IPv6 text is 45 bytes
+    let len = {
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{}", engine.ip_addr(ip)));
+        usize::try_from(cursor.position()).unwrap_or(0)
+    };
+    out.bulk(&text[..len]);
     out.bulk(engine.provider_name(provider).as_bytes());
     if pick {
         out.bulk(d.tier.as_str().as_bytes());
@@ -599,6 +627,18 @@ fn native(
             reply["error"].as_str().unwrap_or("refused")
         ))
     }
+}
+
+/// A command's name lower-cased into `buf` ("" when longer than any command or not ASCII:
+/// an unknown command).
+fn ascii_lower<'b>(name: &[u8], buf: &'b mut [u8; 16]) -> &'b str {
+    if name.len() > buf.len() || !name.is_ascii() {
+        return "";
+    }
+    for (d, s) in buf.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    std::str::from_utf8(&buf[..name.len()]).unwrap_or("")
 }
 
 /// Bytes shown in an error: printable ASCII kept, the rest `?`, cut to 64.
