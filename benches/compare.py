@@ -196,6 +196,14 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:,.{digits}f}"
 
 
+def file_targets(data: Any) -> list[Target]:
+    """The `targets` a bench script wrote into its JSON file."""
+    return [
+        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
+        for t in data.get("targets", [])
+    ]
+
+
 def daemon_section(data: Any) -> list[Target]:
     """Print the daemon's modes from daemon.json, kiln beside the echo server; its targets."""
     print("\nDaemon on its socket (medians over rounds; k/e = kiln / echo server, same run)")
@@ -212,10 +220,7 @@ def daemon_section(data: Any) -> list[Target]:
             f"{_fmt(r.get('p50_kiln_over_echo')):>5} {_fmt(k.get('p99_us'), 1):>8} "
             f"{_fmt(k.get('daemon_cpu_us_per_decision')):>15} {bad:>6}"
         )
-    return [
-        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
-        for t in data.get("targets", [])
-    ]
+    return file_targets(data)
 
 
 def postfix_section(data: Any) -> list[Target]:
@@ -234,10 +239,7 @@ def postfix_section(data: Any) -> list[Target]:
         f"  messages/s without kiln {_fmt(tp.get('without_kiln_per_s'), 0)}, "
         f"with {_fmt(tp.get('with_kiln_per_s'), 0)} (ratio {_fmt(tp.get('ratio'))})"
     )
-    return [
-        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
-        for t in data.get("targets", [])
-    ]
+    return file_targets(data)
 
 
 def resp_section(data: Any) -> list[Target]:
@@ -250,10 +252,7 @@ def resp_section(data: Any) -> list[Target]:
                 f"  {mode:<4} {name:<18} {_fmt(f.get('requests_per_s'), 0):>10}/s  "
                 f"p50 {_fmt(f.get('p50_ms'), 3)} ms  p99 {_fmt(f.get('p99_ms'), 3)} ms"
             )
-    return [
-        Target(t["name"], t["measured"], t["bound"], t["unit"], bool(t["at_most"]))
-        for t in data.get("targets", [])
-    ]
+    return file_targets(data)
 
 
 def report(results: Path) -> tuple[list[Target], dict[str, Any]]:

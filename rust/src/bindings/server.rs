@@ -13,8 +13,9 @@ use super::lock::{Inner, PyEngine};
 use super::{arg, bad};
 use crate::error::CoreResult;
 use crate::protocol::Served;
+use crate::protocol::MAX_LINE_BYTES;
 use crate::resp;
-use crate::server::{Config, Handler, Replies, Server};
+use crate::server::{Config, Handler, Replies, Server, NATIVE_REPLIES};
 use crate::socketmap;
 
 /// The daemon's clock as the serving thread reads it (kiln.clock: `SystemClock`, or a
@@ -56,25 +57,18 @@ impl Clock {
     }
 }
 
-/// Serves lines through the engine, as `Engine.serve` does, at the clock's time.
-struct EngineHandler {
-    inner: Arc<Mutex<Inner>>,
-    clock: Clock,
-}
-
-impl Handler for EngineHandler {
-    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
-        let now_ms = self.clock.now_ms();
-        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let g = &mut *g;
-        g.wire.serve(&mut g.engine, input, now_ms, out)
-    }
-}
-
-/// Serves Postfix's socketmap lookups (`transport_maps`) through the engine.
-struct SocketmapHandler {
-    inner: Arc<Mutex<Inner>>,
-    clock: Clock,
+/// Which protocol a socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// JSON lines (docs/protocol.md), as `Engine.serve`.
+    Native,
+    /// Postfix's socketmap, answering `transport_maps` (rust/src/socketmap).
+    Socketmap,
+    /// The socketmap framing answering every request `OK echo:` without deciding anything:
+    /// the baseline benches/postfix_bench.py measures the transport table against.
+    SocketmapEcho,
+    /// The Redis protocol, RESP2 (rust/src/resp).
+    Resp,
 }
 
 const SOCKETMAP_REPLIES: Replies = Replies {
@@ -83,113 +77,62 @@ const SOCKETMAP_REPLIES: Replies = Replies {
     internal: socketmap::INTERNAL,
 };
 
-impl Handler for SocketmapHandler {
-    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
-        let now_ms = self.clock.now_ms();
-        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let g = &mut *g;
-        g.postfix
-            .serve(&mut g.engine, &mut g.wire, input, now_ms, out)
-    }
-
-    fn complete(&self, input: &[u8], _scanned: usize) -> bool {
-        socketmap::frame(input) != socketmap::Frame::Incomplete
-    }
-
-    fn max_pending_bytes(&self) -> usize {
-        socketmap::MAX_REQUEST_BYTES + 8
-    }
-
-    fn replies(&self) -> &'static Replies {
-        &SOCKETMAP_REPLIES
-    }
-}
-
-/// Serves the Redis protocol (RESP2) through the engine.
-struct RespHandler {
-    inner: Arc<Mutex<Inner>>,
-    clock: Clock,
-}
-
 const RESP_REPLIES: Replies = Replies {
     refusal: resp::REFUSAL,
-    // The handler writes its own protocol error before asking to close.
+    // The RESP code writes its own protocol error (or QUIT's +OK) before asking to close.
     too_long: b"",
     internal: resp::INTERNAL,
 };
 
-impl Handler for RespHandler {
+/// Serves one socket's requests through the engine, at the clock's time.
+struct CoreHandler {
+    inner: Arc<Mutex<Inner>>,
+    clock: Clock,
+    protocol: Protocol,
+}
+
+impl Handler for CoreHandler {
     fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
+        if self.protocol == Protocol::SocketmapEcho {
+            return Ok(socketmap::echo(input, out));
+        }
         let now_ms = self.clock.now_ms();
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let g = &mut *g;
-        g.resp.serve(&mut g.engine, &mut g.wire, input, now_ms, out)
+        match self.protocol {
+            Protocol::Native => g.wire.serve(&mut g.engine, input, now_ms, out),
+            Protocol::Socketmap => g
+                .postfix
+                .serve(&mut g.engine, &mut g.wire, input, now_ms, out),
+            Protocol::Resp => g.resp.serve(&mut g.engine, &mut g.wire, input, now_ms, out),
+            Protocol::SocketmapEcho => Ok(socketmap::echo(input, out)), // answered above
+        }
     }
 
     fn complete(&self, input: &[u8], scanned: usize) -> bool {
-        match input.first() {
-            None => false,
-            // An inline command: a line, looked for in the new bytes only.
-            Some(&b) if b != b'*' => {
-                input[scanned..].contains(&b'\n') || input.len() > resp::MAX_INLINE_BYTES
+        match self.protocol {
+            Protocol::Native => input[scanned..].contains(&b'\n'),
+            Protocol::Socketmap | Protocol::SocketmapEcho => {
+                socketmap::frame(input) != socketmap::Frame::Incomplete
             }
-            // An array: its headers are walked, its payloads skipped.
-            Some(_) => {
-                let mut args = Vec::new();
-                resp::frame(input, &mut args) != resp::Frame::Incomplete
-            }
+            Protocol::Resp => resp::complete(input, scanned),
         }
     }
 
     fn max_pending_bytes(&self) -> usize {
-        resp::MAX_PENDING_BYTES
-    }
-
-    fn replies(&self) -> &'static Replies {
-        &RESP_REPLIES
-    }
-}
-
-/// The socketmap framing answering every request `OK echo:` without deciding anything: the
-/// baseline benches/postfix_bench.py measures the transport table against.
-struct EchoHandler;
-
-impl Handler for EchoHandler {
-    fn serve(&mut self, input: &[u8], out: &mut Vec<u8>) -> CoreResult<Served> {
-        let mut at = 0;
-        loop {
-            match socketmap::frame(&input[at..]) {
-                socketmap::Frame::Incomplete => break,
-                socketmap::Frame::Bad => {
-                    return Ok(Served {
-                        consumed: at,
-                        upcall: None,
-                        too_long: true,
-                    })
-                }
-                socketmap::Frame::Whole { next, .. } => {
-                    out.extend_from_slice(b"8:OK echo:,");
-                    at += next;
-                }
-            }
+        match self.protocol {
+            Protocol::Native => MAX_LINE_BYTES,
+            Protocol::Socketmap | Protocol::SocketmapEcho => socketmap::MAX_REQUEST_BYTES + 8,
+            Protocol::Resp => resp::MAX_PENDING_BYTES,
         }
-        Ok(Served {
-            consumed: at,
-            upcall: None,
-            too_long: false,
-        })
-    }
-
-    fn complete(&self, input: &[u8], _scanned: usize) -> bool {
-        socketmap::frame(input) != socketmap::Frame::Incomplete
-    }
-
-    fn max_pending_bytes(&self) -> usize {
-        socketmap::MAX_REQUEST_BYTES + 8
     }
 
     fn replies(&self) -> &'static Replies {
-        &SOCKETMAP_REPLIES
+        match self.protocol {
+            Protocol::Native => &NATIVE_REPLIES,
+            Protocol::Socketmap | Protocol::SocketmapEcho => &SOCKETMAP_REPLIES,
+            Protocol::Resp => &RESP_REPLIES,
+        }
     }
 }
 
@@ -244,16 +187,11 @@ impl PyMtaServer {
                 }
             }
         };
-        let inner = engine.get().shared_inner();
-        let config = Config {
-            max_connections,
-            backlog,
-        };
-        let started = match protocol {
-            "native" => Server::start(&path, config, EngineHandler { inner, clock }),
-            "socketmap" => Server::start(&path, config, SocketmapHandler { inner, clock }),
-            "socketmap-echo" => Server::start(&path, config, EchoHandler),
-            "resp" => Server::start(&path, config, RespHandler { inner, clock }),
+        let protocol = match protocol {
+            "native" => Protocol::Native,
+            "socketmap" => Protocol::Socketmap,
+            "socketmap-echo" => Protocol::SocketmapEcho,
+            "resp" => Protocol::Resp,
             other => {
                 return Err(bad(
                     "protocol",
@@ -263,6 +201,16 @@ impl PyMtaServer {
                 ))
             }
         };
+        let config = Config {
+            max_connections,
+            backlog,
+        };
+        let handler = CoreHandler {
+            inner: engine.get().shared_inner(),
+            clock,
+            protocol,
+        };
+        let started = Server::start(&path, config, handler);
         let server = started.map_err(|e| {
             pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
         })?;

@@ -123,6 +123,19 @@ pub fn frame(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
     Frame::Whole { next: at }
 }
 
+/// Whether `input` may hold a whole request (or broken framing to answer); `input[..scanned]`
+/// was seen before. An inline command's line is looked for in the new bytes only; an array's
+/// headers are walked and its payloads skipped, so a client dripping bytes costs little.
+pub fn complete(input: &[u8], scanned: usize) -> bool {
+    match input.first() {
+        None => false,
+        Some(&b) if b != b'*' => {
+            input[scanned..].contains(&b'\n') || input.len() > MAX_INLINE_BYTES
+        }
+        Some(_) => frame(input, &mut Vec::new()) != Frame::Incomplete,
+    }
+}
+
 fn inline(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
     let Some(nl) = input
         .iter()

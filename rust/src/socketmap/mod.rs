@@ -88,6 +88,34 @@ pub fn frame(input: &[u8]) -> Frame {
     Frame::Incomplete
 }
 
+/// Answer every whole netstring of `input` with `OK echo:`, deciding nothing: a benchmark's
+/// baseline with the same framing and bounds.
+pub fn echo(input: &[u8], out: &mut Vec<u8>) -> Served {
+    let mut at = 0;
+    loop {
+        match frame(&input[at..]) {
+            Frame::Incomplete => {
+                return Served {
+                    consumed: at,
+                    upcall: None,
+                    too_long: false,
+                }
+            }
+            Frame::Bad => {
+                return Served {
+                    consumed: at,
+                    upcall: None,
+                    too_long: true,
+                }
+            }
+            Frame::Whole { next, .. } => {
+                out.extend_from_slice(b"8:OK echo:,");
+                at += next;
+            }
+        }
+    }
+}
+
 /// Counters for the log and `status`, since the daemon started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MapStats {
