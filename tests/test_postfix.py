@@ -20,12 +20,18 @@ import statistics
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 from daemonproc import REPO, DaemonProc, stored_counts
+from kiln import _core
+from kiln.clock import SystemClock
+from kiln.daemon.postfix import PostfixGate, PostfixSettings
 from kiln.planfile import load_plan
 from kiln.postfix import postfix_config
+from kiln.records import Held
 from postfixproc import POSTFIX, SMTP_SOURCE, Postfix
 from smtpsink import Delivery, SmtpSink
 
@@ -145,11 +151,14 @@ def _queue(d: DaemonProc) -> dict[tuple[str, str], int]:
     return {(q["pool"], q["provider"]): q["waiting"] for q in reply["queues"]}
 
 
-def _wait(what: str, check: object, timeout_s: float, why: object = "") -> None:
+def _wait(
+    what: str, check: Callable[[], bool], timeout_s: float, why: Callable[[], object]
+) -> None:
+    """Poll `check` until true; past `timeout_s`, fail saying `what` and `why()`."""
     deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout_s} s: {why() if callable(why) else why}")
+            raise AssertionError(f"{what} within {timeout_s} s: {why()}")
         time.sleep(0.2)
 
 
@@ -355,8 +364,11 @@ def test_postfix_config_renders_transports_for_every_ip_and_refuses_bad_input() 
     assert f"transport_maps=socketmap:unix:/run/kiln/postfix.sock:{pool}" in text
     assert "-o rewrite_service_name=kiln-rewrite" in text
     assert "minimal_backoff_time = 30s" in text
-    v6 = postfix_config(plan, pool, Path("/s")).master_cf
-    assert "smtp_bind_address6" not in v6
+    v6 = load_plan(REPO / "schedules" / "example.yaml")
+    v6.batches[next(iter(v6.batches))].ips.append("2001:db8::10")
+    master = postfix_config(v6, pool, Path("/s")).master_cf
+    assert "kiln-2001-db8--10 unix" in master and "smtp_bind_address6=2001:db8::10" in master
+    assert "smtp_bind_address=2001:db8::10" not in master
     kiln = os.fspath(REPO / ".venv" / "bin" / "kiln")
     for bad, message in (
         (["--pool", "nope"], "is not in plan"),
@@ -374,3 +386,36 @@ def test_postfix_config_renders_transports_for_every_ip_and_refuses_bad_input() 
             assert done.returncode == 1 and message in done.stderr, (bad, done.stderr)
         else:
             assert done.returncode == 0 and "kiln-rewrite" in done.stdout, done.stderr
+
+
+def test_postfix_gate_holds_once_releases_in_order_and_never_reuses_a_queued_id() -> None:
+    """The integration's own code against a real engine: a recipient logged twice is held
+    once; the queue releases in arrival order, one hand-back per message, each grant kept
+    for its recipient's lookup; after a restore whose queue holds an id without its row, new
+    holds take fresh ids."""
+    engine = _core.Engine()
+    engine.pin_thread()
+    engine.define_pool("tx", [("192.0.2.10", 1, False)])
+    engine.postfix_configure([("192.0.2.10", "kiln-192.0.2.10")], "")
+    google = engine.provider("google")
+    engine.enqueue(1, engine.pool("tx"), google)  # restored from a snapshot, row lost
+    d = SimpleNamespace(engine=engine, clock=SystemClock(), warn_repeated=lambda *a, **k: None)
+    gate = PostfixGate(d, PostfixSettings(Path("/nonexistent")))  # type: ignore[arg-type]
+    try:
+        gate.restore({})
+        now = SystemClock().now_ms()
+        waits = [
+            Held("Q1", "a@gmail.com", "tx", "google", now),
+            Held("Q1", "b@gmail.com", "tx", "google", now),
+            Held("Q2", "c@gmail.com", "tx", "google", now),
+        ]
+        assert gate.hold(waits) == 3
+        assert gate.hold(waits[:1]) == 0  # the same log line read again
+        assert 1 not in gate.held and len(gate.held) == 3
+        assert engine.queued() == 4
+        assert gate.release(now) == ["Q1", "Q2"]
+        assert engine.queued() == 0 and gate.held == {}
+        assert all(engine.postfix_prepaid(h.recipient) == 1 for h in waits)
+        assert set(gate.take_changes().values()) == {None}
+    finally:
+        gate.close()

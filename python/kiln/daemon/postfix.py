@@ -107,7 +107,9 @@ class PostfixGate:
                 continue
             self.held[i] = h
             self._ids[(h.queue_id, h.recipient)] = i
-        self._next_id = max([*saved, 0]) + 1
+        # New ids start past every id in use: the saved rows' and the restored queue's (a
+        # queued id without its row must not be handed out again).
+        self._next_id = max([*saved, *queued, 0]) + 1
 
     def start(self) -> None:
         """Run the release loop on the daemon's loop."""

@@ -178,11 +178,12 @@ async def shutdown(d: Daemon) -> None:
     if d.mta is not None:
         d.mta.close()
         d.mta = None
-    for name in ("postfix_server", "resp_server"):
-        server = getattr(d, name)
-        if server is not None:
-            server.stop()
-            setattr(d, name, None)
+    if d.postfix_server is not None:
+        d.postfix_server.stop()
+        d.postfix_server = None
+    if d.resp_server is not None:
+        d.resp_server.stop()
+        d.resp_server = None
     if d.postfix is not None:
         d.postfix.close()
     if d.lookups is not None:

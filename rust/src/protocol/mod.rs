@@ -57,7 +57,28 @@ pub struct Served {
     /// A line (range in the input, without its newline) that Python must answer next.
     pub upcall: Option<(usize, usize)>,
     /// A line over `MAX_LINE_BYTES` was found at `consumed`: close the connection.
+    /// (Other protocols also set it to close after their replies: a broken frame, `QUIT`.)
     pub too_long: bool,
+}
+
+impl Served {
+    /// `consumed` bytes answered; the rest waits for more data.
+    pub fn upto(consumed: usize) -> Self {
+        Self {
+            consumed,
+            upcall: None,
+            too_long: false,
+        }
+    }
+
+    /// `consumed` bytes answered; close the connection once the replies are written.
+    pub fn closing(consumed: usize) -> Self {
+        Self {
+            consumed,
+            upcall: None,
+            too_long: true,
+        }
+    }
 }
 
 /// The protocol's state beside the engine: domain routes, tallies, reports.
@@ -262,11 +283,7 @@ impl Wire {
             }
             // The limit counts the line without its terminator, `\n` or `\r\n` alike.
             if end - start > MAX_LINE_BYTES {
-                return Ok(Served {
-                    consumed: start,
-                    upcall: None,
-                    too_long: true,
-                });
+                return Ok(Served::closing(start));
             }
             let line_start = start;
             let line = &input[line_start..end];
@@ -284,11 +301,7 @@ impl Wire {
                 });
             }
         }
-        Ok(Served {
-            consumed: start,
-            upcall: None,
-            too_long: false,
-        })
+        Ok(Served::upto(start))
     }
 
     /// Answer one line; true when it is an upcall (nothing written).

@@ -67,9 +67,12 @@ fn number(digits: &[u8]) -> Option<i64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// Read the request at the start of `input`, its arguments' ranges into `args`.
-pub fn frame(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
-    args.clear();
+/// Read the request at the start of `input`, its arguments' ranges into `args` (None: only
+/// whether it is whole, allocating nothing).
+pub fn frame(input: &[u8], mut args: Option<&mut Vec<(usize, usize)>>) -> Frame {
+    if let Some(a) = args.as_deref_mut() {
+        a.clear();
+    }
     let Some(&first) = input.first() else {
         return Frame::Incomplete;
     };
@@ -117,7 +120,9 @@ pub fn frame(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
         if &input[end..end + 2] != b"\r\n" {
             return Frame::Bad("bulk string not followed by \\r\\n");
         }
-        args.push((start, end));
+        if let Some(a) = args.as_deref_mut() {
+            a.push((start, end));
+        }
         at = end + 2;
     }
     Frame::Whole { next: at }
@@ -132,11 +137,11 @@ pub fn complete(input: &[u8], scanned: usize) -> bool {
         Some(&b) if b != b'*' => {
             input[scanned..].contains(&b'\n') || input.len() > MAX_INLINE_BYTES
         }
-        Some(_) => frame(input, &mut Vec::new()) != Frame::Incomplete,
+        Some(_) => frame(input, None) != Frame::Incomplete,
     }
 }
 
-fn inline(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
+fn inline(input: &[u8], mut args: Option<&mut Vec<(usize, usize)>>) -> Frame {
     let Some(nl) = input
         .iter()
         .take(MAX_INLINE_BYTES + 1)
@@ -149,6 +154,7 @@ fn inline(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
         };
     };
     let mut i = 0;
+    let mut words = 0;
     while i < nl {
         while i < nl && input[i].is_ascii_whitespace() {
             i += 1;
@@ -158,10 +164,13 @@ fn inline(input: &[u8], args: &mut Vec<(usize, usize)>) -> Frame {
             i += 1;
         }
         if i > start {
-            if args.len() == MAX_ARGS {
+            words += 1;
+            if words > MAX_ARGS {
                 return Frame::Bad("too many arguments in one command");
             }
-            args.push((start, i));
+            if let Some(a) = args.as_deref_mut() {
+                a.push((start, i));
+            }
         }
     }
     Frame::Whole { next: nl + 1 }
@@ -267,22 +276,12 @@ impl Resp {
         let mut at = 0;
         let mut args = std::mem::take(&mut self.args);
         let served = loop {
-            match frame(&input[at..], &mut args) {
-                Frame::Incomplete => {
-                    break Served {
-                        consumed: at,
-                        upcall: None,
-                        too_long: false,
-                    }
-                }
+            match frame(&input[at..], Some(&mut args)) {
+                Frame::Incomplete => break Served::upto(at),
                 Frame::Bad(why) => {
                     self.stats.errors += 1;
                     Out(out).error(&format!("ERR Protocol error: {why}"));
-                    break Served {
-                        consumed: input.len(),
-                        upcall: None,
-                        too_long: true,
-                    };
+                    break Served::closing(input.len());
                 }
                 Frame::Whole { next } => {
                     let base = at;
@@ -299,13 +298,7 @@ impl Resp {
                     let mark = out.len();
                     match self.command(engine, wire, words, now_ms, &mut Out(out)) {
                         Ok(After::Stay) => {}
-                        Ok(After::Close) => {
-                            break Served {
-                                consumed: at,
-                                upcall: None,
-                                too_long: true,
-                            }
-                        }
+                        Ok(After::Close) => break Served::closing(at),
                         Err(message) => {
                             out.truncate(mark);
                             self.stats.errors += 1;

@@ -94,20 +94,8 @@ pub fn echo(input: &[u8], out: &mut Vec<u8>) -> Served {
     let mut at = 0;
     loop {
         match frame(&input[at..]) {
-            Frame::Incomplete => {
-                return Served {
-                    consumed: at,
-                    upcall: None,
-                    too_long: false,
-                }
-            }
-            Frame::Bad => {
-                return Served {
-                    consumed: at,
-                    upcall: None,
-                    too_long: true,
-                }
-            }
+            Frame::Incomplete => return Served::upto(at),
+            Frame::Bad => return Served::closing(at),
             Frame::Whole { next, .. } => {
                 out.extend_from_slice(b"8:OK echo:,");
                 at += next;
@@ -228,20 +216,8 @@ impl TransportMap {
         let mut at = 0;
         loop {
             match frame(&input[at..]) {
-                Frame::Incomplete => {
-                    return Ok(Served {
-                        consumed: at,
-                        upcall: None,
-                        too_long: false,
-                    })
-                }
-                Frame::Bad => {
-                    return Ok(Served {
-                        consumed: at,
-                        upcall: None,
-                        too_long: true,
-                    })
-                }
+                Frame::Incomplete => return Ok(Served::upto(at)),
+                Frame::Bad => return Ok(Served::closing(at)),
                 Frame::Whole { start, end, next } => {
                     self.stats.requests += 1;
                     self.payload.clear();
