@@ -16,7 +16,7 @@ STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests), Postfix with smtp-source and
 # smtp-sink (tests/test_postfix.py), redis-cli (tests/test_resp.py).
-DEB_PACKAGES := postgresql postfix redis-tools
+DEB_PACKAGES := postgresql postfix redis-tools lua5.1 lua-redis lua-socket
 # Debian's Exim (tests/test_exim.py) from a private copy: exim4-daemon-light unpacked into
 # .cache/exim4 with the libraries it links, run with its own configuration (-C). Debian will
 # not install Exim beside Postfix (both provide mail-transport-agent), and the tests must

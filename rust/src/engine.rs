@@ -271,6 +271,11 @@ impl Engine {
         self.limiter.usage(key)
     }
 
+    /// When the current hour's counters next roll (None before a calendar is set).
+    pub fn next_hour_ms(&self) -> Option<u64> {
+        self.limiter.hours.next_ms()
+    }
+
     // ----- the release queue -----
 
     pub fn enqueue(

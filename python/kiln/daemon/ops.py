@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kiln import _core
 from kiln.daemon import reload
 from kiln.daemon.runner import Now, Runner
+from kiln.mtashape import shape_of
 from kiln.mx import MxLookups
 from kiln.ramp import plan_providers
 from kiln.rampday import ramp_view
@@ -250,6 +251,12 @@ def queue(d: Daemon, now_ms: int) -> dict[str, Any]:
     }
 
 
+def caps(d: Daemon, now_ms: int) -> dict[str, Any]:
+    """Every warming key's room per hour now, with the pools and providers: what `kiln render`
+    writes PowerMTA's and KumoMTA's configuration from (kiln.mtashape)."""
+    return {"ok": True, **shape_of(d.engine, d.plan, now_ms).to_json()}
+
+
 async def _reload(d: Daemon, _req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
     """Re-read the plan (off the loop when serving) and swap it in only if valid."""
     return await reload.reload(d, run, now)
@@ -285,6 +292,7 @@ OPS: dict[str, Op] = {
     "stats": Op(_at_once(lambda d, _r, t: stats(d, t)), mta=True),
     "automations": Op(_at_once(automations)),
     "queue": Op(_at_once(lambda d, _r, t: queue(d, t))),
+    "caps": Op(_at_once(lambda d, _r, t: caps(d, t))),
     "cancel": Op(cancel),
     "explain": Op(explain),
 }

@@ -16,6 +16,7 @@ mod throttle;
 use std::fmt::Write as _;
 
 use crate::caps::NO_CAP;
+use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::error::CoreResult;
 use crate::limiter::{check_now, parse_ip};
@@ -358,7 +359,11 @@ impl Resp {
             "hello" | "client" | "command" => session(name, args, out)?,
             "cl.throttle" => {
                 arity((4..=5).contains(&args.len()))?;
-                self.throttle(args, now_ms, out)?;
+                if args[0].starts_with(KILN_KEY) {
+                    self.kiln_throttle(engine, wire, args, now_ms, out)?;
+                } else {
+                    self.throttle(args, now_ms, out)?;
+                }
             }
             "kiln.acquire" | "kiln.pick" => {
                 arity((2..=3).contains(&args.len()))?;
@@ -401,17 +406,7 @@ impl Resp {
     }
 
     fn throttle(&mut self, args: &[&[u8]], now_ms: u64, out: &mut Out<'_>) -> Result<(), String> {
-        let int = |i: usize, what: &str| -> Result<i64, String> {
-            number(args[i]).ok_or_else(|| format!("ERR {what} must be an integer"))
-        };
-        let burst = int(1, "max_burst")?;
-        let count = int(2, "count per period")?;
-        let period = int(3, "period")?;
-        let quantity = if args.len() == 5 {
-            int(4, "quantity")?
-        } else {
-            1
-        };
+        let (burst, count, period, quantity) = throttle_numbers(args)?;
         let r = self
             .throttles
             .throttle(args[0], burst, count, period, quantity, now_ms)
@@ -427,6 +422,119 @@ impl Resp {
         out.int(r.reset_after_s);
         Ok(())
     }
+
+    /// `CL.THROTTLE kiln/IP/DOMAIN ...`: the warm-up key (IP, provider of DOMAIN) answers, in
+    /// redis-cell's reply shape, instead of a GCRA of the caller's numbers (which are checked
+    /// and ignored). `quantity` is charged when granted. Anything after the domain from a
+    /// `:` on is ignored: KumoMTA appends `:limit:burst:period` to its throttles' names.
+    fn kiln_throttle(
+        &mut self,
+        engine: &mut Engine,
+        wire: &mut Wire,
+        args: &[&[u8]],
+        now_ms: u64,
+        out: &mut Out<'_>,
+    ) -> Result<(), String> {
+        let (_, _, _, quantity) = throttle_numbers(args)?;
+        let n = u32::try_from(quantity)
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or("ERR quantity must be a whole number from 1 for a kiln/ key")?;
+        let rest = &args[0][KILN_KEY.len()..];
+        let rest = rest.split(|&c| c == b':').next().unwrap_or_default();
+        let slash = rest.iter().position(|&c| c == b'/').ok_or(
+            "ERR a kiln/ throttle key is kiln/IP/DOMAIN (the sending IP and a recipient domain)",
+        )?;
+        let (ip, domain) = (&rest[..slash], &rest[slash + 1..]);
+        let d = acquire_on(engine, wire, ip, domain, n, now_ms)?;
+        if d.is_granted() {
+            wire.tally_grant(d.key, d.granted);
+        } else {
+            self.stats.throttled += 1;
+        }
+        let u = engine.usage(d.key).map_err(|e| format!("ERR {e}"))?;
+        let room =
+            |cap: u32, used: u32| (cap != NO_CAP).then(|| i64::from(cap.saturating_sub(used)));
+        let hour = room(u.limits.hourly_cap, u.hour_used);
+        let day = room(u.limits.daily_cap, u.day_used);
+        let limit = match (u.limits.hourly_cap, u.limits.daily_cap) {
+            (NO_CAP, NO_CAP) => -1,
+            (NO_CAP, daily) => i64::from(daily),
+            (hourly, _) => i64::from(hourly),
+        };
+        let remaining = match (hour, day) {
+            (Some(h), Some(d)) => h.min(d),
+            (Some(r), None) | (None, Some(r)) => r,
+            (None, None) => -1,
+        };
+        let reset_s = engine.next_hour_ms().map_or(-1, |t| {
+            i64::try_from(t.saturating_sub(now_ms).div_ceil(1000)).unwrap_or(-1)
+        });
+        out.array(5);
+        out.int(i64::from(!d.is_granted()));
+        out.int(limit);
+        out.int(remaining);
+        out.int(if d.is_granted() {
+            -1
+        } else {
+            d.retry_after_ms.map_or(UNKNOWN_WAIT_S, |ms| {
+                i64::try_from(ms.div_ceil(1000).max(1)).unwrap_or(UNKNOWN_WAIT_S)
+            })
+        });
+        out.int(reset_s);
+        Ok(())
+    }
+}
+
+/// The prefix of `CL.THROTTLE` keys that name a warm-up key: `kiln/IP/DOMAIN`.
+const KILN_KEY: &[u8] = b"kiln/";
+/// The retry after (s) of a `kiln/` key denied with no known end (a pause, a ramp step that
+/// only a person or the next day changes): ask again in five minutes.
+const UNKNOWN_WAIT_S: i64 = 300;
+
+/// `CL.THROTTLE`'s numbers: (max_burst, count per period, period, quantity).
+fn throttle_numbers(args: &[&[u8]]) -> Result<(i64, i64, i64, i64), String> {
+    let int = |i: usize, what: &str| -> Result<i64, String> {
+        number(args[i]).ok_or_else(|| format!("ERR {what} must be an integer"))
+    };
+    let quantity = if args.len() == 5 {
+        int(4, "quantity")?
+    } else {
+        1
+    };
+    Ok((
+        int(1, "max_burst")?,
+        int(2, "count per period")?,
+        int(3, "period")?,
+        quantity,
+    ))
+}
+
+/// Acquire `n` on the key of (sending IP, provider of `domain`), as `KILN.ACQUIRE` does.
+fn acquire_on(
+    engine: &mut Engine,
+    wire: &mut Wire,
+    ip: &[u8],
+    domain: &[u8],
+    n: u32,
+    now_ms: u64,
+) -> Result<Decision, String> {
+    let domain = std::str::from_utf8(domain).map_err(|_| "ERR domain must be UTF-8".to_owned())?;
+    let provider = match wire.route(domain, now_ms).map_err(|e| format!("ERR {e}"))? {
+        Route::Provider(p) => p,
+        Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
+    };
+    let ip = std::str::from_utf8(ip).map_err(|_| "ERR ip must be UTF-8".to_owned())?;
+    let addr = parse_ip(ip).map_err(|e| format!("ERR {e}"))?;
+    let ip = engine
+        .find_ip(&addr)
+        .ok_or_else(|| format!("ERR ip: {addr} is not a sending IP of this daemon's plan"))?;
+    let key = engine
+        .key_of(ip, provider)
+        .map_err(|e| format!("ERR {e}"))?;
+    engine
+        .acquire(key, n, now_ms)
+        .map_err(|e| format!("ERR {e}"))
 }
 
 /// The handshake commands client libraries and redis-cli send.
@@ -472,6 +580,31 @@ fn session(name: &str, args: &[&[u8]], out: &mut Out<'_>) -> Result<(), String> 
         }
         "command" => match args.first().map(|a| a.to_ascii_lowercase()) {
             Some(sub) if sub == b"count" => out.int(i64::try_from(COMMANDS.len()).unwrap_or(0)),
+            // One entry per name asked, nil for a command kiln does not answer: KumoMTA asks
+            // `COMMAND INFO CL.THROTTLE` to learn whether redis-cell is there.
+            Some(sub) if sub == b"info" => {
+                out.array(args.len() - 1);
+                for asked in &args[1..] {
+                    let mut buf = [0u8; 16];
+                    let name = ascii_lower(asked, &mut buf);
+                    match COMMANDS
+                        .iter()
+                        .find(|(n, _)| *n == name && !name.is_empty())
+                    {
+                        Some(&(n, arity)) => {
+                            out.array(6);
+                            out.bulk(n.as_bytes());
+                            out.int(arity);
+                            out.array(0);
+                            let keyed = i64::from(n == "cl.throttle");
+                            out.int(keyed);
+                            out.int(keyed);
+                            out.int(keyed);
+                        }
+                        None => out.nil(),
+                    }
+                }
+            }
             _ => out.array(0), // no command table: clients fall back to plain mode
         },
         _ => return Err(format!("ERR unknown command '{name}'")),
@@ -479,18 +612,22 @@ fn session(name: &str, args: &[&[u8]], out: &mut Out<'_>) -> Result<(), String> 
     Ok(())
 }
 
-/// The commands kiln answers (for `COMMAND COUNT`).
-const COMMANDS: [&str; 10] = [
-    "ping",
-    "echo",
-    "quit",
-    "select",
-    "hello",
-    "client",
-    "command",
-    "cl.throttle",
-    "kiln.acquire",
-    "kiln.pick",
+/// The commands kiln answers with their arity as Redis states it (negative: at least), for
+/// `COMMAND COUNT` and `COMMAND INFO`.
+const COMMANDS: [(&str, i64); 13] = [
+    ("ping", -1),
+    ("echo", 2),
+    ("quit", -1),
+    ("select", 2),
+    ("hello", -1),
+    ("client", -2),
+    ("command", -1),
+    ("cl.throttle", -5),
+    ("kiln.acquire", -3),
+    ("kiln.pick", -3),
+    ("kiln.limits", 3),
+    ("kiln.report", -4),
+    ("kiln.classify", -2),
 ];
 
 /// `KILN.ACQUIRE ip domain [n]` and `KILN.PICK pool domain [n]`: an array a Lua script reads
@@ -514,29 +651,23 @@ fn decide(
             _ => return Err("ERR n must be a whole number from 1".into()),
         },
     };
-    let domain = text(1, "domain")?;
-    let provider = match wire.route(domain, now_ms).map_err(|e| format!("ERR {e}"))? {
-        Route::Provider(p) => p,
-        Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
-    };
     let pick = name == "kiln.pick";
     let d = if pick {
+        let domain = text(1, "domain")?;
+        let provider = match wire.route(domain, now_ms).map_err(|e| format!("ERR {e}"))? {
+            Route::Provider(p) => p,
+            Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
+        };
         let pool = text(0, "pool")?;
         let pool = engine
             .pool_handle(pool)
             .map_err(|_| format!("ERR unknown pool '{}'", printable(args[0])))?;
-        engine.pick(pool, provider, n, now_ms)
+        engine
+            .pick(pool, provider, n, now_ms)
+            .map_err(|e| format!("ERR {e}"))?
     } else {
-        let addr = parse_ip(text(0, "ip")?).map_err(|e| format!("ERR {e}"))?;
-        let ip = engine
-            .find_ip(&addr)
-            .ok_or_else(|| format!("ERR ip: {addr} is not a sending IP of this daemon's plan"))?;
-        let key = engine
-            .key_of(ip, provider)
-            .map_err(|e| format!("ERR {e}"))?;
-        engine.acquire(key, n, now_ms)
-    }
-    .map_err(|e| format!("ERR {e}"))?;
+        acquire_on(engine, wire, args[0], args[1], n, now_ms)?
+    };
     if d.is_granted() {
         wire.tally_grant(d.key, d.granted);
     }

@@ -212,3 +212,70 @@ fn kiln_limits_report_and_classify() {
         (Some(421), Some("4.7.28"))
     );
 }
+
+#[test]
+fn kiln_keys_in_cl_throttle_are_warm_up_keys() {
+    let (mut e, mut w, mut r) = setup();
+    let key = "kiln/192.0.2.10/gmail.com";
+    // KumoMTA names its throttles NAME:limit:burst:period; the suffix is ignored.
+    let kumo = "kiln/192.0.2.10/gmail.com:1:1:60";
+    let input = [
+        cmd(&["CL.THROTTLE", key, "0", "1", "1"]),
+        cmd(&["CL.THROTTLE", kumo, "0", "1", "1", "1"]),
+        cmd(&["CL.THROTTLE", key, "0", "1", "1"]),
+    ]
+    .concat();
+    let (out, _) = ask(&mut e, &mut w, &mut r, input.as_bytes(), NOW);
+    // Daily cap 2: two grants, then limited with no known end (no calendar): ask in 5 min.
+    assert_eq!(
+        out,
+        "*5\r\n:0\r\n:2\r\n:1\r\n:-1\r\n:-1\r\n\
+         *5\r\n:0\r\n:2\r\n:0\r\n:-1\r\n:-1\r\n\
+         *5\r\n:1\r\n:2\r\n:0\r\n:300\r\n:-1\r\n"
+    );
+    let k = e.key(A, "google").unwrap();
+    assert_eq!(e.usage(k).unwrap().day_used, 2);
+    assert_eq!(r.stats.throttled, 1);
+    // With a calendar the reset is the time to the next hour and a cap's wait is known.
+    e.set_calendar(
+        &[NOW - 1_000, NOW + 3_600_000 - 1_000],
+        &[NOW - 1_000, NOW + 86_400_000],
+    )
+    .unwrap();
+    let (out, _) = ask(
+        &mut e,
+        &mut w,
+        &mut r,
+        cmd(&["CL.THROTTLE", key, "0", "1", "1"]).as_bytes(),
+        NOW,
+    );
+    assert_eq!(out, "*5\r\n:0\r\n:2\r\n:1\r\n:-1\r\n:3599\r\n");
+    let bad = [
+        cmd(&["CL.THROTTLE", "kiln/192.0.2.10", "0", "1", "1"]),
+        cmd(&["CL.THROTTLE", "kiln/192.0.2.99/gmail.com", "0", "1", "1"]),
+        cmd(&["CL.THROTTLE", key, "0", "1", "1", "0"]),
+        cmd(&["CL.THROTTLE", key, "x", "1", "1"]),
+        cmd(&["PING"]),
+    ]
+    .concat();
+    let (out, s) = ask(&mut e, &mut w, &mut r, bad.as_bytes(), NOW);
+    assert_eq!(s.consumed, bad.len());
+    assert_eq!(
+        out,
+        "-ERR a kiln/ throttle key is kiln/IP/DOMAIN (the sending IP and a recipient domain)\r\n\
+         -ERR ip: 192.0.2.99 is not a sending IP of this daemon's plan\r\n\
+         -ERR quantity must be a whole number from 1 for a kiln/ key\r\n\
+         -ERR max_burst must be an integer\r\n+PONG\r\n"
+    );
+}
+
+#[test]
+fn command_info_names_the_commands_kiln_answers() {
+    let (mut e, mut w, mut r) = setup();
+    let input = cmd(&["COMMAND", "INFO", "CL.THROTTLE", "get"]);
+    let (out, _) = ask(&mut e, &mut w, &mut r, input.as_bytes(), NOW);
+    assert_eq!(
+        out,
+        "*2\r\n*6\r\n$11\r\ncl.throttle\r\n:-5\r\n*0\r\n:1\r\n:1\r\n:1\r\n$-1\r\n"
+    );
+}
