@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from kiln import __version__
 from kiln.cli_mta import add_mta_verbs, exim_config_main, postfix_config_main
 from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schema_main
+from kiln.cli_render import add_render_verb, render_main
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.postfix import valid_nexthop
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
     )
     add_mta_verbs(verbs, _STATE_DIR_HELP)
+    add_render_verb(verbs, _STATE_DIR_HELP, _instant)
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
     add_classify_arguments(
@@ -602,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "init": init_main,
         "exim-config": lambda a: exim_config_main(a, state_dir(a.state_dir)[0]),
         "postfix-config": lambda a: postfix_config_main(a, state_dir(a.state_dir)[0]),
+        "render": lambda a: render_main(a, *state_dir(a.state_dir)),
         "queue": _queue,
     }
     if args.verb in verbs:
