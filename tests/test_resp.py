@@ -77,6 +77,33 @@ def test_redis_py_speaks_to_kiln(daemon: DaemonProc) -> None:
     r.close()
 
 
+def test_loopback_tcp_is_off_by_default_and_serves_the_same_commands(
+    tmp_path: Path, daemon: DaemonProc
+) -> None:
+    assert '"resp_tcp": null' in daemon.log()  # the module's daemon, started without it
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # the daemon binds it next (SO_REUSEADDR)
+    plan = anytime_plan(tmp_path)
+    with running_daemon(plan, args=["--resp-tcp", f"localhost:{port}"]) as d:
+        r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        assert r.ping() is True
+        assert cmd(r, "CL.THROTTLE", "tcp:1", 0, 1, 60)[:2] == [0, 1]
+        granted, reason, *_ = cmd(r, "KILN.ACQUIRE", IP, "gmail.com")
+        assert (granted, reason) == (1, b"granted")
+        r.close()
+        assert f'"resp_tcp": "127.0.0.1:{port}"' in d.log()
+    with pytest.raises(redis.ConnectionError):  # closed with the daemon
+        redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
+    # Only loopback: RESP has no authentication.
+    from kiln.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["run", "--resp-tcp", "192.0.2.1:6380"])
+    assert refused.value.code == 2
+
+
 def test_redis_py_asyncio_concurrent_clients(daemon: DaemonProc) -> None:
     async def main() -> list[int]:
         clients = [redis.asyncio.Redis(unix_socket_path=sock(daemon)) for _ in range(8)]

@@ -160,12 +160,16 @@ class MtaServer:
         max_connections: int,
         clock: tuple[int, int, int, int, int] | None = None,
         protocol: str = "native",
+        tcp: bool = False,
     ) -> MtaServer:
         """Bind `path` (which must not exist) and serve it with `engine`. `clock`: None for
         the system clock, or (start_ms, num, den, anchor_ns, monotonic_ns_now) of a
         ScaledClock. `protocol`: "native" (JSON lines), "socketmap" (Postfix's transport
         lookups), "socketmap-echo" (a benchmark's baseline: `OK echo:` to everything,
-        nothing decided) or "resp" (the Redis protocol: `CL.THROTTLE`, `KILN.ACQUIRE`, ...)."""
+        nothing decided) or "resp" (the Redis protocol: `CL.THROTTLE`, `KILN.ACQUIRE`, ...).
+        `tcp`: `path` is a TCP address to listen on instead (`127.0.0.1:6380`, `[::1]:0`)."""
+    def tcp_port(self) -> int | None:
+        """The TCP port served (the system's choice for port 0); None on a Unix socket."""
     def notify_fd(self) -> int:
         """A descriptor that becomes readable when upcalls wait."""
     def take_upcalls(self) -> list[tuple[int, bytes]]:

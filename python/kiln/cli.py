@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import ipaddress
 import json
 import os
 import shlex
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-resp", action="store_true", help="do not serve the Redis protocol")
     run.add_argument(
+        "--resp-tcp",
+        type=_loopback_address,
+        metavar="HOST:PORT",
+        help="also serve the Redis protocol on this loopback TCP address, e.g. 127.0.0.1:6380 "
+        "(off by default; only loopback: RESP has no authentication)",
+    )
+    run.add_argument(
         "--snapshot-interval-ms",
         type=int,
         default=1000,
@@ -228,6 +236,28 @@ def _local(ms: int, timezone: str) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone(zone).isoformat(timespec="seconds")
 
 
+def _loopback_address(text: str) -> str:
+    """`HOST:PORT` on loopback (`127.0.0.1:6380`, `[::1]:6380`, `localhost:6380`), as the
+    core's TCP listener takes it."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        address, number = None, -1
+    if not sep or address is None or not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT (e.g. 127.0.0.1:6380): {text!r}")
+    if not address.is_loopback:
+        raise argparse.ArgumentTypeError(
+            f"{host} is not a loopback address: the Redis protocol has no authentication, "
+            "so kiln serves it on loopback only (127.0.0.0/8, ::1)"
+        )
+    return f"[{host}]:{number}" if address.version == 6 else f"{host}:{number}"
+
+
 def _octal(text: str) -> int:
     """A file mode written in octal (0660, 660 or 0o660)."""
     try:
@@ -309,6 +339,7 @@ def _run(args: argparse.Namespace) -> int:
         postfix=_postfix_settings(args, folder),
         resp_socket_path=args.resp_socket,
         resp=not args.no_resp,
+        resp_tcp=args.resp_tcp,
     )
     return daemon.run(config, clock)
 

@@ -42,6 +42,10 @@ class DaemonConfig:
     #: `--no-resp`.
     resp_socket_path: Path | None = None
     resp: bool = True
+    #: Also serve the Redis protocol on this loopback TCP address (`--resp-tcp`, e.g.
+    #: `127.0.0.1:6380`); None: not at all (the default). Only loopback: RESP has no
+    #: authentication.
+    resp_tcp: str | None = None
 
     @property
     def socket(self) -> Path:

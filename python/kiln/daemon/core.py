@@ -99,6 +99,8 @@ class Daemon:
         self.postfix_server: _core.MtaServer | None = None
         #: The Redis-protocol socket (rust/src/resp), served by the core.
         self.resp_server: _core.MtaServer | None = None
+        #: The same on loopback TCP (`--resp-tcp`), while serving.
+        self.resp_tcp_server: _core.MtaServer | None = None
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0

@@ -65,6 +65,18 @@ async def serve(d: Daemon) -> None:
         _serve_postfix(d, config.postfix.socket, backlog)
     if config.resp_socket is not None:
         d.resp_server = _core_server(d, config.resp_socket, backlog, "resp")
+    resp_tcp = None
+    if config.resp and config.resp_tcp is not None:
+        d.resp_tcp_server = _core.MtaServer(
+            d.engine,
+            config.resp_tcp,
+            backlog=backlog,
+            max_connections=d.max_connections,
+            clock=clock_spec(d.clock),
+            protocol="resp",
+            tcp=True,
+        )
+        resp_tcp = f"{config.resp_tcp.rpartition(':')[0]}:{d.resp_tcp_server.tcp_port()}"
     if config.mta_listener == "rust":
         d.mta = RustMtaSocket(d, config.socket, backlog)
     else:
@@ -81,6 +93,7 @@ async def serve(d: Daemon) -> None:
         mta_listener=config.mta_listener,
         postfix_socket=str(config.postfix.socket) if config.postfix else None,
         resp_socket=str(config.resp_socket) if config.resp_socket else None,
+        resp_tcp=resp_tcp,
         watchdog_s=d.notifier.watchdog_s,
     )
     # What start-up built lives as long as the process: keep it out of the cyclic collector's
@@ -181,9 +194,10 @@ async def shutdown(d: Daemon) -> None:
     if d.postfix_server is not None:
         d.postfix_server.stop()
         d.postfix_server = None
-    if d.resp_server is not None:
-        d.resp_server.stop()
-        d.resp_server = None
+    for core_server in (d.resp_server, d.resp_tcp_server):
+        if core_server is not None:
+            core_server.stop()
+    d.resp_server = d.resp_tcp_server = None
     if d.postfix is not None:
         d.postfix.close()
     if d.lookups is not None:

@@ -15,7 +15,7 @@ use crate::error::CoreResult;
 use crate::protocol::Served;
 use crate::protocol::MAX_LINE_BYTES;
 use crate::resp;
-use crate::server::{Config, Handler, Replies, Server, NATIVE_REPLIES};
+use crate::server::{Address, Config, Handler, Replies, Server, NATIVE_REPLIES};
 use crate::socketmap;
 
 /// The daemon's clock as the serving thread reads it (kiln.clock: `SystemClock`, or a
@@ -160,7 +160,9 @@ impl PyMtaServer {
     /// or "resp" (the Redis protocol: `CL.THROTTLE`, `KILN.ACQUIRE`, ...).
     #[new]
     #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the path into an owned value
-    #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None, protocol="native"))]
+    /// `tcp`: `path` is a TCP address to listen on instead (`127.0.0.1:6380`, `[::1]:0`).
+    #[pyo3(signature = (engine, path, *, backlog, max_connections, clock=None, protocol="native", tcp=false))]
+    #[allow(clippy::too_many_arguments)] // Python keywords, each with a default
     fn new(
         engine: &Bound<'_, PyEngine>,
         path: PathBuf,
@@ -168,7 +170,19 @@ impl PyMtaServer {
         max_connections: i128,
         clock: Option<(i128, i128, i128, i128, i128)>,
         protocol: &str,
+        tcp: bool,
     ) -> PyResult<Self> {
+        let address = if tcp {
+            let text = path.to_string_lossy();
+            Address::Tcp(text.parse().map_err(|_| {
+                bad(
+                    "path",
+                    format_args!("not a TCP address like 127.0.0.1:6380: {text:?}"),
+                )
+            })?)
+        } else {
+            Address::Unix(path.clone())
+        };
         let backlog: i32 = arg("backlog", backlog)?;
         let max_connections: usize = arg("max_connections", max_connections)?;
         let clock = match clock {
@@ -210,13 +224,18 @@ impl PyMtaServer {
             clock,
             protocol,
         };
-        let started = Server::start(&path, config, handler);
+        let started = Server::start_at(&address, config, handler);
         let server = started.map_err(|e| {
             pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
         })?;
         Ok(Self {
             server: Mutex::new(Some(server)),
         })
+    }
+
+    /// The TCP port served (the one the system chose for port 0); None on a Unix socket.
+    fn tcp_port(&self) -> PyResult<Option<u16>> {
+        self.with(|s| s.tcp_addr().map(|a| a.port()))
     }
 
     /// A descriptor that becomes readable when upcalls wait.

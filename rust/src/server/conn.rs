@@ -3,7 +3,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream as StdStream;
 
-use mio::net::UnixStream;
+use super::socket::Stream;
 
 use super::{Handler, Shared, HIGH_WATER_BYTES, READ_BUDGET_BYTES};
 
@@ -24,7 +24,7 @@ pub enum Pumped {
 #[derive(Debug)]
 #[allow(clippy::struct_excessive_bools)] // four independent facts about one socket
 pub struct Conn {
-    stream: UnixStream,
+    stream: Stream,
     input: Vec<u8>,
     /// `input[..scanned]` holds no newline.
     scanned: usize,
@@ -41,7 +41,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: UnixStream) -> Self {
+    pub fn new(stream: Stream) -> Self {
         Self {
             stream,
             input: Vec::new(),
@@ -55,7 +55,7 @@ impl Conn {
         }
     }
 
-    pub fn stream_mut(&mut self) -> &mut UnixStream {
+    pub fn stream_mut(&mut self) -> &mut Stream {
         &mut self.stream
     }
 

@@ -17,9 +17,11 @@
 //! `READ_BUDGET_BYTES` per turn, so a flood on one does not starve the others.
 
 mod conn;
+mod socket;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::Path;
@@ -29,13 +31,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
-use mio::net::UnixListener;
 use mio::{Events, Interest, Poll, Token, Waker};
-use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::CoreResult;
 use crate::protocol::{Served, MAX_LINE_BYTES};
 use conn::{Conn, Pumped, READ_CHUNK_BYTES};
+pub use socket::Address;
+use socket::Listener;
 
 /// Write no more than this many bytes ahead of a slow reader before not reading it.
 pub const HIGH_WATER_BYTES: usize = 1 << 20;
@@ -155,16 +157,19 @@ pub struct Server {
     waker: Arc<Waker>,
     notify: StdStream,
     thread: Option<JoinHandle<()>>,
+    tcp_addr: Option<SocketAddr>,
 }
 
 impl Server {
     /// Bind `path` (which must not exist) and start serving it with `handler`.
     pub fn start<H: Handler>(path: &Path, config: Config, handler: H) -> io::Result<Self> {
-        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-        socket.bind(&SockAddr::unix(path)?)?;
-        socket.listen(config.backlog)?;
-        socket.set_nonblocking(true)?;
-        let mut listener = UnixListener::from_std(socket.into());
+        Self::start_at(&Address::Unix(path.to_owned()), config, handler)
+    }
+
+    /// Bind `address` and start serving it with `handler`.
+    pub fn start_at<H: Handler>(address: &Address, config: Config, handler: H) -> io::Result<Self> {
+        let mut listener = Listener::bind(address, config.backlog)?;
+        let tcp_addr = listener.tcp_addr();
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -191,6 +196,7 @@ impl Server {
             waker,
             notify,
             thread: Some(thread),
+            tcp_addr,
         })
     }
 
@@ -222,6 +228,11 @@ impl Server {
             .unwrap_or_else(PoisonError::into_inner)
             .push((conn, data));
         let _ = self.waker.wake();
+    }
+
+    /// The TCP address served (with the port the system chose for port 0); None for Unix.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     pub fn counters(&self) -> &Counters {
@@ -261,7 +272,7 @@ impl Drop for Server {
 /// The serving thread's state.
 struct Looper<H> {
     poll: Poll,
-    listener: UnixListener,
+    listener: Listener,
     shared: Arc<Shared>,
     notify: StdStream,
     handler: H,
@@ -369,7 +380,7 @@ impl<H: Handler> Looper<H> {
     fn accept_all(&mut self, touched: &mut Vec<usize>) -> Result<(), ()> {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok(mut stream) => {
                     if self.conns.len() >= self.max_connections {
                         self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
                         let _ = stream.write(self.handler.replies().refusal);

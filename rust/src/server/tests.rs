@@ -221,3 +221,32 @@ fn a_dripped_line_is_handed_to_the_handler_once() {
     assert_eq!(line(&mut r), "ok\n");
     assert_eq!(calls.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_tcp_address_is_served_like_a_unix_socket() {
+    let config = Config {
+        max_connections: 1,
+        backlog: 16,
+    };
+    let addr = Address::Tcp("127.0.0.1:0".parse().unwrap());
+    let server = Server::start_at(&addr, config, Toy(0)).unwrap();
+    let port = server.tcp_addr().unwrap().port();
+    assert_ne!(port, 0);
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"x\nx\n").unwrap();
+    let mut got = String::new();
+    r.read_line(&mut got).unwrap();
+    r.read_line(&mut got).unwrap();
+    assert_eq!(got, "ok 1\nok 2\n");
+    // The connection limit holds on TCP too: the second client gets the refusal, then EOF.
+    let extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut refused = String::new();
+    BufReader::new(extra).read_to_string(&mut refused).unwrap();
+    assert!(refused.contains("error"), "{refused:?}");
+    assert!(start("unix-still", 1).0.tcp_addr().is_none());
+}
