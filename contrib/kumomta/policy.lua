@@ -3,7 +3,7 @@ The parts of a KumoMTA policy (init.lua) that send through kiln (docs/integratio
 Merge them into your own policy: listeners, spool, DKIM and logs stay as they are.
 
 kiln renders the egress sources and pools and the shaping for its warming IPs:
-    kiln render kumomta --daemon --watch --out /opt/kumomta/etc/kiln
+    kiln render kumomta --daemon --watch --out /opt/kumomta/etc/policy/kiln
 ]]
 local kumo = require 'kumo'
 local sources = require 'policy-extras.sources'
@@ -15,7 +15,7 @@ local KILN = 'redis+unix:///var/lib/kiln/resp.sock'
 kiln.setup { node = KILN, pool = 'main' }
 
 -- Every IP of the plan as an egress source, each plan pool, and one pool per IP.
-sources:setup { '/opt/kumomta/etc/kiln/kiln-sources.toml' }
+sources:setup { '/opt/kumomta/etc/policy/kiln/kiln-sources.toml' }
 
 kumo.on('init', function()
   -- KumoMTA's throttles are kept in kiln (it answers CL.THROTTLE as redis-cell does), and
@@ -26,7 +26,10 @@ kumo.on('init', function()
 end)
 
 -- The warming IPs' rates per provider, over KumoMTA's own shaping.
-kumo.on('get_egress_path_config', shaping:setup { '/opt/kumomta/etc/kiln/kiln-shaping.toml' })
+kumo.on('get_egress_path_config', shaping:setup {
+  '/opt/kumomta/share/policy-extras/shaping.toml',
+  '/opt/kumomta/etc/policy/kiln/kiln-shaping.toml',
+})
 
 -- Reception: kiln picks the IP (or says why the message must wait: 451).
 kumo.on('smtp_server_message_received', function(msg)

@@ -1,6 +1,6 @@
 """`kiln render {pmta,kumomta}`: write PowerMTA's or KumoMTA's warm-up configuration from a
 plan (nominal caps at an instant) or from the running daemon (live caps), once or whenever
-it changes (`--watch`). docs/integrations/powermta.md, docs/integrations/kumomta-render.md.
+it changes (`--watch`). docs/integrations/powermta.md, docs/integrations/kumomta.md.
 
 Files are replaced atomically: each is written to FILE.tmp in its own folder, read back and
 checked (kiln.mtarender), flushed to disk, then renamed over FILE; a render that fails its

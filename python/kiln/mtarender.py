@@ -1,5 +1,5 @@
 """`kiln render`: PowerMTA's and KumoMTA's configuration from a `Shape` (kiln.mtashape), and
-checks of what was rendered (docs/integrations/powermta.md, kumomta-render.md).
+checks of what was rendered (docs/integrations/powermta.md, kumomta.md).
 
 Pure functions: text in, text out. Writing the files (atomically, checked) and watching for
 changes is kiln.cli_render's work.
