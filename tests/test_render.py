@@ -529,7 +529,7 @@ def test_watch_of_a_live_daemon_and_sigterm(tmp_path: Path) -> None:
             text = shaping.read_text()
             assert "live caps from the running daemon" in text
             # A new daemon's ramps start at step 1 (75 a day at Google), whatever the date.
-            assert "192.0.2.10 -> google, batch tx-2026-12: daily_spread; daily cap 75, " in text
+            assert "192.0.2.10 -> google, batch tx-2026-12: hourly_cap; daily cap 75, " in text
             assert "hourly cap 5, used today 5" in text
             watch.send_signal(signal.SIGTERM)
             _, err = watch.communicate(timeout=10)

@@ -208,7 +208,7 @@ def _room(
     if closed is not None:
         per, bound = 0, closed
     elif candidates:
-        per, bound = min(candidates)
+        per, bound = min(candidates, key=lambda c: c[0])  # a tie names the first: caps first
     else:
         per, bound = None, None
     return KeyRoom(
