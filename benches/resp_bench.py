@@ -114,7 +114,7 @@ def kiln_server(folder: Path) -> Iterator[Path]:
         server.stop()
 
 
-def bench(path: Path, n: int, pipeline: int, *command: str) -> dict[str, float]:
+def bench(path: Path, n: int, pipeline: int, *command: str, threads: int = 1) -> dict[str, float]:
     """One redis-benchmark run: requests per second and p50/p99 latency (ms)."""
     done = subprocess.run(  # noqa: S603 (Debian's redis-benchmark, our arguments)
         [
@@ -130,6 +130,7 @@ def bench(path: Path, n: int, pipeline: int, *command: str) -> dict[str, float]:
             "-r",
             "100000",
             "--csv",
+            *(["--threads", str(threads)] if threads > 1 else []),
             *command,
         ],
         capture_output=True,

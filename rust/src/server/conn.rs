@@ -38,6 +38,10 @@ pub struct Conn {
     eof: bool,
     /// Close once the replies are written (a line too long, an engine error).
     closing: bool,
+    /// Registered for write space (only while replies wait to be written).
+    write_interest: bool,
+    /// The client's close was seen in an event: read on to the end of the stream.
+    hangup: bool,
 }
 
 impl Conn {
@@ -52,16 +56,33 @@ impl Conn {
             may_read: true,
             eof: false,
             closing: false,
+            write_interest: false,
+            hangup: false,
         }
+    }
+
+    /// Whether replies wait for write space.
+    pub fn wants_write(&self) -> bool {
+        self.pending_out() > 0
+    }
+
+    /// Whether the socket's registration must change to match `wants_write` (and note that
+    /// it will).
+    pub fn write_interest_changed(&mut self) -> bool {
+        let wants = self.wants_write();
+        let changed = wants != self.write_interest;
+        self.write_interest = wants;
+        changed
     }
 
     pub fn stream_mut(&mut self) -> &mut Stream {
         &mut self.stream
     }
 
-    /// The socket became readable (or the client closed its side).
-    pub fn readable(&mut self) {
+    /// The socket became readable (`closed`: the client also closed its side).
+    pub fn readable(&mut self, closed: bool) {
         self.may_read = true;
+        self.hangup |= closed;
     }
 
     /// Python's reply to this connection's upcall.
@@ -123,6 +144,12 @@ impl Conn {
             }
             Ok(n) => {
                 self.input.extend_from_slice(&scratch[..n]);
+                // A short read emptied the socket: on Linux a later arrival raises a new
+                // edge, so the read that would only say WouldBlock is saved. Not once the
+                // client closed: its close came with the same edge, and only a read tells.
+                if n < want && !self.hangup {
+                    self.may_read = false;
+                }
                 Ok(n)
             }
             Err(e) => match e.kind() {

@@ -315,7 +315,7 @@ impl<H: Handler> Looper<H> {
                     Token(t) => {
                         if let Some(c) = self.conns.get_mut(&t) {
                             if ev.is_readable() || ev.is_read_closed() {
-                                c.readable();
+                                c.readable(ev.is_read_closed());
                             }
                             touched.push(t);
                         }
@@ -357,6 +357,20 @@ impl<H: Handler> Looper<H> {
                     &mut self.notify,
                     &mut scratch,
                 );
+                if !matches!(pumped, Pumped::Done) && c.write_interest_changed() {
+                    // Asked to hear of write space only while replies wait: a writable event
+                    // after every reply the client reads would wake this thread twice per
+                    // request.
+                    let interest = if c.wants_write() {
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        Interest::READABLE
+                    };
+                    let _ = self
+                        .poll
+                        .registry()
+                        .reregister(c.stream_mut(), Token(t), interest);
+                }
                 match pumped {
                     Pumped::Idle => {}
                     Pumped::MoreToRead => ready.push(t),
@@ -392,11 +406,7 @@ impl<H: Handler> Looper<H> {
                     if self
                         .poll
                         .registry()
-                        .register(
-                            &mut stream,
-                            Token(t),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
+                        .register(&mut stream, Token(t), Interest::READABLE)
                         .is_err()
                     {
                         continue;
