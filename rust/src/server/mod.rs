@@ -269,6 +269,19 @@ impl Drop for Server {
     }
 }
 
+/// Ask to hear of write space only while replies wait: a writable event after every reply
+/// the client reads would wake the serving thread twice per request.
+fn sync_write_interest(registry: &mio::Registry, c: &mut Conn, t: usize) {
+    if c.write_interest_changed() {
+        let interest = if c.wants_write() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let _ = registry.reregister(c.stream_mut(), Token(t), interest);
+    }
+}
+
 /// The serving thread's state.
 struct Looper<H> {
     poll: Poll,
@@ -357,19 +370,8 @@ impl<H: Handler> Looper<H> {
                     &mut self.notify,
                     &mut scratch,
                 );
-                if !matches!(pumped, Pumped::Done) && c.write_interest_changed() {
-                    // Asked to hear of write space only while replies wait: a writable event
-                    // after every reply the client reads would wake this thread twice per
-                    // request.
-                    let interest = if c.wants_write() {
-                        Interest::READABLE | Interest::WRITABLE
-                    } else {
-                        Interest::READABLE
-                    };
-                    let _ = self
-                        .poll
-                        .registry()
-                        .reregister(c.stream_mut(), Token(t), interest);
+                if !matches!(pumped, Pumped::Done) {
+                    sync_write_interest(self.poll.registry(), c, t);
                 }
                 match pumped {
                     Pumped::Idle => {}
