@@ -75,6 +75,12 @@ def test_redis_py_speaks_to_kiln(daemon: DaemonProc) -> None:
         cmd(pipe, "CL.THROTTLE", f"pipe:{i % 5}", 10, 100, 1)
     assert [x[0] for x in pipe.execute()] == [0] * 50
     r.close()
+    # The throttle keys count in the engine's memory figures (the stats op).
+    with daemon.client() as c:
+        figures = c.request("stats")["resp"]
+    assert figures["throttle_keys"] >= 6  # user:1 and pipe:0..4 (other tests add more)
+    assert figures["throttle_bytes"] >= 6 * (len("pipe:0") + 32)
+    assert figures["commands"] >= 60 and figures["throttled"] >= 1
 
 
 def test_loopback_tcp_is_off_by_default_and_serves_the_same_commands(

@@ -360,6 +360,9 @@ class Engine:
         """Per-key counts since the last call."""
     def take_reports(self) -> list[Report]:
         """Reports other than deliveries since the last call, in order."""
+    def resp_stats(self) -> dict[str, int]:
+        """The Redis-protocol sockets' counters (commands, errors, throttled) and the
+        `CL.THROTTLE` keys they hold (throttle_keys, throttle_bytes)."""
     def wire_stats(self) -> dict[str, int]:
         """Protocol counters since the engine was made (for metrics)."""
     def set_rules(self, rules: Sequence[RuleTuple]) -> None:

@@ -237,6 +237,7 @@ def stats(d: Daemon, now_ms: int) -> dict[str, Any]:
         "routes": d.engine.route_count(),
         **d.engine.wire_stats(),
         **(d.lookups.stats() if d.lookups is not None else MxLookups.idle_stats()),
+        "resp": d.engine.resp_stats(),
     }
 
 

@@ -676,6 +676,23 @@ impl PyEngine {
         found_to_py(py, found)
     }
 
+    /// The Redis-protocol sockets' counters and the `CL.THROTTLE` keys they hold (count and
+    /// bytes: part of the engine's memory).
+    fn resp_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+        let g = self.lock(py)?;
+        let (s, t) = (g.resp.stats, &g.resp.throttles);
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Ok([
+            ("commands", s.commands),
+            ("errors", s.errors),
+            ("throttled", s.throttled),
+            ("throttle_keys", count(t.len())),
+            ("throttle_bytes", count(t.bytes())),
+        ]
+        .into_iter()
+        .collect())
+    }
+
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
         Ok(stats_map(&self.lock(py)?.wire.stats))

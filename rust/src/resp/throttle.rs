@@ -30,7 +30,12 @@ pub struct Throttled {
 #[derive(Debug, Clone, Default)]
 pub struct Throttles {
     tat_ns: HashMap<Box<[u8]>, i128>,
+    /// What `bytes` answers, kept as keys come and go.
+    key_bytes: usize,
 }
+
+/// Bytes one key takes beside its own: the table's entry and its control byte.
+const ENTRY_BYTES: usize = std::mem::size_of::<(Box<[u8]>, i128)>() + 1;
 
 impl Throttles {
     pub fn len(&self) -> usize {
@@ -41,12 +46,9 @@ impl Throttles {
         self.tat_ns.is_empty()
     }
 
-    /// Bytes the keys take, roughly (for the memory figures).
+    /// Bytes the keys take (their text and table entries; for the memory figures).
     pub fn bytes(&self) -> usize {
-        self.tat_ns
-            .keys()
-            .map(|k| k.len() + std::mem::size_of::<(Box<[u8]>, i128)>() + 8)
-            .sum()
+        self.key_bytes
     }
 
     /// Answer one request. Err: an argument out of range, or the key table full.
@@ -95,6 +97,7 @@ impl Throttles {
                 Some(t) => *t = new_tat,
                 None => {
                     self.tat_ns.insert(key.into(), new_tat);
+                    self.key_bytes += key.len() + ENTRY_BYTES;
                 }
             }
         }
@@ -119,6 +122,7 @@ impl Throttles {
             return Ok(());
         }
         self.tat_ns.retain(|_, &mut t| t > now);
+        self.key_bytes = self.tat_ns.keys().map(|k| k.len() + ENTRY_BYTES).sum();
         if self.tat_ns.len() >= MAX_THROTTLE_KEYS {
             return Err(format!(
                 "throttle keys full ({MAX_THROTTLE_KEYS} live keys)"
