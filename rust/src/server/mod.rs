@@ -1,7 +1,8 @@
 //! The MTA socket served on a thread of its own, with no Python on the decision path.
 //!
-//! `Server::start` binds a Unix socket and runs one thread that accepts, reads, answers every
-//! complete line through a `Handler` (the engine under its lock) and writes. A decision never
+//! `Server::start` binds a Unix socket (`start_at`: or a TCP address, `socket.rs`) and runs
+//! one thread that accepts, reads, answers every complete line through a `Handler` (the
+//! engine under its lock) and writes. A decision never
 //! waits for Python's event loop or the GIL. Lines the core hands up (upcalls such as
 //! `limits` and `stats`, and operator requests, which Python refuses here) wait in a queue
 //! for Python, which a byte on the notify socket wakes; the answer comes back through
