@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "end an automation early (a cancelled step-down gives its steps back)"),
         ("explain", "why an IP has the limit it has right now, for one provider"),
         ("queue", "what waits in the release queue, per pool and provider"),
+        ("pause", "pause an IP or a batch, at one provider or all, for a while or until resumed"),
+        ("resume", "end the pauses of an IP or a batch (at one provider, or all)"),
     ):
         client = verbs.add_parser(verb, help=text)
         client.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
@@ -203,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if verb == "cancel":
             client.add_argument("id", metavar="ID", help="automation id, such as A12")
+        if verb in ("pause", "resume"):
+            client.add_argument("target", metavar="IP|BATCH", help="a sending IP or a batch")
+            client.add_argument(
+                "provider", nargs="?", metavar="PROVIDER", help="one provider (default: all)"
+            )
+        if verb == "pause":
+            client.add_argument(
+                "--for",
+                dest="for_",
+                metavar="DURATION",
+                help="90m, 2h, 1d (default: until resumed)",
+            )
+            client.add_argument("--reason", required=True, help="why, for the decision log")
         if verb == "explain":
             client.add_argument("ip", metavar="IP", help="a sending IP of the plan")
             client.add_argument(
@@ -535,6 +550,36 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _pause_or_resume(args: argparse.Namespace) -> int:
+    """`kiln pause TARGET [PROVIDER] --for D --reason R` and `kiln resume TARGET [PROVIDER]`:
+    TARGET is an IP if it parses as one, else a batch name."""
+    try:
+        target = {"ip": str(ipaddress.ip_address(args.target))}
+    except ValueError:
+        target = {"batch": args.target}
+    req: dict[str, object] = {**target, "by": f"{os.environ.get('USER') or 'an operator'}"}
+    if args.provider is not None:
+        req["provider"] = args.provider
+    if args.verb == "pause":
+        req["reason"] = args.reason
+        if args.for_ is not None:
+            req["for"] = args.for_
+    with _client(args) as c:
+        reply = c.request(args.verb, **req)
+    if args.json:
+        _out(json.dumps(reply, indent=2))
+    elif not reply.get("ok"):
+        _out(f"kiln {args.verb}: {reply.get('error')}", sys.stderr)
+    elif args.verb == "pause":
+        a = reply["automation"]
+        until = "until resumed" if a["expires_ms"] is None else f"until {_utc(a['expires_ms'])}"
+        _out(f"{a['id']}: {a['scope']} paused {until} (kiln resume, or kiln cancel {a['id']})")
+    else:
+        for a in reply["automations"]:
+            _out(f"{a['id']}: {a['scope']} resumed")
+    return 0 if reply.get("ok") else 1
+
+
 def _explain(args: argparse.Namespace) -> int:
     """`kiln explain IP PROVIDER`: one screen of reasons; 1 with the error for an IP outside
     the plan or an unknown provider. Times are the plan's, with their offset."""
@@ -637,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "postfix-config": lambda a: postfix_config_main(a, state_dir(a.state_dir)[0]),
         "render": lambda a: render_main(a, *state_dir(a.state_dir)),
         "queue": _queue,
+        "pause": _pause_or_resume,
+        "resume": _pause_or_resume,
     }
     if args.verb in verbs:
         try:

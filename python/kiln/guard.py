@@ -183,6 +183,62 @@ class Guard:
         entry = self._entry(now_ms, ended, "cancelled", f"cancelled by {who}{back}")
         return ended, entry, undo_step_down(ended, states)
 
+    def pause(
+        self,
+        now_ms: int,
+        *,
+        ip: str | None,
+        batch: str | None,
+        provider: str | None,
+        for_ms: int | None,
+        reason: str,
+        who: str,
+    ) -> tuple[Automation, LogEntry]:
+        """An operator's pause of an IP or a batch, at one provider or all (None), for
+        `for_ms` or until resumed: an automation like policy's, cancellable by its id."""
+        a = self.book.add(
+            now_ms,
+            kind="pause",
+            rule="operator.pause",
+            reason=reason,
+            evidence={"by": who},
+            provider=provider,
+            ip=ip,
+            batch=batch,
+            expires_ms=None if for_ms is None else now_ms + for_ms,
+            ends_when="kiln resume (or kiln cancel ID)",
+        )
+        return a, self._entry(now_ms, a, "start", f"paused by {who}: {reason}")
+
+    def resume(
+        self, now_ms: int, *, ip: str | None, batch: str | None, provider: str | None, who: str
+    ) -> list[tuple[Automation, LogEntry]]:
+        """End the live pauses of exactly this scope (an operator's or policy's). Raises
+        KeyError naming the live pauses that touch it when none has this scope."""
+        ended = []
+        for a in self.book.live(now_ms):
+            if a.kind == "pause" and (a.ip, a.batch, a.provider) == (ip, batch, provider):
+                done = self.book.end(a.id, now_ms, who)
+                if done is not None:
+                    ended.append((done, self._entry(now_ms, done, "ended", f"resumed by {who}")))
+        if not ended:
+            touching = [
+                f"{a.id} ({a.scope})"
+                for a in self.book.live(now_ms)
+                if a.kind == "pause"
+                and (ip is None or a.ip in (ip, None))
+                and (batch is None or a.batch == batch)
+                and (provider is None or a.provider in (provider, None))
+            ]
+            scope = f"{ip or f'batch {batch}'} x {provider or 'every provider'}"
+            more = (
+                "; pauses that touch it: " + ", ".join(touching) + " (kiln cancel ID ends one)"
+                if touching
+                else ""
+            )
+            raise KeyError(f"no live pause of {scope}{more}")
+        return ended
+
     def listing(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
         """Automations for `kiln automations`: live ones, or all kept ones."""
         return [

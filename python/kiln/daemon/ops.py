@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 from kiln import _core
 from kiln.daemon import reload
 from kiln.daemon.runner import Now, Runner
+from kiln.duration import DurationError, parse_ms
 from kiln.mtashape import shape_of
 from kiln.mx import MxLookups
 from kiln.ramp import plan_providers
 from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
+from kiln.records import LogEntry, RampKey, RampState
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -158,9 +160,7 @@ async def cancel(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[
     automation_id = req.get("automation")
     if not isinstance(automation_id, str):
         raise RequestError("automation: missing or not a string (an id such as A12)")
-    who = req.get("by", "an operator")
-    if not isinstance(who, str) or len(who) > 200:
-        raise RequestError("by: must be a short string")
+    who = _who(req)
     async with d.job_lock:
         now_ms = now()
         try:
@@ -168,18 +168,103 @@ async def cancel(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[
         except (KeyError, ValueError) as e:
             raise RequestError(str(e.args[0])) from None
         d.states.update(restored)
+        await _in_force(d, [entry], run, now_ms, "cancel", restored)
+        return {"ok": True, "automation": a.to_json()}
+
+
+async def pause(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """Pause an IP or a batch at one provider or every one, for a while (`for`, a duration
+    such as 2h) or until resumed: an automation, with its reason and who asked."""
+    ip, batch, provider = _scope(d, req)
+    for_text = req.get("for")
+    try:
+        for_ms = None if for_text is None else parse_ms(for_text)
+    except DurationError as e:
+        raise RequestError(f"for: {e}") from None
+    reason = req.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise RequestError("reason: say why, in at most 500 characters")
+    async with d.job_lock:
+        now_ms = now()
+        a, entry = d.guard.pause(
+            now_ms,
+            ip=ip,
+            batch=batch,
+            provider=provider,
+            for_ms=for_ms,
+            reason=reason.strip(),
+            who=_who(req),
+        )
+        await _in_force(d, [entry], run, now_ms, "pause")
+        return {"ok": True, "automation": a.to_json()}
+
+
+async def resume(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """End the live pauses of exactly one scope (IP or batch, a provider or every one)."""
+    ip, batch, provider = _scope(d, req)
+    async with d.job_lock:
+        now_ms = now()
+        try:
+            ended = d.guard.resume(now_ms, ip=ip, batch=batch, provider=provider, who=_who(req))
+        except KeyError as e:
+            raise RequestError(str(e.args[0])) from None
+        await _in_force(d, [entry for _, entry in ended], run, now_ms, "resume")
+        return {"ok": True, "automations": [a.to_json() for a, _ in ended]}
+
+
+def _who(req: dict[str, Any]) -> str:
+    """Who asked (`by`), for the automation and the decision log."""
+    who = req.get("by", "an operator")
+    if not isinstance(who, str) or not who.strip() or len(who) > 200:
+        raise RequestError("by: must be a short string")
+    return who
+
+
+def _scope(d: Daemon, req: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """(ip, batch, provider) of a pause or resume: one of `ip` and `batch`, and `provider`
+    (absent: every provider), checked against the plan."""
+    ip, batch, provider = req.get("ip"), req.get("batch"), req.get("provider")
+    if (ip is None) == (batch is None):
+        raise RequestError("give ip or batch (one of them)")
+    if ip is not None:
+        if not isinstance(ip, str):
+            raise RequestError("ip: must be a string")
+        ip = _plan_ip(d, ip)
+    if batch is not None and (not isinstance(batch, str) or batch not in d.plan.batches):
+        raise RequestError(
+            f"batch: unknown batch {batch!r}, expected one of " + ", ".join(d.plan.batches)
+        )
+    if provider is not None and (
+        not isinstance(provider, str) or provider not in plan_providers(d.plan)
+    ):
+        raise RequestError(
+            f"provider: unknown provider {provider!r}, expected one of "
+            + ", ".join(plan_providers(d.plan))
+        )
+    return ip, batch, provider
+
+
+async def _in_force(
+    d: Daemon,
+    entries: list[LogEntry],
+    run: Runner,
+    now_ms: int,
+    during: str,
+    restored: dict[RampKey, RampState] | None = None,
+) -> None:
+    """Put an operator's change in force now (engine, decision log), then write it. A failed
+    write still answers: it holds in memory and is written with the next flush."""
+    for entry in entries:
         d.pending_log.append(entry)
         d.log_entry(entry, "warning")
-        d.apply_plan(now_ms)
-        d.collect(now_ms)
-        try:
-            if restored:
-                await run.store(d.persist, d.store.save_positions, d.plan.name, restored, now_ms)
-            await run.write(d.persist)
-        except StoreError as e:
-            # The cancel holds in memory; positions are saved at the next roll at the latest.
-            d.warn_repeated("store_write_failed", error=str(e), during="cancel")
-        return {"ok": True, "automation": a.to_json()}
+    d.apply_plan(now_ms)
+    d.collect(now_ms)
+    try:
+        if restored:
+            await run.store(d.persist, d.store.save_positions, d.plan.name, restored, now_ms)
+        await run.write(d.persist)
+    except StoreError as e:
+        d.warn_repeated("store_write_failed", error=str(e), during=during)
 
 
 def _explain_key(d: Daemon, req: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -295,6 +380,8 @@ OPS: dict[str, Op] = {
     "queue": Op(_at_once(lambda d, _r, t: queue(d, t))),
     "caps": Op(_at_once(lambda d, _r, t: caps(d, t))),
     "cancel": Op(cancel),
+    "pause": Op(pause),
+    "resume": Op(resume),
     "explain": Op(explain),
 }
 #: Operations Python answers; every other op is decided in the core.
