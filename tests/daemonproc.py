@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,8 @@ class DaemonProc:
         ]
         if "--nameserver" not in self.args:
             cmd += ["--nameserver", "127.0.0.1:9"]  # nothing answers: every domain is default
+        if "--http" not in self.args:
+            cmd += ["--http", "127.0.0.1:0"]  # a free port: daemons of one test never collide
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
                 cmd, stdout=log, stderr=log, env=self.env, cwd=REPO
@@ -129,6 +132,17 @@ class DaemonProc:
     def mta_client(self) -> Client:
         """A new connection to the MTA socket (decision operations only)."""
         return Client(self.socket)
+
+    def http_url(self, timeout_s: float = 10.0) -> str:
+        """The HTTP API's base URL, from the daemon's `http_listening` log line."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for line in self.log().splitlines():
+                if '"http_listening"' in line:
+                    return str(json.loads(line)["url"])
+            if time.monotonic() > deadline:
+                raise AssertionError("the daemon logged no http_listening line:\n" + self.log())
+            time.sleep(0.05)
 
     def log(self) -> str:
         """Everything the daemon wrote so far."""

@@ -363,6 +363,12 @@ class Engine:
     def resp_stats(self) -> dict[str, int]:
         """The Redis-protocol sockets' counters (commands, errors, throttled) and the
         `CL.THROTTLE` keys they hold (throttle_keys, throttle_bytes)."""
+    def route_table(
+        self, domain: str | None = None, limit: int = 100
+    ) -> tuple[tuple[int, int, int], list[tuple[str, str | None, int | None]]]:
+        """The route table for an operator: (held, pinned, bound on learned routes) and
+        entries [(domain, provider or None for a null MX, expires_ms or None for a plan
+        route)]: `domain`'s alone, or up to `limit` (at most 10,000) in the table's order."""
     def wire_stats(self) -> dict[str, int]:
         """Protocol counters since the engine was made (for metrics)."""
     def set_rules(self, rules: Sequence[RuleTuple]) -> None:

@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-resp", action="store_true", help="do not serve the Redis protocol")
     run.add_argument(
+        "--http",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="the HTTP API, metrics and dashboard (default 127.0.0.1:8470; 'off': none; "
+        "docs/http.md)",
+    )
+    run.add_argument(
+        "--http-public",
+        action="store_true",
+        help="allow --http beyond loopback; every request then needs the token",
+    )
+    run.add_argument(
         "--resp-tcp",
         type=_loopback_address,
         metavar="HOST:PORT",
@@ -223,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument(
                 "provider", metavar="PROVIDER", help="a provider of the plan, e.g. google"
             )
+    token = verbs.add_parser("token", help="print the HTTP API's token (made if there is none)")
+    token.add_argument("--state-dir", type=Path, help=_STATE_DIR_HELP)
     add_plan_verbs(verbs)
     add_init_arguments(
         verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
@@ -323,6 +337,21 @@ def _run(args: argparse.Namespace) -> int:
     plan = load_one(plan_path)
     if plan is None:
         return 1
+    if args.http != "off":
+        from kiln.web.serve import is_loopback, parse_address
+
+        try:
+            host, _ = parse_address(args.http)
+        except ValueError as e:
+            _out(f"kiln run: --http: {e}", sys.stderr)
+            return 2
+        if not is_loopback(host) and not args.http_public:
+            _out(
+                f"kiln run: --http {args.http} is not loopback; add --http-public to serve it "
+                "there (every request then needs the token: kiln token)",
+                sys.stderr,
+            )
+            return 2
     from kiln import daemon, log  # the daemon's dependencies load only for `run`
 
     log.configure(args.log_format)
@@ -355,6 +384,8 @@ def _run(args: argparse.Namespace) -> int:
         resp_socket_path=args.resp_socket,
         resp=not args.no_resp,
         resp_tcp=args.resp_tcp,
+        http=None if args.http == "off" else args.http,
+        http_public=args.http_public,
     )
     return daemon.run(config, clock)
 
@@ -550,6 +581,20 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _token(args: argparse.Namespace) -> int:
+    """`kiln token`: the HTTP API's token, for `Authorization: Bearer TOKEN` (docs/http.md)."""
+    from kiln.web.token import TokenError, read_or_make
+
+    folder, _ = state_dir(args.state_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _out(read_or_make(folder))
+    except (TokenError, OSError) as e:
+        _out(f"kiln token: {e}", sys.stderr)
+        return 1
+    return 0
+
+
 def _pause_or_resume(args: argparse.Namespace) -> int:
     """`kiln pause TARGET [PROVIDER] --for D --reason R` and `kiln resume TARGET [PROVIDER]`:
     TARGET is an IP if it parses as one, else a batch name."""
@@ -682,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "postfix-config": lambda a: postfix_config_main(a, state_dir(a.state_dir)[0]),
         "render": lambda a: render_main(a, *state_dir(a.state_dir)),
         "queue": _queue,
+        "token": _token,
         "pause": _pause_or_resume,
         "resume": _pause_or_resume,
     }

@@ -46,6 +46,10 @@ class DaemonConfig:
     #: `127.0.0.1:6380`); None: not at all (the default). Only loopback: RESP has no
     #: authentication.
     resp_tcp: str | None = None
+    #: The HTTP API, metrics and dashboard (`--http HOST:PORT`; None: off, `--http off`).
+    http: str | None = "127.0.0.1:8470"
+    #: Serve HTTP beyond loopback (`--http-public`); reads then need the token too.
+    http_public: bool = False
 
     @property
     def socket(self) -> Path:

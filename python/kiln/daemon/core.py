@@ -101,6 +101,8 @@ class Daemon:
         self.resp_server: _core.MtaServer | None = None
         #: The same on loopback TCP (`--resp-tcp`), while serving.
         self.resp_tcp_server: _core.MtaServer | None = None
+        #: The HTTP API (kiln.web), while serving.
+        self.http: Any = None
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0

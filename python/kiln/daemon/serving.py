@@ -59,6 +59,10 @@ async def serve(d: Daemon) -> None:
     d.servers.append(await _listen(d, config.operator_socket, operator=True, backlog=backlog))
     set_socket_access(config.operator_socket, config.operator_socket_mode, None)
     start_jobs(d, loop)
+    if config.http is not None:
+        from kiln.web.serve import start_http  # aiohttp loads only when HTTP is on
+
+        d.http = await start_http(d, config.http, config.http_public)
     _ = d.spawn(d.monitor.run())
     _ = d.spawn(d.notifier.feed(lambda: engine_answers(d)))
     if config.postfix is not None and d.postfix is not None:
@@ -188,6 +192,9 @@ async def shutdown(d: Daemon) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 2)
     d.servers.clear()
+    if d.http is not None:
+        await d.http.cleanup()
+        d.http = None
     if d.mta is not None:
         d.mta.close()
         d.mta = None

@@ -20,6 +20,13 @@ use super::wire::{report_rows, stats_map, tally_rows, PyServed, ReportRow, Tally
 use super::{arg, bad, err, opt_arg};
 use crate::decision::Decision;
 use crate::engine::Engine;
+use crate::limiter::MAX_NOW_MS;
+
+/// (held, pinned, bound on learned routes) and [(domain, provider, expires_ms)].
+type RouteTable = (
+    (usize, usize, usize),
+    Vec<(String, Option<String>, Option<u64>)>,
+);
 use crate::protocol::Route;
 use crate::state::Snapshot;
 
@@ -586,6 +593,32 @@ impl PyEngine {
     fn clear_routes(&self, py: Python<'_>) -> PyResult<()> {
         self.lock(py)?.wire.clear_routes();
         Ok(())
+    }
+
+    /// The route table for an operator: (held, pinned, bound on learned routes) and entries
+    /// [(domain, provider or None for a null MX, expires_ms or None for a plan route)]:
+    /// `domain`'s alone, or up to `limit` in the table's order.
+    #[pyo3(signature = (domain=None, limit=100))]
+    fn route_table(
+        &self,
+        py: Python<'_>,
+        domain: Option<&str>,
+        limit: usize,
+    ) -> PyResult<RouteTable> {
+        let g = self.lock(py)?;
+        let entries = g
+            .wire
+            .route_entries(domain, limit.min(10_000))
+            .into_iter()
+            .map(|(d, route, expires_ms)| {
+                let provider = match route {
+                    Route::Provider(p) => Some(g.engine.provider_name(p).to_owned()),
+                    Route::NullMx => None,
+                };
+                (d, provider, (expires_ms < MAX_NOW_MS).then_some(expires_ms))
+            })
+            .collect();
+        Ok((g.wire.route_figures(), entries))
     }
 
     /// How many domains have a route.

@@ -204,6 +204,33 @@ impl Wire {
         self.routes.len()
     }
 
+    /// (held, pinned, bound on learned ones) of the route table.
+    pub fn route_figures(&self) -> (usize, usize, usize) {
+        (self.routes.len(), self.routes.pinned, self.routes.max)
+    }
+
+    /// `domain`'s entry (route, expiry; `u64::MAX`-like expiry: a plan route), or, without a
+    /// domain, up to `limit` entries in the table's order. Nothing is queued for lookup.
+    pub fn route_entries(&self, domain: Option<&str>, limit: usize) -> Vec<(String, Route, u64)> {
+        match domain {
+            Some(d) => normalise_domain(d)
+                .ok()
+                .and_then(|d| {
+                    self.routes
+                        .get(d.as_ref())
+                        .map(|e| (d.into_owned(), e.route, e.expires_ms))
+                })
+                .into_iter()
+                .collect(),
+            None => self
+                .routes
+                .sample(limit)
+                .into_iter()
+                .map(|(d, e)| (d.to_owned(), e.route, e.expires_ms))
+                .collect(),
+        }
+    }
+
     /// The route of `domain` at `now_ms`; an unknown or expired one is queued for lookup.
     pub fn route(&mut self, domain: &str, now_ms: u64) -> CoreResult<Route> {
         let d = normalise_domain(domain).map_err(|m| CoreError::bad("domain", m))?;

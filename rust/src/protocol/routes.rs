@@ -80,6 +80,16 @@ impl RouteTable {
         self.map.len() - self.pinned
     }
 
+    /// Up to `limit` entries in the table's own order (for an operator's look; no sort, so
+    /// the engine's lock is held for at most `limit` steps), and how many are pinned.
+    pub(super) fn sample(&self, limit: usize) -> Vec<(&str, RouteEntry)> {
+        self.map
+            .iter()
+            .take(limit)
+            .map(|(d, e)| (d.as_ref(), *e))
+            .collect()
+    }
+
     pub(super) fn get(&self, domain: &str) -> Option<&RouteEntry> {
         self.map.get(domain)
     }
