@@ -15,8 +15,9 @@ EXT_MISSING := $(if $(wildcard python/kiln/_core*.so),,FORCE)
 STATE_DIR ?= .state
 
 # Debian packages the tests run for real: PostgreSQL (store tests), Postfix with smtp-source and
-# smtp-sink (tests/test_postfix.py), redis-cli (tests/test_resp.py).
-DEB_PACKAGES := postgresql postfix redis-tools lua5.1 lua-redis lua-socket
+# smtp-sink (tests/test_postfix.py), redis-cli (tests/test_resp.py), Lua 5.1 with redis-lua
+# (tests/test_kumomta_lua.py), headless Chromium and its driver (tests/test_dashboard.py).
+DEB_PACKAGES := postgresql postfix redis-tools lua5.1 lua-redis lua-socket chromium chromium-driver
 # Debian's Exim (tests/test_exim.py) from a private copy: exim4-daemon-light unpacked into
 # .cache/exim4 with the libraries it links, run with its own configuration (-C). Debian will
 # not install Exim beside Postfix (both provide mail-transport-agent), and the tests must

@@ -20,6 +20,8 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -27,6 +29,7 @@ from aiohttp import web
 from kiln import __version__
 from kiln.daemon import ops
 from kiln.daemon.runner import OFF_LOOP
+from kiln.ramp import caps_at, plan_providers
 from kiln.web.token import matches
 
 if TYPE_CHECKING:
@@ -34,6 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "MAX_BODY_BYTES", "HttpSettings", "make_app", "openapi"]
 
+#: The dashboard's files: what a browser loads before it has the token (they hold no data).
+STATIC = {
+    "/": ("dashboard.html", "text/html"),
+    "/static/dashboard.js": ("dashboard.js", "application/javascript"),
+    "/static/dashboard.css": ("dashboard.css", "text/css"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+#: Paths that never need the token (no data in them).
+OPEN_PATHS = frozenset({"/openapi.json", "/healthz", *STATIC})
 #: Largest request body read (JSON requests are small).
 MAX_BODY_BYTES = 64 * 1024
 #: Most decision-log entries one page returns.
@@ -208,6 +220,91 @@ async def _routes(d: Daemon, q: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Most days one ramp history returns.
+MAX_HISTORY_DAYS = 400
+
+
+def _ramp_history(d: Daemon, batch: str, provider: str, days: int, today: date) -> list[Any]:
+    """Per day (store thread): planned and actual cap of the ramp, what was granted and
+    delivered, and the ramp's move that day (hold, step_down, advance, ...)."""
+    b = d.plan.batches[batch]
+    first = max(b.start_date, today - timedelta(days=days - 1))
+    moves = {
+        e.evidence.get("day"): e
+        for e in d.store.decisions(kind="ramp", subject=f"{batch}/{provider}", limit=100_000)
+    }
+    step = 1
+    out = []
+    day = b.start_date
+    while day <= today:
+        move = moves.get(day.isoformat())
+        if day >= first:
+            planned, _ = caps_at(d.plan, batch, provider, (day - b.start_date).days + 1)
+            actual, _ = caps_at(d.plan, batch, provider, step)
+            counts = d.store.counts(day)
+            mine = [c for (ip, p), c in counts.items() if p == provider and ip in b.ips]
+            n = len(b.ips)
+            out.append(
+                {
+                    "date": day.isoformat(),
+                    "step": step,
+                    "planned_cap": None if planned.daily_cap is None else planned.daily_cap * n,
+                    "actual_cap": None if actual.daily_cap is None else actual.daily_cap * n,
+                    "granted": sum(c.granted for c in mine),
+                    "delivered": sum(c.delivered for c in mine),
+                    "move": None if move is None else move.action,
+                    "reason": None if move is None else move.reason,
+                }
+            )
+        if move is not None:
+            step = int(move.evidence.get("to_step", step))
+        day += timedelta(days=1)
+    return out
+
+
+async def _ramp(d: Daemon, q: dict[str, Any]) -> dict[str, Any]:
+    """One ramp against its plan, day by day (the dashboard's chart)."""
+    batch, provider = q["batch"], q["provider"]
+    if batch not in d.plan.batches:
+        raise ops.RequestError(f"batch: unknown batch {batch!r}")
+    if provider not in plan_providers(d.plan):
+        raise ops.RequestError(f"provider: unknown provider {provider!r}")
+    days = q.get("days", 60)
+    if not 1 <= days <= MAX_HISTORY_DAYS:
+        raise ops.RequestError(f"days: must be from 1 to {MAX_HISTORY_DAYS}")
+    today = d.plan_day(d.clock.now_ms())
+    fetch = functools.partial(_ramp_history, d, batch, provider, days, today)
+    return {
+        "ok": True,
+        "batch": batch,
+        "provider": provider,
+        "days": await OFF_LOOP.store(d.persist, fetch),
+    }
+
+
+async def _today(d: Daemon, q: dict[str, Any]) -> dict[str, Any]:
+    """Today's counts per (IP, provider), warm IPs included: where traffic went, overflow
+    to warm IPs shown beside the warming ones."""
+    del q
+    today = d.plan_day(d.clock.now_ms())
+    counts = await OFF_LOOP.store(d.persist, d.store.counts, today)
+    warming = {ip for b in d.plan.batches.values() for ip in b.ips}
+    rows = [
+        {
+            "ip": ip,
+            "provider": provider,
+            "warming": ip in warming,
+            "granted": c.granted,
+            "delivered": c.delivered,
+            "deferred": c.deferred,
+            "bounced": c.bounced,
+            "complaints": c.complaints,
+        }
+        for (ip, provider), c in sorted(counts.items())
+    ]
+    return {"ok": True, "date": today.isoformat(), "keys": rows}
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/status", "every batch x provider: step, state, caps, use", "status"),
     Endpoint(
@@ -266,6 +363,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             _f("domain", "one recipient domain"),
             _f("limit", "entries in a sample (1-10000, default 100)", "integer"),
         ),
+    ),
+    Endpoint(
+        "GET",
+        "/api/ramp",
+        "one ramp against its plan, day by day: planned and actual cap, volume, moves",
+        handler=_ramp,
+        fields=(
+            _f("batch", "a batch of the plan", required=True),
+            _f("provider", "a provider of the plan", required=True),
+            _f("days", f"how many days back (1-{MAX_HISTORY_DAYS}, default 60)", "integer"),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/api/today",
+        "today's counts per (IP, provider) as saved, warm IPs included",
+        handler=_today,
     ),
     Endpoint("GET", "/api/caps", "each warming key's room per hour now (kiln render)", "caps"),
     Endpoint("GET", "/api/queue", "what waits in the release queue", "queue"),
@@ -413,7 +527,7 @@ def _guard(s: HttpSettings, port: Callable[[], int]) -> Any:
         if s.loopback and not s.public and request.host not in _allowed_hosts(s, port()):
             return _error(403, f"Host {request.host!r} is not this loopback listener")
         writing = request.method not in ("GET", "HEAD", "OPTIONS")
-        open_path = request.path in ("/openapi.json", "/healthz")
+        open_path = request.path in OPEN_PATHS
         if writing or (s.public and not open_path):
             auth = request.headers.get("Authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
@@ -548,6 +662,14 @@ def make_app(d: Daemon, s: HttpSettings, port: Callable[[], int]) -> web.Applica
     async def healthz(_: web.Request) -> web.Response:
         return _json(200, {"ok": True, "uptime_s": round(time.monotonic() - started, 3)})
 
+    files = resources.files("kiln.web") / "static"
+    for path, (name, kind) in STATIC.items():
+        body = (files / name).read_bytes()
+
+        async def static(_: web.Request, body: bytes = body, kind: str = kind) -> web.Response:
+            return web.Response(body=body, content_type=kind, charset="utf-8")
+
+        app.router.add_get(path, static)
     app.router.add_get("/openapi.json", described)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler(d))
