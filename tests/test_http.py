@@ -4,13 +4,16 @@ description is valid and complete, bad input gets clear errors (docs/http.md).""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -223,3 +226,25 @@ def test_http_off(tmp_path: Path) -> None:
         assert "http_listening" not in d.log()
         with d.client() as c:
             assert c.request("status")["ok"] is True
+
+
+def test_grafana_dashboard_and_alerts_name_only_metrics_kiln_serves() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((repo / "contrib" / "grafana" / "kiln.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    rules = yaml.safe_load((repo / "contrib" / "prometheus" / "alerts.yaml").read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {
+        "KilnRampHeld",
+        "KilnSignalSourceStale",
+        "KilnKeySuspended",
+        "KilnPoolOutOfRoom",
+        "KilnCapsNearlyExhausted",
+    }
+    for a in alerts:
+        assert {"expr", "for", "labels", "annotations"} <= a.keys(), a
+    exprs += [str(a["expr"]) for a in alerts]
+    named = {m for e in exprs for m in re.findall(r"\bkiln_[a-z_]+", e)}
+    assert named and named <= set(METRIC_NAMES), named - set(METRIC_NAMES)
+    assert len(dashboard["panels"]) >= 10 and all(p["targets"] for p in dashboard["panels"])
