@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def test_pause_from_http_is_an_automation_that_cancel_ends(
     held = ("kiln_key_held", (("ip", IP), ("provider", "google"), ("reason", "paused")))
     assert metrics[held] == 1
     assert metrics[("kiln_automations", (("kind", "pause"),))] == 1
+    denied = ("kiln_denials_total", (("ip", IP), ("provider", "google"), ("reason", "paused")))
+    assert metrics[denied] >= 1
+    assert metrics[("kiln_answer_seconds_count", (("listener", "native"),))] >= 1
     missing = api.post("/api/automations/A999/cancel", headers=auth(daemon))
     assert missing.status_code == 404
     done = api.post(f"/api/automations/{a['id']}/cancel", headers=auth(daemon))
@@ -183,7 +187,32 @@ def test_openapi_is_valid_and_names_every_endpoint(api: httpx.Client) -> None:
         assert ("security" in op) == e.write, e.path
 
 
-def test_metrics_follow_the_naming_rules(api: httpx.Client) -> None:
+def test_metrics_follow_the_naming_rules(daemon: DaemonProc, api: httpx.Client) -> None:
+    with daemon.mta_client() as m:
+        m.request("acquire", ip=IP, domain="gmail.com")
+        m.request(
+            "report",
+            ip=IP,
+            domain="gmail.com",
+            result="bounced",
+            code=550,
+            enhanced="5.1.1",
+            text="The email account that you tried to reach does not exist",
+        )
+    bounced = ("kiln_replies_total", {"provider": "google", "class": "hard_bounce"})
+    granted = ("kiln_messages_total", {"ip": IP, "provider": "google", "result": "granted"})
+    deadline = time.monotonic() + 10  # reports and tallies are taken by the 1 s flush
+    while True:
+        samples = [
+            (s.name, s.labels, s.value)
+            for f in text_string_to_metric_families(api.get("/metrics").text)
+            for s in f.samples
+        ]
+        seen = {(n, tuple(sorted(la.items()))) for n, la, _ in samples}
+        if all((n, tuple(sorted(la.items()))) in seen for n, la in (bounced, granted)):
+            break
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.2)
     families = list(text_string_to_metric_families(api.get("/metrics").text))
     # Families without samples (no signal source configured) are still described.
     names = {f.name + ("_total" if f.type == "counter" else "") for f in families}

@@ -177,7 +177,8 @@ class MtaServer:
     def reply(self, conn: int, data: bytes) -> None:
         """The reply (whole lines) to connection `conn`'s upcall."""
     def counters(self) -> dict[str, Any]:
-        """connections, refused, accept_failures, last_error, running."""
+        """connections, refused, accept_failures, last_error, running, and the answer-time
+        histogram: answer_bucket_bounds_ns, answer_buckets (one more: longer), answer_sum_ns."""
     def stop(self) -> None:
         """Stop serving: connections closed, the thread joined."""
 
@@ -369,6 +370,9 @@ class Engine:
         """The route table for an operator: (held, pinned, bound on learned routes) and
         entries [(domain, provider or None for a null MX, expires_ms or None for a plan
         route)]: `domain`'s alone, or up to `limit` (at most 10,000) in the table's order."""
+    def denial_counts(self) -> list[tuple[str, str, str, int]]:
+        """Denied acquire and pick decisions since the engine was made: (ip, provider,
+        reason, count)."""
     def wire_stats(self) -> dict[str, int]:
         """Protocol counters since the engine was made (for metrics)."""
     def set_rules(self, rules: Sequence[RuleTuple]) -> None:

@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use crate::decision::Decision;
+use hashbrown::HashMap;
+
+use crate::decision::{Decision, Reason};
 use crate::error::{CoreError, CoreResult};
 use crate::limiter::{check_n, check_now, parse_ip, Limiter, Usage};
 use crate::pick::{Member, Pools};
@@ -14,6 +16,9 @@ pub struct Engine {
     pub limiter: Limiter,
     pub pools: Pools,
     pub scheduler: Scheduler,
+    /// Denied `acquire` and `pick` decisions since the engine was made, per (key, reason):
+    /// what the metrics report. At most keys x reasons entries; counted off the grant path.
+    pub denials: HashMap<(u32, Reason), u64>,
 }
 
 impl Engine {
@@ -246,7 +251,16 @@ impl Engine {
 
     #[inline]
     pub fn acquire(&mut self, key: u32, n: u32, now_ms: u64) -> CoreResult<Decision> {
-        self.limiter.acquire(key, n, now_ms)
+        let d = self.limiter.acquire(key, n, now_ms)?;
+        if !d.is_granted() {
+            self.count_denial(&d);
+        }
+        Ok(d)
+    }
+
+    #[cold]
+    fn count_denial(&mut self, d: &Decision) {
+        *self.denials.entry((d.key, d.reason)).or_insert(0) += 1;
     }
 
     /// Decide many (key, n) requests at one `now_ms` (see `Limiter::acquire_batch`).
@@ -259,12 +273,24 @@ impl Engine {
     where
         I: ExactSizeIterator<Item = (u32, u32)> + Clone,
     {
-        self.limiter.acquire_batch(requests, now_ms, out)
+        let start = out.len();
+        self.limiter.acquire_batch(requests, now_ms, out)?;
+        for d in &out[start..] {
+            if !d.is_granted() {
+                *self.denials.entry((d.key, d.reason)).or_insert(0) += 1;
+            }
+        }
+        Ok(())
     }
 
     pub fn pick(&mut self, pool: u32, provider: u16, n: u32, now_ms: u64) -> CoreResult<Decision> {
-        self.pools
-            .pick(&mut self.limiter, pool, provider, n, now_ms)
+        let d = self
+            .pools
+            .pick(&mut self.limiter, pool, provider, n, now_ms)?;
+        if !d.is_granted() {
+            self.count_denial(&d);
+        }
+        Ok(d)
     }
 
     pub fn usage(&self, key: u32) -> CoreResult<Usage> {
@@ -329,7 +355,6 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::Reason;
     use crate::protocol::{Route, Wire};
 
     /// Reply lines of the native protocol for `input` at time 0.
@@ -473,5 +498,26 @@ mod tests {
             (d.granted, d.reason, d.retry_after_ms),
             (0, Reason::Retired, None)
         );
+    }
+
+    #[test]
+    fn denials_are_counted_per_key_and_reason_grants_are_not() {
+        let mut e = Engine::new();
+        let k = e.key("192.0.2.1", "google").unwrap();
+        e.set_limits(k, None, 1, None, Some(2)).unwrap();
+        e.define_pool("p", &[("192.0.2.1", 1, true)], None).unwrap();
+        let google = e.provider("google").unwrap();
+        let pool = e.pool_handle("p").unwrap();
+        assert!(e.acquire(k, 2, 0).unwrap().is_granted());
+        assert!(!e.acquire(k, 1, 0).unwrap().is_granted());
+        assert!(!e.pick(pool, google, 1, 0).unwrap().is_granted());
+        let mut out = Vec::new();
+        e.acquire_batch([(k, 1), (k, 1)].into_iter(), 0, &mut out)
+            .unwrap();
+        assert_eq!(e.denials.len(), 1);
+        assert_eq!(e.denials[&(k, Reason::DailyCap)], 4);
+        e.set_paused(k, true).unwrap();
+        assert!(!e.acquire(k, 1, 0).unwrap().is_granted());
+        assert_eq!(e.denials[&(k, Reason::Paused)], 1);
     }
 }

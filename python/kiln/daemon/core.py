@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Coroutine
 from datetime import date, timedelta
 from pathlib import Path
@@ -103,6 +104,10 @@ class Daemon:
         self.resp_tcp_server: _core.MtaServer | None = None
         #: The HTTP API (kiln.web), while serving.
         self.http: Any = None
+        #: Since the start, for metrics: (ip, provider, result) -> messages (granted,
+        #: delivered, deferred, bounced, complaint), and (provider, class) -> replies seen.
+        self.outcome_totals: Counter[tuple[str, str, str]] = Counter()
+        self.reply_classes: Counter[tuple[str, str]] = Counter()
         self.scheduler: Any = None  # apscheduler's, while serving (kiln.daemon.jobs)
         self.stopping: asyncio.Event | None = None
         self.next_hour_ms = 0
@@ -355,6 +360,15 @@ class Daemon:
             complaints,
         ) in self.engine.take_tallies():
             counts[(ip, provider)] = DayCounts(granted, delivered, deferred, bounced, complaints)
+            for result, n in (
+                ("granted", granted),
+                ("delivered", delivered),
+                ("deferred", deferred),
+                ("bounced", bounced),
+                ("complaint", complaints),
+            ):
+                if n:
+                    self.outcome_totals[(ip, provider, result)] += n
         reports = self.engine.take_reports()
         acted = self.guard.on_reports(reports, self._classify, now_ms)
         acted += self.guard.expire(now_ms)
@@ -446,6 +460,7 @@ class Daemon:
         # every rule may apply, or their provider rules would never fire.
         who = None if provider == DEFAULT_PROVIDER else provider
         found = self.engine.classify(who, code, enhanced, text)
+        self.reply_classes[(provider, "unclassified" if found is None else found[0])] += 1
         if found is None or found[0] == "internal" or found[1] is None or found[2] is None:
             return None
         return found[0], found[1], found[2]

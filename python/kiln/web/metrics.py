@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from kiln.automation import Kind
@@ -48,6 +53,64 @@ class KilnCollector(Collector):
         yield autos
         yield from self._signals(now_ms)
         yield from self._wire()
+        yield from self._totals()
+        yield from self._answer_times()
+
+    def _totals(self) -> Iterator[Metric]:
+        """Decisions and outcomes per key since the start, and reply classes."""
+        d = self.d
+        outcomes = CounterMetricFamily(
+            "kiln_messages",
+            "messages per (IP, provider) since the start: granted, delivered, deferred, "
+            "bounced, complaint",
+            labels=["ip", "provider", "result"],
+        )
+        for (ip, provider, result), n in sorted(d.outcome_totals.items()):
+            outcomes.add_metric([ip, provider, result], n)
+        yield outcomes
+        denials = CounterMetricFamily(
+            "kiln_denials",
+            "denied acquire and pick decisions per (IP, provider) by reason",
+            labels=["ip", "provider", "reason"],
+        )
+        for ip, provider, reason, n in sorted(d.engine.denial_counts()):
+            denials.add_metric([ip, provider, reason], n)
+        yield denials
+        classes = CounterMetricFamily(
+            "kiln_replies",
+            "remote replies reported, by provider and push-back class (unclassified: none)",
+            labels=["provider", "class"],
+        )
+        for (provider, cls), n in sorted(d.reply_classes.items()):
+            classes.add_metric([provider, cls], n)
+        yield classes
+
+    def _answer_times(self) -> Iterator[Metric]:
+        """How long the core took to answer each read, per listener (one request, or
+        several pipelined)."""
+        d = self.d
+        h = HistogramMetricFamily(
+            "kiln_answer_seconds",
+            "time the core took to answer one read buffer on each listener",
+            labels=["listener"],
+        )
+        servers = (
+            ("native", d.mta.server if d.mta is not None else None),
+            ("postfix", d.postfix_server),
+            ("resp", d.resp_server),
+            ("resp-tcp", d.resp_tcp_server),
+        )
+        for name, server in servers:
+            if server is None:
+                continue
+            c = server.counters()
+            bounds = [b / 1e9 for b in c["answer_bucket_bounds_ns"]] + [float("inf")]
+            running, buckets = 0, []
+            for bound, n in zip(bounds, c["answer_buckets"], strict=True):
+                running += n
+                buckets.append((repr(bound) if bound != float("inf") else "+Inf", running))
+            h.add_metric([name], buckets, c["answer_sum_ns"] / 1e9)
+        yield h
 
     def _keys(self, now_ms: int) -> Iterator[Metric]:
         """Caps, use, room and state of each warming (IP, provider) key."""
@@ -208,6 +271,10 @@ METRIC_NAMES = (
     "kiln_connections",
     "kiln_routes",
     "kiln_queue_waiting",
+    "kiln_messages_total",
+    "kiln_denials_total",
+    "kiln_replies_total",
+    "kiln_answer_seconds",
 )
 
 

@@ -726,6 +726,20 @@ impl PyEngine {
         .collect())
     }
 
+    /// Denied acquire and pick decisions since the engine was made: [(ip, provider, reason,
+    /// count)] (for metrics).
+    fn denial_counts(&self, py: Python<'_>) -> PyResult<Vec<(String, String, &'static str, u64)>> {
+        let g = self.lock(py)?;
+        Ok(g.engine
+            .denials
+            .iter()
+            .filter_map(|(&(key, reason), &n)| {
+                let (ip, provider) = g.engine.key_names(key).ok()?;
+                Some((ip, provider.to_owned(), reason.as_str(), n))
+            })
+            .collect())
+    }
+
     /// Protocol counters since the engine was made (for metrics).
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
         Ok(stats_map(&self.lock(py)?.wire.stats))

@@ -15,7 +15,7 @@ use crate::error::CoreResult;
 use crate::protocol::Served;
 use crate::protocol::MAX_LINE_BYTES;
 use crate::resp;
-use crate::server::{Address, Config, Handler, Replies, Server, NATIVE_REPLIES};
+use crate::server::{Address, Config, Handler, Replies, Server, ANSWER_BUCKETS_NS, NATIVE_REPLIES};
 use crate::socketmap;
 
 /// The daemon's clock as the serving thread reads it (kiln.clock: `SystemClock`, or a
@@ -276,6 +276,18 @@ impl PyMtaServer {
         d.set_item("accept_failures", failures)?;
         d.set_item("last_error", error)?;
         d.set_item("running", running)?;
+        let (buckets, sum_ns) = self.with(|s| {
+            let c = s.counters();
+            let counts: Vec<u64> = c
+                .answer_buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            (counts, c.answer_sum_ns.load(Ordering::Relaxed))
+        })?;
+        d.set_item("answer_bucket_bounds_ns", ANSWER_BUCKETS_NS.to_vec())?;
+        d.set_item("answer_buckets", buckets)?;
+        d.set_item("answer_sum_ns", sum_ns)?;
         Ok(d)
     }
 

@@ -178,7 +178,12 @@ impl Conn {
             }
             return;
         }
-        match handler.serve(&self.input, &mut self.out) {
+        let started = std::time::Instant::now();
+        let served = handler.serve(&self.input, &mut self.out);
+        shared
+            .counters
+            .answered(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        match served {
             Err(_) => {
                 self.out.extend_from_slice(handler.replies().internal);
                 self.closing = true;

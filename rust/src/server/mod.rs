@@ -102,6 +102,24 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// accept() failures for lack of descriptors or memory, ever.
     pub accept_failures: AtomicU64,
+    /// How long the handler took to answer each read buffer (one request, or several
+    /// pipelined): counts per bucket of `ANSWER_BUCKETS_NS` (the last: longer), and the sum.
+    pub answer_buckets: [AtomicU64; ANSWER_BUCKETS_NS.len() + 1],
+    pub answer_sum_ns: AtomicU64,
+}
+
+/// Upper bounds (ns) of the answer-time histogram's buckets.
+pub const ANSWER_BUCKETS_NS: [u64; 10] = [
+    1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 10_000_000,
+];
+
+impl Counters {
+    /// Count one answer that took `ns`.
+    pub fn answered(&self, ns: u64) {
+        let i = ANSWER_BUCKETS_NS.partition_point(|&b| b < ns);
+        self.answer_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.answer_sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
 }
 
 /// What the serving thread and its owner share.
