@@ -115,6 +115,7 @@ bench: build-prod system-deps ## release build, benchmarks, JSON results in benc
 	$(PY) benches/bench_classify.py --json benches/results/classify.json
 	$(PY) benches/postfix_bench.py --json benches/results/postfix.json
 	$(PY) benches/resp_bench.py --json benches/results/resp.json
+	$(PY) benches/simulate_bench.py --json benches/results/simulate.json
 	$(PY) benches/compare.py benches/results
 
 soak: build-prod ## 10 minute soak of the daemon under everything at once; report in benches/results/soak.json

@@ -280,6 +280,8 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
         found += postfix_section(_load(results / "postfix.json"))
     if (results / "resp.json").exists():
         found += resp_section(_load(results / "resp.json"))
+    if (results / "simulate.json").exists():
+        found += file_targets(_load(results / "simulate.json"))
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")
     for t in found:
         measured = f"{_fmt(t.measured)} {t.unit}".rstrip()

@@ -19,6 +19,7 @@ from kiln import __version__
 from kiln.cli_mta import add_mta_verbs, exim_config_main, postfix_config_main
 from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schema_main
 from kiln.cli_render import add_render_verb, render_main
+from kiln.cli_simulate import add_simulate_verb, simulate_main
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.postfix import valid_nexthop
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_mta_verbs(verbs, _STATE_DIR_HELP)
     add_render_verb(verbs, _STATE_DIR_HELP, _instant)
+    add_simulate_verb(verbs)
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
 
     add_classify_arguments(
@@ -726,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "exim-config": lambda a: exim_config_main(a, state_dir(a.state_dir)[0]),
         "postfix-config": lambda a: postfix_config_main(a, state_dir(a.state_dir)[0]),
         "render": lambda a: render_main(a, *state_dir(a.state_dir)),
+        "simulate": simulate_main,
         "queue": _queue,
         "token": _token,
         "pause": _pause_or_resume,
