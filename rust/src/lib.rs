@@ -15,6 +15,7 @@ pub mod scheduler;
 pub mod server;
 pub mod socketmap;
 pub mod state;
+pub mod suppress;
 
 pub use decision::{Decision, Reason, Tier};
 pub use engine::Engine;

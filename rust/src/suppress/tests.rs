@@ -1,0 +1,142 @@
+use super::*;
+use std::collections::HashMap as Model;
+
+const KEY: (u64, u64) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+
+/// xorshift64*: a fixed stream of pseudo-random numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn addresses_in_scopes_and_events() {
+    let mut s = SuppressionSet::new(KEY);
+    let a = s.fingerprint(b"", b"ann@example.com");
+    assert_ne!(
+        a,
+        s.fingerprint(b"", b"Ann@example.com"),
+        "the set hashes what it is given"
+    );
+    assert!(s.insert(a, Event::HardBounce, None).unwrap());
+    assert!(
+        !s.insert(a, Event::Complaint, None).unwrap(),
+        "a later event replaces"
+    );
+    assert_eq!(s.check(b"", b"ann@example.com", 0), Some(Event::Complaint));
+    assert_eq!(
+        s.check(b"news", b"ann@example.com", 0),
+        Some(Event::Complaint)
+    );
+    let scoped = s.fingerprint(b"news", b"bob@example.com");
+    s.insert(scoped, Event::Unsubscribe, None).unwrap();
+    assert_eq!(
+        s.check(b"news", b"bob@example.com", 0),
+        Some(Event::Unsubscribe)
+    );
+    assert_eq!(s.check(b"", b"bob@example.com", 0), None);
+    assert_eq!(s.check(b"billing", b"bob@example.com", 0), None);
+    assert!(s.remove(a));
+    assert!(!s.remove(a));
+    assert_eq!(s.check(b"", b"ann@example.com", 0), None);
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn soft_bounces_expire_and_a_hard_event_ends_the_expiry() {
+    let mut s = SuppressionSet::new(KEY);
+    let a = s.fingerprint(b"", b"a@x.org");
+    let b = s.fingerprint(b"", b"b@x.org");
+    s.insert(a, Event::SoftBounce, Some(1_000)).unwrap();
+    s.insert(b, Event::SoftBounce, Some(1_000)).unwrap();
+    assert_eq!(s.lookup(a, 999), Some(Event::SoftBounce));
+    assert_eq!(s.lookup(a, 1_000), None);
+    s.insert(b, Event::HardBounce, None).unwrap();
+    assert_eq!(s.lookup(b, 5_000), Some(Event::HardBounce));
+    assert_eq!(s.sweep(1_000), 1);
+    assert_eq!((s.len(), s.lookup(b, 5_000)), (1, Some(Event::HardBounce)));
+}
+
+#[test]
+fn the_table_agrees_with_a_model_through_growth_and_deletions() {
+    let mut s = SuppressionSet::new(KEY);
+    let mut model: Model<u64, Event> = Model::new();
+    let mut rng = Rng(7);
+    // Few distinct fingerprints, many sharing a home slot: long runs to shift through.
+    let fps: Vec<u64> = (0..5_000).map(|i| ((i % 97) << 20 | i) + 1).collect();
+    for step in 0..200_000 {
+        let fp = fps[(rng.next() % fps.len() as u64) as usize];
+        if rng.next() % 3 == 0 {
+            assert_eq!(s.remove(fp), model.remove(&fp).is_some(), "step {step}");
+        } else {
+            let e = [Event::HardBounce, Event::Complaint, Event::Manual][(rng.next() % 3) as usize];
+            assert_eq!(
+                s.insert(fp, e, None).unwrap(),
+                model.insert(fp, e).is_none()
+            );
+        }
+        if step % 10_000 == 0 {
+            for &fp in &fps {
+                assert_eq!(s.lookup(fp, 0), model.get(&fp).copied(), "step {step}");
+            }
+        }
+    }
+    assert_eq!(s.len(), model.len());
+    assert_eq!(s.entries().count(), model.len());
+}
+
+#[test]
+fn snapshots_round_trip_and_refuse_another_key() {
+    let mut s = SuppressionSet::new(KEY);
+    for i in 0..10_000u32 {
+        let fp = s.fingerprint(b"", format!("user{i}@example.com").as_bytes());
+        let e = if i % 10 == 0 {
+            Event::SoftBounce
+        } else {
+            Event::HardBounce
+        };
+        s.insert(fp, e, (e == Event::SoftBounce).then_some(u64::from(i)))
+            .unwrap();
+    }
+    let bytes = s.to_bytes();
+    let back = SuppressionSet::from_bytes(KEY, &bytes).unwrap();
+    assert_eq!(back.len(), s.len());
+    for i in 0..10_000u32 {
+        let a = format!("user{i}@example.com");
+        assert_eq!(
+            back.check(b"", a.as_bytes(), 5_000),
+            s.check(b"", a.as_bytes(), 5_000)
+        );
+    }
+    assert!(SuppressionSet::from_bytes((1, 2), &bytes)
+        .unwrap_err()
+        .contains("another hash key"));
+    assert!(SuppressionSet::from_bytes(KEY, &bytes[..bytes.len() - 1]).is_err());
+    assert!(SuppressionSet::from_bytes(KEY, b"nonsense").is_err());
+}
+
+#[test]
+fn a_million_addresses_take_under_32_bytes_each() {
+    let mut s = SuppressionSet::new(KEY);
+    for i in 0..1_000_000u32 {
+        let fp = s.fingerprint(b"", format!("u{i}@example.com").as_bytes());
+        s.insert(fp, Event::Unsubscribe, None).unwrap();
+    }
+    assert_eq!(s.len(), 1_000_000);
+    assert!(
+        s.bytes() / s.len() < 32,
+        "{} bytes an address",
+        s.bytes() / s.len()
+    );
+    assert_eq!(
+        s.check(b"", b"u999999@example.com", 0),
+        Some(Event::Unsubscribe)
+    );
+    assert_eq!(s.check(b"", b"u1000000@example.com", 0), None);
+}
