@@ -30,7 +30,12 @@ def add_simulate_verb(verbs: Any) -> None:
     )
     p.add_argument("--events", type=Path, metavar="FILE", help="scenario file (YAML)")
     p.add_argument("--out", type=Path, metavar="FOLDER", help="write report.json, PNG and HTML")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="table (default, for people) or json (stable and versioned: docs/simulate.md)",
+    )
 
 
 def _fail(text: str) -> int:
