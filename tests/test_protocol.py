@@ -235,7 +235,8 @@ def test_explaining_a_foreign_ip_does_not_make_it_a_sending_ip() -> None:
 
 
 def test_doc_lists_every_reason() -> None:
-    """The reasons table names every reason a Decision can have (`_core.pyi`), plus null_mx."""
+    """The reasons table names every reason a Decision can have (`_core.pyi`), plus null_mx
+    and suppressed (answered before the engine decides)."""
     text = DOC.read_text()
     table = text.split("## Reasons", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
@@ -252,6 +253,7 @@ def test_doc_lists_every_reason() -> None:
         "retired",
         "outside_active_hours",
         "null_mx",
+        "suppressed",
     }
 
 

@@ -370,6 +370,27 @@ class Engine:
         """The route table for an operator: (held, pinned, bound on learned routes) and
         entries [(domain, provider or None for a null MX, expires_ms or None for a plan
         route)]: `domain`'s alone, or up to `limit` (at most 10,000) in the table's order."""
+    def suppress_set_key(self, k0: int, k1: int) -> None:
+        """Start an empty suppression set keyed with (k0, k1); refused while it holds
+        addresses hashed with another key."""
+    def suppress_fingerprint(self, address: str, scope: str = "") -> tuple[str, int]:
+        """The address as the list keeps it and its fingerprint in `scope`; CoreError for a
+        malformed address."""
+    def suppress_apply(self, events: Sequence[tuple[int, str, int | None]]) -> int:
+        """Fold (fingerprint, event, expires_ms) into the set in order (`remove` takes an
+        address off); how many changed whether they are listed."""
+    def suppress_check(
+        self, addresses: Sequence[str], now_ms: int, scope: str = ""
+    ) -> list[str | None]:
+        """Per address: the event that suppresses it at `now_ms`, None, or "invalid"."""
+    def suppress_stats(self) -> tuple[int, int]:
+        """(addresses listed, bytes the set takes)."""
+    def suppress_sweep(self, now_ms: int) -> int:
+        """Drop soft bounces expired at `now_ms`; how many."""
+    def suppress_snapshot(self) -> bytes:
+        """The set as bytes."""
+    def suppress_restore(self, data: bytes) -> int:
+        """Replace the set with a snapshot made with the current key; how many it holds."""
     def denial_counts(self) -> list[tuple[str, str, str, int]]:
         """Denied acquire and pick decisions since the engine was made: (ip, provider,
         reason, count)."""

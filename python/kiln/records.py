@@ -124,6 +124,25 @@ _COUNT_FIELDS = ("granted", "delivered", "deferred", "bounced", "complaints")
 
 
 @dataclass(frozen=True, slots=True)
+class SuppressionEvent:
+    """One event of the suppression list's append-only log (docs/suppression.md)."""
+
+    at_ms: int
+    #: The keyed hash the core holds for (scope, address).
+    fingerprint: int
+    #: The normalised address; "" where only hashes are kept.
+    address: str
+    #: hard_bounce, complaint, unsubscribe, manual, soft_bounce, or remove.
+    event: str
+    source: str
+    #: "" for the global list, else a sending domain, stream or tenant.
+    scope: str = ""
+    expires_ms: int | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogEntry:
     """One row of the append-only decision log; `id` is assigned by the store."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import date
@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     inspect,
 )
+from sqlalchemy import select as sa_select
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
@@ -37,7 +38,7 @@ from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, SQLModel, col, create_engine, delete, or_, select
 
 from kiln.log import get_logger
-from kiln.records import DayCounts, Held, LogEntry, PushbackKey, RampState
+from kiln.records import DayCounts, Held, LogEntry, PushbackKey, RampState, SuppressionEvent
 from kiln.storedb import (
     BEGIN_IMMEDIATE,
     FILE_MODE,
@@ -57,6 +58,7 @@ from kiln.storedb import (
 )
 from kiln.storeschema import (
     APPEND_ONLY,
+    SUPPRESSION_APPEND_ONLY,
     TABLES,
     AutomationRow,
     CountsRow,
@@ -66,6 +68,7 @@ from kiln.storeschema import (
     PositionRow,
     PushbackRow,
     SnapshotRow,
+    SuppressionRow,
     table_of,
 )
 
@@ -356,6 +359,8 @@ class Store:
                 )
                 raise StateLostError("open the store", self.target, problem, found_id=store_id)
             SQLModel.metadata.create_all(connection, tables=TABLES)
+            for statement in SUPPRESSION_APPEND_ONLY[self._dialect]:
+                connection.execute(sql_text(statement))
             if version is None:
                 for statement in APPEND_ONLY[self._dialect]:
                     connection.execute(sql_text(statement))
@@ -599,6 +604,110 @@ class Store:
         with self._transaction(f"read push-back for {day}", write=False) as session:
             rows = session.exec(select(PushbackRow).where(PushbackRow.day == day)).all()
             return {(r.ip, r.provider, r.cls, r.hour, r.rule): r.count for r in rows}
+
+    # -- suppression log -----------------------------------------------------------------------
+
+    def suppress_append(self, events: Sequence[SuppressionEvent]) -> list[int]:
+        """Append `events` to the suppression log in one transaction (durable when this
+        returns); their ids, in order."""
+        rows = [
+            SuppressionRow(
+                at_ms=e.at_ms,
+                fingerprint=e.fingerprint,
+                address=e.address,
+                scope=e.scope,
+                event=e.event,
+                expires_ms=e.expires_ms,
+                source=e.source,
+                evidence=json.dumps(e.evidence, sort_keys=True, default=str),
+            )
+            for e in events
+        ]
+        with self._transaction("append to the suppression log", write=True) as session:
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows if row.id is not None]
+
+    def suppress_bulk(self, events: Iterable[SuppressionEvent], chunk: int = 50_000) -> int:
+        """Append many events in one transaction without building row objects (imports):
+        all of them or, on a failure, none. How many were written."""
+        table = table_of(SuppressionRow)
+        written = 0
+        with self._transaction("import into the suppression log", write=True) as session:
+            batch: list[dict[str, Any]] = []
+            for e in events:
+                batch.append(
+                    {
+                        "at_ms": e.at_ms,
+                        "fingerprint": e.fingerprint,
+                        "address": e.address,
+                        "scope": e.scope,
+                        "event": e.event,
+                        "expires_ms": e.expires_ms,
+                        "source": e.source,
+                        "evidence": json.dumps(e.evidence, sort_keys=True, default=str),
+                    }
+                )
+                if len(batch) >= chunk:
+                    session.execute(table.insert(), batch)
+                    written += len(batch)
+                    batch = []
+            if batch:
+                session.execute(table.insert(), batch)
+                written += len(batch)
+        return written
+
+    def suppress_fold_rows(
+        self, after_id: int = 0, chunk: int = 200_000
+    ) -> Iterator[list[tuple[int, int, str, int | None]]]:
+        """The log after `after_id` in order, a chunk at a time: (id, fingerprint, event,
+        expires_ms), what the live set is folded from."""
+        table = table_of(SuppressionRow)
+        last = after_id
+        while True:
+            query = (
+                sa_select(table.c.id, table.c.fingerprint, table.c.event, table.c.expires_ms)
+                .where(table.c.id > last)
+                .order_by(table.c.id)
+                .limit(chunk)
+            )
+            with self._transaction("read the suppression log", write=False) as session:
+                rows = [tuple(r) for r in session.execute(query).all()]
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+    def suppress_events(
+        self,
+        *,
+        fingerprints: Sequence[int] | None = None,
+        after_id: int = 0,
+        event: str | None = None,
+        limit: int = 100,
+    ) -> list[SuppressionEvent]:
+        """Log events in order from after `after_id`: of these fingerprints, of this type."""
+        query = select(SuppressionRow).where(col(SuppressionRow.id) > after_id)
+        if fingerprints is not None:
+            query = query.where(col(SuppressionRow.fingerprint).in_(list(fingerprints)))
+        if event is not None:
+            query = query.where(SuppressionRow.event == event)
+        query = query.order_by(col(SuppressionRow.id)).limit(limit)
+        with self._transaction("read the suppression log", write=False) as session:
+            return [
+                SuppressionEvent(
+                    at_ms=r.at_ms,
+                    fingerprint=r.fingerprint,
+                    address=r.address,
+                    event=r.event,
+                    source=r.source,
+                    scope=r.scope,
+                    expires_ms=r.expires_ms,
+                    evidence=json.loads(r.evidence),
+                    id=r.id,
+                )
+                for r in session.exec(query).all()
+            ]
 
     # -- decision log --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "APPEND_ONLY",
+    "SUPPRESSION_APPEND_ONLY",
     "TABLES",
     "AutomationRow",
     "CountsRow",
@@ -29,6 +30,7 @@ __all__ = [
     "PositionRow",
     "PushbackRow",
     "SnapshotRow",
+    "SuppressionRow",
     "table_of",
 ]
 
@@ -127,6 +129,30 @@ class HeldRow(SQLModel, table=True):
     since_ms: int = Field(sa_type=BigInteger)
 
 
+class SuppressionRow(SQLModel, table=True):
+    """One event of the suppression list's append-only log (docs/suppression.md): never
+    updated or deleted; taking an address off the list is an event of its own (`remove`)."""
+
+    __tablename__ = "kiln_suppression"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    )
+    at_ms: int = Field(sa_type=BigInteger, index=True)
+    #: The keyed hash the core holds (`SuppressionSet.fingerprint`).
+    fingerprint: int = Field(sa_type=BigInteger, index=True)
+    #: The normalised address, or "" when only hashes are kept.
+    address: str
+    #: "" for the global list, else a sending domain, stream or tenant.
+    scope: str
+    #: hard_bounce, complaint, unsubscribe, manual, soft_bounce, or remove.
+    event: str
+    expires_ms: int | None = Field(default=None, sa_type=BigInteger)
+    source: str
+    evidence: str = Field(sa_type=Text)
+
+
 def table_of(model: type[SQLModel]) -> Table:
     """The SQLAlchemy table behind a table model."""
     return SQLModel.metadata.tables[str(model.__tablename__)]
@@ -143,6 +169,7 @@ TABLES: Final = [
         AutomationRow,
         PushbackRow,
         HeldRow,
+        SuppressionRow,
     )
 ]
 
@@ -163,5 +190,29 @@ APPEND_ONLY: Final = {
         FOR EACH ROW EXECUTE FUNCTION kiln_decisions_append_only()""",
         """CREATE TRIGGER kiln_decisions_no_truncate BEFORE TRUNCATE ON kiln_decisions
         FOR EACH STATEMENT EXECUTE FUNCTION kiln_decisions_append_only()""",
+    ],
+}
+
+#: The suppression log's guard, made on every open (the table may be newer than the
+#: database): idempotent statements per dialect.
+SUPPRESSION_APPEND_ONLY: Final = {
+    "sqlite": [
+        """CREATE TRIGGER IF NOT EXISTS kiln_suppression_no_update BEFORE UPDATE ON
+        kiln_suppression BEGIN
+        SELECT RAISE(ABORT, 'kiln_suppression is append-only: UPDATE refused'); END""",
+        """CREATE TRIGGER IF NOT EXISTS kiln_suppression_no_delete BEFORE DELETE ON
+        kiln_suppression BEGIN
+        SELECT RAISE(ABORT, 'kiln_suppression is append-only: DELETE refused'); END""",
+    ],
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION kiln_suppression_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'kiln_suppression is append-only: % refused', TG_OP;
+        END $$""",
+        """CREATE OR REPLACE TRIGGER kiln_suppression_no_change BEFORE UPDATE OR DELETE ON
+        kiln_suppression FOR EACH ROW EXECUTE FUNCTION kiln_suppression_append_only()""",
+        """CREATE OR REPLACE TRIGGER kiln_suppression_no_truncate BEFORE TRUNCATE ON
+        kiln_suppression FOR EACH STATEMENT EXECUTE FUNCTION kiln_suppression_append_only()""",
     ],
 }

@@ -53,6 +53,7 @@ from kiln.schedule import Plan
 from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
 from kiln.store import Store
+from kiln.suppress.live import SuppressionList
 from kiln.watchdog import LoopMonitor, Notifier
 
 __all__ = ["Daemon", "run"]
@@ -133,6 +134,8 @@ class Daemon:
         self.poller = Poller(self.plan, now_ms=self.clock.now_ms)
         # Where the sources fetch and parse while serving (kiln.signals.thread).
         self.signal_loop = SignalLoop()
+        #: The suppression list: the store's log folded into the core's live set.
+        self.suppression = SuppressionList(self.engine, self.store, config.state_dir)
         self.feedback: FeedbackReader | None = None
         self._feedback_saved = ""
         #: The readers' checkpoints as of the last events fed to the engine (what is saved).
@@ -167,6 +170,8 @@ class Daemon:
                 )
             else:
                 self.log.info("counters restored", saved_ms=saved_ms, age_ms=now_ms - saved_ms)
+        listed = self.suppression.open()
+        self.log.info("suppression list loaded", addresses=listed, log_id=self.suppression.last_id)
         self.poller.prepare()  # the HTTP client's TLS set-up, before serving
         self.engine.set_default_provider(DEFAULT_PROVIDER)
         self.engine.set_upcall_ops(list(ops.UPCALL_OPS))

@@ -9,6 +9,8 @@ it. Store reads run on the store thread; state changes take the daemon's job loc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,7 @@ from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
 from kiln.records import LogEntry, RampKey, RampState
 from kiln.store import StoreError
+from kiln.suppress.live import SuppressionRequest
 
 if TYPE_CHECKING:
     from kiln.daemon.core import Daemon
@@ -212,6 +215,104 @@ async def resume(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[
         return {"ok": True, "automations": [a.to_json() for a, _ in ended]}
 
 
+MAX_CHECK = 10_000
+"""Most addresses one `check` asks about."""
+
+
+def check(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """Which of `addresses` are suppressed now (globally, or in `scope`), and why."""
+    addresses = req.get("addresses")
+    if (
+        not isinstance(addresses, list)
+        or not all(isinstance(a, str) for a in addresses)
+        or not 1 <= len(addresses) <= MAX_CHECK
+    ):
+        raise RequestError(f"addresses: a list of 1 to {MAX_CHECK} addresses")
+    scope = req.get("scope", "")
+    if not isinstance(scope, str):
+        raise RequestError("scope: must be a string")
+    return {"ok": True, "suppressed": d.suppression.check(addresses, now_ms, scope)}
+
+
+async def suppress(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """The operator's hand on the suppression list: `action` add, remove, list or history.
+    An add or remove is durable in the store before the reply says it was recorded."""
+    action = req.get("action")
+    if action in ("add", "remove"):
+        address = req.get("address")
+        if not isinstance(address, str):
+            raise RequestError("address: missing or not a string")
+        event = "remove" if action == "remove" else req.get("event", "manual")
+        scope = req.get("scope", "")
+        reason = req.get("reason", "")
+        if not isinstance(scope, str) or not isinstance(reason, str) or len(reason) > 500:
+            raise RequestError("scope and reason: strings (reason at most 500 characters)")
+        for_text = req.get("for")
+        try:
+            for_ms = None if for_text is None else parse_ms(for_text)
+        except DurationError as e:
+            raise RequestError(f"for: {e}") from None
+        if event == "soft_bounce" and for_ms is None:
+            raise RequestError("for: a soft bounce needs how long it holds, e.g. 3d")
+        now_ms = now()
+        try:
+            events = d.suppression.events(
+                [
+                    SuppressionRequest(
+                        address=address,
+                        event=str(event),
+                        source=f"operator ({_who(req)})",
+                        scope=scope,
+                        expires_ms=None if for_ms is None else now_ms + for_ms,
+                        evidence={"reason": reason} if reason else {},
+                    )
+                ],
+                now_ms,
+            )
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        try:
+            ids = await run.store(d.persist, d.store.suppress_append, events)
+        except StoreError as e:
+            raise RequestError(f"not recorded: {e}") from None
+        d.suppression.written(events, ids)
+        done = events[0]
+        return {
+            "ok": True,
+            "id": ids[0],
+            "address": done.address,
+            "event": done.event,
+            "scope": done.scope,
+        }
+    if action in ("list", "history"):
+        limit = req.get("limit", 100)
+        after = req.get("after_id", 0)
+        if not isinstance(limit, int) or not 1 <= limit <= 1000 or not isinstance(after, int):
+            raise RequestError("limit: 1 to 1000; after_id: an integer")
+        fps = None
+        if action == "history":
+            address = req.get("address")
+            if not isinstance(address, str):
+                raise RequestError("address: missing or not a string")
+            scope = req.get("scope", "")
+            try:
+                fps = [d.engine.suppress_fingerprint(address, s)[1] for s in {"", str(scope)}]
+            except _core.CoreError as e:
+                raise RequestError(str(e)) from None
+        fetch = functools.partial(
+            d.store.suppress_events, fingerprints=fps, after_id=after, limit=limit
+        )
+        rows = await run.store(d.persist, fetch)
+        listed, size = d.engine.suppress_stats()
+        return {
+            "ok": True,
+            "listed": listed,
+            "bytes": size,
+            "events": [dataclasses.asdict(r) for r in rows],
+        }
+    raise RequestError("action: add, remove, list or history")
+
+
 def _who(req: dict[str, Any]) -> str:
     """Who asked (`by`), for the automation and the decision log."""
     who = req.get("by", "an operator")
@@ -382,6 +483,8 @@ OPS: dict[str, Op] = {
     "cancel": Op(cancel),
     "pause": Op(pause),
     "resume": Op(resume),
+    "suppress": Op(suppress),
+    "check": Op(_at_once(check), mta=True),
     "explain": Op(explain),
 }
 #: Operations Python answers; every other op is decided in the core.

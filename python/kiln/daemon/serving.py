@@ -221,6 +221,11 @@ async def shutdown(d: Daemon) -> None:
     except StoreError as e:
         d.log.error("final_flush_failed", error=str(e), unsaved_batches=len(d.persist.unsaved))
     d.persist.stop_thread()
+    if d.suppression.unsnapshotted:
+        try:
+            d.suppression.save_snapshot()  # a faster next start; the log stays the truth
+        except OSError as e:
+            d.log.warning("suppression_snapshot_not_saved", error=str(e))
     d.store.close()
     d.notifier.close()
     postfix = [d.config.postfix.socket] if d.config.postfix is not None else []

@@ -27,8 +27,9 @@ type RouteTable = (
     (usize, usize, usize),
     Vec<(String, Option<String>, Option<u64>)>,
 );
-use crate::protocol::Route;
+use crate::protocol::{normalise_address, Route};
 use crate::state::Snapshot;
+use crate::suppress::{Event as SuppressEvent, SuppressionSet};
 
 /// (pool, provider, messages, next release ms) of one release queue.
 type QueueRow = (String, String, usize, Option<u64>);
@@ -724,6 +725,115 @@ impl PyEngine {
         ]
         .into_iter()
         .collect())
+    }
+
+    // ----- the suppression list (rust/src/suppress, docs/suppression.md) -----
+
+    /// Start an empty suppression set whose hashes are keyed with (k0, k1). Refused while
+    /// the set holds addresses (their hashes were made with the old key).
+    fn suppress_set_key(&self, py: Python<'_>, k0: u64, k1: u64) -> PyResult<()> {
+        let mut g = self.lock(py)?;
+        if !g.wire.suppress.is_empty() && g.wire.suppress.key() != (k0, k1) {
+            return Err(bad(
+                "key",
+                "the suppression set holds addresses hashed with another key",
+            ));
+        }
+        g.wire.suppress = SuppressionSet::new((k0, k1));
+        Ok(())
+    }
+
+    /// `address` as the list keeps it (trimmed, domain lower-cased in ASCII form) and its
+    /// fingerprint in `scope` ("" for the global list). CoreError for a malformed address.
+    #[pyo3(signature = (address, scope=""))]
+    fn suppress_fingerprint(
+        &self,
+        py: Python<'_>,
+        address: &str,
+        scope: &str,
+    ) -> PyResult<(String, u64)> {
+        let a = normalise_address(address)
+            .map_err(|e| bad("address", e.trim_start_matches("address: ")))?;
+        let g = self.lock(py)?;
+        let fp = g.wire.suppress.fingerprint(scope.as_bytes(), a.as_bytes());
+        Ok((a, fp))
+    }
+
+    /// Fold log events into the set, in order: (fingerprint, event, expires_ms); the event
+    /// `remove` takes the address off. Returns how many changed whether it is listed.
+    fn suppress_apply(
+        &self,
+        py: Python<'_>,
+        events: Vec<(u64, String, Option<u64>)>,
+    ) -> PyResult<usize> {
+        let mut g = self.lock(py)?;
+        let mut changed = 0;
+        for (fp, event, expires_ms) in events {
+            if !(1..1 << 61).contains(&fp) {
+                return Err(bad("fingerprint", format_args!("out of range: {fp}")));
+            }
+            if event == "remove" {
+                changed += usize::from(g.wire.suppress.remove(fp));
+                continue;
+            }
+            let e = SuppressEvent::parse(&event)
+                .ok_or_else(|| bad("event", format_args!("unknown suppression event {event:?}")))?;
+            changed += usize::from(
+                g.wire
+                    .suppress
+                    .insert(fp, e, expires_ms)
+                    .map_err(|m| bad("suppression", m))?,
+            );
+        }
+        Ok(changed)
+    }
+
+    /// For each address: why it may not be mailed at `now_ms` (the event), or None; a
+    /// malformed address answers "invalid".
+    #[pyo3(signature = (addresses, now_ms, scope=""))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the list into an owned value
+    fn suppress_check(
+        &self,
+        py: Python<'_>,
+        addresses: Vec<String>,
+        now_ms: u64,
+        scope: &str,
+    ) -> PyResult<Vec<Option<&'static str>>> {
+        let g = self.lock(py)?;
+        Ok(addresses
+            .iter()
+            .map(|a| match g.wire.suppressed(a, scope, now_ms) {
+                Ok(found) => found.map(SuppressEvent::as_str),
+                Err(_) => Some("invalid"),
+            })
+            .collect())
+    }
+
+    /// (addresses listed, bytes the set takes).
+    fn suppress_stats(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
+        let g = self.lock(py)?;
+        Ok((g.wire.suppress.len(), g.wire.suppress.bytes()))
+    }
+
+    /// Drop the soft bounces expired at `now_ms`; how many.
+    fn suppress_sweep(&self, py: Python<'_>, now_ms: u64) -> PyResult<usize> {
+        Ok(self.lock(py)?.wire.suppress.sweep(now_ms))
+    }
+
+    /// The set as bytes (for a fast restart).
+    fn suppress_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.lock(py)?.wire.suppress.to_bytes();
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Replace the set with one from `suppress_snapshot`, keyed with the current key.
+    fn suppress_restore(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
+        let mut g = self.lock(py)?;
+        let set = SuppressionSet::from_bytes(g.wire.suppress.key(), data)
+            .map_err(|m| bad("snapshot", m))?;
+        let n = set.len();
+        g.wire.suppress = set;
+        Ok(n)
     }
 
     /// Denied acquire and pick decisions since the engine was made: [(ip, provider, reason,

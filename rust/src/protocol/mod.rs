@@ -24,6 +24,7 @@ use crate::classify::{Classifier, RuleDef};
 use crate::engine::Engine;
 use crate::error::{CoreError, CoreResult};
 use crate::limiter::check_now;
+use crate::suppress::{Event as SuppressEvent, SuppressionSet};
 use ledger::Ledger;
 pub use ledger::{Outcome, Report, Tally, MAX_REPORTS, MAX_REPORT_TEXT};
 use routes::{normalise_domain, RouteTable, Unresolved};
@@ -93,6 +94,8 @@ pub struct Wire {
     /// away from the engine are put in force by a pointer swap.
     classifier: Arc<Classifier>,
     pub stats: WireStats,
+    /// The suppression list's live set: `acquire` and `pick` given an `address` deny it.
+    pub suppress: SuppressionSet,
 }
 
 /// Why a request line gets an error reply.
@@ -197,6 +200,21 @@ impl Wire {
         });
         self.default_provider = self.default_provider.and_then(|p| map[usize::from(p)]);
         self.ledger.clear();
+    }
+
+    /// Why `address` may not be mailed at `now_ms` (global list, or `scope`'s), after the
+    /// same normalisation as the list's (domain lower-cased and in ASCII form).
+    pub fn suppressed(
+        &self,
+        address: &str,
+        scope: &str,
+        now_ms: u64,
+    ) -> Result<Option<SuppressEvent>, String> {
+        if self.suppress.is_empty() {
+            return Ok(None);
+        }
+        let a = normalise_address(address)?;
+        Ok(self.suppress.check(scope.as_bytes(), a.as_bytes(), now_ms))
     }
 
     /// Routes held, static ones included.
@@ -408,3 +426,31 @@ impl Wire {
 
 #[cfg(test)]
 mod tests;
+
+/// Longest address on the suppression list (RFC 5321's path limit is 256; the list allows
+/// 320, as addresses in exports sometimes are).
+pub const MAX_ADDRESS: usize = 320;
+
+/// `address` as the suppression list keeps it: trimmed, the local part as given, the domain
+/// lower-cased without a trailing dot and in ASCII (punycode) form.
+pub fn normalise_address(address: &str) -> Result<String, String> {
+    let a = address.trim();
+    let Some((local, domain)) = a.rsplit_once('@') else {
+        return Err(format!("address: no @ in {:?}", cut_text(a)));
+    };
+    if local.is_empty() || a.len() > MAX_ADDRESS {
+        return Err(format!("address: not an address: {:?}", cut_text(a)));
+    }
+    let d = normalise_domain(domain).map_err(|e| e.replacen("domain", "address", 1))?;
+    let d = if d.is_ascii() {
+        d.into_owned()
+    } else {
+        idna::domain_to_ascii(&d)
+            .map_err(|_| format!("address: bad domain in {:?}", cut_text(a)))?
+    };
+    Ok(format!("{local}@{d}"))
+}
+
+fn cut_text(s: &str) -> String {
+    s.chars().take(80).collect()
+}

@@ -108,6 +108,9 @@ fn acquire(
     out: &mut Vec<u8>,
 ) -> Result<(), Refusal> {
     let n = req.count()?;
+    if suppressed(w, req, now_ms, out)? {
+        return Ok(());
+    }
     let Route::Provider(provider) = provider_of(w, engine, req, now_ms)? else {
         if req.ip.is_none() {
             return Err("ip: missing".into());
@@ -138,6 +141,9 @@ fn pick(
     let pool = engine
         .pool_handle(pool_name)
         .map_err(|_| Refusal::from(format!("pool: unknown pool {}", quoted(pool_name))))?;
+    if suppressed(w, req, now_ms, out)? {
+        return Ok(());
+    }
     let Route::Provider(provider) = provider_of(w, engine, req, now_ms)? else {
         w.stats.denied += 1;
         reply::null_mx(out, req.id);
@@ -268,14 +274,42 @@ fn classify(
 }
 
 /// The provider a request names (`provider`) or implies (`domain`).
+/// Deny a request whose `address` is on the suppression list (answered: true), charging
+/// nothing. Without an `address`, nothing is checked.
+fn suppressed(
+    w: &mut Wire,
+    req: &Request<'_>,
+    now_ms: u64,
+    out: &mut Vec<u8>,
+) -> Result<bool, Refusal> {
+    let Some(address) = req.address.as_deref() else {
+        return Ok(false);
+    };
+    let scope = req.scope.as_deref().unwrap_or("");
+    match w.suppressed(address, scope, now_ms)? {
+        Some(event) => {
+            w.stats.denied += 1;
+            reply::suppressed(out, req.id, event.as_str());
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 fn provider_of(
     w: &mut Wire,
     engine: &Engine,
     req: &Request<'_>,
     now_ms: u64,
 ) -> Result<Route, Refusal> {
-    match (&req.provider, &req.domain) {
-        (Some(_), Some(_)) => Err("give domain or provider, not both".into()),
+    let domain = req.domain.as_ref().or(req.address.as_ref());
+    match (&req.provider, domain) {
+        (Some(_), Some(_)) if req.domain.is_some() => {
+            Err("give domain or provider, not both".into())
+        }
+        (Some(p), Some(_)) => engine.provider_handle(p).map(Route::Provider).map_err(|_| {
+            Refusal::from(format!("provider: unknown provider {}", quoted(p.as_ref())))
+        }),
         (None, None) => Err("domain: missing (or give provider)".into()),
         (Some(p), None) => engine.provider_handle(p).map(Route::Provider).map_err(|_| {
             Refusal::from(format!(

@@ -95,6 +95,14 @@ pub(super) fn denied_pick(
     out.extend_from_slice(b"}\n");
 }
 
+/// The denial of a suppressed recipient, with why it is on the list.
+pub(super) fn suppressed(out: &mut Vec<u8>, id: Option<&RawValue>, event: &str) {
+    open(out, id);
+    out.extend_from_slice(b"\"ok\":true,\"granted\":0,\"reason\":\"suppressed\",\"event\":");
+    json_str(out, event);
+    out.extend_from_slice(b",\"retry_after_ms\":null}\n");
+}
+
 /// The denial of a domain that accepts no mail.
 pub(super) fn null_mx(out: &mut Vec<u8>, id: Option<&RawValue>) {
     open(out, id);

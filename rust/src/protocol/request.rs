@@ -45,6 +45,11 @@ pub(super) struct Request<'a> {
     pub(super) result: Option<Cow<'a, str>>,
     pub(super) enhanced: Option<Cow<'a, str>>,
     pub(super) text: Option<Cow<'a, str>>,
+    /// A full recipient address: a suppressed one is denied (`suppressed`).
+    pub(super) address: Option<Cow<'a, str>>,
+    /// The suppression scope to check besides the global list (a sending domain, stream or
+    /// tenant).
+    pub(super) scope: Option<Cow<'a, str>>,
     pub(super) n: Option<u64>,
     pub(super) code: Option<u64>,
     /// `code` was given as `""`, which counts as left out (see `Request::code`).
@@ -156,6 +161,8 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 "result" => Request::text(p, &mut r.result, "result", raw),
                 "enhanced" => Request::text(p, &mut r.enhanced, "enhanced", raw),
                 "text" => Request::text(p, &mut r.text, "text", raw),
+                "address" => Request::text(p, &mut r.address, "address", raw),
+                "scope" => Request::text(p, &mut r.scope, "scope", raw),
                 "n" => Request::number(p, &mut r.n, "n", raw),
                 "code" => Request::code(p, &mut r.code, &mut r.code_blank, raw),
                 _ => r.extra.push(key.0),

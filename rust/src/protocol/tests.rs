@@ -612,3 +612,43 @@ fn invalid_utf8_and_junk_get_errors() {
     assert_eq!(lines[2], "{\"ok\":true}");
     assert_eq!(s.consumed, 21);
 }
+
+#[test]
+fn a_suppressed_address_is_denied_and_charges_nothing() {
+    let (mut e, mut w) = setup();
+    let fp = w.suppress.fingerprint(b"", b"Ann@xn--bcher-kva.example");
+    w.suppress
+        .insert(fp, crate::suppress::Event::Complaint, None)
+        .unwrap();
+    let news = w.suppress.fingerprint(b"news", b"bob@gmail.com");
+    w.suppress
+        .insert(news, crate::suppress::Event::Unsubscribe, None)
+        .unwrap();
+    let (out, _) = serve(
+        &mut e,
+        &mut w,
+        "{\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"address\":\" Ann@BÜCHER.example. \"}\n\
+         {\"op\":\"pick\",\"pool\":\"tx\",\"address\":\"bob@gmail.com\",\"scope\":\"news\",\"id\":1}\n\
+         {\"op\":\"pick\",\"pool\":\"tx\",\"address\":\"bob@gmail.com\",\"scope\":\"billing\"}\n\
+         {\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"address\":\"ann@gmail.com\"}\n\
+         {\"op\":\"acquire\",\"ip\":\"192.0.2.10\",\"address\":\"no-at-sign\"}\n",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        "{\"ok\":true,\"granted\":0,\"reason\":\"suppressed\",\"event\":\"complaint\",\"retry_after_ms\":null}"
+    );
+    assert!(lines[1].starts_with("{\"id\":1,") && lines[1].contains("\"event\":\"unsubscribe\""));
+    // Another scope, or a local part in another case, is not suppressed: Gmail is charged.
+    assert!(
+        lines[2].contains("\"granted\":1") && lines[2].contains("\"google\""),
+        "{out}"
+    );
+    assert!(lines[3].contains("\"granted\":1"), "{out}");
+    assert!(
+        lines[4].contains("\"ok\":false") && lines[4].contains("no @"),
+        "{out}"
+    );
+    let t = w.take_tallies();
+    assert_eq!(t.iter().map(|(_, c)| c.granted).sum::<u64>(), 2);
+}

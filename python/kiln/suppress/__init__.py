@@ -1,0 +1,1 @@
+"""Suppression: addresses kiln must never send to, their import and export formats."""

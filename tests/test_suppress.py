@@ -1,0 +1,141 @@
+"""The suppression list in the daemon (kiln.suppress.live, rust/src/suppress): operator adds
+and removes are durable before the reply, `acquire` and `pick` deny a suppressed address and
+charge nothing, the live set is the fold of the append-only log and survives a restart with or
+without its snapshot."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kiln.daemon import Daemon
+from kiln.suppress.live import SNAPSHOT_FILE
+from test_daemon import PLAN, FakeClock, make, ms, send
+
+IP = "192.0.2.10"
+
+
+def op(d: Daemon, clock: FakeClock, **req: Any) -> dict[str, Any]:
+    """An operator request, answered as the socket would."""
+    return d.upcall(json.dumps(req).encode(), clock.t)
+
+
+def acquire_for(address: str, **more: Any) -> dict[str, Any]:
+    return {"op": "acquire", "ip": IP, "address": address, **more}
+
+
+@pytest.fixture
+def plan_file(tmp_path: Path) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(PLAN)
+    return path
+
+
+def test_an_added_address_is_denied_until_removed(plan_file: Path, tmp_path: Path) -> None:
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, tmp_path / "state", clock)
+    added = op(d, clock, op="suppress", action="add", address=" Ann@Example.ORG ", reason="asked")
+    assert added["ok"] and added["address"] == "Ann@example.org", added
+    first = send(d, acquire_for("Ann@EXAMPLE.org"), acquire_for("ann@example.org"))
+    assert first[0] == {
+        "ok": True,
+        "granted": 0,
+        "reason": "suppressed",
+        "event": "manual",
+        "retry_after_ms": None,
+    }
+    assert first[1]["granted"] == 1  # the local part is kept as given
+    checked = op(d, clock, op="check", addresses=["Ann@example.org", "x@y.org", "nope"])
+    assert checked["suppressed"] == {
+        "Ann@example.org": "manual",
+        "x@y.org": None,
+        "nope": "invalid",
+    }
+    removed = op(d, clock, op="suppress", action="remove", address="Ann@example.org")
+    assert removed["ok"] and removed["event"] == "remove"
+    assert send(d, acquire_for("Ann@example.org"))[0]["granted"] == 1
+    history = op(d, clock, op="suppress", action="history", address="Ann@example.org")
+    assert [e["event"] for e in history["events"]] == ["manual", "remove"]
+    assert history["listed"] == 0
+    d.store.close()
+    # The log is append-only in the database itself.
+    with sqlite3.connect(tmp_path / "state" / "kiln.db") as db, pytest.raises(sqlite3.Error):
+        db.execute("DELETE FROM kiln_suppression")
+
+
+def test_soft_bounces_expire_and_scopes_are_apart(plan_file: Path, tmp_path: Path) -> None:
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, tmp_path / "state", clock)
+    assert op(d, clock, op="suppress", action="add", address="s@x.org", event="soft_bounce")[
+        "error"
+    ].startswith("for:")
+    soft = op(
+        d,
+        clock,
+        op="suppress",
+        action="add",
+        address="s@x.org",
+        event="soft_bounce",
+        **{"for": "1h"},
+    )
+    assert soft["ok"]
+    op(d, clock, op="suppress", action="add", address="n@x.org", event="unsubscribe", scope="news")
+    assert send(d, acquire_for("s@x.org"))[0]["reason"] == "suppressed"
+    assert send(d, acquire_for("n@x.org", scope="news"))[0]["event"] == "unsubscribe"
+    assert send(d, acquire_for("n@x.org", scope="billing"))[0]["granted"] == 1
+    clock.t += 3_600_000
+    assert send(d, acquire_for("s@x.org"))[0]["granted"] == 1
+    for bad, error in (
+        ({"address": "no-at"}, "no @"),
+        ({"address": "a@" + "x" * 330 + ".org"}, "address"),
+        ({"address": "a@x.org", "event": "spam"}, "event:"),
+        ({}, "address: missing"),
+    ):
+        reply = op(d, clock, op="suppress", action="add", **bad)
+        assert not reply["ok"] and error in reply["error"], (bad, reply)
+    d.store.close()
+
+
+EVENTS = st.sampled_from(["hard_bounce", "complaint", "unsubscribe", "manual", "remove"])
+STEPS = st.lists(st.tuples(st.integers(0, 5), EVENTS), min_size=1, max_size=25)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=STEPS, snapshot=st.booleans())
+def test_the_live_set_is_the_fold_of_the_log_across_restarts(
+    plan_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[int, str]],
+    snapshot: bool,
+) -> None:
+    state = tmp_path_factory.mktemp("state")
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, state, clock)
+    model: dict[str, str] = {}
+    for who, event in steps:
+        address = f"user{who}@example.com"
+        action = "remove" if event == "remove" else "add"
+        reply = op(d, clock, op="suppress", action=action, address=address, event=event)
+        assert reply["ok"], reply
+        if event == "remove":
+            model.pop(address, None)
+        else:
+            model[address] = event
+    addresses = [f"user{i}@example.com" for i in range(6)]
+    expected = {a: model.get(a) for a in addresses}
+    assert op(d, clock, op="check", addresses=addresses)["suppressed"] == expected
+    if snapshot:
+        d.suppression.save_snapshot()
+    d.store.close()  # as after a SIGKILL: no snapshot unless one was saved before
+    again = make(plan_file, state, clock)
+    assert (state / SNAPSHOT_FILE).exists() == snapshot
+    assert op(again, clock, op="check", addresses=addresses)["suppressed"] == expected
+    again.store.close()
