@@ -6,16 +6,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from daemonproc import DaemonProc
 from kiln.cli import main
 from kiln.simscenario import Scenario, load_scenario
 from kiln.simulate import REPORT_FORMAT, REPORT_VERSION, simulate
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """`kiln simulate` configures the process's logging (quiet, errors only), as a command
+    should; these tests run it in-process, so the next tests get the logging they had."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "schedules" / "scenarios"
 
