@@ -139,3 +139,67 @@ def test_the_live_set_is_the_fold_of_the_log_across_restarts(
     assert (state / SNAPSHOT_FILE).exists() == snapshot
     assert op(again, clock, op="check", addresses=addresses)["suppressed"] == expected
     again.store.close()
+
+
+def test_hard_bounces_and_complaints_from_mta_logs_are_suppressed(tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    log.write_text("")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN
+        + "signals:\n  feedback:\n"
+        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
+    )
+    clock = FakeClock(ms("2026-03-10T14:10:00"))
+    d = make(plan, tmp_path / "state", clock)
+    line = (
+        "Mar 10 14:06:{s:02d} mta1 postfix-ip10/smtp[21992]: 7E4F6A518{s}: to=<{to}>, "
+        "relay=mx.example.org[203.0.113.25]:25, delay=0.9, delays=0.02/0.01/0.45/0.42, "
+        "dsn={dsn}, status={status} (host mx.example.org[203.0.113.25] said: {reply} "
+        "(in reply to RCPT TO command))\n"
+    )
+    with log.open("a") as f:
+        f.write(
+            line.format(
+                s=1,
+                to="nobody@example.org",
+                dsn="5.1.1",
+                status="bounced",
+                reply="550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown",
+            )
+        )
+        f.write(
+            line.format(
+                s=2,
+                to="full@example.org",
+                dsn="4.2.2",
+                status="deferred",
+                reply="452 4.2.2 Mailbox full",
+            )
+        )
+        f.write(
+            line.format(
+                s=3,
+                to="spam@example.org",
+                dsn="5.7.1",
+                status="bounced",
+                reply="554 5.7.1 Message rejected as spam",
+            )
+        )
+    d.ingest(clock.t)
+    checked = op(
+        d,
+        clock,
+        op="check",
+        addresses=["nobody@example.org", "full@example.org", "spam@example.org"],
+    )
+    # A hard bounce is suppressed; a deferral and a content block say nothing of the person.
+    assert checked["suppressed"] == {
+        "nobody@example.org": "hard_bounce",
+        "full@example.org": None,
+        "spam@example.org": None,
+    }
+    history = op(d, clock, op="suppress", action="history", address="nobody@example.org")
+    assert history["events"][0]["source"] == "mta log (postfix)"
+    assert history["events"][0]["evidence"]["ip"] == IP
+    d.store.close()

@@ -37,7 +37,7 @@ from kiln.daemon.postfix import PostfixGate
 from kiln.daemon.roll import ROLLED_KEY, roll_days
 from kiln.daemon.runner import HERE, OFF_LOOP, Now, Runner, complete
 from kiln.errors import KilnError, ScheduleError
-from kiln.feedback import FeedbackReader
+from kiln.feedback import FeedbackEvent, FeedbackReader
 from kiln.feedback.wiring import checkpoints_json, feedback_reader, read_reports
 from kiln.guard import Guard
 from kiln.log import get_logger
@@ -52,8 +52,8 @@ from kiln.rules import RuleFiles, RuleSet, known_providers
 from kiln.schedule import Plan
 from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
-from kiln.store import Store
-from kiln.suppress.live import SuppressionList
+from kiln.store import Store, StoreError
+from kiln.suppress.live import SuppressionList, SuppressionRequest
 from kiln.watchdog import LoopMonitor, Notifier
 
 __all__ = ["Daemon", "run"]
@@ -317,7 +317,7 @@ class Daemon:
         under `job_lock`, so no reload replaces the readers meanwhile."""
         if self.feedback is None:
             return 0
-        lines, held, marks = await run.worker(read_reports, self.feedback, now())
+        lines, held, marks, said_no = await run.worker(read_reports, self.feedback, now())
         self._feedback_marks = marks  # the readers' checkpoints go with the next write
         if held and self.postfix is not None:
             self.postfix.hold(held)
@@ -328,7 +328,55 @@ class Daemon:
             data = data[served.consumed :]
             if served.consumed == 0:
                 break
+        if said_no:
+            await self.suppress_from_feedback(said_no, run, now_ms)
         return len(lines)
+
+    async def suppress_from_feedback(
+        self, events: list[FeedbackEvent], run: Runner, now_ms: int
+    ) -> None:
+        """Put on the suppression list the recipients that said no: a bounce the reply rules
+        call `hard_bounce` (a 5.1.x status without rules), and every complaint. Written to
+        the store before the live set changes; a failed write is logged and retried with
+        the next events (the log readers' checkpoints are not held back for it)."""
+        requests = []
+        for e in events:
+            if e.result == "complaint":
+                event = "complaint"
+            else:
+                found = self.engine.classify(None, e.code, e.enhanced, e.text or "")
+                hard = found is not None and found[0] == "hard_bounce"
+                if not hard and not (found is None and (e.enhanced or "").startswith("5.1.")):
+                    continue
+                event = "hard_bounce"
+            evidence = {
+                "ip": e.ip,
+                "code": e.code,
+                "enhanced": e.enhanced,
+                "text": (e.text or "")[:500],
+            }
+            requests.append(
+                SuppressionRequest(
+                    address=e.recipient or "",
+                    event=event,
+                    source=f"mta log ({e.source})",
+                    evidence={k: v for k, v in evidence.items() if v},
+                )
+            )
+        good = []
+        for r in requests:
+            try:
+                good.extend(self.suppression.events([r], now_ms))
+            except ValueError as err:
+                self.warn_repeated("suppression_address_unreadable", error=str(err))
+        if not good:
+            return
+        try:
+            ids = await run.store(self.persist, self.store.suppress_append, good)
+        except StoreError as err:
+            self.warn_repeated("store_write_failed", error=str(err), during="suppression")
+            return
+        self.suppression.written(good, ids)
 
     def on_hour(self, now_ms: int) -> None:
         """`on_hour_with` in the calling thread (tests)."""

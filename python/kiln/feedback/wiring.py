@@ -149,14 +149,21 @@ def held_of(e: FeedbackEvent) -> Held | None:
     return Held(e.queue_id, e.recipient, wait[0], wait[1], e.at_ms)
 
 
-def read_reports(reader: FeedbackReader, now_ms: int) -> tuple[list[bytes], list[Held], str]:
-    """New events as `report` lines, the recipients kiln asked Postfix to hold, and the
-    checkpoints after them (any thread: touches only the readers)."""
+def read_reports(
+    reader: FeedbackReader, now_ms: int
+) -> tuple[list[bytes], list[Held], str, list[FeedbackEvent]]:
+    """New events as `report` lines, the recipients kiln asked Postfix to hold, the
+    checkpoints after them, and the events that may put a recipient on the suppression list
+    (remote bounces and complaints naming a recipient). Any thread: touches only the readers."""
     lines: list[bytes] = []
     held: list[Held] = []
+    said_no: list[FeedbackEvent] = []
     for e in reader.poll(now_ms):
         if (h := held_of(e)) is not None:
             held.append(h)  # kiln's own wait says nothing about the receiver
-        elif line := report_line(e):
+            continue
+        if line := report_line(e):
             lines.append(line)
-    return lines, held, checkpoints_json(reader)
+        if e.recipient and not e.local and e.result in ("bounced", "complaint"):
+            said_no.append(e)
+    return lines, held, checkpoints_json(reader), said_no
