@@ -140,3 +140,20 @@ fn a_million_addresses_take_under_32_bytes_each() {
     );
     assert_eq!(s.check(b"", b"u1000000@example.com", 0), None);
 }
+
+#[test]
+fn a_batch_answers_as_one_check_at_a_time() {
+    let mut s = SuppressionSet::new(KEY);
+    for (a, scope) in [("a@x.org", ""), ("b@x.org", "news"), ("c@x.org", "")] {
+        let fp = s.fingerprint(scope.as_bytes(), a.as_bytes());
+        s.insert(fp, Event::Manual, None).unwrap();
+    }
+    let asked: Vec<&[u8]> = vec![b"a@x.org", b"b@x.org", b"z@x.org", b"c@x.org"];
+    for scope in [&b""[..], b"news", b"billing"] {
+        let mut out = vec![Some(Event::Complaint)]; // what was there stays
+        s.check_batch(scope, &asked, 0, &mut out);
+        let one: Vec<Option<Event>> = asked.iter().map(|a| s.check(scope, a, 0)).collect();
+        assert_eq!(out[1..], one[..]);
+        assert_eq!(out[0], Some(Event::Complaint));
+    }
+}
