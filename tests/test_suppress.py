@@ -14,9 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemonproc import running_daemon
+from kiln.cli import main
 from kiln.daemon import Daemon
 from kiln.suppress.live import SNAPSHOT_FILE
 from test_daemon import PLAN, FakeClock, make, ms, send
+from test_protocol import anytime_plan
 
 IP = "192.0.2.10"
 
@@ -203,3 +206,73 @@ def test_hard_bounces_and_complaints_from_mta_logs_are_suppressed(tmp_path: Path
     assert history["events"][0]["source"] == "mta log (postfix)"
     assert history["events"][0]["evidence"]["ip"] == IP
     d.store.close()
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "suppression"
+
+
+def test_import_verify_and_export_through_the_daemon(plan_file: Path, tmp_path: Path) -> None:
+    clock = FakeClock(ms("2026-03-02T10:00:00"))  # the export's soft bounces still hold
+    d = make(plan_file, tmp_path / "state", clock)
+    bounces = FIXTURES / "sendgrid_bounces.csv"
+    sendgrid = {"op": "suppress_file", "path": str(bounces), "from": "sendgrid"}
+    before = op(d, clock, action="verify", **sendgrid)
+    assert before["ok"] and not before["verified"] and before["missing_count"] > 0
+    # Line 7 holds no address: nothing is imported unless told to skip it.
+    refused = op(d, clock, action="import", **sendgrid)
+    assert not refused["ok"] and refused["problem_count"] == 1, refused
+    assert ":7:" in refused["problems"][0] and d.engine.suppress_stats()[0] == 0
+    imported = op(d, clock, action="import", skip_bad=True, **sendgrid)
+    assert imported["ok"], imported
+    assert imported["imported"] == before["missing_count"] > 0
+    assert imported["per_type"].get("hard_bounce", 0) > 0
+    assert send(d, acquire_for("Bob.Smith@example.com"))[0]["reason"] == "suppressed"
+    after = op(d, clock, action="verify", **sendgrid)
+    assert after["missing_count"] == 0 and after["problem_count"] == 1
+    # Importing again adds nothing: every address is already listed for the same reason.
+    again = op(d, clock, action="import", skip_bad=True, **sendgrid)
+    assert again["imported"] == 0 and again["already_listed"] == imported["imported"]
+    # The wrong provider's file is named once and nothing is imported.
+    listed = d.engine.suppress_stats()[0]
+    wrong = op(
+        d,
+        clock,
+        op="suppress_file",
+        action="import",
+        path=str(FIXTURES / "sendgrid_export_actually_mailgun.csv"),
+        **{"from": "sendgrid"},
+    )
+    assert not wrong["ok"] and wrong["problem_count"] == 1 and "Mailgun" in wrong["problems"][0]
+    assert d.engine.suppress_stats()[0] == listed
+    # The export reads back as the list.
+    out = tmp_path / "list.csv"
+    exported = op(d, clock, op="suppress_file", action="export", path=str(out), format="csv")
+    assert exported["written"] == listed
+    back = op(d, clock, op="suppress_file", action="verify", path=str(out), **{"from": "csv"})
+    assert back["verified"] is True and back["rows"] == listed
+    relative = op(d, clock, op="suppress_file", action="export", path="list.csv")
+    assert not relative["ok"] and "absolute" in relative["error"]
+    d.store.close()
+
+
+def test_kiln_suppress_against_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with running_daemon(anytime_plan(tmp_path)) as d:
+        where = ["--state-dir", str(d.state_dir)]
+        assert main(["suppress", "add", "Ann@Example.org", "--reason", "phone", *where]) == 0
+        assert "Ann@example.org: manual recorded" in capsys.readouterr().out
+        assert main(["suppress", "check", "Ann@example.org", "bob@example.org", *where]) == 0
+        out = capsys.readouterr().out
+        assert "Ann@example.org: manual" in out and "bob@example.org: not suppressed" in out
+        export = FIXTURES / "sendgrid_unsubscribes.csv"
+        assert main(["suppress", "verify", "--from", "sendgrid", str(export), *where]) == 2
+        assert "NOT all suppressed" in capsys.readouterr().out
+        assert main(["suppress", "import", "--from", "sendgrid", str(export), *where]) == 0
+        assert main(["suppress", "verify", "--from", "sendgrid", str(export), *where]) == 0
+        assert "every address is suppressed" in capsys.readouterr().out
+        target = tmp_path / "out" / "list.csv"
+        target.parent.mkdir()
+        assert main(["suppress", "export", str(target), *where]) == 0
+        assert "Ann@example.org,manual" in target.read_text()
+        with d.mta_client() as m:
+            r = m.request("acquire", ip=IP, address="Ann@example.org")
+            assert r["reason"] == "suppressed", r

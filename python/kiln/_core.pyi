@@ -376,6 +376,11 @@ class Engine:
     def suppress_fingerprint(self, address: str, scope: str = "") -> tuple[str, int]:
         """The address as the list keeps it and its fingerprint in `scope`; CoreError for a
         malformed address."""
+    def suppress_fingerprints(
+        self, items: Sequence[tuple[str, str]]
+    ) -> list[tuple[str | None, int, str | None]]:
+        """`suppress_fingerprint` for many (address, scope): (address, fingerprint, None) or
+        (None, 0, the problem) each."""
     def suppress_apply(self, events: Sequence[tuple[int, str, int | None]]) -> int:
         """Fold (fingerprint, event, expires_ms) into the set in order (`remove` takes an
         address off); how many changed whether they are listed."""

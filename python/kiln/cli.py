@@ -20,6 +20,7 @@ from kiln.cli_mta import add_mta_verbs, exim_config_main, postfix_config_main
 from kiln.cli_plan import add_plan_verbs, check_main, load_one, plan_main, schema_main
 from kiln.cli_render import add_render_verb, render_main
 from kiln.cli_simulate import add_simulate_verb, simulate_main
+from kiln.cli_suppress import add_suppress_verb, suppress_main
 from kiln.client import Client, ClientError
 from kiln.clock import MAX_SPEED, MIN_SPEED, ScaledClock, SystemClock
 from kiln.postfix import valid_nexthop
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         verbs.add_parser("init", help="write a starter plan and a systemd unit into a folder")
     )
     add_mta_verbs(verbs, _STATE_DIR_HELP)
+    add_suppress_verb(verbs, _STATE_DIR_HELP)
     add_render_verb(verbs, _STATE_DIR_HELP, _instant)
     add_simulate_verb(verbs)
     from kiln.rules import add_classify_arguments  # the verb lives in rules.py
@@ -731,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": simulate_main,
         "queue": _queue,
         "token": _token,
+        "suppress": lambda a: suppress_main(a, _client),
         "pause": _pause_or_resume,
         "resume": _pause_or_resume,
     }

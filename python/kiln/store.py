@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     inspect,
 )
+from sqlalchemy import func as sqlfunc
 from sqlalchemy import select as sa_select
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -656,6 +657,13 @@ class Store:
                 session.execute(table.insert(), batch)
                 written += len(batch)
         return written
+
+    def suppress_last_id(self) -> int:
+        """The id of the newest log event (0: none)."""
+        table = table_of(SuppressionRow)
+        with self._transaction("read the suppression log", write=False) as session:
+            found = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar()
+        return int(found or 0)
 
     def suppress_fold_rows(
         self, after_id: int = 0, chunk: int = 200_000

@@ -13,13 +13,15 @@ import dataclasses
 import functools
 import ipaddress
 import json
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln import _core
 from kiln.daemon import reload
-from kiln.daemon.runner import Now, Runner
+from kiln.daemon.runner import OFF_LOOP, Now, Runner
 from kiln.duration import DurationError, parse_ms
 from kiln.mtashape import shape_of
 from kiln.mx import MxLookups
@@ -28,6 +30,8 @@ from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
 from kiln.records import LogEntry, RampKey, RampState
 from kiln.store import StoreError
+from kiln.suppress.files import export_list, hash_events, read_file
+from kiln.suppress.formats import EXPORT_FORMATS, SOURCES
 from kiln.suppress.live import SuppressionRequest
 
 if TYPE_CHECKING:
@@ -313,6 +317,70 @@ async def suppress(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dic
     raise RequestError("action: add, remove, list or history")
 
 
+async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """`action` import (an export of `from` at `path` onto the list: every event in one
+    transaction, or none when a line cannot be read unless `skip_bad`), verify (is every
+    address of that export suppressed?) or export (the list to `path` as `format`). Files are
+    read and written by the daemon, off the event loop; `path` must be absolute."""
+    action, path_text = req.get("action"), req.get("path")
+    if not isinstance(path_text, str) or not os.path.isabs(path_text):
+        raise RequestError("path: an absolute path the daemon can read or write")
+    path = Path(path_text)
+    if action == "export":
+        fmt = req.get("format", "csv")
+        if fmt not in EXPORT_FORMATS:
+            raise RequestError(f"format: one of {', '.join(EXPORT_FORMATS)}")
+        try:
+            n = await run.store(d.persist, export_list, d.store, str(fmt), path, now())
+        except OSError as e:
+            raise RequestError(f"{path}: {e.strerror or e}") from None
+        return {"ok": True, "path": str(path), "written": n}
+    if action not in ("import", "verify"):
+        raise RequestError("action: import, verify or export")
+    source = req.get("from")
+    if source not in SOURCES:
+        raise RequestError(f"from: one of {', '.join(SOURCES)}")
+    scope = req.get("scope")
+    if scope is not None and not isinstance(scope, str):
+        raise RequestError("scope: must be a string")
+    now_ms = now()
+    try:
+        events, scanned = await run.worker(
+            functools.partial(read_file, scope=scope), str(source), path
+        )
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    scanned = await hash_events(
+        d.engine, path, events, scanned, now_ms, yield_to_loop=run is OFF_LOOP
+    )
+    if action == "verify":
+        missing = [e.address for e in scanned.events]
+        return {
+            "ok": True,
+            "verified": not missing and scanned.problem_count == 0,
+            "missing_count": len(missing),
+            "missing": missing[:50],
+            **scanned.summary(),
+        }
+    if scanned.problem_count and not req.get("skip_bad", False):
+        return {
+            "ok": False,
+            "error": f"{scanned.problem_count} lines could not be read; nothing was imported "
+            "(skip_bad imports the rest)",
+            **scanned.summary(),
+        }
+    if req.get("dry_run", False):
+        return {"ok": True, "imported": 0, "would_import": len(scanned.events), **scanned.summary()}
+    try:
+        n = await run.store(d.persist, d.store.suppress_bulk, scanned.events)
+        last_id = await run.store(d.persist, d.store.suppress_last_id)
+    except StoreError as e:
+        raise RequestError(f"not imported: {e}") from None
+    for start in range(0, len(scanned.events), 100_000):  # the lock is held a chunk at a time
+        d.suppression.written(scanned.events[start : start + 100_000], [last_id])
+    return {"ok": True, "imported": n, **scanned.summary()}
+
+
 def _who(req: dict[str, Any]) -> str:
     """Who asked (`by`), for the automation and the decision log."""
     who = req.get("by", "an operator")
@@ -485,6 +553,7 @@ OPS: dict[str, Op] = {
     "resume": Op(resume),
     "suppress": Op(suppress),
     "check": Op(_at_once(check), mta=True),
+    "suppress_file": Op(suppress_file),
     "explain": Op(explain),
 }
 #: Operations Python answers; every other op is decided in the core.

@@ -22,6 +22,9 @@ use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::limiter::MAX_NOW_MS;
 
+/// One address of `suppress_fingerprints`: (normalised, fingerprint, problem).
+type Hashed = (Option<String>, u64, Option<String>);
+
 /// (held, pinned, bound on learned routes) and [(domain, provider, expires_ms)].
 type RouteTable = (
     (usize, usize, usize),
@@ -757,6 +760,27 @@ impl PyEngine {
         let g = self.lock(py)?;
         let fp = g.wire.suppress.fingerprint(scope.as_bytes(), a.as_bytes());
         Ok((a, fp))
+    }
+
+    /// `suppress_fingerprint` for many (address, scope) pairs under one lock: per pair the
+    /// normalised address and fingerprint, or None and the problem.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the list into an owned value
+    fn suppress_fingerprints(
+        &self,
+        py: Python<'_>,
+        items: Vec<(String, String)>,
+    ) -> PyResult<Vec<Hashed>> {
+        let g = self.lock(py)?;
+        Ok(items
+            .iter()
+            .map(|(address, scope)| match normalise_address(address) {
+                Ok(a) => {
+                    let fp = g.wire.suppress.fingerprint(scope.as_bytes(), a.as_bytes());
+                    (Some(a), fp, None)
+                }
+                Err(e) => (None, 0, Some(e)),
+            })
+            .collect())
     }
 
     /// Fold log events into the set, in order: (fingerprint, event, expires_ms); the event
