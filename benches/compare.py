@@ -280,8 +280,9 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
         found += postfix_section(_load(results / "postfix.json"))
     if (results / "resp.json").exists():
         found += resp_section(_load(results / "resp.json"))
-    if (results / "simulate.json").exists():
-        found += file_targets(_load(results / "simulate.json"))
+    for name in ("simulate.json", "suppress-core.json", "suppress.json"):
+        if (results / name).exists():
+            found += file_targets(_load(results / name))
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")
     for t in found:
         measured = f"{_fmt(t.measured)} {t.unit}".rstrip()

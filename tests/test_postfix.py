@@ -364,6 +364,12 @@ def test_postfix_config_renders_transports_for_every_ip_and_refuses_bad_input() 
     assert f"transport_maps=socketmap:unix:/run/kiln/postfix.sock:{pool}" in text
     assert "-o rewrite_service_name=kiln-rewrite" in text
     assert "minimal_backoff_time = 30s" in text
+    assert "check_recipient_access" not in text  # suppressed mail bounces at routing
+    strict = postfix_config(plan, pool, Path("/run/kiln/postfix.sock"), reject_suppressed=True)
+    assert (
+        "smtpd_recipient_restrictions = check_recipient_access "
+        "socketmap:unix:/run/kiln/postfix.sock:kiln.suppressed," in strict.text()
+    )
     v6 = load_plan(REPO / "schedules" / "example.yaml")
     v6.batches[next(iter(v6.batches))].ips.append("2001:db8::10")
     master = postfix_config(v6, pool, Path("/s")).master_cf

@@ -66,6 +66,12 @@ def add_mta_verbs(verbs: Any, state_dir_help: str) -> None:
     postfix.add_argument(
         "--log-file", help="have Postfix log to this file (maillog_file), which kiln reads"
     )
+    postfix.add_argument(
+        "--reject-suppressed",
+        action="store_true",
+        help="also refuse suppressed recipients at submission (check_recipient_access; smtpd "
+        "answers 451 while kiln is down); without it they bounce when routed",
+    )
 
 
 def _common(parser: argparse.ArgumentParser, state_dir_help: str, sock: str, what: str) -> None:
@@ -116,7 +122,13 @@ def postfix_config_main(args: argparse.Namespace, state_dir: Path) -> int:
         "postfix-config",
         state_dir / "postfix.sock",
         lambda plan, pool, socket: postfix_config(
-            plan, pool, socket, nexthop=args.nexthop, retry_s=args.retry, log_file=args.log_file
+            plan,
+            pool,
+            socket,
+            nexthop=args.nexthop,
+            retry_s=args.retry,
+            log_file=args.log_file,
+            reject_suppressed=args.reject_suppressed,
         ).text(),
     )
 

@@ -90,12 +90,14 @@ def postfix_config(
     nexthop: str = "",
     retry_s: int = 60,
     log_file: str | None = None,
+    reject_suppressed: bool = False,
 ) -> PostfixConfig:
     """The lines for remote mail of `pool`, asking the daemon's socketmap table at `socket`.
     `nexthop`: what `kiln run --postfix-nexthop` is given (shown in a comment; the daemon
     adds it to its answers). `retry_s`: how soon Postfix retries mail it deferred on its own
     (kiln down or restarting). `log_file`: Postfix's `maillog_file`, when it logs to a file
-    of its own. KilnError for an unknown pool or a bad value."""
+    of its own. `reject_suppressed`: also refuse suppressed recipients at submission (smtpd
+    then answers 451 while kiln is down). KilnError for an unknown pool or a bad value."""
     if pool not in plan.pools:
         raise KilnError(
             f"pool {pool!r} is not in plan {plan.name!r}; its pools: " + ", ".join(plan.pools)
@@ -131,6 +133,15 @@ def postfix_config(
         f"minimal_backoff_time = {retry_s}s",
         f"maximal_backoff_time = {max(retry_s, 300)}s",
     ]
+    if reject_suppressed:
+        main += [
+            "# Recipients on kiln's suppression list are refused at submission, before any",
+            "# permit (docs/suppression.md); while kiln is down smtpd answers 451 and senders",
+            "# retry. Merge with your own restrictions:",
+            f"smtpd_recipient_restrictions = check_recipient_access socketmap:unix:{socket}:"
+            "kiln.suppressed,",
+            "    permit_mynetworks, reject_unauth_destination",
+        ]
     if log_file:
         main.append(f"maillog_file = {log_file}")
     names = "\n".join(f'        "{syslog_name(ip)}": "{ip}"' for ip in ips)

@@ -432,6 +432,7 @@ impl PyEngine {
         d.set_item("waited", st.waited)?;
         d.set_item("not_found", st.not_found)?;
         d.set_item("errors", st.errors)?;
+        d.set_item("suppressed", st.suppressed)?;
         d.set_item("prepaid_waiting", waiting)?;
         Ok(d)
     }

@@ -13,6 +13,12 @@
 //!   it when the caps open;
 //! - `OK error:5.1.10 ...` for a domain that publishes a null MX.
 //!
+//! A recipient on the suppression list (docs/suppression.md) gets `OK error:5.7.1 kiln: ...`
+//! instead: Postfix returns the message to its sender and never delivers it. The map name
+//! `kiln.suppressed` (or `kiln.suppressed/SCOPE`) is an access(5) table for
+//! `check_recipient_access`: `OK REJECT 5.7.1 ...` for a suppressed recipient, else
+//! `NOTFOUND`, so smtpd refuses it at submission.
+//!
 //! Keys without an `@` get `NOTFOUND `. Bad requests get `PERM reason` and the connection
 //! stays; a frame that is not a netstring or is over `MAX_REQUEST_BYTES` gets `PERM` and is
 //! closed (the protocol cannot resynchronise).
@@ -30,6 +36,9 @@ use crate::protocol::{Route, Served, Wire};
 
 #[cfg(test)]
 mod tests;
+
+/// The map name of the suppression access table (`kiln.suppressed/SCOPE` for a scope).
+pub const SUPPRESSED_MAP: &str = "kiln.suppressed";
 
 /// Longest request (netstring payload) read; Postfix's keys are addresses, far shorter.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
@@ -116,6 +125,8 @@ pub struct MapStats {
     pub waited: u64,
     pub not_found: u64,
     pub errors: u64,
+    /// Recipients answered as suppressed (a transport `error:` or an access `REJECT`).
+    pub suppressed: u64,
 }
 
 /// The transport table's state beside the engine: transport names and grants waiting for
@@ -257,10 +268,37 @@ impl TransportMap {
             self.payload.push_str("NOTFOUND ");
             return;
         }
+        if let Some(rest) = name.strip_prefix(SUPPRESSED_MAP) {
+            let scope = rest.strip_prefix('/').unwrap_or(rest);
+            match wire.suppressed(key, scope, now_ms) {
+                Ok(Some(e)) => {
+                    self.stats.suppressed += 1;
+                    let _ = write!(
+                        self.payload,
+                        "OK REJECT 5.7.1 kiln: the recipient is on the suppression list ({})",
+                        e.as_str()
+                    );
+                }
+                _ => {
+                    self.stats.not_found += 1;
+                    self.payload.push_str("NOTFOUND ");
+                }
+            }
+            return;
+        }
         let Ok(pool) = engine.pool_handle(name) else {
             let _ = write!(self.payload, "PERM unknown pool {}", printable(name));
             return;
         };
+        if let Ok(Some(e)) = wire.suppressed(key, "", now_ms) {
+            self.stats.suppressed += 1;
+            let _ = write!(
+                self.payload,
+                "OK error:5.7.1 kiln: the recipient is on the suppression list ({})",
+                e.as_str()
+            );
+            return;
+        }
         let provider = match wire.route(key, now_ms) {
             Ok(Route::Provider(p)) => p,
             Ok(Route::NullMx) => {

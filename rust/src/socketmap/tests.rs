@@ -201,3 +201,45 @@ fn a_bad_frame_stops_after_the_good_ones() {
     assert!(r.is_empty());
     assert_eq!(s, Served::default());
 }
+
+#[test]
+fn suppressed_recipients_bounce_and_the_access_table_rejects_them() {
+    let (mut e, mut w, mut m) = setup();
+    let fp = w.suppress.fingerprint(b"", b"gone@gmail.com");
+    w.suppress
+        .insert(fp, crate::suppress::Event::HardBounce, None)
+        .unwrap();
+    let news = w.suppress.fingerprint(b"news", b"later@gmail.com");
+    w.suppress
+        .insert(news, crate::suppress::Event::Unsubscribe, None)
+        .unwrap();
+    let input = [
+        net("tx gone@GMAIL.com"),
+        net("tx ok@gmail.com"),
+        net("kiln.suppressed gone@gmail.com"),
+        net("kiln.suppressed ok@gmail.com"),
+        net("kiln.suppressed gmail.com"),
+        net("kiln.suppressed/news later@gmail.com"),
+        net("kiln.suppressed later@gmail.com"),
+    ]
+    .concat();
+    let (replies, _) = ask(&mut e, &mut w, &mut m, input.as_bytes());
+    assert_eq!(
+        replies[0],
+        "OK error:5.7.1 kiln: the recipient is on the suppression list (hard_bounce)"
+    );
+    assert!(replies[1].starts_with("OK kiln-192.0.2.10:"), "{replies:?}");
+    assert_eq!(
+        replies[2],
+        "OK REJECT 5.7.1 kiln: the recipient is on the suppression list (hard_bounce)"
+    );
+    assert_eq!(&replies[3..5], ["NOTFOUND ", "NOTFOUND "]);
+    assert!(replies[5].ends_with("(unsubscribe)"), "{replies:?}");
+    assert_eq!(replies[6], "NOTFOUND ");
+    assert_eq!(m.stats.suppressed, 3);
+    // Nothing was charged for the suppressed recipient: one grant, for ok@gmail.com.
+    assert_eq!(
+        w.take_tallies().iter().map(|(_, c)| c.granted).sum::<u64>(),
+        1
+    );
+}
