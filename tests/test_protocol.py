@@ -22,6 +22,7 @@ from daemonproc import EXAMPLE, REPO, DaemonProc, running_daemon
 from kiln import _core
 from kiln.daemon import UPCALL_OPS
 from kiln.daemon.listener import split_id
+from kiln.daemon.ops import OPS
 
 DOC = REPO / "docs" / "protocol.md"
 #: Stands for a value that varies between runs, in a documented reply.
@@ -301,7 +302,7 @@ def test_unknown_op_lists_the_known_ones() -> None:
         "id": "x",
         "ok": False,
         "error": 'op: unknown operation "send", expected one of acquire, pick, report, route, '
-        "ping, classify, " + ", ".join(UPCALL_OPS),
+        "ping, classify, " + ", ".join(n for n, o in OPS.items() if not o.addressed),
     }
 
 
@@ -691,7 +692,8 @@ def test_reports_feed_tallies_and_keep_pushback() -> None:
     [
         (
             {"result": "sent"},
-            'result: must be delivered, deferred, bounced or complaint, got "sent"',
+            "result: must be delivered, deferred, bounced or complaint (or unsubscribe, with "
+            'the recipient\'s address), got "sent"',
         ),
         ({"code": 199}, "code: must be an SMTP reply code 200-599, got 199"),
         ({"code": 600}, "code: must be an SMTP reply code 200-599, got 600"),

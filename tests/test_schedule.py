@@ -439,3 +439,30 @@ def test_signal_sections_are_checked_beside_a_bad_one(tmp_path: Path) -> None:
         "did you mean 'microsoft-consumer'?",
         "plan.yaml:25:11: signals.dnsbl.zones: must not be empty (at least 1 item)",
     ]
+
+
+def test_suppression_rules_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    """The `suppression` section: shipped default when left out; each mistake of a rule
+    named by file, line and key."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(GOOD)
+    (rule,) = load_plan(path).suppression.soft_bounces
+    assert (rule.failures, rule.within, rule.hold) == (3, 3 * 86_400_000, 7 * 86_400_000)
+    text = GOOD + (
+        "suppression:\n"
+        "  soft_bounces:\n"
+        "    - {statuses: ['4.2.'], failures: 2, within: 1d, hold: 2d}\n"
+        "    - statuses: [mailbox-full]\n"
+        "      failures: 0\n"
+        "      within: soon\n"
+        "      hold: 2d\n"
+    )
+    found = problems(tmp_path, text)
+    line = GOOD.count("\n") + 4
+    assert any(
+        p.startswith(f"plan.yaml:{line}") and "suppression.soft_bounces[1].statuses[0]" in p
+        for p in found
+    ), found
+    assert any("suppression.soft_bounces[1].failures" in p for p in found), found
+    assert any("suppression.soft_bounces[1].within" in p for p in found), found
+    assert not any("soft_bounces[0]" in p for p in found), found

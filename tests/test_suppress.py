@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from daemonproc import running_daemon
 from kiln.cli import main
 from kiln.daemon import Daemon
+from kiln.policyspec import SoftBounceRule
 from kiln.suppress.live import SNAPSHOT_FILE
+from kiln.suppress.soft import SoftBounces
 from test_daemon import PLAN, FakeClock, make, ms, send
 from test_protocol import anytime_plan
 
@@ -208,6 +210,147 @@ def test_hard_bounces_and_complaints_from_mta_logs_are_suppressed(tmp_path: Path
     d.store.close()
 
 
+def test_mailbox_full_three_times_is_a_soft_bounce_until_the_hold_ends(tmp_path: Path) -> None:
+    """The default soft-bounce rule, from the Postfix log: 4.2.2 three times within three
+    days lists the recipient for seven days; other deferrals never count."""
+    log = tmp_path / "mail.log"
+    log.write_text("")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN
+        + "signals:\n  feedback:\n"
+        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
+    )
+    clock = FakeClock(ms("2026-03-10T14:10:00"))
+    d = make(plan, tmp_path / "state", clock)
+    line = (
+        "Mar {day} 14:06:01 mta1 postfix-ip10/smtp[21992]: 7E4F6A51{day}: to=<{to}>, "
+        "relay=mx.example.org[203.0.113.25]:25, delay=0.9, delays=0.02/0.01/0.45/0.42, "
+        "dsn={dsn}, status=deferred (host mx.example.org[203.0.113.25] said: {reply})\n"
+    )
+    for day in (8, 9, 10):
+        with log.open("a") as f:
+            f.write(
+                line.format(day=day, to="full@example.org", dsn="4.2.2", reply="452 4.2.2 Full")
+            )
+            f.write(
+                line.format(
+                    day=day, to="busy@example.org", dsn="4.7.0", reply="421 4.7.0 Try later"
+                )
+            )
+        d.ingest(clock.t)
+        listed = op(d, clock, op="check", addresses=["full@example.org", "busy@example.org"])
+        assert listed["suppressed"] == {
+            "full@example.org": "soft_bounce" if day == 10 else None,
+            "busy@example.org": None,
+        }, day
+    (event,) = op(d, clock, op="suppress", action="history", address="full@example.org")["events"]
+    assert event["source"] == "mta log (postfix)"
+    assert event["evidence"]["failures"] == 3 and event["evidence"]["enhanced"] == "4.2.2"
+    held_until = ms("2026-03-10T14:06:01") + 7 * 86_400_000
+    assert event["expires_ms"] == held_until
+    clock.t = held_until
+    assert op(d, clock, op="check", addresses=["full@example.org"])["suppressed"] == {
+        "full@example.org": None
+    }
+    d.store.close()
+
+
+def reported(d: Daemon, clock: FakeClock, **req: Any) -> dict[str, Any]:
+    """A `report` naming its recipient: the core hands the line up, the daemon answers."""
+    data = json.dumps({"op": "report", **req}).encode() + b"\n"
+    served = d.engine.serve(data, clock.t)
+    assert served.reply == b"" and served.upcall is not None, served.reply
+    return d.upcall(served.upcall, clock.t)
+
+
+def test_reports_naming_the_recipient_feed_the_list(plan_file: Path, tmp_path: Path) -> None:
+    """`report` with `address`: counted as any report, then judged by the list's rules; the
+    reply names what was listed. `unsubscribe` needs only the address (and a scope)."""
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, tmp_path / "state", clock)
+    key = {"ip": IP, "domain": "gmail.com"}
+    provider = send(d, {"op": "route", "domain": "gmail.com"})[0]["provider"]
+    gone = reported(
+        d,
+        clock,
+        **key,
+        result="bounced",
+        code=550,
+        enhanced="5.1.1",
+        text="no such user",
+        address="Gone@Gmail.com",
+        id=4,
+    )
+    assert gone == {
+        "id": 4,
+        "ok": True,
+        "provider": provider,
+        "address": "Gone@gmail.com",
+        "suppressed": "hard_bounce",
+    }
+    fine = reported(d, clock, **key, result="delivered", address="fine@gmail.com")
+    assert fine["ok"] and fine["suppressed"] is None
+    # The domain may come from the address alone.
+    blocked = reported(
+        d,
+        clock,
+        ip=IP,
+        result="bounced",
+        code=554,
+        enhanced="5.7.1",
+        text="spam",
+        address="x@gmail.com",
+    )
+    assert blocked["provider"] == provider and blocked["suppressed"] is None
+    out = reported(
+        d, clock, result="unsubscribe", address="u@example.org", scope="news", text="one-click"
+    )
+    assert out == {"ok": True, "address": "u@example.org", "suppressed": "unsubscribe"}
+    complained = reported(d, clock, **key, result="complaint", address="c@gmail.com")
+    assert complained["suppressed"] == "complaint"
+    # Counted as reports without an address are (the unsubscribe is about no IP).
+    tallies = {(t[0], t[1]): t[2:] for t in d.engine.take_tallies()}
+    assert tallies == {(IP, provider): (0, 1, 0, 2, 1)}
+    assert send(d, acquire_for("Gone@gmail.com"))[0]["reason"] == "suppressed"
+    assert send(d, acquire_for("u@example.org", scope="news"))[0]["event"] == "unsubscribe"
+    assert send(d, acquire_for("u@example.org"))[0]["granted"] == 1
+    (event,) = op(d, clock, op="suppress", action="history", address="u@example.org", scope="news")[
+        "events"
+    ]
+    assert event["source"] == "report" and event["evidence"] == {"text": "one-click"}
+    for bad, error in (
+        ({"result": "unsubscribe", "address": "u@x.org", "n": 2}, "n: not a field"),
+        ({"result": "unsubscribe", "address": "nope"}, "address: no @"),
+        ({**key, "result": "bounced", "address": "a@"}, "address"),
+        ({**key, "result": "sent", "address": "a@x.org"}, "result: must be"),
+        ({"ip": "203.0.113.1", "result": "delivered", "address": "a@x.org"}, "ip:"),
+    ):
+        reply = reported(d, clock, **bad)
+        assert not reply["ok"] and error in reply["error"], (bad, reply)
+    d.store.close()
+
+
+def test_an_arf_complaint_lists_its_recipient(tmp_path: Path) -> None:
+    """A complaint from the ARF maildir (Yahoo's feedback loop) puts Original-Rcpt-To on the
+    list, whether or not kiln can tell which IP sent the message."""
+    maildir = tmp_path / "arf"
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    arf = (Path(__file__).resolve().parent / "fixtures" / "signals" / "arf_yahoo.eml").read_bytes()
+    (maildir / "new" / "1.arf").write_bytes(arf)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN + f"signals:\n  feedback:\n    arf_maildir: {maildir}\n")
+    clock = FakeClock(ms("2026-03-10T14:10:00"))
+    d = make(plan, tmp_path / "state", clock)
+    d.ingest(clock.t)
+    checked = op(d, clock, op="check", addresses=["someone@yahoo.com"])
+    assert checked["suppressed"] == {"someone@yahoo.com": "complaint"}
+    (event,) = op(d, clock, op="suppress", action="history", address="someone@yahoo.com")["events"]
+    assert event["source"] == "mta log (arf)"
+    d.store.close()
+
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "suppression"
 
 
@@ -276,3 +419,45 @@ def test_kiln_suppress_against_a_daemon(tmp_path: Path, capsys: pytest.CaptureFi
         with d.mta_client() as m:
             r = m.request("acquire", ip=IP, address="Ann@example.org")
             assert r["reason"] == "suppressed", r
+
+
+RULE = SoftBounceRule.model_validate(
+    {"statuses": ["4.2.2"], "failures": 3, "within": "1h", "hold": "1d"}
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(["4.2.2", "4.7.0", None]), st.integers(0, 40)),
+        max_size=60,
+    )
+)
+def test_soft_bounce_counts_match_a_naive_model(
+    steps: list[tuple[int, str | None, int]],
+) -> None:
+    """A rule lists a recipient exactly when its matching failures since the last listing,
+    within the period, reach the count; other statuses never count; the bound on followed
+    recipients forgets the least recently heard of."""
+    soft = SoftBounces([RULE], max_tracked=3)
+    model: dict[int, list[int]] = {}
+    order: list[int] = []
+    t = 0
+    for who, status, gap_min in steps:
+        t += gap_min * 60_000
+        got = soft.failed(who, status, t)
+        want = None
+        if status == "4.2.2":
+            if who not in model and len(model) >= 3:
+                del model[order.pop(0)]
+            if who in order:
+                order.remove(who)
+            order.append(who)
+            times = [x for x in model.get(who, []) if x > t - 3_600_000] + [t]
+            model[who] = times
+            if len(times) >= 3:
+                want = t + 86_400_000
+                del model[who]
+                order.remove(who)
+        assert (got.expires_ms if got else None) == want, (steps, who, t)
+    assert len(soft) == len(model) <= 3

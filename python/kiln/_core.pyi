@@ -385,9 +385,12 @@ class Engine:
         """Fold (fingerprint, event, expires_ms) into the set in order (`remove` takes an
         address off); how many changed whether they are listed."""
     def suppress_check(
-        self, addresses: Sequence[str], now_ms: int, scope: str = ""
+        self, addresses: list[str], now_ms: int, scope: str = ""
     ) -> list[str | None]:
         """Per address: the event that suppresses it at `now_ms`, None, or "invalid"."""
+    def suppressed(self, address: str, now_ms: int, scope: str = "") -> str | None:
+        """The event that suppresses one address at `now_ms` (global list, or `scope`'s), or
+        None; CoreError when it is not an address. Allocates nothing for the usual address."""
     def suppress_stats(self) -> tuple[int, int]:
         """(addresses listed, bytes the set takes)."""
     def suppress_sweep(self, now_ms: int) -> int:

@@ -41,6 +41,8 @@ __all__ = [
     "SignalPolicy",
     "Signals",
     "SndsSpec",
+    "SoftBounceRule",
+    "SuppressionSpec",
 ]
 
 #: Push-back classes (docs/rules.md), most severe first: when several reply rules match,
@@ -397,3 +399,47 @@ class Signals(_Model):
     snds: SndsSpec | None = None
     dnsbl: DnsblSpec | None = None
     feedback: FeedbackSpec | None = None
+
+
+def _status_prefix(value: str) -> str:
+    """An enhanced status code or its start: `4.2.2`, `4.2.`, `5.2.2`."""
+    if not re.fullmatch(r"[245](\.\d{1,3}(\.(\d{1,3})?)?)?\.?", value):
+        raise PydanticCustomError(
+            "status_prefix",
+            "expected an enhanced status code or its start, such as 4.2.2 or 4.2., got {got}",
+            {"got": repr(value)},
+        )
+    return value
+
+
+StatusPrefix = Annotated[str, AfterValidator(_status_prefix)]
+
+
+class SoftBounceRule(_Model):
+    """Temporary failures that put a recipient on the suppression list for a while (the
+    "cache with an expire field"): `failures` replies whose enhanced status starts with one
+    of `statuses`, for the same recipient within `within`, list it as a soft bounce for
+    `hold`."""
+
+    statuses: list[StatusPrefix] = Field(min_length=1)
+    failures: int = Field(ge=1, le=1000)
+    within: Duration
+    hold: Duration
+
+
+#: Mailbox full or disabled, three times in three days: off the list after a week.
+DEFAULT_SOFT_BOUNCES = [
+    SoftBounceRule(
+        statuses=["4.2.1", "4.2.2", "5.2.2"],
+        failures=3,
+        within="3d",  # type: ignore[arg-type]
+        hold="7d",  # type: ignore[arg-type]
+    )
+]
+
+
+class SuppressionSpec(_Model):
+    """The plan's `suppression` section (docs/suppression.md)."""
+
+    #: Rules tried in order; the first that an address's failures meet lists it.
+    soft_bounces: list[SoftBounceRule] = DEFAULT_SOFT_BOUNCES

@@ -30,7 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from kiln.errors import Problem
 from kiln.modelerrors import did_you_mean
-from kiln.policyspec import PolicySpec, Signals
+from kiln.policyspec import PolicySpec, Signals, SuppressionSpec
 from kiln.provider import DEFAULT_PROVIDER, DEFAULT_PROVIDERS, ProviderDef
 from kiln.rate import RateError, RateSpec
 from kiln.records import StepCaps
@@ -403,6 +403,7 @@ class Plan(_Model):
     schedules: dict[Name, Schedule] = {}
     policy: PolicySpec = PolicySpec()
     signals: Signals = Signals()
+    suppression: SuppressionSpec = SuppressionSpec()
 
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
     _source: str = PrivateAttr(default="")

@@ -135,7 +135,9 @@ class Daemon:
         # Where the sources fetch and parse while serving (kiln.signals.thread).
         self.signal_loop = SignalLoop()
         #: The suppression list: the store's log folded into the core's live set.
-        self.suppression = SuppressionList(self.engine, self.store, config.state_dir)
+        self.suppression = SuppressionList(
+            self.engine, self.store, config.state_dir, self.plan.suppression
+        )
         self.feedback: FeedbackReader | None = None
         self._feedback_saved = ""
         #: The readers' checkpoints as of the last events fed to the engine (what is saved).
@@ -335,38 +337,33 @@ class Daemon:
     async def suppress_from_feedback(
         self, events: list[FeedbackEvent], run: Runner, now_ms: int
     ) -> None:
-        """Put on the suppression list the recipients that said no: a bounce the reply rules
-        call `hard_bounce` (a 5.1.x status without rules), and every complaint. Written to
-        the store before the live set changes; a failed write is logged and retried with
-        the next events (the log readers' checkpoints are not held back for it)."""
-        requests = []
+        """Put on the suppression list the recipients that said no or keep failing, as
+        `SuppressionList.verdict` decides. Written to the store before the live set changes;
+        a failed write is logged and retried with the next events (the log readers'
+        checkpoints are not held back for it)."""
+        good = []
         for e in events:
-            if e.result == "complaint":
-                event = "complaint"
-            else:
-                found = self.engine.classify(None, e.code, e.enhanced, e.text or "")
-                hard = found is not None and found[0] == "hard_bounce"
-                if not hard and not (found is None and (e.enhanced or "").startswith("5.1.")):
+            try:
+                verdict = self.suppression.verdict(
+                    e.recipient or "", "", e.result, (e.code, e.enhanced, e.text or ""), e.at_ms
+                )
+                if verdict is None:
                     continue
-                event = "hard_bounce"
-            evidence = {
-                "ip": e.ip,
-                "code": e.code,
-                "enhanced": e.enhanced,
-                "text": (e.text or "")[:500],
-            }
-            requests.append(
-                SuppressionRequest(
+                evidence = {
+                    "ip": e.ip,
+                    "code": e.code,
+                    "enhanced": e.enhanced,
+                    "text": (e.text or "")[:500],
+                    **verdict.why,
+                }
+                request = SuppressionRequest(
                     address=e.recipient or "",
-                    event=event,
+                    event=verdict.event,
                     source=f"mta log ({e.source})",
+                    expires_ms=verdict.expires_ms,
                     evidence={k: v for k, v in evidence.items() if v},
                 )
-            )
-        good = []
-        for r in requests:
-            try:
-                good.extend(self.suppression.events([r], now_ms))
+                good.extend(self.suppression.events([request], now_ms))
             except ValueError as err:
                 self.warn_repeated("suppression_address_unreadable", error=str(err))
         if not good:

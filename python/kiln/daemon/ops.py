@@ -28,7 +28,7 @@ from kiln.mx import MxLookups
 from kiln.ramp import plan_providers
 from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
-from kiln.records import LogEntry, RampKey, RampState
+from kiln.records import LogEntry, RampKey, RampState, SuppressionEvent
 from kiln.store import StoreError
 from kiln.suppress.files import export_list, hash_events, read_file
 from kiln.suppress.formats import EXPORT_FORMATS, SOURCES
@@ -238,6 +238,79 @@ def check(d: Daemon, req: dict[str, Any], now_ms: int) -> dict[str, Any]:
     return {"ok": True, "suppressed": d.suppression.check(addresses, now_ms, scope)}
 
 
+async def _record(d: Daemon, run: Runner, events: list[SuppressionEvent], failed: str) -> list[int]:
+    """Write suppression events to the store (durable before any reply says so), then
+    fold them into the live set; their log ids. A failed write is a RequestError."""
+    try:
+        ids = await run.store(d.persist, d.store.suppress_append, events)
+    except StoreError as e:
+        raise RequestError(f"{failed}: {e}") from None
+    d.suppression.written(events, ids)
+    return ids
+
+
+#: The fields of a `report` of `result` unsubscribe (about no IP: the core never sees it).
+_UNSUBSCRIBE_FIELDS = frozenset({"op", "id", "result", "address", "scope", "text"})
+
+
+async def report(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
+    """A `report` naming its recipient (`address`; the core hands only those up). The core
+    counts it as any report (an `unsubscribe` is about no IP and is not counted), then the
+    suppression list's rules judge it (`SuppressionList.verdict`); a listing is durable in
+    the store before the reply names it (`suppressed`)."""
+    address, scope, result = req.get("address"), req.get("scope", ""), req.get("result")
+    if not isinstance(address, str) or not isinstance(scope, str):
+        raise RequestError("address and scope: strings")
+    try:
+        address = d.engine.suppress_fingerprint(address, scope)[0]
+    except _core.CoreError as e:
+        raise RequestError(str(e)) from None
+    if result == "unsubscribe":
+        if extra := sorted(set(req) - _UNSUBSCRIBE_FIELDS):
+            raise RequestError(f"{extra[0]}: not a field of an unsubscribe report")
+        text = req.get("text", "")
+        if not isinstance(text, str):
+            raise RequestError("text: must be a string")
+        reply: dict[str, Any] = {"ok": True}
+        code = enhanced = None
+    else:
+        counted = {k: v for k, v in req.items() if k not in ("id", "address", "scope")}
+        if "domain" not in counted and "provider" not in counted:
+            counted["domain"] = address.rpartition("@")[2]
+        served = d.engine.serve(json.dumps(counted).encode() + b"\n", now())
+        reply = json.loads(served.reply)
+        if not reply.get("ok"):
+            return dict(reply)
+        code = req.get("code") if isinstance(req.get("code"), int) else None
+        enhanced = req.get("enhanced") or None
+        text = req.get("text") or ""
+    now_ms = now()
+    try:
+        verdict = d.suppression.verdict(address, scope, str(result), (code, enhanced, text), now_ms)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    reply["address"] = address
+    reply["suppressed"] = None if verdict is None else verdict.event
+    if verdict is None:
+        return reply
+    evidence = {"ip": req.get("ip"), "code": code, "enhanced": enhanced, "text": text[:500]}
+    events = d.suppression.events(
+        [
+            SuppressionRequest(
+                address=address,
+                event=verdict.event,
+                source="report",
+                scope=scope,
+                expires_ms=verdict.expires_ms,
+                evidence={k: v for k, v in {**evidence, **verdict.why}.items() if v},
+            )
+        ],
+        now_ms,
+    )
+    await _record(d, run, events, "counted, but not recorded on the suppression list")
+    return reply
+
+
 async def suppress(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
     """The operator's hand on the suppression list: `action` add, remove, list or history.
     An add or remove is durable in the store before the reply says it was recorded."""
@@ -275,11 +348,7 @@ async def suppress(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dic
             )
         except ValueError as e:
             raise RequestError(str(e)) from None
-        try:
-            ids = await run.store(d.persist, d.store.suppress_append, events)
-        except StoreError as e:
-            raise RequestError(f"not recorded: {e}") from None
-        d.suppression.written(events, ids)
+        ids = await _record(d, run, events, "not recorded")
         done = events[0]
         return {
             "ok": True,
@@ -538,6 +607,9 @@ class Op:
     answer: Answer
     #: Also answered on the MTA socket (read-only, about one key or the process).
     mta: bool = False
+    #: One of the core's own operations, handed up only when its line names a recipient
+    #: `address` (rust/src/protocol, `ADDRESS_UPCALLS`).
+    addressed: bool = False
 
 
 OPS: dict[str, Op] = {
@@ -553,10 +625,12 @@ OPS: dict[str, Op] = {
     "resume": Op(resume),
     "suppress": Op(suppress),
     "check": Op(_at_once(check), mta=True),
+    "report": Op(report, mta=True, addressed=True),
     "suppress_file": Op(suppress_file),
     "explain": Op(explain),
 }
-#: Operations Python answers; every other op is decided in the core.
+#: Operations Python answers (an `addressed` one only for lines naming an address); every
+#: other op is decided in the core.
 UPCALL_OPS = tuple(OPS)
 #: The upcalls the MTA socket answers too; the rest steer kiln (operator socket only).
 MTA_UPCALL_OPS = frozenset(name for name, op in OPS.items() if op.mta)

@@ -83,6 +83,7 @@ def swap(d: Daemon, plan: Plan, rules_read: RuleSet, now_ms: int) -> dict[str, A
     old_feedback = _feedback_setting(d.plan)
     old_sources = {n: d.poller.interval_ms(n) for n in d.poller.configured()}
     d.plan = plan
+    d.suppression.replan(plan.suppression)
     d.guard.replan(plan, rules)
     d.poller.replan(plan)
     if plan.name != old:

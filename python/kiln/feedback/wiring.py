@@ -154,7 +154,8 @@ def read_reports(
 ) -> tuple[list[bytes], list[Held], str, list[FeedbackEvent]]:
     """New events as `report` lines, the recipients kiln asked Postfix to hold, the
     checkpoints after them, and the events that may put a recipient on the suppression list
-    (remote bounces and complaints naming a recipient). Any thread: touches only the readers."""
+    (remote bounces, complaints, and deferrals with an enhanced status, naming a recipient).
+    Any thread: touches only the readers."""
     lines: list[bytes] = []
     held: list[Held] = []
     said_no: list[FeedbackEvent] = []
@@ -164,6 +165,10 @@ def read_reports(
             continue
         if line := report_line(e):
             lines.append(line)
-        if e.recipient and not e.local and e.result in ("bounced", "complaint"):
-            said_no.append(e)
+        if (
+            e.recipient
+            and not e.local
+            and (e.result in ("bounced", "complaint") or (e.result == "deferred" and e.enhanced))
+        ):
+            said_no.append(e)  # the suppression list's rules judge (SuppressionList.verdict)
     return lines, held, checkpoints_json(reader), said_no

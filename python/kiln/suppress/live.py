@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln import _core
+from kiln.policyspec import SuppressionSpec
 from kiln.records import SuppressionEvent
 from kiln.store import Store
+from kiln.suppress.soft import SoftBounces
 
 __all__ = [
     "EVENTS",
@@ -28,6 +30,7 @@ __all__ = [
     "SNAPSHOT_FILE",
     "SuppressionList",
     "SuppressionRequest",
+    "Verdict",
 ]
 
 #: What may put an address on the list; `remove` takes it off (also an event of the log).
@@ -51,13 +54,32 @@ class SuppressionRequest:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a delivery result puts its recipient on the list for."""
+
+    event: str
+    expires_ms: int | None = None
+    #: Why, beside the reply itself (the soft-bounce rule met and its count).
+    why: dict[str, Any] = field(default_factory=dict)
+
+
 class SuppressionList:
     """The log and the live set of one daemon (called on the engine's thread, except the
     store calls the caller routes to the store thread)."""
 
-    def __init__(self, engine: _core.Engine, store: Store, state_dir: Path) -> None:
+    def __init__(
+        self,
+        engine: _core.Engine,
+        store: Store,
+        state_dir: Path,
+        spec: SuppressionSpec | None = None,
+    ) -> None:
         self.engine = engine
         self.store = store
+        self.spec = spec or SuppressionSpec()
+        #: Temporary failures counted towards the soft-bounce rules.
+        self.soft = SoftBounces(self.spec.soft_bounces)
         self.snapshot_path = state_dir / SNAPSHOT_FILE
         #: The last log id folded into the live set.
         self.last_id = 0
@@ -80,6 +102,51 @@ class SuppressionList:
             self.last_id = rows[-1][0]
             self.unsnapshotted += len(rows)
         return self.engine.suppress_stats()[0]
+
+    def replan(self, spec: SuppressionSpec) -> None:
+        """A reloaded plan's settings; changed soft-bounce rules start counting afresh."""
+        if spec.soft_bounces != self.spec.soft_bounces:
+            self.soft = SoftBounces(spec.soft_bounces, self.soft.max_tracked)
+        self.spec = spec
+
+    def verdict(
+        self,
+        address: str,
+        scope: str,
+        result: str,
+        reply: tuple[int | None, str | None, str],
+        at_ms: int,
+    ) -> Verdict | None:
+        """What this delivery result (`reply`: code, enhanced status, text) puts `address` on
+        the list for, or None. Complaints and unsubscribes as they are; a bounce the reply
+        rules call `hard_bounce` (with no rule matching, a 5.1.x status); a failure a
+        soft-bounce rule counts, once that rule's count is met. Raises ValueError for an
+        address the list cannot hold (only when it has to be counted)."""
+        if result in ("complaint", "unsubscribe"):
+            return Verdict(result)
+        if result not in ("bounced", "deferred"):
+            return None
+        code, enhanced, text = reply
+        if result == "bounced":
+            found = self.engine.classify(None, code, enhanced, text)
+            if (found is not None and found[0] == "hard_bounce") or (
+                found is None and (enhanced or "").startswith("5.1.")
+            ):
+                return Verdict("hard_bounce")
+        if not self.soft.matching(enhanced):
+            return None
+        try:
+            _, fp = self.engine.suppress_fingerprint(address, scope)
+        except _core.CoreError as e:
+            raise ValueError(str(e)) from None
+        listing = self.soft.failed(fp, enhanced, at_ms)
+        if listing is None:
+            return None
+        return Verdict(
+            "soft_bounce",
+            listing.expires_ms,
+            {"rule": listing.rule + 1, "failures": listing.failures},
+        )
 
     def _load_snapshot(self) -> int:
         """The last id of a usable snapshot (its set restored), else 0 (an empty set)."""

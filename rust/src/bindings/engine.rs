@@ -5,8 +5,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::convert::{batch_buffers, usage_to_py};
 use super::decision::{PyBatch, PyDecision};
@@ -816,22 +817,48 @@ impl PyEngine {
     /// For each address: why it may not be mailed at `now_ms` (the event), or None; a
     /// malformed address answers "invalid".
     #[pyo3(signature = (addresses, now_ms, scope=""))]
-    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the list into an owned value
-    fn suppress_check(
+    fn suppress_check<'py>(
         &self,
-        py: Python<'_>,
-        addresses: Vec<String>,
+        py: Python<'py>,
+        addresses: &Bound<'py, PyList>,
         now_ms: u64,
         scope: &str,
-    ) -> PyResult<Vec<Option<&'static str>>> {
-        let g = self.lock(py)?;
-        Ok(addresses
+    ) -> PyResult<Bound<'py, PyList>> {
+        let items: Vec<Bound<'py, PyString>> = addresses
             .iter()
-            .map(|a| match g.wire.suppressed(a, scope, now_ms) {
-                Ok(found) => found.map(SuppressEvent::as_str),
-                Err(_) => Some("invalid"),
-            })
-            .collect())
+            .map(|a| a.cast_into::<PyString>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?;
+        let texts: Vec<&str> = items.iter().map(|a| a.to_str()).collect::<PyResult<_>>()?;
+        let mut found = Vec::with_capacity(texts.len());
+        self.lock(py)?
+            .wire
+            .suppressed_many(texts.iter().copied(), scope, now_ms, &mut found);
+        PyList::new(
+            py,
+            found.into_iter().map(|f| match f {
+                Ok(Some(event)) => event_name(py, event).into_any(),
+                Ok(None) => py.None().into_bound(py),
+                Err(()) => intern!(py, "invalid").clone().into_any(),
+            }),
+        )
+    }
+
+    /// The event that suppresses one address at `now_ms` (global list, or `scope`'s), or
+    /// None; CoreError when it is not an address. Allocates nothing for the usual address.
+    #[pyo3(signature = (address, now_ms, scope = ""))]
+    fn suppressed<'py>(
+        &self,
+        py: Python<'py>,
+        address: &str,
+        now_ms: u64,
+        scope: &str,
+    ) -> PyResult<Option<Bound<'py, PyString>>> {
+        let found = self
+            .lock(py)?
+            .wire
+            .suppressed(address, scope, now_ms)
+            .map_err(|e| bad("address", e.trim_start_matches("address: ")))?;
+        Ok(found.map(|event| event_name(py, event)))
     }
 
     /// (addresses listed, bytes the set takes).
@@ -879,4 +906,16 @@ impl PyEngine {
     fn wire_stats(&self, py: Python<'_>) -> PyResult<std::collections::HashMap<&'static str, u64>> {
         Ok(stats_map(&self.lock(py)?.wire.stats))
     }
+}
+
+/// The Python name of a suppression event, interned (no new string per lookup).
+fn event_name(py: Python<'_>, event: SuppressEvent) -> Bound<'_, PyString> {
+    match event {
+        SuppressEvent::HardBounce => intern!(py, "hard_bounce"),
+        SuppressEvent::Complaint => intern!(py, "complaint"),
+        SuppressEvent::Unsubscribe => intern!(py, "unsubscribe"),
+        SuppressEvent::Manual => intern!(py, "manual"),
+        SuppressEvent::SoftBounce => intern!(py, "soft_bounce"),
+    }
+    .clone()
 }

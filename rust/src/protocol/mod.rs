@@ -18,6 +18,7 @@ mod reply;
 mod request;
 mod routes;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::classify::{Classifier, RuleDef};
@@ -82,6 +83,10 @@ impl Served {
     }
 }
 
+/// Core operations whose lines Python answers when they name a recipient `address` (a
+/// `report` that may put it on the suppression list), once named in `set_upcall_ops`.
+pub const ADDRESS_UPCALLS: &[&str] = &["report"];
+
 /// The protocol's state beside the engine: domain routes, tallies, reports.
 #[derive(Debug, Clone, Default)]
 pub struct Wire {
@@ -119,10 +124,12 @@ impl Wire {
         self.default_provider = Some(provider);
     }
 
-    /// Operations Python answers (the line is handed back as an upcall).
+    /// Operations Python answers (the line is handed back as an upcall). Of the core's
+    /// own operations only those of `ADDRESS_UPCALLS` may be named: their lines that carry
+    /// a recipient `address` go to Python, the rest stay in the core.
     pub fn set_upcall_ops(&mut self, ops: &[&str]) -> CoreResult<()> {
         for op in ops {
-            if ops::find(op).is_some() {
+            if ops::find(op).is_some() && !ADDRESS_UPCALLS.contains(op) {
                 return Err(CoreError::bad(
                     "ops",
                     format!("{op:?} is answered by the core"),
@@ -213,8 +220,47 @@ impl Wire {
         if self.suppress.is_empty() {
             return Ok(None);
         }
-        let a = normalise_address(address)?;
-        Ok(self.suppress.check(scope.as_bytes(), a.as_bytes(), now_ms))
+        let (local, domain) = address_parts(address)?;
+        let set = &self.suppress;
+        let at = |scope: &str| {
+            set.lookup(
+                set.fingerprint_parts(scope.as_bytes(), local.as_bytes(), domain.as_bytes()),
+                now_ms,
+            )
+        };
+        Ok(at("").or_else(|| (!scope.is_empty()).then(|| at(scope)).flatten()))
+    }
+
+    /// `suppressed` for many addresses, into `out` (Err: not an address): every one is hashed
+    /// first, then the table is probed for all, so the CPU overlaps the memory reads.
+    pub fn suppressed_many<'a>(
+        &self,
+        addresses: impl IntoIterator<Item = &'a str>,
+        scope: &str,
+        now_ms: u64,
+        out: &mut Vec<Result<Option<SuppressEvent>, ()>>,
+    ) {
+        let set = &self.suppress;
+        let start = out.len();
+        let mut fps = Vec::new();
+        for a in addresses {
+            match address_parts(a) {
+                Ok((local, domain)) => {
+                    let fp = |s: &str| {
+                        set.fingerprint_parts(s.as_bytes(), local.as_bytes(), domain.as_bytes())
+                    };
+                    fps.push((out.len(), fp(""), (!scope.is_empty()).then(|| fp(scope))));
+                    out.push(Ok(None));
+                }
+                Err(_) => out.push(Err(())),
+            }
+        }
+        debug_assert!(fps.iter().all(|&(i, _, _)| i >= start));
+        for (i, global, scoped) in fps {
+            out[i] = Ok(set
+                .lookup(global, now_ms)
+                .or_else(|| scoped.and_then(|fp| set.lookup(fp, now_ms))));
+        }
     }
 
     /// Routes held, static ones included.
@@ -376,7 +422,9 @@ impl Wire {
             );
             return false;
         };
-        if self.upcall_ops.iter().any(|o| o.as_ref() == op) {
+        if self.upcall_ops.iter().any(|o| o.as_ref() == op)
+            && (req.address.is_some() || !ADDRESS_UPCALLS.contains(&op))
+        {
             // A repeated or wrong-typed field is refused here too, so Python's own parse of
             // the line never sees a second `op` or `id` (its last one would win).
             if let Some(p) = &req.problem {
@@ -407,7 +455,12 @@ impl Wire {
             let known: Vec<&str> = ops::OPS
                 .iter()
                 .map(|o| o.name)
-                .chain(self.upcall_ops.iter().map(AsRef::as_ref))
+                .chain(
+                    self.upcall_ops
+                        .iter()
+                        .map(AsRef::as_ref)
+                        .filter(|o| !ADDRESS_UPCALLS.contains(o)),
+                )
                 .collect();
             return Err(format!(
                 "op: unknown operation {}, expected one of {}",
@@ -434,6 +487,13 @@ pub const MAX_ADDRESS: usize = 320;
 /// `address` as the suppression list keeps it: trimmed, the local part as given, the domain
 /// lower-cased without a trailing dot and in ASCII (punycode) form.
 pub fn normalise_address(address: &str) -> Result<String, String> {
+    let (local, domain) = address_parts(address)?;
+    Ok(format!("{local}@{domain}"))
+}
+
+/// `normalise_address` as its two parts (local, domain), borrowed from `address` when the
+/// domain needs no change: the send-time check allocates nothing for the usual address.
+pub fn address_parts(address: &str) -> Result<(&str, Cow<'_, str>), String> {
     let a = address.trim();
     let Some((local, domain)) = a.rsplit_once('@') else {
         return Err(format!("address: no @ in {:?}", cut_text(a)));
@@ -442,13 +502,12 @@ pub fn normalise_address(address: &str) -> Result<String, String> {
         return Err(format!("address: not an address: {:?}", cut_text(a)));
     }
     let d = normalise_domain(domain).map_err(|e| e.replacen("domain", "address", 1))?;
-    let d = if d.is_ascii() {
-        d.into_owned()
-    } else {
-        idna::domain_to_ascii(&d)
-            .map_err(|_| format!("address: bad domain in {:?}", cut_text(a)))?
-    };
-    Ok(format!("{local}@{d}"))
+    if d.is_ascii() {
+        return Ok((local, d));
+    }
+    idna::domain_to_ascii(&d)
+        .map(|d| (local, Cow::Owned(d)))
+        .map_err(|_| format!("address: bad domain in {:?}", cut_text(a)))
 }
 
 fn cut_text(s: &str) -> String {

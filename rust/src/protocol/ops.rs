@@ -168,13 +168,19 @@ fn report(
     now_ms: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), Refusal> {
+    if req.address.is_some() {
+        // The daemon hands such lines to Python (`Wire::set_upcall_ops`): the list's event
+        // must be durable before the reply.
+        return Err("address: a report naming its recipient is answered by the daemon".into());
+    }
     let n = req.count()?;
     let Some(result) = req.result.as_deref() else {
         return Err("result: missing (delivered, deferred, bounced or complaint)".into());
     };
     let outcome = Outcome::parse(result).ok_or_else(|| {
         Refusal::from(format!(
-            "result: must be delivered, deferred, bounced or complaint, got {}",
+            "result: must be delivered, deferred, bounced or complaint \
+             (or unsubscribe, with the recipient's address), got {}",
             quoted(result)
         ))
     })?;
@@ -273,7 +279,6 @@ fn classify(
     Ok(())
 }
 
-/// The provider a request names (`provider`) or implies (`domain`).
 /// Deny a request whose `address` is on the suppression list (answered: true), charging
 /// nothing. Without an `address`, nothing is checked.
 fn suppressed(
@@ -296,6 +301,7 @@ fn suppressed(
     }
 }
 
+/// The provider a request names (`provider`) or implies (`domain`, else `address`).
 fn provider_of(
     w: &mut Wire,
     engine: &Engine,

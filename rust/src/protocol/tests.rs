@@ -142,6 +142,35 @@ fn upcall_lines_with_a_repeated_field_are_refused() {
 }
 
 #[test]
+fn reports_naming_a_recipient_go_to_python_once_asked_for() {
+    let (mut e, mut w) = setup();
+    let with = "{\"op\":\"report\",\"ip\":\"192.0.2.10\",\"domain\":\"gmail.com\",\
+                \"result\":\"bounced\",\"address\":\"a@gmail.com\"}\n";
+    let without = "{\"op\":\"report\",\"ip\":\"192.0.2.10\",\"domain\":\"gmail.com\",\
+                   \"result\":\"delivered\"}\n";
+    // Not asked for: the core refuses the address rather than drop the recipient.
+    let (out, s) = serve(&mut e, &mut w, with);
+    assert!(
+        out.contains("address: a report naming its recipient"),
+        "{out}"
+    );
+    assert_eq!(s.upcall, None);
+    // Only `ADDRESS_UPCALLS` of the core's operations may be named.
+    assert!(w.set_upcall_ops(&["status", "acquire"]).is_err());
+    w.set_upcall_ops(&["status", "report"]).unwrap();
+    let (out, s) = serve(&mut e, &mut w, without);
+    assert_eq!(out, "{\"ok\":true,\"provider\":\"google\"}\n");
+    assert_eq!(s.upcall, None);
+    let (out, s) = serve(&mut e, &mut w, with);
+    assert_eq!(out, "");
+    let (a, b) = s.upcall.unwrap();
+    assert_eq!(&with[a..b], with.trim_end());
+    // The unknown-op list names report once.
+    let (out, _) = serve(&mut e, &mut w, "{\"op\":\"nope\"}\n");
+    assert_eq!(out.matches("report").count(), 1, "{out}");
+}
+
+#[test]
 fn the_line_limit_does_not_count_the_terminator() {
     let (mut e, mut w) = setup();
     let pad = |total: usize| {
@@ -651,4 +680,52 @@ fn a_suppressed_address_is_denied_and_charges_nothing() {
     );
     let t = w.take_tallies();
     assert_eq!(t.iter().map(|(_, c)| c.granted).sum::<u64>(), 2);
+}
+
+#[test]
+fn one_and_many_checks_agree_with_the_normalised_address() {
+    let (_e, mut w) = setup();
+    w.suppress = SuppressionSet::new((1, 2));
+    let listed = [
+        ("", "Ann@example.org", crate::suppress::Event::Manual),
+        (
+            "news",
+            "bob@bücher.example",
+            crate::suppress::Event::Unsubscribe,
+        ),
+    ];
+    for (scope, address, event) in listed {
+        let a = normalise_address(address).unwrap();
+        let fp = w.suppress.fingerprint(scope.as_bytes(), a.as_bytes());
+        w.suppress.insert(fp, event, None).unwrap();
+    }
+    let asked = [
+        " Ann@EXAMPLE.org. ",
+        "ann@example.org",
+        "bob@BÜCHER.example",
+        "bob@xn--bcher-kva.example",
+        "no-at-sign",
+        "@example.org",
+    ];
+    for scope in ["", "news"] {
+        let mut many = Vec::new();
+        w.suppressed_many(asked.iter().copied(), scope, NOW, &mut many);
+        let one: Vec<_> = asked
+            .iter()
+            .map(|a| w.suppressed(a, scope, NOW).map_err(|_| ()))
+            .collect();
+        assert_eq!(many, one, "scope {scope:?}");
+        let news = (scope == "news").then_some(crate::suppress::Event::Unsubscribe);
+        assert_eq!(
+            many,
+            [
+                Ok(Some(crate::suppress::Event::Manual)),
+                Ok(None),
+                Ok(news),
+                Ok(news),
+                Err(()),
+                Err(())
+            ]
+        );
+    }
 }

@@ -122,6 +122,18 @@ impl SuppressionSet {
         (h.finish() >> EVENT_BITS).max(1)
     }
 
+    /// `fingerprint(scope, local@domain)` from the parts, without joining them (SipHash
+    /// reads a stream: the same bytes in pieces give the same hash).
+    pub fn fingerprint_parts(&self, scope: &[u8], local: &[u8], domain: &[u8]) -> u64 {
+        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        h.write(scope);
+        h.write_u8(0);
+        h.write(local);
+        h.write(b"@");
+        h.write(domain);
+        (h.finish() >> EVENT_BITS).max(1)
+    }
+
     fn mask(&self) -> usize {
         self.slots.len() - 1
     }

@@ -157,3 +157,21 @@ fn a_batch_answers_as_one_check_at_a_time() {
         assert_eq!(out[0], Some(Event::Complaint));
     }
 }
+
+#[test]
+fn hashing_the_parts_is_hashing_the_joined_address() {
+    let s = SuppressionSet::new(KEY);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..2_000 {
+        // Lengths across SipHash's 8-byte blocks, bytes of any value.
+        let mut piece =
+            |max: u64| -> Vec<u8> { (0..rng.next() % max).map(|_| rng.next() as u8).collect() };
+        let (scope, local, domain) = (piece(12), piece(40), piece(40));
+        let joined = [local.as_slice(), b"@", domain.as_slice()].concat();
+        assert_eq!(
+            s.fingerprint_parts(&scope, &local, &domain),
+            s.fingerprint(&scope, &joined),
+            "{scope:?} {local:?} {domain:?}"
+        );
+    }
+}
