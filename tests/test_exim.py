@@ -6,7 +6,9 @@ from the IPs kiln picks (127.0.0.x). Never skipped: a missing Exim is a failure.
 One test, in steps, on a drill clock that reaches midnight during it: messages to three
 providers; each key's daily cap holds at the sink, what does not fit waits in Exim's queue,
 and leaves when the next day opens; with kiln killed nothing leaves, and after a restart the
-waiting mail goes.
+waiting mail goes. Then the suppression list: refused at RCPT by the ACL
+`--reject-suppressed` adds, failed (returned to the sender) by the router when listed after
+the message was queued, and accepted at RCPT while kiln is down, to be failed once it is back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +33,9 @@ EXIM = REPO / ".cache" / "exim4" / "usr" / "sbin" / "exim4"
 EXIM_USER = "Debian-exim"
 #: Two warming IPs (the only IPs of the pool), each capped at 5 a day per provider.
 IPS = ("127.0.0.2", "127.0.0.3")
+#: The envelope sender of every test message: Exim returns failed recipients to it (through
+#: kiln's routers like any remote address, so a bounce reaches the sink).
+SENDER = "sender@example.com"
 DAILY_CAP = 5
 DOMAINS = {"gmail.com": "google", "yahoo.com": "yahoo", "outlook.com": "microsoft-consumer"}
 PER_DOMAIN = 14  # 10 fit in a day (2 IPs x 5), 4 wait for the next
@@ -79,9 +85,15 @@ def _exim_main_section(folder: Path) -> str:
 
 def _whole_config(folder: Path, rendered: EximConfig) -> str:
     """The test instance's configuration: its own settings, then what `kiln exim-config`
-    rendered, then a retry rule."""
+    rendered (its ACL statement, when there is one, in a RCPT ACL that accepts the rest),
+    then a retry rule."""
+    acl = ""
+    if rendered.acl:
+        acl = "acl_smtp_rcpt = acl_check_rcpt\nbegin acl\nacl_check_rcpt:\n" + rendered.acl
+        acl += "  accept\n"
     return (
         _exim_main_section(folder)
+        + acl
         + "begin routers\n"
         + rendered.routers
         + "begin transports\n"
@@ -116,10 +128,32 @@ class Exim:
         )
         assert done.returncode == 0, (args, done.stdout, done.stderr, self.mainlog())
 
-    def submit(self, recipient: str, message_id: str) -> None:
-        """Queue one message (no delivery attempt yet)."""
+    def submit(self, recipient: str | Sequence[str], message_id: str) -> None:
+        """Queue one message to one or more recipients (no delivery attempt yet)."""
         body = f"Subject: e2e\nMessage-ID: <{message_id}>\n\nhello\n".encode()
-        self._run("-odq", "-f", "sender@example.com", recipient, stdin=body)
+        rcpts = [recipient] if isinstance(recipient, str) else list(recipient)
+        self._run("-odq", "-f", SENDER, *rcpts, stdin=body)
+
+    def smtp(self, recipients: Sequence[str], message_id: str | None) -> list[str]:
+        """One SMTP session on Exim's standard input (`-bs`, the message queued only): EHLO,
+        MAIL, a RCPT per recipient, DATA and the message (unless `message_id` is None), QUIT.
+        Exim's final reply line to each, after its greeting: [greeting, EHLO, MAIL, RCPT...,
+        DATA, message, QUIT]."""
+        lines = ["EHLO client.test", f"MAIL FROM:<{SENDER}>"]
+        lines += [f"RCPT TO:<{r}>" for r in recipients]
+        if message_id is not None:
+            lines += ["DATA", f"Subject: e2e\r\nMessage-ID: <{message_id}>\r\n\r\nhello\r\n."]
+        lines.append("QUIT")
+        done = subprocess.run(  # noqa: S603 (the unpacked Debian binary, our arguments)
+            [str(self.binary), "-C", str(self.conf), "-odq", "-bs"],
+            input="".join(line + "\r\n" for line in lines).encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr, self.mainlog())
+        replies = done.stdout.decode(errors="replace").splitlines()
+        return [r.rstrip("\r") for r in replies if len(r) > 3 and r[3] == " "]
 
     def queue_run(self) -> None:
         """One forced queue run: every waiting address is routed (asks kiln) now."""
@@ -329,28 +363,179 @@ def test_exim_while_kiln_is_down_defers_or_sends_from_the_default_address(
             assert exim.queued() == 0
 
 
+#: What the ACL answers a suppressed recipient at RCPT, and the text the router fails one
+#: with (each followed by the event in brackets).
+REFUSED = "550 5.7.1 kiln: the recipient is on the suppression list"
+FAILED = "5.7.1 kiln: the recipient is on the suppression list"
+
+
+def _suppress(d: DaemonProc, address: str, event: str = "manual") -> None:
+    """Put `address` on kiln's global suppression list (the operator socket)."""
+    with d.client() as c:
+        reply = c.request("suppress", action="add", address=address, event=event, reason="e2e")
+    assert reply["ok"] and reply["event"] == event, reply
+
+
+def _until(done: Callable[[], bool], exim: Exim, what: str) -> None:
+    """Run Exim's queue until `done()` (a bounce is delivered by a process of its own, which
+    may finish after the queue run that failed the address); 30 s at most."""
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, (what, exim.mainlog()[-3000:])
+        time.sleep(0.3)
+        exim.queue_run()
+
+
+def _day_used(d: DaemonProc, provider: str) -> int:
+    """What kiln charged today for `provider`, over both IPs."""
+    with d.client() as c:
+        return sum(int(c.request("limits", ip=ip, provider=provider)["day_used"]) for ip in IPS)
+
+
+def test_exim_refuses_suppressed_recipients_at_rcpt_and_fails_those_listed_later(
+    folder: Path,
+) -> None:
+    """With `reject_suppressed`: an SMTP submission gets 550 5.7.1 and the event at RCPT for
+    each listed recipient (its local part's case kept, a quoted one quoted) and 250 for
+    another, whose copy alone reaches the sink. A message queued before one of its recipients
+    was listed: the router fails that recipient (Exim returns it to the sender: the bounce
+    reaches the sink), the other recipient's copy arrives, nothing waits in the queue, and
+    kiln charged only what was sent."""
+    d = _daemon(folder)
+    with SmtpSink() as sink:
+        rendered = exim_config(
+            load_plan(d.plan),
+            "tx",
+            d.socket,
+            smarthost=f"127.0.0.1:{sink.port}",
+            reject_suppressed=True,
+        )
+        exim = Exim(folder, _whole_config(folder, rendered))
+        try:
+            d.start()
+            _suppress(d, "Ann@gmail.com")
+            _suppress(d, '"Carol Smith"@gmail.com', "complaint")
+            replies = exim.smtp(
+                ["Ann@gmail.com", "bob@gmail.com", '"Carol Smith"@gmail.com'], "smtp@e2e"
+            )
+            assert replies[3:6] == [
+                f"{REFUSED} (manual)",
+                "250 Accepted",
+                f"{REFUSED} (complaint)",
+            ], (replies, exim.mainlog()[-2000:])
+            assert replies[7].startswith("250 OK id="), replies
+            exim.queue_run()
+            assert [(x.recipients, x.message_id) for x in sink.taken()] == [
+                (("bob@gmail.com",), "<smtp@e2e>")
+            ], exim.mainlog()[-2000:]
+            assert exim.queued() == 0
+
+            # Listed after the message was queued: failed when routed, never delivered.
+            exim.submit(["Dave@yahoo.com", "erin@yahoo.com"], "queued@e2e")
+            _suppress(d, "Dave@yahoo.com", "unsubscribe")
+            exim.queue_run()
+            _until(lambda: len(sink.taken()) == 3, exim, "the bounce to the sender")
+            later = sink.taken()[1:]
+            assert sorted((x.recipients, x.message_id == "<queued@e2e>") for x in later) == [
+                (("erin@yahoo.com",), True),
+                ((SENDER,), False),
+            ], exim.mainlog()[-2000:]
+            assert f"** Dave@yahoo.com R=kiln_pick: {FAILED} (unsubscribe)" in exim.mainlog()
+            assert exim.queued() == 0
+            # One pick charged per copy sent; the refused and failed recipients cost nothing.
+            assert (_day_used(d, "google"), _day_used(d, "yahoo")) == (1, 1)
+        finally:
+            d.cleanup()
+
+
+def test_exim_acl_refuses_nothing_while_kiln_is_down_and_the_router_holds_the_mail(
+    folder: Path,
+) -> None:
+    """With `reject_suppressed`, a listed recipient refused at RCPT while kiln is up is
+    accepted while kiln is down; the message waits in Exim's queue, and once kiln is back the
+    router fails the recipient (the bounce goes to the sender): it never reaches the sink."""
+    d = _daemon(folder)
+    with SmtpSink() as sink:
+        rendered = exim_config(
+            load_plan(d.plan),
+            "tx",
+            d.socket,
+            smarthost=f"127.0.0.1:{sink.port}",
+            reject_suppressed=True,
+        )
+        exim = Exim(folder, _whole_config(folder, rendered))
+        try:
+            d.start()
+            _suppress(d, "frank@gmail.com")
+            up = exim.smtp(["frank@gmail.com"], None)
+            assert up[3] == f"{REFUSED} (manual)", up
+
+            d.stop()
+            down = exim.smtp(["frank@gmail.com"], "down@e2e")
+            assert down[3] == "250 Accepted" and down[5].startswith("250 OK id="), down
+            exim.queue_run()
+            assert sink.taken() == [] and exim.queued() == 1
+            assert "kiln: no IP of pool tx has room" in exim.mainlog()
+
+            d.start()
+            exim.queue_run()
+            _until(lambda: len(sink.taken()) >= 1, exim, "the bounce to the sender")
+            assert [x.recipients for x in sink.taken()] == [(SENDER,)], exim.mainlog()[-2000:]
+            assert f"** frank@gmail.com R=kiln_pick: {FAILED} (manual)" in exim.mainlog()
+            assert exim.queued() == 0
+        finally:
+            d.cleanup()
+
+
 def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
     """`kiln exim-config` renders for the plan's pool, refuses an unknown one, and sends
-    everything to a smarthost only when asked (else MX lookups)."""
+    everything to a smarthost only when asked (else MX lookups). Its pick names the recipient
+    (case kept) and a suppressed reply fails it; the RCPT ACL statement comes only with
+    `--reject-suppressed`."""
     plan = load_plan(REPO / "schedules" / "example.yaml")
     pool = next(iter(plan.pools))
-    text = exim_config(plan, pool, Path("/run/kiln/kiln.sock")).text()
+    rendered = exim_config(plan, pool, Path("/run/kiln/kiln.sock"))
+    text = rendered.text()
     assert "driver = dnslookup" in text and "manualroute" not in text
     assert '"pool":"' + pool + '"' in text and "/run/kiln/kiln.sock" in text
+    pick = rendered.routers.split("\nkiln_send:")[0]
+    assert '"address":"' in pick and "caseful_local_part" in pick and "allow_fail" in pick
+    assert '"reason":"suppressed"' in pick and f":fail: {FAILED} (" in pick
+    assert rendered.acl == "" and "RCPT ACL" not in text and '"op":"check"' not in text
+    refusing = exim_config(plan, pool, Path("/run/kiln/kiln.sock"), reject_suppressed=True)
+    assert refusing.routers == rendered.routers
+    assert refusing.transports == rendered.transports
+    assert refusing.acl.lstrip().startswith("# kiln: refuse") and "\n  deny\n" in refusing.acl
+    assert '"op":"check"' in refusing.acl and "/run/kiln/kiln.sock" in refusing.acl
+    assert f"message = {REFUSED} ($acl_m_kiln_event)" in refusing.acl
+    assert refusing.text() == (
+        "# ---- put this in your RCPT ACL (the one acl_smtp_rcpt names), before its first"
+        " accept ----\n" + refusing.acl + "\n" + text
+    )
     relayed = exim_config(plan, pool, Path("/s"), smarthost="relay.example:2525").text()
     assert "route_list = * relay.example" in relayed and "port = 2525" in relayed
     assert "allow_localhost" not in relayed
-    done = subprocess.run(  # noqa: S603
+    done = _exim_config_cli("--pool", "nope")
+    assert done.returncode == 1 and "is not in plan" in done.stderr
+    done = _exim_config_cli("--pool", pool, "--socket", "/run/kiln/kiln.sock")
+    assert done.returncode == 0 and done.stdout == text, done.stderr
+    done = _exim_config_cli(
+        "--pool", pool, "--socket", "/run/kiln/kiln.sock", "--reject-suppressed"
+    )
+    assert done.returncode == 0 and done.stdout == refusing.text(), done.stderr
+
+
+def _exim_config_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`kiln exim-config --config schedules/example.yaml ARGS`, as installed in .venv."""
+    return subprocess.run(  # noqa: S603
         [
             os.fspath(REPO / ".venv" / "bin" / "kiln"),
             "exim-config",
             "--config",
             str(REPO / "schedules" / "example.yaml"),
-            "--pool",
-            "nope",
+            *args,
         ],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert done.returncode == 1 and "is not in plan" in done.stderr

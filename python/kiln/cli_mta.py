@@ -22,7 +22,7 @@ def add_mta_verbs(verbs: Any, state_dir_help: str) -> None:
     """`exim-config` and `postfix-config` on the `kiln` parser's verbs."""
     exim = verbs.add_parser(
         "exim-config",
-        help="print the Exim router and transport that send from kiln's pick",
+        help="print the Exim routers and transport that send from kiln's pick",
     )
     _common(exim, state_dir_help, "kiln.sock", "the daemon's MTA socket as Exim reaches it")
     exim.add_argument(
@@ -39,6 +39,12 @@ def add_mta_verbs(verbs: Any, state_dir_help: str) -> None:
         default="defer",
         help="while kiln does not answer: defer (mail waits; the default) or default-ip "
         "(mail leaves unthrottled from the host's default address, which must be warm)",
+    )
+    exim.add_argument(
+        "--reject-suppressed",
+        action="store_true",
+        help="also print the RCPT ACL statement that refuses suppressed recipients at "
+        "submission (it refuses nothing while kiln is down); without it they bounce when routed",
     )
     postfix = verbs.add_parser(
         "postfix-config",
@@ -99,7 +105,8 @@ def _plan_and_pool(args: argparse.Namespace, verb: str) -> tuple[Plan, str] | No
 
 
 def exim_config_main(args: argparse.Namespace, state_dir: Path) -> int:
-    """`kiln exim-config`: print the routers and transport (docs/integrations/exim.md)."""
+    """`kiln exim-config`: print the routers, transport and, with `--reject-suppressed`, the
+    RCPT ACL statement (docs/integrations/exim.md)."""
     return _print(
         args,
         "exim-config",
@@ -111,6 +118,7 @@ def exim_config_main(args: argparse.Namespace, state_dir: Path) -> int:
             smarthost=args.smarthost,
             timeout_s=args.timeout,
             when_down=args.when_down,
+            reject_suppressed=args.reject_suppressed,
         ).text(),
     )
 

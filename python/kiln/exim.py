@@ -1,13 +1,16 @@
-"""`kiln exim-config`: the Exim router and transport that send each message from the IP kiln
-picks, and defer it while no IP of the pool has room (docs/integrations/exim.md).
+"""`kiln exim-config`: the Exim routers and transport that send each message from the IP kiln
+picks, fail a recipient on kiln's suppression list, and defer the rest while no IP of the pool
+has room; and, when asked, the RCPT ACL statement that refuses suppressed recipients at
+submission (docs/integrations/exim.md).
 
-Exim asks kiln once per remote address, when it routes it: the `kiln_pick` router's
-`address_data` is a `pick` over the native socket (`${readsocket}`), kept only when granted;
-otherwise the expansion is forced to fail, the router declines, and `kiln_defer` defers the
-address, which Exim retries on its queue runs. The transport sends from the chosen IP
-(`interface`). A daemon that does not answer defers mail too: nothing leaves a warming IP
-without kiln's word. `address_data` is used rather than `condition` because Exim checks a
-router's `condition` before it expands `address_data`, so a `condition` cannot see the reply.
+Exim asks kiln once per remote address, when it routes it: the `kiln_pick` router (a
+`redirect`) keeps the reply of a `pick` over the native socket (`${readsocket}`, with the
+recipient's address) as `$address_data` and fails the address when the reply says it is
+suppressed; otherwise it declines, `kiln_send` sends a granted one from the chosen IP
+(`interface`), and `kiln_defer` defers the rest, which Exim retries on its queue runs. One
+request decides: Exim checks a router's `condition` before it expands `address_data`, so the
+reply is asked in the first router and read by the conditions of the next. A daemon that does
+not answer defers mail too: nothing leaves a warming IP without kiln's word.
 """
 
 from __future__ import annotations
@@ -28,18 +31,55 @@ WHEN_DOWN = ("defer", "default-ip")
 
 _SMARTHOST = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
 
+#: The recipient's local part in a router (`caseful_local_part`: as written, not lower-cased),
+#: quoted again as RFC 5322 wants it (`"ann smith"`; `ann.smith` stays bare).
+_ROUTER_LOCAL = "${{quote_local_part:$local_part}}"
+#: The recipient's local part in the RCPT ACL, as the client wrote it: there `$local_part` is
+#: lower-cased, so it is read from the RCPT command's argument (its `<path>`, any source route
+#: and ESMTP parameters left out). `{}` is where a line may break.
+_ACL_LOCAL = (
+    "${{local_part:${{address:${{if match{{$smtp_command_argument}}{}"
+    '{{\\N^\\s*(<(?:[^">]|"(?:[^"\\\\]|\\\\.)*")*>)\\N}}{{$1}}}}}}}}'
+)
+
+
+def _address(local: str, indent: int) -> str:
+    """The recipient as a JSON string's contents, in Exim's expansion language: the local part
+    (expanded from `local`, its `{}` replaced by a line break) with `"` and `\\` escaped, `@`,
+    the domain; continuation lines are indented by `indent` spaces."""
+    brk = "\\\n" + " " * indent
+    return "${sg{" + local.format(brk) + "}" + brk + '{\\N(["\\\\])\\N}{\\\\\\\\\\$1}}@$domain'
+
+
+#: When the address is sent to kiln: no control character (JSON cannot carry one as it is) and
+#: well under the list's 320 bytes (a longer one would make kiln answer an error, which would
+#: defer the address for good). Other recipients are not checked.
+_CHECKABLE = "and{{!match{$local_part}{\\N[[:cntrl:]]\\N}}{<{${strlen:$local_part@$domain}}{300}}}"
+#: The text a suppressed recipient is refused or failed with (no comma, which a redirect
+#: list could take for a separator); the event follows in brackets.
+_SUPPRESSED = "5.7.1 kiln: the recipient is on the suppression list"
+
 
 @dataclass(frozen=True)
 class EximConfig:
-    """The two parts of an Exim configuration kiln needs: routers and a transport."""
+    """The parts of an Exim configuration kiln needs: routers, a transport and, when asked
+    for (`reject_suppressed`), a statement for the RCPT ACL (else "")."""
 
     routers: str
     transports: str
+    acl: str = ""
 
     def text(self) -> str:
-        """Both parts, each under the section it belongs to, as `kiln exim-config` prints."""
+        """Every part, each under the section it belongs to, as `kiln exim-config` prints."""
+        acl = (
+            "# ---- put this in your RCPT ACL (the one acl_smtp_rcpt names), before its first"
+            " accept ----\n" + self.acl + "\n"
+            if self.acl
+            else ""
+        )
         return (
-            "# ---- put these first in the routers section (after `begin routers`) ----\n"
+            acl
+            + "# ---- put these first in the routers section (after `begin routers`) ----\n"
             + self.routers
             + "\n# ---- and this in the transports section (after `begin transports`) ----\n"
             + self.transports
@@ -54,11 +94,14 @@ def exim_config(
     smarthost: str | None = None,
     timeout_s: int = 2,
     when_down: str = "defer",
+    reject_suppressed: bool = False,
 ) -> EximConfig:
     """The routers and transport for remote mail of `pool`, asking the daemon at `socket`.
     `smarthost` ("host" or "host:port"): send everything there (a relay, or a test's sink)
     instead of looking up MX records. `when_down`: what mail does while kiln does not answer
-    (`WHEN_DOWN`). KilnError for an unknown pool, a bad smarthost or `when_down`."""
+    (`WHEN_DOWN`). `reject_suppressed`: also the RCPT ACL statement that refuses a recipient
+    on kiln's suppression list (it refuses nothing while kiln does not answer). KilnError for
+    an unknown pool, a bad smarthost or `when_down`."""
     if when_down not in WHEN_DOWN:
         raise KilnError(f"when_down must be one of {', '.join(WHEN_DOWN)}, got {when_down!r}")
     if pool not in plan.pools:
@@ -79,7 +122,11 @@ def exim_config(
         host = m["host"].strip("[]")
         loopback = host in ("localhost", "::1") or host.startswith("127.")
         route = f"  driver = manualroute\n  route_list = * {host}\n  self = send\n"
-    request = '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\}\\n'
+    request = (
+        '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\\n'
+        "      ${if " + _CHECKABLE + "\\\n"
+        '        {,"address":"' + _address(_ROUTER_LOCAL, 10) + '"}}\\}\\n'
+    )
     unreachable = (
         '\\{"ok":false,"error":"kiln unreachable"\\}'
         if when_down == "defer"
@@ -87,12 +134,19 @@ def exim_config(
     )
     routers = (
         f"# kiln: plan {plan.name!r}, pool {pool!r} (kiln exim-config)\n"
-        "kiln_pick:\n" + route + "  domains = ! +local_domains\n"
-        "  address_data = ${if match\\\n"
-        f"    {{${{readsocket{{{socket}}}\\\n"
-        f"      {{{request}}}\\\n"
-        f"      {{{timeout_s}s}}{{\\n}}{{{unreachable}}}}}}}\\\n"
-        '    {\\N^(\\{.*"granted":[1-9].*)$\\N}{$1}fail}\n'
+        "kiln_pick:\n"
+        "  driver = redirect\n"
+        "  domains = ! +local_domains\n"
+        "  caseful_local_part\n"
+        "  allow_fail\n"
+        f"  address_data = ${{readsocket{{{socket}}}\\\n"
+        f"    {{{request}}}\\\n"
+        f"    {{{timeout_s}s}}{{\\n}}{{{unreachable}}}}}\n"
+        '  data = ${if match{$address_data}{\\N^\\{"ok":true,.*"reason":"suppressed"\\N}\\\n'
+        "    {:fail: " + _SUPPRESSED + " (${extract jsons{event}{$address_data}})}}\n"
+        "\n"
+        "kiln_send:\n" + route + "  domains = ! +local_domains\n"
+        '  condition = ${if match{$address_data}{\\N^\\{.*"granted":[1-9]\\N}}\n'
         "  transport = kiln_smtp\n"
         "\n"
         "kiln_defer:\n"
@@ -109,7 +163,32 @@ def exim_config(
         + ("  allow_localhost\n" if loopback else "")
         + _report_event(socket, timeout_s)
     )
-    return EximConfig(routers=routers, transports=transports)
+    acl = _suppressed_acl(socket, timeout_s) if reject_suppressed else ""
+    return EximConfig(routers=routers, transports=transports, acl=acl)
+
+
+def _suppressed_acl(socket: Path, timeout_s: int) -> str:
+    """The RCPT ACL's `deny` for a recipient on kiln's suppression list: a `check` (which
+    charges nothing) of the recipient as the client wrote it (`_ACL_LOCAL`), refused with
+    550 5.7.1 and the event when it is listed. Not refused: anything while kiln does not
+    answer (the fail string is empty), an address kiln calls `invalid`, one `_CHECKABLE`
+    leaves out. While kiln is down the `kiln_pick` router still holds the mail, and fails a
+    listed recipient once kiln is back."""
+    request = '\\{"op":"check","addresses":["\\\n          ' + _address(_ACL_LOCAL, 12) + '"]\\}\\n'
+    return (
+        "  # kiln: refuse a recipient on kiln's suppression list (kiln exim-config\n"
+        "  # --reject-suppressed). While kiln does not answer nothing is refused here.\n"
+        "  deny\n"
+        "    domains = ! +local_domains\n"
+        "    condition = ${if " + _CHECKABLE + "}\n"
+        "    set acl_m_kiln_event = ${if match\\\n"
+        f"      {{${{readsocket{{{socket}}}\\\n"
+        f"        {{{request}}}\\\n"
+        f"        {{{timeout_s}s}}{{\\n}}{{}}}}}}\\\n"
+        '      {\\N:"([a-z_]+)"\\}\\}$\\N}{$1}}\n'
+        "    condition = ${if and{{def:acl_m_kiln_event}{!eq{$acl_m_kiln_event}{invalid}}}}\n"
+        "    message = 550 " + _SUPPRESSED + " ($acl_m_kiln_event)\n"
+    )
 
 
 def _report_event(socket: Path, timeout_s: int) -> str:
