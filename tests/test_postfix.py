@@ -10,20 +10,29 @@ daily cap holds at the sink, the pool overflows in pick's order, the rest waits 
 deferred queue and in kiln's release queue, kiln is killed (nothing leaves; new mail waits)
 and restarted (the held recipients are still there), and at midnight the held mail is
 released, each message once.
+
+Suppressed recipients never reach the sink: kiln's transport table bounces them (5.7.1, kiln's
+reason) while the message's other recipients are delivered and charged; with
+`kiln postfix-config --reject-suppressed`, smtpd refuses them at RCPT TO.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import smtplib
 import statistics
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemonproc import REPO, DaemonProc, stored_counts
 from kiln import _core
@@ -425,3 +434,301 @@ def test_postfix_gate_holds_once_releases_in_order_and_never_reuses_a_queued_id(
         assert set(gate.take_changes().values()) == {None}
     finally:
         gate.close()
+
+
+# ---- Suppressed recipients (docs/suppression.md, "Enforced at send time") ----
+
+KILN = REPO / ".venv" / "bin" / "kiln"
+#: The plan's providers, and `default` for the senders' domain (its non-delivery notices).
+PROVIDER_OF = {**DOMAINS, "example.com": "default"}
+#: A fixed clock (real speed) at midday: a test never straddles kiln's midnight.
+NOON = "2026-11-10T12:00:00+00:00"
+#: What kiln's answers say after the event (rust/src/socketmap).
+LISTED = "kiln: the recipient is on the suppression list"
+
+
+def _rendered(plan_path: Path, sock: Path, nexthop: str, *flags: str) -> dict[str, str]:
+    """`kiln postfix-config` for pool tx, the real command: its parts by the file they go to
+    (`master.cf`, `main.cf`, `kiln's plan`)."""
+    done = subprocess.run(  # noqa: S603 (our own command)
+        [
+            *(str(KILN), "postfix-config", "--config", str(plan_path), "--pool", "tx"),
+            *("--socket", str(sock), "--nexthop", nexthop, "--retry", "10", *flags),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    parts = re.split(r"^# ---- (master\.cf|main\.cf|kiln's plan)\b.*\n", done.stdout, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@contextlib.contextmanager
+def _suppressing(folder: Path, *flags: str) -> Iterator[tuple[DaemonProc, Postfix, SmtpSink]]:
+    """kiln (`--postfix`, on a fixed clock) and a private Postfix configured by `kiln
+    postfix-config FLAGS`, delivering to a sink; stopped and removed afterwards."""
+    assert POSTFIX.exists(), "run `make system-deps` (as root)"
+    run_dir = folder / "run"
+    run_dir.mkdir(mode=0o755)
+    state = folder / "state"
+    state.mkdir()
+    sock = run_dir / "postfix.sock"
+    pf = Postfix()
+    names = "\n".join(f'        "postfix/kiln-{ip}": "{ip}"' for ip in TX_IPS + SPILL_IPS)
+    plan_path = folder / "plan.yaml"
+    plan_path.write_text(_plan(pf.maillog, names))
+    with SmtpSink() as sink:
+        nexthop = f"[127.0.0.1]:{sink.port}"
+        rendered = _rendered(plan_path, sock, nexthop, *flags)
+        pf.configure(master_cf=rendered["master.cf"], main_cf=rendered["main.cf"])
+        args = ["--postfix-socket", str(sock), "--postfix-nexthop", nexthop]
+        args += ["--postfix-release", pf.release_command(), "--socket-group", "postfix"]
+        d = DaemonProc(plan_path, state_dir=state, args=[*args, "--clock-start", NOON])
+        try:
+            d.start()
+            with pf:
+                yield d, pf, sink
+        finally:
+            d.cleanup()
+            pf.cleanup()
+
+
+def _suppress(d: DaemonProc, action: str, address: str, **fields: str) -> None:
+    """Add or remove `address` through the operator socket; recorded once it answers."""
+    with d.client() as c:
+        reply = c.request("suppress", action=action, address=address, **fields)
+    event = "remove" if action == "remove" else fields.get("event", "manual")
+    assert reply["ok"] and reply["event"] == event, reply
+
+
+def _suppress_cli(d: DaemonProc, address: str, event: str) -> None:
+    """`kiln suppress add` with the test's state folder."""
+    done = subprocess.run(  # noqa: S603 (our own command)
+        [
+            *(str(KILN), "suppress", "add", address, "--event", event),
+            *("--state-dir", str(d.state_dir), "--reason", "test"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+
+
+def _message(sender: str, message_id: str) -> str:
+    return (
+        f"From: <{sender}>\r\nTo: undisclosed-recipients:;\r\nSubject: suppression e2e\r\n"
+        f"Message-ID: {message_id}\r\n\r\nHello.\r\n"
+    )
+
+
+def _copies(sink: SmtpSink) -> list[tuple[str, str, str | None]]:
+    """Every recipient copy the sink took: (sending IP, recipient, Message-ID)."""
+    return [(x.source_ip, r, x.message_id) for x in sink.taken() for r in x.recipients]
+
+
+def _per_key(copies: list[tuple[str, str, str | None]]) -> Counter[tuple[str, str]]:
+    return Counter((ip, PROVIDER_OF[r.rsplit("@", 1)[1].lower()]) for ip, r, _ in copies)
+
+
+def _day_used(d: DaemonProc) -> Counter[tuple[str, str]]:
+    """What kiln charged today per (IP, provider) (`limits`), non-zero ones only."""
+    used: Counter[tuple[str, str]] = Counter()
+    with d.client() as c:
+        for ip in TX_IPS + SPILL_IPS:
+            for provider in set(PROVIDER_OF.values()):
+                n = int(c.request("limits", ip=ip, provider=provider)["day_used"])
+                if n:
+                    used[(ip, provider)] = n
+    return used
+
+
+def _messages_total(d: DaemonProc, result: str) -> Counter[tuple[str, str]]:
+    """kiln's `kiln_messages_total` for `result` per (IP, provider), from /metrics."""
+    text = httpx.get(d.http_url() + "/metrics", timeout=10).text
+    return Counter(
+        {
+            (s.labels["ip"], s.labels["provider"]): int(s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "kiln_messages_total" and s.labels.get("result") == result and s.value
+        }
+    )
+
+
+def test_postfix_bounces_suppressed_recipients_and_delivers_the_rest(folder: Path) -> None:
+    """The transport table's answer for a listed recipient (the default configuration):
+    Postfix accepts the message, bounces that recipient with 5.7.1 and kiln's text, returns a
+    notice to the sender, and delivers the message's other recipients; nothing is charged for
+    a suppressed recipient. A scoped entry does not stop mail routed without a scope."""
+    with _suppressing(folder) as (d, pf, sink):
+        main_cf = (pf.conf / "main.cf").read_text()
+        assert "check_recipient_access" not in main_cf  # smtpd refuses no one: routing does
+        _suppress(d, "add", "gone@gmail.com", event="hard_bounce")
+        _suppress(d, "add", "Ann@yahoo.com", event="complaint")
+        _suppress(d, "add", "gone3@gmail.com")  # manual, the default
+        _suppress(d, "add", "news@gmail.com", event="unsubscribe", scope="news")
+        _suppress_cli(d, "left@yahoo.com", "unsubscribe")
+        bounced = {  # as the envelope has them, and the event
+            "gone@gmail.com": "hard_bounce",
+            "Ann@YAHOO.com": "complaint",  # the domain's case does not matter
+            "left@yahoo.com": "unsubscribe",
+            "gone3@gmail.com": "manual",
+        }
+        messages = {  # Message-ID: (sender, recipients); sent over SMTP
+            "<m1@kiln.test>": (
+                "s1@example.com",
+                ["ok1@gmail.com", "gone@gmail.com", "ok2@yahoo.com", "Ann@YAHOO.com"],
+            ),
+            "<m2@kiln.test>": ("s2@example.com", ["left@yahoo.com"]),
+            "<m3@kiln.test>": ("s3@example.com", ["ok3@gmail.com"]),
+            "<m4@kiln.test>": ("s4@example.com", ["news@gmail.com"]),
+        }
+        for mid, (sender, rcpts) in messages.items():
+            with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as s:
+                assert s.sendmail(sender, rcpts, _message(sender, mid)) == {}
+        # And one through sendmail(1) (maildrop, pickup): the same routing.
+        mid, sender = "<m5@kiln.test>", "s5@example.com"
+        rcpts = ["gone3@gmail.com", "ok4@yahoo.com"]
+        messages[mid] = (sender, rcpts)
+        done = subprocess.run(  # noqa: S603 (Debian's sendmail, our arguments)
+            [str(POSTFIX.parent / "sendmail"), "-C", str(pf.conf), "-f", sender, "--", *rcpts],
+            input=_message(sender, mid).replace("\r\n", "\n"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+        wanted = {
+            (r, mid) for mid, (_, rcpts) in messages.items() for r in rcpts if r not in bounced
+        }
+        noticed = sorted(s for s, rcpts in messages.values() if set(rcpts) & set(bounced))
+        _wait(
+            "every recipient delivered or bounced, every notice sent, the queue empty",
+            lambda: (
+                len(_copies(sink)) >= len(wanted) + len(noticed)
+                and pf.log().count("status=bounced") >= len(bounced)
+                and pf.queued() == 0
+            ),
+            30,
+            lambda: (_copies(sink), pf.queued(), pf.log()[-3000:]),
+        )
+        copies = _copies(sink)
+        log = pf.log()
+        senders = {s for s, _ in messages.values()}
+        # The sink: each unsuppressed recipient's copy once, nothing for a suppressed one...
+        delivered = [(r, mid) for _, r, mid in copies if r not in senders]
+        assert sorted(delivered) == sorted(wanted), copies
+        assert not {r for _, r, _ in copies} & set(bounced), copies
+        # ...and one non-delivery notice to each sender whose message had a suppressed one.
+        assert sorted(r for _, r, _ in copies if r in senders) == noticed, copies
+        # Postfix's log: each suppressed recipient bounced at routing with 5.7.1 and why.
+        for rcpt, event in bounced.items():
+            line = (
+                rf"to=<{re.escape(rcpt)}>, relay=none, .*, dsn=5\.7\.1, "
+                rf"status=bounced \({LISTED} \({event}\)\)$"
+            )
+            assert len(re.findall(line, log, re.M)) == 1, (rcpt, log[-3000:])
+            assert not re.search(rf"to=<{re.escape(rcpt)}>.*status=sent", log), rcpt
+        assert log.count("status=bounced") == len(bounced)
+        # kiln charged exactly what left: no suppressed recipient counted against a cap.
+        used = _day_used(d)
+        assert used == _per_key(copies), (used, copies)
+        assert sum(n for (_, p), n in used.items() if p != "default") == len(wanted)
+        # And its log reader counts the deliveries per IP, and no bounce against any IP.
+        _wait(
+            "kiln counted every delivery from Postfix's log",
+            lambda: _messages_total(d, "delivered") == _per_key(copies),
+            20,
+            lambda: (_messages_total(d, "delivered"), _per_key(copies)),
+        )
+        assert _messages_total(d, "bounced") == Counter()
+
+
+def test_postfix_reject_suppressed_refuses_them_at_rcpt(folder: Path) -> None:
+    """`kiln postfix-config --reject-suppressed`: smtpd asks kiln's access table at RCPT TO
+    and refuses a listed recipient with 5.7.1; the others of the message are accepted and
+    delivered; taken off the list, the address is accepted at the next RCPT; an address
+    smtpd lets through (see the capitals below) still bounces at routing; with kiln down,
+    smtpd answers 451 4.3.5 (senders retry)."""
+    with _suppressing(folder, "--reject-suppressed") as (d, pf, sink):
+        main_cf = (pf.conf / "main.cf").read_text()
+        assert re.search(
+            r"^smtpd_recipient_restrictions = check_recipient_access "
+            rf"socketmap:unix:{re.escape(str(folder))}/run/postfix\.sock:kiln\.suppressed,",
+            main_cf,
+            re.M,
+        ), main_cf
+        _suppress_cli(d, "gone@gmail.com", "hard_bounce")
+        _suppress(d, "add", "Ann@yahoo.com", event="complaint")
+        sender = "s1@example.com"
+        with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as s:
+            s.ehlo("client.kiln.test")
+            assert s.mail(sender)[0] == 250
+            code, text = s.rcpt("gone@gmail.com")
+            assert code // 100 == 5 and text.startswith(b"5.7.1 "), (code, text)
+            assert f"{LISTED} (hard_bounce)".encode() in text, text
+            assert s.rcpt("ok@gmail.com")[0] == 250
+            assert s.data(_message(sender, "<r1@kiln.test>"))[0] == 250
+            _wait(
+                "the accepted recipient delivered",
+                lambda: len(_copies(sink)) >= 1 and pf.queued() == 0,
+                30,
+                lambda: (_copies(sink), pf.log()[-3000:]),
+            )
+            assert [(r, m) for _, r, m in _copies(sink)] == [("ok@gmail.com", "<r1@kiln.test>")]
+            log = pf.log()
+            assert re.search(
+                rf"reject: RCPT from \S+: 5\d\d 5\.7\.1 <gone@gmail\.com>: .*{LISTED}", log
+            ), log[-3000:]
+            assert "to=<gone@gmail.com>, relay" not in log  # never queued, so no bounce either
+
+            _suppress(d, "remove", "gone@gmail.com")
+            assert s.mail(sender)[0] == 250
+            assert s.rcpt("gone@gmail.com")[0] == 250  # the very next RCPT
+            assert s.data(_message(sender, "<r2@kiln.test>"))[0] == 250
+        _wait(
+            "the address taken off the list delivered",
+            lambda: len(_copies(sink)) >= 2 and pf.queued() == 0,
+            30,
+            lambda: (_copies(sink), pf.log()[-3000:]),
+        )
+        assert [(r, m) for _, r, m in _copies(sink)] == [
+            ("ok@gmail.com", "<r1@kiln.test>"),
+            ("gone@gmail.com", "<r2@kiln.test>"),
+        ]
+
+        # Listed with a capital in the local part: smtpd folds the whole key to lower case
+        # before it asks (`ann@yahoo.com`), and the list keeps the local part's case, so today
+        # smtpd lets it through and the transport table (asked with the address as written)
+        # bounces it. Either way it is refused with kiln's reason and never delivered.
+        with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as s:
+            assert s.mail("s3@example.com")[0] == 250
+            code, text = s.rcpt("Ann@Yahoo.COM")
+            assert s.rcpt("ok3@gmail.com")[0] == 250
+            assert s.data(_message("s3@example.com", "<r3@kiln.test>"))[0] == 250
+        notice = ["s3@example.com"] if code == 250 else []
+        _wait(
+            "the third message delivered",
+            lambda: len(_copies(sink)) >= 3 + len(notice) and pf.queued() == 0,
+            30,
+            lambda: (code, text, _copies(sink), pf.log()[-3000:]),
+        )
+        if code == 250:
+            routed = r"to=<Ann@Yahoo\.COM>, relay=none, .*, dsn=5\.7\.1, status=bounced"
+            assert re.search(rf"{routed} \({LISTED} \(complaint\)\)$", pf.log(), re.M)
+        else:
+            assert code // 100 == 5 and text.startswith(b"5.7.1 "), (code, text)
+            assert f"{LISTED} (complaint)".encode() in text, text
+        copies = _copies(sink)
+        assert sorted(r for _, r, _ in copies[2:]) == sorted(["ok3@gmail.com", *notice]), copies
+        assert _day_used(d) == _per_key(copies)
+
+        d.kill()  # kiln down: smtpd cannot ask, so it defers every recipient
+        with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as s:
+            assert s.mail("s4@example.com")[0] == 250
+            code, text = s.rcpt("ok@gmail.com")
+            assert code == 451 and text.startswith(b"4.3.5 "), (code, text)
