@@ -786,30 +786,44 @@ impl PyEngine {
     }
 
     /// Fold log events into the set, in order: (fingerprint, event, expires_ms); the event
-    /// `remove` takes the address off. Returns how many changed whether it is listed.
+    /// `remove` takes the address off. Returns how many changed whether it is listed. The
+    /// engine's lock is held for `EVENTS_PER_HOLD` events at a time, and a table that must
+    /// grow is grown outside it (`suppress_make_room`): an import of millions never stops
+    /// the MTA sockets for more than a moment.
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the list into an owned value
     fn suppress_apply(
         &self,
         py: Python<'_>,
         events: Vec<(u64, String, Option<u64>)>,
     ) -> PyResult<usize> {
-        let mut g = self.lock(py)?;
-        let mut changed = 0;
-        for (fp, event, expires_ms) in events {
-            if !(1..1 << 61).contains(&fp) {
+        let mut parsed = Vec::with_capacity(events.len());
+        for (fp, event, expires_ms) in &events {
+            if !(1..1 << 61).contains(fp) {
                 return Err(bad("fingerprint", format_args!("out of range: {fp}")));
             }
-            if event == "remove" {
-                changed += usize::from(g.wire.suppress.remove(fp));
-                continue;
+            let e = if event == "remove" {
+                None
+            } else {
+                Some(SuppressEvent::parse(event).ok_or_else(|| {
+                    bad("event", format_args!("unknown suppression event {event:?}"))
+                })?)
+            };
+            parsed.push((*fp, e, *expires_ms));
+        }
+        let mut changed = 0;
+        for chunk in parsed.chunks(EVENTS_PER_HOLD) {
+            self.suppress_make_room(py, chunk.iter().filter(|e| e.1.is_some()).count())?;
+            let mut g = self.lock(py)?;
+            for &(fp, event, expires_ms) in chunk {
+                changed += usize::from(match event {
+                    None => g.wire.suppress.remove(fp),
+                    Some(e) => g
+                        .wire
+                        .suppress
+                        .insert(fp, e, expires_ms)
+                        .map_err(|m| bad("suppression", m))?,
+                });
             }
-            let e = SuppressEvent::parse(&event)
-                .ok_or_else(|| bad("event", format_args!("unknown suppression event {event:?}")))?;
-            changed += usize::from(
-                g.wire
-                    .suppress
-                    .insert(fp, e, expires_ms)
-                    .map_err(|m| bad("suppression", m))?,
-            );
         }
         Ok(changed)
     }
@@ -872,19 +886,30 @@ impl PyEngine {
         Ok(self.lock(py)?.wire.suppress.sweep(now_ms))
     }
 
-    /// The set as bytes (for a fast restart).
+    /// The set as bytes (for a fast restart), copied `SLOTS_PER_HOLD` slots per hold of the
+    /// engine's lock. Only the engine's own thread changes the set, and it is in here, so
+    /// the parts are of one state while the MTA sockets go on reading it between them.
     fn suppress_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.lock(py)?.wire.suppress.to_bytes();
-        Ok(PyBytes::new(py, &bytes))
+        let (mut out, slots) = {
+            let g = self.lock(py)?;
+            (g.wire.suppress.bytes_head(), g.wire.suppress.slot_count())
+        };
+        for start in (0..slots).step_by(SLOTS_PER_HOLD) {
+            let range = start..(start + SLOTS_PER_HOLD).min(slots);
+            self.lock(py)?.wire.suppress.bytes_slots(range, &mut out);
+        }
+        self.lock(py)?.wire.suppress.bytes_expiries(&mut out);
+        Ok(PyBytes::new(py, &out))
     }
 
-    /// Replace the set with one from `suppress_snapshot`, keyed with the current key.
+    /// Replace the set with one from `suppress_snapshot`, keyed with the current key. The
+    /// set is built without the engine's lock, then swapped in.
     fn suppress_restore(&self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
-        let mut g = self.lock(py)?;
-        let set = SuppressionSet::from_bytes(g.wire.suppress.key(), data)
-            .map_err(|m| bad("snapshot", m))?;
+        let key = self.lock(py)?.wire.suppress.key();
+        let set = SuppressionSet::from_bytes(key, data).map_err(|m| bad("snapshot", m))?;
         let n = set.len();
-        g.wire.suppress = set;
+        let old = std::mem::replace(&mut self.lock(py)?.wire.suppress, set);
+        drop(old); // freed without the lock
         Ok(n)
     }
 
@@ -918,4 +943,37 @@ fn event_name(py: Python<'_>, event: SuppressEvent) -> Bound<'_, PyString> {
         SuppressEvent::SoftBounce => intern!(py, "soft_bounce"),
     }
     .clone()
+}
+
+/// Suppression events applied per hold of the engine's lock.
+const EVENTS_PER_HOLD: usize = 4096;
+/// Table slots read per hold of the engine's lock when the set is copied (512 KiB).
+const SLOTS_PER_HOLD: usize = 1 << 16;
+
+impl PyEngine {
+    /// Room for `more` new addresses: a table that would have to grow is copied into a
+    /// bigger one a range of slots per hold of the lock, then swapped in, so the MTA sockets
+    /// never wait for the whole rehash (seconds at 10M addresses). Only the engine's own
+    /// thread changes the set, and it is in here, so the ranges are of one state.
+    fn suppress_make_room(&self, py: Python<'_>, more: usize) -> PyResult<()> {
+        let (mut fresh, slots) = {
+            let g = self.lock(py)?;
+            let set = &g.wire.suppress;
+            if set.has_room(more) {
+                return Ok(());
+            }
+            (set.with_room_for((set.len() + more) * 2), set.slot_count())
+        };
+        for start in (0..slots).step_by(SLOTS_PER_HOLD) {
+            let range = start..(start + SLOTS_PER_HOLD).min(slots);
+            let g = self.lock(py)?;
+            g.wire
+                .suppress
+                .copy_slots(range, &mut fresh)
+                .map_err(|m| bad("suppression", m))?;
+        }
+        let old = std::mem::replace(&mut self.lock(py)?.wire.suppress, fresh);
+        drop(old); // freed without the lock
+        Ok(())
+    }
 }

@@ -13,6 +13,7 @@
 use hashbrown::HashMap;
 use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
+use std::ops::Range;
 
 #[cfg(test)]
 mod tests;
@@ -308,19 +309,71 @@ impl SuppressionSet {
 
     /// The set as bytes (key check, then slots and expiries, little-endian).
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.bytes_head();
+        self.bytes_slots(0..self.slots.len(), &mut out);
+        self.bytes_expiries(&mut out);
+        out
+    }
+
+    /// `to_bytes` in three parts, so a caller can copy the table a range of slots at a
+    /// time (`slot_count`) while the set does not change: the header (room reserved for
+    /// the rest), then the entries of each range, then the expiries.
+    pub fn bytes_head(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.len * 8 + self.expiries.len() * 16);
         out.extend_from_slice(b"KSUP1\0\0\0");
         out.extend_from_slice(&self.key_check().to_le_bytes());
         out.extend_from_slice(&(self.len as u64).to_le_bytes());
         out.extend_from_slice(&(self.expiries.len() as u64).to_le_bytes());
-        for s in self.slots.iter().filter(|&&s| s != 0) {
+        out
+    }
+
+    /// The entries of `slots` (a range of `0..slot_count()`), for `to_bytes`.
+    pub fn bytes_slots(&self, slots: Range<usize>, out: &mut Vec<u8>) {
+        for s in self.slots[slots].iter().filter(|&&s| s != 0) {
             out.extend_from_slice(&s.to_le_bytes());
         }
+    }
+
+    /// The soft bounces' expiries, the last part of `to_bytes`.
+    pub fn bytes_expiries(&self, out: &mut Vec<u8>) {
         for (fp, t) in &self.expiries {
             out.extend_from_slice(&fp.to_le_bytes());
             out.extend_from_slice(&t.to_le_bytes());
         }
-        out
+    }
+
+    /// Slots of the table (a power of two).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether `more` new addresses fit without the table growing.
+    pub fn has_room(&self, more: usize) -> bool {
+        (self.len + more) * 8 <= self.slots.len() * 7
+    }
+
+    /// An empty set keyed as this one, with room for `n` addresses without growing.
+    #[must_use]
+    pub fn with_room_for(&self, n: usize) -> Self {
+        let mut set = Self::new(self.key);
+        let mut slots = MIN_SLOTS;
+        while n.min(MAX_ADDRESSES) * 8 > slots * 7 {
+            slots *= 2;
+        }
+        set.slots = vec![0; slots];
+        set
+    }
+
+    /// Put the entries of `slots` (a range of `0..slot_count()`) into `into`, with their
+    /// expiries: growing a big set a range at a time, so no one holds it for the whole copy.
+    pub fn copy_slots(&self, slots: Range<usize>, into: &mut Self) -> Result<(), String> {
+        for &s in self.slots[slots].iter().filter(|&&s| s != 0) {
+            let fp = s >> EVENT_BITS;
+            if let Some(event) = Event::from_bits(s & EVENT_MASK) {
+                into.insert(fp, event, self.expiries.get(&fp).copied())?;
+            }
+        }
+        Ok(())
     }
 
     /// A set from `to_bytes`, hashed with `key` (Err if it was made with another key or the

@@ -175,3 +175,36 @@ fn hashing_the_parts_is_hashing_the_joined_address() {
         );
     }
 }
+
+#[test]
+fn copying_by_ranges_and_bytes_by_parts_match_the_whole() {
+    let mut s = SuppressionSet::new(KEY);
+    let mut rng = Rng(42);
+    for i in 0..50_000u64 {
+        let fp = (rng.next() >> 3).max(1);
+        let (event, expiry) = if i % 7 == 0 {
+            (Event::SoftBounce, Some(i))
+        } else {
+            (Event::Manual, None)
+        };
+        s.insert(fp, event, expiry).unwrap();
+    }
+    let slots = s.slot_count();
+    let mut bigger = s.with_room_for(s.len() * 3);
+    let mut bytes = s.bytes_head();
+    for start in (0..slots).step_by(1000) {
+        let range = start..(start + 1000).min(slots);
+        s.copy_slots(range.clone(), &mut bigger).unwrap();
+        s.bytes_slots(range, &mut bytes);
+    }
+    s.bytes_expiries(&mut bytes);
+    assert_eq!(bytes, s.to_bytes());
+    assert!(bigger.slot_count() > slots && bigger.has_room(s.len()));
+    let mut want: Vec<_> = s.entries().collect();
+    let mut got: Vec<_> = bigger.entries().collect();
+    want.sort_unstable_by_key(|e| e.0);
+    got.sort_unstable_by_key(|e| e.0);
+    assert_eq!(got, want);
+    let back = SuppressionSet::from_bytes(KEY, &bytes).unwrap();
+    assert_eq!(back.len(), s.len());
+}
