@@ -466,3 +466,22 @@ def test_suppression_rules_are_checked_where_they_are_written(tmp_path: Path) ->
     assert any("suppression.soft_bounces[1].failures" in p for p in found), found
     assert any("suppression.soft_bounces[1].within" in p for p in found), found
     assert not any("soft_bounces[0]" in p for p in found), found
+
+
+def test_suppression_hashed_only_and_key_file(tmp_path: Path) -> None:
+    """`suppression.hashed_only` (off by default) and `suppression.key_file` (none by
+    default) load as written; a wrong type or an empty path is named where it is."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(GOOD)
+    spec = load_plan(path).suppression
+    assert (spec.hashed_only, spec.key_file) == (False, None)
+    path.write_text(GOOD + "suppression:\n  hashed_only: true\n  key_file: keys/suppression\n")
+    spec = load_plan(path).suppression
+    assert (spec.hashed_only, spec.key_file) == (True, "keys/suppression")
+    assert len(spec.soft_bounces) == 1  # the shipped rule stays
+    found = problems(tmp_path, GOOD + "suppression:\n  hashed_only: 'yes'\n  key_file: ''\n")
+    line = GOOD.count("\n") + 2
+    assert any(p.startswith(f"plan.yaml:{line}") and "suppression.hashed_only" in p for p in found)
+    assert any(
+        p.startswith(f"plan.yaml:{line + 1}") and "suppression.key_file" in p for p in found
+    ), found

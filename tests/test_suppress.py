@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from daemonproc import running_daemon
 from kiln.cli import main
-from kiln.daemon import Daemon
+from kiln.daemon import Daemon, DaemonConfig
+from kiln.errors import ConfigError
 from kiln.policyspec import SoftBounceRule
-from kiln.suppress.live import SNAPSHOT_FILE
+from kiln.suppress.live import SNAPSHOT_FILE, read_key_file, without_addresses
 from kiln.suppress.soft import SoftBounces
 from test_daemon import PLAN, FakeClock, make, ms, send
 from test_protocol import anytime_plan
@@ -461,3 +463,307 @@ def test_soft_bounce_counts_match_a_naive_model(
                 order.remove(who)
         assert (got.expires_ms if got else None) == want, (steps, who, t)
     assert len(soft) == len(model) <= 3
+
+
+# ----- hashed-only mode and the key file (docs/suppression.md, "Hashed-only mode") -----
+
+#: Every address the fixture export names, the unreadable one too (its line is never kept).
+EXPORT_ADDRESSES = [
+    "alice@example.com",
+    "Bob.Smith@example.com",
+    "carol@example.net",
+    "dave@example.org",
+    "erin@example.com",
+    "frank@@example.com",
+    "grace@xn--bcher-kva.example",
+    "heidi@example.com",
+    "ivan@example.net",
+    "judy@example.org",
+    "mallory@example.com",
+]
+#: What the operator, the reports and the MTA log put on the list.
+FED_ADDRESSES = ["Ann.Lee@example.org", "Gone@gmail.com", "u@example.org", "nobody@example.org"]
+
+
+def feedback_plan(tmp_path: Path, suppression: str) -> tuple[Path, Path]:
+    """(plan, Postfix log) of a plan reading the log, with this `suppression` section."""
+    log = tmp_path / "mail.log"
+    log.write_text("")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN
+        + "signals:\n  feedback:\n"
+        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
+        + suppression
+    )
+    return plan, log
+
+
+def feed_every_writer(d: Daemon, clock: FakeClock, log: Path) -> None:
+    """An import, an operator's add, reports (a bounce and an unsubscribe) and an MTA-log
+    bounce, each with the address in its evidence text too."""
+    sendgrid = {"path": str(FIXTURES / "sendgrid_bounces.csv"), "from": "sendgrid"}
+    imported = op(d, clock, op="suppress_file", action="import", skip_bad=True, **sendgrid)
+    assert imported["ok"] and imported["imported"] == 10, imported
+    verified = op(d, clock, op="suppress_file", action="verify", **sendgrid)
+    assert verified["missing_count"] == 0 and verified["rows"] == 11, verified
+    clock.t = ms("2026-03-10T14:10:00")
+    added = op(
+        d,
+        clock,
+        op="suppress",
+        action="add",
+        address=" Ann.Lee@Example.ORG ",
+        reason="asked by ANN.LEE@example.org on the phone",
+    )
+    assert added["ok"] and added["address"] == "Ann.Lee@example.org", added
+    gone = reported(
+        d,
+        clock,
+        ip=IP,
+        domain="gmail.com",
+        result="bounced",
+        code=550,
+        enhanced="5.1.1",
+        text="550 5.1.1 <Gone@Gmail.com>: no such user",
+        address="Gone@Gmail.com",
+    )
+    assert gone["suppressed"] == "hard_bounce", gone
+    out = reported(
+        d, clock, result="unsubscribe", address="u@example.org", text="one click by u@example.org"
+    )
+    assert out["suppressed"] == "unsubscribe", out
+    log.write_text(
+        "Mar 10 14:06:01 mta1 postfix-ip10/smtp[21992]: 7E4F6A5181: to=<nobody@example.org>, "
+        "relay=mx.example.org[203.0.113.25]:25, delay=0.9, delays=0.02/0.01/0.45/0.42, "
+        "dsn=5.1.1, status=bounced (host mx.example.org[203.0.113.25] said: 550 5.1.1 "
+        "<nobody@example.org>: Recipient address rejected: User unknown (in reply to RCPT TO "
+        "command))\n"
+    )
+    d.ingest(clock.t)
+
+
+def address_hits(state: Path, addresses: list[str]) -> set[str]:
+    """The addresses found, case-insensitively, in any column of any table of the state's
+    SQLite database, or anywhere in its files' bytes (the database, its WAL)."""
+    found = set()
+    with sqlite3.connect(state / "kiln.db") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert "kiln_suppression" in tables
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 (its own names)
+                for cell in row:
+                    text = cell.decode("utf-8", "replace") if isinstance(cell, bytes) else str(cell)
+                    found |= {a for a in addresses if a.lower() in text.lower()}
+    db.close()
+    for path in state.glob("kiln.db*"):
+        data = path.read_bytes().lower()
+        found |= {a for a in addresses if a.lower().encode() in data}
+    return found
+
+
+@pytest.mark.parametrize("hashed_only", [True, False])
+def test_hashed_only_keeps_no_address_at_rest(tmp_path: Path, hashed_only: bool) -> None:
+    """With `suppression.hashed_only`, no writer leaves an address in the database (the
+    import, an operator's add, reports, the MTA log), while check, verify, history and the
+    send-time check still work and export is refused. Without it, the same search finds
+    every address (so the search itself can fail)."""
+    plan, log = feedback_plan(
+        tmp_path, f"suppression:\n  hashed_only: {str(hashed_only).lower()}\n"
+    )
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-03-02T10:00:00"))  # the export's soft bounces still hold
+    d = make(plan, state, clock)
+    feed_every_writer(d, clock, log)
+    checked = op(d, clock, op="check", addresses=[*FED_ADDRESSES, "Bob.Smith@example.com"])
+    assert checked["suppressed"] == {
+        "Ann.Lee@example.org": "manual",
+        "Gone@gmail.com": "hard_bounce",
+        "u@example.org": "unsubscribe",
+        "nobody@example.org": "hard_bounce",
+        "Bob.Smith@example.com": "hard_bounce",
+    }
+    assert send(d, acquire_for("Ann.Lee@example.org"))[0]["reason"] == "suppressed"
+    (bob,) = op(d, clock, op="suppress", action="history", address="Bob.Smith@Example.com")[
+        "events"
+    ]
+    fingerprint = d.engine.suppress_fingerprint("Bob.Smith@example.com")[1]
+    assert bob["fingerprint"] == f"{fingerprint:016x}" and bob["event"] == "hard_bounce"
+    (ann,) = op(d, clock, op="suppress", action="history", address="Ann.Lee@example.org")["events"]
+    (nobody,) = op(d, clock, op="suppress", action="history", address="nobody@example.org")[
+        "events"
+    ]
+    target = tmp_path / "list.csv"
+    exported = op(d, clock, op="suppress_file", action="export", path=str(target))
+    listing = op(d, clock, op="suppress", action="list", limit=1000)["events"]
+    assert len(listing) == 14
+    d.store.close()
+    with sqlite3.connect(state / "kiln.db") as db:
+        kept = [r[0] for r in db.execute("SELECT address FROM kiln_suppression")]
+    db.close()
+    assert len(kept) == 14
+    hits = address_hits(state, EXPORT_ADDRESSES + FED_ADDRESSES)
+    if hashed_only:
+        assert hits == set()
+        assert set(kept) == {""} and {e["address"] for e in listing} == {""}
+        assert bob["address"] == "" and bob["evidence"]["reason"] == (
+            "550 5.1.1 <address>: Recipient address rejected: User unknown"
+        )
+        assert ann["evidence"] == {"reason": "asked by <address> on the phone"}
+        assert "<address>: Recipient address rejected" in nobody["evidence"]["text"]
+        assert not exported["ok"] and "suppression.hashed_only" in exported["error"]
+        assert not target.exists()
+    else:
+        assert hits == set(EXPORT_ADDRESSES + FED_ADDRESSES) - {"frank@@example.com"}
+        assert "" not in kept and bob["address"] == "Bob.Smith@example.com"
+        assert ann["evidence"] == {"reason": "asked by ANN.LEE@example.org on the phone"}
+        assert exported["ok"] and exported["written"] > 0 and target.exists()
+
+
+def test_hashed_only_warns_of_addresses_written_before_it(tmp_path: Path) -> None:
+    """Turning the mode on rewrites nothing: the start says the log still holds addresses."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+
+    def warnings() -> list[str]:
+        with capture_logs() as logs:
+            d = make(plan, state, clock)
+        op(d, clock, op="suppress", action="add", address="ann@example.org")
+        d.store.close()
+        return [e["event"] for e in logs if e["log_level"] == "warning"]
+
+    assert "suppression_addresses_kept" not in warnings()  # the mode is off
+    plan.write_text(PLAN + "suppression:\n  hashed_only: true\n")
+    assert "suppression_addresses_kept" in warnings()  # the first row keeps its address
+    with sqlite3.connect(state / "kiln.db") as db:
+        assert [r[0] for r in db.execute("SELECT address FROM kiln_suppression")] == [
+            "ann@example.org",
+            "",
+        ]
+    db.close()
+
+
+def write_key(path: Path, key: str, mode: int = 0o600) -> Path:
+    path.write_text(key + "\n")
+    path.chmod(mode)
+    return path
+
+
+KEY_A = "00112233445566778899aabbccddeeff"
+KEY_B = "ffeeddccbbaa99887766554433221100"
+
+
+def meta(state: Path) -> dict[str, str]:
+    with sqlite3.connect(state / "kiln.db") as db:
+        found = dict(db.execute("SELECT key, value FROM kiln_meta").fetchall())
+    db.close()
+    return found
+
+
+def refused_start(plan: Path, state: Path, clock: FakeClock) -> str:
+    """The error a start gives (the store is closed after it)."""
+    d = Daemon(DaemonConfig(plan_path=plan, state_dir=state, node="t"), clock)
+    try:
+        with pytest.raises(ConfigError) as caught:
+            d.start()
+    finally:
+        d.store.close()
+    return str(caught.value)
+
+
+def test_a_key_file_keeps_the_key_out_of_the_store(tmp_path: Path) -> None:
+    """`suppression.key_file`: the key is never written to the store; a restart with the
+    same key file sees the same list; another key, or none, refuses to start."""
+    key_file = write_key(tmp_path / "suppression.key", KEY_A)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN + f"suppression:\n  key_file: {key_file}\n  hashed_only: true\n")
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan, state, clock)
+    assert op(d, clock, op="suppress", action="add", address="ann@example.org")["ok"]
+    d.store.close()
+    stored = meta(state)
+    assert "suppression_key" not in stored and "suppression_key_check" in stored
+    assert KEY_A not in stored["suppression_key_check"]
+    assert not any(KEY_A.encode() in p.read_bytes() for p in state.glob("kiln.db*"))
+    again = make(plan, state, clock)
+    listed = op(again, clock, op="check", addresses=["ann@example.org", "bob@example.org"])
+    assert listed["suppressed"] == {"ann@example.org": "manual", "bob@example.org": None}
+    again.store.close()
+    write_key(key_file, KEY_B)
+    error = refused_start(plan, state, clock)
+    assert "suppression.key_file" in error and "suppression_key" in error, error
+    plan.write_text(PLAN + "suppression:\n  hashed_only: true\n")
+    error = refused_start(plan, state, clock)
+    assert "suppression.key_file" in error, error
+    assert "suppression_key" not in meta(state)  # the refused starts made no key either
+
+
+def test_a_key_moves_from_the_store_to_a_key_file(tmp_path: Path) -> None:
+    """A store that kept its key: a key file with the same key takes over (the store's copy
+    is erased); another key refuses to start, naming both settings."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan, state, clock)
+    assert op(d, clock, op="suppress", action="add", address="ann@example.org")["ok"]
+    d.store.close()
+    key = meta(state)["suppression_key"]
+    assert len(key) == 32
+    key_file = write_key(tmp_path / "k", KEY_A if key != KEY_A else KEY_B)
+    plan.write_text(PLAN + f"suppression:\n  key_file: {key_file}\n")
+    error = refused_start(plan, state, clock)
+    assert "suppression.key_file" in error and "suppression_key" in error, error
+    assert meta(state)["suppression_key"] == key
+    write_key(key_file, key.upper())
+    moved = make(plan, state, clock)
+    assert op(moved, clock, op="check", addresses=["ann@example.org"])["suppressed"] == {
+        "ann@example.org": "manual"
+    }
+    moved.store.close()
+    assert meta(state)["suppression_key"] == ""
+
+
+def test_key_files_are_read_from_the_plan_folder_and_checked(tmp_path: Path) -> None:
+    write_key(tmp_path / "k.hex", KEY_A.upper())
+    assert read_key_file("k.hex", tmp_path) == KEY_A
+    with pytest.raises(ConfigError, match="relative"):
+        read_key_file("k.hex", None)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_key_file("missing.hex", tmp_path)
+    write_key(tmp_path / "open.hex", KEY_A, 0o644)
+    with pytest.raises(ConfigError, match="0644"):
+        read_key_file(str(tmp_path / "open.hex"), None)
+    for bad in ("", KEY_A[:-1], KEY_A + "0", "zz" * 16, f"{KEY_A}\n{KEY_B}"):
+        write_key(tmp_path / "bad.hex", bad)
+        with pytest.raises(ConfigError, match="32 hexadecimal"):
+            read_key_file("bad.hex", tmp_path)
+
+
+def test_evidence_keeps_no_address() -> None:
+    """Fields that are addresses are dropped; addresses in text become `<address>`, the
+    known ones in any case and even with spaces in a quoted local part."""
+    evidence = {
+        "text": "550 5.1.1 <Bob.Smith@Example.COM>: unknown; cc x@y.org",
+        "recipient": " <ann@example.org> ",
+        "reason": 'asked by "Ann Lee"@EXAMPLE.org, ok',
+        "copies": ["c@example.org", "kept", {"to": "d@example.org", "n": 2}],
+        "code": 550,
+        "ip": "192.0.2.10",
+        "none": None,
+    }
+    assert without_addresses(evidence, ['"Ann Lee"@example.org']) == {
+        "text": "550 5.1.1 <address>: unknown; cc <address>",
+        "reason": "asked by <address>, ok",
+        "copies": ["kept", {"n": 2}],
+        "code": 550,
+        "ip": "192.0.2.10",
+        "none": None,
+    }
+    assert without_addresses({"text": "no address here", "at": "x @ y"}) == {
+        "text": "no address here",
+        "at": "x @ y",
+    }

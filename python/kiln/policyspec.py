@@ -443,3 +443,9 @@ class SuppressionSpec(_Model):
 
     #: Rules tried in order; the first that an address's failures meet lists it.
     soft_bounces: list[SoftBounceRule] = DEFAULT_SOFT_BOUNCES
+    #: New events of the log keep no address: only its keyed hash (docs/suppression.md,
+    #: "Hashed-only mode"); evidence text has its addresses replaced by `<address>`.
+    hashed_only: bool = False
+    #: A file holding the hash key (32 hexadecimal characters), relative to the plan's
+    #: folder: the key is then never written to the store. Read at start only.
+    key_file: str | None = Field(default=None, min_length=1)
