@@ -145,7 +145,8 @@ def _show(action: str, reply: dict[str, Any]) -> None:
     elif action in ("history", "list"):
         for e in reply["events"]:
             scope = f" [{e['scope']}]" if e["scope"] else ""
-            w(f"{e['id']}  {e['at_ms']}  {e['event']:<12} {e['address']}{scope}  {e['source']}\n")
+            who = e["address"] or f"#{e.get('fingerprint', '?')}"  # hashed-only: no address
+            w(f"{e['id']}  {e['at_ms']}  {e['event']:<12} {who}{scope}  {e['source']}\n")
         w(f"{reply['listed']:,} addresses listed\n")
     elif action == "export":
         w(f"{reply['written']:,} addresses written to {reply['path']}\n")
