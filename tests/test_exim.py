@@ -392,6 +392,19 @@ def _day_used(d: DaemonProc, provider: str) -> int:
         return sum(int(c.request("limits", ip=ip, provider=provider)["day_used"]) for ip in IPS)
 
 
+def _exim_rejecting_suppressed(folder: Path, d: DaemonProc, sink: SmtpSink) -> Exim:
+    """A private Exim with kiln's routers and its RCPT ACL (`reject_suppressed`), relaying
+    to `sink`."""
+    rendered = exim_config(
+        load_plan(d.plan),
+        "tx",
+        d.socket,
+        smarthost=f"127.0.0.1:{sink.port}",
+        reject_suppressed=True,
+    )
+    return Exim(folder, _whole_config(folder, rendered))
+
+
 def test_exim_refuses_suppressed_recipients_at_rcpt_and_fails_those_listed_later(
     folder: Path,
 ) -> None:
@@ -403,14 +416,7 @@ def test_exim_refuses_suppressed_recipients_at_rcpt_and_fails_those_listed_later
     kiln charged only what was sent."""
     d = _daemon(folder)
     with SmtpSink() as sink:
-        rendered = exim_config(
-            load_plan(d.plan),
-            "tx",
-            d.socket,
-            smarthost=f"127.0.0.1:{sink.port}",
-            reject_suppressed=True,
-        )
-        exim = Exim(folder, _whole_config(folder, rendered))
+        exim = _exim_rejecting_suppressed(folder, d, sink)
         try:
             d.start()
             _suppress(d, "Ann@gmail.com")
@@ -456,14 +462,7 @@ def test_exim_acl_refuses_nothing_while_kiln_is_down_and_the_router_holds_the_ma
     router fails the recipient (the bounce goes to the sender): it never reaches the sink."""
     d = _daemon(folder)
     with SmtpSink() as sink:
-        rendered = exim_config(
-            load_plan(d.plan),
-            "tx",
-            d.socket,
-            smarthost=f"127.0.0.1:{sink.port}",
-            reject_suppressed=True,
-        )
-        exim = Exim(folder, _whole_config(folder, rendered))
+        exim = _exim_rejecting_suppressed(folder, d, sink)
         try:
             d.start()
             _suppress(d, "frank@gmail.com")

@@ -44,6 +44,20 @@ def plan_file(tmp_path: Path) -> Path:
     return path
 
 
+def feedback_plan(tmp_path: Path, suppression: str = "") -> tuple[Path, Path]:
+    """(plan, Postfix log) of a plan reading the log, with this `suppression` section."""
+    log = tmp_path / "mail.log"
+    log.write_text("")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        PLAN
+        + "signals:\n  feedback:\n"
+        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
+        + suppression
+    )
+    return plan, log
+
+
 def test_an_added_address_is_denied_until_removed(plan_file: Path, tmp_path: Path) -> None:
     clock = FakeClock(ms("2026-11-02T10:00:00"))
     d = make(plan_file, tmp_path / "state", clock)
@@ -149,14 +163,7 @@ def test_the_live_set_is_the_fold_of_the_log_across_restarts(
 
 
 def test_hard_bounces_and_complaints_from_mta_logs_are_suppressed(tmp_path: Path) -> None:
-    log = tmp_path / "mail.log"
-    log.write_text("")
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        PLAN
-        + "signals:\n  feedback:\n"
-        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
-    )
+    plan, log = feedback_plan(tmp_path)
     clock = FakeClock(ms("2026-03-10T14:10:00"))
     d = make(plan, tmp_path / "state", clock)
     line = (
@@ -215,14 +222,7 @@ def test_hard_bounces_and_complaints_from_mta_logs_are_suppressed(tmp_path: Path
 def test_mailbox_full_three_times_is_a_soft_bounce_until_the_hold_ends(tmp_path: Path) -> None:
     """The default soft-bounce rule, from the Postfix log: 4.2.2 three times within three
     days lists the recipient for seven days; other deferrals never count."""
-    log = tmp_path / "mail.log"
-    log.write_text("")
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        PLAN
-        + "signals:\n  feedback:\n"
-        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
-    )
+    plan, log = feedback_plan(tmp_path)
     clock = FakeClock(ms("2026-03-10T14:10:00"))
     d = make(plan, tmp_path / "state", clock)
     line = (
@@ -483,20 +483,6 @@ EXPORT_ADDRESSES = [
 ]
 #: What the operator, the reports and the MTA log put on the list.
 FED_ADDRESSES = ["Ann.Lee@example.org", "Gone@gmail.com", "u@example.org", "nobody@example.org"]
-
-
-def feedback_plan(tmp_path: Path, suppression: str) -> tuple[Path, Path]:
-    """(plan, Postfix log) of a plan reading the log, with this `suppression` section."""
-    log = tmp_path / "mail.log"
-    log.write_text("")
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        PLAN
-        + "signals:\n  feedback:\n"
-        + f"    postfix: {{path: {log}, syslog_names: {{postfix-ip10: {IP}}}}}\n"
-        + suppression
-    )
-    return plan, log
 
 
 def feed_every_writer(d: Daemon, clock: FakeClock, log: Path) -> None:
