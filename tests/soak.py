@@ -852,12 +852,19 @@ def _cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _busy_cpus() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [float(x) for x in first]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+def _busy_cpus(cpus: set[int] | None = None) -> tuple[float, float]:
+    """(busy, total) jiffies so far of all CPUs, or of `cpus` only, from /proc/stat."""
+    busy = total = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+            break
+        if (cpus is None) != (name == "cpu") or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        values = [float(x) for x in fields]
+        idle = values[3] + values[4]  # idle + iowait
+        busy, total = busy + sum(values) - idle, total + sum(values)
+    return busy, total
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -980,9 +987,11 @@ class SoakReport:
     def quiet(self) -> bool:
         """Whether other processes left the machine alone enough for the timing figures
         (loop stalls, latency) to say something about the daemon: under OTHERS_BUSY_PERCENT
-        of all CPUs were busy with work not of this run."""
+        of all CPUs, and of the daemon's own CPU when it has one, were busy with work not of
+        this run."""
         others = self.cpu.get("others_percent_of_machine")
-        return others is not None and others < OTHERS_BUSY_PERCENT
+        beside = self.cpu.get("others_percent_of_daemon_cpus", 0.0)
+        return others is not None and others < OTHERS_BUSY_PERCENT and beside < OTHERS_BUSY_PERCENT
 
     @property
     def guard_failures(self) -> list[str]:
@@ -1578,7 +1587,7 @@ def _soak(
         _tell(load, {"op": "clock", **clock.mapping()})
         h.load_from_ns = time.monotonic_ns()
         h.daemon_cpu_mark = _cpu_s(d.pid)
-        cpu_from = (os.times(), _busy_cpus(), _cpu_s(probe_proc.pid))
+        cpu_from = (os.times(), _busy_cpus(), _cpu_s(probe_proc.pid), _busy_cpus(daemon_cpus))
         h.say(f"load: {cfg.connections} connections x depth {cfg.depth}, {cfg.rate_per_s:g}/s")
         failures = [
             ("slow_ok", Failure.slow(0.3)),
@@ -1625,6 +1634,7 @@ def _soak(
                     break
         wall_s = (time.monotonic_ns() - h.load_from_ns) / 1e9
         times, busy, prober_cpu = os.times(), _busy_cpus(), _cpu_s(probe_proc.pid)
+        busy_daemon_cpus = _busy_cpus(daemon_cpus)
         daemon_cpu = h.daemon_cpu_s + (_cpu_s(d.pid) or 0.0) - (h.daemon_cpu_mark or 0.0)
         load_cpu = _cpu_s(load.pid) or 0.0
 
@@ -1656,6 +1666,21 @@ def _soak(
         report.cpu["others_percent_of_machine"] = round(
             max(0.0, report.cpu["machine_busy_percent"] - ours / (os.cpu_count() or 1)), 1
         )
+        if daemon_cpus is not None:  # the daemon's own CPU: what shares it besides the soak
+            jiffies = busy_daemon_cpus[1] - cpu_from[3][1]
+            daemon_side = (
+                (report.cpu["daemon_percent_of_one_cpu"] + report.cpu["prober_percent"])
+                / 100
+                * wall_s
+                * os.sysconf("SC_CLK_TCK")
+            )
+            report.cpu["others_percent_of_daemon_cpus"] = round(
+                max(
+                    0.0,
+                    100 * (busy_daemon_cpus[0] - cpu_from[3][0] - daemon_side) / max(jiffies, 1),
+                ),
+                1,
+            )
         load_result = _finish(load)
         probe_result = _finish(probe_proc)
         h.stop.set()
