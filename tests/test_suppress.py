@@ -753,3 +753,24 @@ def test_evidence_keeps_no_address() -> None:
         "text": "no address here",
         "at": "x @ y",
     }
+
+
+def test_an_import_may_fold_the_local_parts_case(plan_file: Path, tmp_path: Path) -> None:
+    """`fold_case` (`kiln suppress import|verify --fold-case`) lists an export's addresses
+    with their local parts lower-cased; without it the case is kept."""
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, tmp_path / "state", clock)
+    export = tmp_path / "kiln.csv"
+    export.write_text("address,event\nAnn.Lee@Example.ORG,unsubscribe\n")
+    base = {"op": "suppress_file", "path": str(export), "from": "csv"}
+    assert op(d, clock, **base, action="import", fold_case=True)["ok"]
+    checked = op(d, clock, op="check", addresses=["ann.lee@example.org", "Ann.Lee@example.org"])
+    assert checked["suppressed"] == {
+        "ann.lee@example.org": "unsubscribe",
+        "Ann.Lee@example.org": None,
+    }
+    assert op(d, clock, **base, action="verify", fold_case=True)["verified"] is True
+    assert op(d, clock, **base, action="verify")["verified"] is False
+    reply = op(d, clock, **base, action="import", fold_case="yes")
+    assert reply == {"ok": False, "error": "fold_case: true or false"}
+    d.store.close()

@@ -61,6 +61,11 @@ def add_suppress_verb(verbs: Any, state_dir_help: str) -> None:
         p.add_argument("--from", dest="source", choices=SOURCES, required=True, help="whose export")
         p.add_argument("file", type=Path, help="the export file (the daemon reads it)")
         p.add_argument("--scope", help="the scope of rows that name none")
+        p.add_argument(
+            "--fold-case",
+            action="store_true",
+            help="lower-case the local parts too (for an export that changed their case)",
+        )
         if name == "import":
             p.add_argument(
                 "--skip-bad-lines",
@@ -129,6 +134,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     req = {"action": a, "from": args.source, "path": str(args.file.absolute())}
     if args.scope is not None:
         req["scope"] = args.scope
+    if args.fold_case:
+        req["fold_case"] = True
     if a == "import":
         req |= {"skip_bad": args.skip_bad_lines, "dry_run": args.dry_run}
     return "suppress_file", req

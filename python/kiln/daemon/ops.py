@@ -421,13 +421,15 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
     source = req.get("from")
     if source not in SOURCES:
         raise RequestError(f"from: one of {', '.join(SOURCES)}")
-    scope = req.get("scope")
+    scope, fold_case = req.get("scope"), req.get("fold_case", False)
     if scope is not None and not isinstance(scope, str):
         raise RequestError("scope: must be a string")
+    if not isinstance(fold_case, bool):
+        raise RequestError("fold_case: true or false")
     now_ms = now()
     try:
         events, scanned = await run.worker(
-            functools.partial(read_file, scope=scope), str(source), path
+            functools.partial(read_file, scope=scope, fold_case=fold_case), str(source), path
         )
     except ValueError as e:
         raise RequestError(str(e)) from None
