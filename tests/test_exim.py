@@ -9,23 +9,31 @@ and leaves when the next day opens; with kiln killed nothing leaves, and after a
 waiting mail goes. Then the suppression list: refused at RCPT by the ACL
 `--reject-suppressed` adds, failed (returned to the sender) by the router when listed after
 the message was queued, and accepted at RCPT while kiln is down, to be failed once it is back.
+And the transport's reports name the recipient: one the remote server does not know (550
+5.1.1 at RCPT) is listed as a hard bounce, and the router fails it from then on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import shutil
+import socketserver
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from daemonproc import REPO, DaemonProc, stored_counts
-from kiln.exim import EximConfig, exim_config
+from kiln.exim import DEFAULT_TRANSPORT, EximConfig, exim_config, transport_name
 from kiln.planfile import load_plan
 from smtpsink import SmtpSink
 
@@ -363,6 +371,38 @@ def test_exim_while_kiln_is_down_defers_or_sends_from_the_default_address(
             assert exim.queued() == 0
 
 
+def test_exim_defers_a_grant_on_an_ip_it_has_no_transport_for(folder: Path) -> None:
+    """A configuration rendered from a plan that knows only the first IP, beside a daemon
+    whose plan has both. Of two messages (Exim's queue run takes them in any order), the
+    first routed is picked on the first IP and leaves from it; the other is picked on the
+    second IP (then the less used), which has no transport, so `kiln_send` declines and
+    `kiln_defer` defers it, naming the IP. Nothing leaves from the other IP or the host's
+    default address."""
+    d = _daemon(folder)
+    narrow = folder / "one-ip.yaml"
+    narrow.write_text(PLAN.replace(", ".join(IPS), IPS[0]))
+    with SmtpSink() as sink:
+        rendered = exim_config(
+            load_plan(narrow), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"
+        )
+        assert transport_name(IPS[1]) not in rendered.text()
+        exim = Exim(folder, _whole_config(folder, rendered))
+        try:
+            d.start()
+            exim.submit("first@gmail.com", "first@e2e")
+            exim.submit("second@gmail.com", "second@e2e")
+            exim.queue_run()
+            ((source, (sent,)),) = [(x.source_ip, x.recipients) for x in sink.taken()]
+            assert source == IPS[0] and exim.queued() == 1, exim.mainlog()[-2000:]
+            (waiting,) = {"first@gmail.com", "second@gmail.com"} - {sent}
+            assert (
+                f"{waiting} R=kiln_defer defer (-1): kiln: IP {IPS[1]} was granted but"
+                " kiln_send did not take it (no transport for that IP here"
+            ) in exim.mainlog(), exim.mainlog()[-2000:]
+        finally:
+            d.cleanup()
+
+
 #: What the ACL answers a suppressed recipient at RCPT, and the text the router fails one
 #: with (each followed by the event in brackets).
 REFUSED = "550 5.7.1 kiln: the recipient is on the suppression list"
@@ -486,13 +526,154 @@ def test_exim_acl_refuses_nothing_while_kiln_is_down_and_the_router_holds_the_ma
             d.cleanup()
 
 
+#: A recipient the remote server does not know (kiln keeps its local part's case), and the
+#: server's reply to its RCPT.
+UNKNOWN = "Gone@gmail.com"
+USER_UNKNOWN = f"550 5.1.1 <{UNKNOWN}>: Recipient address rejected: User unknown"
+
+
+@dataclass
+class RefusingSink(SmtpSink):
+    """The SMTP sink as a server that does not know one recipient: a RCPT for `unknown` (in
+    any case) is answered `reply` and counted in `refused`; the rest of the session is the
+    sink's own. (The sink offers no PIPELINING, so the client waits for each reply.)"""
+
+    unknown: str = ""
+    reply: str = ""
+    refused: int = 0
+
+    def _refuses(self, line: bytes) -> bool:
+        """Whether `line` is a RCPT for the unknown recipient."""
+        verb, _, rest = line.partition(b":")
+        return verb.strip().upper() == b"RCPT TO" and (
+            rest.strip().strip(b"<>").decode(errors="replace").lower() == self.unknown.lower()
+        )
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The sink's session, on a reader that holds back (and answers here) the unknown
+        recipient's RCPT commands; a message's lines are passed on whatever they say."""
+        passed = asyncio.StreamReader()
+
+        async def pump() -> None:
+            in_data = False
+            try:
+                while line := await reader.readline():
+                    if not in_data and self._refuses(line):
+                        with self._lock:
+                            self.refused += 1
+                        writer.write(self.reply.encode() + b"\r\n")
+                        await writer.drain()
+                        continue
+                    if in_data:
+                        in_data = line != b".\r\n"
+                    else:
+                        in_data = line.strip().upper() == b"DATA"
+                    passed.feed_data(line)
+            except (ConnectionError, ValueError):
+                pass
+            finally:
+                passed.feed_eof()
+
+        pumping = asyncio.create_task(pump())
+        try:
+            await super()._session(passed, writer)
+        finally:
+            pumping.cancel()
+
+    def refusals(self) -> int:
+        """RCPT commands refused so far."""
+        with self._lock:
+            return self.refused
+
+
+def test_exim_lists_a_recipient_the_remote_server_does_not_know(folder: Path) -> None:
+    """The transport's reports name the recipient: a message to a recipient the remote server
+    refuses at RCPT with 550 5.1.1 and to one it takes. kiln lists the refused one, its local
+    part's case kept, as a hard bounce from a `report` with the reply's code and enhanced
+    status (the reports still count), and not the one delivered nor the sender its bounce
+    went to; a later message to the listed recipient is failed by `kiln_pick` (returned to
+    the sender) and never reaches the remote server."""
+    d = _daemon(folder)
+    state = d.state_dir
+    sink = RefusingSink(unknown=UNKNOWN, reply=USER_UNKNOWN)
+    with sink:
+        rendered = exim_config(
+            load_plan(d.plan), "tx", d.socket, smarthost=f"127.0.0.1:{sink.port}"
+        )
+        exim = Exim(folder, _whole_config(folder, rendered))
+        try:
+            d.start()
+            day = datetime.fromtimestamp(_plan_now_ms(d) / 1000, tz=UTC).date().isoformat()
+            exim.submit([UNKNOWN, "bob@gmail.com"], "unknown@e2e")
+            exim.queue_run()
+            _until(lambda: len(sink.taken()) == 2, exim, "the bounce to the sender")
+            assert sorted(
+                (x.recipients, x.message_id == "<unknown@e2e>") for x in sink.taken()
+            ) == [(("bob@gmail.com",), True), ((SENDER,), False)], exim.mainlog()[-2000:]
+            assert sink.refusals() == 1
+
+            with d.client() as c:
+                checked = c.request(
+                    "check", addresses=[UNKNOWN, UNKNOWN.lower(), "bob@gmail.com", SENDER]
+                )
+                history = c.request("suppress", action="history", address=UNKNOWN)
+            assert checked["suppressed"] == {
+                UNKNOWN: "hard_bounce",
+                UNKNOWN.lower(): None,
+                "bob@gmail.com": None,
+                SENDER: None,
+            }, (checked, d.log()[-1500:])
+            (event,) = history["events"]
+            assert (event["event"], event["source"]) == ("hard_bounce", "report"), event
+            evidence = event["evidence"]
+            assert (evidence.get("code"), evidence.get("enhanced")) == (550, "5.1.1"), event
+            assert evidence.get("ip") in IPS, event
+            assert "User unknown" in evidence.get("text", ""), event
+            picked = str(evidence.get("ip"))
+            assert f"** {UNKNOWN} R=kiln_send T={transport_name(picked)}" in exim.mainlog()
+
+            # Listed: the next message to it is failed when routed, before any connection.
+            exim.submit(UNKNOWN, "again@e2e")
+            exim.queue_run()
+            _until(lambda: len(sink.taken()) == 3, exim, "the second bounce to the sender")
+            assert sink.taken()[2].recipients == (SENDER,), exim.mainlog()[-2000:]
+            assert f"** {UNKNOWN} R=kiln_pick: {FAILED} (hard_bounce)" in exim.mainlog()
+            assert sink.refusals() == 1
+            assert exim.queued() == 0
+            d.stop()
+            # The reports naming their recipients were counted like any other: the bounce for
+            # the IP in the evidence, the copy to bob and the two bounces to the sender.
+            assert stored_counts(state, day, "bounced") == {(evidence.get("ip"), "google"): 1}
+            delivered: Counter[str] = Counter()
+            for (_, provider), n in stored_counts(state, day, "delivered").items():
+                delivered[provider] += n
+            assert delivered == {"google": 1, "default": 2}, delivered
+            # Each recipient left from the IP kiln picked and charged for it: Gone and bob, one
+            # message to one host, were picked on the two IPs (the least used first), so they
+            # went through two transports, each bound to its IP, and bob's copy left from the
+            # other IP.
+            granted = stored_counts(state, day, "granted")
+            assert {ip for ip, provider in granted if provider == "google"} == set(IPS)
+            (bob,) = [x for x in sink.taken() if x.recipients == ("bob@gmail.com",)]
+            assert bob.source_ip != picked and bob.source_ip in IPS
+            assert (bob.source_ip, "google") in stored_counts(state, day, "delivered")
+            outcomes = Counter(stored_counts(state, day, "delivered"))
+            outcomes.update(stored_counts(state, day, "bounced"))
+            assert granted == dict(outcomes)
+        finally:
+            d.cleanup()
+
+
 def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
     """`kiln exim-config` renders for the plan's pool, refuses an unknown one, and sends
     everything to a smarthost only when asked (else MX lookups). Its pick names the recipient
-    (case kept) and a suppressed reply fails it; the RCPT ACL statement comes only with
-    `--reject-suppressed`."""
+    (case kept) and a suppressed reply fails it. One transport per IP kiln may pick for the
+    pool (its own and its overflow pool's), bound to that IP and reporting for it, and
+    `kiln_send` sends a granted reply through its IP's transport (by a table of exactly
+    those IPs). The RCPT ACL statement comes only with `--reject-suppressed`."""
     plan = load_plan(REPO / "schedules" / "example.yaml")
     pool = next(iter(plan.pools))
+    assert (pool, plan.pools[pool].overflow) == ("transactional", "shared")
     rendered = exim_config(plan, pool, Path("/run/kiln/kiln.sock"))
     text = rendered.text()
     assert "driver = dnslookup" in text and "manualroute" not in text
@@ -500,6 +681,51 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
     pick = rendered.routers.split("\nkiln_send:")[0]
     assert '"address":"' in pick and "caseful_local_part" in pick and "allow_fail" in pick
     assert '"reason":"suppressed"' in pick and f":fail: {FAILED} (" in pick
+    # The transport's reports name the recipient as the pick does (the same lines, from a
+    # caseful local part: kiln_send, whose local part the transport's events see, is caseful
+    # too) and give the enhanced status code.
+    send = rendered.routers.split("\nkiln_send:")[1].split("\nkiln_defer:")[0]
+    assert "\n  caseful_local_part\n" in send
+    address_lines = [
+        x.strip() for x in pick.splitlines() if "$local_part" in x or '@$domain"}}' in x
+    ]
+    report = rendered.transports.split("event_action = ")[1]
+    assert len(address_lines) == 3 and all(x in report for x in address_lines), address_lines
+    assert '"op":"report"' in report and '"enhanced":"${if match{$event_data}' in report
+    # The batch's two warming IPs, the pool's two warm ones, then its overflow pool's.
+    ips = ["192.0.2.10", "192.0.2.11", "198.51.100.10", "198.51.100.11", "198.51.100.20"]
+    blocks = _transport_blocks(rendered.transports)
+    assert list(blocks) == [f"kiln_smtp_{ip.replace('.', '_')}" for ip in ips]
+    for ip in ips:
+        block = blocks[transport_name(ip)]
+        assert f"\n  driver = smtp\n  interface = {ip}\n" in block, block
+        assert f'"op":"report","ip":"{ip}",' in block and "$address_data" not in block
+    assert "max_rcpt" not in text and DEFAULT_TRANSPORT not in text
+    table = [(ip, transport_name(ip)) for ip in ips]
+    condition, transport = send.split("\n  condition = ")[1].split("\n  transport = ")
+    assert condition.startswith('${if match{$address_data}{\\N^\\{.*"granted":[1-9]\\N}')
+    assert _table(condition) == table and condition.endswith("{yes}{no}}}}")
+    assert transport.startswith("${extract{${extract jsons{ip}{$address_data}}}")
+    assert _table(transport) == table and transport.endswith("{$value}fail}\n")
+    # Pool `shared` overflows nowhere: its one IP.
+    shared = exim_config(plan, "shared", Path("/run/kiln/kiln.sock"))
+    assert list(_transport_blocks(shared.transports)) == [transport_name("198.51.100.20")]
+    assert _table(shared.routers.split("\n  transport = ")[1]) == [
+        ("198.51.100.20", "kiln_smtp_198_51_100_20")
+    ]
+    # --when-down default-ip: kiln's silence reads as a grant on `default`, which the table
+    # sends through a transport with no interface (the host's default address) that reports
+    # nothing (no IP of the plan to report for).
+    down = exim_config(plan, pool, Path("/run/kiln/kiln.sock"), when_down="default-ip")
+    down_blocks = _transport_blocks(down.transports)
+    assert list(down_blocks) == [*blocks, DEFAULT_TRANSPORT]
+    assert "interface" not in down_blocks[DEFAULT_TRANSPORT]
+    assert "event_action" not in down_blocks[DEFAULT_TRANSPORT]
+    assert '{\\{"ok":true,"granted":1,"ip":"default","error":"kiln unreachable"\\}}' in down.routers
+    assert _table(down.routers.split("\n  transport = ")[1]) == [
+        *table,
+        ("default", DEFAULT_TRANSPORT),
+    ]
     assert rendered.acl == "" and "RCPT ACL" not in text and '"op":"check"' not in text
     refusing = exim_config(plan, pool, Path("/run/kiln/kiln.sock"), reject_suppressed=True)
     assert refusing.routers == rendered.routers
@@ -522,6 +748,160 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
         "--pool", pool, "--socket", "/run/kiln/kiln.sock", "--reject-suppressed"
     )
     assert done.returncode == 0 and done.stdout == refusing.text(), done.stderr
+
+
+#: A plan with IPv6 IPs: pool `tx` (a batch's IPv4 IP, a warm IPv6 one) overflows to `spill`;
+#: pool `other` is no part of `tx`'s chain.
+V6_PLAN = """\
+name: exim-v6
+timezone: UTC
+pools:
+  tx:
+    ips: ["2001:db8::10"]
+    overflow: spill
+  spill:
+    ips: ["192.0.2.20", "2001:DB8:0::20"]
+  other:
+    ips: ["192.0.2.99"]
+batches:
+  b1:
+    pool: tx
+    ips: ["192.0.2.10"]
+    schedule: s
+    start_date: 2026-11-01
+schedules:
+  s:
+    steps:
+      - {daily_cap: 5}
+"""
+#: What the stand-in for kiln answers a pick, by the recipient's local part: a grant on that
+#: IP (one outside the plan for `stray`), or a denial.
+FAKE_PICKS = {
+    "four": "192.0.2.10",
+    "six": "2001:db8::10",
+    "spilt": "2001:db8::20",
+    "other": "192.0.2.99",
+    "stray": "203.0.113.9",
+}
+
+
+class _FakePick(socketserver.StreamRequestHandler):
+    """A stand-in for kiln's MTA socket: answers one `pick` per connection (`FAKE_PICKS`)."""
+
+    def handle(self) -> None:
+        request = json.loads(self.rfile.readline())
+        ip = FAKE_PICKS.get(str(request.get("address", "")).split("@")[0])
+        reply: dict[str, object] = (
+            {"ok": True, "granted": 1, "reason": "granted", "ip": ip}
+            if ip
+            else {"ok": True, "granted": 0, "reason": "daily_cap"}
+        )
+        self.wfile.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+
+
+def test_exim_routes_each_granted_ip_to_its_own_transport_ipv6_included(folder: Path) -> None:
+    """On a plan with IPv6 IPs and an overflow pool, the real Exim routes (`-bt`, with a
+    stand-in for kiln answering each pick) a grant on each IP of the pool's chain to that IP's
+    transport, bound to it (IPv6 in a `<;` list); a grant on an IP of another pool, or outside
+    the plan, and a denial reach `kiln_defer`, which defers them."""
+    assert EXIM.exists(), f"{EXIM} is missing: run `make system-deps` (as root)"
+    plan_path = folder / "plan.yaml"
+    plan_path.write_text(V6_PLAN)
+    rendered = exim_config(
+        load_plan(plan_path), "tx", folder / "pick.sock", smarthost="127.0.0.1:25"
+    )
+    blocks = _transport_blocks(rendered.transports)
+    assert list(blocks) == [
+        "kiln_smtp_192_0_2_10",
+        "kiln_smtp_2001_db8__10",
+        "kiln_smtp_192_0_2_20",
+        "kiln_smtp_2001_db8__20",
+    ]
+    assert "\n  interface = <; 2001:db8::10\n" in blocks["kiln_smtp_2001_db8__10"]
+    assert '"op":"report","ip":"2001:db8::20",' in blocks["kiln_smtp_2001_db8__20"]
+    assert "\n  interface = 192.0.2.20\n" in blocks["kiln_smtp_192_0_2_20"]
+    exim = Exim(folder, _whole_config(folder, rendered))
+    server = socketserver.UnixStreamServer(str(folder / "pick.sock"), _FakePick)
+    (folder / "pick.sock").chmod(0o666)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        done = subprocess.run(  # noqa: S603 (the unpacked Debian binary, our arguments)
+            [str(exim.binary), "-C", str(exim.conf), "-bt"]
+            + [
+                f"{local}@gmail.com" for local in ("four", "six", "spilt", "other", "stray", "full")
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    routed = done.stdout
+    for local, name in [
+        ("four", "kiln_smtp_192_0_2_10"),
+        ("six", "kiln_smtp_2001_db8__10"),
+        ("spilt", "kiln_smtp_2001_db8__20"),
+    ]:
+        assert f"{local}@gmail.com\n  router = kiln_send, transport = {name}\n" in routed, routed
+    for local, ip in [("other", "192.0.2.99"), ("stray", "203.0.113.9")]:
+        assert (
+            f"{local}@gmail.com cannot be resolved at this time: kiln: IP {ip} was granted but"
+            " kiln_send did not take it (no transport for that IP here or no host for gmail.com)"
+        ) in routed, routed
+    assert (
+        "full@gmail.com cannot be resolved at this time: kiln: no IP of pool tx has room for"
+        " gmail.com now"
+    ) in routed, routed
+
+
+def test_exim_md_lists_what_exim_config_prints() -> None:
+    """docs/integrations/exim.md shows what `kiln exim-config` prints for the example plan's
+    pool `transactional`, exactly: the routers, the transports (without their `event_action`,
+    which the page leaves out) and the `--reject-suppressed` ACL statement."""
+    plan = load_plan(REPO / "schedules" / "example.yaml")
+    rendered = exim_config(
+        plan, "transactional", Path("/run/kiln/kiln.sock"), reject_suppressed=True
+    )
+    listings = _listings((REPO / "docs" / "integrations" / "exim.md").read_text())
+    transports = "\n".join(
+        b.split("  # kiln: every outcome")[0]
+        for b in _transport_blocks(rendered.transports).values()
+    )
+    assert "event_action" in rendered.transports and "event_action" not in transports
+    for shown in (rendered.routers, transports, rendered.acl):
+        assert shown in listings, shown
+
+
+def _listings(page: str) -> list[str]:
+    """The contents of a Markdown page's code blocks that name no language."""
+    found: list[str] = []
+    block: list[str] | None = None
+    bare = False
+    for line in page.splitlines(keepends=True):
+        if line.startswith("```"):
+            if block is None:
+                block, bare = [], line.strip() == "```"
+            else:
+                if bare:
+                    found.append("".join(block))
+                block = None
+        elif block is not None:
+            block.append(line)
+    return found
+
+
+def _transport_blocks(transports: str) -> dict[str, str]:
+    """The rendered transports by name (each block from its `NAME:` line)."""
+    blocks = transports.rstrip("\n").split("\n\n")
+    return {b.split(":\n", 1)[0]: b + "\n" for b in blocks}
+
+
+def _table(expansion: str) -> list[tuple[str, str]]:
+    """The (IP, transport) pairs of `kiln_send`'s table in an expansion, in order."""
+    return re.findall(r"([0-9A-Za-z.:]+)=(kiln_smtp_[0-9A-Za-z_]+)", expansion)
 
 
 def _exim_config_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ def add_mta_verbs(verbs: Any, state_dir_help: str) -> None:
     """`exim-config` and `postfix-config` on the `kiln` parser's verbs."""
     exim = verbs.add_parser(
         "exim-config",
-        help="print the Exim routers and transport that send from kiln's pick",
+        help="print the Exim routers and transports (one per IP) that send from kiln's pick",
     )
     _common(exim, state_dir_help, "kiln.sock", "the daemon's MTA socket as Exim reaches it")
     exim.add_argument(
