@@ -739,6 +739,9 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
     )
     relayed = exim_config(plan, pool, Path("/s"), smarthost="relay.example:2525").text()
     assert "route_list = * relay.example" in relayed and "port = 2525" in relayed
+    # An IPv6 smarthost: route_list's host list is colon-separated, so its colons double.
+    v6 = exim_config(plan, pool, Path("/s"), smarthost="[2001:db8::25]:2525").text()
+    assert "route_list = * 2001::db8::::25\n" in v6 and "port = 2525" in v6
     assert "allow_localhost" not in relayed
     done = _exim_config_cli("--pool", "nope")
     assert done.returncode == 1 and "is not in plan" in done.stderr

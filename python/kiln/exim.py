@@ -200,7 +200,9 @@ def exim_config(
         port = m["port"]
         host = m["host"].strip("[]")
         loopback = host in ("localhost", "::1") or host.startswith("127.")
-        route = f"  driver = manualroute\n  route_list = * {host}\n  self = send\n"
+        # route_list's host list is colon-separated: an IPv6 address's colons are doubled.
+        listed = host.replace(":", "::")
+        route = f"  driver = manualroute\n  route_list = * {listed}\n  self = send\n"
     ips = _pool_ips(plan, pool)
     names = {_reply_form(ip): transport_name(ip) for ip in ips}
     if len(set(names.values())) < len(ips):
