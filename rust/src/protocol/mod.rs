@@ -28,7 +28,7 @@ use crate::limiter::check_now;
 use crate::suppress::{Event as SuppressEvent, SuppressionSet};
 use ledger::Ledger;
 pub use ledger::{Outcome, Report, Tally, MAX_REPORTS, MAX_REPORT_TEXT};
-use routes::{normalise_domain, RouteTable, Unresolved};
+use routes::{normalise_domain, trimmed, RouteTable, Unresolved};
 pub use routes::{Route, MAX_ROUTES, MAX_UNRESOLVED};
 
 /// Longest request line; a longer one closes the connection (after the earlier replies).
@@ -494,10 +494,11 @@ pub fn normalise_address(address: &str) -> Result<String, String> {
 /// `normalise_address` as its two parts (local, domain), borrowed from `address` when the
 /// domain needs no change: the send-time check allocates nothing for the usual address.
 pub fn address_parts(address: &str) -> Result<(&str, Cow<'_, str>), String> {
-    let a = address.trim();
-    let Some((local, domain)) = a.rsplit_once('@') else {
+    let a = trimmed(address);
+    let Some(at) = a.bytes().rposition(|b| b == b'@') else {
         return Err(format!("address: no @ in {:?}", cut_text(a)));
     };
+    let (local, domain) = (&a[..at], &a[at + 1..]);
     if local.is_empty() || a.len() > MAX_ADDRESS {
         return Err(format!("address: not an address: {:?}", cut_text(a)));
     }

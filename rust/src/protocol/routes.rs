@@ -240,10 +240,22 @@ impl Unresolved {
     }
 }
 
+/// `s.trim()`, without decoding characters when both ends are ASCII and not white space
+/// (nothing to trim: the usual case).
+pub(super) fn trimmed(s: &str) -> &str {
+    match (s.as_bytes().first(), s.as_bytes().last()) {
+        (Some(f), Some(l)) if f.is_ascii_graphic() && l.is_ascii_graphic() => s,
+        _ => s.trim(),
+    }
+}
+
 /// Lower-case a recipient domain (or the domain of an address) and drop one trailing dot.
+///
+/// On every decision's path: byte loops rather than `str` searches (whose set-up costs more
+/// than the search on a domain's few bytes), one pass for both checks.
 pub(super) fn normalise_domain(raw: &str) -> Result<Cow<'_, str>, String> {
-    let mut d = raw.trim();
-    if let Some(at) = d.rfind('@') {
+    let mut d = trimmed(raw);
+    if let Some(at) = d.bytes().rposition(|b| b == b'@') {
         d = &d[at + 1..];
     }
     let d = d.strip_suffix('.').unwrap_or(d);
@@ -253,12 +265,15 @@ pub(super) fn normalise_domain(raw: &str) -> Result<Cow<'_, str>, String> {
     if d.len() > MAX_DOMAIN {
         return Err(format!("domain: longer than {MAX_DOMAIN} characters"));
     }
-    if d.bytes()
-        .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'\\')
-    {
+    let (mut bad, mut upper) = (false, false);
+    for b in d.bytes() {
+        bad |= b.is_ascii_whitespace() || b == b'/' || b == b'\\';
+        upper |= b.is_ascii_uppercase();
+    }
+    if bad {
         return Err(format!("domain: not a domain name, got {raw:?}"));
     }
-    if d.bytes().any(|b| b.is_ascii_uppercase()) {
+    if upper {
         Ok(Cow::Owned(d.to_ascii_lowercase()))
     } else {
         Ok(Cow::Borrowed(d))
