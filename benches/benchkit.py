@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
-__all__ = ["GENEROUS", "NOW_MS", "Benchmark", "frozen_gc"]
+__all__ = ["GENEROUS", "NOW_MS", "Benchmark", "at_most", "frozen_gc", "publish"]
 
 _T = TypeVar("_T")
 
@@ -38,3 +40,18 @@ def frozen_gc() -> Iterator[None]:
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+def at_most(name: str, measured: float, bound: float, unit: str) -> dict[str, Any]:
+    """A target of a script bench's JSON (benches/compare.py reads them): `measured` must
+    be at most `bound`."""
+    return {"name": name, "measured": measured, "bound": bound, "unit": unit, "at_most": True}
+
+
+def publish(result: dict[str, Any], path: Path | None) -> None:
+    """Print a script bench's result, and write it as JSON to `path` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

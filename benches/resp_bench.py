@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import shutil
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchkit import publish
 from kiln import _core
 
 REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
@@ -208,11 +208,7 @@ def main() -> int:
             "at_most": True,
         },
     ]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(result, args.json)
     return 0
 
 

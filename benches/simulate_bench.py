@@ -9,11 +9,11 @@ fill every cap, and states the target of issue 13: at most 10 s on the 2-core ma
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from benchkit import at_most, publish
 from kiln.planfile import load_plan
 from kiln.simscenario import Scenario
 from kiln.simulate import simulate
@@ -41,22 +41,16 @@ def main() -> int:
         "elapsed_s": round(elapsed_s, 3),
         "granted": sum(d["warming"] + d["overflowed"] for d in report["daily"]),
         "targets": [
-            {
-                "name": f"kiln simulate, {args.days} days x {ips} IPs x "
+            at_most(
+                f"kiln simulate, {args.days} days x {ips} IPs x "
                 f"{len(report['providers'])} providers",
-                "measured": round(elapsed_s, 3),
-                "bound": BOUND_S,
-                "unit": "s",
-                "at_most": True,
-            }
+                round(elapsed_s, 3),
+                BOUND_S,
+                "s",
+            )
         ],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-        print(f"wrote {args.json}")
+    publish(result, args.json)
     return 0
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+from benchkit import at_most, publish
 from kiln import _core
 
 NOW_MS = 1_800_000_000_000
@@ -102,40 +102,29 @@ def main() -> int:
         "snapshot_bytes": len(snapshot),
     }
     result["targets"] = [
-        {
-            "name": "suppression: core bytes per address (10M)",
-            "measured": result["core_bytes_per_address"],
-            "bound": 32,
-            "unit": "B",
-            "at_most": True,
-        },
-        {
-            "name": "suppression: check from Python, batches of 1000, per address",
-            "measured": result["check_batch_1000_from_python_ns"],
-            "bound": 200,
-            "unit": "ns",
-            "at_most": True,
-        },
-        {
-            "name": "suppression: check from Python, one address a call (Engine.suppressed)",
-            "measured": result["check_single_from_python_ns"],
-            "bound": 200,
-            "unit": "ns",
-            "at_most": True,
-        },
-        {
-            "name": "suppression: restart from the snapshot (10M)",
-            "measured": result["restore_from_snapshot_s"],
-            "bound": 10,
-            "unit": "s",
-            "at_most": True,
-        },
+        at_most(
+            "suppression: core bytes per address (10M)", result["core_bytes_per_address"], 32, "B"
+        ),
+        at_most(
+            "suppression: check from Python, batches of 1000, per address",
+            result["check_batch_1000_from_python_ns"],
+            200,
+            "ns",
+        ),
+        at_most(
+            "suppression: check from Python, one address a call (Engine.suppressed)",
+            result["check_single_from_python_ns"],
+            200,
+            "ns",
+        ),
+        at_most(
+            "suppression: restart from the snapshot (10M)",
+            result["restore_from_snapshot_s"],
+            10,
+            "s",
+        ),
     ]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(result, args.json)
     return 0
 
 

@@ -18,13 +18,13 @@ Then, each on a fresh engine:
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchkit import at_most, publish
 from kiln import _core
 from kiln.store import Store
 from kiln.suppress.live import SNAPSHOT_FILE, SuppressionList
@@ -105,26 +105,20 @@ def main() -> int:
         "snapshot_speedup_vs_full_fold": round(unsnapped_s / max(sigkill_s, 1e-9), 1),
     }
     result["targets"] = [
-        {
-            "name": f"suppression: restart with {n:,} addresses ready, after a SIGKILL",
-            "measured": result["after_sigkill_with_periodic_snapshot_s"],
-            "bound": 10,
-            "unit": "s",
-            "at_most": True,
-        },
-        {
-            "name": f"suppression: restart with {n:,} addresses ready, no snapshot at all",
-            "measured": result["without_snapshot_s"],
-            "bound": 10,
-            "unit": "s",
-            "at_most": True,
-        },
+        at_most(
+            f"suppression: restart with {n:,} addresses ready, after a SIGKILL",
+            result["after_sigkill_with_periodic_snapshot_s"],
+            10,
+            "s",
+        ),
+        at_most(
+            f"suppression: restart with {n:,} addresses ready, no snapshot at all",
+            result["without_snapshot_s"],
+            10,
+            "s",
+        ),
     ]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    publish(result, args.json)
     return 0
 
 
