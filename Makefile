@@ -117,6 +117,7 @@ bench: build-prod system-deps ## release build, benchmarks, JSON results in benc
 	$(PY) benches/resp_bench.py --json benches/results/resp.json
 	$(call cargo,bench) --bench suppress -- --json $(CURDIR)/benches/results/suppress-core.json
 	$(PY) benches/suppress_bench.py --json benches/results/suppress.json
+	$(PY) benches/suppress_import_bench.py --json benches/results/suppress_import.json
 	$(PY) benches/suppress_restart_bench.py --json benches/results/suppress_restart.json
 	$(PY) benches/simulate_bench.py --json benches/results/simulate.json
 	$(PY) benches/compare.py benches/results

@@ -280,7 +280,13 @@ def report(results: Path) -> tuple[list[Target], dict[str, Any]]:
         found += postfix_section(_load(results / "postfix.json"))
     if (results / "resp.json").exists():
         found += resp_section(_load(results / "resp.json"))
-    for name in ("simulate.json", "suppress-core.json", "suppress.json"):
+    for name in (
+        "simulate.json",
+        "suppress-core.json",
+        "suppress.json",
+        "suppress_import.json",
+        "suppress_restart.json",
+    ):
         if (results / name).exists():
             found += file_targets(_load(results / name))
     print(f"\n{'target':<68} {'measured':>14} {'bound':>14}  result")

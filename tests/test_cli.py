@@ -72,7 +72,10 @@ def test_check_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     ]
 
 
-KNOWN = "name, description, timezone, providers, pools, batches, schedules, policy, signals"
+KNOWN = (
+    "name, description, timezone, providers, pools, batches, schedules, policy, signals, "
+    "suppression"
+)
 
 
 def test_check_never_tracebacks_on_junk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

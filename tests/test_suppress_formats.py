@@ -1,33 +1,54 @@
 """Suppression import and export formats (`kiln.suppress.formats`) and address normalisation
 (`kiln.suppress.address`): every provider's sample export, the wrong-provider, encoding and
-bad-line cases, bounded memory on a large file, and exports that read back the same."""
+bad-line cases, bounded memory on a large file, exports that read back the same; the columnar
+reading of large imports (`scan_batches`) against `scan`, and an import's way into the log
+(`kiln.suppress.files`, `Store.suppress_bulk`) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
 import io
 import json
 import shutil
+import tempfile
 import tracemalloc
 from collections import Counter
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
+from uuid import uuid4
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import inspect
 
-from kiln.suppress.address import MAX_ADDRESS_BYTES, AddressError, normalise
+from kiln import _core
+from kiln.store import LogColumns, Store, StoreError
+from kiln.suppress.address import (
+    MAX_ADDRESS_BYTES,
+    AddressError,
+    all_normal,
+    is_normal,
+    normalise,
+)
+from kiln.suppress.files import ImportRows, Scanned, hash_events, read_file
 from kiln.suppress.formats import (
+    BATCH_ROWS,
     MAX_LINE_BYTES,
     ImportedEvent,
     ImportProblem,
     ListedAddress,
     iso_time,
     scan,
+    scan_batches,
     write,
 )
+from pgserver import create_database
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "suppression"
 
@@ -480,6 +501,163 @@ def test_a_large_json_array_streams_in_bounded_memory(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Batches: the columns an import reads (scan_batches)
+
+
+SAMPLES = [
+    ("sendgrid", "sendgrid_bounces.csv"),
+    ("sendgrid", "sendgrid_blocks.csv"),
+    ("sendgrid", "sendgrid_spam_reports.json"),
+    ("sendgrid", "sendgrid_invalid_emails.json"),
+    ("sendgrid", "sendgrid_unsubscribes.csv"),
+    ("sendgrid", "sendgrid_export_actually_mailgun.csv"),
+    ("mailgun", "mailgun_bounces.json"),
+    ("mailgun", "mailgun_complaints.csv"),
+    ("mailgun", "mailgun_unsubscribes.json"),
+    ("ses", "ses_suppressed.json"),
+    ("ses", "ses_import.csv"),
+    ("postmark", "postmark_dump.json"),
+    ("sparkpost", "sparkpost_suppressions.json"),
+    ("sparkpost", "sparkpost_suppressions.csv"),
+    ("sparkpost", "sparkpost_legacy_flags.csv"),
+    ("csv", "kiln_events.csv"),
+    ("csv", "missing_column.csv"),
+    ("csv", "mixed_encoding.csv"),
+]
+
+
+@pytest.mark.parametrize(("source", "name"), SAMPLES)
+@pytest.mark.parametrize("rows", [1, 3, BATCH_ROWS])
+def test_batches_hold_what_scan_yields(source: str, name: str, rows: int) -> None:
+    """Batches of any size hold scan's events and problems in scan's order, and each event's
+    evidence as the JSON text the log keeps (`json.dumps(..., sort_keys=True)`)."""
+    path = FIXTURES / name
+    batches = list(scan_batches(source, path, scope="stream:x", rows=rows))
+    assert [i for b in batches for i in b.items()] == list(scan(source, path, scope="stream:x"))
+    for batch in batches:
+        assert len(batch.problems) == len(batch.problem_after)
+        events = [i for i in batch.items() if isinstance(i, ImportedEvent)]
+        assert batch.evidence == [json.dumps(e.evidence, sort_keys=True) for e in events]
+
+
+def _awkward_csv() -> bytes:
+    """A kiln CSV with everything a block boundary could cut badly."""
+    rows = [
+        b"\xef\xbb\xbfaddress,event,at,reason\r\n",  # 1: BOM, CRLF
+        b"a@example.com,manual,1772352000,plain\r\n",  # 2
+        b'b@example.com,manual,2026-03-01T09:00:00.250Z,"two\r\nlines, quoted"\r\n',  # 3-4
+        b"\r\n",  # 5: blank
+        b" , , , \n",  # 6: blank cells
+        b"j\xf6rgen@example.de,manual,,latin-1\n",  # 7: not UTF-8
+        b"C@Example.COM,unsubscribe,1772352000123,\n",  # 8
+        b'd@example.com,complaint,,"a ""quoted"" word"\n',  # 9
+        b"nobody,manual,,\n",  # 10: no @
+        b"e@example.com,manual,yesterday,\n",  # 11: unreadable time
+        b"f@example.com,hard_bounce,2019-12-17T08:58:33-05:00,no final line break",  # 12
+    ]
+    return b"".join(rows)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 17, 64])
+def test_csv_reads_the_same_in_any_block_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """CSV is read a block at a time: quoted line breaks, CRLF, a BOM, bad and blank lines
+    and a last line without a break read the same wherever a block ends."""
+    path = tmp_path / "awkward.csv"
+    path.write_bytes(_awkward_csv())
+    whole = list(scan("csv", path))
+    events, problems = _split(whole)
+    assert [(e.address, e.evidence["line"]) for e in events] == [
+        ("a@example.com", 2),
+        ("b@example.com", 3),
+        ("C@example.com", 8),
+        ("d@example.com", 9),
+        ("f@example.com", 12),
+    ]
+    assert events[1].evidence["reason"] == "two\r\nlines, quoted"
+    assert events[1].at_ms == _ms("2026-03-01T09:00:00.250+00:00")
+    assert events[2].at_ms == 1772352000123
+    assert events[4].at_ms == _ms("2019-12-17T08:58:33-05:00")
+    assert [p.line for p in problems] == [7, 10, 11]
+    monkeypatch.setattr("kiln.suppress.formats.CSV_BLOCK_BYTES", block)
+    assert list(scan("csv", path)) == whole
+    assert [i for b in scan_batches("csv", path, rows=2) for i in b.items()] == whole
+
+
+@given(
+    st.lists(
+        st.datetimes(
+            min_value=datetime(1900, 1, 1),
+            max_value=datetime(2200, 1, 1),
+            timezones=st.one_of(st.none(), st.just(UTC), st.timezones()),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.sampled_from(["T", " "]),
+)
+def test_iso_times_read_to_the_millisecond(moments: list[datetime], sep: str) -> None:
+    """ISO 8601 times as APIs write them (`Z`, an offset or none, a fraction or none) read
+    as `datetime.fromisoformat` reads them, to the millisecond (floored)."""
+    lines = ["address,event,at"]
+    for n, moment in enumerate(moments):
+        text = moment.isoformat(sep=sep, timespec="microseconds" if n % 2 else "seconds")
+        if moment.tzinfo is not None and moment.utcoffset() == timedelta(0) and n % 3 == 0:
+            text = text.removesuffix("+00:00") + "Z"
+        lines.append(f"a{n}@example.com,manual,{text}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "times.csv"
+        path.write_text("\n".join(lines) + "\n")
+        events, problems = _read("csv", path)
+    assert not problems
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for event, moment in zip(events, moments, strict=True):
+        n = int(event.address[1:].split("@")[0])
+        exact = moment if n % 2 else moment.replace(microsecond=0)
+        aware = exact if exact.tzinfo is not None else exact.replace(tzinfo=UTC)
+        assert event.at_ms == (aware - epoch) // timedelta(milliseconds=1)
+
+
+def test_unix_time_columns_read_as_numbers(tmp_path: Path) -> None:
+    """SendGrid's `created` as digits (seconds or milliseconds), empty cells among them, and
+    one value that is no time: each reads as it says, the bad one a problem of its line."""
+    path = tmp_path / "bounces.csv"
+    path.write_text(
+        "created,email,reason,status\n"
+        "1772352000,a@example.com,r,5.1.1\n"
+        ",b@example.com,r,5.1.1\n"
+        "1772352000250,c@example.com,r,4.2.2\n"
+        "0017,d@example.com,r,5.1.1\n"
+    )
+    events, problems = _read("sendgrid", path)
+    assert [e.at_ms for e in events] == [1772352000000, None, 1772352000250, 17000]
+    assert [e.event for e in events][2] == "soft_bounce" and not problems
+    path.write_text(path.read_text() + "soon,e@example.com,r,5.1.1\n")
+    events, problems = _read("sendgrid", path)
+    assert [e.at_ms for e in events] == [1772352000000, None, 1772352000250, 17000]
+    assert [(p.line, "unreadable timestamp 'soon'" in p.message) for p in problems] == [(6, True)]
+
+
+def test_large_csv_batches_stream_in_bounded_memory(tmp_path: Path) -> None:
+    """`scan_batches` holds one batch (`BATCH_ROWS` rows) at a time."""
+    path = tmp_path / "large.csv"
+    with path.open("w") as out:
+        out.write("email,created,reason,status\n")
+        for n in range(100_000):
+            out.write(f"user{n}@example{n % 97}.com,{1_772_352_000 + n},550 5.1.1 unknown,5.1.1\n")
+    normalise("warm@b\u00fccher.example")
+    tracemalloc.start()
+    try:
+        count = sum(len(batch) for batch in scan_batches("sendgrid", path))
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000
+    assert peak_bytes < 8 * 1024 * 1024, f"peak {peak_bytes} bytes"
+
+
+# --------------------------------------------------------------------------------------------
 # Export formats
 
 
@@ -691,3 +869,120 @@ def test_fold_case_makes_local_case_not_matter(local: str, domain: str) -> None:
     assert normalise(folded, fold_case=True) == folded
     if local.upper() != local.lower():
         assert normalise(f"{local.upper()}@{domain}") != normalise(f"{local.lower()}@{domain}")
+
+
+_PLAINISH = st.from_regex(r"[A-Za-z0-9.+_'!#-]{1,70}@[A-Za-z0-9_.\-\u00fc]{1,70}", fullmatch=True)
+
+
+@given(st.one_of(_PLAINISH, st.text(max_size=40)), st.booleans())
+def test_plain_addresses_take_a_short_path_to_the_same_answer(text: str, fold: bool) -> None:
+    """An address with nothing to trim goes a shorter way; padded with spaces it goes the
+    general one: the same address, or the same refusal. `is_normal` promises no change."""
+
+    def outcome(candidate: str) -> str:
+        try:
+            return normalise(candidate, fold_case=fold)
+        except AddressError as exc:
+            return f"refused: {exc}"
+
+    assert outcome(text) == outcome(f"  {text}\t")
+    if is_normal(text):
+        assert normalise(text) == text
+    assert all_normal([text, "a@example.com"]) == is_normal(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Imports into the log (kiln.suppress.files, Store.suppress_bulk)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A new store of each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    else:
+        url = create_database(request.getfixturevalue("postgres_url"), f"kiln_{uuid4().hex[:16]}")
+    with Store(url) as opened:
+        yield opened
+
+
+def _import(store: Store, engine: _core.Engine, source: str, path: Path, now_ms: int) -> Scanned:
+    """The daemon's import steps: read, hash and deduplicate, write, fold."""
+    read, scanned = read_file(source, path)
+    scanned = asyncio.run(hash_events(engine, path, read, scanned, now_ms, yield_to_loop=False))
+    assert store.suppress_bulk(scanned.events) == len(scanned.events)
+    assert isinstance(scanned.events, ImportRows)
+    for items in scanned.events.fold_items():
+        engine.suppress_apply(items)
+    return scanned
+
+
+def test_an_import_reaches_the_log_as_read(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each import's events land in the log as the sequence gives them (evidence, scopes,
+    soft-bounce expiry), with their ids in file order; a repeated row and, on importing
+    again, every listed address in its own scope are left out; the indexes stay."""
+    monkeypatch.setattr("kiln.store._SQLITE_REINDEX_MIN", 5)  # the rebuild path too
+    engine = _core.Engine()
+    engine.suppress_set_key(7, 8)
+    now_ms = _ms("2026-03-02T10:00:00")  # the export's soft bounces still hold
+    for source, name in [
+        ("sendgrid", "sendgrid_bounces.csv"),
+        ("sparkpost", "sparkpost_suppressions.csv"),
+        ("mailgun", "mailgun_unsubscribes.json"),
+    ]:
+        path = FIXTURES / name
+        events, problems = _read(source, path)
+        distinct = {(e.address, e.scope or "", e.event) for e in events}
+        first = _import(store, engine, source, path, now_ms)
+        assert len(first.events) == len(distinct)
+        assert first.duplicates == len(events) - len(distinct)
+        assert first.problem_count == len(problems)
+        logged = store.suppress_events(after_id=store.suppress_last_id() - len(first.events))
+        assert [replace(e, id=None) for e in logged] == list(first.events)
+        assert [(e.address, e.scope, e.event) for e in logged] == list(
+            dict.fromkeys((e.address, e.scope or "", e.event) for e in events)
+        )
+        again = _import(store, engine, source, path, now_ms)
+        assert len(again.events) == 0 and again.already == len(first.events), again.summary()
+    soft = store.suppress_events(event="soft_bounce")
+    assert soft and all(e.expires_ms == e.at_ms + 3 * 86_400_000 for e in soft)
+    with store._one_at_a_time("test"), store._engine.connect() as connection:
+        indexes = {i["name"] for i in inspect(connection).get_indexes("kiln_suppression")}
+    assert indexes == {"ix_kiln_suppression_at_ms", "ix_kiln_suppression_fingerprint"}
+
+
+def test_a_failed_import_writes_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row the database refuses (here an address of None) fails the whole import with a
+    StoreError; the log keeps nothing of it, indexes included."""
+    monkeypatch.setattr("kiln.store._SQLITE_REINDEX_MIN", 5)
+    engine = _core.Engine()
+    engine.suppress_set_key(7, 8)
+    path = FIXTURES / "sendgrid_unsubscribes.csv"
+    read, scanned = read_file("sendgrid", path)
+    scanned = asyncio.run(hash_events(engine, path, read, scanned, 1, yield_to_loop=False))
+    assert isinstance(scanned.events, ImportRows)
+    good = list(scanned.events)
+    broken = [*good[:-1], replace(good[-1], address=cast(str, None))]
+    for events in (broken, cast(Any, _Broken(scanned.events))):
+        with pytest.raises(StoreError, match="import into the suppression log"):
+            store.suppress_bulk(events)
+        assert store.suppress_last_id() == 0
+    assert store.suppress_bulk(scanned.events) == len(good)
+
+
+class _Broken:
+    """An import's columns with the last address None."""
+
+    def __init__(self, rows: ImportRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def log_columns(self) -> Iterator[LogColumns]:
+        batches = list(self.rows.log_columns())
+        last = batches[-1]
+        yield from batches[:-1]
+        yield replace(last, address=[*last.address[:-1], cast(str, None)])

@@ -13,16 +13,18 @@ How the database is opened (SQLite without shared memory, the state marker, file
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import date
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 from sqlalchemy import (
     Engine,
@@ -34,7 +36,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, SQLModel, col, create_engine, delete, or_, select
 
@@ -77,6 +79,8 @@ __all__ = [
     "FILE_MODE",
     "SCHEMA_VERSION",
     "STATE_MARKER",
+    "LogBatches",
+    "LogColumns",
     "StateLostError",
     "Store",
     "StoreError",
@@ -99,6 +103,76 @@ _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held w
 
 
 _COUNTERS: Final = tuple(f.name for f in fields(DayCounts))
+
+
+@dataclass(frozen=True, slots=True)
+class LogColumns:
+    """Events of the suppression log as columns, one entry per event in each (what
+    `Store.suppress_bulk` writes a batch at a time): the log's columns but `id`, the evidence
+    as JSON text."""
+
+    at_ms: Sequence[int]
+    fingerprint: Sequence[int]
+    address: Sequence[str]
+    scope: Sequence[str]
+    event: Sequence[str]
+    expires_ms: Sequence[int | None]
+    source: Sequence[str]
+    evidence: Sequence[str]
+
+    def __len__(self) -> int:
+        """How many events."""
+        return len(self.at_ms)
+
+    def columns(self) -> tuple[Sequence[object], ...]:
+        """The columns in the log's order (`_LOG_COLUMNS`)."""
+        return (
+            self.at_ms,
+            self.fingerprint,
+            self.address,
+            self.scope,
+            self.event,
+            self.expires_ms,
+            self.source,
+            self.evidence,
+        )
+
+
+@runtime_checkable
+class LogBatches(Protocol):
+    """Events that come as columns of the suppression log already, a batch at a time (an
+    import's, `kiln.suppress.files.ImportRows`): `Store.suppress_bulk` writes them with no
+    object made per event."""
+
+    def log_columns(self) -> Iterator[LogColumns]:
+        """The events, a batch at a time."""
+        ...
+
+
+#: The log's columns that `suppress_bulk` writes, in order.
+_LOG_COLUMNS: Final = (
+    "at_ms",
+    "fingerprint",
+    "address",
+    "scope",
+    "event",
+    "expires_ms",
+    "source",
+    "evidence",
+)
+#: Columns that often hold one value across an import (scope, event, expires_ms, source):
+#: such a column is bound once per statement instead of once per row.
+_OFTEN_FIXED: Final = (3, 4, 5, 6)
+#: Rows one SQLite INSERT of `suppress_bulk` writes (at most 8 parameters each, far below
+#: SQLite's limit).
+_SQLITE_INSERT_ROWS: Final = 128
+#: SQLite's page cache while an import writes (KiB): the log's indexes take random inserts,
+#: which would otherwise push the same pages out to the WAL again and again.
+_SQLITE_IMPORT_CACHE_KIB: Final = 256 * 1024
+#: An import of at least this many events, and more than the log holds, drops the log's
+#: indexes and makes them again in the same transaction: SQLite sorts once instead of
+#: inserting each fingerprint at a random place.
+_SQLITE_REINDEX_MIN: Final = 200_000
 
 
 class Store:
@@ -629,34 +703,41 @@ class Store:
             session.flush()
             return [row.id for row in rows if row.id is not None]
 
-    def suppress_bulk(self, events: Iterable[SuppressionEvent], chunk: int = 50_000) -> int:
+    def suppress_bulk(
+        self, events: Iterable[SuppressionEvent] | LogBatches, chunk: int = 50_000
+    ) -> int:
         """Append many events in one transaction without building row objects (imports):
-        all of them or, on a failure, none. How many were written."""
-        table = table_of(SuppressionRow)
-        written = 0
+        all of them or, on a failure, none. How many were written.
+
+        Values go straight to the driver in the store's transaction: SQLite takes
+        multi-row INSERTs (a column holding one value in a batch bound once), with a larger
+        page cache meanwhile and, for an import larger than the log, the log's indexes made
+        again at the end instead of updated row by row; PostgreSQL takes COPY. `LogBatches`
+        (an import's events) come as columns already."""
+        if isinstance(events, LogBatches):
+            batches = events.log_columns()
+        else:
+            batches = _log_column_batches(events, chunk)
+        size = len(events) if isinstance(events, Sized) else 0
         with self._transaction("import into the suppression log", write=True) as session:
-            batch: list[dict[str, Any]] = []
-            for e in events:
-                batch.append(
-                    {
-                        "at_ms": e.at_ms,
-                        "fingerprint": e.fingerprint,
-                        "address": e.address,
-                        "scope": e.scope,
-                        "event": e.event,
-                        "expires_ms": e.expires_ms,
-                        "source": e.source,
-                        "evidence": json.dumps(e.evidence, sort_keys=True, default=str),
-                    }
-                )
-                if len(batch) >= chunk:
-                    session.execute(table.insert(), batch)
-                    written += len(batch)
-                    batch = []
-            if batch:
-                session.execute(table.insert(), batch)
-                written += len(batch)
-        return written
+            connection = session.connection()
+            driver: Any = connection.connection.driver_connection
+            try:
+                if self._dialect != "sqlite":
+                    return _copy_log_columns(driver, batches)
+                table = table_of(SuppressionRow)
+                last = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar() or 0
+                reindex = size >= _SQLITE_REINDEX_MIN and size > last
+                if reindex:
+                    for index in table.indexes:
+                        index.drop(connection)
+                written = _insert_log_columns(driver, batches)
+                if reindex:
+                    for index in table.indexes:
+                        index.create(connection)
+                return written
+            except connection.dialect.loaded_dbapi.Error as exc:  # the driver's own, unwrapped
+                raise DBAPIError("import into the suppression log", None, exc) from exc
 
     def suppress_last_id(self) -> int:
         """The id of the newest log event (0: none)."""
@@ -864,3 +945,109 @@ class Store:
             if held:
                 self._save_held(session, held)
             self._append(session, entries)
+
+
+def _log_column_batches(events: Iterable[SuppressionEvent], chunk: int) -> Iterator[LogColumns]:
+    """`events` as log columns, `chunk` at a time (their evidence as JSON text)."""
+    batch: list[SuppressionEvent] = []
+    for e in events:
+        batch.append(e)
+        if len(batch) >= chunk:
+            yield _columns_of(batch)
+            batch = []
+    if batch:
+        yield _columns_of(batch)
+
+
+def _columns_of(events: Sequence[SuppressionEvent]) -> LogColumns:
+    """Events as log columns."""
+    return LogColumns(
+        [e.at_ms for e in events],
+        [e.fingerprint for e in events],
+        [e.address for e in events],
+        [e.scope for e in events],
+        [e.event for e in events],
+        [e.expires_ms for e in events],
+        [e.source for e in events],
+        [json.dumps(e.evidence, sort_keys=True, default=str) for e in events],
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(fixed: tuple[int, ...], rows: int) -> str:
+    """An INSERT of `rows` rows into the log: the `fixed` columns (indexes into
+    `_LOG_COLUMNS`) bound once as ?1, ?2..., the others per row after them."""
+    varying = [i for i in range(len(_LOG_COLUMNS)) if i not in fixed]
+    number = {column: n + 1 for n, column in enumerate(fixed)}
+    values = []
+    for row in range(rows):
+        for n, column in enumerate(varying):
+            number[column] = len(fixed) + row * len(varying) + n + 1
+        values.append("(" + ", ".join(f"?{number[c]}" for c in range(len(_LOG_COLUMNS))) + ")")
+    columns = ", ".join(_LOG_COLUMNS)
+    # kiln's own column names and numbered placeholders only: no input in the text
+    return f"INSERT INTO kiln_suppression ({columns}) VALUES {', '.join(values)}"  # noqa: S608
+
+
+#: One SQLite statement's text and its parameter sets.
+_Statement = tuple[str, list[list[object]]]
+
+
+def _statements(batch: LogColumns) -> list[_Statement]:
+    """The INSERTs that write a batch of log columns: `_SQLITE_INSERT_ROWS` rows a statement
+    (the rest one a statement), a column that holds one value in the batch bound once."""
+    columns = batch.columns()
+    n = len(batch)
+    if not n:
+        return []
+    fixed = tuple(i for i in _OFTEN_FIXED if columns[i].count(columns[i][0]) == n)
+    constants = [columns[i][0] for i in fixed]
+    varying = [c for i, c in enumerate(columns) if i not in fixed]
+    width = len(varying)
+    flat = list(chain.from_iterable(zip(*varying, strict=True)))
+    whole = n - n % _SQLITE_INSERT_ROWS
+    step = _SQLITE_INSERT_ROWS * width
+    out: list[_Statement] = []
+    if whole:
+        groups = [constants + flat[i : i + step] for i in range(0, whole * width, step)]
+        out.append((_insert_sql(fixed, _SQLITE_INSERT_ROWS), groups))
+    if whole < n:
+        rest = range(whole * width, n * width, width)
+        out.append((_insert_sql(fixed, 1), [constants + flat[i : i + width] for i in rest]))
+    return out
+
+
+def _insert_log_columns(driver: Any, batches: Iterable[LogColumns]) -> int:
+    """Insert log columns on SQLite's own connection (inside the caller's transaction); how
+    many. The page cache is larger meanwhile."""
+    cursor = driver.cursor()
+    (cache,) = cursor.execute("PRAGMA cache_size").fetchone()
+    written = 0
+    try:
+        cursor.execute(f"PRAGMA cache_size = -{_SQLITE_IMPORT_CACHE_KIB}")
+        for batch in batches:
+            for sql, parameters in _statements(batch):
+                cursor.executemany(sql, parameters)
+            written += len(batch)
+        return written
+    finally:
+        try:
+            cursor.execute(f"PRAGMA cache_size = {int(cache)}")
+        finally:
+            cursor.close()
+
+
+def _copy_log_columns(driver: Any, batches: Iterable[LogColumns]) -> int:
+    """Write log columns with PostgreSQL's COPY (psycopg, inside the caller's transaction);
+    how many."""
+    written = 0
+    columns = ", ".join(_LOG_COLUMNS)
+    with (
+        driver.cursor() as cursor,
+        cursor.copy(f"COPY kiln_suppression ({columns}) FROM STDIN") as copy,
+    ):
+        for batch in batches:
+            for row in zip(*batch.columns(), strict=True):
+                copy.write_row(row)
+            written += len(batch)
+    return written

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import ipaddress
+import itertools
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
 from kiln.records import LogEntry, RampKey, RampState, SuppressionEvent
 from kiln.store import StoreError
-from kiln.suppress.files import export_list, hash_events, read_file
+from kiln.suppress.files import ImportRows, export_list, hash_events, read_file
 from kiln.suppress.formats import EXPORT_FORMATS, SOURCES
 from kiln.suppress.live import SuppressionRequest
 
@@ -437,12 +438,17 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
         d.engine, path, events, scanned, now_ms, yield_to_loop=run is OFF_LOOP
     )
     if action == "verify":
-        missing = [e.address for e in scanned.events]
+        unlisted = scanned.events  # named without making an object per event
+        shown = (
+            unlisted.addresses()
+            if isinstance(unlisted, ImportRows)
+            else (e.address for e in unlisted)
+        )
         return {
             "ok": True,
-            "verified": not missing and scanned.problem_count == 0,
-            "missing_count": len(missing),
-            "missing": missing[:50],
+            "verified": not unlisted and scanned.problem_count == 0,
+            "missing_count": len(unlisted),
+            "missing": list(itertools.islice(shown, 50)),
             **scanned.summary(),
         }
     if scanned.problem_count and not req.get("skip_bad", False):
@@ -461,8 +467,14 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
         last_id = await run.store(d.persist, d.store.suppress_last_id)
     except StoreError as e:
         raise RequestError(f"not imported: {e}") from None
-    for start in range(0, len(scanned.events), 100_000):  # the lock is held a chunk at a time
-        d.suppression.written(scanned.events[start : start + 100_000], [last_id])
+    # Folded in one go on the loop (a later event must not be folded before these), a batch
+    # of columns at a time; the core holds its lock a few thousand events at a time.
+    if isinstance(scanned.events, ImportRows):
+        for items in scanned.events.fold_items():
+            d.suppression.written_items(items, last_id)
+    else:  # hashed-only mode made them events
+        for start in range(0, len(scanned.events), 100_000):
+            d.suppression.written(scanned.events[start : start + 100_000], [last_id])
     return {"ok": True, "imported": n, **scanned.summary()}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from types import ModuleType
 
 _idna: ModuleType | None
@@ -18,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - httpx, a dependency, brings it
     _idna = None
 
-__all__ = ["MAX_ADDRESS_BYTES", "AddressError", "normalise"]
+__all__ = ["MAX_ADDRESS_BYTES", "AddressError", "all_normal", "is_normal", "normalise"]
 
 #: Longest normalised address accepted, in UTF-8 bytes: 64 for the local part, `@`, 255 for
 #: the domain (RFC 5321's own path limit, 254, is stricter; exports from other systems can hold
@@ -35,10 +36,37 @@ _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 #: What an ASCII domain label may hold. Underscores are not valid in host names but do occur in
 #: exported lists; accepting them keeps such a suppression instead of dropping it.
 _ASCII_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+#: An address `normalise` keeps exactly as it is: a plain ASCII local part (letters, digits and
+#: the other characters RFC 5322 allows unquoted), one `@`, and a lower-case ASCII domain of
+#: labels `_ASCII_LABEL` accepts, none over 63 characters. `is_normal` adds the length bound.
+_NORMAL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@"
+    r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+#: The same local part, before a domain that may still need lower-casing or IDNA.
+_PLAIN = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([^@\s\x00-\x1f\x7f]+)")
+#: An address of at most this many characters that `_NORMAL` matches is within every length
+#: bound (domain 255, address 320 bytes: it is ASCII).
+_NORMAL_MAX_CHARS = MAX_DOMAIN_BYTES
 
 
 class AddressError(ValueError):
     """An address kiln cannot hold on its suppression list; the message says why."""
+
+
+def is_normal(text: str) -> bool:
+    """Whether `normalise(text)` is `text` itself, told by one match: a plain ASCII address
+    with a lower-case domain, at most 255 characters. False says nothing (`normalise` may
+    still accept it, changed or not)."""
+    return len(text) <= _NORMAL_MAX_CHARS and _NORMAL.fullmatch(text) is not None
+
+
+def all_normal(texts: Sequence[str]) -> bool:
+    """`is_normal` of every text, a column at a time (one regular-expression match each, no
+    call per text)."""
+    return max(map(len, texts), default=0) <= _NORMAL_MAX_CHARS and all(
+        map(_NORMAL.fullmatch, texts)
+    )
 
 
 def normalise(text: str, *, fold_case: bool = False) -> str:
@@ -51,6 +79,9 @@ def normalise(text: str, *, fold_case: bool = False) -> str:
     domain IDNA cannot encode, and anything over `MAX_ADDRESS_BYTES` once normalised.
     Idempotent: `normalise(normalise(a)) == normalise(a)`.
     """
+    plain = _PLAIN.fullmatch(text)
+    if plain is not None:  # the usual address: no white space, brackets, quotes or controls
+        return _plain(text, plain[1], plain[2], fold_case)
     address = text.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
@@ -65,7 +96,24 @@ def normalise(text: str, *, fold_case: bool = False) -> str:
     domain = _domain(domain, address)
     if fold_case:
         local = local.lower()
-    result = f"{local}@{domain}"
+    return _sized(f"{local}@{domain}")
+
+
+def _plain(address: str, local: str, domain: str, fold_case: bool) -> str:
+    """`normalise` of an address `_PLAIN` matched (what the general steps would give: nothing
+    to trim, no brackets, one `@`, a local part that needs no checks)."""
+    ascii_domain = _domain(domain, address)
+    if fold_case:
+        local = local.lower()
+    elif ascii_domain == domain:
+        return _sized(address)
+    return _sized(f"{local}@{ascii_domain}")
+
+
+def _sized(result: str) -> str:
+    """`result`, or `AddressError` when it is over `MAX_ADDRESS_BYTES`."""
+    if len(result) <= MAX_ADDRESS_BYTES // 4:  # 4 bytes a character at most
+        return result
     size_bytes = len(result.encode("utf-8"))
     if size_bytes > MAX_ADDRESS_BYTES:
         raise AddressError(
@@ -101,7 +149,7 @@ class _DomainError(ValueError):
     """A domain kiln cannot encode; `normalise` adds the address to the message."""
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def _ascii_domain(domain: str) -> str:
     """`domain` lower-cased and IDNA-encoded label by label, or an address literal as is.
 

@@ -1,42 +1,272 @@
 """Suppression files in the daemon: import an export, verify an export is covered, export the
 list (docs/suppression.md). The slow parts (reading, hashing, writing) run off the event loop;
-an import writes all its events in one store transaction, or none."""
+an import writes all its events in one store transaction, or none.
+
+A large import holds its events as columns, a batch of rows at a time (`ImportRead`, then
+`ImportRows`): text joined into one string per batch, times and fingerprints in arrays, no
+object per event. `ImportRows` is still a sequence of `SuppressionEvent` (made one by one
+when asked), and gives the store its columns (`log_columns`) and the live set its fold
+(`fold_items`) without them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import json
 import os
+from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import add, itemgetter, lshift
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from kiln import _core
 from kiln.records import SuppressionEvent
-from kiln.store import Store
+from kiln.store import LogColumns, Store
 from kiln.suppress.formats import (
+    EVENT_TYPES,
+    EventBatch,
     EventType,
-    ImportedEvent,
-    ImportProblem,
     ListedAddress,
-    scan,
+    scan_batches,
     write,
 )
 
-__all__ = ["Scanned", "export_list", "hash_events", "read_file"]
+__all__ = [
+    "ImportRead",
+    "ImportRows",
+    "Scanned",
+    "export_list",
+    "hash_events",
+    "read_file",
+]
 
 #: Problems named in a reply (the count says how many there were).
 SHOWN_PROBLEMS = 50
 #: How long an imported soft bounce (a provider's block or 4xx) holds from its time.
 IMPORTED_SOFT_BOUNCE_MS = 3 * 86_400_000
 
+#: Each event type's code in a batch's `events` bytes (its place in `EVENT_TYPES`).
+_CODES: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
+_SOFT_CODE = _CODES["soft_bounce"]
+#: `at_ms` of an event read without a time.
+_NO_TIME = -(2**63)
+_fingerprint_of = itemgetter(1)
+
+
+@dataclass(slots=True)
+class _Part:
+    """Events of consecutive rows, compact: addresses joined by line breaks, evidence (JSON)
+    by NULs (neither can hold one), event codes as bytes, times in an array, the scope once
+    when every event has the same; after hashing, the fingerprints too."""
+
+    n: int
+    addresses: str
+    events: bytes
+    at_ms: array[int]
+    scope: str | None
+    scopes: list[str | None] | None
+    evidence: str
+    fingerprints: array[int] = field(default_factory=lambda: array("q"))
+
+    @classmethod
+    def of(cls, batch: EventBatch) -> _Part:
+        """The events of a batch."""
+        scopes: list[str | None] | None = batch.scopes
+        first = batch.scopes[0] if batch.scopes else None
+        if batch.scopes.count(first) == len(batch.scopes):
+            scopes = None
+        at = batch.at_ms
+        times = array("q", cast("list[int]", at) if None not in at else _times(at))
+        return cls(
+            len(batch),
+            "\n".join(batch.addresses),
+            bytes(map(_CODES.__getitem__, batch.events)),
+            times,
+            first,
+            scopes,
+            "\0".join(batch.evidence),
+        )
+
+    def scope_texts(self) -> Sequence[str]:
+        """Each event's scope as the log keeps it ('' for the global list)."""
+        if self.scopes is None:
+            return [self.scope or ""] * self.n
+        return [s or "" for s in self.scopes]
+
+    def select(self, keep: Sequence[bool], fingerprints: Sequence[int], now_ms: int) -> _Part:
+        """The events `keep` marks, with their fingerprints, times without one made `now_ms`."""
+        if all(keep):
+            kept = self
+        else:
+            kept = _Part(
+                sum(keep),
+                "\n".join(compress(self.addresses.split("\n"), keep)),
+                bytes(compress(self.events, keep)),
+                array("q", compress(self.at_ms, keep)),
+                self.scope,
+                None if self.scopes is None else list(compress(self.scopes, keep)),
+                "\0".join(compress(self.evidence.split("\0"), keep)),
+            )
+            fingerprints = list(compress(fingerprints, keep))
+        at = kept.at_ms
+        if _NO_TIME in at:
+            at = array("q", (now_ms if t == _NO_TIME else t for t in at))
+        return _Part(
+            kept.n,
+            kept.addresses,
+            kept.events,
+            at,
+            kept.scope,
+            kept.scopes,
+            kept.evidence,
+            array("q", fingerprints),
+        )
+
+    def expires(self) -> Sequence[int | None]:
+        """Each event's expiry: an imported soft bounce holds `IMPORTED_SOFT_BOUNCE_MS`."""
+        if _SOFT_CODE not in self.events:
+            return [None] * self.n
+        return [
+            t + IMPORTED_SOFT_BOUNCE_MS if c == _SOFT_CODE else None
+            for t, c in zip(self.at_ms, self.events, strict=True)
+        ]
+
+    def names(self) -> list[str]:
+        """Each event's type."""
+        return [EVENT_TYPES[c] for c in self.events]
+
+
+def _times(at: list[int | None]) -> list[int]:
+    """Times with `_NO_TIME` for none."""
+    return [_NO_TIME if t is None else t for t in at]
+
+
+@dataclass(slots=True)
+class ImportRead:
+    """The events of an export file as `read_file` read them, before hashing: batches of
+    columns (no object per event)."""
+
+    source: str = ""
+    parts: list[_Part] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """How many events."""
+        return sum(p.n for p in self.parts)
+
+
+class ImportRows(Sequence[SuppressionEvent]):
+    """The events an import writes, after hashing and deduplication: a sequence of
+    `SuppressionEvent` made one at a time when asked, and the same events as log columns
+    (`log_columns`, what `Store.suppress_bulk` writes) and as the live set's fold (`fold_items`)
+    made a batch at a time. A slice is a view of the same events."""
+
+    def __init__(self, source: str, parts: Sequence[_Part], start: int = 0, stop: int = -1) -> None:
+        self.source = source
+        self._parts = list(parts)
+        self._offsets = [0]
+        for p in self._parts:
+            self._offsets.append(self._offsets[-1] + p.n)
+        self._start = start
+        self._stop = self._offsets[-1] if stop < 0 else stop
+
+    def __len__(self) -> int:
+        """How many events."""
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> SuppressionEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ImportRows: ...
+
+    def __getitem__(self, index: int | slice) -> SuppressionEvent | ImportRows:
+        """One event, or a view of a range of them."""
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("ImportRows: a slice with a step")
+            return ImportRows(
+                self.source, self._parts, self._start + start, self._start + max(start, stop)
+            )
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("ImportRows index out of range")
+        at = self._start + index
+        n = bisect.bisect_right(self._offsets, at) - 1
+        return next(self._events(n, at - self._offsets[n], at - self._offsets[n] + 1))
+
+    def __iter__(self) -> Iterator[SuppressionEvent]:
+        """The events, made one at a time."""
+        for n, first, last in self._ranges():
+            yield from self._events(n, first, last)
+
+    def _ranges(self) -> Iterator[tuple[int, int, int]]:
+        """(part, first, last) of each part's events in this view."""
+        for n, part in enumerate(self._parts):
+            begin = self._offsets[n]
+            first, last = max(self._start - begin, 0), min(self._stop - begin, part.n)
+            if first < last:
+                yield n, first, last
+
+    def _events(self, n: int, first: int, last: int) -> Iterator[SuppressionEvent]:
+        """Events first..last of part `n` (made by position, in `SuppressionEvent`'s field
+        order: no keyword handling per event)."""
+        c = self._columns(n, first, last)
+        evidence = map(json.loads, c.evidence)
+        columns = (c.at_ms, c.fingerprint, c.address, c.event, c.source, c.scope, c.expires_ms)
+        return map(SuppressionEvent, *columns, evidence)
+
+    def _columns(self, n: int, first: int, last: int) -> LogColumns:
+        """Events first..last of part `n` as log columns."""
+        part = self._parts[n]
+        cut = slice(first, last)
+        whole = first == 0 and last == part.n
+        addresses = part.addresses.split("\n")
+        evidence = part.evidence.split("\0")
+        return LogColumns(
+            part.at_ms if whole else part.at_ms[cut],
+            part.fingerprints if whole else part.fingerprints[cut],
+            addresses if whole else addresses[cut],
+            part.scope_texts()[cut],
+            part.names()[cut],
+            part.expires()[cut],
+            [self.source] * (last - first),
+            evidence if whole else evidence[cut],
+        )
+
+    def log_columns(self) -> Iterator[LogColumns]:
+        """The events as columns of the log, a batch at a time (what `Store.suppress_bulk`
+        writes)."""
+        for n, first, last in self._ranges():
+            yield self._columns(n, first, last)
+
+    def fold_items(self) -> Iterator[list[tuple[int, str, int | None]]]:
+        """The events as `Engine.suppress_apply` folds them, a batch at a time:
+        (fingerprint, event, expires_ms)."""
+        for n, first, last in self._ranges():
+            part = self._parts[n]
+            cut = slice(first, last)
+            yield list(
+                zip(part.fingerprints[cut], part.names()[cut], part.expires()[cut], strict=True)
+            )
+
+    def addresses(self) -> Iterator[str]:
+        """The events' addresses, in order."""
+        for n, first, last in self._ranges():
+            yield from self._parts[n].addresses.split("\n")[first:last]
+
 
 @dataclass
 class Scanned:
     """What one export file held, hashed and deduplicated (any thread)."""
 
-    events: list[SuppressionEvent] = field(default_factory=list)
+    events: Sequence[SuppressionEvent] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
     rows: int = 0
@@ -55,76 +285,103 @@ class Scanned:
             "problems": self.problems,
         }
 
+    def problem(self, text: str) -> None:
+        """Count a problem, and keep its text among the first `SHOWN_PROBLEMS`."""
+        self.problem_count += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append(text)
+
 
 def read_file(
     source: str, path: Path, *, scope: str | None = None, fold_case: bool = False
-) -> tuple[list[ImportedEvent], Scanned]:
+) -> tuple[ImportRead, Scanned]:
     """Read `path` as `source`'s export (a worker thread: the engine is not touched): its
-    events, and the counts and problems so far."""
+    events as columns, and the counts and problems so far."""
     out = Scanned()
-    events: list[ImportedEvent] = []
-    for item in scan(source, path, scope=scope, fold_case=fold_case):
-        if isinstance(item, ImportProblem):
-            out.problem_count += 1
-            if len(out.problems) < SHOWN_PROBLEMS:
-                out.problems.append(str(item))
-            continue
-        out.rows += 1
-        events.append(item)
-    return events, out
+    read = ImportRead(f"import:{source}")
+    for batch in scan_batches(source, path, scope=scope, fold_case=fold_case):
+        for problem in batch.problems:
+            out.problem(str(problem))
+        if len(batch):
+            out.rows += len(batch)
+            read.parts.append(_Part.of(batch))
+    return read, out
 
 
 async def hash_events(
     engine: _core.Engine,
     path: Path,
-    events: list[ImportedEvent],
+    events: ImportRead,
     out: Scanned,
     now_ms: int,
     *,
     yield_to_loop: bool = True,
 ) -> Scanned:
-    """Hash `events` with the core (on its thread, a chunk at a time; with `yield_to_loop`
-    the loop serves others between chunks) and keep those not repeated in the file nor
-    listed already for that reason."""
-    seen: set[tuple[int, str]] = set()
-    for start in range(0, len(events), 10_000):
-        chunk = events[start : start + 10_000]
-        hashed = engine.suppress_fingerprints([(e.address, e.scope or "") for e in chunk])
-        fresh: list[tuple[ImportedEvent, str, int]] = []
-        for e, (address, fp, problem) in zip(chunk, hashed, strict=True):
-            if address is None:
-                out.problem_count += 1
-                if len(out.problems) < SHOWN_PROBLEMS:
-                    out.problems.append(f"{path}: {problem}")
-                continue
-            if (fp, e.event) in seen:
-                out.duplicates += 1
-                continue
-            seen.add((fp, e.event))
-            out.per_type[e.event] += 1
-            fresh.append((e, address, fp))
-        listed = engine.suppress_check([a for _, a, _ in fresh], now_ms) if fresh else []
-        for (e, address, fp), current in zip(fresh, listed, strict=True):
-            if current == e.event:
-                out.already += 1
-                continue
-            at_ms = e.at_ms if e.at_ms is not None else now_ms
-            soft = e.event == "soft_bounce"
-            out.events.append(
-                SuppressionEvent(
-                    at_ms=at_ms,
-                    fingerprint=fp,
-                    address=address,
-                    event=e.event,
-                    source=e.source,
-                    scope=e.scope or "",
-                    expires_ms=at_ms + IMPORTED_SOFT_BOUNCE_MS if soft else None,
-                    evidence=dict(e.evidence),
-                )
-            )
+    """Hash `events` with the core (on its thread, a batch at a time; with `yield_to_loop`
+    the loop serves others between batches) and keep those not repeated in the file (the
+    same address, scope and event) nor listed already for that reason in their scope.
+    `out.events` becomes the kept ones (`ImportRows`)."""
+    seen: set[int] = set()  # fingerprint * 8 + event code
+    anything_listed = engine.suppress_stats()[0] > 0
+    kept: list[_Part] = []
+    for part in events.parts:
+        addresses = part.addresses.split("\n")
+        scopes = part.scope_texts()
+        hashed = engine.suppress_fingerprints(list(zip(addresses, scopes, strict=True)))
+        fingerprints = list(map(_fingerprint_of, hashed))
+        keep = [True] * part.n
+        if 0 in fingerprints:  # addresses the core refuses (kiln's reading is stricter)
+            for row, (address, _, problem) in enumerate(hashed):
+                if address is None:
+                    keep[row] = False
+                    out.problem(f"{path}: {problem}")
+        keys = list(map(add, map(lshift, fingerprints, repeat(3)), part.events))
+        fresh = set(keys)
+        if all(keep) and len(fresh) == part.n and seen.isdisjoint(fresh):
+            seen |= fresh
+        else:
+            for row, key in enumerate(keys):
+                if not keep[row]:
+                    continue
+                if key in seen:
+                    keep[row] = False
+                    out.duplicates += 1
+                else:
+                    seen.add(key)
+        codes = bytes(compress(part.events, keep))
+        for code in set(codes):
+            out.per_type[EVENT_TYPES[code]] += codes.count(code)
+        if anything_listed:
+            _leave_out_listed(engine, part, addresses, scopes, keep, now_ms, out)
+        if any(keep):
+            kept.append(part.select(keep, fingerprints, now_ms))
         if yield_to_loop:
             await asyncio.sleep(0)
+    out.events = ImportRows(events.source, kept)
     return out
+
+
+def _leave_out_listed(
+    engine: _core.Engine,
+    part: _Part,
+    addresses: list[str],
+    scopes: Sequence[str],
+    keep: list[bool],
+    now_ms: int,
+    out: Scanned,
+) -> None:
+    """Mark in `keep` the events whose address is listed already for that event, in their
+    scope (or the global list); counted in `out.already`."""
+    rows_of: dict[str, list[int]] = {}
+    for row, scope in enumerate(scopes):
+        if keep[row]:
+            rows_of.setdefault(scope, []).append(row)
+    for scope, rows in rows_of.items():
+        listed = engine.suppress_check([addresses[r] for r in rows], now_ms, scope)
+        for row, current in zip(rows, listed, strict=True):
+            if current is not None and _CODES.get(current) == part.events[row]:
+                keep[row] = False
+                out.already += 1
 
 
 def _listed(store: Store) -> Iterator[ListedAddress]:

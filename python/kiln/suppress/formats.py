@@ -21,26 +21,30 @@ import io
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from operator import itemgetter
 from pathlib import Path
-from typing import IO, BinaryIO, Final, Literal, TextIO, cast, get_args
+from typing import IO, Any, BinaryIO, Final, Literal, Protocol, TextIO, TypeVar, cast, get_args
 
-from kiln.suppress.address import AddressError, normalise
+from kiln.suppress.address import AddressError, all_normal, normalise
 
 __all__ = [
+    "BATCH_ROWS",
     "EVENT_TYPES",
     "EXPORT_FORMATS",
     "EXPORT_KINDS",
     "SOURCES",
+    "EventBatch",
     "EventType",
     "ImportProblem",
     "ImportedEvent",
     "ListedAddress",
     "iso_time",
     "scan",
+    "scan_batches",
     "write",
 ]
 
@@ -59,6 +63,12 @@ MAX_LINE_BYTES: Final = 1 << 20
 MAX_RECORD_CHARS: Final = 1 << 20
 #: JSON is read in pieces of this many characters.
 READ_CHUNK_CHARS: Final = 1 << 16
+#: CSV is read in blocks of this many bytes (at most half of `MAX_LINE_BYTES`).
+CSV_BLOCK_BYTES: Final = 1 << 15
+#: Rows (records) in a batch of `scan_batches`, unless told otherwise.
+BATCH_ROWS: Final = 4096
+#: Rows in a batch when `scan` reads: small, as it makes an object per event anyway.
+_SCAN_ROWS: Final = 256
 #: Integer timestamps at or above this are milliseconds, below it seconds (1e11 s is the year
 #: 5138; 1e11 ms is March 1973).
 _MS_THRESHOLD: Final = 10**11
@@ -97,6 +107,53 @@ class ImportProblem:
     def __str__(self) -> str:
         """`file:line: message`, like kiln's other problems."""
         return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """The events of consecutive rows of one import file as columns (one entry per event, in
+    file order) and the problems of those rows: what `scan_batches` yields, with nothing made
+    per event but the entries of these lists.
+
+    `evidence` holds each event's evidence as the JSON text the log keeps (keys sorted);
+    `problem_after` says, for each problem, how many of the batch's events come before it.
+    """
+
+    source: str
+    addresses: list[str] = field(default_factory=list)
+    events: list[EventType] = field(default_factory=list)
+    at_ms: list[int | None] = field(default_factory=list)
+    scopes: list[str | None] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+    problems: list[ImportProblem] = field(default_factory=list)
+    problem_after: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        """How many events."""
+        return len(self.addresses)
+
+    def items(self) -> Iterator[ImportedEvent | ImportProblem]:
+        """The events and problems in file order, as `scan` yields them."""
+        shown = 0
+        for before, problem in zip(self.problem_after, self.problems, strict=True):
+            yield from self._events(shown, before)
+            shown = before
+            yield problem
+        yield from self._events(shown, len(self))
+
+    def _events(self, start: int, stop: int) -> Iterator[ImportedEvent]:
+        """Events start..stop as objects."""
+        for i in range(start, stop):
+            evidence: dict[str, str | int] = json.loads(self.evidence[i])
+            yield ImportedEvent(
+                self.addresses[i],
+                self.events[i],
+                self.at_ms[i],
+                self.scopes[i],
+                self.source,
+                evidence,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,15 +418,81 @@ class _RowError(ValueError):
     """A row that cannot become an event; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Mapped:
-    """What one row says: its event, raw time, scope and evidence (before the address)."""
+_HARD: Final[EventType] = "hard_bounce"
+_SOFT: Final[EventType] = "soft_bounce"
+_COMPLAINT: Final[EventType] = "complaint"
+_UNSUBSCRIBE: Final[EventType] = "unsubscribe"
+_MANUAL: Final[EventType] = "manual"
 
-    event: EventType
-    at: object
-    scope: str | None
-    reason: object = None
-    extra: tuple[tuple[str, object], ...] = ()
+
+class _Table:
+    """Consecutive rows of one file, read a column at a time by key (`_key`): what a mapper
+    reads. CSV rows stay lists of cells (a short one padded with None), JSON records stay
+    records; a column is taken out when asked, and its text kept for the next ask."""
+
+    __slots__ = ("_cells", "_index", "_padded", "_records", "_texts", "lines", "n")
+
+    def __init__(
+        self,
+        lines: list[int],
+        cells: Sequence[Sequence[str | None]] = (),
+        index: dict[str, int] | None = None,
+        records: list[dict[str, object]] | None = None,
+        *,
+        padded: bool = False,
+    ) -> None:
+        self.lines = lines
+        self.n = len(lines)
+        self._cells = cells
+        self._index = index or {}
+        self._records = records
+        self._padded = padded
+        self._texts: dict[str, list[str]] = {}
+
+    def has(self, key: str) -> bool:
+        """Whether any row has the column or field `key`."""
+        if self._records is not None:
+            return any(key in r for r in self._records)
+        return key in self._index
+
+    def raw(self, key: str) -> Sequence[object]:
+        """The column `key` as read: text in CSV, any JSON value; None where a row lacks it."""
+        if self._records is not None:
+            return [r.get(key) for r in self._records]
+        column = self._index.get(key)
+        return [None] * self.n if column is None else list(map(itemgetter(column), self._cells))
+
+    def texts(self, key: str) -> list[str]:
+        """The column `key` as text (`_text`: trimmed, '' where a row lacks it)."""
+        found = self._texts.get(key)
+        if found is not None:
+            return found
+        if self._records is not None:
+            found = [_text(v) for v in self.raw(key)]
+        elif key not in self._index:
+            found = [""] * self.n
+        elif self._padded:
+            found = [c.strip() if isinstance(c, str) else "" for c in self.raw(key)]
+        else:
+            found = list(map(str.strip, cast("Sequence[str]", self.raw(key))))
+        self._texts[key] = found
+        return found
+
+
+@dataclass(slots=True)
+class _Columns:
+    """What a mapper makes of a table, row by row: the event, the time as read and the scope
+    (None: every row global); the evidence besides `line` and `kind` (`texts`: left out when
+    empty, cut to `EVIDENCE_TEXT_CHARS`; `numbers`: left out when None); rows that give no
+    event (row: problem); rows that give one event per scope (Mailgun's tagged unsubscribes)."""
+
+    events: Sequence[EventType]
+    at: Sequence[object]
+    scopes: Sequence[str | None] | None = None
+    texts: tuple[tuple[str, Sequence[str]], ...] = ()
+    numbers: tuple[tuple[str, Sequence[int | None]], ...] = ()
+    errors: dict[int, str] = field(default_factory=dict)
+    split: dict[int, list[str]] = field(default_factory=dict)
 
 
 def _text(value: object) -> str:
@@ -385,91 +508,122 @@ def _text(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _map_sendgrid(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+def _by_value(values: Sequence[str], event: Callable[[str], EventType]) -> list[EventType]:
+    """`event` of each value, asked once per distinct value (a status or code column holds a
+    few)."""
+    of = {v: event(v) for v in set(values)}
+    return list(map(of.__getitem__, values))
+
+
+def _map_sendgrid(export: _Export, t: _Table) -> _Columns:
     """SendGrid: bounces (a 4.x.x status is a soft bounce), blocks (soft bounces), invalid
     emails (hard bounces), spam reports (complaints), unsubscribes (global or a group)."""
-    at, reason, status = row.get("created"), row.get("reason"), _text(row.get("status"))
-    extra = (("status", status),) if status else ()
+    at = t.raw("created")
     match export.kind:
         case "bounces":
-            soft = status.startswith("4")
-            return [_Mapped("soft_bounce" if soft else "hard_bounce", at, None, reason, extra)]
+            status = t.texts("status")
+            events = _by_value(status, lambda s: _SOFT if s.startswith("4") else _HARD)
+            return _Columns(events, at, texts=(("reason", t.texts("reason")), ("status", status)))
         case "blocks":
-            return [_Mapped("soft_bounce", at, None, reason, extra)]
+            reason, status = t.texts("reason"), t.texts("status")
+            return _Columns([_SOFT] * t.n, at, texts=(("reason", reason), ("status", status)))
         case "invalid_emails":
-            return [_Mapped("hard_bounce", at, None, reason)]
+            return _Columns([_HARD] * t.n, at, texts=(("reason", t.texts("reason")),))
         case "spam_reports":
-            return [_Mapped("complaint", at, None, None, (("ip", _text(row.get("ip"))),))]
+            return _Columns([_COMPLAINT] * t.n, at, texts=(("ip", t.texts("ip")),))
         case _:
-            group = _text(row.get("groupname")) or _text(row.get("groupid"))
-            when = at if at is not None else row.get("createdat")
-            return [_Mapped("unsubscribe", when, f"group:{group}" if group else None)]
+            if t.has("createdat"):
+                at = [
+                    a if a is not None else b for a, b in zip(at, t.raw("createdat"), strict=True)
+                ]
+            scopes: list[str | None] | None = None
+            if t.has("groupname") or t.has("groupid"):
+                names = zip(t.texts("groupname"), t.texts("groupid"), strict=True)
+                scopes = [f"group:{g}" if (g := name or number) else None for name, number in names]
+            return _Columns([_UNSUBSCRIBE] * t.n, at, scopes)
 
 
-def _mailgun_tags(value: object) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _tags_in(text: str) -> tuple[str, ...]:
+    """The tags in a CSV cell: the text of a JSON list (`["*"]`) or a comma-separated list."""
+    items = re.split(r"[,\s]+", re.sub(r"[\[\]\"']", " ", text))
+    return tuple(t for t in items if t)
+
+
+def _mailgun_tags(value: object) -> tuple[str, ...]:
     """Mailgun's unsubscribe `tags`: a JSON list, or its text in a CSV cell (`["*"]`, `a,b`)."""
     if isinstance(value, list):
-        items = [_text(v) for v in value]
-    else:
-        items = re.split(r"[,\s]+", re.sub(r"[\[\]\"']", " ", _text(value)))
-    return [t for t in items if t]
+        return tuple(t for t in (_text(v) for v in value) if t)
+    return _tags_in(_text(value))
 
 
-def _map_mailgun(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+def _map_mailgun(export: _Export, t: _Table) -> _Columns:
     """Mailgun: bounces (a 4xx code is a soft bounce), complaints, unsubscribes (tag `*` or
     no tag: global; otherwise one event per tag, scoped `tag:<tag>`)."""
-    at = row.get("createdat")
+    at = t.raw("createdat")
     match export.kind:
         case "bounces":
-            code = _text(row.get("code"))
-            event: EventType = "soft_bounce" if code.startswith("4") else "hard_bounce"
-            return [_Mapped(event, at, None, row.get("error"), (("code", code),) if code else ())]
+            codes = t.texts("code")
+            events = _by_value(codes, lambda c: _SOFT if c.startswith("4") else _HARD)
+            return _Columns(events, at, texts=(("reason", t.texts("error")), ("code", codes)))
         case "complaints":
-            return [_Mapped("complaint", at, None)]
+            return _Columns([_COMPLAINT] * t.n, at)
         case _:
-            tags = _mailgun_tags(row.get("tags"))
-            if not tags or "*" in tags:
-                return [_Mapped("unsubscribe", at, None)]
-            return [_Mapped("unsubscribe", at, f"tag:{t}") for t in dict.fromkeys(tags)]
+            split: dict[int, list[str]] = {}
+            for row, value in enumerate(t.raw("tags")):
+                tags = _mailgun_tags(value)
+                if tags and "*" not in tags:
+                    split[row] = [f"tag:{tag}" for tag in dict.fromkeys(tags)]
+            return _Columns([_UNSUBSCRIBE] * t.n, at, split=split)
 
 
-def _map_ses(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+_SES_EVENTS: Final[dict[str, EventType]] = {"BOUNCE": _HARD, "COMPLAINT": _COMPLAINT}
+
+
+def _map_ses(export: _Export, t: _Table) -> _Columns:
     """Amazon SES: Reason BOUNCE (SES lists hard bounces only) or COMPLAINT."""
-    reason = _text(row.get("reason")).upper()
-    events: dict[str, EventType] = {"BOUNCE": "hard_bounce", "COMPLAINT": "complaint"}
-    if reason not in events:
-        raise _RowError(f"unknown SES Reason {reason!r} (expected BOUNCE or COMPLAINT)")
-    return [_Mapped(events[reason], row.get("lastupdatetime"), None, None, (("reason", reason),))]
+    reasons = [r.upper() for r in t.texts("reason")]
+    events = [_SES_EVENTS.get(r, _HARD) for r in reasons]
+    errors = {
+        row: f"unknown SES Reason {reason!r} (expected BOUNCE or COMPLAINT)"
+        for row, reason in enumerate(reasons)
+        if reason not in _SES_EVENTS
+    }
+    return _Columns(events, t.raw("lastupdatetime"), texts=(("reason", reasons),), errors=errors)
 
 
-def _map_postmark(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+_POSTMARK_EVENTS: Final[dict[str, EventType]] = {"hardbounce": _HARD, "spamcomplaint": _COMPLAINT}
+
+
+def _map_postmark(export: _Export, t: _Table) -> _Columns:
     """Postmark: HardBounce, SpamComplaint, ManualSuppression (an unsubscribe when its Origin
     is Recipient, an operator's suppression when Customer or Admin)."""
-    reason = _text(row.get("suppressionreason"))
-    origin = _text(row.get("origin"))
-    extra = (("reason", reason), ("origin", origin))
-    match reason.lower():
-        case "hardbounce":
-            event: EventType = "hard_bounce"
-        case "spamcomplaint":
-            event = "complaint"
-        case "manualsuppression":
-            event = "unsubscribe" if origin.lower() == "recipient" else "manual"
-        case _:
-            raise _RowError(
+    reasons, origins = t.texts("suppressionreason"), t.texts("origin")
+    events: list[EventType] = []
+    errors: dict[int, str] = {}
+    for row, (reason, origin) in enumerate(zip(reasons, origins, strict=True)):
+        name = reason.lower()
+        if name == "manualsuppression":
+            events.append(_UNSUBSCRIBE if origin.lower() == "recipient" else _MANUAL)
+            continue
+        event = _POSTMARK_EVENTS.get(name)
+        if event is None:
+            errors[row] = (
                 f"unknown Postmark SuppressionReason {reason!r}"
                 " (expected HardBounce, SpamComplaint or ManualSuppression)"
             )
-    return [_Mapped(event, row.get("createdat"), None, None, extra)]
+        events.append(event or _MANUAL)
+    texts = (("reason", reasons), ("origin", origins))
+    return _Columns(events, t.raw("createdat"), texts=texts, errors=errors)
 
 
 _SPARKPOST_SOURCES: Final[dict[str, EventType]] = {
-    "spam complaint": "complaint",
-    "list unsubscribe": "unsubscribe",
-    "unsubscribe link": "unsubscribe",
-    "bounce rule": "hard_bounce",
-    "manually added": "manual",
-    "compliance": "manual",
+    "spam complaint": _COMPLAINT,
+    "list unsubscribe": _UNSUBSCRIBE,
+    "unsubscribe link": _UNSUBSCRIBE,
+    "bounce rule": _HARD,
+    "manually added": _MANUAL,
+    "compliance": _MANUAL,
 }
 
 
@@ -478,39 +632,53 @@ def _flag(value: object) -> bool:
     return value is True or _text(value).lower() in {"true", "1", "yes", "y"}
 
 
-def _map_sparkpost(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+def _sparkpost_scope(kind: str, transactional: object, non_transactional: object) -> str | None:
+    """The stream of a SparkPost suppression: its `type`, else the one flag of the older
+    lists that is set (both or neither: global)."""
+    kind = kind.lower()
+    if kind in {"transactional", "non_transactional"}:
+        return f"stream:{kind}"
+    flags = (_flag(transactional), _flag(non_transactional))
+    if flags == (True, False):
+        return "stream:transactional"
+    return "stream:non_transactional" if flags == (False, True) else None
+
+
+def _map_sparkpost(export: _Export, t: _Table) -> _Columns:
     """SparkPost: the event from `source` (unknown or missing: manual), the scope from `type`
     (or the older `transactional` / `non_transactional` flags): one stream, or global."""
-    source = _text(row.get("source"))
-    event = _SPARKPOST_SOURCES.get(source.lower(), "manual")
-    kind = _text(row.get("type")).lower()
-    if kind in {"transactional", "non_transactional"}:
-        scope: str | None = f"stream:{kind}"
-    else:
-        flags = [k for k in ("transactional", "nontransactional") if _flag(row.get(k))]
-        scope = "stream:non_transactional" if flags == ["nontransactional"] else None
-        if flags == ["transactional"]:
-            scope = "stream:transactional"
-    at = row.get("created") or row.get("updated")
-    extra = (("sparkpost_source", source),) if source else ()
-    return [_Mapped(event, at, scope, row.get("description"), extra)]
+    sources = t.texts("source")
+    events = [_SPARKPOST_SOURCES.get(s.lower(), _MANUAL) for s in sources]
+    flags = zip(t.texts("type"), t.raw("transactional"), t.raw("nontransactional"), strict=True)
+    scopes = [_sparkpost_scope(*f) for f in flags]
+    at = [c or u for c, u in zip(t.raw("created"), t.raw("updated"), strict=True)]
+    texts = (("reason", t.texts("description")), ("sparkpost_source", sources))
+    return _Columns(events, at, scopes, texts=texts)
 
 
-def _map_csv(export: _Export, row: dict[str, object]) -> list[_Mapped]:
+def _map_csv(export: _Export, t: _Table) -> _Columns:
     """kiln's own CSV: `address,event[,at][,expires_at][,scope][,reason]`."""
-    event = _text(row.get("event")).lower()
-    if event not in EVENT_TYPES:
-        raise _RowError(f"unknown event {event!r} (expected one of {', '.join(EVENT_TYPES)})")
-    extra: tuple[tuple[str, object], ...] = ()
-    expires = _text(row.get("expiresat"))
-    if expires:
-        expires_ms = _time_ms(expires)
-        extra = (("expires_ms", expires_ms),) if expires_ms is not None else ()
-    scope = _text(row.get("scope")) or None
-    return [_Mapped(cast(EventType, event), row.get("at"), scope, row.get("reason"), extra)]
+    names = [e.lower() for e in t.texts("event")]
+    errors = {
+        row: f"unknown event {name!r} (expected one of {', '.join(EVENT_TYPES)})"
+        for row, name in enumerate(names)
+        if name not in EVENT_TYPES
+    }
+    expires: list[int | None] = [None] * t.n
+    if t.has("expiresat"):
+        expires = _times_ms(t.raw("expiresat"), errors)
+    scopes = [s or None for s in t.texts("scope")] if t.has("scope") else None
+    return _Columns(
+        cast("list[EventType]", names),
+        t.raw("at"),
+        scopes,
+        texts=(("reason", t.texts("reason")),),
+        numbers=(("expires_ms", expires),),
+        errors=errors,
+    )
 
 
-_MAPPERS: Final[dict[str, Callable[[_Export, dict[str, object]], list[_Mapped]]]] = {
+_MAPPERS: Final[dict[str, Callable[[_Export, _Table], _Columns]]] = {
     "sendgrid": _map_sendgrid,
     "mailgun": _map_mailgun,
     "ses": _map_ses,
@@ -519,7 +687,57 @@ _MAPPERS: Final[dict[str, Callable[[_Export, dict[str, object]], list[_Mapped]]]
     "csv": _map_csv,
 }
 
+#: JSON text of a string, as `json.dumps` writes it (ASCII, escapes).
+_json_text: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
+
+
+def _evidence_json(
+    kind: str,
+    lines: Sequence[int],
+    texts: Sequence[tuple[str, Sequence[str]]],
+    numbers: Sequence[tuple[str, Sequence[int | None]]],
+) -> list[str]:
+    """Each row's evidence, `{"line": ..., "kind": kind, ...}`, as the JSON text
+    `json.dumps(evidence, sort_keys=True)` gives: texts left out when empty and cut to
+    `EVIDENCE_TEXT_CHARS`, numbers left out when None.
+
+    Built a column at a time into one %-template (`_slot`): a field every row has is a slot
+    for its JSON value; a field some rows leave out is a slot for a fragment carrying its key
+    and separator ('' where left out)."""
+    slots: list[tuple[str, str, Sequence[object] | None]] = [
+        ("kind", f'"kind": {_json_text(kind)}'.replace("%", "%%"), None)
+    ]
+    slots.append(("line", ', "line": %s', lines))
+    for name, values in texts:
+        if values and max(map(len, values)) > EVIDENCE_TEXT_CHARS:
+            values = [_cut(v) for v in values]
+        slots.append((name, *_slot(name, values, "", _json_text)))
+    for name, numbers_of in numbers:
+        slots.append((name, *_slot(name, numbers_of, None, str)))
+    slots.sort(key=lambda s: s[0])
+    template = "{" + "".join(piece for _, piece, _ in slots) + "}"
+    columns = [column for _, _, column in slots if column is not None]
+    return list(map(template.__mod__, zip(*columns, strict=True)))
+
+
+_V = TypeVar("_V", str, int | None)
+
+
+def _slot(
+    name: str, values: Sequence[_V], empty: _V, encode: Callable[[Any], str]
+) -> tuple[str, list[str]]:
+    """A field's piece of the evidence template and the column filling its slot: "kind" is
+    in every row, so a field sorted before it ends with ", " and any other starts with one."""
+    lead, trail = ("", ", ") if name < "kind" else (", ", "")
+    key = _json_text(name) + ": "
+    if empty not in values:
+        piece = f"{lead}{key}".replace("%", "%%") + "%s" + trail
+        return piece, list(map(encode, values))
+    return "%s", [f"{lead}{key}{encode(v)}{trail}" if v != empty else "" for v in values]
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL: Final = _EPOCH.toordinal()
 _LONG_FRACTION: Final = re.compile(r"(\.\d{6})\d+")
 
 
@@ -539,6 +757,8 @@ def _time_ms(value: object) -> int | None:
         text = _text(value)
         if not text:
             return None
+        if text[4:5] == "-" and (iso_ms := _iso_ms(text)) is not None:  # before float(): no
+            return iso_ms  # exception raised and caught
         try:
             number = float(text)
         except ValueError:
@@ -579,11 +799,54 @@ def _rfc2822_ms(text: str) -> int | None:
     return (when - _EPOCH) // timedelta(milliseconds=1) - offset_min * 60_000
 
 
+#: ISO 8601 as kiln and most APIs write it: a date, `T` or a space, the time to the second, a
+#: fraction or not, and `Z`, an offset `+hh:mm` or nothing (UTC).
+_ISO: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})?",
+    re.ASCII,
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_day(year: str, month: str, day: str) -> int | None:
+    """Days from 1970-01-01 to a date, None when there is no such date."""
+    try:
+        return date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        return None
+
+
+def _iso_ms(text: str) -> int | None:
+    """The common ISO 8601 form (`_ISO`) as Unix milliseconds, as `datetime.fromisoformat`
+    reads it, without its cost; None for any other text, and for a field out of range (the
+    general parser then tries it and says what is wrong)."""
+    found = _ISO.fullmatch(text)
+    if found is None:
+        return None
+    days = _epoch_day(found[1], found[2], found[3])
+    hour, minute, second = int(found[4]), int(found[5]), int(found[6])
+    if days is None or hour > 23 or minute > 59 or second > 59:
+        return None
+    ms = (((days * 24 + hour) * 60 + minute) * 60 + second) * 1000
+    if found[7]:
+        ms += int((found[7] + "00")[:3])
+    zone = found[8]
+    if zone and zone != "Z":
+        zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
+        if zone_hours > 23 or zone_minutes > 59:
+            return None
+        ms -= (1 if zone[0] == "+" else -1) * (zone_hours * 60 + zone_minutes) * 60_000
+    return ms
+
+
 def _text_time_ms(text: str) -> int:
     """An ISO 8601 or RFC 2822 time as Unix milliseconds, or `_RowError`."""
     when: datetime | None = None
     if not text[:1].isdigit() and (fast_ms := _rfc2822_ms(text)) is not None:
         return fast_ms
+    if (iso_ms := _iso_ms(text)) is not None:
+        return iso_ms
     if text[:1].isdigit():
         with contextlib.suppress(ValueError):
             when = datetime.fromisoformat(_LONG_FRACTION.sub(r"\1", text))
@@ -619,6 +882,52 @@ def _us_time(text: str) -> datetime:
     )
 
 
+#: Digits at most this many are read exactly both as a float and as an integer.
+_EXACT_DIGITS: Final = 15
+
+
+def _times_ms(values: Sequence[object], errors: dict[int, str]) -> list[int | None]:
+    """`_time_ms` of a column; an unreadable time is a problem of its row (in `errors`, unless
+    the row has one already) and None. A column of Unix times written as digits (SendGrid's
+    `created`) or as JSON integers is converted without a call per value."""
+    fast = _unix_times_ms(values)
+    if fast is not None:
+        return fast
+    out: list[int | None] = []
+    for row, value in enumerate(values):
+        try:
+            out.append(_time_ms(value))
+        except _RowError as exc:
+            errors.setdefault(row, str(exc))
+            out.append(None)
+    return out
+
+
+def _unix_times_ms(values: Sequence[object]) -> list[int | None] | None:
+    """The column as `_time_ms` reads it when every value is empty or a Unix time in seconds
+    or milliseconds, as digits (up to 15, read exactly either way) or as a JSON integer of as
+    many; None for any other column."""
+    if not values:
+        return []
+    try:
+        texts = list(map(str.strip, cast("Sequence[str]", values)))
+    except TypeError:  # not all text: JSON numbers?
+        if not all(type(v) is int for v in values):
+            return None
+        numbers = cast("Sequence[int]", values)
+        if max(numbers) >= 10**_EXACT_DIGITS or min(numbers) <= -(10**_EXACT_DIGITS):
+            return None
+        return [v if abs(v) >= _MS_THRESHOLD else v * 1000 for v in numbers]
+    filled = [t for t in texts if t] if "" in texts else texts
+    if not filled:
+        return [None] * len(texts)
+    if max(map(len, filled)) > _EXACT_DIGITS or not "".join(filled).isdecimal():
+        return None
+    if filled is not texts:
+        return [(v if (v := int(t)) >= _MS_THRESHOLD else v * 1000) if t else None for t in texts]
+    return [v if v >= _MS_THRESHOLD else v * 1000 for v in map(int, texts)]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading files
 
@@ -652,39 +961,21 @@ def _first_char(raw: IO[bytes]) -> str:
     return chr(text[0]) if text else ""
 
 
-class _Lines:
-    """The lines of a CSV file as text, one at a time, with the lines that could not be read
-    (invalid UTF-8, too long) remembered by number until their row claims them."""
+class _CsvText:
+    """The lines of a CSV file as text for `csv.reader`, read and decoded a block at a time
+    (`CSV_BLOCK_BYTES`) and split at `\\n` only, as the file's lines are numbered. A line that
+    is not UTF-8 is given with replacement characters, and one over `MAX_LINE_BYTES` as an
+    empty line (never held); either is remembered by number (`bad`) until its row claims it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
+        #: Lines handed out so far.
         self.number = 0
         self.bad: dict[int, str] = {}
 
-    def __iter__(self) -> Iterator[str]:
-        """Each line, decoded; a bad line is replaced (and noted in `bad`)."""
-        while True:
-            data = self._raw.readline(MAX_LINE_BYTES + 1)
-            if not data:
-                return
-            self.number += 1
-            if self.number == 1:
-                data = data.removeprefix(codecs.BOM_UTF8)
-            if len(data) > MAX_LINE_BYTES and not data.endswith(b"\n"):
-                while (more := self._raw.readline(MAX_LINE_BYTES)) and not more.endswith(b"\n"):
-                    pass
-                self.bad[self.number] = f"line longer than {MAX_LINE_BYTES} bytes, skipped"
-                yield "\n"
-                continue
-            try:
-                yield data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                shown = data.decode("utf-8", errors="replace").rstrip("\r\n")
-                self.bad[self.number] = (
-                    f"invalid UTF-8 at byte {exc.start + 1} of the line (shown with"
-                    f" replacement characters): {_cut(shown, 200)!r}"
-                )
-                yield shown + "\n"
+    def lines(self) -> Iterator[str]:
+        """Each line, with its `\\n` (the last one may have none)."""
+        return itertools.chain.from_iterable(self._blocks())
 
     def claim(self, first: int, last: int) -> str | None:
         """The problem of the first bad line among lines first..last, forgetting them all."""
@@ -694,6 +985,79 @@ class _Lines:
             if found is None and message is not None:
                 found = message
         return found
+
+    def _blocks(self) -> Iterator[Iterable[str]]:
+        """The lines a block at a time. Only the first line of the buffer can be over-long
+        (`MAX_LINE_BYTES` is at least twice `CSV_BLOCK_BYTES`): the others start inside the
+        last two blocks read."""
+        head = self._raw.read(CSV_BLOCK_BYTES)
+        while 0 < len(head) < len(codecs.BOM_UTF8) and (more := self._raw.read(CSV_BLOCK_BYTES)):
+            head += more
+        data = head.removeprefix(codecs.BOM_UTF8) or self._raw.read(CSV_BLOCK_BYTES)
+        if head and not data:  # a byte order mark and nothing else: one empty line
+            self.number = 1
+            yield [""]
+        rest = b""
+        while data or rest:
+            buffer = rest + data if rest else data
+            end = buffer.find(b"\n")
+            if end > MAX_LINE_BYTES or (end < 0 and len(buffer) > MAX_LINE_BYTES):
+                yield self._too_long()
+                rest = buffer[end + 1 :] if end >= 0 else self._after_line() if data else b""
+            elif end >= 0:
+                cut = buffer.rfind(b"\n") + 1
+                rest = buffer[cut:]
+                yield self._decoded(buffer[:cut])
+            elif data:
+                rest = buffer
+            else:  # the last line, without a line break
+                yield self._decoded(buffer)
+                return
+            data = self._raw.read(CSV_BLOCK_BYTES)
+
+    def _too_long(self) -> list[str]:
+        """An over-long line: remembered, and read as an empty line."""
+        self.number += 1
+        self.bad[self.number] = f"line longer than {MAX_LINE_BYTES} bytes, skipped"
+        return ["\n"]
+
+    def _after_line(self) -> bytes:
+        """Read past the rest of the current line; what comes after its line break."""
+        while data := self._raw.read(CSV_BLOCK_BYTES):
+            end = data.find(b"\n")
+            if end >= 0:
+                return data[end + 1 :]
+        return b""
+
+    def _decoded(self, block: bytes) -> Iterable[str]:
+        """Whole lines as text; a line that is not UTF-8 with replacement characters."""
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._decoded_by_line(block)
+        self.number += block.count(b"\n") + (not block.endswith(b"\n"))
+        return io.StringIO(text, newline="\n")
+
+    def _decoded_by_line(self, block: bytes) -> list[str]:
+        """`_decoded` a line at a time, noting each line that is not UTF-8."""
+        lines = block.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        out = []
+        for data in lines:
+            self.number += 1
+            try:
+                out.append(data.decode("utf-8") + "\n")
+            except UnicodeDecodeError as exc:
+                shown = data.decode("utf-8", errors="replace").rstrip("\r\n")
+                self.bad[self.number] = (
+                    f"invalid UTF-8 at byte {exc.start + 1} of the line (shown with"
+                    f" replacement characters): {_cut(shown, 200)!r}"
+                )
+                out.append(shown + "\n")
+        if not block.endswith(b"\n"):
+            out[-1] = out[-1][:-1]
+        return out
 
 
 def _delimiter(line: str) -> str:
@@ -706,51 +1070,73 @@ def _delimiter(line: str) -> str:
     return ","
 
 
-def _csv_rows(raw: IO[bytes]) -> Iterator[tuple[int, dict[str, object] | str, list[str]]]:
-    """(line, row or problem, header) for each row of a CSV file after its header.
+class _Reader(Protocol):
+    """What `csv.reader` returns, as this module uses it."""
 
-    The row maps normalised column names to cells; a problem is a message for that line.
-    The header is the first non-blank line.
-    """
-    lines = _Lines(raw)
-    source = iter(lines)
-    first = next(source, None)
-    if first is None:
-        raise _FileError(1, "the file is empty")
-    reader = csv.reader(itertools.chain([first], source), delimiter=_delimiter(first))
-    header: list[str] | None = None
-    columns: list[str] = []
-    keys: list[str] = []
+    line_num: int
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+    def __next__(self) -> list[str]: ...
+
+
+@dataclass(slots=True)
+class _Records:
+    """Consecutive records of a CSV file: the rows (with the line each starts on), and the
+    problems of records that gave no row, as (rows before it, line, message)."""
+
+    rows: list[list[str]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    problems: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+def _csv_records(reader: _Reader, text: _CsvText, size: int) -> Iterator[_Records]:
+    """The records after the header, `size` at a time: rows not blank, and a problem for a
+    row holding a bad line (`_CsvText.bad`) or that `csv` cannot read.
+
+    Rows are taken from the reader a batch at a time, without Python code per row; where a
+    batch is not one line a row (a quoted field over several lines, a blank or bad line, an
+    unreadable row), each row's first line is found from the line breaks in its cells."""
     while True:
-        start = reader.line_num + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            lines.claim(start, reader.line_num)
-            yield reader.line_num, f"unreadable CSV: {exc}", columns
-            continue
-        bad = lines.claim(start, reader.line_num)
-        if header is None:
-            if bad is not None:
-                raise _FileError(start, f"header: {bad}")
-            if not any(c.strip() for c in cells):
+        done = reader.line_num
+        items: list[list[str] | str] = []
+        ends: dict[int, int] = {}  # item: last line, for the rows csv could not read
+        finished = False
+        while not finished and len(items) < size:
+            try:
+                items.extend(itertools.islice(reader, size - len(items)))
+                finished = len(items) < size
+            except csv.Error as exc:
+                ends[len(items)] = reader.line_num
+                items.append(f"unreadable CSV: {exc}")
+        if not items:
+            return
+        records = _Records()
+        if not ends and not text.bad and reader.line_num - done == len(items):
+            rows = cast("list[list[str]]", items)  # one line each, all readable
+            if [] not in rows:
+                records.rows, records.lines = rows, list(range(done + 1, reader.line_num + 1))
+                yield records
+                if finished:
+                    return
                 continue
-            header = cells
-            columns = [c.strip() for c in cells]
-            keys = [_key(c) for c in cells]
-            yield start, {"__header__": keys}, columns
-            continue
-        if bad is not None:
-            yield start, bad, columns
-            continue
-        if not any(c.strip() for c in cells):
-            continue
-        row: dict[str, object] = {}
-        for key, cell in zip(keys, cells, strict=False):
-            row.setdefault(key, cell)
-        yield start, row, columns
+        for n, item in enumerate(items):
+            start = done + 1
+            if isinstance(item, str):
+                done = ends[n]
+            else:
+                done += 1 + sum(c.count("\n") for c in item)
+            bad = text.claim(start, done) if text.bad else None
+            if isinstance(item, str):
+                records.problems.append((len(records.rows), done, item))
+            elif bad is not None:
+                records.problems.append((len(records.rows), start, bad))
+            elif any(c.strip() for c in item):
+                records.rows.append(item)
+                records.lines.append(start)
+        yield records
+        if finished:
+            return
 
 
 class _JsonReader:
@@ -908,6 +1294,107 @@ def _cut(text: str, limit: int = EVIDENCE_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _csv_table(
+    rows: list[list[str]], lines: list[int], index: dict[str, int], width: int, address_key: str
+) -> _Table:
+    """Rows of a CSV file as a table; rows whose cells are all blank are left out."""
+    table = _cells_table(rows, lines, index, width)
+    texts = table.texts(address_key)
+    if "" not in texts:
+        return table
+    blank = {i for i, a in enumerate(texts) if not a and not any(c.strip() for c in rows[i])}
+    if not blank:
+        return table
+    keep = [i for i in range(len(rows)) if i not in blank]
+    return _cells_table([rows[i] for i in keep], [lines[i] for i in keep], index, width)
+
+
+def _cells_table(
+    rows: list[list[str]], lines: list[int], index: dict[str, int], width: int
+) -> _Table:
+    """Rows of cells as a table (a short row's missing cells None)."""
+    if not rows or min(map(len, rows)) >= width:
+        return _Table(lines, rows, index)
+    padded = [r if len(r) >= width else [*r, *([None] * (width - len(r)))] for r in rows]
+    return _Table(lines, padded, index, padded=True)
+
+
+def _addresses(texts: list[str], key: str, fold_case: bool, errors: dict[int, str]) -> list[str]:
+    """A column of addresses normalised (one check for a column already in normal form); an
+    empty or malformed one is a problem of its row, and ''."""
+    if texts and all_normal(texts):
+        return [a.lower() for a in texts] if fold_case else texts
+    out: list[str] = []
+    for row, text in enumerate(texts):
+        if not text:
+            errors.setdefault(row, f"no address (the {key!r} field is empty)")
+            out.append("")
+            continue
+        try:
+            out.append(normalise(text, fold_case=fold_case))
+        except AddressError as exc:
+            errors.setdefault(row, str(exc))
+            out.append("")
+    return out
+
+
+def _batch(
+    export: _Export,
+    mapper: Callable[[_Export, _Table], _Columns],
+    table: _Table,
+    found: Sequence[tuple[int, int, str]],
+    where: tuple[str, str, bool, str | None],
+) -> EventBatch:
+    """The events of a table's rows, and the problems among them in file order: `found`
+    (rows before it, line, message) from reading, and each row's first problem (no address, a
+    malformed one, what the mapper refused, an unreadable time). `where`: the file as shown,
+    the source label, fold_case and the default scope."""
+    shown, label, fold_case, scope = where
+    errors: dict[int, str] = {}
+    addresses = _addresses(table.texts(export.address_key), export.address_key, fold_case, errors)
+    mapped = mapper(export, table)
+    for row, message in mapped.errors.items():
+        errors.setdefault(row, message)
+    at_ms = _times_ms(mapped.at, errors)
+    evidence = _evidence_json(export.kind, table.lines, mapped.texts, mapped.numbers)
+    scopes: list[str | None]
+    if mapped.scopes is None:
+        scopes = [scope] * table.n
+    else:
+        scopes = [s or scope for s in mapped.scopes]
+    batch = EventBatch(label)
+    if not errors and not mapped.split and not found:
+        batch.addresses, batch.events, batch.at_ms = addresses, list(mapped.events), at_ms
+        batch.scopes, batch.lines, batch.evidence = scopes, table.lines, evidence
+        return batch
+    rows: list[int] = []  # the row of each event
+    starts = [0] * (table.n + 1)  # events before each row
+    for row in range(table.n):
+        if row not in errors:
+            for event_scope in mapped.split.get(row) or (scopes[row],):
+                rows.append(row)
+                batch.scopes.append(event_scope)
+        starts[row + 1] = len(rows)
+    batch.addresses = [addresses[r] for r in rows]
+    batch.events = [mapped.events[r] for r in rows]
+    batch.at_ms = [at_ms[r] for r in rows]
+    batch.lines = [table.lines[r] for r in rows]
+    batch.evidence = [evidence[r] for r in rows]
+    problems = sorted(
+        [(before, 0, n, line, message) for n, (before, line, message) in enumerate(found)]
+        + [(row, 1, 0, table.lines[row], message) for row, message in errors.items()]
+    )
+    for before, _, _, line, message in problems:
+        batch.problems.append(ImportProblem(shown, line, message))
+        batch.problem_after.append(starts[before])
+    return batch
+
+
+def _problems_only(label: str, problems: Sequence[ImportProblem]) -> EventBatch:
+    """A batch of problems and no events."""
+    return EventBatch(label, problems=list(problems), problem_after=[0] * len(problems))
+
+
 def scan(
     source: str,
     path: Path,
@@ -928,106 +1415,157 @@ def scan(
     `fold_case` folds the local part of every address; `scope` applies to every event whose
     row does not carry a scope of its own.
     """
+    batches = scan_batches(
+        source, path, fold_case=fold_case, kind=kind, scope=scope, rows=_SCAN_ROWS
+    )
+    for batch in batches:
+        yield from batch.items()
+
+
+def scan_batches(
+    source: str,
+    path: Path,
+    *,
+    fold_case: bool = False,
+    kind: str | None = None,
+    scope: str | None = None,
+    rows: int = BATCH_ROWS,
+) -> Iterator[EventBatch]:
+    """`scan` as batches of up to `rows` rows (records): the same events and problems in the
+    same order, as columns (`EventBatch`), with no object made per event. What an import of
+    a large file uses; memory holds one batch at a time."""
     if source not in _EXPORTS:
         raise ValueError(f"unknown import source {source!r}; expected one of {', '.join(SOURCES)}")
     if kind is not None and kind not in EXPORT_KINDS[source]:
         raise ValueError(f"{source} has no export kind {kind!r}: {', '.join(EXPORT_KINDS[source])}")
-    shown = str(path)
+    shown, label = str(path), f"import:{source}"
     try:
         raw = _open(path)
     except OSError as exc:
-        yield ImportProblem(shown, 0, f"cannot read the file: {exc.strerror or exc}")
+        yield _problems_only(
+            label, [ImportProblem(shown, 0, f"cannot read the file: {exc.strerror or exc}")]
+        )
         return
     with raw:
         try:
-            yield from _scan_open(source, path, raw, fold_case, kind, scope)
+            yield from _scan_open(source, path, raw, (shown, label, fold_case, scope), kind, rows)
         except _FileError as exc:
-            yield ImportProblem(shown, exc.line, exc.message)
+            yield _problems_only(label, [ImportProblem(shown, exc.line, exc.message)])
         except OSError as exc:  # a truncated gzip stream, a read error
-            yield ImportProblem(shown, 0, f"cannot read the file: {exc}")
+            yield _problems_only(label, [ImportProblem(shown, 0, f"cannot read the file: {exc}")])
 
 
 def _scan_open(
     source: str,
     path: Path,
     raw: IO[bytes],
-    fold_case: bool,
+    where: tuple[str, str, bool, str | None],
     kind: str | None,
-    scope: str | None,
-) -> Iterator[ImportedEvent | ImportProblem]:
-    """`scan` on an open file."""
-    shown, hint, label = str(path), path.name.lower(), f"import:{source}"
-    mapper = _MAPPERS[source]
-    export: _Export | None = None
+    size: int,
+) -> Iterator[EventBatch]:
+    """`scan_batches` on an open file."""
+    hint, mapper = path.name.lower(), _MAPPERS[source]
     if _first_char(raw) in {"[", "{"}:
         if source == "csv":
             raise _FileError(1, "this is JSON; kiln's csv import reads CSV (address,event,...)")
+        yield from _json_batches(raw, source, hint, kind, size, mapper, where)
+        return
+    yield from _csv_batches(raw, source, hint, kind, size, mapper, where)
+
+
+def _json_batches(
+    raw: IO[bytes],
+    source: str,
+    hint: str,
+    kind: str | None,
+    size: int,
+    mapper: Callable[[_Export, _Table], _Columns],
+    where: tuple[str, str, bool, str | None],
+) -> Iterator[EventBatch]:
+    """The batches of a JSON file, `size` records at a time."""
+    shown, label = where[0], where[1]
+    export: _Export | None = None
+    records: list[dict[str, object]] = []
+    lines: list[int] = []
+    found: list[tuple[int, int, str]] = []
+
+    def pending() -> EventBatch:
+        if export is None or not records:
+            return _problems_only(label, [ImportProblem(shown, n, m) for _, n, m in found])
+        return _batch(export, mapper, _Table(lines, records=records), found, where)
+
+    try:
         for line, row, container in _json_rows(raw, source):
             if isinstance(row, str):
-                yield ImportProblem(shown, line, row)
-                continue
-            if export is None:
-                keys = frozenset(row)
-                export = _detect(source, keys, hint, kind)
-                if export is None or _CONTAINERS.get(_key(container or ""), source) != source:
-                    shown_keys = "keys " + ", ".join(sorted(row)) if row else "no keys"
-                    raise _FileError(line, _misfit(source, keys, shown_keys, container))
-            yield from _row_items(export, mapper, row, line, shown, label, fold_case, scope)
-        return
-    for line, row, columns in _csv_rows(raw):
-        if isinstance(row, str):
-            yield ImportProblem(shown, line, row)
-            continue
-        header = row.get("__header__")
-        if isinstance(header, list):
-            keys = frozenset(str(k) for k in header)
-            export = _detect(source, keys, hint, kind)
-            if export is None:
-                listed = (
-                    "columns " + ", ".join(c for c in columns if c) if columns else "no columns"
-                )
-                raise _FileError(line, _misfit(source, keys, listed, None))
-            continue
-        assert export is not None  # the header comes first
-        yield from _row_items(export, mapper, row, line, shown, label, fold_case, scope)
+                found.append((len(records), line, row))
+            else:
+                if export is None:
+                    keys = frozenset(row)
+                    export = _detect(source, keys, hint, kind)
+                    if export is None or _CONTAINERS.get(_key(container or ""), source) != source:
+                        shown_keys = "keys " + ", ".join(sorted(row)) if row else "no keys"
+                        raise _FileError(line, _misfit(source, keys, shown_keys, container))
+                records.append(row)
+                lines.append(line)
+            if len(records) + len(found) >= size:
+                yield pending()
+                records, lines, found = [], [], []
+    except (_FileError, OSError):
+        if records or found:
+            yield pending()
+        raise
+    if records or found:
+        yield pending()
 
 
-def _row_items(
-    export: _Export,
-    mapper: Callable[[_Export, dict[str, object]], list[_Mapped]],
-    row: dict[str, object],
-    line: int,
-    shown: str,
-    label: str,
-    fold_case: bool,
-    scope: str | None,
-) -> list[ImportedEvent | ImportProblem]:
-    """The events one row gives (usually one; a Mailgun unsubscribe from several tags gives
-    one per tag), or the row's one problem."""
-    raw_address = _text(row.get(export.address_key))
-    if not raw_address:
-        return [
-            ImportProblem(shown, line, f"no address (the {export.address_key!r} field is empty)")
-        ]
-    try:
-        address = normalise(raw_address, fold_case=fold_case)
-        mapped = mapper(export, row)
-        times = [_time_ms(m.at) for m in mapped]
-    except (AddressError, _RowError) as exc:
-        return [ImportProblem(shown, line, str(exc))]
-    items: list[ImportedEvent | ImportProblem] = []
-    for m, at_ms in zip(mapped, times, strict=True):
-        evidence: dict[str, str | int] = {"line": line, "kind": export.kind}
-        reason = _text(m.reason)
-        if reason:
-            evidence["reason"] = _cut(reason)
-        for name, value in m.extra:
-            if isinstance(value, int) and not isinstance(value, bool):
-                evidence[name] = value
-            elif text := _text(value):
-                evidence.setdefault(name, _cut(text))
-        items.append(ImportedEvent(address, m.event, at_ms, m.scope or scope, label, evidence))
-    return items
+def _csv_batches(
+    raw: IO[bytes],
+    source: str,
+    hint: str,
+    kind: str | None,
+    size: int,
+    mapper: Callable[[_Export, _Table], _Columns],
+    where: tuple[str, str, bool, str | None],
+) -> Iterator[EventBatch]:
+    """The batches of a CSV file, `size` rows at a time after its header."""
+    shown, label = where[0], where[1]
+    text = _CsvText(raw)
+    lines = text.lines()
+    first = next(lines, None)
+    if first is None:
+        raise _FileError(1, "the file is empty")
+    reader = cast(_Reader, csv.reader(itertools.chain([first], lines), delimiter=_delimiter(first)))
+    header: list[str] | None = None
+    line = 0
+    while header is None:  # the first row that is not blank
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            text.claim(start, reader.line_num)
+            yield _problems_only(
+                label, [ImportProblem(shown, reader.line_num, f"unreadable CSV: {exc}")]
+            )
+            continue
+        bad = text.claim(start, reader.line_num)
+        if bad is not None:
+            raise _FileError(start, f"header: {bad}")
+        if any(c.strip() for c in cells):
+            header, line = cells, start
+    keys = [_key(c) for c in header]
+    export = _detect(source, frozenset(keys), hint, kind)
+    if export is None:
+        columns = [c.strip() for c in header]
+        listed = "columns " + ", ".join(c for c in columns if c) if columns else "no columns"
+        raise _FileError(line, _misfit(source, frozenset(keys), listed, None))
+    index: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        index.setdefault(key, i)
+    for records in _csv_records(reader, text, size):
+        table = _csv_table(records.rows, records.lines, index, len(keys), export.address_key)
+        yield _batch(export, mapper, table, records.problems, where)
 
 
 # --------------------------------------------------------------------------------------------

@@ -422,11 +422,17 @@ class SuppressionList:
 
     def written(self, events: Sequence[SuppressionEvent], ids: Sequence[int]) -> int:
         """Fold events the store has made durable (with their ids) into the live set."""
-        self.engine.suppress_apply([(e.fingerprint, e.event, e.expires_ms) for e in events])
-        if ids:
-            self.last_id = max(self.last_id, max(ids))
-        self.unsnapshotted += len(events)
-        return len(events)
+        items = [(e.fingerprint, e.event, e.expires_ms) for e in events]
+        return self.written_items(items, max(ids, default=0))
+
+    def written_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
+        """`written` for events in the core's fold form, (fingerprint, event, expires_ms),
+        durable up to log id `last_id` (an import's columns, folded without an object per
+        event)."""
+        self.engine.suppress_apply(items)
+        self.last_id = max(self.last_id, last_id)
+        self.unsnapshotted += len(items)
+        return len(items)
 
     def check(
         self, addresses: Sequence[str], now_ms: int, scope: str = ""
