@@ -9,13 +9,10 @@ instead of hanging the suite.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -146,41 +143,3 @@ def test_pinned_refusal_covers_every_entry(method: str) -> None:
     t.start()
     t.join(10)
     assert len(caught) == 1
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
-def test_background_threads_yield_the_cpu_to_the_mta_sockets() -> None:
-    """In a serving daemon the store's and the signal sources' threads run at
-    BACKGROUND_NICE, while the core's serving threads and the event loop keep the normal
-    priority (kiln.priority): an MTA's request takes the CPU from background work at once."""
-    from daemonproc import running_daemon
-    from kiln.priority import BACKGROUND_NICE
-
-    def threads(pid: int) -> dict[int, tuple[str, int]]:
-        out = {}
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-                stat = (task / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                out[int(task.name)] = (
-                    stat[stat.index("(") + 1 : stat.rindex(")")],
-                    int(fields[16]),
-                )
-        return out  # tid -> (name, nice: stat field 19)
-
-    with running_daemon() as d:
-        assert d.proc is not None
-        loop_thread = d.proc.pid  # the main thread runs the event loop
-        deadline = time.monotonic() + 10
-        # The store's thread starts with the first write (the 1 Hz tick's).
-        while True:
-            nice = threads(d.proc.pid)
-            lowered = [tid for tid, (_, n) in nice.items() if n == BACKGROUND_NICE]
-            if len(lowered) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    assert nice[loop_thread][1] == 0, nice
-    assert {n for name, n in nice.values() if name == "kiln-mta"} == {0}, nice
-    # Python names no OS thread: the store's and the signal loop's (at least) are lowered.
-    assert len(lowered) >= 2, nice
-    assert all(n in (0, BACKGROUND_NICE) for _, n in nice.values()), nice

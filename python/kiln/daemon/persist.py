@@ -17,7 +17,6 @@ from datetime import date
 from typing import Any, TypeVar
 
 from kiln import _core
-from kiln.priority import background_thread
 from kiln.records import DayCounts, Held, LogEntry, PushbackKey
 from kiln.store import Store, StoreError
 
@@ -118,9 +117,7 @@ class Persister:
 
     def start_thread(self) -> None:
         """From now on writes and `run` go to the store thread."""
-        self._thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kiln-store", initializer=background_thread
-        )
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-store")
 
     def stop_thread(self) -> None:
         """Wait for the store thread's work and end it."""

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 from kiln import _core
 from kiln.postfix import transport_name
-from kiln.priority import background_thread
 from kiln.records import Held
 from kiln.schedule import Plan
 
@@ -82,9 +81,7 @@ class PostfixGate:
         self._changes: dict[int, Held | None] = {}
         #: Queue ids to hand back again (their grant waits; see `hold`).
         self._again: dict[str, None] = {}
-        self._workers = ThreadPoolExecutor(
-            RELEASE_WORKERS, thread_name_prefix="kiln-postqueue", initializer=background_thread
-        )
+        self._workers = ThreadPoolExecutor(RELEASE_WORKERS, thread_name_prefix="kiln-postqueue")
         self._task: asyncio.Task[None] | None = None
         #: Set by `hold`: the release loop sleeps on it while nothing waits.
         self._wake = asyncio.Event()

@@ -12,7 +12,6 @@ import contextlib
 import gc
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,6 @@ from kiln.daemon.listener import (
     set_socket_access,
 )
 from kiln.daemon.mta import RustMtaSocket, clock_spec
-from kiln.priority import background_thread
 from kiln.store import StoreError
 
 if TYPE_CHECKING:
@@ -43,10 +41,6 @@ SWITCH_INTERVAL_S = 0.0005
 async def serve(d: Daemon) -> None:
     """Listen, run the jobs, and stop cleanly on SIGTERM/SIGINT; SIGHUP reloads."""
     loop = asyncio.get_running_loop()
-    # Blocking work (`Runner.worker`: log and plan reading) yields the CPU to the MTA sockets.
-    loop.set_default_executor(
-        ThreadPoolExecutor(thread_name_prefix="kiln-worker", initializer=background_thread)
-    )
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     stopping = d.stopping = asyncio.Event()
     d.job_lock = asyncio.Lock()

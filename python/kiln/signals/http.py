@@ -67,7 +67,6 @@ import httpx
 
 from kiln.clock import SystemClock
 from kiln.log import get_logger
-from kiln.priority import background_thread
 from kiln.signals import ErrorKind, SourceError
 from kiln.signals.urls import LOOPBACK_RULE, is_loopback_host
 
@@ -254,7 +253,6 @@ async def off_loop(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) ->
             future.set_result(result)  # type: ignore[arg-type]
 
     def work() -> None:
-        background_thread()
         result: _R | None = None
         error: Exception | None = RuntimeError("the parser thread ended without a result")
         try:

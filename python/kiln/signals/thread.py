@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-from kiln.priority import background_thread
 
 __all__ = ["SignalLoop"]
 
@@ -43,12 +40,6 @@ class SignalLoop:
         ready = threading.Event()
 
         def main() -> None:
-            background_thread()
-            loop.set_default_executor(
-                ThreadPoolExecutor(
-                    thread_name_prefix="kiln-signals-io", initializer=background_thread
-                )
-            )
             asyncio.set_event_loop(loop)
             loop.call_soon(ready.set)
             loop.run_forever()
