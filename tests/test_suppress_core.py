@@ -60,7 +60,7 @@ def test_big_folds_and_snapshots_in_parts_equal_the_model() -> None:
     data = engine.suppress_snapshot()
     again = keyed()
     assert again.suppress_restore(data) == listed
-    assert again.suppress_snapshot() != b"" and again.suppress_stats()[0] == listed
+    assert again.suppress_stats()[0] == listed
     assert dict(zip(addresses, again.suppress_check(addresses, NOW_MS), strict=True)) == want
     for a in rng.sample(addresses, 500):
         assert again.suppressed(a, NOW_MS) == want[a]

@@ -53,7 +53,7 @@ from kiln.schedule import Plan
 from kiln.signals.poller import Poller
 from kiln.signals.thread import SignalLoop
 from kiln.store import Store, StoreError
-from kiln.suppress.live import SuppressionList, SuppressionRequest
+from kiln.suppress.live import SuppressionList
 from kiln.watchdog import LoopMonitor, Notifier
 
 __all__ = ["Daemon", "run"]
@@ -368,25 +368,12 @@ class Daemon:
         good = []
         for e in events:
             try:
-                verdict = self.suppression.verdict(
-                    e.recipient or "", "", e.result, (e.code, e.enhanced, e.text or ""), e.at_ms
-                )
+                reply = (e.code, e.enhanced, e.text or "")
+                address = e.recipient or ""
+                verdict = self.suppression.verdict(address, "", e.result, reply, e.at_ms)
                 if verdict is None:
                     continue
-                evidence = {
-                    "ip": e.ip,
-                    "code": e.code,
-                    "enhanced": e.enhanced,
-                    "text": (e.text or "")[:500],
-                    **verdict.why,
-                }
-                request = SuppressionRequest(
-                    address=e.recipient or "",
-                    event=verdict.event,
-                    source=f"mta log ({e.source})",
-                    expires_ms=verdict.expires_ms,
-                    evidence={k: v for k, v in evidence.items() if v},
-                )
+                request = verdict.request(address, "", f"mta log ({e.source})", e.ip, reply)
                 good.extend(self.suppression.events([request], now_ms))
             except ValueError as err:
                 self.warn_repeated("suppression_address_unreadable", error=str(err))

@@ -294,20 +294,9 @@ async def report(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[
     reply["suppressed"] = None if verdict is None else verdict.event
     if verdict is None:
         return reply
-    evidence = {"ip": req.get("ip"), "code": code, "enhanced": enhanced, "text": text[:500]}
-    events = d.suppression.events(
-        [
-            SuppressionRequest(
-                address=address,
-                event=verdict.event,
-                source="report",
-                scope=scope,
-                expires_ms=verdict.expires_ms,
-                evidence={k: v for k, v in {**evidence, **verdict.why}.items() if v},
-            )
-        ],
-        now_ms,
-    )
+    ip = req.get("ip")
+    request = verdict.request(address, scope, "report", ip, (code, enhanced, text))
+    events = d.suppression.events([request], now_ms)
     await _record(d, run, events, "counted, but not recorded on the suppression list")
     return reply
 

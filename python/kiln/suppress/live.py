@@ -91,6 +91,27 @@ class Verdict:
     #: Why, beside the reply itself (the soft-bounce rule met and its count).
     why: dict[str, Any] = field(default_factory=dict)
 
+    def request(
+        self,
+        address: str,
+        scope: str,
+        source: str,
+        ip: str | None,
+        reply: tuple[int | None, str | None, str],
+    ) -> SuppressionRequest:
+        """The list's event for this verdict, with the reply (code, enhanced status, text,
+        cut to 500 characters) and the IP as its evidence (empty fields left out)."""
+        code, enhanced, text = reply
+        evidence = {"ip": ip, "code": code, "enhanced": enhanced, "text": text[:500], **self.why}
+        return SuppressionRequest(
+            address=address,
+            event=self.event,
+            source=source,
+            scope=scope,
+            expires_ms=self.expires_ms,
+            evidence={k: v for k, v in evidence.items() if v},
+        )
+
 
 def without_addresses(evidence: dict[str, Any], known: Sequence[str] = ()) -> dict[str, Any]:
     """`evidence` keeping no address: a field (or list item) that is an address is dropped,

@@ -41,6 +41,8 @@ class SoftBounces:
             raise ValueError("max_tracked: at least 1")
         self.rules = list(rules)
         self.max_tracked = max_tracked
+        #: How far back any rule looks: older failures are dropped.
+        self._longest_ms = max((rule.within for rule in self.rules), default=0)
         self._seen: OrderedDict[int, deque[tuple[int, int]]] = OrderedDict()
         #: Recipients forgotten to keep the bound.
         self.evicted = 0
@@ -70,8 +72,7 @@ class SoftBounces:
             if len(self._seen) >= self.max_tracked:
                 self._seen.popitem(last=False)
                 self.evicted += 1
-        longest = max(rule.within for rule in self.rules)
-        while times and times[0][0] <= at_ms - longest:
+        while times and times[0][0] <= at_ms - self._longest_ms:
             times.popleft()
         for i in rules:
             times.append((at_ms, i))
