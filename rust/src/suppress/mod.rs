@@ -15,8 +15,11 @@ use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
 use std::ops::Range;
 
+mod table;
 #[cfg(test)]
 mod tests;
+
+use table::Slots;
 
 /// Why an address is on the list (3 bits; 0 marks an empty slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +76,7 @@ pub const MAX_ADDRESSES: usize = 200_000_000;
 #[derive(Debug, Clone)]
 pub struct SuppressionSet {
     key: (u64, u64),
-    slots: Vec<u64>,
+    slots: Slots,
     len: usize,
     /// Fingerprint -> expiry (Unix ms) of the soft bounces.
     expiries: HashMap<u64, u64>,
@@ -90,7 +93,7 @@ impl SuppressionSet {
     pub fn new(key: (u64, u64)) -> Self {
         Self {
             key,
-            slots: vec![0; MIN_SLOTS],
+            slots: Slots::zeroed(MIN_SLOTS),
             len: 0,
             expiries: HashMap::new(),
         }
@@ -194,10 +197,10 @@ impl SuppressionSet {
     }
 
     fn grow(&mut self) {
-        let doubled = vec![0; self.slots.len() * 2];
+        let doubled = Slots::zeroed(self.slots.len() * 2);
         let old = std::mem::replace(&mut self.slots, doubled);
         let mask = self.mask();
-        for s in old.into_iter().filter(|&s| s != 0) {
+        for &s in old.iter().filter(|&&s| s != 0) {
             let mut i = (s >> EVENT_BITS) as usize & mask;
             while self.slots[i] != 0 {
                 i = (i + 1) & mask;
@@ -253,6 +256,21 @@ impl SuppressionSet {
         Some(event)
     }
 
+    /// `lookup` of each of `fps` onto `out`, a block at a time: first every block's home slot
+    /// is read in a loop without branches, so the CPU has many of those reads (each a cache
+    /// miss in a big table) in flight at once; the probes that follow find them in cache.
+    pub fn lookup_many(&self, fps: &[u64], now_ms: u64, out: &mut Vec<Option<Event>>) {
+        const BLOCK: usize = 32;
+        let mask = self.mask();
+        for block in fps.chunks(BLOCK) {
+            let touched = block
+                .iter()
+                .fold(0u64, |acc, &fp| acc ^ self.slots[fp as usize & mask]);
+            std::hint::black_box(touched);
+            out.extend(block.iter().map(|&fp| self.lookup(fp, now_ms)));
+        }
+    }
+
     /// Why `address` may not be mailed at `now_ms`: on the global list, or on `scope`'s.
     pub fn check(&self, scope: &[u8], address: &[u8], now_ms: u64) -> Option<Event> {
         self.lookup(self.fingerprint(b"", address), now_ms)
@@ -274,7 +292,7 @@ impl SuppressionSet {
     ) {
         let start = out.len();
         let global: Vec<u64> = addresses.iter().map(|a| self.fingerprint(b"", a)).collect();
-        out.extend(global.iter().map(|&fp| self.lookup(fp, now_ms)));
+        self.lookup_many(&global, now_ms, out);
         if scope.is_empty() {
             return;
         }
@@ -360,7 +378,7 @@ impl SuppressionSet {
         while n.min(MAX_ADDRESSES) * 8 > slots * 7 {
             slots *= 2;
         }
-        set.slots = vec![0; slots];
+        set.slots = Slots::zeroed(slots);
         set
     }
 
@@ -396,7 +414,7 @@ impl SuppressionSet {
             return Err("suppression snapshot: wrong length".into());
         }
         while n * 8 > set.slots.len() * 7 {
-            set.slots = vec![0; set.slots.len() * 2];
+            set.slots = Slots::zeroed(set.slots.len() * 2);
         }
         for k in 0..n {
             let s = word(32 + k * 8)?;

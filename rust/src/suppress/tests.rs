@@ -208,3 +208,29 @@ fn copying_by_ranges_and_bytes_by_parts_match_the_whole() {
     let back = SuppressionSet::from_bytes(KEY, &bytes).unwrap();
     assert_eq!(back.len(), s.len());
 }
+
+#[test]
+fn a_big_table_is_mapped_and_answers_in_blocks_as_one_at_a_time() {
+    let mut s = SuppressionSet::new(KEY);
+    assert!(format!("{s:?}").contains("vector"));
+    for i in 0..400_000u32 {
+        let fp = s.fingerprint(b"", format!("u{i}@example.com").as_bytes());
+        s.insert(fp, Event::HardBounce, None).unwrap();
+    }
+    assert!(
+        format!("{s:?}").contains("mapped"),
+        "{} slots",
+        s.slot_count()
+    );
+    // Listed and unlisted, over several blocks and a short last one.
+    let fps: Vec<u64> = (0..1_000u32)
+        .map(|i| s.fingerprint(b"", format!("u{}@example.com", i * 797).as_bytes()))
+        .collect();
+    let mut out = vec![Some(Event::Manual)];
+    s.lookup_many(&fps, 0, &mut out);
+    let one: Vec<Option<Event>> = fps.iter().map(|&fp| s.lookup(fp, 0)).collect();
+    assert_eq!(out[1..], one[..]);
+    assert!(one.iter().any(Option::is_some) && one.iter().any(Option::is_none));
+    let copy = s.clone();
+    assert!(copy.entries().eq(s.entries()));
+}
