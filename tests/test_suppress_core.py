@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from array import array
 from pathlib import Path
 
 from kiln import _core
@@ -21,6 +22,32 @@ def keyed() -> _core.Engine:
     engine = _core.Engine()
     engine.suppress_set_key(11, 22)
     return engine
+
+
+def test_a_column_hashes_as_the_pairs_do_and_names_refusals_by_row() -> None:
+    """The import's column form: the same fingerprints as one pair at a time, in one scope
+    or one scope per address (the domain normalised the same way), and a row the core
+    refuses gives 0 and its problem."""
+    engine = keyed()
+    addresses = ["a@Example.ORG", "not an address", "b@x.org", "c@bücher.de", "@x.org"]
+    scopes = ["", "news", "news", "", "billing"]
+    for scope, per_row in [("", None), ("news", None), ("", scopes)]:
+        column, refused = engine.suppress_fingerprint_column("\n".join(addresses), scope, per_row)
+        got = array("q")
+        got.frombytes(column)
+        pairs = per_row or [scope] * len(addresses)
+        want = engine.suppress_fingerprints(list(zip(addresses, pairs, strict=True)))
+        assert list(got) == [fp for _, fp, _ in want]
+        assert refused == [(r, p) for r, (a, _, p) in enumerate(want) if a is None]
+        assert [r for r, _ in refused] == [1, 4]
+        assert all(fp > 0 for r, fp in enumerate(got) if r not in (1, 4))
+    assert len(set(got)) == 4  # three addresses, and 0 for both refusals
+    try:
+        engine.suppress_fingerprint_column("a@x.org\nb@x.org", "", ["only one"])
+    except _core.CoreError as exc:
+        assert "scopes" in str(exc)
+    else:
+        raise AssertionError("a scope list of the wrong length was taken")
 
 
 def test_big_folds_and_snapshots_in_parts_equal_the_model() -> None:

@@ -381,6 +381,11 @@ class Engine:
     ) -> list[tuple[str | None, int, str | None]]:
         """`suppress_fingerprint` for many (address, scope): (address, fingerprint, None) or
         (None, 0, the problem) each."""
+    def suppress_fingerprint_column(
+        self, addresses: str, scope: str = "", scopes: list[str] | None = None
+    ) -> tuple[bytes, list[tuple[int, str]]]:
+        """Fingerprints of addresses joined by line breaks, in `scope` or each in its own
+        (`scopes`): native-endian u64s, 0 where refused, and the refusals (row, problem)."""
     def suppress_apply(self, events: Sequence[tuple[int, str, int | None]]) -> int:
         """Fold (fingerprint, event, expires_ms) into the set in order (`remove` takes an
         address off); how many changed whether they are listed."""

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, itemgetter, lshift
+from operator import add, lshift
 from pathlib import Path
 from typing import Any, cast, overload
 
@@ -55,7 +55,6 @@ _CODES: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
 _SOFT_CODE = _CODES["soft_bounce"]
 #: `at_ms` of an event read without a time.
 _NO_TIME = -(2**63)
-_fingerprint_of = itemgetter(1)
 
 
 @dataclass(slots=True)
@@ -92,7 +91,7 @@ class _Part:
             "\0".join(batch.evidence),
         )
 
-    def scope_texts(self) -> Sequence[str]:
+    def scope_texts(self) -> list[str]:
         """Each event's scope as the log keeps it ('' for the global list)."""
         if self.scopes is None:
             return [self.scope or ""] * self.n
@@ -325,16 +324,15 @@ async def hash_events(
     anything_listed = engine.suppress_stats()[0] > 0
     kept: list[_Part] = []
     for part in events.parts:
-        addresses = part.addresses.split("\n")
-        scopes = part.scope_texts()
-        hashed = engine.suppress_fingerprints(list(zip(addresses, scopes, strict=True)))
-        fingerprints = list(map(_fingerprint_of, hashed))
+        column, refused = engine.suppress_fingerprint_column(
+            part.addresses, part.scope or "", None if part.scopes is None else part.scope_texts()
+        )
+        fingerprints = array("q")
+        fingerprints.frombytes(column)
         keep = [True] * part.n
-        if 0 in fingerprints:  # addresses the core refuses (kiln's reading is stricter)
-            for row, (address, _, problem) in enumerate(hashed):
-                if address is None:
-                    keep[row] = False
-                    out.problem(f"{path}: {problem}")
+        for row, problem in refused:  # addresses the core refuses (kiln's reading is stricter)
+            keep[row] = False
+            out.problem(f"{path}: {problem}")
         keys = list(map(add, map(lshift, fingerprints, repeat(3)), part.events))
         fresh = set(keys)
         if all(keep) and len(fresh) == part.n and seen.isdisjoint(fresh):
@@ -352,7 +350,8 @@ async def hash_events(
         for code in set(codes):
             out.per_type[EVENT_TYPES[code]] += codes.count(code)
         if anything_listed:
-            _leave_out_listed(engine, part, addresses, scopes, keep, now_ms, out)
+            addresses = part.addresses.split("\n")
+            _leave_out_listed(engine, part, addresses, part.scope_texts(), keep, now_ms, out)
         if any(keep):
             kept.append(part.select(keep, fingerprints, now_ms))
         if yield_to_loop:

@@ -31,7 +31,7 @@ type RouteTable = (
     (usize, usize, usize),
     Vec<(String, Option<String>, Option<u64>)>,
 );
-use crate::protocol::{normalise_address, Route};
+use crate::protocol::{address_parts, normalise_address, Route};
 use crate::state::Snapshot;
 use crate::suppress::{Event as SuppressEvent, SuppressionSet};
 
@@ -783,6 +783,47 @@ impl PyEngine {
                 Err(e) => (None, 0, Some(e)),
             })
             .collect())
+    }
+
+    /// `suppress_fingerprints` for an import's column: `addresses` joined by line breaks,
+    /// in `scope` or each in its own (`scopes`, one per address). Returns the fingerprints
+    /// as native-endian u64s (0 where the core refuses the address) and the refusals (row,
+    /// problem). Only the key is read under the engine's lock; the hashing runs without it
+    /// and without the GIL.
+    #[pyo3(signature = (addresses, scope = "", scopes = None))]
+    fn suppress_fingerprint_column<'py>(
+        &self,
+        py: Python<'py>,
+        addresses: &str,
+        scope: &str,
+        scopes: Option<Vec<String>>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<(usize, String)>)> {
+        let key = self.lock(py)?.wire.suppress.key();
+        let n = addresses.split('\n').count();
+        if scopes.as_ref().is_some_and(|s| s.len() != n) {
+            return Err(bad("scopes", format_args!("one per address ({n}) expected")));
+        }
+        let (fps, refused) = py.detach(|| {
+            let mut fps = Vec::with_capacity(n * 8);
+            let mut refused = Vec::new();
+            for (row, address) in addresses.split('\n').enumerate() {
+                let scope = scopes.as_ref().map_or(scope, |s| s[row].as_str());
+                let fp = match address_parts(address) {
+                    Ok((local, domain)) => SuppressionSet::fingerprint_keyed(
+                        key,
+                        scope.as_bytes(),
+                        &[local.as_bytes(), b"@", domain.as_bytes()],
+                    ),
+                    Err(e) => {
+                        refused.push((row, e));
+                        0
+                    }
+                };
+                fps.extend_from_slice(&fp.to_ne_bytes());
+            }
+            (fps, refused)
+        });
+        Ok((PyBytes::new(py, &fps), refused))
     }
 
     /// Fold log events into the set, in order: (fingerprint, event, expires_ms); the event

@@ -119,22 +119,24 @@ impl SuppressionSet {
     /// The 61-bit fingerprint of `address` in `scope` ("" for the global list): what the
     /// set holds, and what a hashed store keeps instead of the address. Never 0.
     pub fn fingerprint(&self, scope: &[u8], address: &[u8]) -> u64 {
-        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
-        h.write(scope);
-        h.write_u8(0);
-        h.write(address);
-        (h.finish() >> EVENT_BITS).max(1)
+        Self::fingerprint_keyed(self.key, scope, &[address])
     }
 
-    /// `fingerprint(scope, local@domain)` from the parts, without joining them (SipHash
-    /// reads a stream: the same bytes in pieces give the same hash).
+    /// `fingerprint(scope, local@domain)` from the parts, without joining them.
     pub fn fingerprint_parts(&self, scope: &[u8], local: &[u8], domain: &[u8]) -> u64 {
-        let mut h = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        Self::fingerprint_keyed(self.key, scope, &[local, b"@", domain])
+    }
+
+    /// The fingerprint with `key` of the address that `pieces` make joined (SipHash reads
+    /// a stream: the same bytes in pieces give the same hash), without a set at hand.
+    #[inline]
+    pub fn fingerprint_keyed(key: (u64, u64), scope: &[u8], pieces: &[&[u8]]) -> u64 {
+        let mut h = SipHasher13::new_with_keys(key.0, key.1);
         h.write(scope);
         h.write_u8(0);
-        h.write(local);
-        h.write(b"@");
-        h.write(domain);
+        for piece in pieces {
+            h.write(piece);
+        }
         (h.finish() >> EVENT_BITS).max(1)
     }
 
