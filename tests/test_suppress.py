@@ -631,6 +631,36 @@ def test_hashed_only_warns_of_addresses_written_before_it(tmp_path: Path) -> Non
     db.close()
 
 
+def test_export_after_hashed_only_mode_is_refused_or_partial_never_silent(
+    tmp_path: Path,
+) -> None:
+    """Addresses listed while hashed-only mode was on have no address in the log. Once the
+    mode is off again, an export refuses (naming how many, writing nothing) rather than
+    pass the others off as the whole list; asked for a partial export, it writes the others
+    and counts those left out."""
+    plan = tmp_path / "plan.yaml"
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    plan.write_text(PLAN + "suppression:\n  hashed_only: true\n")
+    d = make(plan, state, clock)
+    for a in ("ann@example.org", "bob@example.org"):
+        assert op(d, clock, op="suppress", action="add", address=a)["ok"]
+    d.store.close()
+    plan.write_text(PLAN)
+    d = make(plan, state, clock)
+    assert op(d, clock, op="suppress", action="add", address="cy@example.org")["ok"]
+    assert op(d, clock, op="suppress", action="remove", address="bob@example.org")["ok"]
+    target = tmp_path / "list.csv"
+    refused = op(d, clock, op="suppress_file", action="export", path=str(target))
+    assert not refused["ok"] and not target.exists()
+    assert "1 of the 2 listed addresses" in refused["error"], refused
+    partial = op(d, clock, op="suppress_file", action="export", path=str(target), partial=True)
+    assert partial["ok"] and partial["written"] == 1 and partial["left_out_hashed"] == 1
+    assert "cy@example.org" in target.read_text() and "ann" not in target.read_text()
+    wrong = op(d, clock, op="suppress_file", action="export", path=str(target), partial="yes")
+    assert not wrong["ok"] and "partial" in wrong["error"]
+
+
 def write_key(path: Path, key: str, mode: int = 0o600) -> Path:
     path.write_text(key + "\n")
     path.chmod(mode)

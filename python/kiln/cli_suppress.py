@@ -76,6 +76,12 @@ def add_suppress_verb(verbs: Any, state_dir_help: str) -> None:
     export = action("export", "write the list for MTAs and tools that keep their own")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="csv", help="default csv")
     export.add_argument("file", type=Path, help="where (the daemon writes it)")
+    export.add_argument(
+        "--partial",
+        action="store_true",
+        help="write the list even when some listed addresses are kept only as hashes "
+        "(hashed-only mode): those are left out, and counted",
+    )
 
 
 def _who() -> str:
@@ -130,6 +136,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "action": "export",
             "format": args.format,
             "path": str(args.file.absolute()),
+            "partial": args.partial,
         }
     req = {"action": a, "from": args.source, "path": str(args.file.absolute())}
     if args.scope is not None:
@@ -157,6 +164,11 @@ def _show(action: str, reply: dict[str, Any]) -> None:
         w(f"{reply['listed']:,} addresses listed\n")
     elif action == "export":
         w(f"{reply['written']:,} addresses written to {reply['path']}\n")
+        if reply.get("left_out_hashed"):
+            w(
+                f"{reply['left_out_hashed']:,} listed addresses left out: the log keeps only "
+                "their keyed hashes (recorded in hashed-only mode)\n"
+            )
     else:
         per = ", ".join(f"{k} {v:,}" for k, v in reply["per_type"].items()) or "none"
         w(f"{reply['rows']:,} rows: {per}; {reply['duplicates_in_file']:,} repeated in the file, ")

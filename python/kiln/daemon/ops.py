@@ -31,7 +31,13 @@ from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
 from kiln.records import LogEntry, RampKey, RampState, SuppressionEvent
 from kiln.store import StoreError
-from kiln.suppress.files import ImportRows, export_list, hash_events, read_file
+from kiln.suppress.files import (
+    ExportIncomplete,
+    ImportRows,
+    export_list,
+    hash_events,
+    read_file,
+)
 from kiln.suppress.formats import EXPORT_FORMATS, SOURCES
 from kiln.suppress.live import SuppressionRequest
 
@@ -401,11 +407,17 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
                 "export: the plan's suppression.hashed_only is on, so the log keeps no "
                 "addresses to write (only their keyed hashes); nothing was exported"
             )
+        partial = req.get("partial", False)
+        if not isinstance(partial, bool):
+            raise RequestError("partial: true or false")
+        write = functools.partial(export_list, partial=partial)
         try:
-            n = await run.store(d.persist, export_list, d.store, str(fmt), path, now())
+            n, left_out = await run.store(d.persist, write, d.store, str(fmt), path, now())
         except OSError as e:
             raise RequestError(f"{path}: {e.strerror or e}") from None
-        return {"ok": True, "path": str(path), "written": n}
+        except ExportIncomplete as e:
+            raise RequestError(f"export: {e}") from None
+        return {"ok": True, "path": str(path), "written": n, "left_out_hashed": left_out}
     if action not in ("import", "verify"):
         raise RequestError("action: import, verify or export")
     source = req.get("from")

@@ -37,6 +37,7 @@ from kiln.suppress.formats import (
 )
 
 __all__ = [
+    "ExportIncomplete",
     "ImportRead",
     "ImportRows",
     "Scanned",
@@ -403,12 +404,35 @@ def _listed(store: Store) -> Iterator[ListedAddress]:
         yield ListedAddress(e.address, event, e.at_ms, e.expires_ms, e.scope or None)
 
 
-def export_list(store: Store, fmt: str, path: Path, now_ms: int) -> int:
-    """Write the list to `path` in `fmt` (written beside it, then renamed); how many."""
+class ExportIncomplete(Exception):
+    """Listed addresses the log keeps only as keyed hashes (written in hashed-only mode),
+    which an export cannot write: nothing was written."""
+
+    def __init__(self, hashed: int, listed: int) -> None:
+        super().__init__(
+            f"{hashed:,} of the {listed:,} listed addresses were recorded in hashed-only mode "
+            "and the log keeps only their keyed hashes, so an export would leave them out "
+            "and pass for the whole list; nothing was exported (ask for a partial export to "
+            "write the others)"
+        )
+        self.hashed = hashed
+        self.listed = listed
+
+
+def export_list(
+    store: Store, fmt: str, path: Path, now_ms: int, *, partial: bool = False
+) -> tuple[int, int]:
+    """Write the list to `path` in `fmt` (written beside it, then renamed): (written, left
+    out). Listed addresses kept only as hashes are left out with `partial`; without it they
+    raise ExportIncomplete before anything is written."""
+    listed = list(_listed(store))
+    hashed = sum(1 for e in listed if not e.address)
+    if hashed and not partial:
+        raise ExportIncomplete(hashed, len(listed))
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as f:
-        n = write(fmt, (e for e in _listed(store) if e.address), f, now_ms=now_ms)
+        n = write(fmt, (e for e in listed if e.address), f, now_ms=now_ms)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return n
+    return n, hashed
