@@ -20,6 +20,7 @@ from kiln.cli import main
 from kiln.daemon import Daemon, DaemonConfig
 from kiln.errors import ConfigError
 from kiln.policyspec import SoftBounceRule
+from kiln.records import SuppressionEvent
 from kiln.suppress.live import SNAPSHOT_FILE, read_key_file, without_addresses
 from kiln.suppress.soft import SoftBounces
 from test_daemon import PLAN, FakeClock, make, ms, send
@@ -804,3 +805,49 @@ def test_an_import_may_fold_the_local_parts_case(plan_file: Path, tmp_path: Path
     reply = op(d, clock, **base, action="import", fold_case="yes")
     assert reply == {"ok": False, "error": "fold_case: true or false"}
     d.store.close()
+
+
+def test_an_event_written_while_an_import_is_folded_stays_the_last_word(
+    plan_file: Path, tmp_path: Path
+) -> None:
+    """An import is folded a batch at a time while the loop serves others: a `remove` logged
+    after the import's events is not undone by the import's later batches, a snapshot taken
+    meanwhile claims no log id past the import's start, and a restart gives the same set."""
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+    d = make(plan_file, state, clock)
+    live = d.suppression
+    assert op(d, clock, op="suppress", action="add", address="old@x.org")["ok"]
+    before = live.last_id
+    live.begin_import()
+    with pytest.raises(ValueError, match="another import"):
+        live.begin_import()
+    addresses = ["a@x.org", "b@x.org"]
+    events = [
+        SuppressionEvent(clock.t, fp, address, "unsubscribe", "import")
+        for address, fp, _ in live.engine.suppress_fingerprints([(a, "") for a in addresses])
+        if address is not None
+    ]
+    assert d.store.suppress_bulk(events) == 2
+    import_last = d.store.suppress_last_id()
+    # Logged after the import's events, folded before them.
+    assert op(d, clock, op="suppress", action="remove", address="a@x.org")["ok"]
+    assert live.take_snapshot()[0] == before < live.last_id
+    live.imported_items([(e.fingerprint, e.event, e.expires_ms) for e in events], import_last)
+    live.end_import(folded=True)
+    want = {"a@x.org": None, "b@x.org": "unsubscribe", "old@x.org": "manual"}
+    assert op(d, clock, op="check", addresses=list(want))["suppressed"] == want
+    assert live.take_snapshot()[0] == live.last_id > import_last
+    # An import whose fold did not finish: snapshots keep to the log id before it for good.
+    live.begin_import()
+    live.end_import(folded=False)
+    assert op(d, clock, op="suppress", action="add", address="c@x.org")["ok"]
+    floor = live.take_snapshot()[0]
+    assert floor < live.last_id
+    live.save_snapshot()
+    d.store.close()
+    again = make(plan_file, state, clock)
+    want["c@x.org"] = "manual"
+    assert op(again, clock, op="check", addresses=list(want))["suppressed"] == want
+    assert again.suppression.take_snapshot()[0] == again.suppression.last_id
+    again.store.close()

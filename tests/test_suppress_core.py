@@ -41,7 +41,7 @@ def test_a_column_hashes_as_the_pairs_do_and_names_refusals_by_row() -> None:
         assert refused == [(r, p) for r, (a, _, p) in enumerate(want) if a is None]
         assert [r for r, _ in refused] == [1, 4]
         assert all(fp > 0 for r, fp in enumerate(got) if r not in (1, 4))
-    assert len(set(got)) == 4  # three addresses, and 0 for both refusals
+        assert len(set(got)) == 4  # three addresses, and 0 for both refusals
     try:
         engine.suppress_fingerprint_column("a@x.org\nb@x.org", "", ["only one"])
     except _core.CoreError as exc:

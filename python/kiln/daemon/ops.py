@@ -30,7 +30,7 @@ from kiln.ramp import plan_providers
 from kiln.rampday import ramp_view
 from kiln.rate import RateSpec
 from kiln.records import LogEntry, RampKey, RampState, SuppressionEvent
-from kiln.store import StoreError
+from kiln.store import LogBatches, Store, StoreError
 from kiln.suppress.files import (
     ExportIncomplete,
     ImportRows,
@@ -387,6 +387,19 @@ async def suppress(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dic
     raise RequestError("action: add, remove, list or history")
 
 
+def _write_import(
+    store: Store, events: list[SuppressionEvent] | LogBatches
+) -> tuple[int, int | StoreError]:
+    """Write an import's events and read the log's last id in one job of the store's thread,
+    so that no event written after them is taken for one of theirs: (how many, the id or why
+    it could not be read). A failed write raises (nothing written)."""
+    n = store.suppress_bulk(events)
+    try:
+        return n, store.suppress_last_id()
+    except StoreError as e:
+        return n, e
+
+
 async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -> dict[str, Any]:
     """`action` import (an export of `from` at `path` onto the list: every event in one
     transaction, or none when a line cannot be read unless `skip_bad`), verify (is every
@@ -461,21 +474,44 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
         }
     if req.get("dry_run", False):
         return {"ok": True, "imported": 0, "would_import": len(scanned.events), **scanned.summary()}
-    # In hashed-only mode the events lose their addresses here (off the loop: no engine).
-    scanned.events = await run.worker(d.suppression.at_rest, scanned.events)
     try:
-        n = await run.store(d.persist, d.store.suppress_bulk, scanned.events)
-        last_id = await run.store(d.persist, d.store.suppress_last_id)
-    except StoreError as e:
+        d.suppression.begin_import()
+    except ValueError as e:
         raise RequestError(f"not imported: {e}") from None
-    # Folded in one go on the loop (a later event must not be folded before these), a batch
-    # of columns at a time; the core holds its lock a few thousand events at a time.
-    if isinstance(scanned.events, ImportRows):
-        for items in scanned.events.fold_items():
-            d.suppression.written_items(items, last_id)
-    else:  # hashed-only mode made them events
-        for start in range(0, len(scanned.events), 100_000):
-            d.suppression.written(scanned.events[start : start + 100_000], [last_id])
+    unfolded = False  # events may be in the log and not yet in the live set
+    try:
+        # In hashed-only mode the events lose their addresses here (off the loop: no engine).
+        scanned.events = await run.worker(d.suppression.at_rest, scanned.events)
+        unfolded = True
+        try:
+            n, last_id = await run.store(d.persist, _write_import, d.store, scanned.events)
+        except StoreError as e:
+            unfolded = False  # its one transaction rolled back: nothing was written
+            raise RequestError(f"not imported: {e}") from None
+        if isinstance(last_id, StoreError):
+            raise RequestError(
+                f"imported {n} events, but the log's last id could not be read ({last_id}): "
+                "they are in force from the next start"
+            ) from None
+        # A batch at a time, the loop serving others in between; an event folded meanwhile
+        # stays its address's last word (`imported_items`). The core takes its lock a few
+        # thousand events at a time.
+        kept = scanned.events
+        batches = (
+            kept.fold_items()
+            if isinstance(kept, ImportRows)
+            else (  # hashed-only mode made them events
+                [(e.fingerprint, e.event, e.expires_ms) for e in kept[i : i + 50_000]]
+                for i in range(0, len(kept), 50_000)
+            )
+        )
+        for items in batches:
+            d.suppression.imported_items(items, last_id)
+            if run is OFF_LOOP:
+                await asyncio.sleep(0)
+        unfolded = False
+    finally:
+        d.suppression.end_import(folded=not unfolded)
     return {"ok": True, "imported": n, **scanned.summary()}
 
 

@@ -213,6 +213,15 @@ class SuppressionList:
         self.last_id = 0
         #: Log events since the last snapshot.
         self.unsnapshotted = 0
+        #: While an import is written and folded (`begin_import`): each fingerprint folded
+        #: meanwhile from other events, with its highest log id.
+        self._touched: dict[int, int] | None = None
+        #: A snapshot claims no later log id than these (None: no bound): `last_id` when an
+        #: import began, while it is folded; the same for good once an import's fold did not
+        #: finish. A restart then folds the log again from there, which gives the same set
+        #: (the last event of each address wins), only later.
+        self._import_floor: int | None = None
+        self._unfolded_floor: int | None = None
 
     def open(self) -> int:
         """Key the live set and fold the log into it; how many addresses are listed.
@@ -377,7 +386,8 @@ class SuppressionList:
     def take_snapshot(self) -> tuple[int, bytes]:
         """(last log id in it, the set's bytes), on the engine's thread (the core copies the
         set a range at a time, never holding the MTA sockets for the whole copy)."""
-        return self.last_id, self.engine.suppress_snapshot()
+        floors = (f for f in (self._import_floor, self._unfolded_floor) if f is not None)
+        return min((self.last_id, *floors)), self.engine.suppress_snapshot()
 
     def write_snapshot(self, last_id: int, data: bytes) -> None:
         """Write a `take_snapshot` to the state folder, atomically (any thread)."""
@@ -442,9 +452,42 @@ class SuppressionList:
         )
 
     def written(self, events: Sequence[SuppressionEvent], ids: Sequence[int]) -> int:
-        """Fold events the store has made durable (with their ids) into the live set."""
+        """Fold events the store has made durable (with their ids, one each) into the live
+        set."""
         items = [(e.fingerprint, e.event, e.expires_ms) for e in events]
+        touched = self._touched
+        if touched is not None:
+            for (fp, _, _), log_id in zip(items, ids, strict=False):
+                touched[fp] = max(touched.get(fp, 0), log_id)
         return self.written_items(items, max(ids, default=0))
+
+    def begin_import(self) -> None:
+        """An import is about to write its events, and to fold them a batch at a time while
+        other events go on being folded as they come (`imported_items`). One import at a
+        time: ValueError while another is under way."""
+        if self._touched is not None:
+            raise ValueError("another import is being written; try again once it has ended")
+        self._touched = {}
+        self._import_floor = self.last_id
+
+    def imported_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
+        """Fold a batch of the import's events (the log holds them up to id `last_id`),
+        but not over an address that a later event (a higher log id) was folded for since
+        `begin_import`: an operator's `remove` or a new complaint written while the import
+        was being folded stays the address's last word, as in the log."""
+        touched = self._touched
+        if touched:
+            items = [item for item in items if touched.get(item[0], 0) <= last_id]
+        return self.written_items(items, last_id)
+
+    def end_import(self, *, folded: bool) -> None:
+        """The import ended: `folded` when all its written events were folded (or none was
+        written). Otherwise snapshots go on claiming no later log id than before it, so a
+        restart folds its events from the log."""
+        if not folded and self._unfolded_floor is None:
+            self._unfolded_floor = self._import_floor
+        self._touched = None
+        self._import_floor = None
 
     def written_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
         """`written` for events in the core's fold form, (fingerprint, event, expires_ms),
