@@ -38,6 +38,9 @@ use crate::suppress::{Event as SuppressEvent, SuppressionSet};
 /// (pool, provider, messages, next release ms) of one release queue.
 type QueueRow = (String, String, usize, Option<u64>);
 
+/// `suppress_fingerprint_column`: native-endian u64 fingerprints and the refusals (row, problem).
+type FingerprintColumn<'py> = (Bound<'py, PyBytes>, Vec<(usize, String)>);
+
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -791,17 +794,21 @@ impl PyEngine {
     /// problem). Only the key is read under the engine's lock; the hashing runs without it
     /// and without the GIL.
     #[pyo3(signature = (addresses, scope = "", scopes = None))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the list into an owned value
     fn suppress_fingerprint_column<'py>(
         &self,
         py: Python<'py>,
         addresses: &str,
         scope: &str,
         scopes: Option<Vec<String>>,
-    ) -> PyResult<(Bound<'py, PyBytes>, Vec<(usize, String)>)> {
+    ) -> PyResult<FingerprintColumn<'py>> {
         let key = self.lock(py)?.wire.suppress.key();
         let n = addresses.split('\n').count();
         if scopes.as_ref().is_some_and(|s| s.len() != n) {
-            return Err(bad("scopes", format_args!("one per address ({n}) expected")));
+            return Err(bad(
+                "scopes",
+                format_args!("one per address ({n}) expected"),
+            ));
         }
         let (fps, refused) = py.detach(|| {
             let mut fps = Vec::with_capacity(n * 8);
