@@ -632,6 +632,47 @@ def test_hashed_only_warns_of_addresses_written_before_it(tmp_path: Path) -> Non
     db.close()
 
 
+def test_hashed_only_warns_of_addresses_between_hashed_events(tmp_path: Path) -> None:
+    """On, off, on again: the log's first and last events keep no address, the one between
+    does, and the start still says so (the store records that an address was written, by
+    the operator's append and by an import alike)."""
+    plan = tmp_path / "plan.yaml"
+    hashed = PLAN + "suppression:\n  hashed_only: true\n"
+    state = tmp_path / "state"
+    clock = FakeClock(ms("2026-11-02T10:00:00"))
+
+    def start_then_add(text: str, address: str) -> list[str]:
+        plan.write_text(text)
+        with capture_logs() as logs:
+            d = make(plan, state, clock)
+        assert op(d, clock, op="suppress", action="add", address=address)["ok"]
+        d.store.close()
+        return [e["event"] for e in logs if e["log_level"] == "warning"]
+
+    assert "suppression_addresses_kept" not in start_then_add(hashed, "a@example.org")
+    assert "suppression_addresses_kept" not in start_then_add(hashed, "b@example.org")
+    start_then_add(PLAN, "c@example.org")  # the mode off: this one keeps its address
+    assert "suppression_addresses_kept" in start_then_add(hashed, "d@example.org")
+    assert "suppression_addresses_kept" in start_then_add(hashed, "e@example.org")
+    with sqlite3.connect(state / "kiln.db") as db:
+        kept = [r[0] for r in db.execute("SELECT address FROM kiln_suppression ORDER BY id")]
+    db.close()
+    assert kept == ["", "", "c@example.org", "", ""]
+
+    imported = tmp_path / "import"
+    for hashed_only in (True, False):
+        plan.write_text(hashed if hashed_only else PLAN)
+        d = make(plan, imported / str(hashed_only), clock)
+        export = tmp_path / "unsubscribes.csv"
+        export.write_text("created,email\n1700000000,x@example.org\n")
+        reply = op(
+            d, clock, op="suppress_file", action="import", path=str(export), **{"from": "sendgrid"}
+        )
+        assert reply["ok"] and reply["imported"] == 1, reply
+        assert d.store.suppress_kept_addresses() is not hashed_only
+        d.store.close()
+
+
 def test_export_after_hashed_only_mode_is_refused_or_partial_never_silent(
     tmp_path: Path,
 ) -> None:

@@ -97,7 +97,10 @@ _VERSION_KEY: Final = "schema_version"  # in kiln_meta
 #: Rows per statement when saving held recipients (SQLite's bound on parameters).
 _HELD_CHUNK: Final = 500
 _ID_KEY: Final = "store_id"  # in kiln_meta: the database's identity, recorded in the marker
-_STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY)  # kiln_meta keys set_meta may not write
+#: In kiln_meta once any suppression event was written with its address (not hashed-only):
+#: the log then holds addresses for good (`Store.suppress_kept_addresses`).
+_ADDRESSES_KEY: Final = "suppression_addresses_kept"
+_STORE_KEYS: Final = (_VERSION_KEY, _ID_KEY, _ADDRESSES_KEY)  # set_meta may not write these
 IO_ERRORS: Final = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")  # worth a write probe
 _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held while installing
 
@@ -196,6 +199,8 @@ class Store:
         self.created = False
         #: SQLite: the one connection's lock (see the module docstring); PostgreSQL: None.
         self._lock: threading.Lock | None = None
+        #: This object wrote _ADDRESSES_KEY already (or saw it written): no upsert per write.
+        self._addresses_noted = False
         self._file: Path | None = None  # SQLite: the database file, for failure hints
         if self._dialect == "sqlite":
             path = self._file = sqlite_file(parsed)
@@ -471,6 +476,10 @@ class Store:
         """The upsert of `set_meta`, inside the caller's transaction."""
         if key in _STORE_KEYS:
             raise ValueError(f"set_meta: {key!r} belongs to the store")
+        self._upsert_meta(session, key, value)
+
+    def _upsert_meta(self, session: Session, key: str, value: str) -> None:
+        """Write `key` in kiln_meta inside the caller's transaction, the store's own keys too."""
         statement = self._insert()(MetaRow).values(key=key, value=value)
         statement = statement.on_conflict_do_update(
             index_elements=["key"], set_={"value": statement.excluded.value}
@@ -698,10 +707,15 @@ class Store:
             )
             for e in events
         ]
+        noting = not self._addresses_noted and any(e.address for e in events)
         with self._transaction("append to the suppression log", write=True) as session:
             session.add_all(rows)
             session.flush()
-            return [row.id for row in rows if row.id is not None]
+            if noting:
+                self._upsert_meta(session, _ADDRESSES_KEY, "1")
+            ids = [row.id for row in rows if row.id is not None]
+        self._addresses_noted |= noting
+        return ids
 
     def suppress_bulk(
         self, events: Iterable[SuppressionEvent] | LogBatches, chunk: int = 50_000
@@ -719,25 +733,37 @@ class Store:
         else:
             batches = _log_column_batches(events, chunk)
         size = len(events) if isinstance(events, Sized) else 0
+        seen = _AddressesSeen(batches)
         with self._transaction("import into the suppression log", write=True) as session:
             connection = session.connection()
             driver: Any = connection.connection.driver_connection
             try:
                 if self._dialect != "sqlite":
-                    return _copy_log_columns(driver, batches)
-                table = table_of(SuppressionRow)
-                last = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar() or 0
-                reindex = size >= _SQLITE_REINDEX_MIN and size > last
-                if reindex:
-                    for index in table.indexes:
-                        index.drop(connection)
-                written = _insert_log_columns(driver, batches)
-                if reindex:
-                    for index in table.indexes:
-                        index.create(connection)
-                return written
+                    written = _copy_log_columns(driver, seen)
+                else:
+                    table = table_of(SuppressionRow)
+                    last = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar() or 0
+                    reindex = size >= _SQLITE_REINDEX_MIN and size > last
+                    if reindex:
+                        for index in table.indexes:
+                            index.drop(connection)
+                    written = _insert_log_columns(driver, seen)
+                    if reindex:
+                        for index in table.indexes:
+                            index.create(connection)
             except connection.dialect.loaded_dbapi.Error as exc:  # the driver's own, unwrapped
                 raise DBAPIError("import into the suppression log", None, exc) from exc
+            noting = seen.any and not self._addresses_noted
+            if noting:
+                self._upsert_meta(session, _ADDRESSES_KEY, "1")
+        self._addresses_noted |= noting
+        return written
+
+    def suppress_kept_addresses(self) -> bool:
+        """Whether an event was ever written to the log with its address (recorded in
+        kiln_meta in the transaction that wrote it; a log that held an address holds it for
+        good). Stores written before the record was kept need a look at the log itself."""
+        return self.get_meta(_ADDRESSES_KEY) is not None
 
     def suppress_last_id(self) -> int:
         """The id of the newest log event (0: none)."""
@@ -1015,6 +1041,20 @@ def _statements(batch: LogColumns) -> list[_Statement]:
         rest = range(whole * width, n * width, width)
         out.append((_insert_sql(fixed, 1), [constants + flat[i : i + width] for i in rest]))
     return out
+
+
+class _AddressesSeen:
+    """Log column batches passed on as they are, noting whether any event keeps its address
+    (a batch's first non-empty address ends the look)."""
+
+    def __init__(self, batches: Iterable[LogColumns]) -> None:
+        self._batches = batches
+        self.any = False
+
+    def __iter__(self) -> Iterator[LogColumns]:
+        for batch in self._batches:
+            self.any = self.any or any(batch.address)
+            yield batch
 
 
 def _insert_log_columns(driver: Any, batches: Iterable[LogColumns]) -> int:

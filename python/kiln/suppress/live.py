@@ -306,8 +306,11 @@ class SuppressionList:
             )
 
     def _log_keeps_addresses(self) -> bool:
-        """Whether the log's first or last event keeps its address: events from before
-        hashed-only mode was turned on (a cheap sign; the events between are not read)."""
+        """Whether the log holds an event with its address: the store's record of one ever
+        written, or for a log written before that record was kept, its first or last event
+        keeping its address (the events between are not read)."""
+        if self.store.suppress_kept_addresses():
+            return True
         first = self.store.suppress_events(limit=1)
         if first and first[0].address:
             return True
