@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from daemonproc import REPO, DaemonProc, stored_counts
+from kiln.errors import KilnError
 from kiln.exim import DEFAULT_TRANSPORT, EximConfig, exim_config, transport_name
 from kiln.planfile import load_plan
 from smtpsink import SmtpSink
@@ -432,15 +433,18 @@ def _day_used(d: DaemonProc, provider: str) -> int:
         return sum(int(c.request("limits", ip=ip, provider=provider)["day_used"]) for ip in IPS)
 
 
-def _exim_rejecting_suppressed(folder: Path, d: DaemonProc, sink: SmtpSink) -> Exim:
-    """A private Exim with kiln's routers and its RCPT ACL (`reject_suppressed`), relaying
-    to `sink`."""
+def _exim_rejecting_suppressed(
+    folder: Path, d: DaemonProc, sink: SmtpSink, scope: str = ""
+) -> Exim:
+    """A private Exim with kiln's routers and its RCPT ACL (`reject_suppressed`, checking
+    `scope`'s list too), relaying to `sink`."""
     rendered = exim_config(
         load_plan(d.plan),
         "tx",
         d.socket,
         smarthost=f"127.0.0.1:{sink.port}",
         reject_suppressed=True,
+        scope=scope,
     )
     return Exim(folder, _whole_config(folder, rendered))
 
@@ -490,6 +494,40 @@ def test_exim_refuses_suppressed_recipients_at_rcpt_and_fails_those_listed_later
             assert exim.queued() == 0
             # One pick charged per copy sent; the refused and failed recipients cost nothing.
             assert (_day_used(d, "google"), _day_used(d, "yahoo")) == (1, 1)
+        finally:
+            d.cleanup()
+
+
+def test_exim_with_a_scope_enforces_that_scopes_list_too(folder: Path) -> None:
+    """`scope="news"`: the ACL refuses a recipient on the `news` list at RCPT, the router
+    fails one listed for `news` after its message was queued, and a recipient listed for
+    another scope is delivered."""
+    d = _daemon(folder)
+    with SmtpSink() as sink:
+        exim = _exim_rejecting_suppressed(folder, d, sink, scope="news")
+        try:
+            d.start()
+            with d.client() as c:
+                for address, scope in (("news@gmail.com", "news"), ("bill@gmail.com", "billing")):
+                    reply = c.request(
+                        "suppress", action="add", address=address, event="unsubscribe", scope=scope
+                    )
+                    assert reply["ok"], reply
+            replies = exim.smtp(["news@gmail.com", "bill@gmail.com"], "scoped@e2e")
+            assert replies[3:5] == [f"{REFUSED} (unsubscribe)", "250 Accepted"], replies
+            exim.submit(["late@yahoo.com", "erin@yahoo.com"], "queued@e2e")
+            with d.client() as c:
+                reply = c.request("suppress", action="add", address="late@yahoo.com", scope="news")
+                assert reply["ok"], reply
+            exim.queue_run()
+            _until(lambda: len(sink.taken()) == 3, exim, "two copies and the bounce")
+            assert sorted(x.recipients for x in sink.taken()) == [
+                ("bill@gmail.com",),
+                ("erin@yahoo.com",),
+                (SENDER,),
+            ], exim.mainlog()[-2000:]
+            assert f"** late@yahoo.com R=kiln_pick: {FAILED} (manual)" in exim.mainlog()
+            assert exim.queued() == 0
         finally:
             d.cleanup()
 
@@ -751,6 +789,26 @@ def test_exim_config_names_the_socket_pool_and_smarthost() -> None:
         "--pool", pool, "--socket", "/run/kiln/kiln.sock", "--reject-suppressed"
     )
     assert done.returncode == 0 and done.stdout == refusing.text(), done.stderr
+    # A scope: both the router's pick and the ACL's check name it; nothing else changes.
+    scoped = exim_config(
+        plan, pool, Path("/run/kiln/kiln.sock"), reject_suppressed=True, scope="news"
+    )
+    assert scoped.transports == refusing.transports
+    assert scoped.routers == refusing.routers.replace(
+        '"domain":"$domain"', '"domain":"$domain","scope":"news"'
+    )
+    assert scoped.routers != refusing.routers
+    assert scoped.acl == refusing.acl.replace('"]\\}', '"],"scope":"news"\\}')
+    assert '"scope":"news"' in scoped.acl
+    done = _exim_config_cli(
+        "--pool", pool, "--socket", "/run/kiln/kiln.sock", "--reject-suppressed", "--scope", "news"
+    )
+    assert done.returncode == 0 and done.stdout == scoped.text(), done.stderr
+    for bad in ("stream:news", "a b", 'x"}', "$sender_address_domain", "-x", "x" * 129):
+        with pytest.raises(KilnError, match="scope"):
+            exim_config(plan, pool, Path("/s"), scope=bad)
+        done = _exim_config_cli("--pool", pool, f"--scope={bad}")
+        assert done.returncode == 1 and "scope" in done.stderr, (bad, done.stderr)
 
 
 #: A plan with IPv6 IPs: pool `tx` (a batch's IPv4 IP, a warm IPv6 one) overflows to `spill`;

@@ -32,12 +32,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemonproc import REPO, DaemonProc, stored_counts
 from kiln import _core
 from kiln.clock import SystemClock
 from kiln.daemon.postfix import PostfixGate, PostfixSettings
+from kiln.errors import KilnError
 from kiln.planfile import load_plan
 from kiln.postfix import postfix_config
 from kiln.records import Held
@@ -379,6 +381,16 @@ def test_postfix_config_renders_transports_for_every_ip_and_refuses_bad_input() 
         "smtpd_recipient_restrictions = check_recipient_access "
         "socketmap:unix:/run/kiln/postfix.sock:kiln.suppressed," in strict.text()
     )
+    scoped = postfix_config(
+        plan, pool, Path("/run/kiln/postfix.sock"), reject_suppressed=True, scope="news.example"
+    )
+    assert scoped.text() == strict.text().replace(
+        f"postfix.sock:{pool}\n", f"postfix.sock:{pool}/news.example\n"
+    ).replace("kiln.suppressed,", "kiln.suppressed/news.example,")
+    assert "kiln.suppressed/news.example," in scoped.main_cf
+    for bad_scope in ("stream:news", "a,b", "$x", "a b"):
+        with pytest.raises(KilnError, match="scope"):
+            postfix_config(plan, pool, Path("/s"), scope=bad_scope)
     v6 = load_plan(REPO / "schedules" / "example.yaml")
     v6.batches[next(iter(v6.batches))].ips.append("2001:db8::10")
     master = postfix_config(v6, pool, Path("/s")).master_cf
@@ -646,6 +658,39 @@ def test_postfix_bounces_suppressed_recipients_and_delivers_the_rest(folder: Pat
             lambda: (_messages_total(d, "delivered"), _per_key(copies)),
         )
         assert _messages_total(d, "bounced") == Counter()
+
+
+def test_postfix_with_a_scope_enforces_that_scopes_list_too(folder: Path) -> None:
+    """`kiln postfix-config --scope news --reject-suppressed`: smtpd's access table and the
+    transport table check the `news` list as well as the global one, and not another
+    scope's. `news@` is refused at RCPT TO; `Ann@` (a capital: smtpd asks `ann@`, which is
+    not listed) is accepted and bounced by the transport table when routed; `bill@`, listed
+    for `billing`, is delivered."""
+    with _suppressing(folder, "--reject-suppressed", "--scope", "news") as (d, pf, sink):
+        main_cf = (pf.conf / "main.cf").read_text()
+        assert ":kiln.suppressed/news," in main_cf, main_cf
+        assert (pf.conf / "master.cf").read_text().count("postfix.sock:tx/news\n") == 1
+        _suppress(d, "add", "news@gmail.com", event="unsubscribe", scope="news")
+        _suppress(d, "add", "Ann@gmail.com", event="unsubscribe", scope="news")
+        _suppress(d, "add", "bill@gmail.com", event="unsubscribe", scope="billing")
+        sender = "s1@example.com"
+        with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as s:
+            s.ehlo("client.kiln.test")
+            assert s.mail(sender)[0] == 250
+            code, text = s.rcpt("news@gmail.com")
+            assert code // 100 == 5 and f"{LISTED} (unsubscribe)".encode() in text, (code, text)
+            assert s.rcpt("Ann@gmail.com")[0] == 250
+            assert s.rcpt("bill@gmail.com")[0] == 250
+            assert s.data(_message(sender, "<n1@kiln.test>"))[0] == 250
+        _wait(
+            "bill@ delivered and the notice for Ann@ sent",
+            lambda: len(_copies(sink)) >= 2 and pf.queued() == 0,
+            30,
+            lambda: (_copies(sink), pf.log()[-3000:]),
+        )
+        assert sorted(r for _, r, _ in _copies(sink)) == ["bill@gmail.com", sender]
+        routed = r"to=<Ann@gmail\.com>, relay=none, .*, dsn=5\.7\.1, status=bounced"
+        assert re.search(rf"{routed} \({LISTED} \(unsubscribe\)\)$", pf.log(), re.M)
 
 
 def test_postfix_reject_suppressed_refuses_them_at_rcpt(folder: Path) -> None:

@@ -83,6 +83,12 @@ def add_mta_verbs(verbs: Any, state_dir_help: str) -> None:
 def _common(parser: argparse.ArgumentParser, state_dir_help: str, sock: str, what: str) -> None:
     parser.add_argument("--config", required=True, type=Path, metavar="PLAN", help="plan file")
     parser.add_argument("--pool", help="the pool its mail goes through (default: the only one)")
+    parser.add_argument(
+        "--scope",
+        default="",
+        help="also check recipients against this scope's suppression list (a sending "
+        "domain, stream or tenant; default: the global list only)",
+    )
     parser.add_argument("--socket", type=Path, help=f"{what} (default: STATE_DIR/{sock})")
     parser.add_argument("--state-dir", type=Path, help=state_dir_help)
 
@@ -119,6 +125,7 @@ def exim_config_main(args: argparse.Namespace, state_dir: Path) -> int:
             timeout_s=args.timeout,
             when_down=args.when_down,
             reject_suppressed=args.reject_suppressed,
+            scope=args.scope,
         ).text(),
     )
 
@@ -137,6 +144,7 @@ def postfix_config_main(args: argparse.Namespace, state_dir: Path) -> int:
             retry_s=args.retry,
             log_file=args.log_file,
             reject_suppressed=args.reject_suppressed,
+            scope=args.scope,
         ).text(),
     )
 

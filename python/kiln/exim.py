@@ -31,6 +31,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.schedule import Plan
+from kiln.suppress.address import mta_scope
 
 __all__ = ["DEFAULT_TRANSPORT", "WHEN_DOWN", "EximConfig", "exim_config", "transport_name"]
 
@@ -173,6 +174,7 @@ def exim_config(
     timeout_s: int = 2,
     when_down: str = "defer",
     reject_suppressed: bool = False,
+    scope: str = "",
 ) -> EximConfig:
     """The routers and transports for remote mail of `pool`, asking the daemon at `socket`:
     one transport per IP kiln may pick for the pool (its own and its overflow pools'), bound
@@ -180,7 +182,9 @@ def exim_config(
     sink) instead of looking up MX records. `when_down`: what mail does while kiln does not
     answer (`WHEN_DOWN`). `reject_suppressed`: also the RCPT ACL statement that refuses a
     recipient on kiln's suppression list (it refuses nothing while kiln does not answer).
-    KilnError for an unknown pool, a bad smarthost or `when_down`."""
+    `scope`: recipients are checked against that scope's suppression list as well as the
+    global one (`kiln.suppress.address.mta_scope` says which scopes a configuration can
+    name). KilnError for an unknown pool, a bad smarthost, `when_down` or `scope`."""
     if when_down not in WHEN_DOWN:
         raise KilnError(f"when_down must be one of {', '.join(WHEN_DOWN)}, got {when_down!r}")
     if pool not in plan.pools:
@@ -189,6 +193,10 @@ def exim_config(
         )
     if not 1 <= timeout_s <= 60:
         raise KilnError(f"timeout must be 1 to 60 s, got {timeout_s}")
+    try:
+        scoped = f',"scope":"{mta_scope(scope)}"' if scope else ""
+    except ValueError as exc:
+        raise KilnError(str(exc)) from None
     port = None
     loopback = False  # Exim refuses to send to its own machine unless told
     if smarthost is None:
@@ -210,7 +218,13 @@ def exim_config(
     if when_down == "default-ip":
         names[_DOWN_IP] = DEFAULT_TRANSPORT
     request = (
-        '\\{"op":"pick","pool":"' + pool + '","domain":"$domain"\\\n' + _address_field(6) + "\\}\\n"
+        '\\{"op":"pick","pool":"'
+        + pool
+        + '","domain":"$domain"'
+        + scoped
+        + "\\\n"
+        + _address_field(6)
+        + "\\}\\n"
     )
     unreachable = (
         '\\{"ok":false,"error":"kiln unreachable"\\}'
@@ -252,7 +266,7 @@ def exim_config(
     transports = "\n".join(
         _transport(name, ip, socket, timeout_s, port, loopback) for ip, name in names.items()
     )
-    acl = _suppressed_acl(socket, timeout_s) if reject_suppressed else ""
+    acl = _suppressed_acl(socket, timeout_s, scoped) if reject_suppressed else ""
     return EximConfig(routers=routers, transports=transports, acl=acl)
 
 
@@ -279,14 +293,20 @@ def _transport(
     )
 
 
-def _suppressed_acl(socket: Path, timeout_s: int) -> str:
+def _suppressed_acl(socket: Path, timeout_s: int, scoped: str) -> str:
     """The RCPT ACL's `deny` for a recipient on kiln's suppression list: a `check` (which
     charges nothing) of the recipient as the client wrote it (`_ACL_LOCAL`), refused with
     550 5.7.1 and the event when it is listed. Not refused: anything while kiln does not
     answer (the fail string is empty), an address kiln calls `invalid`, one `_CHECKABLE`
     leaves out. While kiln is down the `kiln_pick` router still holds the mail, and fails a
-    listed recipient once kiln is back."""
-    request = '\\{"op":"check","addresses":["\\\n          ' + _address(_ACL_LOCAL, 12) + '"]\\}\\n'
+    listed recipient once kiln is back. `scoped`: the request's scope field, or ""."""
+    request = (
+        '\\{"op":"check","addresses":["\\\n          '
+        + _address(_ACL_LOCAL, 12)
+        + '"]'
+        + scoped
+        + "\\}\\n"
+    )
     return (
         "  # kiln: refuse a recipient on kiln's suppression list (kiln exim-config\n"
         "  # --reject-suppressed). While kiln does not answer nothing is refused here.\n"

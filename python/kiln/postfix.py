@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError
 from kiln.schedule import Plan
+from kiln.suppress.address import mta_scope
 
 __all__ = [
     "WAIT_TEXT",
@@ -91,13 +92,17 @@ def postfix_config(
     retry_s: int = 60,
     log_file: str | None = None,
     reject_suppressed: bool = False,
+    scope: str = "",
 ) -> PostfixConfig:
     """The lines for remote mail of `pool`, asking the daemon's socketmap table at `socket`.
     `nexthop`: what `kiln run --postfix-nexthop` is given (shown in a comment; the daemon
     adds it to its answers). `retry_s`: how soon Postfix retries mail it deferred on its own
     (kiln down or restarting). `log_file`: Postfix's `maillog_file`, when it logs to a file
     of its own. `reject_suppressed`: also refuse suppressed recipients at submission (smtpd
-    then answers 451 while kiln is down). KilnError for an unknown pool or a bad value."""
+    then answers 451 while kiln is down). `scope`: recipients are checked against that
+    scope's suppression list as well as the global one (`kiln.suppress.address.mta_scope`
+    says which scopes a configuration can name). KilnError for an unknown pool or a bad
+    value."""
     if pool not in plan.pools:
         raise KilnError(
             f"pool {pool!r} is not in plan {plan.name!r}; its pools: " + ", ".join(plan.pools)
@@ -106,6 +111,10 @@ def postfix_config(
         raise KilnError(f"retry must be 10 to 4000 s, got {retry_s}")
     if nexthop and not valid_nexthop(nexthop):
         raise KilnError(f"nexthop must be HOST, [HOST] or either with :PORT, got {nexthop!r}")
+    try:
+        scoped = f"/{mta_scope(scope)}" if scope else ""
+    except ValueError as exc:
+        raise KilnError(str(exc)) from None
     ips = plan.all_ips()
     lines = [
         f"# kiln: plan {plan.name!r}, pool {pool!r} (kiln postfix-config)",
@@ -113,7 +122,7 @@ def postfix_config(
         "qmgr      unix  n       -       n       300     1       qmgr",
         "  -o rewrite_service_name=kiln-rewrite",
         "kiln-rewrite unix -     -       n       -       -       trivial-rewrite",
-        f"  -o transport_maps=socketmap:unix:{socket}:{pool}",
+        f"  -o transport_maps=socketmap:unix:{socket}:{pool}{scoped}",
         "# One smtp transport per sending IP"
         + (f" (kiln run --postfix-nexthop {nexthop})" if nexthop else "")
         + ":",
@@ -139,7 +148,7 @@ def postfix_config(
             "# permit (docs/suppression.md); while kiln is down smtpd answers 451 and senders",
             "# retry. Merge with your own restrictions:",
             f"smtpd_recipient_restrictions = check_recipient_access socketmap:unix:{socket}:"
-            "kiln.suppressed,",
+            f"kiln.suppressed{scoped},",
             "    permit_mynetworks, reject_unauth_destination",
         ]
     if log_file:

@@ -19,7 +19,14 @@ try:
 except ImportError:  # pragma: no cover - httpx, a dependency, brings it
     _idna = None
 
-__all__ = ["MAX_ADDRESS_BYTES", "AddressError", "all_normal", "is_normal", "normalise"]
+__all__ = [
+    "MAX_ADDRESS_BYTES",
+    "AddressError",
+    "all_normal",
+    "is_normal",
+    "mta_scope",
+    "normalise",
+]
 
 #: Longest normalised address accepted, in UTF-8 bytes: 64 for the local part, `@`, 255 for
 #: the domain (RFC 5321's own path limit, 254, is stricter; exports from other systems can hold
@@ -48,6 +55,22 @@ _PLAIN = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([^@\s\x00-\x1f\x7f]+)"
 #: An address of at most this many characters that `_NORMAL` matches is within every length
 #: bound (domain 255, address 320 bytes: it is ASCII).
 _NORMAL_MAX_CHARS = MAX_DOMAIN_BYTES
+
+
+#: A scope an MTA's configuration may name (`kiln exim-config --scope`, `kiln postfix-config
+#: --scope`): characters that Postfix's map names and main.cf lists, Exim's string expansion
+#: and JSON all take as they are.
+_MTA_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+=-]{0,127}")
+
+
+def mta_scope(scope: str) -> str:
+    """`scope` when an MTA's configuration can carry it verbatim, else ValueError."""
+    if _MTA_SCOPE.fullmatch(scope) is None:
+        raise ValueError(
+            f"scope {scope!r}: an MTA's configuration takes letters, digits and _ . @ + = - "
+            "(a letter or digit first, at most 128 characters)"
+        )
+    return scope
 
 
 class AddressError(ValueError):

@@ -3,7 +3,8 @@
 //! postfix.md.
 //!
 //! Postfix sends `NAME KEY` as a netstring (`LEN:DATA,`); NAME is the map name of
-//! `socketmap:unix:PATH:NAME`, here a pool's name, and KEY a recipient address (then its
+//! `socketmap:unix:PATH:NAME`, here a pool's name (`POOL/SCOPE`: its recipients are also
+//! checked against that scope's suppression list), and KEY a recipient address (then its
 //! domain and parent domains when the address is not found). For an address kiln answers:
 //!
 //! - `OK kiln-IP:NEXTHOP` when a grant is waiting for that recipient (released from the queue,
@@ -286,11 +287,13 @@ impl TransportMap {
             }
             return;
         }
+        // `POOL/SCOPE`: the recipient is also checked against that scope's list.
+        let (name, scope) = name.split_once('/').unwrap_or((name, ""));
         let Ok(pool) = engine.pool_handle(name) else {
             let _ = write!(self.payload, "PERM unknown pool {}", printable(name));
             return;
         };
-        if let Ok(Some(e)) = wire.suppressed(key, "", now_ms) {
+        if let Ok(Some(e)) = wire.suppressed(key, scope, now_ms) {
             self.stats.suppressed += 1;
             let _ = write!(
                 self.payload,

@@ -221,6 +221,10 @@ fn suppressed_recipients_bounce_and_the_access_table_rejects_them() {
         net("kiln.suppressed gmail.com"),
         net("kiln.suppressed/news later@gmail.com"),
         net("kiln.suppressed later@gmail.com"),
+        net("tx/news later@gmail.com"),
+        net("tx later@gmail.com"),
+        net("tx/billing later@gmail.com"),
+        net("nopool/news later@gmail.com"),
     ]
     .concat();
     let (replies, _) = ask(&mut e, &mut w, &mut m, input.as_bytes());
@@ -236,10 +240,19 @@ fn suppressed_recipients_bounce_and_the_access_table_rejects_them() {
     assert_eq!(&replies[3..5], ["NOTFOUND ", "NOTFOUND "]);
     assert!(replies[5].ends_with("(unsubscribe)"), "{replies:?}");
     assert_eq!(replies[6], "NOTFOUND ");
-    assert_eq!(m.stats.suppressed, 3);
-    // Nothing was charged for the suppressed recipient: one grant, for ok@gmail.com.
+    // A pool's table with a scope: that scope's list as well as the global one.
+    assert_eq!(
+        replies[7],
+        "OK error:5.7.1 kiln: the recipient is on the suppression list (unsubscribe)"
+    );
+    assert!(replies[8].starts_with("OK kiln-192.0.2.1"), "{replies:?}");
+    assert!(replies[9].starts_with("OK kiln-192.0.2.1"), "{replies:?}");
+    assert_eq!(replies[10], "PERM unknown pool nopool");
+    assert_eq!(m.stats.suppressed, 4);
+    // Nothing was charged for the suppressed recipients: a grant each for ok@gmail.com and
+    // for later@gmail.com without its scope and in another.
     assert_eq!(
         w.take_tallies().iter().map(|(_, c)| c.granted).sum::<u64>(),
-        1
+        3
     );
 }
