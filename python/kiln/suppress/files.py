@@ -19,8 +19,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import add, lshift
+from itertools import compress
 from pathlib import Path
 from typing import Any, cast, overload
 
@@ -318,10 +317,12 @@ async def hash_events(
     yield_to_loop: bool = True,
 ) -> Scanned:
     """Hash `events` with the core (on its thread, a batch at a time; with `yield_to_loop`
-    the loop serves others between batches) and keep those not repeated in the file (the
-    same address, scope and event) nor listed already for that reason in their scope.
+    the loop serves others between batches) and leave out each event that would change
+    nothing: one whose address (in its scope) had the same event in an earlier row of the
+    file, or, at its first row, is listed already for that reason. Folding what is kept gives
+    the live set that folding every row in file order would (each address's last row holds).
     `out.events` becomes the kept ones (`ImportRows`)."""
-    seen: set[int] = set()  # fingerprint * 8 + event code
+    last: dict[int, int] = {}  # fingerprint -> event code of its latest row so far
     anything_listed = engine.suppress_stats()[0] > 0
     kept: list[_Part] = []
     for part in events.parts:
@@ -334,25 +335,28 @@ async def hash_events(
         for row, problem in refused:  # addresses the core refuses (kiln's reading is stricter)
             keep[row] = False
             out.problem(f"{path}: {problem}")
-        keys = list(map(add, map(lshift, fingerprints, repeat(3)), part.events))
-        fresh = set(keys)
-        if all(keep) and len(fresh) == part.n and seen.isdisjoint(fresh):
-            seen |= fresh
+        first = keep.copy()  # rows whose address the file has not named before
+        if all(keep) and len(set(fingerprints)) == part.n and last.keys().isdisjoint(fingerprints):
+            last.update(zip(fingerprints, part.events, strict=True))
         else:
-            for row, key in enumerate(keys):
+            for row, (fp, code) in enumerate(zip(fingerprints, part.events, strict=True)):
                 if not keep[row]:
                     continue
-                if key in seen:
-                    keep[row] = False
-                    out.duplicates += 1
-                else:
-                    seen.add(key)
+                before = last.get(fp)
+                if before is not None:
+                    first[row] = False
+                    if before == code:
+                        keep[row] = False
+                        out.duplicates += 1
+                last[fp] = code
         codes = bytes(compress(part.events, keep))
         for code in set(codes):
             out.per_type[EVENT_TYPES[code]] += codes.count(code)
         if anything_listed:
             addresses = part.addresses.split("\n")
-            _leave_out_listed(engine, part, addresses, part.scope_texts(), keep, now_ms, out)
+            candidates = [k and f for k, f in zip(keep, first, strict=True)]
+            _leave_out_listed(engine, part, addresses, part.scope_texts(), candidates, now_ms, out)
+            keep = [k and (c or not f) for k, c, f in zip(keep, candidates, first, strict=True)]
         if any(keep):
             kept.append(part.select(keep, fingerprints, now_ms))
         if yield_to_loop:
