@@ -11,7 +11,7 @@ reasons as providers write them, half with a per-message token), SendGrid unsubs
 fresh SQLite store as the daemon's `suppress_file` op does, each step timed: `read_file` (a
 worker thread in the daemon), `hash_events` (the engine's thread), `Store.suppress_bulk` and
 `suppress_last_id` (the store's thread, one transaction), and the fold into the live set, both
-as ops.py does it (`ImportRows.fold_items` into `SuppressionList.written_items`, no object per
+as ops.py does it (`ImportRows.fold_columns` into `SuppressionList.imported_columns`, no object per
 event). The baseline is
 `csv.reader` over the same file (every row read, nothing kept). Reports rows a second, the
 total against 60 s, and the peak resident memory of the process.
@@ -173,8 +173,8 @@ def run_import(path: Path, source: str, folder: Path) -> dict[str, Any]:
     rss["after_store"] = rss_bytes()
 
     def fold() -> None:  # as ops.py folds an import
-        for items in events.fold_items():
-            suppression.written_items(items, last_id)
+        for columns in events.fold_columns():
+            suppression.imported_columns(columns, last_id)
 
     _, fold_s = timed(fold)
     listed = engine.suppress_stats()[0]

@@ -28,6 +28,7 @@ from kiln.duration import parse_ms
 from kiln.errors import ConfigError
 from kiln.policyspec import SoftBounceRule
 from kiln.records import SuppressionEvent
+from kiln.suppress.files import FoldColumns
 from kiln.suppress.live import SNAPSHOT_FILE, read_key_file, without_addresses
 from kiln.suppress.soft import SoftBounces
 from test_daemon import PLAN, FakeClock, make, ms, send
@@ -1009,7 +1010,7 @@ def test_an_event_written_while_an_import_is_folded_stays_the_last_word(
     # Logged after the import's events, folded before them.
     assert op(d, clock, op="suppress", action="remove", address="a@x.org")["ok"]
     assert live.take_snapshot()[0] == before < live.last_id
-    live.imported_items([(e.fingerprint, e.event, e.expires_ms) for e in events], import_last)
+    live.imported_columns(FoldColumns.of_events(events), import_last)
     live.end_import(folded=True)
     want = {"a@x.org": None, "b@x.org": "unsubscribe", "old@x.org": "manual"}
     assert op(d, clock, op="check", addresses=list(want))["suppressed"] == want

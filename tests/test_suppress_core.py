@@ -50,6 +50,49 @@ def test_a_column_hashes_as_the_pairs_do_and_names_refusals_by_row() -> None:
         raise AssertionError("a scope list of the wrong length was taken")
 
 
+def contents(engine: _core.Engine) -> tuple[bytes, list[bytes]]:
+    """A set's snapshot as (header and entries, the soft bounces' expiries in order): the
+    expiries come in their map's order, which the history of the map decides."""
+    data = engine.suppress_snapshot()
+    n = int.from_bytes(data[16:24], "little")
+    start = 32 + 8 * n
+    return data[:start], sorted(data[i : i + 16] for i in range(start, len(data), 16))
+
+
+def test_columns_fold_as_tuples_do_and_bad_columns_change_nothing() -> None:
+    """`suppress_apply_column` (an import's fold) gives the set `suppress_apply` gives for
+    the same events, removes and expiries included; columns that do not line up, an
+    unknown code or event, or a fingerprint out of range are refused before any change."""
+    names = ["hard_bounce", "soft_bounce", "remove", "complaint"]
+    rng = random.Random(5)  # noqa: S311 (fixed test data)
+    fps = [rng.randrange(1, 1 << 61) for _ in range(300)] * 2
+    codes = bytes(rng.randrange(4) for _ in fps)
+    expires = [
+        NOW_MS + 1000 * i if names[c] == "soft_bounce" else None for i, c in enumerate(codes)
+    ]
+    by_tuples, by_columns = keyed(), keyed()
+    changed = by_tuples.suppress_apply(
+        [(fp, names[c], t) for fp, c, t in zip(fps, codes, expires, strict=True)]
+    )
+    column = array("q", fps).tobytes()
+    assert by_columns.suppress_apply_column(column, codes, names, expires) == changed
+    assert contents(by_columns) == contents(by_tuples)
+    for bad, message in (
+        ((column[:-8], codes, names, None), "columns"),
+        ((column, codes, names, expires[:-1]), "columns"),
+        ((column, codes, names[:3], None), "code"),
+        ((column, codes, [*names[:3], "spam"], None), "spam"),
+        ((array("q", [0] * len(fps)).tobytes(), codes, names, None), "fingerprint"),
+    ):
+        try:
+            by_columns.suppress_apply_column(*bad)
+        except _core.CoreError as exc:
+            assert message in str(exc), (message, exc)
+        else:
+            raise AssertionError(f"taken: {message}")
+        assert contents(by_columns) == contents(by_tuples)
+
+
 def test_big_folds_and_snapshots_in_parts_equal_the_model() -> None:
     """300,000 events (adds, re-adds, removes, soft bounces) across several table doublings,
     applied in one call and in many; the set and its snapshot equal a dict fold."""

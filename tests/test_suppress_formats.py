@@ -912,8 +912,8 @@ def _import(store: Store, engine: _core.Engine, source: str, path: Path, now_ms:
     scanned = asyncio.run(hash_events(engine, path, read, scanned, now_ms, yield_to_loop=False))
     assert store.suppress_bulk(scanned.events) == len(scanned.events)
     assert isinstance(scanned.events, ImportRows)
-    for items in scanned.events.fold_items():
-        engine.suppress_apply(items)
+    for columns in scanned.events.fold_columns():
+        columns.apply(engine)
     return scanned
 
 

@@ -389,6 +389,15 @@ class Engine:
     def suppress_apply(self, events: Sequence[tuple[int, str, int | None]]) -> int:
         """Fold (fingerprint, event, expires_ms) into the set in order (`remove` takes an
         address off); how many changed whether they are listed."""
+    def suppress_apply_column(
+        self,
+        fingerprints: bytes,
+        codes: bytes,
+        names: list[str],
+        expires: list[int | None] | None = None,
+    ) -> int:
+        """`suppress_apply` for columns: native-endian u64 fingerprints, one code a row
+        indexing `names` (events, or "remove"), each row's expiry (None: none has one)."""
     def suppress_check(
         self, addresses: list[str], now_ms: int, scope: str = ""
     ) -> list[str | None]:

@@ -33,6 +33,7 @@ from kiln.records import LogEntry, RampKey, RampState, SuppressionEvent
 from kiln.store import LogBatches, Store, StoreError
 from kiln.suppress.files import (
     ExportIncomplete,
+    FoldColumns,
     ImportRows,
     export_list,
     hash_events,
@@ -494,19 +495,18 @@ async def suppress_file(d: Daemon, req: dict[str, Any], run: Runner, now: Now) -
                 "they are in force from the next start"
             ) from None
         # A batch at a time, the loop serving others in between; an event folded meanwhile
-        # stays its address's last word (`imported_items`). The core takes its lock a few
+        # stays its address's last word (`imported_columns`). The core takes its lock a few
         # thousand events at a time.
         kept = scanned.events
         batches = (
-            kept.fold_items()
+            kept.fold_columns()
             if isinstance(kept, ImportRows)
             else (  # hashed-only mode made them events
-                [(e.fingerprint, e.event, e.expires_ms) for e in kept[i : i + 50_000]]
-                for i in range(0, len(kept), 50_000)
+                FoldColumns.of_events(kept[i : i + 50_000]) for i in range(0, len(kept), 50_000)
             )
         )
-        for items in batches:
-            d.suppression.imported_items(items, last_id)
+        for columns in batches:
+            d.suppression.imported_columns(columns, last_id)
             if run is OFF_LOOP:
                 await asyncio.sleep(0)
         unfolded = False

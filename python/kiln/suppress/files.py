@@ -6,7 +6,7 @@ A large import holds its events as columns, a batch of rows at a time (`ImportRe
 `ImportRows`): text joined into one string per batch, times and fingerprints in arrays, no
 object per event. `ImportRows` is still a sequence of `SuppressionEvent` (made one by one
 when asked), and gives the store its columns (`log_columns`) and the live set its fold
-(`fold_items`) without them.
+(`fold_columns`) without them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from kiln.suppress.formats import (
 
 __all__ = [
     "ExportIncomplete",
+    "FoldColumns",
     "ImportRead",
     "ImportRows",
     "Scanned",
@@ -158,11 +159,53 @@ class ImportRead:
         return sum(p.n for p in self.parts)
 
 
+@dataclass(frozen=True, slots=True)
+class FoldColumns:
+    """Events as the live set folds them, in columns (`Engine.suppress_apply_column`):
+    fingerprints, event codes (places in `EVENT_TYPES`), expiries (None: none has one)."""
+
+    fingerprints: array[int]
+    codes: bytes
+    expires: Sequence[int | None] | None
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @classmethod
+    def of_events(cls, events: Sequence[SuppressionEvent]) -> FoldColumns:
+        """The columns of `events` (listing events: no `remove`)."""
+        expires = [e.expires_ms for e in events]
+        return cls(
+            array("q", [e.fingerprint for e in events]),
+            bytes([_CODES[e.event] for e in events]),
+            expires if any(t is not None for t in expires) else None,
+        )
+
+    def without(self, rows: Sequence[bool]) -> FoldColumns:
+        """The events but those `rows` marks."""
+        keep = [not r for r in rows]
+        expires = self.expires
+        return FoldColumns(
+            array("q", compress(self.fingerprints, keep)),
+            bytes(compress(self.codes, keep)),
+            None if expires is None else list(compress(expires, keep)),
+        )
+
+    def apply(self, engine: _core.Engine) -> int:
+        """Fold the events into `engine`'s live set; how many changed it."""
+        return engine.suppress_apply_column(
+            self.fingerprints.tobytes(),
+            self.codes,
+            list(EVENT_TYPES),
+            None if self.expires is None else list(self.expires),
+        )
+
+
 class ImportRows(Sequence[SuppressionEvent]):
     """The events an import writes, after hashing and deduplication: a sequence of
     `SuppressionEvent` made one at a time when asked, and the same events as log columns
-    (`log_columns`, what `Store.suppress_bulk` writes) and as the live set's fold (`fold_items`)
-    made a batch at a time. A slice is a view of the same events."""
+    (`log_columns`, what `Store.suppress_bulk` writes) and as the live set's fold
+    (`fold_columns`) made a batch at a time. A slice is a view of the same events."""
 
     def __init__(self, source: str, parts: Sequence[_Part], start: int = 0, stop: int = -1) -> None:
         self.source = source
@@ -245,14 +288,14 @@ class ImportRows(Sequence[SuppressionEvent]):
         for n, first, last in self._ranges():
             yield self._columns(n, first, last)
 
-    def fold_items(self) -> Iterator[list[tuple[int, str, int | None]]]:
-        """The events as `Engine.suppress_apply` folds them, a batch at a time:
-        (fingerprint, event, expires_ms)."""
+    def fold_columns(self) -> Iterator[FoldColumns]:
+        """The events as `Engine.suppress_apply_column` folds them, a batch at a time."""
         for n, first, last in self._ranges():
             part = self._parts[n]
             cut = slice(first, last)
-            yield list(
-                zip(part.fingerprints[cut], part.names()[cut], part.expires()[cut], strict=True)
+            soft = _SOFT_CODE in part.events
+            yield FoldColumns(
+                part.fingerprints[cut], part.events[cut], part.expires()[cut] if soft else None
             )
 
     def addresses(self) -> Iterator[str]:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln import _core
 from kiln.errors import ConfigError
@@ -35,6 +35,9 @@ from kiln.policyspec import SuppressionSpec
 from kiln.records import SuppressionEvent
 from kiln.store import Store
 from kiln.suppress.soft import SoftBounces
+
+if TYPE_CHECKING:
+    from kiln.suppress.files import FoldColumns
 
 __all__ = [
     "ADDRESS_MARK",
@@ -466,22 +469,25 @@ class SuppressionList:
 
     def begin_import(self) -> None:
         """An import is about to write its events, and to fold them a batch at a time while
-        other events go on being folded as they come (`imported_items`). One import at a
+        other events go on being folded as they come (`imported_columns`). One import at a
         time: ValueError while another is under way."""
         if self._touched is not None:
             raise ValueError("another import is being written; try again once it has ended")
         self._touched = {}
         self._import_floor = self.last_id
 
-    def imported_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
+    def imported_columns(self, columns: FoldColumns, last_id: int) -> int:
         """Fold a batch of the import's events (the log holds them up to id `last_id`),
         but not over an address that a later event (a higher log id) was folded for since
         `begin_import`: an operator's `remove` or a new complaint written while the import
         was being folded stays the address's last word, as in the log."""
         touched = self._touched
         if touched:
-            items = [item for item in items if touched.get(item[0], 0) <= last_id]
-        return self.written_items(items, last_id)
+            columns = columns.without([touched.get(fp, 0) > last_id for fp in columns.fingerprints])
+        columns.apply(self.engine)
+        self.last_id = max(self.last_id, last_id)
+        self.unsnapshotted += len(columns)
+        return len(columns)
 
     def end_import(self, *, folded: bool) -> None:
         """The import ended: `folded` when all its written events were folded (or none was
@@ -494,8 +500,7 @@ class SuppressionList:
 
     def written_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
         """`written` for events in the core's fold form, (fingerprint, event, expires_ms),
-        durable up to log id `last_id` (an import's columns, folded without an object per
-        event)."""
+        durable up to log id `last_id`."""
         self.engine.suppress_apply(items)
         self.last_id = max(self.last_id, last_id)
         self.unsnapshotted += len(items)

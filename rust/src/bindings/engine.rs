@@ -858,22 +858,50 @@ impl PyEngine {
             };
             parsed.push((*fp, e, *expires_ms));
         }
-        let mut changed = 0;
-        for chunk in parsed.chunks(EVENTS_PER_HOLD) {
-            self.suppress_make_room(py, chunk.iter().filter(|e| e.1.is_some()).count())?;
-            let mut g = self.lock(py)?;
-            for &(fp, event, expires_ms) in chunk {
-                changed += usize::from(match event {
-                    None => g.wire.suppress.remove(fp),
-                    Some(e) => g
-                        .wire
-                        .suppress
-                        .insert(fp, e, expires_ms)
-                        .map_err(|m| bad("suppression", m))?,
-                });
-            }
+        self.suppress_apply_parsed(py, &parsed)
+    }
+
+    /// `suppress_apply` for an import's columns, with no Python object per event:
+    /// `fingerprints` as native-endian u64s, `codes` one byte per event indexing `names`
+    /// (event names, or "remove"), `expires` each event's expiry (None: none has one).
+    #[pyo3(signature = (fingerprints, codes, names, expires = None))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 extracts the lists into owned values
+    fn suppress_apply_column(
+        &self,
+        py: Python<'_>,
+        fingerprints: &[u8],
+        codes: &[u8],
+        names: Vec<String>,
+        expires: Option<Vec<Option<u64>>>,
+    ) -> PyResult<usize> {
+        let n = codes.len();
+        if fingerprints.len() != n * 8 || expires.as_ref().is_some_and(|e| e.len() != n) {
+            return Err(bad(
+                "columns",
+                format_args!("{n} codes, {} fingerprint bytes", fingerprints.len()),
+            ));
         }
-        Ok(changed)
+        let events = names
+            .iter()
+            .map(|name| match name.as_str() {
+                "remove" => Ok(None),
+                other => SuppressEvent::parse(other).map(Some).ok_or_else(|| {
+                    bad("event", format_args!("unknown suppression event {other:?}"))
+                }),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let mut parsed = Vec::with_capacity(n);
+        for (row, (bytes, &code)) in fingerprints.chunks_exact(8).zip(codes).enumerate() {
+            let fp = u64::from_ne_bytes(bytes.try_into().unwrap_or([0; 8]));
+            if !(1..1 << 61).contains(&fp) {
+                return Err(bad("fingerprint", format_args!("out of range: {fp}")));
+            }
+            let event = *events
+                .get(usize::from(code))
+                .ok_or_else(|| bad("codes", format_args!("no event name for code {code}")))?;
+            parsed.push((fp, event, expires.as_ref().and_then(|e| e[row])));
+        }
+        self.suppress_apply_parsed(py, &parsed)
     }
 
     /// For each address: why it may not be mailed at `now_ms` (the event), or None; a
@@ -999,6 +1027,30 @@ const EVENTS_PER_HOLD: usize = 4096;
 const SLOTS_PER_HOLD: usize = 1 << 16;
 
 impl PyEngine {
+    /// Apply parsed events, `EVENTS_PER_HOLD` per hold of the engine's lock.
+    fn suppress_apply_parsed(
+        &self,
+        py: Python<'_>,
+        parsed: &[(u64, Option<SuppressEvent>, Option<u64>)],
+    ) -> PyResult<usize> {
+        let mut changed = 0;
+        for chunk in parsed.chunks(EVENTS_PER_HOLD) {
+            self.suppress_make_room(py, chunk.iter().filter(|e| e.1.is_some()).count())?;
+            let mut g = self.lock(py)?;
+            for &(fp, event, expires_ms) in chunk {
+                changed += usize::from(match event {
+                    None => g.wire.suppress.remove(fp),
+                    Some(e) => g
+                        .wire
+                        .suppress
+                        .insert(fp, e, expires_ms)
+                        .map_err(|m| bad("suppression", m))?,
+                });
+            }
+        }
+        Ok(changed)
+    }
+
     /// Room for `more` new addresses: a table that would have to grow is copied into a
     /// bigger one a range of slots per hold of the lock, then swapped in, so the MTA sockets
     /// never wait for the whole rehash (seconds at 10M addresses). Only the engine's own
