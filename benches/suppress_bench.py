@@ -111,6 +111,11 @@ def main() -> int:
         "restore_from_snapshot_s": round(restore_s, 2),
         "snapshot_bytes": len(snapshot),
     }
+    # The same run's Python set as the baseline (the machine's speed cancels out).
+    set_bytes = result["python_set_with_strings_bytes_per_address"]
+    result["core_bytes_over_python_set_with_strings"] = round(core_bytes / n / set_bytes, 3)
+    result["check_single_over_python_set_in"] = round(single_ns / set_ns, 3)
+    result["check_batch_1000_over_python_set_in"] = round(batch_ns / set_ns, 3)
     result["targets"] = [
         at_most(
             "suppression: core bytes per address (10M)", result["core_bytes_per_address"], 32, "B"
