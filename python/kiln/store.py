@@ -707,14 +707,12 @@ class Store:
             )
             for e in events
         ]
-        noting = not self._addresses_noted and any(e.address for e in events)
         with self._transaction("append to the suppression log", write=True) as session:
             session.add_all(rows)
             session.flush()
-            if noting:
-                self._upsert_meta(session, _ADDRESSES_KEY, "1")
+            noted = self._note_addresses(session, any(e.address for e in events))
             ids = [row.id for row in rows if row.id is not None]
-        self._addresses_noted |= noting
+        self._addresses_noted |= noted
         return ids
 
     def suppress_bulk(
@@ -753,11 +751,18 @@ class Store:
                             index.create(connection)
             except connection.dialect.loaded_dbapi.Error as exc:  # the driver's own, unwrapped
                 raise DBAPIError("import into the suppression log", None, exc) from exc
-            noting = seen.any and not self._addresses_noted
-            if noting:
-                self._upsert_meta(session, _ADDRESSES_KEY, "1")
-        self._addresses_noted |= noting
+            noted = self._note_addresses(session, seen.any)
+        self._addresses_noted |= noted
         return written
+
+    def _note_addresses(self, session: Session, written: bool) -> bool:
+        """Record in the writing transaction that events with addresses are in the log, when
+        `written` says so and this object has not recorded it yet; whether it did (the
+        caller marks it done once the transaction committed)."""
+        if not written or self._addresses_noted:
+            return False
+        self._upsert_meta(session, _ADDRESSES_KEY, "1")
+        return True
 
     def suppress_kept_addresses(self) -> bool:
         """Whether an event was ever written to the log with its address (recorded in

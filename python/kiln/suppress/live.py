@@ -465,7 +465,10 @@ class SuppressionList:
         if touched is not None:
             for (fp, _, _), log_id in zip(items, ids, strict=False):
                 touched[fp] = max(touched.get(fp, 0), log_id)
-        return self.written_items(items, max(ids, default=0))
+        self.engine.suppress_apply(items)
+        self.last_id = max(self.last_id, max(ids, default=0))
+        self.unsnapshotted += len(items)
+        return len(items)
 
     def begin_import(self) -> None:
         """An import is about to write its events, and to fold them a batch at a time while
@@ -497,14 +500,6 @@ class SuppressionList:
             self._unfolded_floor = self._import_floor
         self._touched = None
         self._import_floor = None
-
-    def written_items(self, items: list[tuple[int, str, int | None]], last_id: int) -> int:
-        """`written` for events in the core's fold form, (fingerprint, event, expires_ms),
-        durable up to log id `last_id`."""
-        self.engine.suppress_apply(items)
-        self.last_id = max(self.last_id, last_id)
-        self.unsnapshotted += len(items)
-        return len(items)
 
     def check(
         self, addresses: Sequence[str], now_ms: int, scope: str = ""

@@ -846,17 +846,11 @@ impl PyEngine {
     ) -> PyResult<usize> {
         let mut parsed = Vec::with_capacity(events.len());
         for (fp, event, expires_ms) in &events {
-            if !(1..1 << 61).contains(fp) {
-                return Err(bad("fingerprint", format_args!("out of range: {fp}")));
-            }
-            let e = if event == "remove" {
-                None
-            } else {
-                Some(SuppressEvent::parse(event).ok_or_else(|| {
-                    bad("event", format_args!("unknown suppression event {event:?}"))
-                })?)
-            };
-            parsed.push((*fp, e, *expires_ms));
+            parsed.push((
+                fingerprint_in_range(*fp)?,
+                listing_event(event)?,
+                *expires_ms,
+            ));
         }
         self.suppress_apply_parsed(py, &parsed)
     }
@@ -883,19 +877,11 @@ impl PyEngine {
         }
         let events = names
             .iter()
-            .map(|name| match name.as_str() {
-                "remove" => Ok(None),
-                other => SuppressEvent::parse(other).map(Some).ok_or_else(|| {
-                    bad("event", format_args!("unknown suppression event {other:?}"))
-                }),
-            })
+            .map(|name| listing_event(name))
             .collect::<PyResult<Vec<_>>>()?;
         let mut parsed = Vec::with_capacity(n);
         for (row, (bytes, &code)) in fingerprints.chunks_exact(8).zip(codes).enumerate() {
-            let fp = u64::from_ne_bytes(bytes.try_into().unwrap_or([0; 8]));
-            if !(1..1 << 61).contains(&fp) {
-                return Err(bad("fingerprint", format_args!("out of range: {fp}")));
-            }
+            let fp = fingerprint_in_range(u64::from_ne_bytes(bytes.try_into().unwrap_or([0; 8])))?;
             let event = *events
                 .get(usize::from(code))
                 .ok_or_else(|| bad("codes", format_args!("no event name for code {code}")))?;
@@ -1025,6 +1011,25 @@ fn event_name(py: Python<'_>, event: SuppressEvent) -> Bound<'_, PyString> {
 const EVENTS_PER_HOLD: usize = 4096;
 /// Table slots read per hold of the engine's lock when the set is copied (512 KiB).
 const SLOTS_PER_HOLD: usize = 1 << 16;
+
+/// A fingerprint the set can hold (61 bits, never 0), else the error naming it.
+fn fingerprint_in_range(fp: u64) -> PyResult<u64> {
+    if (1..1 << 61).contains(&fp) {
+        Ok(fp)
+    } else {
+        Err(bad("fingerprint", format_args!("out of range: {fp}")))
+    }
+}
+
+/// A log event's name as the set folds it: None for `remove`, else the listing event.
+fn listing_event(name: &str) -> PyResult<Option<SuppressEvent>> {
+    if name == "remove" {
+        return Ok(None);
+    }
+    SuppressEvent::parse(name)
+        .map(Some)
+        .ok_or_else(|| bad("event", format_args!("unknown suppression event {name:?}")))
+}
 
 impl PyEngine {
     /// Apply parsed events, `EVENTS_PER_HOLD` per hold of the engine's lock.
