@@ -21,8 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from kiln.errors import KilnError
-from kiln.records import DayCounts, LogEntry, RampState
-from kiln.store import Store, StoreError
+from kiln.records import DayCounts, LogEntry, RampState, SuppressionEvent
+from kiln.store import SCHEMA_VERSION, Store, StoreError
 from pgserver import create_database
 
 NOW_MS = 1_790_000_000_000  # late 2026: well past 2**31
@@ -302,7 +302,7 @@ def test_meta_values_round_trip_and_survive_reopen(db_url: str) -> None:
         assert store.get_meta("last_rolled_day") is None
         store.set_meta("last_rolled_day", "2026-11-30")
         store.set_meta("last_rolled_day", "2026-12-01")
-        assert store.get_meta("schema_version") == "1"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
         with pytest.raises(ValueError, match="'schema_version' belongs to the store"):
             store.set_meta("schema_version", "7")
     with Store(db_url) as store:
@@ -386,12 +386,29 @@ def test_reopening_keeps_everything(db_url: str) -> None:
             connection.execute(text("DELETE FROM kiln_decisions"))
 
 
+def test_a_schema_1_database_is_raised_to_2(db_url: str) -> None:
+    """A database of schema 1 (before the suppression log's import batches) gets the
+    batches' table and its guard, and schema 2, keeping what it held."""
+    with Store(db_url) as store:
+        store.set_meta("kept", "yes")
+    with raw(db_url) as connection:
+        connection.execute(text("DROP TABLE kiln_suppression_batch"))
+        connection.execute(text("UPDATE kiln_meta SET value = '1' WHERE key = 'schema_version'"))
+    with Store(db_url) as store:
+        assert store.get_meta("schema_version") == "2" and store.get_meta("kept") == "yes"
+        event = SuppressionEvent(NOW_MS, 5, "a@example.org", "manual", "import:csv")
+        assert store.suppress_bulk([event, replace(event, fingerprint=6)]) == 2
+        assert [e.fingerprint for e in store.suppress_events()] == [5, 6]
+        with pytest.raises(DBAPIError, match="append-only"), raw(db_url, store) as connection:
+            connection.execute(text("DELETE FROM kiln_suppression_batch"))
+
+
 def test_a_newer_schema_is_refused(db_url: str) -> None:
     """A database written by a later kiln is not touched."""
     Store(db_url).close()
     with raw(db_url) as connection:
-        connection.execute(text("UPDATE kiln_meta SET value = '2' WHERE key = 'schema_version'"))
-    with pytest.raises(StoreError, match=r"written by a newer kiln \(schema 2\)") as info:
+        connection.execute(text("UPDATE kiln_meta SET value = '3' WHERE key = 'schema_version'"))
+    with pytest.raises(StoreError, match=r"written by a newer kiln \(schema 3\)") as info:
         Store(db_url)
     assert isinstance(info.value, KilnError)
 

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,12 @@ def test_an_added_address_is_denied_until_removed(plan_file: Path, tmp_path: Pat
     assert history["listed"] == 0
     d.store.close()
     # The log is append-only in the database itself.
-    with sqlite3.connect(tmp_path / "state" / "kiln.db") as db, pytest.raises(sqlite3.Error):
+    with (
+        sqlite3.connect(tmp_path / "state" / "kiln.db") as db,
+        pytest.raises(sqlite3.Error, match="append-only"),
+    ):
         db.execute("DELETE FROM kiln_suppression")
+    db.close()
 
 
 def test_soft_bounces_expire_and_scopes_are_apart(plan_file: Path, tmp_path: Path) -> None:
@@ -666,9 +671,34 @@ def feed_every_writer(d: Daemon, clock: FakeClock, log: Path) -> None:
     d.ingest(clock.t)
 
 
+def _cell_text(cell: object) -> str:
+    """A database cell as text: binary ones decoded, and decompressed too where they are
+    zlib data (the text columns of the log's import batches)."""
+    if not isinstance(cell, bytes):
+        return str(cell)
+    try:
+        return zlib.decompress(cell).decode("utf-8", "replace")
+    except zlib.error:
+        return cell.decode("utf-8", "replace")
+
+
+def logged_addresses(state: Path) -> list[str]:
+    """Each logged event's address as the state's SQLite database holds it: rows of the log,
+    then the events of its import batches ("import" events are bookkeeping)."""
+    with sqlite3.connect(state / "kiln.db") as db:
+        kept = [
+            r[0] for r in db.execute("SELECT address FROM kiln_suppression WHERE event != 'import'")
+        ]
+        for (packed,) in db.execute("SELECT address FROM kiln_suppression_batch"):
+            kept += zlib.decompress(packed).decode().split("\n")
+    db.close()
+    return kept
+
+
 def address_hits(state: Path, addresses: list[str]) -> set[str]:
     """The addresses found, case-insensitively, in any column of any table of the state's
-    SQLite database, or anywhere in its files' bytes (the database, its WAL)."""
+    SQLite database (compressed ones decompressed), or anywhere in its files' bytes (the
+    database, its WAL)."""
     found = set()
     with sqlite3.connect(state / "kiln.db") as db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
@@ -676,7 +706,7 @@ def address_hits(state: Path, addresses: list[str]) -> set[str]:
         for table in tables:
             for row in db.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 (its own names)
                 for cell in row:
-                    text = cell.decode("utf-8", "replace") if isinstance(cell, bytes) else str(cell)
+                    text = _cell_text(cell)
                     found |= {a for a in addresses if a.lower() in text.lower()}
     db.close()
     for path in state.glob("kiln.db*"):
@@ -721,9 +751,7 @@ def test_hashed_only_keeps_no_address_at_rest(tmp_path: Path, hashed_only: bool)
     listing = op(d, clock, op="suppress", action="list", limit=1000)["events"]
     assert len(listing) == 14
     d.store.close()
-    with sqlite3.connect(state / "kiln.db") as db:
-        kept = [r[0] for r in db.execute("SELECT address FROM kiln_suppression")]
-    db.close()
+    kept = logged_addresses(state)
     assert len(kept) == 14
     hits = address_hits(state, EXPORT_ADDRESSES + FED_ADDRESSES)
     if hashed_only:

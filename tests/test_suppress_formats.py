@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
 from uuid import uuid4
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import inspect
+from sqlalchemy.exc import DBAPIError
 
 from kiln import _core
-from kiln.store import LogColumns, Store, StoreError
+from kiln.store import Store, StoreError
 from kiln.suppress.address import (
     MAX_ADDRESS_BYTES,
     AddressError,
@@ -921,9 +921,10 @@ def test_an_import_reaches_the_log_as_read(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each import's events land in the log as the sequence gives them (evidence, scopes,
-    soft-bounce expiry), with their ids in file order; a repeated row and, on importing
-    again, every listed address in its own scope are left out; the indexes stay."""
-    monkeypatch.setattr("kiln.store._SQLITE_REINDEX_MIN", 5)  # the rebuild path too
+    soft-bounce expiry), with their ids in file order, over several import batches; a
+    repeated row and, on importing again, every listed address in its own scope are left out;
+    the log's indexes stay."""
+    monkeypatch.setattr("kiln.storebatch.BATCH_EVENTS", 3)
     engine = _core.Engine()
     engine.suppress_set_key(7, 8)
     now_ms = _ms("2026-03-02T10:00:00")  # the export's soft bounces still hold
@@ -935,17 +936,30 @@ def test_an_import_reaches_the_log_as_read(
         path = FIXTURES / name
         events, problems = _read(source, path)
         distinct = {(e.address, e.scope or "", e.event) for e in events}
+        before = store.suppress_last_id()
         first = _import(store, engine, source, path, now_ms)
         assert len(first.events) == len(distinct)
         assert first.duplicates == len(events) - len(distinct)
         assert first.problem_count == len(problems)
-        logged = store.suppress_events(after_id=store.suppress_last_id() - len(first.events))
+        logged = store.suppress_events(after_id=before, limit=10_000)
+        assert [e.id for e in logged] == list(range(before + 1, before + 1 + len(logged)))
+        # The import's `import` event comes right after its range, the next id after it.
+        assert store.suppress_last_id() == before + len(logged) + 1
+        for e in logged[::3]:  # each found again by its fingerprint, in any batch
+            assert store.suppress_events(fingerprints=[e.fingerprint]) == [e]
         assert [replace(e, id=None) for e in logged] == list(first.events)
         assert [(e.address, e.scope, e.event) for e in logged] == list(
             dict.fromkeys((e.address, e.scope or "", e.event) for e in events)
         )
         again = _import(store, engine, source, path, now_ms)
         assert len(again.events) == 0 and again.already == len(first.events), again.summary()
+    for verb in ("DELETE FROM", "UPDATE kiln_suppression_batch SET source = 'x' --"):
+        with (
+            pytest.raises(DBAPIError, match="append-only"),
+            store._one_at_a_time("test"),
+            store._engine.begin() as connection,
+        ):
+            connection.exec_driver_sql(f"{verb} kiln_suppression_batch")
     soft = store.suppress_events(event="soft_bounce")
     assert soft and all(e.expires_ms == e.at_ms + 3 * 86_400_000 for e in soft)
     with store._one_at_a_time("test"), store._engine.connect() as connection:
@@ -953,10 +967,34 @@ def test_an_import_reaches_the_log_as_read(
     assert indexes == {"ix_kiln_suppression_at_ms", "ix_kiln_suppression_fingerprint"}
 
 
-def test_a_failed_import_writes_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A row the database refuses (here an address of None) fails the whole import with a
-    StoreError; the log keeps nothing of it, indexes included."""
-    monkeypatch.setattr("kiln.store._SQLITE_REINDEX_MIN", 5)
+#: Triggers that make the database refuse a row of an import: its second batch row, or the
+#: `import` event after its range.
+_REFUSE = {
+    "sqlite": {
+        "batch": """CREATE TRIGGER refuse BEFORE INSERT ON kiln_suppression_batch
+            WHEN NEW.first_id > 1 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END""",
+        "marker": """CREATE TRIGGER refuse BEFORE INSERT ON kiln_suppression
+            WHEN NEW.event = 'import' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END""",
+    },
+    "postgresql": {
+        "function": """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused by the test'; END $$""",
+        "batch": """CREATE TRIGGER refuse BEFORE INSERT ON kiln_suppression_batch
+            FOR EACH ROW WHEN (NEW.first_id > 1) EXECUTE FUNCTION refuse()""",
+        "marker": """CREATE TRIGGER refuse BEFORE INSERT ON kiln_suppression
+            FOR EACH ROW WHEN (NEW.event = 'import') EXECUTE FUNCTION refuse()""",
+    },
+}
+
+
+@pytest.mark.parametrize("refused", ["batch", "marker"])
+def test_a_failed_import_writes_nothing(
+    store: Store, refused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row the database refuses (a later batch row, or the `import` event after them)
+    fails the whole import with a StoreError: the log keeps nothing of it, and takes the
+    same import whole once the database accepts it."""
+    monkeypatch.setattr("kiln.storebatch.BATCH_EVENTS", 1)
     engine = _core.Engine()
     engine.suppress_set_key(7, 8)
     path = FIXTURES / "sendgrid_unsubscribes.csv"
@@ -964,25 +1002,20 @@ def test_a_failed_import_writes_nothing(store: Store, monkeypatch: pytest.Monkey
     scanned = asyncio.run(hash_events(engine, path, read, scanned, 1, yield_to_loop=False))
     assert isinstance(scanned.events, ImportRows)
     good = list(scanned.events)
-    broken = [*good[:-1], replace(good[-1], address=cast(str, None))]
-    for events in (broken, cast(Any, _Broken(scanned.events))):
-        with pytest.raises(StoreError, match="import into the suppression log"):
+    assert len(good) >= 2
+    statements = _REFUSE[store._dialect]
+    with store._one_at_a_time("test"), store._engine.begin() as connection:
+        if "function" in statements:
+            connection.exec_driver_sql(statements["function"])
+        connection.exec_driver_sql(statements[refused])
+    for events in (good, scanned.events):
+        with pytest.raises(StoreError, match=r"import into the suppression log.*refused by"):
             store.suppress_bulk(events)
         assert store.suppress_last_id() == 0
+        assert store.suppress_events() == []
+    table = "kiln_suppression_batch" if refused == "batch" else "kiln_suppression"
+    drop = "DROP TRIGGER refuse" + (f" ON {table}" if store._dialect == "postgresql" else "")
+    with store._one_at_a_time("test"), store._engine.begin() as connection:
+        connection.exec_driver_sql(drop)
     assert store.suppress_bulk(scanned.events) == len(good)
-
-
-class _Broken:
-    """An import's columns with the last address None."""
-
-    def __init__(self, rows: ImportRows) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def log_columns(self) -> Iterator[LogColumns]:
-        batches = list(self.rows.log_columns())
-        last = batches[-1]
-        yield from batches[:-1]
-        yield replace(last, address=[*last.address[:-1], cast(str, None)])
+    assert [replace(e, id=None) for e in store.suppress_events(limit=100)] == good

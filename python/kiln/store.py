@@ -13,15 +13,14 @@ How the database is opened (SQLite without shared memory, the state marker, file
 
 from __future__ import annotations
 
-import functools
 import json
 import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import date
-from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, runtime_checkable
@@ -36,12 +35,13 @@ from sqlalchemy import select as sa_select
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, SQLModel, col, create_engine, delete, or_, select
 
 from kiln.log import get_logger
 from kiln.records import DayCounts, Held, LogEntry, PushbackKey, RampState, SuppressionEvent
+from kiln.storebatch import IMPORT_EVENT, LogBatch, batches_of, packed_rows
 from kiln.storedb import (
     BEGIN_IMMEDIATE,
     FILE_MODE,
@@ -71,6 +71,7 @@ from kiln.storeschema import (
     PositionRow,
     PushbackRow,
     SnapshotRow,
+    SuppressionBatchRow,
     SuppressionRow,
     table_of,
 )
@@ -79,15 +80,17 @@ __all__ = [
     "FILE_MODE",
     "SCHEMA_VERSION",
     "STATE_MARKER",
+    "FoldChunk",
     "LogBatches",
-    "LogColumns",
     "StateLostError",
     "Store",
     "StoreError",
 ]
 
-SCHEMA_VERSION: Final = 1
-"""The layout this module writes; a database with a higher number is refused."""
+SCHEMA_VERSION: Final = 2
+"""The layout this module writes; a database with a higher number is refused. 2 added
+`kiln_suppression_batch` (an older kiln would not read imports); a database at 1 is raised to
+2 when opened."""
 
 LOCK_TIMEOUT_S: Final = 30.0
 """How long a call waits for a SQLite store's one connection before it is a StoreError."""
@@ -106,76 +109,38 @@ _SCHEMA_LOCK: Final = 0x6B696C6E  # PostgreSQL advisory lock key ("kiln") held w
 
 
 _COUNTERS: Final = tuple(f.name for f in fields(DayCounts))
-
-
-@dataclass(frozen=True, slots=True)
-class LogColumns:
-    """Events of the suppression log as columns, one entry per event in each (what
-    `Store.suppress_bulk` writes a batch at a time): the log's columns but `id`, the evidence
-    as JSON text."""
-
-    at_ms: Sequence[int]
-    fingerprint: Sequence[int]
-    address: Sequence[str]
-    scope: Sequence[str]
-    event: Sequence[str]
-    expires_ms: Sequence[int | None]
-    source: Sequence[str]
-    evidence: Sequence[str]
-
-    def __len__(self) -> int:
-        """How many events."""
-        return len(self.at_ms)
-
-    def columns(self) -> tuple[Sequence[object], ...]:
-        """The columns in the log's order (`_LOG_COLUMNS`)."""
-        return (
-            self.at_ms,
-            self.fingerprint,
-            self.address,
-            self.scope,
-            self.event,
-            self.expires_ms,
-            self.source,
-            self.evidence,
-        )
+#: The columns of an import batch that the live set's fold does not read.
+_BATCH_TEXT: Final = frozenset({"at_ms", "scopes", "address", "evidence"})
 
 
 @runtime_checkable
 class LogBatches(Protocol):
-    """Events that come as columns of the suppression log already, a batch at a time (an
-    import's, `kiln.suppress.files.ImportRows`): `Store.suppress_bulk` writes them with no
-    object made per event."""
+    """Events that come as log batches already (an import's,
+    `kiln.suppress.files.ImportRows`): `Store.suppress_bulk` writes them with no object made
+    per event."""
 
-    def log_columns(self) -> Iterator[LogColumns]:
+    def log_batches(self) -> Iterator[LogBatch]:
         """The events, a batch at a time."""
         ...
 
 
-#: The log's columns that `suppress_bulk` writes, in order.
-_LOG_COLUMNS: Final = (
-    "at_ms",
-    "fingerprint",
-    "address",
-    "scope",
-    "event",
-    "expires_ms",
-    "source",
-    "evidence",
-)
-#: Columns that often hold one value across an import (scope, event, expires_ms, source):
-#: such a column is bound once per statement instead of once per row.
-_OFTEN_FIXED: Final = (3, 4, 5, 6)
-#: Rows one SQLite INSERT of `suppress_bulk` writes (at most 8 parameters each, far below
-#: SQLite's limit).
-_SQLITE_INSERT_ROWS: Final = 128
-#: SQLite's page cache while an import writes (KiB): the log's indexes take random inserts,
-#: which would otherwise push the same pages out to the WAL again and again.
-_SQLITE_IMPORT_CACHE_KIB: Final = 256 * 1024
-#: An import of at least this many events, and more than the log holds, drops the log's
-#: indexes and makes them again in the same transaction: SQLite sorts once instead of
-#: inserting each fingerprint at a random place.
-_SQLITE_REINDEX_MIN: Final = 200_000
+@dataclass(frozen=True, slots=True)
+class FoldChunk:
+    """Consecutive events of the suppression log as the live set folds them
+    (`Engine.suppress_apply_column`'s arguments), and the id of the last event read."""
+
+    last_id: int
+    #: int64s in the machine's byte order.
+    fingerprints: bytes
+    #: One per event: its event's place in `names`.
+    codes: bytes
+    names: tuple[str, ...]
+    #: Each event's expiry; None when no event has one.
+    expires_ms: list[int | None] | None
+
+    def __len__(self) -> int:
+        """How many events."""
+        return len(self.codes)
 
 
 class Store:
@@ -448,6 +413,13 @@ class Store:
                     table_of(MetaRow).insert().values(key=_VERSION_KEY, value=str(SCHEMA_VERSION))
                 )
                 self.created = True
+            elif version < SCHEMA_VERSION:  # the tables it lacked were made just above
+                meta = table_of(MetaRow)
+                connection.execute(
+                    meta.update()
+                    .where(meta.c.key == _VERSION_KEY)
+                    .values(value=str(SCHEMA_VERSION))
+                )
             if store_id is None:  # a new database, or one written before kiln had store ids
                 store_id = secrets.token_hex(16)
                 connection.execute(table_of(MetaRow).insert().values(key=_ID_KEY, value=store_id))
@@ -715,45 +687,49 @@ class Store:
         self._addresses_noted |= noted
         return ids
 
-    def suppress_bulk(
-        self, events: Iterable[SuppressionEvent] | LogBatches, chunk: int = 50_000
-    ) -> int:
-        """Append many events in one transaction without building row objects (imports):
-        all of them or, on a failure, none. How many were written.
+    def suppress_bulk(self, events: Iterable[SuppressionEvent] | LogBatches) -> int:
+        """Append many events in one transaction (imports): all of them or, on a failure,
+        none. How many were written.
 
-        Values go straight to the driver in the store's transaction: SQLite takes
-        multi-row INSERTs (a column holding one value in a batch bound once), with a larger
-        page cache meanwhile and, for an import larger than the log, the log's indexes made
-        again at the end instead of updated row by row; PostgreSQL takes COPY. `LogBatches`
-        (an import's events) come as columns already."""
-        if isinstance(events, LogBatches):
-            batches = events.log_columns()
-        else:
-            batches = _log_column_batches(events, chunk)
-        size = len(events) if isinstance(events, Sized) else 0
-        seen = _AddressesSeen(batches)
+        They take the next range of log ids and are written as rows of
+        `kiln_suppression_batch` (`kiln.storebatch`), then one `import` event after the range
+        in `kiln_suppression`, which the next event's id follows."""
+        items = events.log_batches() if isinstance(events, LogBatches) else events
+        log = table_of(SuppressionRow)
         with self._transaction("import into the suppression log", write=True) as session:
-            connection = session.connection()
-            driver: Any = connection.connection.driver_connection
-            try:
-                if self._dialect != "sqlite":
-                    written = _copy_log_columns(driver, seen)
-                else:
-                    table = table_of(SuppressionRow)
-                    last = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar() or 0
-                    reindex = size >= _SQLITE_REINDEX_MIN and size > last
-                    if reindex:
-                        for index in table.indexes:
-                            index.drop(connection)
-                    written = _insert_log_columns(driver, seen)
-                    if reindex:
-                        for index in table.indexes:
-                            index.create(connection)
-            except connection.dialect.loaded_dbapi.Error as exc:  # the driver's own, unwrapped
-                raise DBAPIError("import into the suppression log", None, exc) from exc
-            noted = self._note_addresses(session, seen.any)
+            if self._dialect == "postgresql":  # no other writer takes an id meanwhile
+                session.execute(sql_text("LOCK TABLE kiln_suppression IN EXCLUSIVE MODE"))
+            first = (session.execute(sa_select(sqlfunc.max(log.c.id))).scalar() or 0) + 1
+            seen = _BatchesSeen(batches_of(items))
+            next_id, rows = first, 0
+            for size, values in packed_rows(seen, first):
+                session.execute(table_of(SuppressionBatchRow).insert(), [values])
+                next_id += size
+                rows += 1
+            if next_id == first:
+                return 0
+            evidence = {"first_id": first, "events": next_id - first, "batches": rows}
+            session.execute(
+                log.insert().values(
+                    id=next_id,
+                    at_ms=0,
+                    fingerprint=0,
+                    address="",
+                    scope="",
+                    event=IMPORT_EVENT,
+                    expires_ms=None,
+                    source=seen.source,
+                    evidence=json.dumps(evidence, sort_keys=True),
+                )
+            )
+            if self._dialect == "postgresql":  # the id column's sequence goes on after it
+                session.execute(
+                    sql_text("SELECT setval(pg_get_serial_sequence('kiln_suppression', 'id'), :n)"),
+                    {"n": next_id},
+                )
+            noted = self._note_addresses(session, seen.addresses)
         self._addresses_noted |= noted
-        return written
+        return next_id - first
 
     def _note_addresses(self, session: Session, written: bool) -> bool:
         """Record in the writing transaction that events with addresses are in the log, when
@@ -777,26 +753,50 @@ class Store:
             found = session.execute(sa_select(sqlfunc.max(table.c.id))).scalar()
         return int(found or 0)
 
-    def suppress_fold_rows(
-        self, after_id: int = 0, chunk: int = 200_000
-    ) -> Iterator[list[tuple[int, int, str, int | None]]]:
-        """The log after `after_id` in order, a chunk at a time: (id, fingerprint, event,
-        expires_ms), what the live set is folded from."""
-        table = table_of(SuppressionRow)
-        last = after_id
+    def suppress_fold_chunks(self, after_id: int = 0, chunk: int = 200_000) -> Iterator[FoldChunk]:
+        """The log after `after_id` in order, as the live set folds it: `chunk` events of
+        `kiln_suppression` at a time, an import batch at a time (`import` events left out,
+        their ids counted in `last_id`)."""
+        log = table_of(SuppressionRow)
+        cursor = after_id
         while True:
-            query = (
-                sa_select(table.c.id, table.c.fingerprint, table.c.event, table.c.expires_ms)
-                .where(table.c.id > last)
-                .order_by(table.c.id)
-                .limit(chunk)
-            )
             with self._transaction("read the suppression log", write=False) as session:
-                rows = [tuple(r) for r in session.execute(query).all()]
-            if not rows:
+                batch = self._next_batch(session, cursor, text=False)
+                query = sa_select(log.c.id, log.c.fingerprint, log.c.event, log.c.expires_ms).where(
+                    log.c.id > cursor
+                )
+                if batch is not None:
+                    query = query.where(log.c.id < batch[0])
+                rows = session.execute(query.order_by(log.c.id).limit(chunk)).all()
+            if rows:
+                cursor = int(rows[-1][0])
+                yield _fold_chunk(cursor, rows)
+                if len(rows) == chunk:
+                    continue
+            if batch is None:
                 return
-            last = rows[-1][0]
-            yield rows
+            first_id, found = batch
+            cursor = first_id + len(found) - 1
+            yield FoldChunk(
+                cursor,
+                found.fingerprints.tobytes(),
+                found.codes,
+                found.names,
+                found.fold_expires(),
+            )
+
+    def _next_batch(
+        self, session: Session, after_id: int, *, text: bool = True
+    ) -> tuple[int, LogBatch] | None:
+        """The first import batch holding an event after `after_id`: its first id and
+        events (without `text`, their numbers only: `LogBatch.unpacked`)."""
+        table = table_of(SuppressionBatchRow)
+        columns = table.c if text else [c for c in table.c if c.name not in _BATCH_TEXT]
+        query = sa_select(*columns).where(table.c.last_id > after_id).order_by(table.c.last_id)
+        row = session.execute(query.limit(1)).mappings().first()
+        return (
+            None if row is None else (int(row["first_id"]), LogBatch.unpacked(dict(row), text=text))
+        )
 
     def suppress_events(
         self,
@@ -806,28 +806,31 @@ class Store:
         event: str | None = None,
         limit: int = 100,
     ) -> list[SuppressionEvent]:
-        """Log events in order from after `after_id`: of these fingerprints, of this type."""
-        query = select(SuppressionRow).where(col(SuppressionRow.id) > after_id)
-        if fingerprints is not None:
-            query = query.where(col(SuppressionRow.fingerprint).in_(list(fingerprints)))
-        if event is not None:
-            query = query.where(SuppressionRow.event == event)
-        query = query.order_by(col(SuppressionRow.id)).limit(limit)
-        with self._transaction("read the suppression log", write=False) as session:
-            return [
-                SuppressionEvent(
-                    at_ms=r.at_ms,
-                    fingerprint=r.fingerprint,
-                    address=r.address,
-                    event=r.event,
-                    source=r.source,
-                    scope=r.scope,
-                    expires_ms=r.expires_ms,
-                    evidence=json.loads(r.evidence),
-                    id=r.id,
+        """Log events in order from after `after_id`: of these fingerprints, of this type
+        (`import` events are bookkeeping, never among them)."""
+        found: list[SuppressionEvent] = []
+        cursor = after_id
+        while len(found) < limit:
+            with self._transaction("read the suppression log", write=False) as session:
+                batch = self._next_batch(session, cursor)
+                query = select(SuppressionRow).where(
+                    col(SuppressionRow.id) > cursor, SuppressionRow.event != IMPORT_EVENT
                 )
-                for r in session.exec(query).all()
-            ]
+                if batch is not None:
+                    query = query.where(col(SuppressionRow.id) < batch[0])
+                if fingerprints is not None:
+                    query = query.where(col(SuppressionRow.fingerprint).in_(list(fingerprints)))
+                if event is not None:
+                    query = query.where(SuppressionRow.event == event)
+                query = query.order_by(col(SuppressionRow.id)).limit(limit - len(found))
+                found += [_event_of(r) for r in session.exec(query).all()]
+            if batch is None or len(found) >= limit:
+                break
+            first_id, events = batch
+            places = events.positions(fingerprints, event)[: limit - len(found)]
+            found += events.events(first_id, places)
+            cursor = first_id + len(events) - 1
+        return found
 
     # -- decision log --------------------------------------------------------------------------
 
@@ -978,121 +981,48 @@ class Store:
             self._append(session, entries)
 
 
-def _log_column_batches(events: Iterable[SuppressionEvent], chunk: int) -> Iterator[LogColumns]:
-    """`events` as log columns, `chunk` at a time (their evidence as JSON text)."""
-    batch: list[SuppressionEvent] = []
-    for e in events:
-        batch.append(e)
-        if len(batch) >= chunk:
-            yield _columns_of(batch)
-            batch = []
-    if batch:
-        yield _columns_of(batch)
-
-
-def _columns_of(events: Sequence[SuppressionEvent]) -> LogColumns:
-    """Events as log columns."""
-    return LogColumns(
-        [e.at_ms for e in events],
-        [e.fingerprint for e in events],
-        [e.address for e in events],
-        [e.scope for e in events],
-        [e.event for e in events],
-        [e.expires_ms for e in events],
-        [e.source for e in events],
-        [json.dumps(e.evidence, sort_keys=True, default=str) for e in events],
+def _fold_chunk(last_id: int, rows: Sequence[Any]) -> FoldChunk:
+    """Rows of `kiln_suppression` (id, fingerprint, event, expires_ms) as the live set folds
+    them, `import` events left out."""
+    kept = [r for r in rows if r[2] != IMPORT_EVENT]
+    names = tuple(dict.fromkeys(str(r[2]) for r in kept))
+    code = {name: n for n, name in enumerate(names)}
+    expires: list[int | None] = [r[3] for r in kept]
+    return FoldChunk(
+        last_id,
+        array("q", [r[1] for r in kept]).tobytes(),
+        bytes([code[r[2]] for r in kept]),
+        names,
+        expires if any(t is not None for t in expires) else None,
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _insert_sql(fixed: tuple[int, ...], rows: int) -> str:
-    """An INSERT of `rows` rows into the log: the `fixed` columns (indexes into
-    `_LOG_COLUMNS`) bound once as ?1, ?2..., the others per row after them."""
-    varying = [i for i in range(len(_LOG_COLUMNS)) if i not in fixed]
-    number = {column: n + 1 for n, column in enumerate(fixed)}
-    values = []
-    for row in range(rows):
-        for n, column in enumerate(varying):
-            number[column] = len(fixed) + row * len(varying) + n + 1
-        values.append("(" + ", ".join(f"?{number[c]}" for c in range(len(_LOG_COLUMNS))) + ")")
-    columns = ", ".join(_LOG_COLUMNS)
-    # kiln's own column names and numbered placeholders only: no input in the text
-    return f"INSERT INTO kiln_suppression ({columns}) VALUES {', '.join(values)}"  # noqa: S608
+def _event_of(row: SuppressionRow) -> SuppressionEvent:
+    """A row of `kiln_suppression` as an event."""
+    return SuppressionEvent(
+        at_ms=row.at_ms,
+        fingerprint=row.fingerprint,
+        address=row.address,
+        event=row.event,
+        source=row.source,
+        scope=row.scope,
+        expires_ms=row.expires_ms,
+        evidence=json.loads(row.evidence),
+        id=row.id,
+    )
 
 
-#: One SQLite statement's text and its parameter sets.
-_Statement = tuple[str, list[list[object]]]
+class _BatchesSeen:
+    """Batches passed on as they are, noting their source and whether any event keeps its
+    address."""
 
-
-def _statements(batch: LogColumns) -> list[_Statement]:
-    """The INSERTs that write a batch of log columns: `_SQLITE_INSERT_ROWS` rows a statement
-    (the rest one a statement), a column that holds one value in the batch bound once."""
-    columns = batch.columns()
-    n = len(batch)
-    if not n:
-        return []
-    fixed = tuple(i for i in _OFTEN_FIXED if columns[i].count(columns[i][0]) == n)
-    constants = [columns[i][0] for i in fixed]
-    varying = [c for i, c in enumerate(columns) if i not in fixed]
-    width = len(varying)
-    flat = list(chain.from_iterable(zip(*varying, strict=True)))
-    whole = n - n % _SQLITE_INSERT_ROWS
-    step = _SQLITE_INSERT_ROWS * width
-    out: list[_Statement] = []
-    if whole:
-        groups = [constants + flat[i : i + step] for i in range(0, whole * width, step)]
-        out.append((_insert_sql(fixed, _SQLITE_INSERT_ROWS), groups))
-    if whole < n:
-        rest = range(whole * width, n * width, width)
-        out.append((_insert_sql(fixed, 1), [constants + flat[i : i + width] for i in rest]))
-    return out
-
-
-class _AddressesSeen:
-    """Log column batches passed on as they are, noting whether any event keeps its address
-    (a batch's first non-empty address ends the look)."""
-
-    def __init__(self, batches: Iterable[LogColumns]) -> None:
+    def __init__(self, batches: Iterable[LogBatch]) -> None:
         self._batches = batches
-        self.any = False
+        self.source = ""
+        self.addresses = False
 
-    def __iter__(self) -> Iterator[LogColumns]:
+    def __iter__(self) -> Iterator[LogBatch]:
         for batch in self._batches:
-            self.any = self.any or any(batch.address)
+            self.source = self.source or batch.source
+            self.addresses = self.addresses or batch.keeps_addresses()
             yield batch
-
-
-def _insert_log_columns(driver: Any, batches: Iterable[LogColumns]) -> int:
-    """Insert log columns on SQLite's own connection (inside the caller's transaction); how
-    many. The page cache is larger meanwhile."""
-    cursor = driver.cursor()
-    (cache,) = cursor.execute("PRAGMA cache_size").fetchone()
-    written = 0
-    try:
-        cursor.execute(f"PRAGMA cache_size = -{_SQLITE_IMPORT_CACHE_KIB}")
-        for batch in batches:
-            for sql, parameters in _statements(batch):
-                cursor.executemany(sql, parameters)
-            written += len(batch)
-        return written
-    finally:
-        try:
-            cursor.execute(f"PRAGMA cache_size = {int(cache)}")
-        finally:
-            cursor.close()
-
-
-def _copy_log_columns(driver: Any, batches: Iterable[LogColumns]) -> int:
-    """Write log columns with PostgreSQL's COPY (psycopg, inside the caller's transaction);
-    how many."""
-    written = 0
-    columns = ", ".join(_LOG_COLUMNS)
-    with (
-        driver.cursor() as cursor,
-        cursor.copy(f"COPY kiln_suppression ({columns}) FROM STDIN") as copy,
-    ):
-        for batch in batches:
-            for row in zip(*batch.columns(), strict=True):
-                copy.write_row(row)
-            written += len(batch)
-    return written

@@ -30,6 +30,7 @@ __all__ = [
     "PositionRow",
     "PushbackRow",
     "SnapshotRow",
+    "SuppressionBatchRow",
     "SuppressionRow",
     "table_of",
 ]
@@ -153,6 +154,33 @@ class SuppressionRow(SQLModel, table=True):
     evidence: str = Field(sa_type=Text)
 
 
+class SuppressionBatchRow(SQLModel, table=True):
+    """Events of an import, a range of the suppression log's ids, as columns
+    (`kiln.storebatch`): integers packed little-endian, text joined and zlib-compressed. Never
+    updated or deleted either; `kiln_suppression` holds an `import` event right after the
+    range."""
+
+    __tablename__ = "kiln_suppression_batch"
+
+    id: int | None = Field(default=None, primary_key=True)
+    #: The log ids of the first and the last event.
+    first_id: int = Field(sa_type=BigInteger, unique=True)
+    last_id: int = Field(sa_type=BigInteger, unique=True)
+    source: str
+    #: The event names, comma-separated, that the `event` bytes index.
+    names: str
+    at_ms: bytes = Field(sa_type=LargeBinary)
+    fingerprint: bytes = Field(sa_type=LargeBinary)
+    event: bytes = Field(sa_type=LargeBinary)
+    #: int64s, the smallest for none; NULL when no event has one.
+    expires_ms: bytes | None = Field(default=None, sa_type=LargeBinary)
+    #: Every event's scope, or NULL when they differ and `scopes` holds them.
+    scope: str | None = None
+    scopes: bytes | None = Field(default=None, sa_type=LargeBinary)
+    address: bytes = Field(sa_type=LargeBinary)
+    evidence: bytes = Field(sa_type=LargeBinary)
+
+
 def table_of(model: type[SQLModel]) -> Table:
     """The SQLAlchemy table behind a table model."""
     return SQLModel.metadata.tables[str(model.__tablename__)]
@@ -170,6 +198,7 @@ TABLES: Final = [
         PushbackRow,
         HeldRow,
         SuppressionRow,
+        SuppressionBatchRow,
     )
 ]
 
@@ -193,26 +222,39 @@ APPEND_ONLY: Final = {
     ],
 }
 
-#: The suppression log's guard, made on every open (the table may be newer than the
+#: The suppression log's tables: append-only in the database itself.
+_SUPPRESSION_TABLES: Final = ("kiln_suppression", "kiln_suppression_batch")
+
+
+def _sqlite_guard(table: str) -> list[str]:
+    """SQLite triggers that refuse UPDATE and DELETE on `table` (kiln's own names only)."""
+    return [
+        f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table}
+        BEGIN SELECT RAISE(ABORT, '{table} is append-only: {verb} refused'); END"""
+        for verb in ("UPDATE", "DELETE")
+    ]
+
+
+def _postgresql_guard(table: str) -> list[str]:
+    """PostgreSQL triggers that refuse UPDATE, DELETE and TRUNCATE on `table`."""
+    return [
+        f"""CREATE OR REPLACE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table}
+        FOR EACH ROW EXECUTE FUNCTION kiln_suppression_append_only()""",
+        f"""CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
+        FOR EACH STATEMENT EXECUTE FUNCTION kiln_suppression_append_only()""",
+    ]
+
+
+#: The suppression log's guard, made on every open (the tables may be newer than the
 #: database): idempotent statements per dialect.
 SUPPRESSION_APPEND_ONLY: Final = {
-    "sqlite": [
-        """CREATE TRIGGER IF NOT EXISTS kiln_suppression_no_update BEFORE UPDATE ON
-        kiln_suppression BEGIN
-        SELECT RAISE(ABORT, 'kiln_suppression is append-only: UPDATE refused'); END""",
-        """CREATE TRIGGER IF NOT EXISTS kiln_suppression_no_delete BEFORE DELETE ON
-        kiln_suppression BEGIN
-        SELECT RAISE(ABORT, 'kiln_suppression is append-only: DELETE refused'); END""",
-    ],
+    "sqlite": [s for table in _SUPPRESSION_TABLES for s in _sqlite_guard(table)],
     "postgresql": [
         """CREATE OR REPLACE FUNCTION kiln_suppression_append_only() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
-            RAISE EXCEPTION 'kiln_suppression is append-only: % refused', TG_OP;
+            RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
         END $$""",
-        """CREATE OR REPLACE TRIGGER kiln_suppression_no_change BEFORE UPDATE OR DELETE ON
-        kiln_suppression FOR EACH ROW EXECUTE FUNCTION kiln_suppression_append_only()""",
-        """CREATE OR REPLACE TRIGGER kiln_suppression_no_truncate BEFORE TRUNCATE ON
-        kiln_suppression FOR EACH STATEMENT EXECUTE FUNCTION kiln_suppression_append_only()""",
+        *(s for table in _SUPPRESSION_TABLES for s in _postgresql_guard(table)),
     ],
 }

@@ -5,7 +5,7 @@ an import writes all its events in one store transaction, or none.
 A large import holds its events as columns, a batch of rows at a time (`ImportRead`, then
 `ImportRows`): text joined into one string per batch, times and fingerprints in arrays, no
 object per event. `ImportRows` is still a sequence of `SuppressionEvent` (made one by one
-when asked), and gives the store its columns (`log_columns`) and the live set its fold
+when asked), and gives the store its batches (`log_batches`) and the live set its fold
 (`fold_columns`) without them.
 """
 
@@ -25,7 +25,8 @@ from typing import Any, cast, overload
 
 from kiln import _core
 from kiln.records import SuppressionEvent
-from kiln.store import LogColumns, Store
+from kiln.store import Store
+from kiln.storebatch import NONE_INT64, LogBatch
 from kiln.suppress.formats import (
     EVENT_TYPES,
     EventBatch,
@@ -136,6 +137,15 @@ class _Part:
             for t, c in zip(self.at_ms, self.events, strict=True)
         ]
 
+    def expiry_column(self) -> array[int] | None:
+        """Each event's expiry as the log's batches keep it (`NONE_INT64`: none); None when
+        no event is a soft bounce."""
+        if _SOFT_CODE not in self.events:
+            return None
+        hold, soft = IMPORTED_SOFT_BOUNCE_MS, _SOFT_CODE
+        pairs = zip(self.at_ms, self.events, strict=True)
+        return array("q", [t + hold if c == soft else NONE_INT64 for t, c in pairs])
+
     def names(self) -> list[str]:
         """Each event's type."""
         return [EVENT_TYPES[c] for c in self.events]
@@ -204,7 +214,7 @@ class FoldColumns:
 class ImportRows(Sequence[SuppressionEvent]):
     """The events an import writes, after hashing and deduplication: a sequence of
     `SuppressionEvent` made one at a time when asked, and the same events as log columns
-    (`log_columns`, what `Store.suppress_bulk` writes) and as the live set's fold
+    (`log_batches`, what `Store.suppress_bulk` writes) and as the live set's fold
     (`fold_columns`) made a batch at a time. A slice is a view of the same events."""
 
     def __init__(self, source: str, parts: Sequence[_Part], start: int = 0, stop: int = -1) -> None:
@@ -259,34 +269,40 @@ class ImportRows(Sequence[SuppressionEvent]):
     def _events(self, n: int, first: int, last: int) -> Iterator[SuppressionEvent]:
         """Events first..last of part `n` (made by position, in `SuppressionEvent`'s field
         order: no keyword handling per event)."""
-        c = self._columns(n, first, last)
-        evidence = map(json.loads, c.evidence)
-        columns = (c.at_ms, c.fingerprint, c.address, c.event, c.source, c.scope, c.expires_ms)
-        return map(SuppressionEvent, *columns, evidence)
-
-    def _columns(self, n: int, first: int, last: int) -> LogColumns:
-        """Events first..last of part `n` as log columns."""
         part = self._parts[n]
         cut = slice(first, last)
-        whole = first == 0 and last == part.n
-        addresses = part.addresses.split("\n")
-        evidence = part.evidence.split("\0")
-        return LogColumns(
-            part.at_ms if whole else part.at_ms[cut],
-            part.fingerprints if whole else part.fingerprints[cut],
-            addresses if whole else addresses[cut],
-            part.scope_texts()[cut],
+        columns = (
+            part.at_ms[cut],
+            part.fingerprints[cut],
+            part.addresses.split("\n")[cut],
             part.names()[cut],
-            part.expires()[cut],
             [self.source] * (last - first),
-            evidence if whole else evidence[cut],
+            part.scope_texts()[cut],
+            part.expires()[cut],
+            map(json.loads, part.evidence.split("\0")[cut]),
         )
+        return map(SuppressionEvent, *columns)
 
-    def log_columns(self) -> Iterator[LogColumns]:
-        """The events as columns of the log, a batch at a time (what `Store.suppress_bulk`
-        writes)."""
+    def log_batches(self) -> Iterator[LogBatch]:
+        """The events as the log's import batches keep them, a part at a time (what
+        `Store.suppress_bulk` writes)."""
         for n, first, last in self._ranges():
-            yield self._columns(n, first, last)
+            part = self._parts[n]
+            whole = first == 0 and last == part.n
+            cut = slice(first, last)
+            expires = part.expiry_column()
+            yield LogBatch(
+                source=self.source,
+                at_ms=part.at_ms if whole else part.at_ms[cut],
+                fingerprints=part.fingerprints if whole else part.fingerprints[cut],
+                codes=part.events if whole else part.events[cut],
+                names=EVENT_TYPES,
+                expires_ms=expires if expires is None or whole else expires[cut],
+                scope=(part.scope or "") if part.scopes is None else None,
+                scopes="" if part.scopes is None else "\n".join(part.scope_texts()[cut]),
+                addresses=part.addresses if whole else "\n".join(part.addresses.split("\n")[cut]),
+                evidence=part.evidence if whole else "\0".join(part.evidence.split("\0")[cut]),
+            )
 
     def fold_columns(self) -> Iterator[FoldColumns]:
         """The events as `Engine.suppress_apply_column` folds them, a batch at a time."""

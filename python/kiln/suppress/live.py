@@ -231,10 +231,12 @@ class SuppressionList:
         ConfigError when the key at hand is not the one the log was hashed with."""
         self._set_key()
         self.last_id = self._load_snapshot()
-        for rows in self.store.suppress_fold_rows(self.last_id):
-            self.engine.suppress_apply([(fp, event, expires) for _, fp, event, expires in rows])
-            self.last_id = rows[-1][0]
-            self.unsnapshotted += len(rows)
+        for chunk in self.store.suppress_fold_chunks(self.last_id):
+            self.engine.suppress_apply_column(
+                chunk.fingerprints, chunk.codes, list(chunk.names), chunk.expires_ms
+            )
+            self.last_id = chunk.last_id
+            self.unsnapshotted += len(chunk)
         if self.spec.hashed_only and self._log_keeps_addresses():
             self.log.warning(
                 "suppression_addresses_kept",
