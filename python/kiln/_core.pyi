@@ -447,6 +447,20 @@ class CompiledRules:
         """Compile rules given as `Engine.set_rules` takes them (CoreError naming the rule id)."""
     def __len__(self) -> int: ...
 
+@final
+class LatestRows:
+    """Each fingerprint's event code in its latest row of one import file so far: which
+    rows of the file change anything, a batch of rows at a time."""
+
+    def __new__(cls) -> LatestRows: ...
+    def __len__(self) -> int: ...
+    def rows(
+        self, fingerprints: bytes, codes: bytes, refused: list[int]
+    ) -> tuple[bytes, bytes, int]:
+        """(keep, first, duplicates) for the next rows in file order: a byte of 0 or 1 a
+        row for "keep it" and "the file's first row of its address", and how many rows
+        repeat their address's latest event."""
+
 def normalise_reply(code: int | None, enhanced: str | None, text: str) -> str:
     """The single-line form `CODE ENH text` of an SMTP reply, as rules see it: lines joined,
     repeated continuation prefixes (`421-4.7.28`) dropped, whitespace collapsed. `code` and

@@ -99,7 +99,7 @@ class _Part:
             return [self.scope or ""] * self.n
         return [s or "" for s in self.scopes]
 
-    def select(self, keep: Sequence[bool], fingerprints: Sequence[int], now_ms: int) -> _Part:
+    def select(self, keep: Sequence[int], fingerprints: Sequence[int], now_ms: int) -> _Part:
         """The events `keep` marks, with their fingerprints, times without one made `now_ms`."""
         if all(keep):
             kept = self
@@ -381,7 +381,7 @@ async def hash_events(
     file, or, at its first row, is listed already for that reason. Folding what is kept gives
     the live set that folding every row in file order would (each address's last row holds).
     `out.events` becomes the kept ones (`ImportRows`)."""
-    last: dict[int, int] = {}  # fingerprint -> event code of its latest row so far
+    latest = _core.LatestRows()  # each fingerprint's event code in its latest row so far
     anything_listed = engine.suppress_stats()[0] > 0
     kept: list[_Part] = []
     for part in events.parts:
@@ -390,30 +390,18 @@ async def hash_events(
         )
         fingerprints = array("q")
         fingerprints.frombytes(column)
-        keep = [True] * part.n
-        for row, problem in refused:  # addresses the core refuses (kiln's reading is stricter)
-            keep[row] = False
+        for _, problem in refused:  # addresses the core refuses (kiln's reading is stricter)
             out.problem(f"{path}: {problem}")
-        first = keep.copy()  # rows whose address the file has not named before
-        if all(keep) and len(set(fingerprints)) == part.n and last.keys().isdisjoint(fingerprints):
-            last.update(zip(fingerprints, part.events, strict=True))
-        else:
-            for row, (fp, code) in enumerate(zip(fingerprints, part.events, strict=True)):
-                if not keep[row]:
-                    continue
-                before = last.get(fp)
-                if before is not None:
-                    first[row] = False
-                    if before == code:
-                        keep[row] = False
-                        out.duplicates += 1
-                last[fp] = code
+        # keep: the row changes something; first: the file names its address the first time
+        marks, first, duplicates = latest.rows(column, part.events, [row for row, _ in refused])
+        out.duplicates += duplicates
+        keep: Sequence[int] = marks
         codes = bytes(compress(part.events, keep))
         for code in set(codes):
             out.per_type[EVENT_TYPES[code]] += codes.count(code)
         if anything_listed:
             addresses = part.addresses.split("\n")
-            candidates = [k and f for k, f in zip(keep, first, strict=True)]
+            candidates = [bool(k and f) for k, f in zip(keep, first, strict=True)]
             _leave_out_listed(engine, part, addresses, part.scope_texts(), candidates, now_ms, out)
             keep = [k and (c or not f) for k, c, f in zip(keep, candidates, first, strict=True)]
         if any(keep):

@@ -16,6 +16,7 @@ use crate::classify::{Class, Scope};
 use crate::decision::{Reason, Tier};
 
 mod convert;
+mod dedupe;
 mod decision;
 mod engine;
 mod limits;
@@ -26,6 +27,7 @@ mod snapshot;
 mod wire;
 
 use decision::{PyBatch, PyDecision};
+use dedupe::PyLatestRows;
 use lock::PyEngine;
 use rules::PyRules;
 use server::PyMtaServer;
@@ -118,6 +120,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyServed>()?;
     m.add_class::<PyRules>()?;
     m.add_class::<PyMtaServer>()?;
+    m.add_class::<PyLatestRows>()?;
     m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
     m.add_function(wrap_pyfunction!(rules::normalise_reply, m)?)?;
     m.add_function(wrap_pyfunction!(rules::check_pattern, m)?)?;
