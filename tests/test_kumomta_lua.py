@@ -1,7 +1,8 @@
 """contrib/kumomta/ (the module and the example policy) run by Debian's Lua 5.1 with redis-lua
 against a real kiln, under tests/kumomta/shim.lua (KumoMTA itself cannot be installed here):
 routing by kiln's pick with overflow to warm IPs, 451 when no IP has room, retries held to the
-caps through `CL.THROTTLE kiln/IP/DOMAIN`, outcomes reported back, kiln down."""
+caps through `CL.THROTTLE kiln/IP/DOMAIN`, outcomes reported back, suppressed recipients
+refused, kiln down."""
 
 from __future__ import annotations
 
@@ -61,15 +62,18 @@ def drive(
     lines: list[str],
     pool: str = "main",
     when_down: str = "defer",
+    scope: str | None = None,
 ) -> list[list[str]]:
     """Run the example policy on `lines` (tests/kumomta/drive.lua); its answers, split. The
-    policy's pool and when_down are set as a user would edit them (a copy in `folder`)."""
+    policy's pool, when_down and scope are set as a user would edit them (a copy in
+    `folder`)."""
     policy = (REPO / "contrib" / "kumomta" / "policy.lua").read_text()
     assert "pool = 'main'" in policy
     changed = folder / "policy.lua"
-    changed.write_text(
-        policy.replace("pool = 'main'", f"pool = '{pool}', when_down = '{when_down}'")
-    )
+    settings = f"pool = '{pool}', when_down = '{when_down}'"
+    if scope is not None:
+        settings += f", scope = '{scope}'"
+    changed.write_text(policy.replace("pool = 'main'", settings))
     sock = d.state_dir / "resp.sock" if d is not None else folder / "no-kiln.sock"
     env = {
         **os.environ,
@@ -155,6 +159,58 @@ def test_kiln_routes_overflows_rejects_and_holds_retries(
     assert stored_counts(daemon.state_dir, day, "deferred") == {(WARM, "google"): 1}
     granted = stored_counts(daemon.state_dir, day, "granted")
     assert granted[(NEW[0], "google")] == CAP and granted[(COLD[0], "google")] == CAP
+    daemon.cleanup()
+
+
+def test_suppressed_recipients_are_refused_and_charge_nothing(
+    daemon: DaemonProc, tmp_path: Path
+) -> None:
+    """A recipient on kiln's suppression list is refused at reception with 550 5.7.1 and the
+    event, and no IP is charged: listed globally, listed for the policy's scope, or any
+    recipient of an SMTP batch. One listed for another scope is routed."""
+    try:
+        with daemon.client() as c:
+            for address, fields in [
+                ("gone@gmail.com", {"event": "hard_bounce"}),
+                ("left@gmail.com", {"event": "unsubscribe", "scope": "news"}),
+            ]:
+                assert c.request("suppress", action="add", address=address, **fields)["ok"]
+        answers = drive(
+            daemon,
+            tmp_path,
+            [
+                "msg s1 gone@GMail.com",
+                "msg s2 left@gmail.com",
+                "msg s3 ok@gmail.com,gone@gmail.com",
+                "msg s4 ok@gmail.com",
+            ],
+            pool="cold",
+            scope="news",
+        )
+        assert answers[0] == [
+            "s1",
+            "rejected",
+            "550",
+            "5.7.1 kiln: gone@GMail.com is on the suppression list (hard_bounce)",
+        ]
+        assert answers[1][1:] == [
+            "rejected",
+            "550",
+            "5.7.1 kiln: left@gmail.com is on the suppression list (unsubscribe)",
+        ]
+        assert answers[2][1:] == [
+            "rejected",
+            "550",
+            "5.7.1 kiln: gone@gmail.com is on the suppression list (hard_bounce)",
+        ]
+        assert answers[3][:2] == ["s4", "routed"] and answers[3][2] == COLD[0]
+        # Without the scope, the one listed for `news` goes.
+        other = drive(daemon, tmp_path, ["msg s5 left@gmail.com"], pool="cold")
+        assert other[0][:3] == ["s5", "routed", COLD[0]]
+    finally:
+        daemon.stop()
+    day = dt.date(2026, 11, 3).isoformat()
+    assert stored_counts(daemon.state_dir, day, "granted") == {(COLD[0], "google"): 2}
     daemon.cleanup()
 
 

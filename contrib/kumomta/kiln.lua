@@ -32,9 +32,13 @@ local settings = {
   timeout = '2s',
   -- Names of kiln's egress sources and single-source pools (`kiln render kumomta`).
   prefix = 'kiln-',
+  -- The suppression scope of this mail (a sending domain, stream or tenant; kiln's
+  -- `mta_scope` characters): recipients listed for it are refused too. nil: the global
+  -- list only.
+  scope = nil,
 }
 
-local KNOWN = { node = true, pool = true, when_down = true, timeout = true, prefix = true }
+local KNOWN = { node = true, pool = true, when_down = true, timeout = true, prefix = true, scope = true }
 
 local conn = nil
 
@@ -81,21 +85,64 @@ function kiln.source_name(ip)
   return settings.prefix .. (ip:gsub('[.:]', '-'))
 end
 
-local function domain_of(msg)
+--- The message's recipients: a list of one, or of each of an SMTP batch's.
+local function recipients_of(msg)
   local rcpt = msg:recipient()
   if type(rcpt) == 'table' and rcpt.domain == nil then
-    rcpt = rcpt[1] -- an SMTP batch: one recipient domain per message in a kiln queue
+    return rcpt -- an SMTP batch: one recipient domain per message in a kiln queue
   end
-  return rcpt.domain
+  return { rcpt }
+end
+
+local function domain_of(msg)
+  return recipients_of(msg)[1].domain
+end
+
+local function address_of(rcpt)
+  return tostring(rcpt.user) .. '@' .. tostring(rcpt.domain)
+end
+
+local function refuse_suppressed(address, event)
+  kumo.reject(550, string.format('5.7.1 kiln: %s is on the suppression list (%s)', address, event))
+end
+
+--- The other recipients of an SMTP batch, checked against the suppression list in one
+--- question before anything is charged (the first is checked by KILN.PICK): 550 when one is
+--- listed, so nobody who said no is mailed (the batch is refused whole). Unanswered: left to
+--- KILN.PICK, which meets the same trouble.
+local function check_batch(recipients)
+  if #recipients < 2 then
+    return
+  end
+  local args = { 'KILN.SUPPRESSED', settings.scope or '' }
+  for i = 2, #recipients do
+    args[#args + 1] = address_of(recipients[i])
+  end
+  local ok, listed = ask(unpack(args))
+  if not ok then
+    return
+  end
+  for i, event in ipairs(listed) do
+    if type(event) == 'string' and event ~= 'invalid' then
+      refuse_suppressed(args[i + 2], event)
+    end
+  end
 end
 
 --- At reception (smtp_server_message_received, http_message_generated): the IP kiln picks
---- carries the message (its tenant routes it to that IP's pool). Denied: 451 with kiln's
---- reason, and the sender retries; a null-MX domain: 550. Returns the IP, or nil when kiln
---- is down and when_down is 'pass'.
+--- carries the message (its tenant routes it to that IP's pool). A recipient on kiln's
+--- suppression list (global, or the `scope` setting's): 550 5.7.1, nothing charged. Denied:
+--- 451 with kiln's reason, and the sender retries; a null-MX domain: 550. Returns the IP, or
+--- nil when kiln is down and when_down is 'pass'.
 function kiln.route(msg)
-  local domain = domain_of(msg)
-  local ok, r = ask('KILN.PICK', settings.pool, domain)
+  local recipients = recipients_of(msg)
+  local domain = recipients[1].domain
+  local pool = settings.pool
+  if settings.scope then
+    pool = pool .. '/' .. settings.scope
+  end
+  check_batch(recipients)
+  local ok, r = ask('KILN.PICK', pool, address_of(recipients[1]))
   if not ok then
     local text = tostring(r)
     if text:find('null MX', 1, true) then
@@ -111,6 +158,9 @@ function kiln.route(msg)
     kumo.reject(451, '4.4.3 kiln: the warm-up scheduler did not answer; try again later')
   end
   local granted, reason, ip, provider = r[1], r[2], r[4], r[5]
+  if reason == 'suppressed' then
+    refuse_suppressed(address_of(recipients[1]), r[7])
+  end
   if granted > 0 then
     msg:set_meta('tenant', kiln.source_name(ip))
     msg:set_meta('kiln_ip', ip)

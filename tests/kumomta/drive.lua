@@ -2,7 +2,8 @@
 Runs the policy in contrib/kumomta/policy.lua under tests/kumomta/shim.lua, one command per
 line of standard input, one answer per line of standard output (tab-separated):
 
-  msg ID ADDRESS      reception, queue config and the first ready-queue insertion
+  msg ID ADDRESS[,ADDRESS...]  reception (several: an SMTP batch), queue config and the first
+                      ready-queue insertion
                       -> ID routed IP POOL DELAYED | ID rejected CODE TEXT
   retry ID            another ready-queue insertion (a retry) -> ID retry DELAYED DUE_S
   log ID TYPE [CODE ENHANCED TEXT...]  a log record of message ID -> ID logged QUEUED

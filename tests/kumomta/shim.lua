@@ -89,10 +89,15 @@ package.loaded['policy-extras.shaping'] = {
   end,
 }
 
---- A message with one recipient, as the events see it.
-function shim.message(address)
-  local user, domain = address:match('^(.*)@(.*)$')
-  local msg = { meta = {}, due = nil, rcpt = { user = user, domain = domain, address = address } }
+--- A message as the events see it: one recipient, or an SMTP batch of several
+--- (`addresses` separated by commas), whose recipient() is then a list.
+function shim.message(addresses)
+  local list = {}
+  for address in addresses:gmatch('[^,]+') do
+    local user, domain = address:match('^(.*)@(.*)$')
+    list[#list + 1] = { user = user, domain = domain, address = address }
+  end
+  local msg = { meta = {}, due = nil, rcpt = list[1], batch = list }
   function msg.set_meta(self, k, v)
     self.meta[k] = v
   end
@@ -100,6 +105,9 @@ function shim.message(address)
     return self.meta[k]
   end
   function msg.recipient(self)
+    if #self.batch > 1 then
+      return self.batch
+    end
     return self.rcpt
   end
   return msg

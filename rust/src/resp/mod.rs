@@ -369,6 +369,10 @@ impl Resp {
                 arity((2..=3).contains(&args.len()))?;
                 decide(engine, wire, name, args, now_ms, out)?;
             }
+            "kiln.suppressed" => {
+                arity(args.len() >= 2)?;
+                suppressed(wire, args, now_ms, out)?;
+            }
             "kiln.limits" => {
                 arity(args.len() == 2)?;
                 limits(engine, wire, args, now_ms, out)?;
@@ -614,7 +618,7 @@ fn session(name: &str, args: &[&[u8]], out: &mut Out<'_>) -> Result<(), String> 
 
 /// The commands kiln answers with their arity as Redis states it (negative: at least), for
 /// `COMMAND COUNT` and `COMMAND INFO`.
-const COMMANDS: [(&str, i64); 13] = [
+const COMMANDS: [(&str, i64); 14] = [
     ("ping", -1),
     ("echo", 2),
     ("quit", -1),
@@ -626,6 +630,7 @@ const COMMANDS: [(&str, i64); 13] = [
     ("kiln.acquire", -3),
     ("kiln.pick", -3),
     ("kiln.limits", 3),
+    ("kiln.suppressed", -3),
     ("kiln.report", -4),
     ("kiln.classify", -2),
 ];
@@ -633,6 +638,11 @@ const COMMANDS: [(&str, i64); 13] = [
 /// `KILN.ACQUIRE ip domain [n]` and `KILN.PICK pool domain [n]`: an array a Lua script reads
 /// without a JSON library: granted (integer), reason, retry after ms (integer, -1: never
 /// while nothing changes), ip, provider, and for PICK the tier.
+///
+/// In place of the domain a full recipient address may come, and is first checked against
+/// the suppression list: the global list, and for `KILN.PICK pool/scope` that scope's too.
+/// A listed one is answered granted 0, reason `suppressed`, -1, "" for the ip, provider (and
+/// tier), then the event, and nothing is charged.
 fn decide(
     engine: &mut Engine,
     wire: &mut Wire,
@@ -652,13 +662,38 @@ fn decide(
         },
     };
     let pick = name == "kiln.pick";
+    let target = text(1, "domain")?;
+    if target.contains('@') {
+        let scope = if pick {
+            text(0, "pool")?.split_once('/').map_or("", |(_, s)| s)
+        } else {
+            ""
+        };
+        if let Some(event) = wire
+            .suppressed(target, scope, now_ms)
+            .map_err(|m| format!("ERR {m}"))?
+        {
+            out.array(if pick { 7 } else { 6 });
+            out.int(0);
+            out.bulk(b"suppressed");
+            out.int(-1);
+            out.bulk(b"");
+            out.bulk(b"");
+            if pick {
+                out.bulk(b"");
+            }
+            out.bulk(event.as_str().as_bytes());
+            return Ok(());
+        }
+    }
     let d = if pick {
-        let domain = text(1, "domain")?;
+        let domain = target;
         let provider = match wire.route(domain, now_ms).map_err(|e| format!("ERR {e}"))? {
             Route::Provider(p) => p,
             Route::NullMx => return Err("ERR domain publishes a null MX (accepts no mail)".into()),
         };
         let pool = text(0, "pool")?;
+        let pool = pool.split_once('/').map_or(pool, |(name, _)| name);
         let pool = engine
             .pool_handle(pool)
             .map_err(|_| format!("ERR unknown pool '{}'", printable(args[0])))?;
@@ -689,6 +724,28 @@ fn decide(
     out.bulk(engine.provider_name(provider).as_bytes());
     if pick {
         out.bulk(d.tier.as_str().as_bytes());
+    }
+    Ok(())
+}
+
+/// `KILN.SUPPRESSED scope address [address ...]` (scope "" for the global list only): for
+/// each address the event that lists it (in the global list or the scope's), nil when none,
+/// or `invalid` for one that is not an address.
+fn suppressed(wire: &Wire, args: &[&[u8]], now_ms: u64, out: &mut Out<'_>) -> Result<(), String> {
+    let scope = std::str::from_utf8(args[0]).map_err(|_| "ERR scope must be UTF-8".to_owned())?;
+    let addresses = args[1..]
+        .iter()
+        .map(|a| std::str::from_utf8(a).map_err(|_| "ERR address must be UTF-8".to_owned()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut found = Vec::with_capacity(addresses.len());
+    wire.suppressed_many(addresses.iter().copied(), scope, now_ms, &mut found);
+    out.array(found.len());
+    for answer in found {
+        match answer {
+            Ok(Some(event)) => out.bulk(event.as_str().as_bytes()),
+            Ok(None) => out.nil(),
+            Err(()) => out.bulk(b"invalid"),
+        }
     }
     Ok(())
 }

@@ -163,6 +163,49 @@ fn kiln_acquire_and_pick_answer_arrays() {
 }
 
 #[test]
+fn a_suppressed_recipient_is_refused_and_charges_nothing() {
+    let (mut e, mut w, mut r) = setup();
+    let gone = w.suppress.fingerprint(b"", b"gone@gmail.com");
+    w.suppress
+        .insert(gone, crate::suppress::Event::HardBounce, None)
+        .unwrap();
+    let news = w.suppress.fingerprint(b"news", b"later@gmail.com");
+    w.suppress
+        .insert(news, crate::suppress::Event::Unsubscribe, None)
+        .unwrap();
+    let input = [
+        cmd(&["KILN.PICK", "tx", "gone@Gmail.com"]),
+        cmd(&["KILN.ACQUIRE", A, "gone@gmail.com"]),
+        cmd(&["KILN.PICK", "tx/news", "later@gmail.com"]),
+        cmd(&["KILN.PICK", "tx", "later@gmail.com"]), // not listed globally: granted
+        cmd(&[
+            "KILN.SUPPRESSED",
+            "news",
+            "later@gmail.com",
+            "ok@gmail.com",
+            "x@",
+            "gone@gmail.com",
+        ]),
+        cmd(&["KILN.SUPPRESSED", "", "later@gmail.com"]),
+        cmd(&["KILN.PICK", "tx", "@gmail.com"]),
+    ]
+    .concat();
+    let (out, _) = ask(&mut e, &mut w, &mut r, input.as_bytes(), NOW);
+    let pick = "*7\r\n:0\r\n$10\r\nsuppressed\r\n:-1\r\n$0\r\n\r\n$0\r\n\r\n$0\r\n\r\n";
+    let acquire = "*6\r\n:0\r\n$10\r\nsuppressed\r\n:-1\r\n$0\r\n\r\n$0\r\n\r\n";
+    let expected = format!(
+        "{pick}$11\r\nhard_bounce\r\n{acquire}$11\r\nhard_bounce\r\n\
+         {pick}$11\r\nunsubscribe\r\n\
+         *6\r\n:1\r\n$7\r\ngranted\r\n:0\r\n$10\r\n{A}\r\n$6\r\ngoogle\r\n$7\r\nwarming\r\n\
+         *4\r\n$11\r\nunsubscribe\r\n$-1\r\n$7\r\ninvalid\r\n$11\r\nhard_bounce\r\n\
+         *1\r\n$-1\r\n-ERR "
+    );
+    assert!(out.starts_with(&expected), "{out}");
+    let granted: u64 = w.take_tallies().iter().map(|t| t.1.granted).sum();
+    assert_eq!(granted, 1, "only the recipient not listed was charged");
+}
+
+#[test]
 fn kiln_limits_report_and_classify() {
     let (mut e, mut w, mut r) = setup();
     let input = [
