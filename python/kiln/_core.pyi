@@ -17,11 +17,16 @@ __all__ = [
     "CoreError",
     "Decision",
     "Engine",
+    "LatestRows",
     "MtaServer",
     "Served",
     "__version__",
+    "all_normal_addresses",
     "check_pattern",
+    "evidence_json",
     "normalise_reply",
+    "split_csv_lines",
+    "unix_times_ms",
 ]
 
 __version__: Final[str]
@@ -468,6 +473,42 @@ def normalise_reply(code: int | None, enhanced: str | None, text: str) -> str:
 
 def check_pattern(pattern: str) -> str | None:
     """Why `pattern` is not a valid rule regex (as `Engine.set_rules` compiles it), or None."""
+
+def split_csv_lines(
+    data: bytes,
+    start_byte: int,
+    delimiter: str,
+    width: int,
+    max_rows: int,
+    max_line_bytes: int,
+) -> tuple[int, int, list[list[str | None]], list[bool]]:
+    """The lines of `data` from `start_byte` as `csv.reader` splits them (default dialect,
+    `delimiter`), at most `max_rows`, stopping before the first line it leaves to `csv`:
+    not UTF-8, blank or all blank cells, a quoted line break, a stray carriage return, NUL,
+    or over `max_line_bytes`. Returns (rows, end_byte, columns, trimmed): `width` columns of
+    one cell a row (None past a short row's end), the offset after the last line taken, and
+    per column whether every cell is there and unchanged by `str.strip`."""
+
+def evidence_json(
+    kind: str,
+    lines: list[int],
+    texts: list[tuple[str, list[str]]],
+    numbers: list[tuple[str, list[int | None]]],
+    max_text_chars: int,
+) -> list[str] | None:
+    """Each row's evidence as `json.dumps({"kind": kind, "line": line, ...}, sort_keys=True)`
+    writes it: `texts` (name, one text a row) left out where empty and cut to
+    `max_text_chars` characters (one fewer and an ellipsis), `numbers` (name, one int or None
+    a row) left out where None. None when a value cannot be read here (not a str, a lone
+    surrogate, an int past 64 bits): the caller then builds the JSON itself."""
+
+def all_normal_addresses(texts: list[str]) -> bool:
+    """Whether every text is an address `normalise` keeps as it is (`address.is_normal`);
+    False when any is not (or is not a `str`), which says nothing about the others."""
+
+def unix_times_ms(texts: list[Any]) -> list[int | None] | None:
+    """A column of Unix times written as digits (seconds, or milliseconds from 10^11), trimmed
+    as `str.strip` trims; '' gives None. None for a column holding anything else."""
 
 def _panic_for_tests() -> None:
     """Panics on purpose, so tests can show a Rust panic reaches Python as an exception."""

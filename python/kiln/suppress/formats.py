@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Final, Literal, Protocol, TextIO, TypeVar, cast, get_args
 
-from kiln.suppress.address import AddressError, all_normal, normalise
+from kiln import _core
+from kiln.suppress.address import AddressError, normalise
 
 __all__ = [
     "BATCH_ROWS",
@@ -427,26 +427,27 @@ _MANUAL: Final[EventType] = "manual"
 
 class _Table:
     """Consecutive rows of one file, read a column at a time by key (`_key`): what a mapper
-    reads. CSV rows stay lists of cells (a short one padded with None), JSON records stay
-    records; a column is taken out when asked, and its text kept for the next ask."""
+    reads. CSV rows come as columns of cells (None past a short row's end; `trimmed` marks
+    the columns whose every cell is there and trimmed already), JSON records stay records; a
+    column is taken out when asked, and its text kept for the next ask."""
 
-    __slots__ = ("_cells", "_index", "_padded", "_records", "_texts", "lines", "n")
+    __slots__ = ("_columns", "_index", "_records", "_texts", "_trimmed", "lines", "n")
 
     def __init__(
         self,
         lines: list[int],
-        cells: Sequence[Sequence[str | None]] = (),
+        columns: Sequence[list[str | None]] = (),
         index: dict[str, int] | None = None,
         records: list[dict[str, object]] | None = None,
         *,
-        padded: bool = False,
+        trimmed: Sequence[bool] = (),
     ) -> None:
         self.lines = lines
         self.n = len(lines)
-        self._cells = cells
+        self._columns = columns
         self._index = index or {}
         self._records = records
-        self._padded = padded
+        self._trimmed = trimmed
         self._texts: dict[str, list[str]] = {}
 
     def has(self, key: str) -> bool:
@@ -460,21 +461,25 @@ class _Table:
         if self._records is not None:
             return [r.get(key) for r in self._records]
         column = self._index.get(key)
-        return [None] * self.n if column is None else list(map(itemgetter(column), self._cells))
+        return [None] * self.n if column is None else self._columns[column]
 
     def texts(self, key: str) -> list[str]:
         """The column `key` as text (`_text`: trimmed, '' where a row lacks it)."""
         found = self._texts.get(key)
         if found is not None:
             return found
+        column = self._index.get(key)
         if self._records is not None:
             found = [_text(v) for v in self.raw(key)]
-        elif key not in self._index:
+        elif column is None:
             found = [""] * self.n
-        elif self._padded:
-            found = [c.strip() if isinstance(c, str) else "" for c in self.raw(key)]
+        elif self._trimmed[column]:
+            found = cast("list[str]", self._columns[column])
         else:
-            found = list(map(str.strip, cast("Sequence[str]", self.raw(key))))
+            try:
+                found = list(map(str.strip, cast("list[str]", self._columns[column])))
+            except TypeError:  # a short row's missing cell
+                found = [c.strip() if c is not None else "" for c in self._columns[column]]
         self._texts[key] = found
         return found
 
@@ -691,6 +696,14 @@ _MAPPERS: Final[dict[str, Callable[[_Export, _Table], _Columns]]] = {
 _json_text: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
+_T = TypeVar("_T")
+
+
+def _listed(values: Sequence[_T]) -> list[_T]:
+    """`values` as a list (itself when it is one)."""
+    return values if type(values) is list else list(values)
+
+
 def _evidence_json(
     kind: str,
     lines: Sequence[int],
@@ -699,7 +712,25 @@ def _evidence_json(
 ) -> list[str]:
     """Each row's evidence, `{"line": ..., "kind": kind, ...}`, as the JSON text
     `json.dumps(evidence, sort_keys=True)` gives: texts left out when empty and cut to
-    `EVIDENCE_TEXT_CHARS`, numbers left out when None.
+    `EVIDENCE_TEXT_CHARS`, numbers left out when None. Built by the core
+    (`_core.evidence_json`), or here (`_evidence_json_here`) for what it leaves to Python."""
+    built = _core.evidence_json(
+        kind,
+        _listed(lines),
+        [(name, _listed(values)) for name, values in texts],
+        [(name, _listed(values)) for name, values in numbers],
+        EVIDENCE_TEXT_CHARS,
+    )
+    return _evidence_json_here(kind, lines, texts, numbers) if built is None else built
+
+
+def _evidence_json_here(
+    kind: str,
+    lines: Sequence[int],
+    texts: Sequence[tuple[str, Sequence[str]]],
+    numbers: Sequence[tuple[str, Sequence[int | None]]],
+) -> list[str]:
+    """`_evidence_json` in Python: a lone surrogate, an int past 64 bits.
 
     Built a column at a time into one %-template (`_slot`): a field every row has is a slot
     for its JSON value; a field some rows leave out is a slot for a fragment carrying its key
@@ -909,6 +940,8 @@ def _unix_times_ms(values: Sequence[object]) -> list[int | None] | None:
     many; None for any other column."""
     if not values:
         return []
+    if type(values) is list and (read := _core.unix_times_ms(values)) is not None:
+        return read
     try:
         texts = list(map(str.strip, cast("Sequence[str]", values)))
     except TypeError:  # not all text: JSON numbers?
@@ -962,20 +995,63 @@ def _first_char(raw: IO[bytes]) -> str:
 
 
 class _CsvText:
-    """The lines of a CSV file as text for `csv.reader`, read and decoded a block at a time
-    (`CSV_BLOCK_BYTES`) and split at `\\n` only, as the file's lines are numbered. A line that
-    is not UTF-8 is given with replacement characters, and one over `MAX_LINE_BYTES` as an
-    empty line (never held); either is remembered by number (`bad`) until its row claims it."""
+    """The lines of a CSV file, read a block at a time (`CSV_BLOCK_BYTES`) and split at `\\n`
+    only, as the file's lines are numbered: handed out one at a time as text for
+    `csv.reader` (`line`), or many at once as columns split by the core (`split`) where they
+    are easy. A line that is not UTF-8 is given with replacement characters, and one over
+    `MAX_LINE_BYTES` as an empty line (never held); either is remembered by number (`bad`)
+    until its row claims it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
         #: Lines handed out so far.
         self.number = 0
         self.bad: dict[int, str] = {}
+        self._blocks = self._read()
+        #: The current block (whole lines; None: an over-long line) and where in it the next
+        #: line starts; whether anything of it is left to hand out.
+        self._block: bytes | None = b""
+        self._at = 0
+        self._left = False
 
-    def lines(self) -> Iterator[str]:
-        """Each line, with its `\\n` (the last one may have none)."""
-        return itertools.chain.from_iterable(self._blocks())
+    def line(self) -> str | None:
+        """The next line as text, with its `\\n` (the last one may have none); None at the
+        end of the file."""
+        if not self._fill():
+            return None
+        self.number += 1
+        block = self._block
+        if block is None:
+            self._left = False
+            self.bad[self.number] = f"line longer than {MAX_LINE_BYTES} bytes, skipped"
+            return "\n"
+        end = block.find(b"\n", self._at) + 1 or len(block)
+        data = block[self._at : end]
+        self._at = end
+        self._left = end < len(block)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._replaced(data)
+
+    def split(
+        self, delimiter: str, width: int, max_rows: int
+    ) -> tuple[int, int, list[list[str | None]], list[bool]] | None:
+        """The next lines, up to `max_rows`, split into `width` columns by the core
+        (`_core.split_csv_lines`): (first line, rows, columns, trimmed). None when the next line
+        is one the core leaves to `csv` (or there is none)."""
+        if not self._fill() or not self._block:
+            return None
+        rows, end, columns, trimmed = _core.split_csv_lines(
+            self._block, self._at, delimiter, width, max_rows, csv.field_size_limit()
+        )
+        if not rows:
+            return None
+        first = self.number + 1
+        self.number += rows
+        self._at = end
+        self._left = end < len(self._block)
+        return first, rows, columns, trimmed
 
     def claim(self, first: int, last: int) -> str | None:
         """The problem of the first bad line among lines first..last, forgetting them all."""
@@ -986,40 +1062,44 @@ class _CsvText:
                 found = message
         return found
 
-    def _blocks(self) -> Iterator[Iterable[str]]:
-        """The lines a block at a time. Only the first line of the buffer can be over-long
-        (`MAX_LINE_BYTES` is at least twice `CSV_BLOCK_BYTES`): the others start inside the
-        last two blocks read."""
+    def _fill(self) -> bool:
+        """Whether a line is left to hand out, reading the next block when this one is used
+        up."""
+        if not self._left:
+            block = next(self._blocks, _END)
+            if block is _END:
+                return False
+            self._block, self._at, self._left = cast("bytes | None", block), 0, True
+        return True
+
+    def _read(self) -> Iterator[bytes | None]:
+        """The file's blocks of whole lines (the last may lack its line break), None for an
+        over-long line, `b""` for the one empty line of a file that is only a byte order
+        mark. Only the first line of the buffer can be over-long (`MAX_LINE_BYTES` is at least
+        twice `CSV_BLOCK_BYTES`): the others start inside the last two blocks read."""
         head = self._raw.read(CSV_BLOCK_BYTES)
         while 0 < len(head) < len(codecs.BOM_UTF8) and (more := self._raw.read(CSV_BLOCK_BYTES)):
             head += more
         data = head.removeprefix(codecs.BOM_UTF8) or self._raw.read(CSV_BLOCK_BYTES)
         if head and not data:  # a byte order mark and nothing else: one empty line
-            self.number = 1
-            yield [""]
+            yield b""
         rest = b""
         while data or rest:
             buffer = rest + data if rest else data
             end = buffer.find(b"\n")
             if end > MAX_LINE_BYTES or (end < 0 and len(buffer) > MAX_LINE_BYTES):
-                yield self._too_long()
+                yield None
                 rest = buffer[end + 1 :] if end >= 0 else self._after_line() if data else b""
             elif end >= 0:
                 cut = buffer.rfind(b"\n") + 1
                 rest = buffer[cut:]
-                yield self._decoded(buffer[:cut])
+                yield buffer[:cut]
             elif data:
                 rest = buffer
             else:  # the last line, without a line break
-                yield self._decoded(buffer)
+                yield buffer
                 return
             data = self._raw.read(CSV_BLOCK_BYTES)
-
-    def _too_long(self) -> list[str]:
-        """An over-long line: remembered, and read as an empty line."""
-        self.number += 1
-        self.bad[self.number] = f"line longer than {MAX_LINE_BYTES} bytes, skipped"
-        return ["\n"]
 
     def _after_line(self) -> bytes:
         """Read past the rest of the current line; what comes after its line break."""
@@ -1029,35 +1109,25 @@ class _CsvText:
                 return data[end + 1 :]
         return b""
 
-    def _decoded(self, block: bytes) -> Iterable[str]:
-        """Whole lines as text; a line that is not UTF-8 with replacement characters."""
+    def _replaced(self, data: bytes) -> str:
+        """A line that is not UTF-8, with replacement characters (and no carriage return
+        before its line break), noted as bad."""
+        newline = data.endswith(b"\n")
+        body = data[:-1] if newline else data
         try:
-            text = block.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._decoded_by_line(block)
-        self.number += block.count(b"\n") + (not block.endswith(b"\n"))
-        return io.StringIO(text, newline="\n")
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            shown = body.decode("utf-8", errors="replace").rstrip("\r\n")
+            self.bad[self.number] = (
+                f"invalid UTF-8 at byte {exc.start + 1} of the line (shown with"
+                f" replacement characters): {_cut(shown, 200)!r}"
+            )
+            return shown + "\n" if newline else shown
+        return data.decode("utf-8", errors="replace")  # pragma: no cover - body decodes
 
-    def _decoded_by_line(self, block: bytes) -> list[str]:
-        """`_decoded` a line at a time, noting each line that is not UTF-8."""
-        lines = block.split(b"\n")
-        if not lines[-1]:
-            lines.pop()
-        out = []
-        for data in lines:
-            self.number += 1
-            try:
-                out.append(data.decode("utf-8") + "\n")
-            except UnicodeDecodeError as exc:
-                shown = data.decode("utf-8", errors="replace").rstrip("\r\n")
-                self.bad[self.number] = (
-                    f"invalid UTF-8 at byte {exc.start + 1} of the line (shown with"
-                    f" replacement characters): {_cut(shown, 200)!r}"
-                )
-                out.append(shown + "\n")
-        if not block.endswith(b"\n"):
-            out[-1] = out[-1][:-1]
-        return out
+
+#: What `next` gives at the end of `_CsvText._read`.
+_END: Final = object()
 
 
 def _delimiter(line: str) -> str:
@@ -1082,61 +1152,79 @@ class _Reader(Protocol):
 
 @dataclass(slots=True)
 class _Records:
-    """Consecutive records of a CSV file: the rows (with the line each starts on), and the
-    problems of records that gave no row, as (rows before it, line, message)."""
+    """Consecutive records of a CSV file: the rows as `width` columns (None past a short
+    row's end), with the line each starts on, and the problems of records that gave no row,
+    as (rows before it, line, message). `trimmed` marks the columns whose every cell is there
+    and trimmed."""
 
-    rows: list[list[str]] = field(default_factory=list)
+    width: int
+    columns: list[list[str | None]] = field(default_factory=list)
+    trimmed: list[bool] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     problems: list[tuple[int, int, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.columns = [[] for _ in range(self.width)]
+        self.trimmed = [True] * self.width
 
-def _csv_records(reader: _Reader, text: _CsvText, size: int) -> Iterator[_Records]:
+    def add_split(
+        self, first: int, rows: int, columns: list[list[str | None]], trimmed: list[bool]
+    ) -> None:
+        """`rows` rows the core split, the first on line `first`."""
+        if not self.lines:
+            self.columns = columns
+            self.trimmed = trimmed
+        else:
+            for column, cells in zip(self.columns, columns, strict=True):
+                column.extend(cells)
+            self.trimmed = [a and b for a, b in zip(self.trimmed, trimmed, strict=True)]
+        self.lines.extend(range(first, first + rows))
+
+    def add_row(self, cells: list[str], line: int) -> None:
+        """A row `csv` read, starting on `line`."""
+        for i, column in enumerate(self.columns):
+            column.append(cells[i] if i < len(cells) else None)
+        self.trimmed = [False] * self.width
+        self.lines.append(line)
+
+
+def _csv_records(
+    reader: _Reader, text: _CsvText, size: int, delimiter: str, width: int
+) -> Iterator[_Records]:
     """The records after the header, `size` at a time: rows not blank, and a problem for a
     row holding a bad line (`_CsvText.bad`) or that `csv` cannot read.
 
-    Rows are taken from the reader a batch at a time, without Python code per row; where a
-    batch is not one line a row (a quoted field over several lines, a blank or bad line, an
-    unreadable row), each row's first line is found from the line breaks in its cells."""
-    while True:
-        done = reader.line_num
-        items: list[list[str] | str] = []
-        ends: dict[int, int] = {}  # item: last line, for the rows csv could not read
-        finished = False
-        while not finished and len(items) < size:
-            try:
-                items.extend(itertools.islice(reader, size - len(items)))
-                finished = len(items) < size
-            except csv.Error as exc:
-                ends[len(items)] = reader.line_num
-                items.append(f"unreadable CSV: {exc}")
-        if not items:
-            return
-        records = _Records()
-        if not ends and not text.bad and reader.line_num - done == len(items):
-            rows = cast("list[list[str]]", items)  # one line each, all readable
-            if [] not in rows:
-                records.rows, records.lines = rows, list(range(done + 1, reader.line_num + 1))
-                yield records
-                if finished:
-                    return
+    Easy lines (one record a line, UTF-8, not blank: `_CsvText.split`) are split by the core
+    into columns, with no Python code per row; `reader` reads each other record, from the
+    line the core stopped at, and its rows join the same columns."""
+    finished = False
+    while not finished:
+        records = _Records(width)
+        items = 0
+        while items < size:
+            split = text.split(delimiter, width, size - items)
+            if split is not None:
+                records.add_split(*split)
+                items += split[1]
                 continue
-        for n, item in enumerate(items):
-            start = done + 1
-            if isinstance(item, str):
-                done = ends[n]
+            start = text.number + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                finished = True
+                break
+            except csv.Error as exc:
+                text.claim(start, text.number)
+                records.problems.append((len(records.lines), text.number, f"unreadable CSV: {exc}"))
             else:
-                done += 1 + sum(c.count("\n") for c in item)
-            bad = text.claim(start, done) if text.bad else None
-            if isinstance(item, str):
-                records.problems.append((len(records.rows), done, item))
-            elif bad is not None:
-                records.problems.append((len(records.rows), start, bad))
-            elif any(c.strip() for c in item):
-                records.rows.append(item)
-                records.lines.append(start)
-        yield records
-        if finished:
-            return
+                bad = text.claim(start, text.number) if text.bad else None
+                if bad is not None:
+                    records.problems.append((len(records.lines), start, bad))
+                elif any(c.strip() for c in cells):
+                    records.add_row(cells, start)
+            items += 1
+        if items:
+            yield records
 
 
 class _JsonReader:
@@ -1294,35 +1382,11 @@ def _cut(text: str, limit: int = EVIDENCE_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def _csv_table(
-    rows: list[list[str]], lines: list[int], index: dict[str, int], width: int, address_key: str
-) -> _Table:
-    """Rows of a CSV file as a table; rows whose cells are all blank are left out."""
-    table = _cells_table(rows, lines, index, width)
-    texts = table.texts(address_key)
-    if "" not in texts:
-        return table
-    blank = {i for i, a in enumerate(texts) if not a and not any(c.strip() for c in rows[i])}
-    if not blank:
-        return table
-    keep = [i for i in range(len(rows)) if i not in blank]
-    return _cells_table([rows[i] for i in keep], [lines[i] for i in keep], index, width)
-
-
-def _cells_table(
-    rows: list[list[str]], lines: list[int], index: dict[str, int], width: int
-) -> _Table:
-    """Rows of cells as a table (a short row's missing cells None)."""
-    if not rows or min(map(len, rows)) >= width:
-        return _Table(lines, rows, index)
-    padded = [r if len(r) >= width else [*r, *([None] * (width - len(r)))] for r in rows]
-    return _Table(lines, padded, index, padded=True)
-
-
 def _addresses(texts: list[str], key: str, fold_case: bool, errors: dict[int, str]) -> list[str]:
-    """A column of addresses normalised (one check for a column already in normal form); an
-    empty or malformed one is a problem of its row, and ''."""
-    if texts and all_normal(texts):
+    """A column of addresses normalised (one check for a column already in normal form,
+    `address.all_normal` by the core); an empty or malformed one is a problem of its row, and
+    ''."""
+    if texts and _core.all_normal_addresses(texts):
         return [a.lower() for a in texts] if fold_case else texts
     out: list[str] = []
     for row, text in enumerate(texts):
@@ -1530,11 +1594,12 @@ def _csv_batches(
     """The batches of a CSV file, `size` rows at a time after its header."""
     shown, label = where[0], where[1]
     text = _CsvText(raw)
-    lines = text.lines()
-    first = next(lines, None)
+    first = text.line()
     if first is None:
         raise _FileError(1, "the file is empty")
-    reader = cast(_Reader, csv.reader(itertools.chain([first], lines), delimiter=_delimiter(first)))
+    delimiter = _delimiter(first)
+    lines = iter(text.line, None)
+    reader = cast(_Reader, csv.reader(itertools.chain([first], lines), delimiter=delimiter))
     header: list[str] | None = None
     line = 0
     while header is None:  # the first row that is not blank
@@ -1563,8 +1628,8 @@ def _csv_batches(
     index: dict[str, int] = {}
     for i, key in enumerate(keys):
         index.setdefault(key, i)
-    for records in _csv_records(reader, text, size):
-        table = _csv_table(records.rows, records.lines, index, len(keys), export.address_key)
+    for records in _csv_records(reader, text, size, delimiter, len(keys)):
+        table = _Table(records.lines, records.columns, index, trimmed=records.trimmed)
         yield _batch(export, mapper, table, records.problems, where)
 
 

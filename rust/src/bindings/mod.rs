@@ -16,8 +16,9 @@ use crate::classify::{Class, Scope};
 use crate::decision::{Reason, Tier};
 
 mod convert;
-mod dedupe;
+mod csvread;
 mod decision;
+mod dedupe;
 mod engine;
 mod limits;
 mod lock;
@@ -124,6 +125,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_LINE_BYTES", crate::protocol::MAX_LINE_BYTES)?;
     m.add_function(wrap_pyfunction!(rules::normalise_reply, m)?)?;
     m.add_function(wrap_pyfunction!(rules::check_pattern, m)?)?;
+    m.add_function(wrap_pyfunction!(csvread::split_csv_lines, m)?)?;
+    m.add_function(wrap_pyfunction!(csvread::evidence_json, m)?)?;
+    m.add_function(wrap_pyfunction!(csvread::all_normal_addresses, m)?)?;
+    m.add_function(wrap_pyfunction!(csvread::unix_times_ms, m)?)?;
     m.setattr("_panic_for_tests", wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

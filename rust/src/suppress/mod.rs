@@ -15,6 +15,7 @@ use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
 use std::ops::Range;
 
+pub mod csvread;
 pub mod dedupe;
 mod table;
 #[cfg(test)]
