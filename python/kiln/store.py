@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from datetime import date
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from sqlalchemy import (
     Engine,
@@ -757,17 +757,12 @@ class Store:
         """The log after `after_id` in order, as the live set folds it: `chunk` events of
         `kiln_suppression` at a time, an import batch at a time (`import` events left out,
         their ids counted in `last_id`)."""
-        log = table_of(SuppressionRow)
         cursor = after_id
         while True:
             with self._transaction("read the suppression log", write=False) as session:
                 batch = self._next_batch(session, cursor, text=False)
-                query = sa_select(log.c.id, log.c.fingerprint, log.c.event, log.c.expires_ms).where(
-                    log.c.id > cursor
-                )
-                if batch is not None:
-                    query = query.where(log.c.id < batch[0])
-                rows = session.execute(query.order_by(log.c.id).limit(chunk)).all()
+                upto = batch[0] if batch is not None else 2**63 - 1
+                rows = self._fold_rows(session, cursor, upto, chunk)
             if rows:
                 cursor = int(rows[-1][0])
                 yield _fold_chunk(cursor, rows)
@@ -784,6 +779,26 @@ class Store:
                 found.names,
                 found.fold_expires(),
             )
+
+    def _fold_rows(
+        self, session: Session, after_id: int, before_id: int, limit: int
+    ) -> list[tuple[int, int, str, int | None]]:
+        """(id, fingerprint, event, expires_ms) of up to `limit` rows of `kiln_suppression`
+        with ids between, in order: read on the driver's own cursor, as a restart without a
+        snapshot reads millions (SQLAlchemy's rows cost as much again)."""
+        sql = (
+            "SELECT id, fingerprint, event, expires_ms FROM kiln_suppression"
+            " WHERE id > ? AND id < ? ORDER BY id LIMIT ?"
+        )
+        if self._dialect != "sqlite":
+            sql = sql.replace("?", "%s")
+        driver: Any = session.connection().connection.driver_connection
+        cursor = driver.cursor()
+        try:
+            cursor.execute(sql, (after_id, before_id, limit))
+            return cast("list[tuple[int, int, str, int | None]]", cursor.fetchall())
+        finally:
+            cursor.close()
 
     def _next_batch(
         self, session: Session, after_id: int, *, text: bool = True
@@ -981,19 +996,21 @@ class Store:
             self._append(session, entries)
 
 
-def _fold_chunk(last_id: int, rows: Sequence[Any]) -> FoldChunk:
+def _fold_chunk(last_id: int, rows: Sequence[tuple[int, int, str, int | None]]) -> FoldChunk:
     """Rows of `kiln_suppression` (id, fingerprint, event, expires_ms) as the live set folds
     them, `import` events left out."""
-    kept = [r for r in rows if r[2] != IMPORT_EVENT]
-    names = tuple(dict.fromkeys(str(r[2]) for r in kept))
+    if any(r[2] == IMPORT_EVENT for r in rows):
+        rows = [r for r in rows if r[2] != IMPORT_EVENT]
+    events = [r[2] for r in rows]
+    names = tuple(set(events))
     code = {name: n for n, name in enumerate(names)}
-    expires: list[int | None] = [r[3] for r in kept]
+    expires = [r[3] for r in rows]
     return FoldChunk(
         last_id,
-        array("q", [r[1] for r in kept]).tobytes(),
-        bytes([code[r[2]] for r in kept]),
+        array("q", [r[1] for r in rows]).tobytes(),
+        bytes(map(code.__getitem__, events)),
         names,
-        expires if any(t is not None for t in expires) else None,
+        expires if expires.count(None) != len(expires) else None,
     )
 
 
