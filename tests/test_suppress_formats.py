@@ -947,6 +947,12 @@ def test_an_import_reaches_the_log_as_read(
         assert store.suppress_last_id() == before + len(logged) + 1
         for e in logged[::3]:  # each found again by its fingerprint, in any batch
             assert store.suppress_events(fingerprints=[e.fingerprint]) == [e]
+        paged, after = [], before  # pages that end inside a batch go on after their last
+        for _ in range(len(logged)):  # bounded: a page that repeats itself must fail
+            page = store.suppress_events(after_id=after, limit=2)
+            paged += page
+            after = page[-1].id or after if page else after
+        assert paged == logged
         assert [replace(e, id=None) for e in logged] == list(first.events)
         assert [(e.address, e.scope, e.event) for e in logged] == list(
             dict.fromkeys((e.address, e.scope or "", e.event) for e in events)

@@ -842,7 +842,8 @@ class Store:
             if batch is None or len(found) >= limit:
                 break
             first_id, events = batch
-            places = events.positions(fingerprints, event)[: limit - len(found)]
+            places = events.positions(fingerprints, event, after=cursor - first_id)
+            places = places[: limit - len(found)]
             found += events.events(first_id, places)
             cursor = first_id + len(events) - 1
         return found

@@ -223,20 +223,22 @@ class LogBatch:
             evidence=_decompressed(row["evidence"]),
         )
 
-    def positions(self, fingerprints: Sequence[int] | None, event: str | None) -> list[int]:
-        """The places of the events of these fingerprints (None: any), of this type (None:
-        any), in order."""
+    def positions(
+        self, fingerprints: Sequence[int] | None, event: str | None, *, after: int = -1
+    ) -> list[int]:
+        """The places after `after` of the events of these fingerprints (None: any), of this
+        type (None: any), in order."""
         if event is not None and event not in self.names:
             return []
         if fingerprints is None:
-            places: Sequence[int] = range(len(self))
+            places: Sequence[int] = range(max(after + 1, 0), len(self))
         else:
             column = _packed(self.fingerprints)
             found: set[int] = set()
             for fp in set(fingerprints):
                 if 0 <= fp < 2**63:
                     found.update(_aligned_finds(column, fp.to_bytes(8, "little")))
-            places = sorted(found)
+            places = sorted(p for p in found if p > after)
         if event is None:
             return list(places)
         code = self.names.index(event)
