@@ -953,6 +953,10 @@ def test_an_import_reaches_the_log_as_read(
             paged += page
             after = page[-1].id or after if page else after
         assert paged == logged
+        middle = logged[len(logged) // 2].id or 0  # a fold from inside a batch: the rest
+        folded = [c for c in store.suppress_fold_chunks(middle) if len(c)]
+        assert sum(len(c) for c in folded) == before + len(logged) - middle
+        assert folded[-1].last_id == before + len(logged)
         assert [replace(e, id=None) for e in logged] == list(first.events)
         assert [(e.address, e.scope, e.event) for e in logged] == list(
             dict.fromkeys((e.address, e.scope or "", e.event) for e in events)

@@ -771,13 +771,15 @@ class Store:
             if batch is None:
                 return
             first_id, found = batch
+            start = max(cursor - first_id + 1, 0)  # a cursor inside the batch: after it
             cursor = first_id + len(found) - 1
+            expires = found.fold_expires()
             yield FoldChunk(
                 cursor,
-                found.fingerprints.tobytes(),
-                found.codes,
+                found.fingerprints[start:].tobytes(),
+                found.codes[start:],
                 found.names,
-                found.fold_expires(),
+                None if expires is None else expires[start:],
             )
 
     def _fold_rows(
