@@ -64,7 +64,7 @@ MAX_RECORD_CHARS: Final = 1 << 20
 #: JSON is read in pieces of this many characters.
 READ_CHUNK_CHARS: Final = 1 << 16
 #: CSV is read in blocks of this many bytes (at most half of `MAX_LINE_BYTES`).
-CSV_BLOCK_BYTES: Final = 1 << 15
+CSV_BLOCK_BYTES: Final = 1 << 17
 #: Rows (records) in a batch of `scan_batches`, unless told otherwise.
 BATCH_ROWS: Final = 4096
 #: Rows in a batch when `scan` reads: small, as it makes an object per event anyway.

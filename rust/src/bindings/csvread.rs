@@ -2,6 +2,7 @@
 //! evidence JSON of a batch, and two checks of a column. The splitting and the JSON run with
 //! the GIL released; Python objects are made after.
 
+use hashbrown::HashMap;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
@@ -43,14 +44,48 @@ pub(super) fn split_csv_lines<'py>(
     });
     let mut columns = Vec::with_capacity(width);
     for column in 0..width {
+        let mut repeats = Repeats::default();
         let cells = (0..split.rows).map(|row| {
             split
                 .cell(row, column, width)
-                .map(|text| PyString::new(py, text))
+                .map(|text| repeats.string(py, text))
         });
-        columns.push(PyList::new(py, cells)?);
+        columns.push(PyList::new(py, cells.collect::<Vec<_>>())?);
     }
     Ok((split.rows, split.end, columns, split.trimmed))
+}
+
+/// One string object for each short text a column repeats (a status, a code, an event
+/// name), while the column repeats them: after `Repeats::TRIAL` cells with fewer than half
+/// found again, every cell gets its own.
+#[derive(Default)]
+struct Repeats<'a, 'py> {
+    seen: HashMap<&'a str, Bound<'py, PyString>>,
+    asked: usize,
+    found: usize,
+}
+
+impl<'a, 'py> Repeats<'a, 'py> {
+    const TRIAL: usize = 64;
+    const MAX_TEXT_BYTES: usize = 16;
+    const MAX_SEEN: usize = 64;
+
+    fn string(&mut self, py: Python<'py>, text: &'a str) -> Bound<'py, PyString> {
+        let trying = self.asked < Self::TRIAL || self.found * 2 >= self.asked;
+        if !trying || text.len() > Self::MAX_TEXT_BYTES {
+            return PyString::new(py, text);
+        }
+        self.asked += 1;
+        if let Some(found) = self.seen.get(text) {
+            self.found += 1;
+            return found.clone();
+        }
+        let made = PyString::new(py, text);
+        if self.seen.len() < Self::MAX_SEEN {
+            self.seen.insert(text, made.clone());
+        }
+        made
+    }
 }
 
 /// The strings of a list as UTF-8 (None if any is not a `str` or holds a lone surrogate).
@@ -103,7 +138,7 @@ pub(super) fn evidence_json<'py>(
         }
     }
     let json = py.detach(|| csvread::evidence_json(kind, &line_numbers, &fields, max_text_chars));
-    Ok(Some(PyList::new(py, json)?))
+    Ok(Some(PyList::new(py, json.rows())?))
 }
 
 /// Whether every text is an address `normalise` keeps as it is (`address.is_normal`);

@@ -186,6 +186,8 @@ pub fn split_lines(
     let mut out = Split {
         end: start.min(data.len()),
         trimmed: vec![true; width],
+        text: String::with_capacity(data.len().saturating_sub(start)),
+        cells: Vec::with_capacity(width * max_rows.min(data.len().saturating_sub(start) / 32 + 1)),
         ..Split::default()
     };
     let mut row: Vec<Cell> = Vec::new();
@@ -300,7 +302,7 @@ pub fn evidence_json(
     lines: &[i64],
     fields: &[Field<'_>],
     max_text_chars: usize,
-) -> Vec<String> {
+) -> Evidence {
     let mut keys: Vec<(&str, Option<&Field<'_>>)> = vec![("kind", None), ("line", None)];
     keys.extend(fields.iter().map(|f| (f.name(), Some(f))));
     keys.sort_by(|a, b| a.0.cmp(b.0));
@@ -313,13 +315,17 @@ pub fn evidence_json(
     }
     let mut kind_json = String::new();
     push_json_string(&mut kind_json, kind);
-    let mut out = Vec::with_capacity(lines.len());
+    let mut out = Evidence {
+        text: String::with_capacity(lines.len() * 64),
+        ends: Vec::with_capacity(lines.len()),
+    };
+    let json = &mut out.text;
     for (row, line) in lines.iter().enumerate() {
-        let mut json = String::with_capacity(64);
+        let open = json.len();
         json.push('{');
         for ((name, field), head) in keys.iter().zip(&heads) {
             let start = json.len();
-            if json.len() > 1 {
+            if start > open + 1 {
                 json.push_str(", ");
             }
             json.push_str(head);
@@ -329,7 +335,7 @@ pub fn evidence_json(
                     let _ = write!(json, "{line}");
                 }
                 Some(Field::Text(_, values)) if !values[row].is_empty() => {
-                    push_evidence_text(&mut json, values[row], max_text_chars);
+                    push_evidence_text(json, values[row], max_text_chars);
                 }
                 Some(Field::Number(_, values)) if values[row].is_some() => {
                     let _ = write!(json, "{}", values[row].unwrap_or_default());
@@ -338,9 +344,26 @@ pub fn evidence_json(
             }
         }
         json.push('}');
-        out.push(json);
+        out.ends.push(json.len());
     }
     out
+}
+
+/// Each row's evidence JSON, one after the other in `text`; row `i` ends at `ends[i]`.
+#[derive(Debug, Default)]
+pub struct Evidence {
+    pub text: String,
+    pub ends: Vec<usize>,
+}
+
+impl Evidence {
+    /// Each row's JSON text, in order.
+    pub fn rows(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.ends.len()).map(|i| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            &self.text[start..self.ends[i]]
+        })
+    }
 }
 
 /// Whether `kiln.suppress.address.is_normal(text)` holds: a plain ASCII local part
@@ -488,7 +511,8 @@ mod tests {
             Field::Text("code", vec!["550", "", ""]),
             Field::Number("expires_ms", vec![None, Some(5), None]),
         ];
-        let json = evidence_json("bounces", &[2, 3, 4], &fields, 500);
+        let evidence = evidence_json("bounces", &[2, 3, 4], &fields, 500);
+        let json: Vec<&str> = evidence.rows().collect();
         assert_eq!(
             json[0],
             r#"{"code": "550", "kind": "bounces", "line": 2, "reason": "no such user"}"#
