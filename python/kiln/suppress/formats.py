@@ -1031,8 +1031,8 @@ class _CsvText:
         self._left = end < len(block)
         try:
             return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._replaced(data)
+        except UnicodeDecodeError as exc:
+            return self._replaced(data, exc.start)
 
     def split(
         self, delimiter: str, width: int, max_rows: int
@@ -1109,21 +1109,17 @@ class _CsvText:
                 return data[end + 1 :]
         return b""
 
-    def _replaced(self, data: bytes) -> str:
-        """A line that is not UTF-8, with replacement characters (and no carriage return
-        before its line break), noted as bad."""
+    def _replaced(self, data: bytes, start: int) -> str:
+        """A line that is not UTF-8 (first at byte `start`), with replacement characters
+        (and no carriage return before its line break), noted as bad."""
         newline = data.endswith(b"\n")
         body = data[:-1] if newline else data
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            shown = body.decode("utf-8", errors="replace").rstrip("\r\n")
-            self.bad[self.number] = (
-                f"invalid UTF-8 at byte {exc.start + 1} of the line (shown with"
-                f" replacement characters): {_cut(shown, 200)!r}"
-            )
-            return shown + "\n" if newline else shown
-        return data.decode("utf-8", errors="replace")  # pragma: no cover - body decodes
+        shown = body.decode("utf-8", errors="replace").rstrip("\r\n")
+        self.bad[self.number] = (
+            f"invalid UTF-8 at byte {start + 1} of the line (shown with"
+            f" replacement characters): {_cut(shown, 200)!r}"
+        )
+        return shown + "\n" if newline else shown
 
 
 #: What `next` gives at the end of `_CsvText._read`.
@@ -1188,6 +1184,11 @@ class _Records:
         self.lines.append(line)
 
 
+#: Most records left to `csv` after the core declines a line (a file of hard lines is then
+#: offered to the core once in this many).
+_MAX_PAUSE: Final = 64
+
+
 def _csv_records(
     reader: _Reader, text: _CsvText, size: int, delimiter: str, width: int
 ) -> Iterator[_Records]:
@@ -1198,15 +1199,22 @@ def _csv_records(
     into columns, with no Python code per row; `reader` reads each other record, from the
     line the core stopped at, and its rows join the same columns."""
     finished = False
+    pause = wait = 0  # records left to `csv` after the core declined a line, and how many
     while not finished:
         records = _Records(width)
         items = 0
         while items < size:
-            split = text.split(delimiter, width, size - items)
+            split = None if wait else text.split(delimiter, width, size - items)
             if split is not None:
                 records.add_split(*split)
                 items += split[1]
+                pause = 0
                 continue
+            if wait:
+                wait -= 1
+            else:  # declined: leave the next records to `csv`, more after each decline
+                pause = min(2 * pause + 1, _MAX_PAUSE)
+                wait = pause
             start = text.number + 1
             try:
                 cells = next(reader)
