@@ -100,7 +100,9 @@ def test_merge_key_bomb_is_refused(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     started = time.perf_counter()
     message = only_problem(refused(path))
-    assert time.perf_counter() - started < 2
+    # Built, the mapping would hold 10 x 2^29 keys: no run ends. The bound only has to tell
+    # that from a refusal on a shared machine that may stall (2 s failed once at 2.1 s).
+    assert time.perf_counter() - started < 10
     assert message.startswith(f"{path}:")
     assert f"more than {MAX_NODES:,} values" in message
 
