@@ -194,33 +194,25 @@ class LogBatch:
     @classmethod
     def unpacked(cls, row: Mapping[str, object], *, text: bool = True) -> LogBatch:
         """A batch row's events (the values `packed` made); without `text`, their numbers
-        only (what the live set's fold reads: addresses, scopes and evidence left empty)."""
+        only (what the live set's fold reads: times, scopes, addresses and evidence left
+        empty, and need not be in `row`)."""
         expires = row["expires_ms"]
         scope = row["scope"]
-        if not text:
-            return cls(
-                source=str(row["source"]),
-                at_ms=array("q"),
-                fingerprints=_unpacked(_bytes(row["fingerprint"])),
-                codes=_bytes(row["event"]),
-                names=tuple(str(row["names"]).split(",")),
-                expires_ms=None if expires is None else _unpacked(_bytes(expires)),
-                scope="",
-                scopes="",
-                addresses="",
-                evidence="",
-            )
+
+        def joined(name: str) -> str:
+            return _decompressed(row[name]) if text else ""
+
         return cls(
             source=str(row["source"]),
-            at_ms=_unpacked(_bytes(row["at_ms"])),
+            at_ms=_unpacked(_bytes(row["at_ms"])) if text else array("q"),
             fingerprints=_unpacked(_bytes(row["fingerprint"])),
             codes=_bytes(row["event"]),
             names=tuple(str(row["names"]).split(",")),
             expires_ms=None if expires is None else _unpacked(_bytes(expires)),
             scope=None if scope is None else str(scope),
-            scopes="" if scope is not None else _decompressed(row["scopes"]),
-            addresses=_decompressed(row["address"]),
-            evidence=_decompressed(row["evidence"]),
+            scopes="" if scope is not None else joined("scopes"),
+            addresses=joined("address"),
+            evidence=joined("evidence"),
         )
 
     def positions(

@@ -129,17 +129,15 @@ class _Part:
         )
 
     def expires(self) -> Sequence[int | None]:
-        """Each event's expiry: an imported soft bounce holds `IMPORTED_SOFT_BOUNCE_MS`."""
-        if _SOFT_CODE not in self.events:
+        """Each event's expiry (`expiry_column` with None for none)."""
+        column = self.expiry_column()
+        if column is None:
             return [None] * self.n
-        return [
-            t + IMPORTED_SOFT_BOUNCE_MS if c == _SOFT_CODE else None
-            for t, c in zip(self.at_ms, self.events, strict=True)
-        ]
+        return [None if t == NONE_INT64 else t for t in column]
 
     def expiry_column(self) -> array[int] | None:
-        """Each event's expiry as the log's batches keep it (`NONE_INT64`: none); None when
-        no event is a soft bounce."""
+        """Each event's expiry as the log's batches keep it (`NONE_INT64`: none): an imported
+        soft bounce holds `IMPORTED_SOFT_BOUNCE_MS`. None when no event is a soft bounce."""
         if _SOFT_CODE not in self.events:
             return None
         hold, soft = IMPORTED_SOFT_BOUNCE_MS, _SOFT_CODE
